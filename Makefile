@@ -1,0 +1,94 @@
+# The README's commands. Every target sets up .venv first if needed.
+#
+#   make demo     demo corpus -> shards -> 2-rank CPU training -> evaluation -> registered model
+#   make test     the whole test suite
+#
+# GPU users pick their torch build, e.g.:
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+STAMP       := $(VENV)/.installed
+
+# make shards
+DEMO_DIR    ?= data/demo
+SRC_A       ?= $(DEMO_DIR)/trainA
+SRC_B       ?= $(DEMO_DIR)/trainB
+OUT         ?= data/shards
+WORKERS     ?= 2
+SHARD_ARGS  ?=
+
+# make train
+CONFIG      ?= configs/demo.yaml
+NGPUS       ?= 2
+DS_ARGS     ?= --num_gpus $(NGPUS)
+ARGS        ?=
+
+# make demo-data
+DEMO_TRAIN  ?= 2000
+DEMO_TEST   ?= 200
+DEMO_SIZE   ?= 32
+
+.PHONY: setup demo demo-data shards verify train test test-fast bench mlflow-server mlflow-ui clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the build TORCH_SPEC/TORCH_INDEX name, so the project's torch range
+	# is already satisfied and pip never pulls a multi-GB CUDA build on its own.
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+demo-data: $(STAMP)
+	$(PY) -m pipeline.demo --out $(DEMO_DIR) --n-train $(DEMO_TRAIN) --n-test $(DEMO_TEST) --size $(DEMO_SIZE) --seed 0
+
+shards: $(STAMP)
+	@if [ "$(SRC_A)" = "$(DEMO_DIR)/trainA" ] && [ ! -d "$(SRC_A)" ]; then $(MAKE) --no-print-directory demo-data; fi
+	$(PY) -m pipeline.shards --src-a "$(SRC_A)" --src-b "$(SRC_B)" --out "$(OUT)" --workers $(WORKERS) $(SHARD_ARGS)
+
+verify: $(STAMP)
+	$(PY) -m pipeline.shards verify "$(OUT)"
+
+# Validate the config before any rank starts, then hand over to the DeepSpeed launcher.
+train: $(STAMP)
+	$(PY) -m launch.config $(CONFIG) $(ARGS) > /dev/null
+	$(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config $(CONFIG) $(ARGS)
+
+demo: $(STAMP)
+	$(MAKE) --no-print-directory demo-data
+	$(PY) -m pipeline.shards --src-a $(DEMO_DIR)/trainA --src-b $(DEMO_DIR)/trainB --out $(OUT) --workers $(WORKERS)
+	$(MAKE) --no-print-directory train CONFIG=configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/shards.py
+	$(PY) bench/loader.py
+	$(PY) bench/step.py
+	$(PY) bench/train.py
+
+# PostgreSQL DSN from the environment, e.g. MLFLOW_BACKEND_URI=postgresql://postgres@127.0.0.1:5432/mlflow
+MLFLOW_BACKEND_URI ?= postgresql://postgres@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlartifacts
+MLFLOW_PORT        ?= 5000
+mlflow-server: $(STAMP)
+	$(VENV)/bin/mlflow server --backend-store-uri "$(MLFLOW_BACKEND_URI)" --artifacts-destination "$(MLFLOW_ARTIFACTS)" \
+		--serve-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+RUN_DIR ?= runs/demo
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow/mlflow.db" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean:
+	rm -rf data runs

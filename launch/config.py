@@ -1,0 +1,347 @@
+"""The one training config: YAML + `key=value` overrides, validated by pydantic before any rank starts.
+
+`python -m launch.config CONFIG [key=value ...]` validates and prints the resolved config;
+`make train` runs it before starting the DeepSpeed launcher, and every rank validates again
+before it touches torch.distributed, so a bad value never leaves ranks waiting for each other.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentSection(_Strict):
+    resize: Optional[int] = Field(None, ge=8, description="shortest side before the crop (None: image_size * 1.125)")
+    hflip: bool = Field(True, description="random horizontal flip")
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="colour jitter strength, 0 disables it")
+
+
+class DataSection(_Strict):
+    shards: Optional[str] = Field(None, description="OUT directory of `make shards` (uses index.json's a and b shards)")
+    shards_a: Optional[str] = Field(None, description="domain A shards: index.json, brace pattern or URL list (overrides `shards`)")
+    shards_b: Optional[str] = Field(None, description="domain B shards, as shards_a")
+    image_size: int = Field(64, ge=16, le=1024, description="training crop size in pixels (multiple of 4 times 2**n_down)")
+    batch_size: int = Field(8, ge=1, description="micro-batch per rank and per domain")
+    num_workers: int = Field(2, ge=0, le=64, description="loader worker processes per rank")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    verify_shards: bool = Field(False, description="check each local shard's sha256 against index.json when opened")
+    cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
+    test_a: Optional[str] = Field(None, description="paired test split, domain A images (for evaluation)")
+    test_b: Optional[str] = Field(None, description="paired test split, domain B images, same stems as test_a")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if self.shards is None and (self.shards_a is None or self.shards_b is None):
+            raise ValueError("set data.shards (an OUT directory of make shards) or both data.shards_a and data.shards_b")
+        return self
+
+
+class OptimSection(_Strict):
+    lr_g: float = Field(1e-4, gt=0, description="generator-side learning rate")
+    lr_d: float = Field(1e-4, gt=0, description="discriminator learning rate")
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas")
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_w_mode: bool = Field(False, description="False: Adam with L2 weight decay (the paper's); True: AdamW")
+    schedule: Literal["constant", "warmup", "warmup_decay"] = Field("constant", description="LR schedule of both engines")
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class TrainSection(_Strict):
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train for")
+    log_every: int = Field(10, ge=1, description="steps between metric lines")
+    sample_every: int = Field(200, ge=1, description="steps between sample grids")
+    ckpt_every: int = Field(200, ge=1, description="steps between checkpoints (one is always written at the end)")
+    keep_ckpts: int = Field(3, ge=1, description="complete checkpoints kept")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive NaN/inf steps that stop the run")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the generator side, 0 disables it")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
+    threads: int = Field(0, ge=0, description="torch threads per rank (0: leave torch's default)")
+    sample_count: int = Field(4, ge=1, le=16, description="held-out images per domain in the sample grid")
+
+
+class TrackingSection(_Strict):
+    enable: bool = True
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; None: MLFLOW_TRACKING_URI or an embedded store in run_dir/mlflow")
+    experiment: str = "unit"
+    run_name: Optional[str] = None
+    system_metrics: bool = True
+
+
+class RegistrySection(_Strict):
+    enable: bool = Field(True, description="register the translator at the end of training")
+    name: str = Field("unit-translator", description="registered model name")
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="gate for the champion alias (a2b pixel accuracy)")
+
+
+class Config(_Strict):
+    run_dir: str = Field("runs/default", description="checkpoints, samples, metrics, export")
+    seed: int = 0
+    resume: str = Field("auto", description="auto | never | path to a checkpoint directory")
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --deepspeed_config flag wins)")
+    data: DataSection
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "paper"})
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v):
+        if v not in ("auto", "never") and not Path(v).is_dir():
+            raise ValueError("must be 'auto', 'never' or an existing checkpoint directory")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        check_model_config(v)
+        return v
+
+
+def check_model_config(model: dict) -> None:
+    """Validate the model section against model.unit's config without building the networks."""
+    from model.unit import PRESETS, UNITConfig
+
+    preset = model.get("preset", "paper")
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
+    allowed = {f.name for f in dataclasses.fields(UNITConfig)} | {"preset"}
+    for key in model:
+        if key not in allowed:
+            raise ValueError(f"model.{key} is not a model setting; allowed: {sorted(allowed)}")
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        msg = e["msg"].replace("Value error, ", "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"config key {key}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    raw: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw.update(loaded)
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(resume_critical(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that may change between a run and its resumption; everything else must match.
+RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
+                     "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "tracking",
+                     "registry", "data.num_workers", "data.cache_dir", "data.verify_shards", "deepspeed_config",
+                     "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_critical(cfg: Config | dict) -> dict:
+    flat = _flatten(cfg.model_dump(mode="json") if isinstance(cfg, Config) else cfg)
+    return {k: v for k, v in flat.items()
+            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)}
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[str]:
+    """Settings that differ between a checkpoint's config and this one and break resuming."""
+    old, new = resume_critical(saved), resume_critical(cfg)
+    return [f"{k}: checkpoint has {old.get(k)!r}, config has {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+# Settings the YAML owns; the DeepSpeed JSON may repeat them only with the same value.
+def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool) -> dict:
+    """One engine's DeepSpeed config: the JSON (ZeRO, accumulation, clipping) plus what the YAML owns."""
+    ds = copy.deepcopy(ds_json or {})
+    owned = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "steps_per_print": 10 ** 9,
+    }
+    conflicts = []
+    for key, value in owned.items():
+        if key in ds and key != "steps_per_print" and ds[key] != value:
+            conflicts.append(f"{key}: DeepSpeed JSON has {ds[key]!r}, YAML (data.batch_size) has {value!r}")
+        ds[key] = value
+    ds.pop("train_batch_size", None) if "gradient_accumulation_steps" in ds else None
+    ds.setdefault("gradient_accumulation_steps", 1)
+
+    opt = {"lr": lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+           "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adam_w_mode}
+    if "optimizer" in ds:
+        given = ds["optimizer"].get("params", {})
+        for k, v in opt.items():
+            if k in given and (list(given[k]) if isinstance(given[k], (list, tuple)) else given[k]) != v:
+                conflicts.append(f"optimizer.params.{k}: DeepSpeed JSON has {given[k]!r}, YAML optim has {v!r}")
+        if ds["optimizer"].get("type", "Adam").lower() not in ("adam", "adamw"):
+            conflicts.append(f"optimizer.type: {ds['optimizer'].get('type')!r}; UNIT trains with Adam")
+    params = dict(opt)
+    if not on_gpu:
+        params["torch_adam"] = True  # DeepSpeed's fused Adam needs a GPU; torch's is exact on CPU
+    ds["optimizer"] = {"type": "Adam", "params": params}
+
+    if cfg.optim.schedule != "constant":
+        sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, cfg.optim.warmup_steps),
+                 "warmup_type": "linear"}
+        if cfg.optim.schedule == "warmup_decay":
+            sched["total_num_steps"] = cfg.train.max_steps
+        want = {"type": "WarmupLR" if cfg.optim.schedule == "warmup" else "WarmupDecayLR", "params": sched}
+        if "scheduler" in ds and ds["scheduler"] != want:
+            conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler']!r}, YAML optim.schedule gives {want!r}")
+        ds["scheduler"] = want
+    elif "scheduler" in ds:
+        conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler'].get('type')!r}, YAML optim.schedule is 'constant'")
+
+    precision = cfg.train.precision
+    use_bf16 = (precision == "bf16") or (precision == "auto" and on_gpu and bf16_ok)
+    for key in ("fp16", "bf16"):
+        if key in ds and ds[key].get("enabled", False) not in (False, "auto") and not (key == "bf16" and use_bf16):
+            conflicts.append(f"{key}.enabled: DeepSpeed JSON enables it, YAML train.precision is {precision!r}")
+    ds.pop("fp16", None)
+    ds["bf16"] = {"enabled": bool(use_bf16)}
+
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        conflicts.append(f"zero_optimization.stage: {stage!r}; UNIT's two-engine step is exact at stages 0, 1 and 2")
+    if "max_grad_norm" in ds:
+        conflicts.append("max_grad_norm: not a DeepSpeed key; use top-level gradient_clipping")
+    if conflicts:
+        raise ConfigError("DeepSpeed config conflicts with the YAML:\n  " + "\n  ".join(conflicts))
+    return ds
+
+
+def load_ds_json(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed_config {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config {p} is not valid JSON: {e}") from None
+
+
+def check(cfg: Config, ds_path: str | None = None) -> dict:
+    """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
+    ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
+    from model.unit import UNITConfig  # noqa: F401  (import errors surface here, not in ranks)
+    size, n_down = cfg.data.image_size, int(cfg.model.get("n_down", 2))
+    if size % (2 ** n_down * 4):
+        raise ConfigError(f"config key data.image_size = {size}: must be a multiple of {2 ** n_down * 4} "
+                          f"(4 times 2**model.n_down)")
+    if cfg.data.shards is not None and cfg.data.shards_a is None:
+        if not (Path(cfg.data.shards) / "index.json").is_file() and "://" not in cfg.data.shards:
+            raise ConfigError(f"config key data.shards = {cfg.data.shards!r}: no index.json there; run `make shards` first")
+    for key in ("test_a", "test_b"):
+        v = getattr(cfg.data, key)
+        if v is not None and not Path(v).is_dir():
+            raise ConfigError(f"config key data.{key} = {v!r}: not a directory")
+    import torch
+    on_gpu = torch.cuda.is_available()
+    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=on_gpu,
+                            bf16_ok=on_gpu and torch.cuda.is_bf16_supported())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m launch.config",
+                                 description="Validate a training config and print it resolved.")
+    ap.add_argument("config", help="YAML config")
+    ap.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON to check against the YAML")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg, args.deepspeed_config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
