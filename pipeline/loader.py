@@ -1,0 +1,509 @@
+"""Two-domain streaming loader: unpaired {a, b} batches from WebDataset shards, forever,
+for any number of ranks and workers, with exact resumption.
+
+How a stream is made (one per domain, per rank, per worker):
+  chunk i of stream (seed, domain, rank, worker) is one shard drawn with replacement by an
+  RNG seeded with (seed, domain, rank, worker, i) (webdataset's "resampled" shards), whose
+  samples are visited in an order shuffled by that same RNG; each sample also gets its own
+  augmentation seed from it. So a stream is a pure function of those numbers, and a position
+  in it is (chunk, offset). Any number of ranks x workers works with any number of shards.
+
+Batches come round-robin from the DataLoader workers (torch's in-order delivery), each
+worker building whole batches from its own two streams. Every batch carries, under private
+keys that the loader strips, the logical worker id, that worker's (chunk, offset) after the
+batch, and counter deltas; the loader keeps the latest position per worker. Resuming with
+the same world size and num_workers restarts each worker at its position (opening the shard
+and seeking, nothing consumed is decoded again) and rotates the worker ids so the worker due
+next comes first: the batches are exactly those of an uninterrupted run.
+
+Resuming with another world size or num_workers (a reshaped job): every new stream starts at
+chunk max(saved chunks) + 1 of its own (seed, domain, rank, worker) sequence, offset 0. No
+rank restarts from the beginning, no chunk drawn before is replayed (chunk RNGs are keyed by
+index), and each chunk is still a uniform shard draw with a fresh shuffle, so the sampling
+distribution is unchanged; only the exact sample order differs from the old layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.augment import AugmentConfig, Augmenter
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DOMAINS = {"a": 1, "b": 2}
+REASONS = ("corrupt_sample", "truncated_shard", "unreadable_shard", "checksum_mismatch", "empty_shard")
+
+
+@dataclass
+class Shard:
+    """One shard: where it is and what index.json says about it (when known)."""
+
+    url: str
+    nsamples: int | None = None
+    sha256: str | None = None
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def _is_remote(url: str) -> bool:
+    scheme = urllib.parse.urlparse(url).scheme
+    return len(scheme) > 1  # "" is a path, one letter is a Windows drive
+
+
+def _from_index(path: str, domain: str) -> list[Shard]:
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        entries = index["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable shard index.json ({e})") from e
+    root = os.path.dirname(os.path.abspath(path))
+    shards = []
+    for e in entries:
+        if e.get("domain") != domain:
+            continue
+        url = e["url"]
+        if not _is_remote(url) and not os.path.isabs(url):
+            url = os.path.join(root, url)
+        shards.append(Shard(url, e.get("nsamples"), e.get("sha256")))
+    if not shards:
+        raise ValueError(f"{path}: no shards of domain {domain!r}")
+    return shards
+
+
+def resolve_shards(spec, domain: str) -> list[Shard]:
+    """Shard list from an OUT directory of `make shards` or an index.json (the entries of
+    `domain`), a brace pattern, one URL, or a list of URLs (paths, pipe:, fsspec URLs)."""
+    if isinstance(spec, (str, os.PathLike)):
+        spec = os.fspath(spec)
+        if os.path.isdir(spec):
+            index = os.path.join(spec, "index.json")
+            if not os.path.exists(index):
+                raise ValueError(f"{spec}: directory without index.json (run `make shards`)")
+            return _from_index(index, domain)
+        if spec.endswith(".json") and not _is_remote(spec):
+            return _from_index(spec, domain)
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(spec))
+    elif isinstance(spec, (list, tuple)):
+        urls = [os.fspath(u) for u in spec]
+    else:
+        raise TypeError(f"shards for domain {domain!r}: expected a path, pattern or list, got {type(spec).__name__}")
+    if not urls:
+        raise ValueError(f"shards for domain {domain!r}: empty list")
+    for u in urls:
+        if not _is_remote(u) and not os.path.exists(u):
+            raise ValueError(f"shard {u!r} (domain {domain!r}) does not exist")
+    return [Shard(u) for u in urls]
+
+
+def default_rank_world() -> tuple[int, int]:
+    """torch.distributed's rank/world size when initialised, else RANK/WORLD_SIZE, else 0/1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- shard access
+
+
+class ShardError(Exception):
+    """A shard could not be used; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, msg: str):
+        super().__init__(msg)
+        self.reason = reason
+
+
+def _fetch_bytes(url: str) -> bytes:
+    if url.startswith("pipe:"):
+        import webdataset as wds
+
+        with wds.gopen(url) as f:  # raises on a non-zero exit status when closed
+            return f.read()
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+class ShardCache:
+    """Local copies of remote shards, least recently used removed beyond `max_bytes`.
+    Files are named by a hash of the URL plus its basename, written to a temporary name and
+    renamed into place, so concurrent workers and ranks can share the directory."""
+
+    def __init__(self, cache_dir: str, max_bytes: int):
+        self.dir = cache_dir
+        self.max_bytes = max_bytes
+        os.makedirs(cache_dir, exist_ok=True)
+
+    def path(self, url: str) -> str:
+        base = os.path.basename(urllib.parse.urlparse(url.split()[-1]).path) or "shard"
+        return os.path.join(self.dir, hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + base)
+
+    def get(self, url: str) -> str:
+        dest = self.path(url)
+        if os.path.exists(dest):
+            os.utime(dest)  # mark as recently used
+            return dest
+        data = _fetch_bytes(url)
+        tmp = f"{dest}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+        self._trim(keep=dest)
+        return dest
+
+    def _trim(self, keep: str) -> None:
+        files = []
+        for name in os.listdir(self.dir):
+            p = os.path.join(self.dir, name)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue  # removed by another process
+            files.append((st.st_mtime, st.st_size, p))
+        total = sum(s for _, s, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if p == keep:
+                continue
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+            total -= size
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's image lies in a shard: (key, offset, size), in tar order."""
+
+    samples: list[tuple[str, int, int]]
+    truncated: bool
+
+
+def index_tar(f, size: int) -> ShardIndex:
+    """Read the tar headers only (data is seeked over). Samples are grouped by key (the name
+    up to the first dot of its basename, as webdataset does); a member running past the end
+    of the file, or a broken header, marks the shard truncated and ends the listing."""
+    images: dict[str, tuple[int, int]] = {}
+    truncated = False
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    truncated = True
+                    break
+                d, base = os.path.split(m.name)
+                if "." not in base:
+                    continue
+                key, ext = base.split(".", 1)
+                if ext.lower() in IMAGE_EXTS:
+                    images.setdefault(os.path.join(d, key), (m.offset_data, m.size))
+    except tarfile.TarError:
+        truncated = True
+    return ShardIndex([(k, o, s) for k, (o, s) in images.items()], truncated)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardReader:
+    """Opens shards for one worker: fetches remote ones (cache or memory), optionally checks
+    sha256 once per shard, keeps tar indexes of recently used shards."""
+
+    def __init__(self, verify: bool, cache: ShardCache | None, keep_indexes: int = 256):
+        self.verify = verify
+        self.cache = cache
+        self.verified: dict[str, bool] = {}
+        self.indexes: collections.OrderedDict[str, ShardIndex] = collections.OrderedDict()
+        self.keep = keep_indexes
+
+    def open(self, shard: Shard) -> tuple[io.BufferedIOBase, ShardIndex]:
+        url = shard.url
+        try:
+            if not _is_remote(url):
+                f, path = open(url, "rb"), url
+            elif self.cache is not None:
+                path = self.cache.get(url)
+                f = open(path, "rb")
+            else:
+                path, f = None, io.BytesIO(_fetch_bytes(url))
+        except Exception as e:  # any failure to reach the bytes: skip the shard, go on
+            raise ShardError("unreadable_shard", f"{url}: cannot read ({type(e).__name__}: {e})") from e
+        try:
+            if self.verify and shard.sha256:
+                ok = self.verified.get(url)
+                if ok is None:
+                    if path is not None:
+                        digest = _sha256_file(path)
+                    else:
+                        digest = hashlib.sha256(f.getbuffer()).hexdigest()
+                    ok = self.verified[url] = digest == shard.sha256
+                if not ok:
+                    raise ShardError("checksum_mismatch", f"{url}: sha256 differs from index.json")
+            index = self.indexes.get(url)
+            if index is None:
+                size = f.seek(0, io.SEEK_END)
+                f.seek(0)
+                index = index_tar(f, size)
+                self.indexes[url] = index
+                if len(self.indexes) > self.keep:
+                    self.indexes.popitem(last=False)
+            else:
+                self.indexes.move_to_end(url)
+            return f, index
+        except BaseException:
+            f.close()
+            raise
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+class Counters:
+    """Per-worker counters; `take()` returns and clears what accumulated since last time."""
+
+    def __init__(self):
+        self.samples = 0
+        self.bytes = 0
+        self.skipped: collections.Counter = collections.Counter()
+        self.warned: set[tuple[str, str]] = set()
+
+    def skip(self, reason: str, url: str, msg: str) -> None:
+        self.skipped[reason] += 1
+        if (url, reason) not in self.warned:  # once per shard and reason, never sleeps
+            self.warned.add((url, reason))
+            log.warning("skipping (%s) in shard %s: %s", reason, url, msg)
+
+    def take(self) -> dict:
+        d = {"samples": self.samples, "bytes": self.bytes, "skipped": dict(self.skipped)}
+        self.samples, self.bytes = 0, 0
+        self.skipped.clear()
+        return d
+
+
+def chunk_rng(seed: int, domain: str, rank: int, worker: int, chunk: int) -> np.random.Generator:
+    return np.random.default_rng([seed, DOMAINS[domain], rank, worker, chunk])
+
+
+def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, counters):
+    """Yield (image HWC uint8, (chunk, offset) of the next sample) forever from
+    `start = (chunk, offset)`. Skipped samples still advance the position."""
+    chunk, offset = start
+    barren = 0  # consecutive chunks that gave nothing: stop instead of spinning forever
+    while True:
+        rng = chunk_rng(seed, domain, rank, worker, chunk)
+        shard = shards[int(rng.integers(len(shards)))]
+        produced = 0
+        try:
+            f, index = reader.open(shard)
+        except ShardError as e:
+            counters.skip(e.reason, shard.url, str(e))
+            f, index = None, None
+        if f is not None:
+            with f:
+                if index.truncated:
+                    counters.skip("truncated_shard", shard.url, "truncated tar; using the complete samples")
+                n = len(index.samples)
+                if n == 0 and not index.truncated:
+                    counters.skip("empty_shard", shard.url, "no image members")
+                order = rng.permutation(n)
+                seeds = rng.integers(0, 2**63, size=n)
+                for j in range(offset, n):
+                    key, off, size = index.samples[order[j]]
+                    try:
+                        f.seek(off)
+                        data = f.read(size)
+                        img = augmenter(data, int(seeds[j]))
+                    except Exception as e:  # a bad image must never stop training
+                        counters.skip("corrupt_sample", shard.url, f"{key}: {type(e).__name__}: {e}")
+                        continue
+                    counters.samples += 1
+                    counters.bytes += size
+                    produced += 1
+                    nxt = (chunk, j + 1) if j + 1 < n else (chunk + 1, 0)
+                    yield img, nxt
+        barren = 0 if produced or offset else barren + 1
+        if barren > 4 * len(shards) + 32:
+            raise RuntimeError(f"domain {domain!r}: no readable sample in {barren} shard draws "
+                               f"from {len(shards)} shards (first: {shards[0].url}); see warnings")
+        chunk, offset = chunk + 1, 0
+
+
+def to_float(images: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 images -> float32 [B,3,H,W] in [-1, 1] (one batched conversion)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+class _Batches(IterableDataset):
+    """Yields whole batches; each DataLoader worker plays the logical worker
+    (physical id + rotate) % num_workers and starts at that worker's saved position."""
+
+    def __init__(self, loader: "UnpairedLoader", positions: dict, rotate: int):
+        self.l = loader
+        self.positions = positions
+        self.rotate = rotate
+
+    def __iter__(self):
+        l = self.l
+        info = get_worker_info()
+        if info is None:
+            worker = 0
+        else:
+            worker = (info.id + self.rotate) % info.num_workers
+            import cv2
+
+            cv2.setNumThreads(1)  # the workers are the parallelism
+        augmenter = Augmenter(l.augment, l.image_size)
+        reader = ShardReader(l.verify_shards, l._cache)
+        counters = Counters()
+        start = self.positions.get(worker, {"a": (0, 0), "b": (0, 0)})
+        streams = {d: sample_stream(l._shards[d], d, l.seed, l.rank, worker, tuple(start[d]),
+                                    reader, augmenter, counters) for d in ("a", "b")}
+        while True:
+            batch, pos = {}, {}
+            for d, stream in streams.items():
+                imgs = []
+                for _ in range(l.batch_size):
+                    img, pos[d] = next(stream)
+                    imgs.append(img)
+                batch[d] = to_float(imgs)
+            batch["_worker"] = worker
+            batch["_pos"] = pos
+            batch["_stats"] = counters.take()
+            yield batch
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+class UnpairedLoader:
+    """Iterating yields {"a", "b"}: float32 [B,3,H,W] in [-1, 1], independent domains, forever.
+
+    `stats` has samples, bytes and skipped-by-reason totals of the batches delivered so far
+    (each worker sends its counter deltas inside the batch, so they aggregate across worker
+    processes without shared memory). Events of prefetched, not yet delivered batches appear
+    when those batches do; warnings name the shard once per worker process.
+    """
+
+    def __init__(self, shards_a, shards_b, batch_size: int, image_size: int, seed: int = 0,
+                 num_workers: int = 2, augment: AugmentConfig | dict | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 verify_shards: bool = False, cache_dir: str | None = None,
+                 cache_bytes: int = 20 * 2**30, prefetch_factor: int = 2,
+                 pin_memory: bool = False, multiprocessing_context=None):
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size={batch_size} and image_size={image_size} must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        r, w = default_rank_world()
+        self.rank = r if rank is None else int(rank)
+        self.world_size = w if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is not in [0, world_size={self.world_size})")
+        self._shards = {"a": resolve_shards(shards_a, "a"), "b": resolve_shards(shards_b, "b")}
+        self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
+        self.num_workers = int(num_workers)
+        self.augment = AugmentConfig.from_any(augment)
+        self.verify_shards = verify_shards
+        self._cache = ShardCache(cache_dir, cache_bytes) if cache_dir else None
+        self._dl_kwargs = dict(prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                               multiprocessing_context=multiprocessing_context)
+        self._batches = 0
+        self._positions: dict[int, dict] = {}  # logical worker -> {"a": (chunk, offset), "b": ...}
+        self._stats = {"batches": 0, "samples": 0, "bytes": 0, "skipped": collections.Counter()}
+
+    @property
+    def shards(self) -> dict[str, list[Shard]]:
+        return self._shards
+
+    @property
+    def stats(self) -> dict:
+        s = dict(self._stats)
+        s["skipped"] = {r: s["skipped"].get(r, 0) for r in REASONS}
+        return s
+
+    def __iter__(self):
+        w = max(self.num_workers, 1)
+        ds = _Batches(self, dict(self._positions), self._batches % w)
+        if self.num_workers == 0:
+            batches = iter(ds)
+        else:
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, **self._dl_kwargs)
+            batches = iter(dl)
+        for batch in batches:
+            worker = int(batch.pop("_worker"))
+            self._positions[worker] = {d: tuple(int(v) for v in p) for d, p in batch.pop("_pos").items()}
+            delta = batch.pop("_stats")
+            self._batches += 1
+            self._stats["batches"] += 1
+            self._stats["samples"] += int(delta["samples"])
+            self._stats["bytes"] += int(delta["bytes"])
+            self._stats["skipped"].update({k: int(v) for k, v in delta["skipped"].items()})
+            yield batch
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of this rank's streams (save one per rank)."""
+        return {
+            "version": 1, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "num_workers": self.num_workers, "batch_size": self.batch_size, "batches": self._batches,
+            "positions": {str(k): {d: list(p) for d, p in v.items()} for k, v in self._positions.items()},
+            "stats": {"samples": self._stats["samples"], "bytes": self._stats["bytes"],
+                      "skipped": dict(self._stats["skipped"])},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: exactly, when rank, world size, num_workers and batch size
+        match; otherwise every stream starts at chunk max(saved chunks) + 1 (module doc)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"loader state: expected a dict with version 1, got {str(state)[:200]}")
+        if state.get("seed") != self.seed:
+            log.warning("loader state was saved with seed %s, this loader has seed %s",
+                        state.get("seed"), self.seed)
+        positions = {int(k): {d: (int(p[0]), int(p[1])) for d, p in v.items()}
+                     for k, v in state["positions"].items()}
+        same = all(state.get(k) == getattr(self, k) for k in ("rank", "world_size", "num_workers", "batch_size"))
+        if same:
+            self._positions = positions
+            self._batches = int(state["batches"])
+        else:
+            top = max([p[0] for v in positions.values() for p in v.values()], default=-1) + 1
+            w = max(self.num_workers, 1)
+            self._positions = {k: {"a": (top, 0), "b": (top, 0)} for k in range(w)}
+            self._batches = 0
+            log.warning("loader state from rank %s/%s with %s workers resumed on rank %s/%s with %s "
+                        "workers: every stream continues at chunk %d", state.get("rank"),
+                        state.get("world_size"), state.get("num_workers"), self.rank,
+                        self.world_size, self.num_workers, top)
+        saved = state.get("stats", {})
+        self._stats = {"batches": int(state.get("batches", 0)), "samples": int(saved.get("samples", 0)),
+                       "bytes": int(saved.get("bytes", 0)),
+                       "skipped": collections.Counter(saved.get("skipped", {}))}
