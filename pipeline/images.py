@@ -1,0 +1,129 @@
+"""Image validation and conversion for `make shards`.
+
+Every input is fully decoded once. Valid RGB JPEG/PNG/WebP files are stored with their
+original bytes; every other accepted image (grayscale, palette, alpha, CMYK, 16-bit, BMP,
+TIFF, ...) is converted once to 8-bit RGB and re-encoded:
+
+- JPEG sources -> JPEG, quality 95, 4:4:4 chroma (no second round of chroma subsampling);
+- everything else -> PNG (lossless, compress_level 3);
+- transparent pixels are composited over white before dropping alpha.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: multi-picture JPEG (phones)
+KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+JPEG_QUALITY = 95
+PNG_COMPRESS_LEVEL = 3
+
+
+class Rejected(Exception):
+    """An input that cannot be stored; `reason` starts with its category (text before ':')."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Checked:
+    """A validated image ready to store."""
+
+    data: bytes  # the bytes to store (the original when `converted` is False)
+    ext: str  # jpg | png | webp
+    width: int
+    height: int
+    converted: bool
+
+    @property
+    def format(self) -> str:
+        return {"jpg": "jpeg"}.get(self.ext, self.ext)
+
+
+def reason_category(reason: str) -> str:
+    """'truncated', 'not an image', 'duplicate', ... (for summaries)."""
+    return "duplicate" if reason.startswith("duplicate of ") else reason.split(":", 1)[0]
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    # PIL's own bomb guard (MAX_IMAGE_PIXELS) is global; switch it off while opening and
+    # apply --max-pixels ourselves, before any pixel is decoded.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image: no known image format in the content") from None
+    except Exception as e:  # noqa: BLE001 - any parser error means the header is unreadable
+        raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    if im.format not in ACCEPTED_FORMATS:
+        raise Rejected(f"not an image: format {im.format} is not accepted (JPEG, PNG, WebP, BMP, TIFF)")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise Rejected(f"larger than --max-pixels (decompression bomb): {w}x{h} > {max_pixels} pixels")
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode; alpha is composited over white."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im)
+        # 16-bit data: keep the top 8 bits; 32-bit "I" images are usually 16-bit in disguise.
+        shift = 8 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 0
+        im = Image.fromarray((arr.astype(np.uint32) >> shift).clip(0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        im = Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA"):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "RGBa"):
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im.convert("RGBA"), mask=im.getchannel("A"))
+        return bg
+    if im.mode in ("L", "1") and "transparency" in im.info:
+        return _to_rgb(im.convert("RGBA"))
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -> Checked:
+    """Validate `data` by a full decode; return what to store or raise `Rejected`."""
+    if not data:
+        raise Rejected("not an image: empty file")
+    im = _open(data, max_pixels)
+    w, h = im.size
+    if min(w, h) < min_side:
+        raise Rejected(f"smaller than --min-side {min_side}: {w}x{h}")
+    fmt = "JPEG" if im.format == "MPO" else im.format
+    try:
+        im.load()  # the full decode; truncated data raises here
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg or "broken data stream" in msg or "premature" in msg.lower():
+            raise Rejected(f"truncated: {msg}") from None
+        raise Rejected(f"unreadable: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - decoder errors of any kind reject the input
+        raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
+    if fmt in KEEP_AS_IS and im.mode == "RGB" and im.format != "MPO" and not getattr(im, "is_animated", False):
+        return Checked(data, KEEP_AS_IS[fmt], w, h, converted=False)
+    rgb = _to_rgb(im)
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        rgb.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        ext = "jpg"
+    else:
+        rgb.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        ext = "png"
+    return Checked(buf.getvalue(), ext, rgb.width, rgb.height, converted=True)

@@ -1,0 +1,699 @@
+"""`make shards`: two unpaired image domains into verified WebDataset tar shards.
+
+    python -m pipeline.shards --src-a A --src-b B --out OUT [--workers N] [--shard-size-mb 256]
+        [--max-per-shard N] [--min-side 16] [--max-pixels N] [--part i/N]
+    python -m pipeline.shards merge OUT      # combine the outputs of --part runs
+    python -m pipeline.shards verify OUT     # re-read every shard against index.json + manifest
+
+How a run stays deterministic and resumable:
+- Each domain's inputs are listed in a deterministic order and cut into consecutive groups
+  (at most --shard-size-mb of input bytes and --max-per-shard inputs each). Group g
+  becomes shard g, so a shard's contents depend only on the listing, never on timing.
+- A worker writes shard g to a temporary name, renames it into place, then writes the
+  shard's record (OUT/.records/<d>/<d>-<g>.json: its inputs, samples, rejects, sha256).
+  A rerun skips every shard whose record matches the current inputs and the file on disk,
+  and rewrites the others, so a run killed at any point completes with the same samples.
+- Finalising walks the records in shard order: exact duplicates (same stored bytes) of a
+  sample in an earlier shard are removed from their shard (the shard is rewritten) and
+  quarantined as "duplicate of <key>"; then manifest.parquet and quarantine.parquet are
+  written, and index.json last (each to a temporary name, then renamed).
+- `--part i/N` (0 <= i < N) processes the groups g with g % N == i, so parts write
+  disjoint shard numbers, identical to those of a single run; each part writes its own
+  view under OUT/parts/<i>-of-<N>/. `merge OUT` finalises all parts together (cross-part
+  duplicates are removed from their shards and quarantined), giving exactly the result
+  of a single run.
+Exit status: 0 every input stored, 3 some inputs quarantined, 1 failure (one-line reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import os
+import queue as queue_mod
+import sys
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from pipeline.images import Rejected, check_image, reason_category
+from pipeline.sources import Input, SourceError, is_url, list_inputs, read_bytes
+
+FORMAT_VERSION = 1
+DOMAINS = ("a", "b")
+RECORDS_DIR = ".records"
+PARTS_DIR = "parts"
+TAR_MTIME = 1577836800  # fixed member mtime (2020-01-01) so equal inputs give equal shard bytes
+EXIT_OK, EXIT_FAIL, EXIT_QUARANTINED = 0, 1, 3
+MANIFEST_COLUMNS = ["key", "domain", "shard", "source", "sha256", "bytes", "width", "height", "format"]
+QUARANTINE_COLUMNS = ["source", "domain", "reason"]
+
+
+class ShardsError(Exception):
+    """A failure that stops the command; its message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_side: int = 16
+    max_pixels: int = 64_000_000
+    shard_size: int = 256 * 1024 * 1024  # bytes of input per shard (approximate)
+    max_per_shard: int | None = None
+
+
+@dataclass
+class Group:
+    """The inputs that become one shard."""
+
+    domain: str
+    number: int
+    inputs: list[Input]
+    fingerprint: str = ""
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def shard_name(domain: str, number: int) -> str:
+    return f"{domain}/{domain}-{number:06d}.tar"
+
+
+def record_path(out: str, domain: str, number: int) -> str:
+    return os.path.join(out, RECORDS_DIR, domain, f"{domain}-{number:06d}.json")
+
+
+def sample_key(domain: str, source: str) -> str:
+    """Deterministic key from the source path: hex only (no dots, any source name is fine)."""
+    return hashlib.sha1(f"{domain}\0{source}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_groups(domain: str, inputs, settings: Settings):
+    """Cut a listing into consecutive groups; each carries a fingerprint of what makes it."""
+    limit_n = settings.max_per_shard or sys.maxsize
+    batch, size, number = [], 0, 0
+    for item in inputs:
+        s = max(item.size, 0)
+        if batch and (size + s > settings.shard_size or len(batch) >= limit_n):
+            yield _finish_group(domain, number, batch, settings)
+            batch, size, number = [], 0, number + 1
+        batch.append(item)
+        size += s
+    if batch:
+        yield _finish_group(domain, number, batch, settings)
+
+
+def _finish_group(domain: str, number: int, batch: list[Input], settings: Settings) -> Group:
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, domain, number, settings.min_side, settings.max_pixels]).encode())
+    for item in batch:
+        h.update(f"\n{item.path}\0{item.size}".encode("utf-8", "surrogateescape"))
+    return Group(domain, number, batch, h.hexdigest())
+
+
+# ----------------------------------------------------------------------------- shard writing
+
+
+class _HashingFile:
+    """File wrapper that hashes and counts what tarfile writes."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self):
+        return self.n
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_tar(path: str, members) -> tuple[int, str]:
+    """Write (name, bytes) members to `path` via a temporary name; return (bytes, sha256)."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        hf = _HashingFile(f)
+        with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                _add_member(tar, name, data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hf.n, hf.h.hexdigest()
+
+
+_progress_queue = None
+
+
+def _init_worker(q) -> None:
+    global _progress_queue
+    _progress_queue = q
+
+
+def _report(domain: str, n: int) -> None:
+    if _progress_queue is not None and n:
+        _progress_queue.put((domain, n))
+
+
+def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]], fingerprint: str,
+                min_side: int, max_pixels: int, progress=None) -> dict:
+    """Validate one group's inputs into shard `number` and its record; return the record."""
+    samples, rejected, duplicates, seen = [], [], [], set()
+    pending = 0
+
+    def members():
+        nonlocal pending
+        for source, _size in inputs:
+            pending += 1
+            if pending >= 64:
+                (progress or _report)(domain, pending)
+                pending = 0
+            try:
+                raw = read_bytes(source)
+            except FileNotFoundError:
+                rejected.append({"source": source, "reason": "unreadable: no such file"})
+                continue
+            except Exception as e:  # noqa: BLE001 - any I/O error rejects this input only
+                rejected.append({"source": source, "reason": f"unreadable: {type(e).__name__}: {e}"})
+                continue
+            try:
+                img = check_image(raw, min_side, max_pixels)
+            except Rejected as r:
+                rejected.append({"source": source, "reason": r.reason})
+                continue
+            sha = hashlib.sha256(img.data).hexdigest()
+            if sha in seen:
+                duplicates.append({"source": source, "sha256": sha})
+                continue
+            seen.add(sha)
+            key = sample_key(domain, source)
+            meta = {"source": source, "width": img.width, "height": img.height, "sha256": sha,
+                    "domain": domain, "format": img.format}
+            yield f"{key}.{img.ext}", img.data
+            yield f"{key}.json", json.dumps(meta, sort_keys=True).encode()
+            samples.append({"key": key, "source": source, "sha256": sha, "bytes": len(img.data),
+                            "width": img.width, "height": img.height, "format": img.format, "ext": img.ext})
+
+    url = shard_name(domain, number)
+    os.makedirs(os.path.join(out, domain), exist_ok=True)
+    nbytes, sha = _write_tar(os.path.join(out, url), members())
+    (progress or _report)(domain, pending)
+    record = {"version": FORMAT_VERSION, "domain": domain, "number": number, "url": url,
+              "fingerprint": fingerprint, "min_side": min_side, "max_pixels": max_pixels,
+              "inputs": [list(i) for i in inputs], "nsamples": len(samples), "bytes": nbytes, "sha256": sha,
+              "samples": samples, "rejected": rejected, "duplicates": duplicates}
+    _save_record(out, record)
+    return record
+
+
+def _save_record(out: str, record: dict) -> None:
+    path = record_path(out, record["domain"], record["number"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_atomic(path, json.dumps(record).encode())
+
+
+def load_record(out: str, domain: str, number: int) -> dict | None:
+    try:
+        with open(record_path(out, domain, number), "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def record_is_current(out: str, record: dict | None, fingerprint: str | None = None) -> bool:
+    """A shard counts as done when its record matches the inputs and the file on disk."""
+    if record is None or record.get("version") != FORMAT_VERSION:
+        return False
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        return False
+    try:
+        return os.path.getsize(os.path.join(out, record["url"])) == record["bytes"]
+    except OSError:
+        return False
+
+
+def _rewrite(record: dict, out: str, remove: set[str]) -> dict:
+    """Drop the samples whose key is in `remove` from a shard; return the updated record."""
+    path = os.path.join(out, record["url"])
+
+    def members():
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.name.split(".", 1)[0] not in remove:
+                    yield m.name, tar.extractfile(m).read()
+
+    # Build the new shard fully (under its temporary name) before replacing either file;
+    # a crash between the two renames leaves a record/file mismatch, which the next run
+    # repairs by rewriting that shard from its inputs.
+    kept = [s for s in record["samples"] if s["key"] not in remove]
+    dropped = [s for s in record["samples"] if s["key"] in remove]
+    nbytes, sha = _write_tar(path, list(members()))
+    record = dict(record, samples=kept, nsamples=len(kept), bytes=nbytes, sha256=sha,
+                  duplicates=record["duplicates"] + [{"source": s["source"], "sha256": s["sha256"]} for s in dropped])
+    _save_record(out, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- finalising
+
+
+@dataclass
+class Totals:
+    stored: Counter = field(default_factory=Counter)  # per domain
+    shards: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)  # per reason category
+    inputs: Counter = field(default_factory=Counter)  # per domain
+
+
+def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: dict | None = None) -> Totals:
+    """Dedupe the given shards in order and write manifest, quarantine and index (last) to `dest`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(dest, exist_ok=True)
+    man_tmp = os.path.join(dest, f".manifest.parquet.tmp{os.getpid()}")
+    quar_tmp = os.path.join(dest, f".quarantine.parquet.tmp{os.getpid()}")
+    man_schema = pa.schema([("key", pa.string()), ("domain", pa.string()), ("shard", pa.string()),
+                            ("source", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+                            ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])
+    quar_schema = pa.schema([("source", pa.string()), ("domain", pa.string()), ("reason", pa.string())])
+    totals = Totals()
+    shards = []
+    with pq.ParquetWriter(man_tmp, man_schema) as man, pq.ParquetWriter(quar_tmp, quar_schema) as quar:
+        for domain in DOMAINS:
+            first: dict[bytes, str] = {}  # stored sha256 -> key of the sample kept (memory: ~100 B/sample)
+            for number in numbers.get(domain, []):
+                rec = load_record(out, domain, number)
+                if not record_is_current(out, rec):
+                    if rec is None or "inputs" not in rec:
+                        raise ShardsError(f"shard {shard_name(domain, number)} is not complete (no record); "
+                                          f"re-run the command (or the part) that writes it")
+                    # The file and its record disagree (a crash mid-rewrite): rebuild from inputs.
+                    rec = write_shard(out, domain, number, [tuple(i) for i in rec["inputs"]], rec["fingerprint"],
+                                      rec["min_side"], rec["max_pixels"], progress=lambda d, n: None)
+                remove = set()
+                for s in rec["samples"]:
+                    digest = bytes.fromhex(s["sha256"])
+                    if digest in first:
+                        remove.add(s["key"])
+                    else:
+                        first[digest] = s["key"]
+                if remove:
+                    rec = _rewrite(rec, out, remove)
+                rows = [dict((c, s[c]) for c in MANIFEST_COLUMNS if c in s) | {"domain": domain, "shard": rec["url"]}
+                        for s in rec["samples"]]
+                if rows:
+                    man.write_table(pa.Table.from_pylist(rows, schema=man_schema))
+                qrows = [{"source": r["source"], "domain": domain, "reason": r["reason"]} for r in rec["rejected"]]
+                qrows += [{"source": d["source"], "domain": domain,
+                           "reason": f"duplicate of {first[bytes.fromhex(d['sha256'])]}"} for d in rec["duplicates"]]
+                if qrows:
+                    quar.write_table(pa.Table.from_pylist(qrows, schema=quar_schema))
+                for r in qrows:
+                    totals.rejected[reason_category(r["reason"])] += 1
+                totals.stored[domain] += rec["nsamples"]
+                totals.shards[domain] += 1
+                totals.bytes[domain] += rec["bytes"]
+                totals.inputs[domain] += len(rec["inputs"])
+                shards.append({"url": rec["url"], "domain": domain, "nsamples": rec["nsamples"],
+                               "bytes": rec["bytes"], "sha256": rec["sha256"]})
+    index = {"version": 1, "shards": shards,
+             "totals": {d: {"shards": totals.shards[d], "samples": totals.stored[d], "bytes": totals.bytes[d]}
+                        for d in DOMAINS}}
+    index.update(index_extra or {})
+    os.replace(man_tmp, os.path.join(dest, "manifest.parquet"))
+    os.replace(quar_tmp, os.path.join(dest, "quarantine.parquet"))
+    _write_atomic(os.path.join(dest, "index.json"), json.dumps(index, indent=1).encode())
+    return totals
+
+
+def _remove_stale(out: str, counts: dict[str, int]) -> None:
+    """Delete shards, records and temporary files left from an older, longer plan or a crash."""
+    for domain in DOMAINS:
+        for pattern, sub in ((f"{domain}-*.tar", domain), (f"{domain}-*.json", os.path.join(RECORDS_DIR, domain))):
+            for path in glob.glob(os.path.join(out, sub, pattern)):
+                try:
+                    number = int(os.path.basename(path).split("-")[1].split(".")[0])
+                except ValueError:
+                    continue
+                if number >= counts.get(domain, 0):
+                    os.remove(path)
+        for path in glob.glob(os.path.join(out, domain, f".{domain}-*.tar.tmp")):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunArgs:
+    src: dict[str, str]
+    out: str
+    workers: int = 1
+    settings: Settings = field(default_factory=Settings)
+    part: tuple[int, int] = (0, 1)
+    progress: bool = True
+
+
+def _check_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".probe{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ShardsError(f"cannot write to OUT {out}: {e.strerror or e}") from None
+
+
+def _check_source(domain: str, src: str) -> None:
+    if is_url(src):
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(src)
+            ok = fs.exists(path)
+        except Exception as e:  # noqa: BLE001
+            raise ShardsError(f"source {domain.upper()} {src}: cannot reach: {e}") from None
+    else:
+        ok = os.path.exists(src[7:] if src.startswith("file://") else src)
+    if not ok:
+        raise ShardsError(f"source {domain.upper()} {src}: no such file or folder")
+
+
+def run(args: RunArgs) -> tuple[int, str]:
+    """Write this run's (or part's) shards and outputs; return (exit status, summary)."""
+    from tqdm import tqdm
+
+    for d in DOMAINS:
+        _check_source(d, args.src[d])
+    _check_out(args.out)
+    part, nparts = args.part
+    t0 = time.time()
+    counts, listing, mine = {}, {}, {}
+    processed = skipped = 0
+    executor, pq_ = None, None
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold pyarrow/fsspec threads
+        pq_ = ctx.Queue()
+        executor = ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(pq_,))
+    index_removed = False
+    try:
+        for domain in DOMAINS:
+            bar = tqdm(desc=f"domain {domain}", unit="img", disable=not args.progress, mininterval=0.5)
+            listing_hash = hashlib.sha256()
+            running, mine[domain], n_groups = set(), [], 0
+
+            def drain(block: float):
+                done, _ = wait(running, timeout=block, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    running.discard(fut)
+                    fut.result()  # re-raise a worker crash here
+                while True:
+                    try:
+                        _d, n = pq_.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    bar.update(n)
+
+            try:
+                for group in plan_groups(domain, list_inputs(args.src[domain]), args.settings):
+                    n_groups += 1
+                    listing_hash.update(group.fingerprint.encode())
+                    if group.number % nparts != part:
+                        continue
+                    mine[domain].append(group.number)
+                    if record_is_current(args.out, load_record(args.out, domain, group.number), group.fingerprint):
+                        skipped += 1
+                        bar.update(len(group.inputs))
+                        continue
+                    if not index_removed:  # shards are about to change: the old index no longer holds
+                        for p in (os.path.join(args.out, "index.json"),
+                                  os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}", "index.json")):
+                            if os.path.exists(p):
+                                os.remove(p)
+                        index_removed = True
+                    processed += len(group.inputs)
+                    task = (args.out, domain, group.number, [(i.path, i.size) for i in group.inputs],
+                            group.fingerprint, args.settings.min_side, args.settings.max_pixels)
+                    if executor is None:
+                        write_shard(*task, progress=lambda d, n: bar.update(n))
+                        continue
+                    while len(running) >= 2 * args.workers:  # bounded queue: stream, never list everything
+                        drain(0.2)
+                    running.add(executor.submit(write_shard, *task))
+                while running:
+                    drain(0.2)
+                if pq_ is not None:
+                    time.sleep(0.05)
+                    drain(0)
+            except SourceError as e:
+                raise ShardsError(f"source {domain.upper()}: {e}") from None
+            finally:
+                bar.close()
+            counts[domain], listing[domain] = n_groups, listing_hash.hexdigest()
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    if nparts == 1:
+        _remove_stale(args.out, counts)
+        totals = finalize(args.out, mine, args.out)
+        where = args.out
+    else:
+        where = os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}")
+        totals = finalize(args.out, mine, where, {"part": part, "parts": nparts, "groups": counts,
+                                                  "listing": listing})
+    dt = time.time() - t0
+    status, summary = _summarise(totals, dt, processed, skipped, where, args.workers,
+                                 check_empty=(nparts == 1), part=(part, nparts) if nparts > 1 else None)
+    return status, summary
+
+
+def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, workers: int,
+               check_empty: bool, part=None) -> tuple[int, str]:
+    n_in = sum(t.inputs.values())
+    n_rej = sum(t.rejected.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t.rejected.items())) or "none"
+    what = f"part {part[0]}/{part[1]}" if part else "shards"
+    text = (f"{what}: stored {sum(t.stored.values())} of {n_in} inputs (a: {t.stored['a']}, b: {t.stored['b']}) "
+            f"in {sum(t.shards.values())} shards (a: {t.shards['a']}, b: {t.shards['b']}), "
+            f"{sum(t.bytes.values()) / 1e6:.1f} MB; rejected {n_rej} ({reasons}); "
+            f"validated {processed} inputs in {dt:.1f} s ({processed / max(dt, 1e-9):.0f} images/s, "
+            f"{workers} worker{'s' if workers > 1 else ''})"
+            + (f", {skipped} shards already complete and skipped" if skipped else "")
+            + f"; outputs in {where}" + (" (quarantine.parquet lists the rejects)" if n_rej else "") + ".")
+    if check_empty:
+        for d in DOMAINS:
+            if t.stored[d] == 0:
+                raise ShardsError(f"domain {d.upper()}: no valid image among {t.inputs[d]} inputs "
+                                  f"(reasons in {os.path.join(where, 'quarantine.parquet')})")
+    return (EXIT_QUARANTINED if n_rej else EXIT_OK), text
+
+
+def merge(out: str) -> tuple[int, str]:
+    """Finalise the outputs of all `--part i/N` runs in OUT into one index, manifest and quarantine."""
+    t0 = time.time()
+    found = {}
+    for path in sorted(glob.glob(os.path.join(out, PARTS_DIR, "*-of-*", "index.json"))):
+        with open(path) as f:
+            idx = json.load(f)
+        found.setdefault(idx["parts"], {})[idx["part"]] = idx
+    if not found:
+        raise ShardsError(f"{out}: no finished part (no {PARTS_DIR}/<i>-of-<N>/index.json)")
+    if len(found) > 1:
+        raise ShardsError(f"{out}: parts from runs with different N: {sorted(found)}")
+    (nparts, parts), = found.items()
+    missing = sorted(set(range(nparts)) - set(parts))
+    if missing:
+        raise ShardsError(f"{out}: parts {missing} of {nparts} have not finished")
+    first = parts[0]
+    for i, idx in sorted(parts.items()):
+        if idx["listing"] != first["listing"] or idx["groups"] != first["groups"]:
+            raise ShardsError(f"{out}: part {i}/{nparts} listed different inputs than part 0 "
+                              f"(sources changed between parts?); re-run it")
+    counts = first["groups"]
+    _remove_stale(out, counts)
+    totals = finalize(out, {d: list(range(counts[d])) for d in DOMAINS}, out)
+    return _summarise(totals, time.time() - t0, 0, 0, out, 1, check_empty=True)
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(out: str) -> tuple[list[str], str]:
+    """Re-read every shard; return (problems, summary). Each problem names its shard."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open(os.path.join(out, "index.json")) as f:
+            index = json.load(f)
+        manifest = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    except (OSError, ValueError) as e:
+        raise ShardsError(f"{out}: cannot read index.json / manifest.parquet: {e}") from None
+    by_shard: dict[str, dict[str, dict]] = {}
+    for row in manifest:
+        by_shard.setdefault(row["shard"], {})[row["key"]] = row
+    problems, nsamples, nbytes = [], 0, 0
+    listed = {s["url"] for s in index["shards"]}
+    for url in sorted(set(by_shard) - listed):
+        problems.append(f"{url}: in manifest.parquet but not in index.json")
+    for d in DOMAINS:
+        for path in sorted(glob.glob(os.path.join(out, d, "*.tar"))):
+            if os.path.relpath(path, out) not in listed:
+                problems.append(f"{os.path.relpath(path, out)}: shard file not in index.json")
+    for entry in index["shards"]:
+        url, path = entry["url"], os.path.join(out, entry["url"])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            problems.append(f"{url}: unreadable: {e.strerror}")
+            continue
+        bad = []
+        if len(data) != entry["bytes"]:
+            bad.append(f"{len(data)} bytes, index.json says {entry['bytes']}")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            bad.append("sha256 differs from index.json")
+        try:
+            samples = _read_samples(data)
+        except (tarfile.TarError, ValueError) as e:
+            problems.append(f"{url}: " + "; ".join(bad + [f"not a readable shard: {e}"]))
+            continue
+        rows = by_shard.get(url, {})
+        if len(samples) != entry["nsamples"]:
+            bad.append(f"{len(samples)} samples, index.json says {entry['nsamples']}")
+        if set(samples) != set(rows):
+            bad.append(f"keys differ from manifest.parquet ({len(samples)} in shard, {len(rows)} in manifest)")
+        for key, (img, meta) in samples.items():
+            sha = hashlib.sha256(img).hexdigest()
+            if sha != meta.get("sha256") or (key in rows and sha != rows[key]["sha256"]):
+                bad.append(f"sample {key}: image sha256 differs from its json/manifest")
+                break
+        if bad:
+            problems.append(f"{url}: " + "; ".join(bad))
+        nsamples += len(samples)
+        nbytes += len(data)
+    for d in DOMAINS:
+        tot = index["totals"].get(d, {})
+        n = sum(s["nsamples"] for s in index["shards"] if s["domain"] == d)
+        if tot.get("samples") != n:
+            problems.append(f"index.json totals for {d}: {tot.get('samples')} samples, shards add up to {n}")
+    summary = (f"verify: {len(index['shards'])} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
+               f"{len(problems)} bad" + ("." if not problems else ": see above."))
+    return problems, summary
+
+
+def _read_samples(data: bytes) -> dict[str, tuple[bytes, dict]]:
+    """key -> (image bytes, json meta); members of a sample must be adjacent."""
+    out, cur, parts = {}, None, {}
+
+    def close():
+        if cur is None:
+            return
+        metas = [v for k, v in parts.items() if k == "json"]
+        imgs = [v for k, v in parts.items() if k != "json"]
+        if len(metas) != 1 or len(imgs) != 1:
+            raise ValueError(f"sample {cur} has members {sorted(parts)}")
+        out[cur] = (imgs[0], json.loads(metas[0]))
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            if key != cur:
+                close()
+                if key in out:
+                    raise ValueError(f"sample {key} members are not adjacent")
+                cur, parts = key, {}
+            parts[ext] = tar.extractfile(m).read()
+        close()
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must look like i/N, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text}: need N >= 1 and 0 <= i < N")
+    return i, n
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] in (["verify"], ["merge"]):
+            p = argparse.ArgumentParser(prog=f"python -m pipeline.shards {argv[0]}")
+            p.add_argument("out", help="the OUT folder of make shards")
+            a = p.parse_args(argv[1:])
+            if argv[0] == "verify":
+                problems, summary = verify(a.out)
+                for line in problems:
+                    print(f"BAD {line}", file=sys.stderr)
+                print(summary)
+                return EXIT_FAIL if problems else EXIT_OK
+            status, summary = merge(a.out)
+            print(summary)
+            return status
+        p = argparse.ArgumentParser(prog="python -m pipeline.shards",
+                                    description="Two image domains into WebDataset shards "
+                                                "(subcommands: verify OUT, merge OUT).")
+        p.add_argument("--src-a", required=True, help="domain A: folder, text list of paths, or .parquet (path column)")
+        p.add_argument("--src-b", required=True, help="domain B: same forms as --src-a")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+        p.add_argument("--shard-size-mb", type=float, default=256, help="input MB per shard (default 256)")
+        p.add_argument("--max-per-shard", type=_positive, default=None, help="inputs per shard (default: no limit)")
+        p.add_argument("--min-side", type=int, default=16, help="reject images whose smaller side is below this")
+        p.add_argument("--max-pixels", type=_positive, default=64_000_000,
+                       help="reject images with more pixels (decompression bombs); default 64e6")
+        p.add_argument("--part", type=_parse_part, default=(0, 1), help="process slice i of N (0-based) for merge")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        a = p.parse_args(argv)
+        settings = Settings(a.min_side, a.max_pixels, max(1, int(a.shard_size_mb * 1024 * 1024)), a.max_per_shard)
+        status, summary = run(RunArgs({"a": a.src_a, "b": a.src_b}, a.out, a.workers, settings, a.part,
+                                      progress=not a.no_progress))
+        print(summary)
+        return status
+    except ShardsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
