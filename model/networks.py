@@ -1,0 +1,226 @@
+"""UNIT building blocks: conv blocks, residual blocks, encoders, generators, discriminators.
+
+Layout of the generator side (one domain, the other is the same with its own weights):
+
+    x -> enc_<d> (conv 7x7, n_down stride-2 convs, private res blocks)
+      -> enc_shared (last n_shared res blocks, ONE module used by both domains) -> mu
+    z -> dec_shared (first n_shared res blocks, ONE module used by both domains)
+      -> dec_<d> (private res blocks, n_down x [nearest upsample + conv 5x5], conv 7x7, tanh)
+
+The shared parts are registered once on `UNITGenerator`, so their parameters exist once in
+`parameters()` and in `state_dict()` (safetensors refuses aliased tensors).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
+PADDINGS = ("reflect", "zero", "replicate")
+NORMS = ("in", "ln", "bn", "none")
+DIS_NORMS = ("none", "sn")
+
+
+class LayerNorm(nn.Module):
+    """Layer norm over (C, H, W) of each sample with a per-channel affine, as the official UNIT code.
+
+    The official version divides by the unbiased std plus eps (not sqrt(var + eps)); kept so
+    the `official` preset behaves like it.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        mean = flat.mean(1).view(-1, 1, 1, 1)
+        std = flat.std(1).view(-1, 1, 1, 1)
+        x = (x - mean) / (std + self.eps)
+        return x * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "lrelu":
+        return nn.LeakyReLU(0.2, inplace=True)
+    if name == "prelu":
+        return nn.PReLU()
+    if name == "selu":
+        return nn.SELU(inplace=True)
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
+
+
+def make_norm(name: str, channels: int) -> nn.Module:
+    if name == "in":
+        return nn.InstanceNorm2d(channels)  # no affine, no running stats (as official)
+    if name == "ln":
+        return LayerNorm(channels)
+    if name == "bn":
+        return nn.BatchNorm2d(channels)
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"norm {name!r} is not one of {NORMS}")
+
+
+def make_pad(name: str, pad: int) -> nn.Module:
+    if pad == 0:
+        return nn.Identity()
+    if name == "reflect":
+        return nn.ReflectionPad2d(pad)
+    if name == "replicate":
+        return nn.ReplicationPad2d(pad)
+    if name == "zero":
+        return nn.ZeroPad2d(pad)
+    raise ValueError(f"pad_type {name!r} is not one of {PADDINGS}")
+
+
+class ConvBlock(nn.Sequential):
+    """pad -> conv (with bias) -> norm -> activation."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, pad: int,
+                 norm: str = "none", activ: str = "relu", pad_type: str = "zero",
+                 spectral: bool = False):
+        conv = nn.Conv2d(cin, cout, k, stride, 0, bias=True)
+        if spectral:
+            conv = nn.utils.parametrizations.spectral_norm(conv)
+        super().__init__(make_pad(pad_type, pad), conv, make_norm(norm, cout), make_activation(activ))
+
+
+class ResBlock(nn.Module):
+    """x + [conv3x3-norm-act, conv3x3-norm]."""
+
+    def __init__(self, dim: int, norm: str, activ: str, pad_type: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBlock(dim, dim, 3, 1, 1, norm, activ, pad_type),
+            ConvBlock(dim, dim, 3, 1, 1, norm, "none", pad_type),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def res_blocks(n: int, dim: int, norm: str, activ: str, pad_type: str) -> nn.Sequential:
+    # An empty Sequential is the identity: n_shared = 0 means no shared layer.
+    return nn.Sequential(*[ResBlock(dim, norm, activ, pad_type) for _ in range(n)])
+
+
+def encoder_front(channels: int, dim: int, n_down: int, n_res: int,
+                  norm: str, activ: str, pad_type: str) -> nn.Sequential:
+    """Domain-specific part of an encoder; outputs dim * 2**n_down channels."""
+    layers = [ConvBlock(channels, dim, 7, 1, 3, norm, activ, pad_type)]
+    for _ in range(n_down):
+        layers.append(ConvBlock(dim, dim * 2, 4, 2, 1, norm, activ, pad_type))
+        dim *= 2
+    layers.append(res_blocks(n_res, dim, norm, activ, pad_type))
+    return nn.Sequential(*layers)
+
+
+def decoder_back(channels: int, dim: int, n_up: int, n_res: int, res_norm: str,
+                 up_norm: str, activ: str, pad_type: str) -> nn.Sequential:
+    """Domain-specific part of a generator; `dim` is the latent width (dim * 2**n_down)."""
+    layers = [res_blocks(n_res, dim, res_norm, activ, pad_type)]
+    for _ in range(n_up):
+        # nearest upsample + conv instead of a transposed conv: no checkerboard artefacts
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                   ConvBlock(dim, dim // 2, 5, 1, 2, up_norm, activ, pad_type)]
+        dim //= 2
+    layers.append(ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type))
+    return nn.Sequential(*layers)
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """Patch discriminators on the image and on 2x, 4x, ... average-pooled copies.
+
+    A scale runs only while its input is at least `min_size` pixels (and at least
+    2**n_layers, below which the strided convs would run out of pixels), so small images
+    (32x32) use fewer scales instead of crashing. `forward` returns one logit map per scale.
+    """
+
+    def __init__(self, channels: int, dim: int, n_layers: int, n_scales: int,
+                 activ: str = "lrelu", norm: str = "none", pad_type: str = "reflect",
+                 min_size: int = 16):
+        super().__init__()
+        if norm not in DIS_NORMS:
+            raise ValueError(f"dis_norm {norm!r} is not one of {DIS_NORMS}")
+        self.min_size = max(int(min_size), 2 ** n_layers)
+        self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.nets = nn.ModuleList()
+        for _ in range(n_scales):
+            d = dim
+            layers = [ConvBlock(channels, d, 4, 2, 1, "none", activ, pad_type, norm == "sn")]
+            for _ in range(n_layers - 1):
+                layers.append(ConvBlock(d, d * 2, 4, 2, 1, "none", activ, pad_type, norm == "sn"))
+                d *= 2
+            layers.append(nn.Conv2d(d, 1, 1, 1, 0))
+            self.nets.append(nn.Sequential(*layers))
+
+    def scales_for(self, size: int) -> int:
+        """How many scales an image whose smaller side is `size` uses."""
+        n = 0
+        while n < len(self.nets) and size >= self.min_size:
+            n += 1
+            size = (size + 1) // 2
+        return n
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        size = min(x.shape[-2:])
+        n = self.scales_for(size)
+        if n == 0:
+            raise ValueError(f"discriminator input is {tuple(x.shape[-2:])} px; it needs at "
+                             f"least {self.min_size} px on each side")
+        outs = []
+        for i in range(n):
+            outs.append(self.nets[i](x))
+            if i + 1 < n:
+                x = self.downsample(x)
+        return outs
+
+
+def init_kaiming(module: nn.Module) -> None:
+    """Kaiming-normal (fan_in) conv/linear weights, zero biases: encoders and generators."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_gaussian(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) conv/linear weights, zero biases: discriminators."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            # spectral_norm keeps the raw weight under parametrizations.weight.original
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(w, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def count_params(*modules: nn.Module) -> int:
+    """Parameters of the given modules, each tensor counted once."""
+    seen = {}
+    for mod in modules:
+        for p in mod.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def check_divisible(size: int, n_down: int, what: str = "image size") -> None:
+    if size % (2 ** n_down):
+        raise ValueError(f"{what} {size} is not divisible by 2**n_down = {2 ** n_down}")
+
+
+__all__ = [
+    "LayerNorm", "ConvBlock", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
+    "MultiScaleDiscriminator", "init_kaiming", "init_gaussian", "count_params",
+    "make_activation", "make_norm", "make_pad", "check_divisible",
+]

@@ -1,0 +1,314 @@
+"""UNIT (Liu, Breuel, Kautz 2017): two VAE-GANs whose high-level layers are shared.
+
+Usage (see docs/contracts.md, "Model"):
+
+    unit = UNIT.from_config({"preset": "paper", "dim": 32})
+    out = unit.gen(x_a, x_b)                                  # every pass once
+    loss_g, terms_g = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)   # dis frozen by caller
+    preds = unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
+    loss_d, terms_d = discriminator_loss(preds, unit.cfg)
+    y = unit.translate(x, "a2b")                              # uses mu, no noise
+
+The discriminator step reuses the fakes of the generator pass of the same iteration; the
+official code runs a second encode/decode pass for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import losses
+from .networks import (ACTIVATIONS, DIS_NORMS, NORMS, PADDINGS, MultiScaleDiscriminator,
+                       count_params, decoder_back, encoder_front, init_gaussian, init_kaiming,
+                       res_blocks)
+
+
+@dataclass
+class UNITConfig:
+    preset: str = "paper"      # name of the preset these values started from (informational)
+    channels: int = 3          # image channels of both domains
+    dim: int = 64              # width of the first encoder conv; doubles at each downsampling
+    n_down: int = 2            # stride-2 convs in each encoder (= upsampling steps in each generator)
+    n_res: int = 4             # residual blocks per encoder and per generator, shared ones included
+    n_shared: int = 1          # of those, how many are one shared module (last of E, first of G); 0 = no sharing
+    norm: str = "in"           # norm of encoder convs and residual blocks
+    up_norm: str = "ln"        # norm of the generator's upsampling convs
+    activ: str = "relu"        # activation of encoders and generators
+    pad_type: str = "reflect"  # padding of encoders and generators
+    dis_dim: int = 64          # width of the first discriminator conv
+    dis_layers: int = 4        # stride-2 convs per discriminator scale
+    dis_scales: int = 3        # most scales per discriminator (fewer on small images)
+    dis_min_size: int = 16     # a scale runs only while its input is at least this many pixels
+    dis_norm: str = "none"     # discriminator conv normalisation: none or sn (spectral norm)
+    dis_activ: str = "lrelu"   # discriminator activation
+    dis_pad: str = "reflect"   # discriminator padding
+    image_size: int = 0        # if > 0, build only the discriminator scales this size uses (no unused params)
+    gan_type: str = "lsgan"    # adversarial loss: lsgan, nsgan or hinge
+    w_gan: float = 10.0        # lambda0: adversarial terms (generator and discriminator)
+    w_recon: float = 100.0     # lambda2: reconstruction L1
+    w_kl: float = 0.1          # lambda1: KL of the encodings of real images
+    w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
+    w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
+    ema_decay: float = 0.0     # EMA of the generator side for inference; 0 = off
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"UNIT config: {name}={getattr(self, name)!r} {why}")
+
+        for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("n_down", "n_shared", "dis_min_size", "image_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be an integer >= 0")
+        if self.n_shared > self.n_res:
+            bad("n_shared", f"must be <= n_res ({self.n_res})")
+        for name, allowed in (("norm", NORMS), ("up_norm", NORMS), ("activ", ACTIVATIONS),
+                              ("pad_type", PADDINGS), ("dis_norm", DIS_NORMS),
+                              ("dis_activ", ACTIVATIONS), ("dis_pad", PADDINGS),
+                              ("gan_type", losses.GAN_TYPES)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"is not one of {allowed}")
+        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "ema_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                bad(name, "must be a number >= 0")
+            setattr(self, name, float(v))
+        if self.ema_decay >= 1:
+            bad("ema_decay", "must be < 1")
+        if self.image_size and self.image_size % (2 ** self.n_down):
+            bad("image_size", f"must be divisible by 2**n_down = {2 ** self.n_down}")
+
+
+# The official code's master defaults (configs/*_folder.yaml): no sharing, LSGAN, weights / 10.
+_OFFICIAL = dict(preset="official", n_shared=0, gan_type="lsgan",
+                 w_gan=1.0, w_recon=10.0, w_kl=0.01, w_cyc=10.0, w_cyc_kl=0.01)
+# The paper: one shared residual block in E and G, lambda0..4 = 10, 0.1, 100, 0.1, 100.
+# The paper's L_GAN is the log-loss GAN; LSGAN is kept (the issue's default, and what the
+# authors' later code uses), nsgan is one override away.
+_PAPER = dict(preset="paper", n_shared=1, gan_type="lsgan",
+              w_gan=10.0, w_recon=100.0, w_kl=0.1, w_cyc=100.0, w_cyc_kl=0.1)
+# Small enough for CPU tests at 32x32.
+_TINY = dict(_PAPER, preset="tiny", dim=16, n_down=2, n_res=1, n_shared=1,
+             dis_dim=16, dis_layers=2, dis_scales=2, dis_min_size=16)
+
+PRESETS: dict[str, dict] = {"paper": _PAPER, "official": _OFFICIAL, "tiny": _TINY}
+
+
+def make_config(d: dict | None = None) -> UNITConfig:
+    """UNITConfig from {"preset": name, **overrides}; unknown keys fail with their names."""
+    d = dict(d or {})
+    name = d.pop("preset", "paper")
+    if name not in PRESETS:
+        raise ValueError(f"UNIT config: preset {name!r} is not one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(UNITConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"UNIT config: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    return UNITConfig(**{**PRESETS[name], "preset": name, **d})
+
+
+class UNITGenerator(nn.Module):
+    """Encoders and generators of both domains; the shared layers exist once."""
+
+    def __init__(self, cfg: UNITConfig):
+        super().__init__()
+        latent = cfg.dim * 2 ** cfg.n_down
+        own = cfg.n_res - cfg.n_shared
+
+        def front():
+            return encoder_front(cfg.channels, cfg.dim, cfg.n_down, own, cfg.norm, cfg.activ, cfg.pad_type)
+
+        def back():
+            return decoder_back(cfg.channels, latent, cfg.n_down, own, cfg.norm, cfg.up_norm,
+                                cfg.activ, cfg.pad_type)
+
+        self.enc_a, self.enc_b = front(), front()
+        self.enc_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
+        self.dec_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
+        self.dec_a, self.dec_b = back(), back()
+        init_kaiming(self)
+
+    def encoder(self, domain: str) -> nn.Sequential:
+        """E_domain as one module: its own layers, then the shared ones (the same object for a and b)."""
+        return nn.Sequential(self._part("enc", domain), self.enc_shared)
+
+    def decoder(self, domain: str) -> nn.Sequential:
+        """G_domain as one module: the shared layers (the same object for a and b), then its own."""
+        return nn.Sequential(self.dec_shared, self._part("dec", domain))
+
+    def _part(self, kind: str, domain: str) -> nn.Module:
+        if domain not in ("a", "b"):
+            raise ValueError(f"domain {domain!r} is not 'a' or 'b'")
+        return getattr(self, f"{kind}_{domain}")
+
+    def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        """mu of q(z | x) for an image of `domain`."""
+        return self.enc_shared(self._part("enc", domain)(x))
+
+    def decode(self, z: torch.Tensor, domain: str) -> torch.Tensor:
+        return self._part("dec", domain)(self.dec_shared(z))
+
+    def sample(self, mu: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """z = mu + eps, eps ~ N(0, I) in training (torch's global RNG); mu in eval mode.
+
+        With `n`, eps is drawn per chunk of n samples, in order, so a batched pass draws the
+        same numbers as one pass per domain.
+        """
+        if not self.training:
+            return mu
+        chunks = mu.split(n) if n else (mu,)
+        return mu + torch.cat([torch.randn_like(c) for c in chunks])
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One full pass: encode, reconstruct, translate, re-encode the translations, cycle back.
+
+        Batching trick (exact: every norm here is per sample): the shared layers run once on
+        both domains' batch, and G_a / G_b each run once on [z_a, z_b], giving the
+        reconstruction and the translation together.
+        """
+        n = x_a.shape[0]
+        if x_b.shape[0] != n:
+            raise ValueError(f"x_a has batch {n} but x_b has batch {x_b.shape[0]}")
+        mu = self.enc_shared(torch.cat([self.enc_a(x_a), self.enc_b(x_b)]))
+        s = self.dec_shared(self.sample(mu, n))            # shared G layers once for both uses of z
+        x_aa, x_ba = self.dec_a(s).split(n)
+        x_ab, x_bb = self.dec_b(s).split(n)
+        # re-encode the translations: x_ba is an "a" image, x_ab a "b" image
+        mu2 = self.enc_shared(torch.cat([self.enc_a(x_ba), self.enc_b(x_ab)]))
+        s2 = self.dec_shared(self.sample(mu2, n))
+        s_ba, s_ab = s2.split(n)
+        mu_a, mu_b = mu.split(n)
+        mu_ba, mu_ab = mu2.split(n)
+        return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
+                "x_aba": self.dec_a(s_ab), "x_bab": self.dec_b(s_ba),
+                "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+
+    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+        """a2b: G_b(mu_a(x)); b2a: G_a(mu_b(x)). No noise, so deterministic in eval mode."""
+        if direction not in ("a2b", "b2a"):
+            raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
+        src, dst = direction[0], direction[-1]
+        return self.decode(self.encode(x, src), dst)
+
+    def domain_param_count(self, domain: str) -> int:
+        """Parameters of E_domain + G_domain (shared ones included), the official VAEGen's count."""
+        return count_params(self.encoder(domain), self.decoder(domain))
+
+
+class UNITDiscriminator(nn.Module):
+    """D_a and D_b, multi-scale patch discriminators."""
+
+    def __init__(self, cfg: UNITConfig):
+        super().__init__()
+        scales = cfg.dis_scales
+        if cfg.image_size:
+            probe = MultiScaleDiscriminator(1, 1, cfg.dis_layers, cfg.dis_scales, min_size=cfg.dis_min_size)
+            scales = probe.scales_for(cfg.image_size)
+            if scales == 0:
+                raise ValueError(f"UNIT config: image_size={cfg.image_size} is smaller than a "
+                                 f"discriminator scale needs ({probe.min_size} px)")
+
+        def make():
+            return MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, scales,
+                                           cfg.dis_activ, cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size)
+
+        self.dis_a, self.dis_b = make(), make()
+        init_gaussian(self, 0.02)
+
+    def forward(self, x_a, x_b, fake_a, fake_b) -> dict[str, list[torch.Tensor]]:
+        """Logit maps per scale for real and fake images of both domains.
+
+        Real and fake go through each D in one batch (D has no batch-coupled norm).
+        """
+        out = {}
+        for d, dis, real, fake in (("a", self.dis_a, x_a, fake_a), ("b", self.dis_b, x_b, fake_b)):
+            n = real.shape[0]
+            preds = dis(torch.cat([real, fake]))
+            out[f"{d}_real"] = [p[:n] for p in preds]
+            out[f"{d}_fake"] = [p[n:] for p in preds]
+        return out
+
+
+def _term(weight: float, fn, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(value for logging, weighted value for the loss or None when weight is 0)."""
+    if weight == 0:
+        with torch.no_grad():  # a zero weight contributes no gradient at all
+            return fn(*args).detach(), None
+    v = fn(*args)
+    return v.detach(), weight * v
+
+
+def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDiscriminator,
+                   cfg: UNITConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over both domains of L_VAE + L_GAN + L_CC (generator side), and each term unweighted.
+
+    `dis` must be frozen by the caller (requires_grad_(False)) and is called as a plain module.
+    Cycle KL is the KL of the re-encoded translation (the paper's L_CC repeats KL(q_i(z|x_i)),
+    which is already in L_VAE; like the official code it is not counted twice).
+    """
+    gt = cfg.gan_type
+    specs = {
+        "recon_a": (cfg.w_recon, losses.l1, out["x_aa"], x_a),
+        "recon_b": (cfg.w_recon, losses.l1, out["x_bb"], x_b),
+        "kl_a": (cfg.w_kl, losses.kl, out["mu_a"]),
+        "kl_b": (cfg.w_kl, losses.kl, out["mu_b"]),
+        # D_a judges translations into a (x_ba), D_b translations into b (x_ab)
+        "gan_a": (cfg.w_gan, lambda x: losses.gan_g(dis.dis_a(x), gt), out["x_ba"]),
+        "gan_b": (cfg.w_gan, lambda x: losses.gan_g(dis.dis_b(x), gt), out["x_ab"]),
+        "cyc_a": (cfg.w_cyc, losses.l1, out["x_aba"], x_a),
+        "cyc_b": (cfg.w_cyc, losses.l1, out["x_bab"], x_b),
+        "cyc_kl_a": (cfg.w_cyc_kl, losses.kl, out["mu_ab"]),
+        "cyc_kl_b": (cfg.w_cyc_kl, losses.kl, out["mu_ba"]),
+    }
+    terms, total = {}, None
+    for name, (w, fn, *args) in specs.items():
+        terms[name], weighted = _term(w, fn, *args)
+        if weighted is not None:
+            total = weighted if total is None else total + weighted
+    if total is None:  # every weight is 0: a loss that still backpropagates (zeros)
+        total = 0.0 * out["x_aa"].sum()
+    return total, terms
+
+
+def discriminator_loss(preds: dict, cfg: UNITConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w_gan * (D_a loss + D_b loss), as the official code weights it; terms d_a, d_b unweighted."""
+    d_a = losses.gan_d(preds["a_real"], preds["a_fake"], cfg.gan_type)
+    d_b = losses.gan_d(preds["b_real"], preds["b_fake"], cfg.gan_type)
+    return cfg.w_gan * (d_a + d_b), {"d_a": d_a.detach(), "d_b": d_b.detach()}
+
+
+class UNIT(nn.Module):
+    """Holds the generator side (`gen`) and the discriminator side (`dis`) as separate modules,
+    so that two optimizers / DeepSpeed engines can own them."""
+
+    def __init__(self, cfg: UNITConfig | None = None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else UNITConfig()
+        self.gen = UNITGenerator(self.cfg)
+        self.dis = UNITDiscriminator(self.cfg)
+
+    @classmethod
+    def from_config(cls, d: dict | None = None) -> "UNIT":
+        """UNIT from {"preset": "paper" | "official" | "tiny", **field overrides}."""
+        return cls(make_config(d))
+
+    def config(self) -> dict:
+        """All fields plus the preset name; `UNIT.from_config(unit.config())` rebuilds the same model."""
+        return dataclasses.asdict(self.cfg)
+
+    def generator_loss(self, out, x_a, x_b):
+        return generator_loss(out, x_a, x_b, self.dis, self.cfg)
+
+    def discriminator_loss(self, preds):
+        return discriminator_loss(preds, self.cfg)
+
+    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+        return self.gen.translate(x, direction)
+
+
+__all__ = ["UNIT", "UNITConfig", "UNITGenerator", "UNITDiscriminator", "PRESETS", "make_config",
+           "generator_loss", "discriminator_loss"]

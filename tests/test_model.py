@@ -1,0 +1,372 @@
+"""Tests of model/: shapes, weight sharing, losses, presets, config, translate, EMA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import losses
+from model.ema import EMA
+from model.networks import LayerNorm, count_params
+from model.unit import PRESETS, UNIT, UNITConfig, discriminator_loss, generator_loss
+
+torch.set_num_threads(1)
+
+WEIGHTS = {"w_recon": ("recon_a", "recon_b"), "w_kl": ("kl_a", "kl_b"), "w_gan": ("gan_a", "gan_b"),
+           "w_cyc": ("cyc_a", "cyc_b"), "w_cyc_kl": ("cyc_kl_a", "cyc_kl_b")}
+
+
+def images(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def smooth_images(n, size, seed):
+    """Low-frequency colour patterns: learnable by a small autoencoder, unlike white noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return UNIT.from_config({"preset": "tiny", **kw})
+
+
+def grads(module):
+    return {k: (p.grad.clone() if p.grad is not None else None) for k, p in module.named_parameters()}
+
+
+# ---------------------------------------------------------------- shapes and scales
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_output_shapes(size):
+    unit = tiny()
+    x_a, x_b = images(2, size)
+    out = unit.gen(x_a, x_b)
+    for k in ("x_aa", "x_bb", "x_ab", "x_ba", "x_aba", "x_bab"):
+        assert out[k].shape == (2, 3, size, size), k
+        assert out[k].abs().max() <= 1.0  # tanh
+    latent = (2, 16 * 4, size // 4, size // 4)
+    for k in ("mu_a", "mu_b", "mu_ab", "mu_ba"):
+        assert out[k].shape == latent, k
+    assert unit.translate(x_a, "a2b").shape == x_a.shape
+    preds = unit.dis(x_a, x_b, out["x_ba"], out["x_ab"])
+    # tiny: 2 layers of stride 2, 2 scales
+    assert [tuple(p.shape) for p in preds["a_fake"]] == [(2, 1, size // 4, size // 4), (2, 1, size // 8, size // 8)]
+
+
+def test_discriminator_scales_adapt_to_small_images():
+    torch.manual_seed(0)
+    unit = UNIT.from_config({"preset": "paper", "dim": 8, "dis_dim": 8})  # 3 scales, 4 layers
+    d = unit.dis.dis_a
+    assert len(d.nets) == 3
+    assert [len(d(torch.zeros(1, 3, s, s))) for s in (16, 32, 64, 128)] == [1, 2, 3, 3]
+    x_a, x_b = images(2, 32)
+    out = unit.gen(x_a, x_b)
+    loss, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        d(torch.zeros(1, 3, 8, 8))
+    # with image_size given, only the scales that size uses are built: no unused parameters
+    small = UNIT.from_config({"preset": "paper", "dim": 8, "dis_dim": 8, "image_size": 32})
+    assert len(small.dis.dis_a.nets) == 2
+    with pytest.raises(ValueError, match="image_size"):
+        UNIT.from_config({"preset": "paper", "image_size": 8})
+
+
+# ---------------------------------------------------------------- weight sharing
+def test_sharing_is_one_module_counted_once_and_trained_by_both_domains():
+    unit = tiny(n_res=2, n_shared=1)
+    gen = unit.gen
+    assert gen.encoder("a")[1] is gen.encoder("b")[1] is gen.enc_shared
+    assert gen.decoder("a")[0] is gen.decoder("b")[0] is gen.dec_shared
+    shared = count_params(gen.enc_shared, gen.dec_shared)
+    assert shared == 2 * 2 * (64 * 64 * 9 + 64)  # one res block each side: two 3x3 convs
+    total = sum(p.numel() for p in gen.parameters())
+    assert total == gen.domain_param_count("a") + gen.domain_param_count("b") - shared
+    assert sum(v.numel() for v in gen.state_dict().values()) == total  # no aliased keys
+
+    # the shared module runs in both domains' paths
+    calls = []
+    gen.enc_shared.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x_a, x_b = images(2, 32)
+    gen.encode(x_a, "a"), gen.encode(x_b[:1], "b")
+    assert calls == [2, 1]
+
+    # gradients from each domain alone reach the shared layers, and only that domain's own layers
+    for d, other in (("a", "b"), ("b", "a")):
+        gen.zero_grad(set_to_none=True)
+        x = x_a if d == "a" else x_b
+        gen.decode(gen.encode(x, d), d).sum().backward()
+        g = grads(gen)
+        for prefix in ("enc_shared", "dec_shared", f"enc_{d}", f"dec_{d}"):
+            assert all(v is not None and v.abs().sum() > 0 for k, v in g.items()
+                       if k.startswith(prefix) and "weight" in k), prefix
+        assert all(v is None for k, v in g.items() if k.startswith((f"enc_{other}", f"dec_{other}")))
+
+
+def test_no_sharing_when_n_shared_is_zero():
+    unit = tiny(n_shared=0)
+    assert count_params(unit.gen.enc_shared, unit.gen.dec_shared) == 0
+    gen = unit.gen
+    assert sum(p.numel() for p in gen.parameters()) == gen.domain_param_count("a") + gen.domain_param_count("b")
+
+
+def test_official_preset_parameter_counts():
+    cfg = UNITConfig(**PRESETS["official"])
+    assert (cfg.dim, cfg.n_res, cfg.n_shared, cfg.dis_scales, cfg.dis_layers) == (64, 4, 0, 3, 4)
+    unit = UNIT(cfg)
+    assert unit.gen.domain_param_count("a") == 11_140_483
+    assert unit.gen.domain_param_count("b") == 11_140_483
+    assert count_params(unit.dis.dis_a) == 8_271_171
+    assert count_params(unit.dis.dis_b) == 8_271_171
+    assert (cfg.w_gan, cfg.w_recon, cfg.w_kl, cfg.w_cyc, cfg.w_cyc_kl) == (1, 10, 0.01, 10, 0.01)
+    paper = UNITConfig(**PRESETS["paper"])
+    assert (paper.n_shared, paper.w_gan, paper.w_recon, paper.w_kl, paper.w_cyc, paper.w_cyc_kl) == (1, 10, 100, 0.1, 100, 0.1)
+
+
+def test_init():
+    unit = UNIT.from_config({"preset": "paper", "dim": 16, "dis_dim": 16})
+    w = unit.gen.enc_a[0][1].weight  # 7x7 conv, fan_in 3*49
+    assert abs(w.std().item() - math.sqrt(2 / (3 * 49))) < 0.02
+    w = unit.gen.enc_shared[0].body[0][1].weight
+    assert abs(w.std().item() - math.sqrt(2 / (64 * 9))) < 0.003
+    for m in unit.dis.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.numel() > 1000:
+            assert abs(m.weight.std().item() - 0.02) < 0.002
+            assert m.bias.abs().max() == 0
+
+
+def test_layer_norm_matches_hand_computation():
+    ln = LayerNorm(2)
+    with torch.no_grad():
+        ln.gamma.copy_(torch.tensor([2.0, 1.0]))
+        ln.beta.copy_(torch.tensor([0.0, 0.5]))
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0]).view(1, 2, 2, 1)
+    mean, std = 3.0, math.sqrt(((4 + 1 + 0 + 9) / 3))  # unbiased std over C, H, W
+    want = torch.tensor([2 * (1 - mean), 2 * (2 - mean), (3 - mean), (6 - mean)]) / (std + 1e-5)
+    want += torch.tensor([0, 0, 0.5, 0.5])
+    assert torch.allclose(ln(x).flatten(), want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- losses
+def test_loss_primitives_by_hand():
+    a = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    assert losses.l1(a, b).item() == pytest.approx((0.5 + 2 + 0 + 1) / 4)
+    assert losses.kl(a).item() == pytest.approx((0.25 + 1 + 4 + 0) / 4)
+    d = [torch.tensor([0.5, -1.0]), torch.tensor([2.0])]  # two scales, summed
+    r = [torch.tensor([1.5, 0.0]), torch.tensor([-0.5])]
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731  softplus
+    assert losses.gan_g(d, "lsgan").item() == pytest.approx((0.25 + 4) / 2 + 1)
+    assert losses.gan_g(d, "nsgan").item() == pytest.approx((sp(-0.5) + sp(1.0)) / 2 + sp(-2.0))
+    assert losses.gan_g(d, "hinge").item() == pytest.approx(-(-0.25) - 2.0)
+    # real r, fake d
+    assert losses.gan_d(r, d, "lsgan").item() == pytest.approx(
+        (0.25 + 1) / 2 + (0.25 + 1) / 2 + 2.25 + 4)
+    assert losses.gan_d(r, d, "nsgan").item() == pytest.approx(
+        (sp(-1.5) + sp(0.0)) / 2 + (sp(0.5) + sp(-1.0)) / 2 + sp(0.5) + sp(2.0))
+    assert losses.gan_d(r, d, "hinge").item() == pytest.approx(
+        (0 + 1) / 2 + (1.5 + 0) / 2 + 1.5 + 3.0)
+    with pytest.raises(ValueError, match="gan_type"):
+        losses.gan_g(d, "wgan")
+
+
+def test_generator_and_discriminator_loss_terms_by_hand():
+    unit = tiny(w_gan=2.0, w_recon=3.0, w_kl=0.5, w_cyc=5.0, w_cyc_kl=0.25)
+    x_a, x_b = images(2, 32)
+    out = unit.gen(x_a, x_b)
+    loss, t = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    want = {
+        "recon_a": (out["x_aa"] - x_a).abs().mean(), "recon_b": (out["x_bb"] - x_b).abs().mean(),
+        "kl_a": (out["mu_a"] ** 2).mean(), "kl_b": (out["mu_b"] ** 2).mean(),
+        "gan_a": sum(((p - 1) ** 2).mean() for p in unit.dis.dis_a(out["x_ba"])),
+        "gan_b": sum(((p - 1) ** 2).mean() for p in unit.dis.dis_b(out["x_ab"])),
+        "cyc_a": (out["x_aba"] - x_a).abs().mean(), "cyc_b": (out["x_bab"] - x_b).abs().mean(),
+        "cyc_kl_a": (out["mu_ab"] ** 2).mean(), "cyc_kl_b": (out["mu_ba"] ** 2).mean(),
+    }
+    assert set(t) == set(want)
+    for k in want:
+        assert t[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+        assert not t[k].requires_grad
+    w = {"recon": 3.0, "kl": 0.5, "gan": 2.0, "cyc": 5.0, "cyc_kl": 0.25}
+    total = sum(w[k.rsplit("_", 1)[0]] * v for k, v in want.items())
+    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
+
+    fa, fb = out["x_ba"].detach(), out["x_ab"].detach()
+    loss_d, td = discriminator_loss(unit.dis(x_a, x_b, fa, fb), unit.cfg)
+    d_a = sum(((r - 1) ** 2).mean() + (f ** 2).mean() for r, f in zip(unit.dis.dis_a(x_a), unit.dis.dis_a(fa)))
+    d_b = sum(((r - 1) ** 2).mean() + (f ** 2).mean() for r, f in zip(unit.dis.dis_b(x_b), unit.dis.dis_b(fb)))
+    assert td["d_a"].item() == pytest.approx(d_a.item(), rel=1e-5)
+    assert td["d_b"].item() == pytest.approx(d_b.item(), rel=1e-5)
+    assert loss_d.item() == pytest.approx(2.0 * (d_a + d_b).item(), rel=1e-5)
+
+
+def test_batched_pass_equals_one_call_per_domain():
+    """The batched forward gives what separate per-domain encoder/decoder calls give."""
+    unit = tiny()
+    gen = unit.gen
+    x_a, x_b = images(2, 32)
+    torch.manual_seed(5)
+    out = gen(x_a, x_b)
+    torch.manual_seed(5)
+    mu_a, mu_b = gen.encode(x_a, "a"), gen.encode(x_b, "b")
+    z_a, z_b = mu_a + torch.randn_like(mu_a), mu_b + torch.randn_like(mu_b)
+    x_ab, x_ba = gen.decode(z_a, "b"), gen.decode(z_b, "a")
+    mu_ba, mu_ab = gen.encode(x_ba, "a"), gen.encode(x_ab, "b")
+    z_ba, z_ab = mu_ba + torch.randn_like(mu_ba), mu_ab + torch.randn_like(mu_ab)
+    want = {"x_aa": gen.decode(z_a, "a"), "x_bb": gen.decode(z_b, "b"), "x_ab": x_ab, "x_ba": x_ba,
+            "x_aba": gen.decode(z_ab, "a"), "x_bab": gen.decode(z_ba, "b"),
+            "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+    for k, v in want.items():
+        assert torch.allclose(out[k], v, atol=1e-5), k
+
+
+@pytest.mark.parametrize("weight", sorted(WEIGHTS))
+def test_zero_weight_removes_its_gradient(weight):
+    x_a, x_b = images(2, 32)
+    unit = tiny()
+    full = unit.cfg
+    torch.manual_seed(1)
+    out = unit.gen(x_a, x_b)
+    unit.dis.requires_grad_(False)
+    loss, terms = generator_loss(out, x_a, x_b, unit.dis, full)
+    # the same term recomputed with its graph, through the hand formula of that term
+    t_a, t_b = WEIGHTS[weight]
+    recompute = {
+        "w_recon": lambda: losses.l1(out["x_aa"], x_a) + losses.l1(out["x_bb"], x_b),
+        "w_kl": lambda: losses.kl(out["mu_a"]) + losses.kl(out["mu_b"]),
+        "w_gan": lambda: losses.gan_g(unit.dis.dis_a(out["x_ba"]), "lsgan") + losses.gan_g(unit.dis.dis_b(out["x_ab"]), "lsgan"),
+        "w_cyc": lambda: losses.l1(out["x_aba"], x_a) + losses.l1(out["x_bab"], x_b),
+        "w_cyc_kl": lambda: losses.kl(out["mu_ab"]) + losses.kl(out["mu_ba"]),
+    }[weight]()
+    assert recompute.item() == pytest.approx((terms[t_a] + terms[t_b]).item(), rel=1e-5)
+    (loss - getattr(full, weight) * recompute).backward()
+    want = grads(unit.gen)
+
+    unit.gen.zero_grad(set_to_none=True)
+    unit.dis.requires_grad_(True)
+    zero = UNITConfig(**{**unit.config(), weight: 0.0})
+    torch.manual_seed(1)
+    out = unit.gen(x_a, x_b)
+    loss0, terms0 = generator_loss(out, x_a, x_b, unit.dis, zero)
+    assert torch.isfinite(terms0[t_a]) and terms0[t_a].item() == pytest.approx(terms[t_a].item(), rel=1e-5)
+    loss0.backward()
+    got = grads(unit.gen)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6 * want[k].abs().max().item()), k
+    # the discriminator is not even on the graph when the GAN weight is 0
+    assert all((p.grad is None) == (weight == "w_gan") for p in unit.dis.parameters())
+
+
+@pytest.mark.parametrize("gan_type", ["lsgan", "nsgan", "hinge"])
+def test_gan_losses_finite_with_finite_grads(gan_type):
+    unit = tiny(gan_type=gan_type)
+    x_a, x_b = images(2, 32)
+    out = unit.gen(x_a, x_b)
+    unit.dis.requires_grad_(False)
+    loss_g, tg = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    loss_g.backward()
+    unit.dis.requires_grad_(True)
+    assert torch.isfinite(loss_g) and all(torch.isfinite(v) for v in tg.values())
+    gp = [p.grad for p in unit.gen.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in gp)
+    assert all(p.grad is None for p in unit.dis.parameters())  # frozen D got nothing
+    preds = unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
+    loss_d, td = discriminator_loss(preds, unit.cfg)
+    loss_d.backward()
+    assert torch.isfinite(loss_d) and set(td) == {"d_a", "d_b"}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unit.dis.parameters())
+    # (hinge: the last bias's gradient cancels exactly while all logits are inside the margin)
+    assert all(p.grad.abs().sum() > 0 for k, p in unit.dis.named_parameters() if k.endswith("weight"))
+
+
+@pytest.mark.slow
+def test_generator_loss_alone_fits_a_fixed_batch():
+    torch.manual_seed(0)
+    unit = UNIT.from_config({"preset": "tiny"})
+    x_a, x_b = smooth_images(2, 32, 1), smooth_images(2, 32, 2)
+    unit.dis.requires_grad_(False)
+    opt = torch.optim.Adam(unit.gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
+
+    def recon():
+        with torch.no_grad():
+            out = unit.gen(x_a, x_b)
+            return (losses.l1(out["x_aa"], x_a) + losses.l1(out["x_bb"], x_b)).item() / 2
+
+    start = recon()
+    for _ in range(200):
+        out = unit.gen(x_a, x_b)
+        loss, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    end = recon()
+    assert end * 5 <= start, (start, end)
+
+
+# ---------------------------------------------------------------- config, translate, EMA
+def test_from_config_round_trip_and_errors():
+    unit = tiny(dim=8, gan_type="hinge", w_cyc=0.0)
+    cfg = unit.config()
+    assert cfg["preset"] == "tiny" and cfg["dim"] == 8 and cfg["gan_type"] == "hinge" and cfg["w_cyc"] == 0.0
+    again = UNIT.from_config(cfg)
+    assert again.config() == cfg
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in unit.state_dict().items()}
+    again.load_state_dict(unit.state_dict())  # same architecture: strict load works
+    assert UNIT.from_config({"preset": "official"}).config()["n_shared"] == 0
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['dimm'\]"):
+        UNIT.from_config({"preset": "paper", "dimm": 3})
+    with pytest.raises(ValueError, match="preset 'huge'"):
+        UNIT.from_config({"preset": "huge"})
+    with pytest.raises(ValueError, match="gan_type='wgan'"):
+        UNIT.from_config({"preset": "tiny", "gan_type": "wgan"})
+    with pytest.raises(ValueError, match="n_shared=5"):
+        UNIT.from_config({"preset": "tiny", "n_shared": 5})
+    with pytest.raises(ValueError, match="w_kl=-1"):
+        UNIT.from_config({"preset": "tiny", "w_kl": -1})
+
+
+def test_translate_deterministic_in_eval_and_noise_in_training():
+    unit = tiny()
+    x_a, x_b = images(2, 32)
+    unit.eval()
+    y1, y2 = unit.translate(x_a, "a2b"), unit.translate(x_a, "a2b")
+    assert torch.equal(y1, y2)
+    assert torch.allclose(y1, unit.gen.decode(unit.gen.encode(x_a, "a"), "b"))
+    assert not torch.allclose(y1, unit.translate(x_a, "b2a"))
+    with torch.no_grad():
+        assert torch.equal(unit.gen(x_a, x_b)["x_ab"], unit.gen(x_a, x_b)["x_ab"])
+    unit.train()
+    torch.manual_seed(3)
+    o1 = unit.gen(x_a, x_b)["x_ab"]
+    torch.manual_seed(3)
+    o2 = unit.gen(x_a, x_b)["x_ab"]
+    o3 = unit.gen(x_a, x_b)["x_ab"]
+    assert torch.equal(o1, o2) and not torch.allclose(o1, o3)  # seeded noise, z = mu + eps
+    with pytest.raises(ValueError, match="direction"):
+        unit.translate(x_a, "a2c")
+
+
+def test_ema_update_copy_and_state():
+    src = tiny().gen
+    ema = EMA(src, decay=0.75)
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    ema.update(src)
+    k = "enc_a.0.1.weight"
+    assert torch.allclose(ema.shadow[k], 0.75 * before[k] + 0.25 * (before[k] + 1.0))
+    dst = tiny(n_shared=1).gen
+    ema.copy_to(dst)
+    assert torch.allclose(dst.state_dict()[k], before[k] + 0.25)
+    other = EMA(tiny().gen, decay=0.1)
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.75 and other.num_updates == 1
+    assert torch.equal(other.shadow[k], ema.shadow[k])
+    with pytest.raises(ValueError, match="decay"):
+        EMA(src, 1.0)
+    with pytest.raises(KeyError):
+        EMA(tiny(n_res=2).gen, 0.5).load_state_dict(ema.state_dict())
