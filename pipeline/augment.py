@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass
 
 import albumentations as A
+import albumentations.augmentations.crops.functional as FC
+import albumentations.augmentations.geometric.functional as FG
 import cv2
 import numpy as np
 from PIL import Image
@@ -65,7 +67,8 @@ class AugmentConfig:
 
 
 def build_pipeline(cfg: AugmentConfig, image_size: int) -> A.Compose:
-    """The albumentations pipeline for one image (HWC uint8 RGB in, image_size² out)."""
+    """The albumentations pipeline for one image (HWC uint8 in, image_size² out). The loader's
+    `Augmenter` runs the same steps through albumentations' functional ops (faster)."""
     resize = cfg.resize or image_size
     if resize < image_size:
         raise ValueError(f"augment.resize={resize} is smaller than image_size={image_size}")
@@ -82,9 +85,53 @@ def build_pipeline(cfg: AugmentConfig, image_size: int) -> A.Compose:
     return A.Compose(steps)
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None when `data` is not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+        elif m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # start of frame
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
 def decode_image(data: bytes, min_side: int) -> np.ndarray:
-    """Decode image bytes to HWC uint8 RGB. JPEGs much larger than needed are decoded at a
-    reduced scale (PIL draft: 1/2, 1/4, 1/8) whose shortest side stays >= min_side."""
+    """Decode image bytes to HWC uint8 **BGR** (OpenCV order; callers reorder channels when
+    they convert to float, which costs nothing extra). JPEGs much larger than needed are
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, as PIL's draft mode) keeping the
+    shortest side >= min_side. Anything OpenCV cannot decode, or a JPEG without its end
+    marker (OpenCV would grey-fill a truncated one), goes through PIL, which raises on
+    corrupt data."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # pixels as stored, like PIL
+    size = jpeg_size(data)
+    if size is not None:
+        if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):
+            return _decode_pil(data, min_side)
+        short = min(size)
+        for k, flag in _REDUCED:
+            if -(-short // k) >= min_side:
+                flags = flag | cv2.IMREAD_IGNORE_ORIENTATION
+                break
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if img is None:
+        return _decode_pil(data, min_side)
+    return img
+
+
+def _decode_pil(data: bytes, min_side: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     if im.format == "JPEG":
         w, h = im.size
@@ -93,30 +140,67 @@ def decode_image(data: bytes, min_side: int) -> np.ndarray:
             im.draft("RGB", (math.ceil(w * f), math.ceil(h * f)))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return np.asarray(im)
+    return np.ascontiguousarray(np.asarray(im)[..., ::-1])
+
+
+def to_chw_float(images: list[np.ndarray], bgr: bool) -> np.ndarray:
+    """HWC uint8 images -> float32 [B,3,H,W] RGB in [-1, 1]: one transposing cast per image
+    into the batch, then one fused scale-and-shift pass (x / 127.5 - 1) over the batch."""
+    h, w = images[0].shape[:2]
+    out = np.empty((len(images), 3, h, w), np.float32)
+    for i, img in enumerate(images):
+        out[i] = img[..., ::-1].transpose(2, 0, 1) if bgr else img.transpose(2, 0, 1)
+    flat = out.reshape(-1, w)
+    cv2.addWeighted(flat, 1 / 127.5, flat, 0.0, -1.0, dst=flat)
+    return out
 
 
 class Augmenter:
-    """Decode + augment with randomness taken from a per-sample seed, so a sample's result
-    does not depend on what was augmented before it (needed for exact resumption)."""
+    """Decode + augment one image (HWC uint8 out, channel order in `.bgr`).
+
+    Same steps as `build_pipeline`, but the geometry calls albumentations' functional ops
+    (resize, get_crop_coords/crop) directly and flips by a view: the Compose machinery costs
+    about as much as decoding a 64 px JPEG. Random parameters come from the caller per sample
+    (`u`: crop position y, x and flip draw in [0, 1); `seed`: for the colour jitter), so an
+    image's result does not depend on what came before it (needed for exact resumption)."""
 
     def __init__(self, cfg: AugmentConfig, image_size: int):
         self.cfg = cfg
-        self.image_size = image_size
-        self.min_side = cfg.resize or image_size
-        self.pipeline = build_pipeline(cfg, image_size)
-        # Reseeding existing generators is ~10x cheaper than making new ones per sample.
-        self._np = np.random.default_rng(0)
-        self._np_state = self._np.bit_generator.state
-        self._py = random.Random(0)
-        self.pipeline.set_random_state(self._np, self._py)
+        self.size = image_size
+        self.resize = cfg.resize or image_size
+        if self.resize < image_size:
+            raise ValueError(f"augment.resize={self.resize} is smaller than image_size={image_size}")
+        self.interpolation = _INTERPOLATIONS[cfg.interpolation]
+        self.jitter = cfg.train and cfg.color_jitter > 0
+        self.bgr = not self.jitter  # channel order of what __call__ returns
+        if self.jitter:
+            j = float(cfg.color_jitter)
+            self.colour = A.Compose([A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 4, p=cfg.jitter_p)])
+            # Reseeding existing generators is ~10x cheaper than making new ones per sample.
+            self._np = np.random.default_rng(0)
+            self._np_state = self._np.bit_generator.state
+            self._py = random.Random(0)
+            self.colour.set_random_state(self._np, self._py)
 
-    def __call__(self, data: bytes, seed: int) -> np.ndarray:
-        img = decode_image(data, self.min_side)
-        self._py.seed(seed)
-        self._np_state["state"]["state"] = seed
-        self._np.bit_generator.state = self._np_state
-        out = self.pipeline(image=img)["image"]
-        if out.shape != (self.image_size, self.image_size, 3):
-            raise ValueError(f"augmented image has shape {out.shape}")
-        return out
+    def __call__(self, data: bytes, u: np.ndarray, seed: int) -> np.ndarray:
+        img = decode_image(data, self.resize)
+        h, w = img.shape[:2]
+        if min(h, w) != self.resize:  # SmallestMaxSize
+            f = self.resize / min(h, w)
+            img = FG.resize(img, (max(1, round(h * f)), max(1, round(w * f))), self.interpolation)
+        if img.shape[0] < self.size or img.shape[1] < self.size:
+            raise ValueError(f"image {img.shape[1]}x{img.shape[0]} is smaller than the crop {self.size}")
+        crop = (self.size, self.size)
+        if self.cfg.train:
+            img = FC.crop(img, *FC.get_crop_coords(img.shape[:2], crop, float(u[0]), float(u[1])))
+            if self.cfg.flip and u[2] < 0.5:
+                img = img[:, ::-1]  # a view: the batch copy that follows does the work
+        else:
+            img = FC.crop(img, *FC.get_center_crop_coords(img.shape[:2], crop))
+        if self.jitter:  # colour maths needs RGB; geometry does not care
+            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2RGB)
+            self._py.seed(seed)
+            self._np_state["state"]["state"] = seed
+            self._np.bit_generator.state = self._np_state
+            img = self.colour(image=img)["image"]
+        return img

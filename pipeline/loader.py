@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import AugmentConfig, Augmenter
+from pipeline.augment import AugmentConfig, Augmenter, to_chw_float
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +335,13 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
                     counters.skip("empty_shard", shard.url, "no image members")
                 order = rng.permutation(n)
                 seeds = rng.integers(0, 2**63, size=n)
+                draws = rng.random((n, 3))  # crop y, crop x, flip: one row per sample
                 for j in range(offset, n):
                     key, off, size = index.samples[order[j]]
                     try:
                         f.seek(off)
                         data = f.read(size)
-                        img = augmenter(data, int(seeds[j]))
+                        img = augmenter(data, draws[j], int(seeds[j]))
                     except Exception as e:  # a bad image must never stop training
                         counters.skip("corrupt_sample", shard.url, f"{key}: {type(e).__name__}: {e}")
                         continue
@@ -354,12 +355,6 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
             raise RuntimeError(f"domain {domain!r}: no readable sample in {barren} shard draws "
                                f"from {len(shards)} shards (first: {shards[0].url}); see warnings")
         chunk, offset = chunk + 1, 0
-
-
-def to_float(images: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 images -> float32 [B,3,H,W] in [-1, 1] (one batched conversion)."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return x.float().div_(127.5).sub_(1.0)
 
 
 class _Batches(IterableDataset):
@@ -394,7 +389,7 @@ class _Batches(IterableDataset):
                 for _ in range(l.batch_size):
                     img, pos[d] = next(stream)
                     imgs.append(img)
-                batch[d] = to_float(imgs)
+                batch[d] = torch.from_numpy(to_chw_float(imgs, augmenter.bgr))
             batch["_worker"] = worker
             batch["_pos"] = pos
             batch["_stats"] = counters.take()

@@ -92,6 +92,17 @@ def test_shapes_range_and_domains(out):
         assert abs(blue - BLUE[d]) < 6, (d, blue)
 
 
+def test_colour_jitter_keeps_rgb_order(out):
+    loader = UnpairedLoader(out, out, batch_size=4, image_size=SIZE, num_workers=0,
+                            augment={"color_jitter": 0.02, "jitter_p": 1.0})
+    batches = take(loader, 2)
+    plain = take(UnpairedLoader(out, out, batch_size=4, image_size=SIZE, num_workers=0), 2)
+    for b, p in zip(batches, plain):
+        blue = (b["b"][:, 2].mean().item() + 1) * 127.5
+        assert abs(blue - BLUE["b"]) < 12, blue
+        assert not b["a"].equal(p["a"])  # the jitter changed something
+
+
 def test_a_and_b_independent(out):
     # Both domains have identical shard layouts, so streams seeded alike would match code for code.
     batches = take(UnpairedLoader(out, out, batch_size=4, image_size=SIZE, num_workers=0), 10)
@@ -240,3 +251,24 @@ def test_shard_specs_and_bad_input(out):
         resolve_shards(["/nope.tar"], "a")
     with pytest.raises(ValueError, match="unknown keys"):
         UnpairedLoader(out, out, batch_size=2, image_size=SIZE, augment={"flipp": True})
+
+
+def test_augmenter_matches_albumentations_pipeline_and_reduced_decoding():
+    from pipeline.augment import AugmentConfig, Augmenter, build_pipeline, decode_image, to_chw_float
+
+    rng = np.random.default_rng(0)
+    img = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 240x320
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    assert decode_image(data, 56).shape == (60, 80, 3)  # 1/4 scale: shortest side still >= 56
+    assert decode_image(data, 61).shape == (120, 160, 3)
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, "PNG")
+    assert np.array_equal(decode_image(png.getvalue(), 8)[..., ::-1], img)  # BGR out, lossless
+    cfg = AugmentConfig(train=False, resize=72)
+    ours = Augmenter(cfg, 64)(data, np.zeros(3), 0)
+    ref = build_pipeline(cfg, 64)(image=decode_image(data, 72))["image"]
+    assert ours.shape == (64, 64, 3) and np.array_equal(ours, ref)
+    x = to_chw_float([ours], bgr=True)
+    assert x.shape == (1, 3, 64, 64) and np.allclose(x[0, 0], ours[..., 2] / 127.5 - 1, atol=1e-6)
