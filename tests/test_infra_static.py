@@ -544,3 +544,48 @@ def test_shards_array_task_treats_quarantine_as_success(tmp_path, python_rc, exp
     assert proc.returncode == expected, proc.stderr
     args = (tmp_path / "args").read_text()
     assert "-m pipeline.shards --src-a /a --src-b /b --out /shared/out --workers 4 --part 2/3" in args
+
+
+ALL_REDUCE = """
+import sys, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"RESULT rank={dist.get_rank()} world={dist.get_world_size()} sum={t.item()} args={sys.argv[1:]}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_node_launcher_runs_two_nodes_for_real(tmp_path):
+    """Two `node.sh` launchers (node ranks 0 and 1, one CPU rank each) rendezvous over 127.0.0.1."""
+    import socket
+
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), TRAIN_SCRIPT=str(script), CONFIG="c.yaml",
+               TMPDIR=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    procs = [
+        subprocess.Popen(["bash", "infra/launch/node.sh", "k=v"], cwd=ROOT,
+                         env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-3000:]
+        results = [line for line in out.splitlines() if line.startswith("RESULT")]
+        assert results == [
+            f"RESULT rank={rank} world=2 sum=3.0 args=['--local_rank=0', '--config', 'c.yaml', 'k=v']"
+        ], out[-3000:]
