@@ -1,0 +1,89 @@
+"""The exported translator: safetensors + JSON round trip, integrity check, uint8 helpers."""
+
+import json
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from launch.export import (META_NAME, WEIGHTS_NAME, is_export_dir, load_translator, save_translator,
+                           to_tensor, to_uint8, translate_uint8)
+from model.unit import UNIT
+
+
+def tiny(seed: int) -> UNIT:
+    torch.manual_seed(seed)
+    return UNIT.from_config({"preset": "tiny"})
+
+
+def test_round_trip_same_translations(tmp_path):
+    unit = tiny(0)
+    out = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=7, ema=True,
+                          domains={"a": "aerial", "b": "map"})
+    assert is_export_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [META_NAME, WEIGHTS_NAME]  # no temp files left
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    gen, meta = load_translator(out)
+    assert not gen.training
+    assert meta["model"] == unit.config() and meta["step"] == 7 and meta["ema"] is True
+    assert meta["image_size"] == 32 and meta["domains"] == {"a": "aerial", "b": "map"}
+    unit.gen.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for d in ("a2b", "b2a"):
+        torch.testing.assert_close(gen.translate(x, d), unit.gen.translate(x, d), rtol=0, atol=0)
+    # Every tensor came from the file: another init translates differently.
+    other = tiny(1).gen.eval()
+    assert not torch.allclose(other.translate(x, "a2b"), gen.translate(x, "a2b"))
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    a, b = tiny(0), tiny(1)
+    save_translator(tmp_path / "x", a.gen, a.config(), 32, 1, False)
+    save_translator(tmp_path / "y", b.gen, b.config(), 32, 1, False)
+    # A crash between the two renames would pair new weights with the old JSON.
+    (tmp_path / "x" / WEIGHTS_NAME).write_bytes((tmp_path / "y" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match="sha256"):
+        load_translator(tmp_path / "x")
+
+
+def test_bad_export_dirs_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=META_NAME):
+        load_translator(tmp_path)
+    (tmp_path / META_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_translator(tmp_path)
+    (tmp_path / META_NAME).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="format"):
+        load_translator(tmp_path)
+
+
+def test_uint8_tensor_conversions():
+    vals = np.arange(256, dtype=np.uint8)
+    img = np.stack([vals, vals[::-1], vals], -1).reshape(16, 16, 3)
+    x = to_tensor(img)
+    assert x.shape == (1, 3, 16, 16) and x.dtype == torch.float32
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    assert np.array_equal(to_uint8(x)[0], img)          # exact round trip for every value
+    assert np.array_equal(to_uint8(x[0]), img)          # CHW -> HWC
+    clipped = to_uint8(torch.tensor([-3.0, 3.0, 0.0]).view(1, 3, 1, 1))
+    assert clipped.tolist() == [[[[0, 255, 128]]]]      # clamped; 127.5 rounds half to even -> 128
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(img.astype(np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        to_tensor(np.zeros((4, 4, 4), np.uint8))
+
+
+def test_translate_uint8_pads_odd_sizes():
+    gen = tiny(0).gen.eval()
+    rng = np.random.default_rng(0)
+    aligned = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = translate_uint8(gen, aligned, "a2b", batch_size=2)
+    with torch.no_grad():
+        ref = to_uint8(gen.translate(to_tensor(aligned), "a2b"))
+    assert np.array_equal(out, ref)                      # batching changes nothing
+    odd = rng.integers(0, 256, (1, 30, 33, 3), dtype=np.uint8)
+    assert translate_uint8(gen, odd, "b2a").shape == odd.shape
+    with pytest.raises(ValueError, match="direction"):
+        translate_uint8(gen, aligned, "a2c")
