@@ -107,6 +107,11 @@ def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -
     if min(w, h) < min_side:
         raise Rejected(f"smaller than --min-side {min_side}: {w}x{h}")
     fmt = "JPEG" if im.format == "MPO" else im.format
+    keep = fmt in KEEP_AS_IS and im.mode == "RGB" and im.format != "MPO" and not getattr(im, "is_animated", False)
+    if keep and fmt == "JPEG":
+        # Still a full decode (entropy decoding, IDCT and upsampling of every block), minus
+        # the YCbCr->RGB conversion: the original bytes are stored, not these pixels (~1.4x faster).
+        im.draft("YCbCr", im.size)
     try:
         im.load()  # the full decode; truncated data raises here
     except OSError as e:
@@ -116,7 +121,7 @@ def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -
         raise Rejected(f"unreadable: {msg}") from None
     except Exception as e:  # noqa: BLE001 - decoder errors of any kind reject the input
         raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
-    if fmt in KEEP_AS_IS and im.mode == "RGB" and im.format != "MPO" and not getattr(im, "is_animated", False):
+    if keep:
         return Checked(data, KEEP_AS_IS[fmt], w, h, converted=False)
     rgb = _to_rgb(im)
     buf = io.BytesIO()

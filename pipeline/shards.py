@@ -39,6 +39,7 @@ import tarfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from pipeline.images import Rejected, check_image, reason_category
@@ -129,39 +130,42 @@ def _finish_group(domain: str, number: int, batch: list[Input], settings: Settin
 # ----------------------------------------------------------------------------- shard writing
 
 
-class _HashingFile:
-    """File wrapper that hashes and counts what tarfile writes."""
-
-    def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def write(self, b):
-        self.h.update(b)
-        self.n += len(b)
-        return self.f.write(b)
-
-    def tell(self):
-        return self.n
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-    tar.addfile(info, io.BytesIO(data))
+def _tar_header(name: str, size: int) -> bytes:
+    """A ustar member header, byte-identical to tarfile's for our fixed metadata (and faster)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"member name too long for ustar: {name!r}")
+    head = (raw.ljust(100, b"\0") + b"0000444\0" + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"%011o\0" % TAR_MTIME)
+    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155)
+    chksum = sum(head) + sum(tail) + 8 * 32
+    return (head + b"%06o\0 " % chksum + tail).ljust(512, b"\0")
 
 
 def _write_tar(path: str, members) -> tuple[int, str]:
     """Write (name, bytes) members to `path` via a temporary name; return (bytes, sha256)."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    # The pid keeps two writers of one shard (e.g. an orphaned worker of a killed run) apart;
+    # both write the same bytes, so whichever rename lands last is right.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    h, n = hashlib.sha256(), 0
     with open(tmp, "wb") as f:
-        hf = _HashingFile(f)
-        with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                _add_member(tar, name, data)
+        def put(b):
+            nonlocal n
+            h.update(b)
+            f.write(b)
+            n += len(b)
+
+        for name, data in members:
+            put(_tar_header(name, len(data)))
+            put(data)
+            if len(data) % 512:
+                put(b"\0" * (512 - len(data) % 512))
+        end = 1024 + (-(n + 1024)) % (20 * 512)  # two zero blocks, padded to a 10 KiB record
+        put(b"\0" * end)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return hf.n, hf.h.hexdigest()
+    return n, h.hexdigest()
 
 
 _progress_queue = None
@@ -361,7 +365,7 @@ def _remove_stale(out: str, counts: dict[str, int]) -> None:
                     continue
                 if number >= counts.get(domain, 0):
                     os.remove(path)
-        for path in glob.glob(os.path.join(out, domain, f".{domain}-*.tar.tmp")):
+        for path in glob.glob(os.path.join(out, domain, f".{domain}-*.tar.tmp*")):
             os.remove(path)
 
 
@@ -423,61 +427,69 @@ def run(args: RunArgs) -> tuple[int, str]:
         pq_ = ctx.Queue()
         executor = ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(pq_,))
     index_removed = False
+    # One bar per domain; both domains feed the same pool, so a domain with few shards
+    # does not leave workers idle.
+    bars = {d: tqdm(desc=f"domain {d}", unit="img", disable=not args.progress, mininterval=0.5, position=k)
+            for k, d in enumerate(DOMAINS)}
+    running: set = set()
+
+    def drain(block: float):
+        done, _ = wait(running, timeout=block, return_when=FIRST_COMPLETED)
+        for fut in done:
+            running.discard(fut)
+            fut.result()  # re-raise a worker's failure here
+        while True:
+            try:
+                d, n = pq_.get_nowait()
+            except queue_mod.Empty:
+                break
+            bars[d].update(n)
+
+    domain = DOMAINS[0]
     try:
         for domain in DOMAINS:
-            bar = tqdm(desc=f"domain {domain}", unit="img", disable=not args.progress, mininterval=0.5)
             listing_hash = hashlib.sha256()
-            running, mine[domain], n_groups = set(), [], 0
-
-            def drain(block: float):
-                done, _ = wait(running, timeout=block, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    running.discard(fut)
-                    fut.result()  # re-raise a worker crash here
-                while True:
-                    try:
-                        _d, n = pq_.get_nowait()
-                    except queue_mod.Empty:
-                        break
-                    bar.update(n)
-
-            try:
-                for group in plan_groups(domain, list_inputs(args.src[domain]), args.settings):
-                    n_groups += 1
-                    listing_hash.update(group.fingerprint.encode())
-                    if group.number % nparts != part:
-                        continue
-                    mine[domain].append(group.number)
-                    if record_is_current(args.out, load_record(args.out, domain, group.number), group.fingerprint):
-                        skipped += 1
-                        bar.update(len(group.inputs))
-                        continue
-                    if not index_removed:  # shards are about to change: the old index no longer holds
-                        for p in (os.path.join(args.out, "index.json"),
-                                  os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}", "index.json")):
-                            if os.path.exists(p):
-                                os.remove(p)
-                        index_removed = True
-                    processed += len(group.inputs)
-                    task = (args.out, domain, group.number, [(i.path, i.size) for i in group.inputs],
-                            group.fingerprint, args.settings.min_side, args.settings.max_pixels)
-                    if executor is None:
-                        write_shard(*task, progress=lambda d, n: bar.update(n))
-                        continue
-                    while len(running) >= 2 * args.workers:  # bounded queue: stream, never list everything
-                        drain(0.2)
-                    running.add(executor.submit(write_shard, *task))
-                while running:
+            mine[domain], n_groups = [], 0
+            for group in plan_groups(domain, list_inputs(args.src[domain]), args.settings):
+                n_groups += 1
+                listing_hash.update(group.fingerprint.encode())
+                if group.number % nparts != part:
+                    continue
+                mine[domain].append(group.number)
+                if record_is_current(args.out, load_record(args.out, domain, group.number), group.fingerprint):
+                    skipped += 1
+                    bars[domain].update(len(group.inputs))
+                    continue
+                if not index_removed:  # shards are about to change: the old index no longer holds
+                    for p in (os.path.join(args.out, "index.json"),
+                              os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}", "index.json")):
+                        if os.path.exists(p):
+                            os.remove(p)
+                    index_removed = True
+                processed += len(group.inputs)
+                task = (args.out, domain, group.number, [(i.path, i.size) for i in group.inputs],
+                        group.fingerprint, args.settings.min_side, args.settings.max_pixels)
+                if executor is None:
+                    write_shard(*task, progress=lambda d, n: bars[d].update(n))
+                    continue
+                while len(running) >= 2 * args.workers:  # bounded queue: stream, never list everything
                     drain(0.2)
-                if pq_ is not None:
-                    time.sleep(0.05)
-                    drain(0)
-            except SourceError as e:
-                raise ShardsError(f"source {domain.upper()}: {e}") from None
-            finally:
-                bar.close()
+                running.add(executor.submit(write_shard, *task))
             counts[domain], listing[domain] = n_groups, listing_hash.hexdigest()
+        while running:
+            drain(0.2)
+        if pq_ is not None:
+            time.sleep(0.05)
+            drain(0)
+    except SourceError as e:
+        raise ShardsError(f"source {domain.upper()}: {e}") from None
+    except OSError as e:  # e.g. OUT full or gone: no point going on
+        raise ShardsError(f"writing shards failed: {e}") from None
+    except BrokenProcessPool as e:
+        raise ShardsError(f"a worker process died ({e}); re-run to resume") from None
     finally:
+        for bar in bars.values():
+            bar.close()
         if executor is not None:
             executor.shutdown(cancel_futures=True)
     if nparts == 1:

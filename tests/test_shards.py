@@ -354,7 +354,7 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(corpus, reference, tmp_p
     assert as_set(manifest, cols) == as_set(ref_manifest, cols) and len(manifest) == len(ref_manifest)
     assert as_set(quarantine, shards.QUARANTINE_COLUMNS) == as_set(ref_quarantine, shards.QUARANTINE_COLUMNS)
     assert index == ref_index  # same shards, byte for byte (sha256 per shard)
-    assert not list(out.glob("*/.*.tmp")) and cli("verify", str(out)).returncode == 0
+    assert not list(out.glob("*/.*.tmp*")) and cli("verify", str(out)).returncode == 0
 
 
 def test_three_parts_as_processes_then_merge_equal_single_run(corpus, reference, tmp_path):
@@ -384,3 +384,18 @@ def test_three_parts_as_processes_then_merge_equal_single_run(corpus, reference,
     assert as_set(quarantine, shards.QUARANTINE_COLUMNS) == as_set(ref_quarantine, shards.QUARANTINE_COLUMNS)
     assert index == ref_index
     assert cli("verify", str(out)).returncode == 0
+
+
+def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
+    members = [("k1.jpg", os.urandom(1000)), ("k1.json", b'{"a": 1}'), ("k2.webp", os.urandom(512)),
+               ("k2.json", b"")]
+    nbytes, sha = shards._write_tar(str(tmp_path / "x.tar"), iter(members))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), shards.TAR_MTIME, 0o444
+            tar.addfile(info, io.BytesIO(data))
+    ours = (tmp_path / "x.tar").read_bytes()
+    assert ours == buf.getvalue() and nbytes == len(ours) and sha == hashlib.sha256(ours).hexdigest()
+    assert not list(tmp_path.glob(".*"))  # the temporary name is gone
