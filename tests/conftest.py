@@ -1,0 +1,131 @@
+"""Shared fixtures: a PostgreSQL database and a real `mlflow server` on it, one per test session.
+
+Both are created only when a test asks for them. The server runs in its own process group on a
+free port; `mlflow_server.stop()` / `.start()` let a test take it away and bring it back on the
+same port and store mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and its children (same group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database for this session (dropped at the end); yields its SQLAlchemy URI."""
+    import psycopg2
+
+    name = f"mlflow_test_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(dbname="postgres", **PG)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        # psycopg2 spelled out: SQLAlchemy 2.1's plain postgresql:// wants psycopg 3.
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+class MlflowServer:
+    """`mlflow server` on PostgreSQL with proxied artifacts; stop()/start() keep port and store."""
+
+    def __init__(self, backend_uri: str, artifacts: Path, log: Path):
+        self.backend_uri, self.artifacts, self.log = backend_uri, artifacts, log
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        env = dict(os.environ)
+        # The job runner spawns several huey consumer processes; this suite has no use for them
+        # and the machine has two cores.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", self.backend_uri,
+               "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        with open(self.log, "a") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        wait_http(f"{self.uri}/health", timeout, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pg_database, tmp_path_factory):
+    """A running `mlflow server` (PostgreSQL backend, --serve-artifacts) shared by the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(pg_database, root / "artifacts", root / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server_up(mlflow_server):
+    """The shared server, (re)started if an earlier test left it stopped."""
+    if not mlflow_server.running:
+        mlflow_server.start()
+    return mlflow_server

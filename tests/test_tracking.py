@@ -1,0 +1,201 @@
+"""Tracker against the embedded SQLite default and a real `mlflow server` on PostgreSQL,
+including a server that is unreachable at start or goes away mid-run."""
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from launch.tracking import BUFFER_NAME, Tracker, TrackingConfig, embedded_uri, flatten, shard_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_shards_meta(root: Path, keys_a=("a0", "a1", "a2"), keys_b=("b0", "b1"), shard_size=2) -> Path:
+    """index.json + manifest.parquet as `make shards` writes them (the tars are not needed here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows, shards = [], []
+    for domain, keys in (("a", keys_a), ("b", keys_b)):
+        for i, key in enumerate(keys):
+            shard = f"{domain}/{domain}-{i // shard_size:06d}.tar"
+            rows.append({"key": key, "domain": domain, "shard": shard, "source": f"/src/{key}.png",
+                         "sha256": f"{abs(hash(key)) % 10**12:064d}", "bytes": 100, "width": 8, "height": 8,
+                         "format": "png"})
+        for s in sorted({r["shard"] for r in rows if r["domain"] == domain}):
+            n = sum(r["shard"] == s for r in rows)
+            shards.append({"url": s, "domain": domain, "nsamples": n, "bytes": 100 * n, "sha256": "0" * 64})
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
+    totals = {d: {"shards": sum(s["domain"] == d for s in shards),
+                  "samples": sum(r["domain"] == d for r in rows),
+                  "bytes": 100 * sum(r["domain"] == d for r in rows)} for d in "ab"}
+    (root / "index.json").write_text(json.dumps({"version": 1, "shards": shards, "totals": totals}))
+    return root
+
+
+def test_flatten_params():
+    flat = flatten({"model": {"dim": 32, "preset": "paper"}, "betas": [0.5, 0.999], "name": "x", "none": None})
+    assert flat == {"model.dim": "32", "model.preset": "paper", "betas": "[0.5, 0.999]", "name": "x", "none": "null"}
+
+
+def test_dataset_digest_follows_content_not_sharding(tmp_path):
+    one = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "one", shard_size=1))}
+    two = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "two", shard_size=3))}
+    other = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "o", keys_a=("a0", "a1", "aX")))}
+    assert one["a"]["digest"] == two["a"]["digest"] and one["b"]["digest"] == two["b"]["digest"]
+    assert one["a"]["digest"] != one["b"]["digest"]
+    assert other["a"]["digest"] != one["a"]["digest"] and other["b"]["digest"] == one["b"]["digest"]
+    assert one["a"]["profile"]["samples"] == 3 and one["b"]["profile"]["samples"] == 2
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        shard_datasets(tmp_path / "missing")
+
+
+def exercise(tracker: Tracker, run_dir: Path, shards: Path) -> str:
+    """What the trainer does: params, datasets, per-step metrics, an image; returns the run id."""
+    run_id = tracker.start(run_dir)
+    assert run_id and json.loads((run_dir / "tracking.json").read_text())["run_id"] == run_id
+    tracker.log_params({"config": {"model": {"dim": 16}, "lr": 1e-4}, "world_size": 2})
+    tracker.log_datasets(shards)
+    for step in range(1, 6):
+        tracker.log_metrics({"g/total": 1.0 / step, "lr_g": 1e-4}, step)
+    png = run_dir / "samples" / "step-00000005.png"
+    png.parent.mkdir(parents=True)
+    from PIL import Image
+    Image.fromarray(np.full((8, 16, 3), 200, np.uint8)).save(png)
+    tracker.log_image(png, 5)
+    time.sleep(0.6)  # a few system metric samples (interval 0.2 s)
+    assert tracker.end() is True
+    return run_id
+
+
+def check_run(uri: str, run_id: str, shards: Path) -> None:
+    c = MlflowClient(tracking_uri=uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.model.dim"] == "16" and run.data.params["world_size"] == "2"
+    hist = c.get_metric_history(run_id, "g/total")
+    assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2, 3, 4, 5]
+    assert sorted(hist, key=lambda m: m.step)[1].value == 0.5
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in run.data.metrics)
+    images = [a.path for a in c.list_artifacts(run_id, "images")]
+    assert any("samples" in p and "step+5" in p and p.endswith(".png") for p in images), images
+    want = {r["name"]: r["digest"] for r in shard_datasets(shards)}
+    got = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert got == want and set(got) == {"shards-a", "shards-b"}
+    profile = json.loads(next(d.dataset.profile for d in run.inputs.dataset_inputs if d.dataset.name == "shards-a"))
+    assert profile["samples"] == 3
+    assert run.data.tags["dataset.a.digest"] == want["shards-a"]
+
+
+def fast_cfg(**kw) -> TrackingConfig:
+    return TrackingConfig(system_metrics_interval=0.2, retry_interval=1.0, **kw)
+
+
+def test_embedded_sqlite_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir, shards = tmp_path / "run", make_shards_meta(tmp_path / "shards")
+    run_id = exercise(Tracker(fast_cfg()), run_dir, shards)
+    assert (run_dir / "mlflow" / "mlflow.db").is_file()
+    assert list((run_dir / "mlflow" / "artifacts").rglob("*.png"))  # artifacts stay in the run dir
+    check_run(embedded_uri(run_dir), run_id, shards)
+
+    # Resuming continues the same run (the id comes from the checkpoint).
+    t2 = Tracker(fast_cfg(log_system_metrics=False))
+    assert t2.start(run_dir, run_id=run_id) == run_id
+    assert MlflowClient(embedded_uri(run_dir)).get_run(run_id).info.status == "RUNNING"
+    t2.log_metrics({"g/total": 0.1}, 6)
+    assert t2.end()
+    steps = [m.step for m in MlflowClient(embedded_uri(run_dir)).get_metric_history(run_id, "g/total")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_disabled_tracker_does_nothing(tmp_path):
+    t = Tracker(TrackingConfig(enable=False))
+    assert t.start(tmp_path / "run") is None
+    t.log_metrics({"x": 1}, 1)
+    t.log_params({"a": 1})
+    assert t.end() is True
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_server_on_postgres(server_up, tmp_path):
+    run_dir, shards = tmp_path / "run", make_shards_meta(tmp_path / "shards")
+    run_id = exercise(Tracker(fast_cfg(tracking_uri=server_up.uri)), run_dir, shards)
+    check_run(server_up.uri, run_id, shards)
+
+
+@pytest.mark.slow
+def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    run_dir = tmp_path / "run"
+    t = Tracker(fast_cfg(tracking_uri=dead, log_system_metrics=False, flush_timeout=3))
+    with caplog.at_level(logging.WARNING, logger="launch.tracking"):
+        t0 = time.monotonic()
+        assert t.start(run_dir) is None
+        assert time.monotonic() - t0 < 15
+        t0 = time.monotonic()
+        t.log_params({"lr": 0.1})
+        for step in range(1, 4):
+            t.log_metrics({"loss": float(step)}, step)
+        assert time.monotonic() - t0 < 0.5          # training is never held up
+        assert t.end() is False
+    assert t.warnings == 1
+    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.tracking") == 1
+    buffered = [json.loads(line) for line in (run_dir / BUFFER_NAME).read_text().splitlines()]
+    assert [r["op"] for r in buffered][:1] == ["open"] and sum(r["op"] == "metrics" for r in buffered) == 3
+
+    # The documented command sends the buffer once a server is there (here: another URI).
+    proc = subprocess.run([sys.executable, "-m", "launch.tracking", "upload", "--run-dir", str(run_dir),
+                           "--tracking-uri", server_up.uri], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    c = MlflowClient(server_up.uri)
+    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [1, 2, 3]
+    assert c.get_run(run_id).data.params["lr"] == "0.1"
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert not (run_dir / BUFFER_NAME).exists()
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    t = Tracker(fast_cfg(tracking_uri=server_up.uri, flush_timeout=90))
+    run_id = t.start(run_dir)
+    for step in range(0, 5):
+        t.log_metrics({"loss": float(step)}, step)
+    assert t.flush(30)
+    with caplog.at_level(logging.WARNING, logger="launch.tracking"):
+        server_up.stop()
+        slowest = 0.0
+        for step in range(5, 10):           # the trainer keeps going while the server is down
+            t0 = time.monotonic()
+            t.log_metrics({"loss": float(step)}, step)
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.4)
+        assert slowest < 0.1
+        deadline = time.monotonic() + 20
+        while not (run_dir / BUFFER_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run_dir / BUFFER_NAME).exists()    # unsent records are on disk too
+        server_up.start()
+        for step in range(10, 12):
+            t.log_metrics({"loss": float(step)}, step)
+        assert t.flush(60)
+        assert t.end() is True
+    assert t.warnings == 1
+    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.tracking") == 1
+    c = MlflowClient(server_up.uri)
+    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(12))
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert not (run_dir / BUFFER_NAME).exists()
