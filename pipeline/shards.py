@@ -298,6 +298,8 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
     import pyarrow.parquet as pq
 
     os.makedirs(dest, exist_ok=True)
+    for stale in glob.glob(os.path.join(dest, ".*.parquet.tmp*")) + glob.glob(os.path.join(dest, "index.json.tmp*")):
+        os.remove(stale)  # left by a run killed while finalising
     man_tmp = os.path.join(dest, f".manifest.parquet.tmp{os.getpid()}")
     quar_tmp = os.path.join(dest, f".quarantine.parquet.tmp{os.getpid()}")
     man_schema = pa.schema([("key", pa.string()), ("domain", pa.string()), ("shard", pa.string()),
@@ -365,7 +367,8 @@ def _remove_stale(out: str, counts: dict[str, int]) -> None:
                     continue
                 if number >= counts.get(domain, 0):
                     os.remove(path)
-        for path in glob.glob(os.path.join(out, domain, f".{domain}-*.tar.tmp*")):
+        for path in (glob.glob(os.path.join(out, domain, f".{domain}-*.tar.tmp*"))
+                     + glob.glob(os.path.join(out, RECORDS_DIR, domain, "*.json.tmp*"))):
             os.remove(path)
 
 

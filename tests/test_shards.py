@@ -316,9 +316,18 @@ def test_rerun_is_idempotent(corpus, reference):
     assert (out / "index.json").read_bytes() == index_before
 
 
-def test_verify_catches_one_flipped_byte(reference, tmp_path):
+def test_new_settings_replan_then_verify_catches_one_flipped_byte(corpus, reference, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(reference[0], out)
+    # Bigger shards over an existing OUT: every shard is rewritten, the extra old ones removed.
+    r = cli("--src-a", str(corpus / "trainA"), "--src-b", str(corpus / "trainB"), "--out", str(out),
+            "--max-per-shard", "400", "--no-progress")
+    assert r.returncode == 3, r.stderr
+    index, manifest, _ = read_outputs(str(out))
+    assert [index["totals"][d]["shards"] for d in "ab"] == [4, 3]
+    assert sorted(p.name for p in out.glob("a/*")) == [f"a-{i:06d}.tar" for i in range(4)]
+    ref_manifest = read_outputs(str(reference[0]))[1]
+    assert as_set(manifest, ["key", "sha256", "source"]) == as_set(ref_manifest, ["key", "sha256", "source"])
     r = cli("verify", str(out))
     assert r.returncode == 0 and "0 bad" in r.stdout, r.stderr
     shard = out / "a" / "a-000003.tar"
