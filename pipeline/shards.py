@@ -184,7 +184,7 @@ def _report(domain: str, n: int) -> None:
 def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]], fingerprint: str,
                 min_side: int, max_pixels: int, progress=None) -> dict:
     """Validate one group's inputs into shard `number` and its record; return the record."""
-    samples, rejected, duplicates, seen = [], [], [], set()
+    samples, rejected, duplicates, seen, keys = [], [], [], set(), set()
     pending = 0
 
     def members():
@@ -211,8 +211,12 @@ def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]
             if sha in seen:
                 duplicates.append({"source": source, "sha256": sha})
                 continue
-            seen.add(sha)
             key = sample_key(domain, source)
+            if key in keys:  # the same path listed twice, and its bytes changed in between
+                rejected.append({"source": source, "reason": f"duplicate of {key} (same source listed twice)"})
+                continue
+            seen.add(sha)
+            keys.add(key)
             meta = {"source": source, "width": img.width, "height": img.height, "sha256": sha,
                     "domain": domain, "format": img.format}
             yield f"{key}.{img.ext}", img.data
@@ -230,6 +234,11 @@ def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]
               "samples": samples, "rejected": rejected, "duplicates": duplicates}
     _save_record(out, record)
     return record
+
+
+def _write_shard_task(*args) -> None:
+    """Pool entry point: the record stays on disk instead of travelling back through a pipe."""
+    write_shard(*args)
 
 
 def _save_record(out: str, record: dict) -> None:
@@ -477,7 +486,7 @@ def run(args: RunArgs) -> tuple[int, str]:
                     continue
                 while len(running) >= 2 * args.workers:  # bounded queue: stream, never list everything
                     drain(0.2)
-                running.add(executor.submit(write_shard, *task))
+                running.add(executor.submit(_write_shard_task, *task))
             counts[domain], listing[domain] = n_groups, listing_hash.hexdigest()
         while running:
             drain(0.2)
@@ -518,7 +527,7 @@ def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, w
     text = (f"{what}: stored {sum(t.stored.values())} of {n_in} inputs (a: {t.stored['a']}, b: {t.stored['b']}) "
             f"in {sum(t.shards.values())} shards (a: {t.shards['a']}, b: {t.shards['b']}), "
             f"{sum(t.bytes.values()) / 1e6:.1f} MB; rejected {n_rej} ({reasons}); "
-            f"validated {processed} inputs in {dt:.1f} s ({processed / max(dt, 1e-9):.0f} images/s, "
+            f"validated {processed} inputs in {dt:.2f} s ({processed / max(dt, 1e-9):.0f} images/s, "
             f"{workers} worker{'s' if workers > 1 else ''})"
             + (f", {skipped} shards already complete and skipped" if skipped else "")
             + f"; outputs in {where}" + (" (quarantine.parquet lists the rejects)" if n_rej else "") + ".")

@@ -187,7 +187,7 @@ def test_list_file_and_parquet_sources(tmp_path, capsys):
     imgs.mkdir()
     for i in range(4):
         (imgs / f"{i}.png").write_bytes(encode(noise_rgb(20 + i), "PNG"))
-    (tmp_path / "a.txt").write_text("# domain A\nimgs/0.png\n\nimgs/1.png\nimgs/missing.png\n")
+    (tmp_path / "a.txt").write_text("# domain A\nimgs/0.png\n\nimgs/1.png\nimgs/missing.png\nimgs/0.png\n")
     pq.write_table(pa.table({"path": [str(imgs / "2.png"), str(imgs / "3.png")]}), tmp_path / "b.parquet")
     out = tmp_path / "out"
     rc = shards.main(["--src-a", str(tmp_path / "a.txt"), "--src-b", str(tmp_path / "b.parquet"),
@@ -196,8 +196,9 @@ def test_list_file_and_parquet_sources(tmp_path, capsys):
     _, manifest, quarantine = read_outputs(str(out))
     assert sorted((m["domain"], os.path.basename(m["source"])) for m in manifest) == [
         ("a", "0.png"), ("a", "1.png"), ("b", "2.png"), ("b", "3.png")]
-    assert [(os.path.basename(q["source"]), q["reason"]) for q in quarantine] == [
-        ("missing.png", "unreadable: no such file")]
+    key0 = next(m["key"] for m in manifest if m["source"] == str(imgs / "0.png"))
+    assert sorted((os.path.basename(q["source"]), q["reason"]) for q in quarantine) == [
+        ("0.png", f"duplicate of {key0}"), ("missing.png", "unreadable: no such file")]
 
     pq.write_table(pa.table({"file": ["x"]}), tmp_path / "bad.parquet")
     rc = shards.main(["--src-a", str(tmp_path / "a.txt"), "--src-b", str(tmp_path / "bad.parquet"),
