@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -124,14 +125,94 @@ def encoder_front(channels: int, dim: int, n_down: int, n_res: int,
     return nn.Sequential(*layers)
 
 
+# Nearest 2x upsampling followed by a 5x5 conv sees, at each output phase (row parity r,
+# column parity c), only a 3x3 neighbourhood of the low-res input; row t of _PHASE[r] sums the
+# 5x5 kernel rows that land on low-res tap t.
+_PHASE = torch.tensor([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+                       [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1]]], dtype=torch.float32)
+
+
+class UpConvBlock(nn.Module):
+    """Nearest 2x upsample -> pad 2 -> conv 5x5 -> norm -> activation.
+
+    With `fused` (default) the upsample + conv runs as one 3x3 conv with 4x the output
+    channels on the low-res input followed by a pixel shuffle: the same function with 36/100
+    of the multiply-adds. Zero and replicate padding commute with the upsampling; reflect
+    padding does not, so there the 2-pixel output border gets an exact correction from
+    one-pixel-wide difference rows. Parameters and state_dict are those of the plain block.
+    """
+
+    def __init__(self, cin: int, cout: int, norm: str, activ: str, pad_type: str, fused: bool = True):
+        super().__init__()
+        make_pad(pad_type, 1)  # validates pad_type
+        self.pad_type = pad_type
+        self.fused = fused
+        self.conv = nn.Conv2d(cin, cout, 5, 1, 0, bias=True)
+        self.norm = make_norm(norm, cout)
+        self.activ = make_activation(activ)
+
+    def _pad(self, x, pad):
+        mode = "constant" if self.pad_type == "zero" else self.pad_type
+        return F.pad(x, pad, mode=mode)
+
+    def _plain(self, x):
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(self._pad(up, (2, 2, 2, 2)))
+
+    def _fused(self, x):
+        w, b = self.conv.weight, self.conv.bias
+        o, i = w.shape[:2]
+        a = _PHASE.to(w)
+        k = torch.einsum("ryk,oikl,cxl->orciyx", a, w, a).reshape(o * 4, i, 3, 3)
+        y = F.pixel_shuffle(F.conv2d(self._pad(x, (1, 1, 1, 1)), k, b.repeat_interleave(4)), 2)
+        if self.pad_type != "reflect":
+            return y  # zero and replicate padding commute with nearest upsampling
+        # Reflect padding: pad2(up(x)) differs from up(pad1(x)) (what y used) only in padded
+        # row 1 (x[0] instead of x[1]) and row 2H+2 (x[H-1] instead of x[H-2]), and the same
+        # for columns. conv(P) = conv(Q) + conv(row difference) + conv(column difference); the
+        # difference rows reach output rows 0, 1 and 2H-2, 2H-1 through single kernel rows.
+        def rows(d, k1, k2):  # d: [B, C, 1, 2W+4] -> correction of two output rows
+            out = F.conv2d(d, torch.cat([w[:, :, k1:k1 + 1], w[:, :, k2:k2 + 1]]))
+            return out.view(out.shape[0], 2, o, -1).transpose(1, 2)
+
+        def cols(d, k1, k2):  # d: [B, C, 2H+4, 1] -> correction of two output columns
+            out = F.conv2d(d, torch.cat([w[..., k1:k1 + 1], w[..., k2:k2 + 1]]))
+            return out.view(out.shape[0], 2, o, -1).permute(0, 2, 3, 1)
+
+        # row differences follow the reflect-padded upsampled width (P's columns) ...
+        def widen(d):
+            return F.pad(d.repeat_interleave(2, dim=3), (2, 2, 0, 0), mode="reflect")
+
+        # ... column differences the upsampled reflect-padded height (Q's rows)
+        def heighten(d):
+            return F.pad(d, (0, 0, 1, 1), mode="reflect").repeat_interleave(2, dim=2)
+
+        top = rows(widen(x[:, :, :1] - x[:, :, 1:2]), 1, 0)
+        bottom = rows(widen(x[:, :, -1:] - x[:, :, -2:-1]), 4, 3)
+        y = torch.cat([y[:, :, :2] + top, y[:, :, 2:-2], y[:, :, -2:] + bottom], dim=2)
+        left = cols(heighten(x[..., :1] - x[..., 1:2]), 1, 0)
+        right = cols(heighten(x[..., -1:] - x[..., -2:-1]), 4, 3)
+        return torch.cat([y[..., :2] + left, y[..., 2:-2], y[..., -2:] + right], dim=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused and min(x.shape[-2:]) >= 2  # reflect needs 2 pixels
+        return self.activ(self.norm(self._fused(x) if fused else self._plain(x)))
+
+
+def set_fused_upsample(module: nn.Module, fused: bool) -> None:
+    """Switch every UpConvBlock in `module` between the fused and the plain computation."""
+    for m in module.modules():
+        if isinstance(m, UpConvBlock):
+            m.fused = fused
+
+
 def decoder_back(channels: int, dim: int, n_up: int, n_res: int, res_norm: str,
-                 up_norm: str, activ: str, pad_type: str) -> nn.Sequential:
+                 up_norm: str, activ: str, pad_type: str, fused_upsample: bool = True) -> nn.Sequential:
     """Domain-specific part of a generator; `dim` is the latent width (dim * 2**n_down)."""
     layers = [res_blocks(n_res, dim, res_norm, activ, pad_type)]
     for _ in range(n_up):
         # nearest upsample + conv instead of a transposed conv: no checkerboard artefacts
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                   ConvBlock(dim, dim // 2, 5, 1, 2, up_norm, activ, pad_type)]
+        layers.append(UpConvBlock(dim, dim // 2, up_norm, activ, pad_type, fused_upsample))
         dim //= 2
     layers.append(ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type))
     return nn.Sequential(*layers)
@@ -220,7 +301,7 @@ def check_divisible(size: int, n_down: int, what: str = "image size") -> None:
 
 
 __all__ = [
-    "LayerNorm", "ConvBlock", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
+    "LayerNorm", "ConvBlock", "UpConvBlock", "set_fused_upsample", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
     "MultiScaleDiscriminator", "init_kaiming", "init_gaussian", "count_params",
     "make_activation", "make_norm", "make_pad", "check_divisible",
 ]

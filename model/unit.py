@@ -38,6 +38,7 @@ class UNITConfig:
     up_norm: str = "ln"        # norm of the generator's upsampling convs
     activ: str = "relu"        # activation of encoders and generators
     pad_type: str = "reflect"  # padding of encoders and generators
+    fused_upsample: bool = True  # upsample+conv5x5 as sub-pixel 3x3 convs: same function, fewer FLOPs
     dis_dim: int = 64          # width of the first discriminator conv
     dis_layers: int = 4        # stride-2 convs per discriminator scale
     dis_scales: int = 3        # most scales per discriminator (fewer on small images)
@@ -77,6 +78,8 @@ class UNITConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
             setattr(self, name, float(v))
+        if not isinstance(self.fused_upsample, bool):
+            bad("fused_upsample", "must be true or false")
         if self.ema_decay >= 1:
             bad("ema_decay", "must be < 1")
         if self.image_size and self.image_size % (2 ** self.n_down):
@@ -124,7 +127,7 @@ class UNITGenerator(nn.Module):
 
         def back():
             return decoder_back(cfg.channels, latent, cfg.n_down, own, cfg.norm, cfg.up_norm,
-                                cfg.activ, cfg.pad_type)
+                                cfg.activ, cfg.pad_type, cfg.fused_upsample)
 
         self.enc_a, self.enc_b = front(), front()
         self.enc_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)

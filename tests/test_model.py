@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import losses
 from model.ema import EMA
-from model.networks import LayerNorm, count_params
+from model.networks import LayerNorm, UpConvBlock, count_params, set_fused_upsample
 from model.unit import PRESETS, UNIT, UNITConfig, discriminator_loss, generator_loss
 
 torch.set_num_threads(1)
@@ -148,6 +149,40 @@ def test_layer_norm_matches_hand_computation():
     want = torch.tensor([2 * (1 - mean), 2 * (2 - mean), (3 - mean), (6 - mean)]) / (std + 1e-5)
     want += torch.tensor([0, 0, 0.5, 0.5])
     assert torch.allclose(ln(x).flatten(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_type", ["reflect", "zero", "replicate"])
+def test_fused_upsample_conv_equals_upsample_then_conv(pad_type):
+    torch.manual_seed(0)
+    block = UpConvBlock(5, 3, "none", "none", pad_type)
+    torch.nn.init.normal_(block.conv.bias)
+    for h, w in ((2, 2), (3, 5), (8, 6)):
+        x = torch.randn(2, 5, h, w, requires_grad=True)
+        res = {}
+        for fused in (True, False):
+            block.fused = fused
+            y = block(x)
+            res[fused] = (y, *torch.autograd.grad(y.pow(3).sum(), [x, block.conv.weight, block.conv.bias]))
+        # the plain path is the literal definition: nearest upsample, pad 2, conv 5x5
+        mode = {"zero": "constant"}.get(pad_type, pad_type)
+        want = block.conv(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (2, 2, 2, 2), mode=mode))
+        assert torch.allclose(res[False][0], want)
+        assert res[True][0].shape == (2, 3, 2 * h, 2 * w)
+        for a, b in zip(res[True], res[False]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (h, w)
+
+
+def test_fused_upsample_is_a_switch_with_the_same_weights():
+    unit = tiny()
+    x_a, x_b = images(2, 32)
+    unit.eval()
+    y = unit.translate(x_a, "a2b")
+    plain = UNIT.from_config({**unit.config(), "fused_upsample": False}).eval()
+    plain.load_state_dict(unit.state_dict())
+    assert torch.allclose(plain.translate(x_a, "a2b"), y, atol=1e-5)
+    set_fused_upsample(unit, False)
+    assert all(not m.fused for m in unit.modules() if isinstance(m, UpConvBlock))
+    assert torch.allclose(unit.translate(x_a, "a2b"), y, atol=1e-5)
 
 
 # ---------------------------------------------------------------- losses
