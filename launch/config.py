@@ -27,9 +27,13 @@ class _Strict(BaseModel):
 
 
 class AugmentSection(_Strict):
-    resize: Optional[int] = Field(None, ge=8, description="shortest side before the crop (None: image_size * 1.125)")
-    hflip: bool = Field(True, description="random horizontal flip")
+    """Fields of pipeline.augment.AugmentConfig (the loader's)."""
+    resize: Optional[int] = Field(None, ge=8, description="shortest side before the crop (None: the crop size)")
+    flip: bool = Field(True, description="random horizontal flip")
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="colour jitter strength, 0 disables it")
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="probability of jittering an image")
+    interpolation: Literal["area", "linear", "cubic"] = "area"
+
 
 
 class DataSection(_Strict):
@@ -59,6 +63,8 @@ class OptimSection(_Strict):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     adam_w_mode: bool = Field(False, description="False: Adam with L2 weight decay (the paper's); True: AdamW")
+    grad_clip: Optional[float] = Field(None, ge=0, description="global gradient-norm clip; None: the DeepSpeed "
+                                       "JSON's gradient_clipping, else 0 (off, as in the paper)")
     schedule: Literal["constant", "warmup", "warmup_decay"] = Field("constant", description="LR schedule of both engines")
     warmup_steps: int = Field(0, ge=0)
 
@@ -131,6 +137,8 @@ def check_model_config(model: dict) -> None:
     if preset not in PRESETS:
         raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
     allowed = {f.name for f in dataclasses.fields(UNITConfig)} | {"preset"}
+    if "ema_decay" in model:
+        raise ValueError("model.ema_decay: set train.ema_decay instead (the trainer owns the EMA)")
     for key in model:
         if key not in allowed:
             raise ValueError(f"model.{key} is not a model setting; allowed: {sorted(allowed)}")
@@ -245,6 +253,11 @@ def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bo
             conflicts.append(f"{key}: DeepSpeed JSON has {ds[key]!r}, YAML (data.batch_size) has {value!r}")
         ds[key] = value
     ds.pop("train_batch_size", None) if "gradient_accumulation_steps" in ds else None
+    # DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise; the paper does not clip.
+    clip = cfg.optim.grad_clip
+    if clip is not None and "gradient_clipping" in ds and float(ds["gradient_clipping"]) != clip:
+        conflicts.append(f"gradient_clipping: DeepSpeed JSON has {ds['gradient_clipping']!r}, YAML optim.grad_clip has {clip!r}")
+    ds["gradient_clipping"] = float(clip if clip is not None else ds.get("gradient_clipping", 0.0))
     ds.setdefault("gradient_accumulation_steps", 1)
 
     opt = {"lr": lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
@@ -308,6 +321,8 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
     from model.unit import UNITConfig  # noqa: F401  (import errors surface here, not in ranks)
     size, n_down = cfg.data.image_size, int(cfg.model.get("n_down", 2))
+    if cfg.data.augment.resize is not None and cfg.data.augment.resize < size:
+        raise ConfigError(f"config key data.augment.resize = {cfg.data.augment.resize}: must be >= data.image_size ({size})")
     if size % (2 ** n_down * 4):
         raise ConfigError(f"config key data.image_size = {size}: must be a multiple of {2 ** n_down * 4} "
                           f"(4 times 2**model.n_down)")

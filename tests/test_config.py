@@ -1,0 +1,135 @@
+"""The training config: YAML + overrides, validation messages, DeepSpeed JSON conflicts, resume rules."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, apply_overrides, deepspeed_config, load_config, resume_differences
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"data": {"shards": "data/shards"}}
+
+
+def test_shipped_configs_validate():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert cfg.data.image_size >= 16, path
+
+
+def test_overrides_nest_and_parse_yaml_values():
+    raw = apply_overrides({"train": {"max_steps": 5}}, ["train.max_steps=12", "optim.betas=[0.0, 0.9]", "seed=3"])
+    assert raw == {"train": {"max_steps": 12}, "optim": {"betas": [0.0, 0.9]}, "seed": 3}
+    cfg = load_config(None, ["train.max_steps=12"], base=BASE)
+    assert cfg.train.max_steps == 12
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("optim.betas=[0.5, 1.5]", "optim.betas"),
+    ("model.dimm=8", "model.dimm"),
+    ("model.preset=nope", "model"),
+    ("train.precision=fp16", "train.precision"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override], base=BASE)
+    assert named in str(e.value)
+
+
+def test_missing_shards_is_explained():
+    with pytest.raises(ConfigError, match="data.shards"):
+        load_config(None, [], base={"data": {}})
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"], base=BASE)
+
+
+def _ds(cfg, ds_json):
+    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=False, bf16_ok=False)
+
+
+def test_deepspeed_config_takes_optimizer_and_batch_from_yaml():
+    cfg = load_config(None, ["data.batch_size=6", "optim.lr_g=2e-4"], base=BASE)
+    ds = _ds(cfg, {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0})
+    assert ds["train_micro_batch_size_per_gpu"] == 6
+    assert ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["optimizer"]["params"]["adam_w_mode"] is False  # "Adam" alone would mean AdamW
+    assert ds["optimizer"]["params"]["betas"] == [0.5, 0.999]
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("ds_json, named", [
+    ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
+    ({"optimizer": {"type": "SGD", "params": {}}}, "optimizer.type"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+    ({"max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"scheduler": {"type": "WarmupLR", "params": {}}}, "scheduler"),
+])
+def test_deepspeed_json_conflicts_are_rejected(ds_json, named):
+    cfg = load_config(None, [], base=BASE)
+    with pytest.raises(ConfigError) as e:
+        _ds(cfg, ds_json)
+    assert named in str(e.value)
+
+
+def test_gradient_clipping_is_explicit():
+    # DeepSpeed's own default would clip to 1.0: the config must always say what it wants.
+    cfg = load_config(None, [], base=BASE)
+    assert _ds(cfg, None)["gradient_clipping"] == 0.0
+    assert _ds(cfg, {"gradient_clipping": 2.0})["gradient_clipping"] == 2.0
+    cfg = load_config(None, ["optim.grad_clip=3.0"], base=BASE)
+    assert _ds(cfg, None)["gradient_clipping"] == 3.0
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        _ds(cfg, {"gradient_clipping": 5.0})
+
+
+def test_same_value_in_both_is_accepted():
+    cfg = load_config(None, ["data.batch_size=4"], base=BASE)
+    ds = _ds(cfg, {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}})
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_schedule_becomes_deepspeed_scheduler():
+    cfg = load_config(None, ["optim.schedule=warmup_decay", "optim.warmup_steps=10", "train.max_steps=50"], base=BASE)
+    ds = _ds(cfg, None)
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50
+
+
+def test_resume_differences_ignore_what_may_change():
+    old = load_config(None, [], base=BASE)
+    same = load_config(None, ["train.max_steps=5000", "tracking.enable=false", "data.num_workers=4"], base=BASE)
+    assert resume_differences(old.model_dump(mode="json"), same) == []
+    changed = load_config(None, ["data.image_size=128", "model.dim=32"], base=BASE)
+    diff = resume_differences(old.model_dump(mode="json"), changed)
+    assert any(d.startswith("data.image_size") for d in diff)
+    assert any(d.startswith("model.dim") for d in diff)
+
+
+def test_cli_fails_with_key_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {shards: x, image_size: 7}\n")
+    r = subprocess.run([sys.executable, "-m", "launch.config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "data.image_size" in r.stderr
+
+
+def test_cli_checks_deepspeed_json(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text(f"data: {{shards: {tmp_path}, image_size: 32, batch_size: 4}}\n")
+    (tmp_path / "index.json").write_text(json.dumps({"shards": []}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    r = subprocess.run([sys.executable, "-m", "launch.config", str(good), "--deepspeed_config", str(ds)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "train_micro_batch_size_per_gpu" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "launch.config", str(good)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "image_size: 32" in r.stdout
