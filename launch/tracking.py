@@ -302,8 +302,9 @@ class Sender:
         from mlflow.entities import Param, RunTag
 
         c, op = self.client, rec["op"]
-        if op == "open":
-            self.open_run(rec.get("run"))
+        if op == "open":  # resume the given run, or create one unless a run is open already
+            if rec.get("run") or self.run_id is None:
+                self.open_run(rec.get("run"))
         elif op == "params":
             items = list(rec["values"].items())
             for i in range(0, len(items), PARAMS_PER_BATCH):
@@ -669,8 +670,8 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
     run_id = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
     if run_id:
         sender.run_id = run_id
-    else:
-        sender.open_run(None)  # the run was never created: the server was down from the start
+    elif not any(r["op"] == "open" for r in records):
+        sender.open_run(None)  # no run and no record that opens one
     n = sender.send(records)
     write_buffer(buf, records[n:])
     return {"records": len(records), "sent": n - sender.dropped, "dropped": sender.dropped,

@@ -165,6 +165,9 @@ def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
     assert c.get_run(run_id).data.params["lr"] == "0.1"
     assert c.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / BUFFER_NAME).exists()
+    runs = c.search_runs([c.get_experiment_by_name("unit").experiment_id],
+                         filter_string=f"tags.run_dir = '{run_dir.resolve()}'")
+    assert [r.info.run_id for r in runs] == [run_id]   # exactly one run was created
 
 
 @pytest.mark.slow
