@@ -64,8 +64,8 @@ class TrackingConfig:
     """Name of a new run; None: the run directory's name."""
     log_system_metrics: bool = True
     """Sample CPU, memory, disk and GPU (when present) as system/* metrics."""
-    system_metrics_interval: float = 10.0
-    """Seconds between system metric samples."""
+    system_metrics_interval: float | None = None
+    """Seconds between system metric samples; None: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL or 10."""
     retry_interval: float = 5.0
     """Seconds between attempts to reach a server that went away."""
     flush_timeout: float = 30.0
@@ -603,8 +603,13 @@ class Tracker:
             write_buffer(self.buffer_path, self._pending)
 
     def _system_loop(self) -> None:
+        """Sample every interval, and once more at the end so that short runs have a sample too.
+        The step is the last training step seen, so system metrics line up with the losses."""
+        interval = self.cfg.system_metrics_interval or float(
+            os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10.0)
         monitors = _system_monitors()
-        while not self._sys_stop.wait(self.cfg.system_metrics_interval):
+        while True:
+            stopped = self._sys_stop.wait(interval)
             values = {}
             for m in monitors:
                 try:
@@ -616,6 +621,8 @@ class Tracker:
             if values:
                 self._put({"op": "metrics", "step": self._last_step, "ts": _now_ms(),
                            "values": {f"system/{k}": float(v) for k, v in values.items()}})
+            if stopped:
+                return
 
 
 def _system_monitors() -> list:

@@ -202,3 +202,56 @@ def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
     assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(12))
     assert c.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / BUFFER_NAME).exists()
+
+
+@pytest.mark.slow
+def test_real_training_run_is_tracked_and_registered(server_up, tmp_path):
+    """`deepspeed launch/train.py` on 2 CPU ranks, tracked to the PostgreSQL server: params,
+    per-step metrics, system metrics, sample images, dataset inputs, and a registered version."""
+    import os
+    import socket
+
+    import yaml
+
+    def run(cmd, **kw):
+        r = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+        assert r.returncode == 0, f"{cmd[:3]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+
+    demo, shards, run_dir = tmp_path / "demo", tmp_path / "shards", tmp_path / "run"
+    run([sys.executable, "-m", "pipeline.demo", "--out", demo, "--n-train", "32", "--n-test", "4", "--size", "32"])
+    run([sys.executable, "-m", "pipeline.shards", "--src-a", demo / "trainA", "--src-b", demo / "trainB",
+         "--out", shards, "--workers", "1", "--max-per-shard", "16"])
+    cfg = {"run_dir": str(run_dir), "seed": 1,
+           "data": {"shards": str(shards), "image_size": 32, "batch_size": 2, "num_workers": 1,
+                    "test_a": str(demo / "testA"), "test_b": str(demo / "testB")},
+           "model": {"preset": "tiny"},
+           "train": {"max_steps": 4, "log_every": 1, "sample_every": 2, "ckpt_every": 2, "threads": 1},
+           "tracking": {"experiment": "integration"},
+           "registry": {"name": "integration-translator", "min_accuracy": 0.0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run([Path(sys.executable).with_name("deepspeed"), "--num_gpus", "2", "--master_port", port,
+         "launch/train.py", "--config", tmp_path / "cfg.yaml"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": server_up.uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    c = MlflowClient(tracking_uri=server_up.uri, registry_uri=server_up.uri)
+    run_ = c.get_run(run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["world_size"] == "2" and run_.data.params["config.model.preset"] == "tiny"
+    assert any(k.startswith("deepspeed.") for k in run_.data.params)
+    loss_keys = [k for k in run_.data.metrics if k.startswith("g/")]
+    assert loss_keys
+    assert sorted(m.step for m in c.get_metric_history(run_id, loss_keys[0])) == [1, 2, 3, 4]
+    assert any(k.startswith("system/cpu_utilization") for k in run_.data.metrics)
+    images = [a.path for a in c.list_artifacts(run_id, "images")]
+    assert any("step+2" in p for p in images) and any("step+4" in p for p in images)
+    want = {r["name"]: r["digest"] for r in shard_datasets(shards)}
+    assert {d.dataset.name: d.dataset.digest for d in run_.inputs.dataset_inputs} == want
+    mv = c.get_model_version_by_alias("integration-translator", "candidate")
+    assert mv.run_id == run_id and mv.tags["source_run"] == run_id
+    assert mv.tags["dataset.shards-a.digest"] == want["shards-a"]
+    assert "test/pixel_acc_a2b" in run_.data.metrics
