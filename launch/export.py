@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 WEIGHTS_NAME = "translator.safetensors"
 META_NAME = "translator.json"
@@ -55,9 +55,11 @@ def save_translator(dir, gen_module: torch.nn.Module, model_config: dict, image_
     out.mkdir(parents=True, exist_ok=True)
     tmp_w = _tmp_name(out, WEIGHTS_NAME)
     try:
-        # save_model (not save_file) because the shared encoder/generator layers appear under
-        # two names in the state dict; save_model stores such tensors once.
-        save_model(gen_module, str(tmp_w), metadata={"format": "pt"})
+        # Copies, not the live tensors: under DeepSpeed ZeRO the parameters are views into one
+        # flat buffer, which safetensors refuses to store. The shared layers are registered
+        # once (model/unit.py), so no tensor appears under two names.
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in gen_module.state_dict().items()}
+        save_file(state, str(tmp_w), metadata={"format": "pt"})
         digest = _sha256(tmp_w)
         os.chmod(tmp_w, 0o644)  # mkstemp and safetensors make 0600; servers of other users read it
         os.replace(tmp_w, out / WEIGHTS_NAME)
