@@ -32,7 +32,8 @@ def test_round_trip_same_translations(tmp_path):
     unit.gen.eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     for d in ("a2b", "b2a"):
-        torch.testing.assert_close(gen.translate(x, d), unit.gen.translate(x, d), rtol=0, atol=0)
+        # float32 tolerance: equal weights, but kernels may take other paths on other buffers
+        torch.testing.assert_close(gen.translate(x, d), unit.gen.translate(x, d), rtol=1e-5, atol=1e-5)
     # Every tensor came from the file: another init translates differently.
     other = tiny(1).gen.eval()
     assert not torch.allclose(other.translate(x, "a2b"), gen.translate(x, "a2b"))
