@@ -1,0 +1,259 @@
+"""The UNIT paper's ablation on the demo corpus: weight sharing vs cycle consistency vs both.
+
+Trains, with the project's real trainer (`deepspeed --num_gpus 1 launch/train.py --config
+configs/ablation.yaml key=value ...`, tracking and registry off), for the same number of steps:
+
+    UNIT                 n_shared=1 (configs/ablation.yaml) + cycle terms
+    weight sharing only  w_cyc=0, w_cyc_kl=0
+    cycle only           n_shared=0
+    shared blocks 2, 3   the sweep over n_shared (0 and 1 reuse the runs above)
+
+each for several seeds, evaluates each export with launch.evaluate on the paired test split
+(a2b = aerial -> map, the paper's direction) and prints mean ± std pixel accuracy next to the
+paper's table and the identity baseline. Every finished run leaves OUT/results/<run>.json;
+a rerun skips those (same steps), so an interrupted ablation continues where it stopped.
+
+    .venv/bin/python bench/ablation.py [--out runs/ablation] [--steps 300] [--seeds 3]
+        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--realism]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAPER = {"weight sharing only": (0.569, 0.029), "cycle only": (0.568, 0.010), "UNIT": (0.600, 0.015)}
+# name -> model overrides on top of configs/ablation.yaml (which is the UNIT configuration)
+CONFIGS = {
+    "UNIT": {},
+    "weight sharing only": {"w_cyc": 0, "w_cyc_kl": 0},
+    "cycle only": {"n_shared": 0},
+}
+SLUG = {"UNIT": "unit", "weight sharing only": "share", "cycle only": "cycle"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/ablation", help="corpus, run dirs and cached results (default runs/ablation)")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "ablation.yaml"))
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per ablation configuration")
+    ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds for n_shared=2 and 3 (0 and 1 reuse the ablation)")
+    ap.add_argument("--n-train", type=int, default=1000, help="demo train images per domain")
+    ap.add_argument("--n-test", type=int, default=100, help="paired demo test scenes")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training rank (shared machines: 1)")
+    ap.add_argument("--realism", action="store_true",
+                    help="also train a launch.realism domain classifier and score every run with it")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.batch_size=8)")
+    return ap.parse_args(argv)
+
+
+def sh(cmd, log: Path | None = None, env=None) -> None:
+    cmd = [str(c) for c in cmd]
+    if log is None:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        out = r.stdout + r.stderr
+    else:
+        with open(log, "w") as f:
+            r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+        out = log.read_text()
+    if r.returncode != 0:
+        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_corpus(out: Path, n_train: int, n_test: int, size: int) -> dict:
+    """Demo corpus + shards under OUT/data, made once (a marker records the parameters)."""
+    data = out / "data"
+    want = {"n_train": n_train, "n_test": n_test, "size": size, "seed": 0}
+    marker = data / "corpus.json"
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return paths(data)
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    py = sys.executable
+    sh([py, "-m", "pipeline.demo", "--out", data / "demo", "--n-train", n_train, "--n-test", n_test,
+        "--size", size, "--seed", 0])
+    sh([py, "-m", "pipeline.shards", "--src-a", data / "demo" / "trainA", "--src-b", data / "demo" / "trainB",
+        "--out", data / "shards", "--workers", 1, "--max-per-shard", max(16, n_train // 4), "--no-progress"])
+    marker.write_text(json.dumps(want))
+    return paths(data)
+
+
+def paths(data: Path) -> dict:
+    return {"shards": data / "shards", "test_a": data / "demo" / "testA", "test_b": data / "demo" / "testB"}
+
+
+def plan(seeds: int, sweep_seeds: int) -> list[dict]:
+    """Every run: name, n_shared, model overrides, seed."""
+    runs = []
+    for name, over in CONFIGS.items():
+        for s in range(seeds):
+            runs.append({"config": name, "model": over, "seed": s, "id": f"{SLUG[name]}-s{s}"})
+    for k in (2, 3):
+        for s in range(sweep_seeds):
+            runs.append({"config": f"n_shared={k}", "model": {"n_shared": k}, "seed": s, "id": f"shared{k}-s{s}"})
+    return runs
+
+
+def train_and_evaluate(run: dict, out: Path, cfg_path: str, steps: int | None, corpus: dict, threads: int,
+                       extra: list[str]) -> dict:
+    from launch.evaluate import evaluate_export
+
+    run_dir = out / "runs" / run["id"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted before its result: start it again
+    run_dir.mkdir(parents=True)
+    over = [f"run_dir={run_dir}", f"seed={run['seed']}", f"data.shards={corpus['shards']}",
+            "tracking.enable=false", "registry.enable=false", "resume=never", f"train.threads={threads}"]
+    if steps is not None:
+        over.append(f"train.max_steps={steps}")
+    over += [f"model.{k}={v}" for k, v in run["model"].items()] + list(extra)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", 1, "--master_port", free_port(),
+        "launch/train.py", "--config", cfg_path, *over], log=out / "runs" / f"{run['id']}.log", env=env)
+    seconds = time.perf_counter() - t0
+    export = run_dir / "export"
+    res = evaluate_export(export, test_a=corpus["test_a"], truth_b=corpus["test_b"],
+                          test_b=corpus["test_b"], truth_a=corpus["test_a"])
+    meta = json.loads((export / "translator.json").read_text())
+    # keep the export (small) for later scoring; drop the DeepSpeed checkpoints (optimizer state)
+    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+    return {**run, "steps": meta["step"], "seconds": seconds, "evaluation": res, "export": str(export),
+            "n_shared": meta["model"]["n_shared"], "w_cyc": meta["model"]["w_cyc"]}
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def tables(results: list[dict], realism: dict | None) -> str:
+    by = {}
+    for r in results:
+        by.setdefault(r["config"], []).append(r)
+    acc = lambda rs, d, k="pixel_acc": [r["evaluation"][d][k] for r in rs]  # noqa: E731
+    ident = results[0]["evaluation"]
+    lines = ["Ablation (paired test split, pixel accuracy: every channel within 16 of the truth; "
+             "mean ± sample std over seeds)", "",
+             "| configuration | n_shared | cycle | seeds | a2b pixel acc (ours) | paper (a2b) | b2a pixel acc (ours) |"
+             + (" realism a2b | realism b2a |" if realism else ""),
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if realism else "")]
+    for name in CONFIGS:
+        rs = by.get(name, [])
+        if not rs:
+            continue
+        p = PAPER[name]
+        row = (f"| {name} | {rs[0]['n_shared']} | {'yes' if rs[0]['w_cyc'] else 'no'} | {len(rs)} | "
+               f"{mean_std(acc(rs, 'a2b'))} | {p[0]:.3f} ± {p[1]:.3f} | {mean_std(acc(rs, 'b2a'))} |")
+        if realism:
+            row += (f" {mean_std([realism[r['id']]['realism_a2b'] for r in rs])} |"
+                    f" {mean_std([realism[r['id']]['realism_b2a'] for r in rs])} |")
+        lines.append(row)
+    row = (f"| identity (input as output) | - | - | - | {ident['a2b']['identity_pixel_acc']:.3f} | - | "
+           f"{ident['b2a']['identity_pixel_acc']:.3f} |")
+    if realism:
+        row += f" {realism['_identity']['realism_a2b']:.3f} | {realism['_identity']['realism_b2a']:.3f} |"
+    lines.append(row)
+    lines += ["", "Shared blocks sweep (cycle on; 0 = cycle only, 1 = UNIT)", "",
+              "| n_shared | seeds | a2b pixel acc | b2a pixel acc | a2b MAE |", "| --- | --- | --- | --- | --- |"]
+    for k in range(4):
+        rs = [r for r in results if r["n_shared"] == k and r["w_cyc"] > 0]
+        if rs:
+            lines.append(f"| {k} | {len(rs)} | {mean_std(acc(rs, 'a2b'))} | {mean_std(acc(rs, 'b2a'))} | "
+                         f"{statistics.mean(acc(rs, 'a2b', 'mae')):.1f} |")
+    return "\n".join(lines)
+
+
+def score_realism(out: Path, corpus: dict, results: list[dict], size: int) -> dict:
+    """Realism of every run's translations with one domain classifier (trained once, cached)."""
+    from launch.export import load_translator
+    from launch.realism import load_classifier, score_translator, train_classifier
+
+    clf_dir = out / "realism-classifier"
+    if not (clf_dir / "classifier.json").is_file():
+        train_classifier(corpus["shards"], clf_dir, image_size=min(size, 32), progress=False)
+    clf = load_classifier(clf_dir)
+    cache = out / "results" / "realism.json"
+    scores = json.loads(cache.read_text()) if cache.is_file() else {}
+    for r in results:
+        key = f"{r['id']}@{r['steps']}"  # a run retrained for another step count is scored again
+        if key not in scores:
+            gen, _ = load_translator(r["export"])
+            scores[key] = score_translator(clf, gen, corpus["test_a"], corpus["test_b"], size=size)
+    scores["_identity"] = score_translator(clf, lambda x, d: x, corpus["test_a"], corpus["test_b"], size=size)
+    tmp = cache.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(scores, indent=1))
+    os.replace(tmp, cache)
+    return {**{r["id"]: scores[f"{r['id']}@{r['steps']}"] for r in results}, "_identity": scores["_identity"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    import yaml
+    out = Path(args.out).resolve()
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    steps = args.steps or cfg["train"]["max_steps"]
+    t_start = time.perf_counter()
+    corpus = prepare_corpus(out, args.n_train, args.n_test, args.size)
+    runs = plan(args.seeds, args.sweep_seeds)
+    m = cfg["model"]
+    print(f"budget: {len(runs)} runs x {steps} steps (batch {cfg['data']['batch_size']}, {args.size}x{args.size}, "
+          f"dim {m['dim']}, n_res {m['n_res']}, 1 CPU rank x {args.threads} thread(s)); about 3-4 min a run on one "
+          f"free core, so about {len(runs) * 3.5 / 60:.1f} h in all. Corpus: {args.n_train} train images per "
+          f"domain, {args.n_test} paired test scenes. Output: {out}", flush=True)
+    results, ran = [], 0
+    bar = tqdm(runs, desc="ablation", unit="run")
+    for run in bar:
+        bar.set_postfix_str(run["id"])
+        cached = out / "results" / f"{run['id']}.json"
+        if cached.is_file():
+            r = json.loads(cached.read_text())
+            if r.get("steps") == steps and r.get("model") == run["model"]:
+                results.append(r)
+                continue
+        r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides)
+        tmp = cached.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        os.replace(tmp, cached)
+        results.append(r)
+        ran += 1
+        tqdm.write(f"{run['id']}: a2b {r['evaluation']['a2b']['pixel_acc']:.3f} "
+                   f"b2a {r['evaluation']['b2a']['pixel_acc']:.3f} ({r['seconds']:.0f} s)")
+    realism = score_realism(out, corpus, results, args.size) if args.realism else None
+    table = tables(results, realism)
+    (out / "table.md").write_text(table + "\n")
+    print()
+    print(table)
+    secs = [r["seconds"] for r in results]
+    print(f"\n{len(results)} runs ({ran} trained now, {len(results) - ran} from {out / 'results'}), {steps} steps "
+          f"each; {statistics.mean(secs):.0f} s per run on average (launch + train + export), "
+          f"{sum(secs) / 60:.1f} min of training in all; this invocation took "
+          f"{(time.perf_counter() - t_start) / 60:.1f} min. Table also in {out / 'table.md'}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
