@@ -14,7 +14,7 @@ paper's table and the identity baseline. Every finished run leaves OUT/results/<
 a rerun skips those (same steps), so an interrupted ablation continues where it stopped.
 
     .venv/bin/python bench/ablation.py [--out runs/ablation] [--steps 300] [--seeds 3]
-        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--realism]
+        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--realism] [--report-only]
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training rank (shared machines: 1)")
     ap.add_argument("--realism", action="store_true",
                     help="also train a launch.realism domain classifier and score every run with it")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: print the table of the runs already cached in OUT/results")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.batch_size=8)")
     return ap.parse_args(argv)
 
@@ -234,6 +236,8 @@ def main(argv=None) -> int:
             if r.get("steps") == steps and r.get("model") == run["model"]:
                 results.append(r)
                 continue
+        if args.report_only:
+            continue
         r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides)
         tmp = cached.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1))
@@ -242,6 +246,9 @@ def main(argv=None) -> int:
         ran += 1
         tqdm.write(f"{run['id']}: a2b {r['evaluation']['a2b']['pixel_acc']:.3f} "
                    f"b2a {r['evaluation']['b2a']['pixel_acc']:.3f} ({r['seconds']:.0f} s)")
+    if not results:
+        print(f"no finished runs in {out / 'results'} for {steps} steps")
+        return 1
     realism = score_realism(out, corpus, results, args.size) if args.realism else None
     table = tables(results, realism)
     (out / "table.md").write_text(table + "\n")
