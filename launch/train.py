@@ -166,6 +166,11 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    import logging
+    import warnings
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)  # engine set-up prints pages of INFO per engine and rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     accel = get_accelerator()
@@ -266,10 +271,14 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
 
     def checkpoint_now(at: int) -> Path:
         rank_state = {"step": at, "loader": loader.state_dict(), "rng": ckpt.rng_state(), "world_size": world}
+        # The tracker's id, not start()'s: with the server down at start the run is created later.
         meta = {"step": at, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
-                "run_id": run_id, "world_size": world, "nonfinite_total": nonfinite_total}
-        return ckpt.save(run_dir, at, eng_g, eng_d, rank=rank, rank_state=rank_state, meta=meta,
-                         ema_tensors=ema.state_dict() if ema is not None else None, keep=cfg.train.keep_ckpts)
+                "run_id": (tracker.run_id or run_id) if is_main else run_id, "world_size": world, "nonfinite_total": nonfinite_total}
+        try:
+            return ckpt.save(run_dir, at, eng_g, eng_d, rank=rank, rank_state=rank_state, meta=meta,
+                             ema_tensors=ema.state_dict() if ema is not None else None, keep=cfg.train.keep_ckpts)
+        except Exception as e:  # a full disk surfaces from torch.save as a bare RuntimeError
+            raise ckpt.CheckpointWriteError(ckpt.write_failure(run_dir, at, e)) from e
 
     while step < cfg.train.max_steps:
         result = None
@@ -334,7 +343,8 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
 
     final = checkpoint_now(step)
     summary = {"step": step, "steps_run": step - start_step, "seconds": time.perf_counter() - t_start,
-               "checkpoint": str(final), "nonfinite_total": nonfinite_total, "run_id": run_id}
+               "checkpoint": str(final), "nonfinite_total": nonfinite_total,
+               "run_id": (tracker.run_id or run_id) if is_main else run_id, "run_dir": str(run_dir)}
     if is_main:
         export_dir = run_dir / "export"
         with ema_weights(ema, gen):
@@ -396,19 +406,32 @@ def git_commit() -> str:
 
 
 def print_summary(s: dict) -> None:
-    lines = [f"trained {s['steps_run']} steps (now at step {s['step']}) in {s['seconds']:.0f} s; "
+    run_dir = s.get("run_dir", ".")
+    lines = ["", f"trained {s['steps_run']} steps (now at step {s['step']}) in {s['seconds']:.0f} s; "
              f"{s['nonfinite_total']} step(s) skipped for non-finite losses.",
-             f"checkpoint: {s['checkpoint']}"]
+             f"  checkpoint:   {s['checkpoint']}",
+             f"  sample grids: {run_dir}/samples/   metrics: {run_dir}/metrics.jsonl"]
     if "export" in s:
-        lines.append(f"translator: {s['export']}  (load with launch.export.load_translator)")
+        lines.append(f"  translator:   {s['export']}  (safetensors + JSON; launch.export.load_translator)")
     ev = s.get("evaluation")
     if ev:
         from launch.evaluate import format_table
-        lines.append("paired test split, pixel accuracy (every channel within 16 of the truth):")
-        lines.append(format_table(ev))
+        lines += ["", "paired test split, pixel accuracy (every channel within 16 of the truth):", format_table(ev)]
+        for d, m in ev.items():
+            if m.get("identity_pixel_acc"):
+                lines.append(f"{d}: {m['pixel_acc'] / m['identity_pixel_acc']:.1f}x the identity baseline")
     reg = s.get("registry")
     if reg:
-        lines.append(f"registered {reg.get('name')} version {reg.get('version')} as {', '.join(reg.get('aliases', []))}")
+        uri = reg.get("tracking_uri", "")
+        alias = "champion" if "champion" in reg.get("aliases", []) else "candidate"
+        lines += ["", f"registered model {reg.get('name')} version {reg.get('version')} "
+                      f"(aliases: {', '.join(reg.get('aliases', []))}) in {uri}",
+                  "pull it:",
+                  f"  MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; "
+                  f"m = mlflow.pyfunc.load_model('models:/{reg.get('name')}@{alias}'); "
+                  f"print(m.predict(images_uint8_nhwc, params={{'direction': 'a2b'}}))\"",
+                  f"  MLFLOW_TRACKING_URI={uri} python -m launch.translate --model models:/{reg.get('name')}@{alias} "
+                  f"--direction a2b --in DIR --out DIR"]
     if s.get("run_id"):
         lines.append(f"MLflow run: {s['run_id']}")
     print("\n".join(lines), flush=True)
@@ -426,6 +449,12 @@ def main(argv=None) -> int:
     except (ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 4
+    except RuntimeError as e:
+        from launch.checkpoint import CheckpointWriteError
+        if not isinstance(e, CheckpointWriteError):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 5
     if int(os.environ.get("RANK", 0)) == 0:
         print_summary(summary)
     return 0

@@ -1,0 +1,105 @@
+"""Training throughput on CPU ranks: 1 rank vs 2 ranks, per-rank batch fixed, 1 thread per rank.
+
+    python bench/train.py [--size 64] [--batch 4] [--steps 40] [--repeats 3] [--preset tiny]
+
+Runs the real `deepspeed launch/train.py` on a generated demo corpus, reads the trainer's own
+metrics.jsonl (warm-up intervals dropped) and prints images/s per rank, the 2-rank scaling
+efficiency (per-rank throughput with 2 ranks / with 1 rank) and the share of step time spent
+waiting for data. Runs alternate 1 and 2 ranks so machine noise hits both alike; medians of
+the repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+
+
+def sh(cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, **kw)
+    if r.returncode not in (0, 3):
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+
+def one_run(work: Path, ranks: int, args, tag: str) -> dict:
+    run_dir = work / f"run-{tag}"
+    cfg = {"run_dir": str(run_dir), "seed": 0,
+           "data": {"shards": str(work / "shards"), "image_size": args.size, "batch_size": args.batch,
+                    "num_workers": args.workers},
+           "model": {"preset": args.preset},
+           "train": {"max_steps": args.steps, "log_every": args.log_every, "sample_every": 10 ** 6,
+                     "ckpt_every": 10 ** 6, "threads": 1},
+           "tracking": {"enable": False}, "registry": {"enable": False}}
+    path = work / f"{tag}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    sh([DEEPSPEED, "--num_gpus", ranks, "launch/train.py", "--config", path, "--deepspeed_config",
+        ROOT / "configs" / "ds" / "zero1.json"], env=env, timeout=3600)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = rows[args.warmup:]  # the first intervals include worker start-up and allocator warm-up
+    return {"img_s_rank": statistics.median(r["images_per_s_per_rank"] for r in rows),
+            "wait": statistics.median(r["data_wait_frac"] for r in rows), "wall": wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4, help="per-rank micro-batch (per domain)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="logged intervals dropped at the start")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="loader workers per rank")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--images", type=int, default=600, help="demo images per domain")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        sh([PY, "-m", "pipeline.demo", "--out", work / "demo", "--n-train", args.images, "--n-test", 4,
+            "--size", args.size])
+        sh([PY, "-m", "pipeline.shards", "--src-a", work / "demo" / "trainA", "--src-b", work / "demo" / "trainB",
+            "--out", work / "shards", "--workers", 1, "--max-per-shard", 100, "--no-progress"])
+        results = {1: [], 2: []}
+        for rep in range(args.repeats):
+            for ranks in (1, 2):
+                r = one_run(work, ranks, args, f"{ranks}r{rep}")
+                results[ranks].append(r)
+                print(f"repeat {rep + 1}/{args.repeats}, {ranks} rank(s): {r['img_s_rank']:.1f} img/s per rank, "
+                      f"data wait {100 * r['wait']:.1f}%, {r['wall']:.0f} s wall", flush=True)
+
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("img_s_rank", "wait")} for k, v in results.items()}
+    eff = med[2]["img_s_rank"] / med[1]["img_s_rank"]
+    load = os.getloadavg()[0]
+    print()
+    print(f"UNIT training throughput, preset {args.preset}, {args.size}x{args.size}, batch {args.batch} per rank "
+          f"per domain, 1 thread per rank, {args.workers} loader worker(s) per rank, ZeRO 1, CPU; "
+          f"median of {args.repeats}; load average {load:.1f} on {os.cpu_count()} CPUs")
+    print("| ranks | images/s per rank | images/s total | data wait (share of step time) | scaling efficiency |")
+    print("| --- | --- | --- | --- | --- |")
+    for k in (1, 2):
+        e = "1.00" if k == 1 else f"{eff:.2f}"
+        print(f"| {k} | {med[k]['img_s_rank']:.1f} | {med[k]['img_s_rank'] * k:.1f} | "
+              f"{100 * med[k]['wait']:.1f}% | {e} |")
+    print(f"\ngoals: data wait < 5% ({'met' if max(m['wait'] for m in med.values()) < 0.05 else 'MISSED'}), "
+          f"2-rank scaling efficiency >= 0.85 ({'met' if eff >= 0.85 else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
