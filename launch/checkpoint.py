@@ -99,7 +99,7 @@ def _barrier():
 
 
 def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state: dict,
-         meta: dict | None, ema_tensors: dict | None, keep: int) -> Path:
+         meta: dict | None, ema_state: dict | None, keep: int) -> Path:
     """Every rank calls this (DeepSpeed hangs if rank 0 saves alone)."""
     d = step_dir(run_dir, step)
     if rank == 0 and d.exists():
@@ -111,17 +111,72 @@ def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state:
     write_json_atomic(d / f"rank-{rank:05d}.json", rank_state)
     if rank == 0:
         write_json_atomic(d / "meta.json", meta or {})
-        if ema_tensors:
-            from safetensors.torch import save_file
-            tmp = d / ".ema.safetensors.tmp"
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema_tensors.items()}, str(tmp))
-            os.replace(tmp, d / "ema.safetensors")
+        if ema_state:
+            save_ema(d / "ema.safetensors", ema_state)
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         write_json_atomic(d / MARKER, {"step": step})
         prune(run_dir, keep)
     _barrier()
     return d
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (full disk, file-size limit, I/O error); the message says why and
+    which complete checkpoint is left to resume from."""
+
+
+def _first_oserror(exc: BaseException | None) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def write_failure(run_dir: str | Path, step: int, exc: BaseException) -> str:
+    """One line naming the checkpoint, the cause and the way out.
+
+    torch.save reports a full disk as a bare RuntimeError ("unexpected pos ...", "iostream error"),
+    so the cause is found by asking the filesystem: a 1 MiB probe write next to the checkpoint,
+    the free space, and the process's file-size limit (ulimit -f).
+    """
+    import errno as errno_mod
+    import resource
+
+    d = step_dir(run_dir, step)
+    where = d if d.exists() else d.parent if d.parent.exists() else Path(run_dir)
+    cause = _first_oserror(exc)
+    if cause is None:
+        probe = where / f".write-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            cause = e
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+    if cause is not None:
+        reason = f"{os.strerror(cause.errno)} ({errno_mod.errorcode.get(cause.errno, cause.errno)})"
+    else:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
+    try:
+        free = f"{shutil.disk_usage(where).free / 2 ** 20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = "" if soft == resource.RLIM_INFINITY else f", file-size limit (ulimit -f) {soft} bytes"
+    prev = latest_complete(run_dir)
+    keep = (f"the last complete checkpoint {prev} is intact; free space and run again to resume from it"
+            if prev is not None else "there is no earlier complete checkpoint")
+    return f"writing checkpoint {d} failed: {reason} ({free}{limit}); it is not marked complete and " \
+           f"will never be resumed from; {keep}"
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
@@ -152,8 +207,22 @@ def load(path: Path, eng_g, eng_d, *, rank: int) -> tuple[dict, dict | None, dic
     meta = json.loads((path / "meta.json").read_text())
     rank_file = path / f"rank-{rank:05d}.json"
     rank_state = json.loads(rank_file.read_text()) if rank_file.is_file() else None
-    ema = None
-    if (path / "ema.safetensors").is_file():
-        from safetensors.torch import load_file
-        ema = load_file(str(path / "ema.safetensors"))
+    ema = load_ema(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
     return meta, rank_state, ema
+
+
+def save_ema(path: Path, state: dict) -> None:
+    """model.ema.EMA.state_dict() as safetensors: the shadow tensors, decay and count as metadata."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state["shadow"].items()}, str(tmp),
+              metadata={"decay": repr(float(state["decay"])), "num_updates": str(int(state["num_updates"]))})
+    os.replace(tmp, path)
+
+
+def load_ema(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shadow = {k: f.get_tensor(k) for k in f.keys()}
+    return {"decay": float(meta["decay"]), "num_updates": int(meta["num_updates"]), "shadow": shadow}
