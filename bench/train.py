@@ -41,7 +41,7 @@ def one_run(work: Path, ranks: int, args, tag: str) -> dict:
                     "num_workers": args.workers},
            "model": {"preset": args.preset},
            "train": {"max_steps": args.steps, "log_every": args.log_every, "sample_every": 10 ** 6,
-                     "ckpt_every": 10 ** 6, "threads": 1},
+                     "ckpt_every": 10 ** 6, "threads": args.threads, "precision": args.precision},
            "tracking": {"enable": False}, "registry": {"enable": False}}
     path = work / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1, help="loader workers per rank")
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                    help="train.precision (bf16 needs a GPU that has it)")
     ap.add_argument("--images", type=int, default=600, help="demo images per domain")
     args = ap.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     print()
     print(f"UNIT training throughput, preset {args.preset}, {args.size}x{args.size}, batch {args.batch} per rank "
-          f"per domain, 1 thread per rank, {args.workers} loader worker(s) per rank, ZeRO 1, CPU; "
+          f"per domain, {args.threads} thread(s) per rank, {args.precision}, {args.workers} loader worker(s) per rank, ZeRO 1, CPU; "
           f"median of {args.repeats}; load average {load:.1f} on {os.cpu_count()} CPUs")
     print("| ranks | images/s per rank | images/s total | data wait (share of step time) | scaling efficiency |")
     print("| --- | --- | --- | --- | --- |")

@@ -28,12 +28,15 @@ FORMAT_VERSION = 1
 DIRECTIONS = ("a2b", "b2a")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_sha256 = file_sha256
 
 
 def _tmp_name(dir_: Path, name: str) -> Path:

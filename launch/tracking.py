@@ -133,14 +133,6 @@ def is_transient(exc: BaseException) -> bool:
 # Dataset lineage
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def shard_datasets(shards_dir) -> list[dict]:
     """One dataset record per domain of a `make shards` OUT directory.
 
@@ -148,6 +140,7 @@ def shard_datasets(shards_dir) -> list[dict]:
     sorted by key, so the same samples give the same digest however they are sharded. Without a
     manifest it falls back to the index's shard checksums.
     """
+    from launch.export import file_sha256
     root = Path(shards_dir)
     index_path, manifest_path = root / "index.json", root / "manifest.parquet"
     if not index_path.is_file():
@@ -182,8 +175,8 @@ def shard_datasets(shards_dir) -> list[dict]:
             "source": str((root / domain).resolve()),
             "profile": {"samples": n, "shards": len(shards),
                         "bytes": int(totals.get("bytes", sum(int(s.get("bytes", 0)) for s in shards)))},
-            "manifest_sha256": _file_sha256(manifest_path) if manifest_path.is_file() else None,
-            "index_sha256": _file_sha256(index_path),
+            "manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
+            "index_sha256": file_sha256(index_path),
         })
     return out
 

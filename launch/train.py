@@ -64,6 +64,24 @@ def seed_all(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+def dist_timeout() -> dict:
+    """UNIT_DIST_TIMEOUT_S: how long a collective waits for a silent peer before failing (default:
+    DeepSpeed's 30 min). A node that vanishes without closing its connections (power loss, network
+    partition) holds every other node that long; a rank that dies on a live node is noticed at once.
+    Set it above the longest phase where ranks wait for rank 0 (final evaluation and registration)."""
+    import datetime
+    raw = os.environ.get("UNIT_DIST_TIMEOUT_S", "").strip()
+    if not raw:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"UNIT_DIST_TIMEOUT_S={raw!r}: expected a number of seconds > 0")
+    return {"timeout": datetime.timedelta(seconds=seconds)}
+
+
 def fault_nan_steps() -> set[int]:
     """Fault injection for tests: UNIT_FAULT_NAN_STEPS="3,4" makes those steps' losses NaN."""
     raw = os.environ.get("UNIT_FAULT_NAN_STEPS", "")
@@ -171,7 +189,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)  # engine set-up prints pages of INFO per engine and rank
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(**dist_timeout())
     rank, world = dist.get_rank(), dist.get_world_size()
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
@@ -222,7 +240,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
 
     step, run_id, nonfinite_total, rng_to_restore = 0, None, 0, None
     if resume_from is not None:
-        meta, rank_state, ema_tensors = ckpt.load(resume_from, eng_g, eng_d, rank=rank)
+        meta, rank_state, ema_state = ckpt.load(resume_from, eng_g, eng_d, rank=rank)
         step, run_id = int(meta["step"]), meta.get("run_id")
         nonfinite_total = int(meta.get("nonfinite_total", 0))
         if rank_state is not None and int(meta.get("world_size", world)) == world:
@@ -232,8 +250,8 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
             # Another world size: every rank continues at the checkpoint's position in its new stream
             # (documented in pipeline/loader.py), and its RNG is reseeded from (seed, rank, step).
             loader.load_state_dict(json.loads((resume_from / "rank-00000.json").read_text())["loader"])
-        if ema is not None and ema_tensors is not None:
-            ema.load_state_dict(ema_tensors)
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
         say(f"resumed from {resume_from} at step {step}")
 
     tracker = Tracker(TrackingConfig(enable=cfg.tracking.enable and is_main, tracking_uri=cfg.tracking.uri,
@@ -276,7 +294,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
                 "run_id": (tracker.run_id or run_id) if is_main else run_id, "world_size": world, "nonfinite_total": nonfinite_total}
         try:
             return ckpt.save(run_dir, at, eng_g, eng_d, rank=rank, rank_state=rank_state, meta=meta,
-                             ema_tensors=ema.state_dict() if ema is not None else None, keep=cfg.train.keep_ckpts)
+                             ema_state=ema.state_dict() if ema is not None else None, keep=cfg.train.keep_ckpts)
         except Exception as e:  # a full disk surfaces from torch.save as a bare RuntimeError
             raise ckpt.CheckpointWriteError(ckpt.write_failure(run_dir, at, e)) from e
 

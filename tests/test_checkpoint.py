@@ -48,3 +48,17 @@ def test_rng_state_round_trips_through_json(tmp_path):
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     ckpt.write_json_atomic(tmp_path / "x.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_ema_state_round_trips_through_safetensors(tmp_path):
+    from model.ema import EMA
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, 0.9)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)
+    ckpt.save_ema(tmp_path / "ema.safetensors", ema.state_dict())
+    back = EMA(torch.nn.Linear(3, 2), 0.5)
+    back.load_state_dict(ckpt.load_ema(tmp_path / "ema.safetensors"))
+    assert back.decay == 0.9 and back.num_updates == 1
+    assert all(torch.equal(back.shadow[k], ema.shadow[k]) for k in ema.shadow)

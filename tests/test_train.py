@@ -95,10 +95,13 @@ def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
 def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_path):
     steps = 24
     ref_dir = tmp_path / "ref"
-    launch(write_config(tmp_path / "ref.yaml", corpus, ref_dir, max_steps=steps, ckpt_every=8, log_every=2))
+    # EMA on: the exported (EMA) weights then also check that the EMA state resumes exactly.
+    launch(write_config(tmp_path / "ref.yaml", corpus, ref_dir, max_steps=steps, ckpt_every=8, log_every=2,
+                        ema_decay=0.9))
 
     run_dir = tmp_path / "killed"
-    cfg = write_config(tmp_path / "k.yaml", corpus, run_dir, max_steps=steps, ckpt_every=8, log_every=2)
+    cfg = write_config(tmp_path / "k.yaml", corpus, run_dir, max_steps=steps, ckpt_every=8, log_every=2,
+                       ema_decay=0.9)
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = run_dir / "ckpt" / "step-00000008" / "COMPLETE"
