@@ -37,6 +37,7 @@ def tree_digest(d: Path) -> dict:
 
 def test_rank_killed_on_one_node_ends_both_launchers_then_resumes(corpus, tmp_path):
     nodes = two_nodes(f"f{os.getpid() % 100000}")
+    procs = []
     try:
         run_dir = tmp_path / "run"
         cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=200, ckpt_every=3)
@@ -62,6 +63,8 @@ def test_rank_killed_on_one_node_ends_both_launchers_then_resumes(corpus, tmp_pa
         assert resumed_step(outs[0]) == last_marked
         assert [m["step"] for m in metrics(run_dir)][-2:] == [last_marked + 1, last_marked + 2]
     finally:
+        for p in procs:
+            kill_group(p)
         delete_namespaces(nodes.namespaces)
 
 
