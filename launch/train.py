@@ -64,24 +64,6 @@ def seed_all(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def dist_timeout() -> dict:
-    """UNIT_DIST_TIMEOUT_S: how long a collective waits for a silent peer before failing (default:
-    DeepSpeed's 30 min). A node that vanishes without closing its connections (power loss, network
-    partition) holds every other node that long; a rank that dies on a live node is noticed at once.
-    Set it above the longest phase where ranks wait for rank 0 (final evaluation and registration)."""
-    import datetime
-    raw = os.environ.get("UNIT_DIST_TIMEOUT_S", "").strip()
-    if not raw:
-        return {}
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigError(f"UNIT_DIST_TIMEOUT_S={raw!r}: expected a number of seconds > 0")
-    return {"timeout": datetime.timedelta(seconds=seconds)}
-
-
 def fault_nan_steps() -> set[int]:
     """Fault injection for tests: UNIT_FAULT_NAN_STEPS="3,4" makes those steps' losses NaN."""
     raw = os.environ.get("UNIT_FAULT_NAN_STEPS", "")
@@ -189,7 +171,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)  # engine set-up prints pages of INFO per engine and rank
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    deepspeed.init_distributed(**dist_timeout())
+    deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"

@@ -68,10 +68,11 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
 fi
 
 # Nodes start at different times; under Kubernetes node 0's DNS name appears only once its
-# pod runs. Wait for the name, bounded, rather than fail the whole job on a race.
+# pod runs. Wait for the name, bounded, rather than fail the whole job on a race. (`ahosts`, not
+# `hosts`: it also accepts a raw IP address that no hosts file lists.)
 if command -v getent >/dev/null && ((NODE_RANK != 0)); then
     deadline=$((SECONDS + MASTER_WAIT_S))
-    until getent hosts "$MASTER_ADDR" >/dev/null; do
+    until getent ahosts "$MASTER_ADDR" >/dev/null; do
         ((SECONDS < deadline)) || die "MASTER_ADDR $MASTER_ADDR did not resolve within ${MASTER_WAIT_S}s"
         sleep 2
     done
