@@ -202,13 +202,16 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     dist.barrier()
 
-    seed_all(cfg.seed, rank)
+    # Same initial weights on every rank (DeepSpeed broadcasts rank 0's parameters, not buffers),
+    # then a noise stream of its own per rank.
+    seed_all(cfg.seed, 0)
     # The discriminators build only the scales this image size uses.
     unit = UNIT.from_config({"image_size": cfg.data.image_size, **cfg.model})
     ucfg = unit.cfg
     ds_g = deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=on_gpu, bf16_ok=bf16_ok)
     ds_d = deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_d, on_gpu=on_gpu, bf16_ok=bf16_ok)
     eng_g, eng_d = build_engines(unit, ds_g, ds_d)
+    seed_all(cfg.seed, rank)
     gen, dis = eng_g.module, eng_d.module
     dtype = torch.bfloat16 if ds_g["bf16"]["enabled"] else torch.float32
     accum = eng_g.gradient_accumulation_steps()
