@@ -33,7 +33,7 @@ DEMO_TRAIN  ?= 2000
 DEMO_TEST   ?= 200
 DEMO_SIZE   ?= 32
 
-.PHONY: setup demo demo-data shards verify train test test-fast bench mlflow-server mlflow-ui clean
+.PHONY: setup demo demo-data shards verify train test test-fast bench ablation mlflow-server mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,11 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/step.py
 	$(PY) bench/train.py
+
+# The paper's ablation on the demo corpus (about 30 min on 2 CPU cores; cached, resumable)
+ABLATION_ARGS ?=
+ablation: $(STAMP)
+	$(PY) bench/ablation.py $(ABLATION_ARGS)
 
 # A team tracking server on PostgreSQL with proxied artifacts, e.g.
 #   MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow make mlflow-server

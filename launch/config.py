@@ -87,6 +87,8 @@ class TrainSection(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: leave torch's default)")
     sample_count: int = Field(4, ge=1, le=16, description="held-out images per domain in the sample grid")
+    realism: bool = Field(True, description="at the end, score translations with a real-A-vs-B classifier "
+                                            "(trained once per run dir, about 20 s on CPU)")
 
 
 class TrackingSection(_Strict):

@@ -385,6 +385,15 @@ def finish_run(cfg: Config, run_dir: Path, tracker, export_dir: Path) -> dict:
                               test_b=cfg.data.test_b, truth_a=cfg.data.test_a, size=cfg.data.image_size)
         out["evaluation"] = res
         tracker.log_metrics(flat_metrics(res), None)
+    if cfg.data.test_a and cfg.data.test_b and cfg.train.realism:
+        # Realism: a small real-A-vs-real-B classifier (trained once per run dir, reused) scores
+        # how many translations it takes for the target domain.
+        from launch.realism import realism_metrics
+        shards_a, shards_b = shard_sources(cfg)
+        real = realism_metrics(export_dir, shards_a, shards_b, cfg.data.test_a, cfg.data.test_b,
+                               classifier_dir=run_dir / "realism", image_size=cfg.data.image_size)
+        out["realism"] = real
+        tracker.log_metrics({f"test/{k}": v for k, v in real.items()}, None)
     if cfg.registry.enable and cfg.tracking.enable:
         tracker.flush()
         from launch.registry import register_run
@@ -423,6 +432,10 @@ def print_summary(s: dict) -> None:
         for d, m in ev.items():
             if m.get("identity_pixel_acc"):
                 lines.append(f"{d}: {m['pixel_acc'] / m['identity_pixel_acc']:.1f}x the identity baseline")
+    real = s.get("realism")
+    if real:
+        lines.append("realism (share of translations a real-A-vs-B classifier takes for the target domain): "
+                     + ", ".join(f"{k.split('_')[1]} {v:.3f}" for k, v in real.items()))
     reg = s.get("registry")
     if reg:
         uri = reg.get("tracking_uri", "")

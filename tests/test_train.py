@@ -38,7 +38,8 @@ def write_config(path: Path, corpus: Path, run_dir: Path, **train) -> Path:
            "data": {"shards": str(corpus / "shards"), "image_size": 32, "batch_size": 2, "num_workers": 1,
                     "test_a": str(corpus / "demo" / "testA"), "test_b": str(corpus / "demo" / "testB")},
            "model": {"preset": "tiny"},
-           "train": {"max_steps": 6, "log_every": 1, "sample_every": 3, "ckpt_every": 3, "threads": 1, **train},
+           "train": {"max_steps": 6, "log_every": 1, "sample_every": 3, "ckpt_every": 3, "threads": 1,
+                     "realism": False, **train},
            "tracking": {"enable": False}, "registry": {"enable": False}}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -74,7 +75,7 @@ def final_state(run_dir: Path, step: int) -> dict:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2)
+    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2, realism=stage == 0)
     r = launch(cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json")
     assert f"ZeRO {stage}" in r.stdout
     rows = metrics(run_dir)
@@ -90,6 +91,9 @@ def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
             "u.eval(); y=u.gen.translate(torch.zeros(1,3,32,32),'a2b'); print(tuple(y.shape))")
     assert run([sys.executable, "-c", code]).stdout.strip() == "(1, 3, 32, 32)"
     assert "pixel acc" in r.stdout and "a2b" in r.stdout
+    if stage == 0:  # the realism classifier was trained next to the run and scored both directions
+        assert (run_dir / "realism" / "classifier.safetensors").is_file()
+        assert "realism (share of translations" in r.stdout
 
 
 def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_path):
