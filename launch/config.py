@@ -83,6 +83,8 @@ class TrainSection(_Strict):
     ckpt_every: int = Field(200, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_ckpts: int = Field(3, ge=1, description="complete checkpoints kept")
     max_nonfinite: int = Field(5, ge=1, description="consecutive NaN/inf steps that stop the run")
+    stall_timeout_s: float = Field(600.0, ge=0, description="a rank whose loop finished no step for this long "
+                                                             "exits (a peer vanished); 0 disables it")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the generator side, 0 disables it")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: leave torch's default)")

@@ -160,6 +160,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
     from launch.engines import build_engines, gan_step, mean_across_ranks
     from launch.export import save_translator
     from launch.tracking import Tracker, TrackingConfig
+    from launch.watchdog import StallWatchdog
     from model.ema import EMA
     from model.unit import UNIT
     from pipeline.loader import UnpairedLoader
@@ -283,6 +284,10 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
         except Exception as e:  # a full disk surfaces from torch.save as a bare RuntimeError
             raise ckpt.CheckpointWriteError(ckpt.write_failure(run_dir, at, e)) from e
 
+    # From the first step on (start-up, with its JIT builds and rendezvous, is not watched) to the
+    # final checkpoint; rank 0's evaluation and registration afterwards are not steps.
+    watchdog = StallWatchdog(cfg.train.stall_timeout_s, rank)
+    watchdog.start()
     while step < cfg.train.max_steps:
         result = None
         for _ in range(accum):
@@ -298,6 +303,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
         skipped = result is None
         step += 1
         iters_acc += 1
+        watchdog.beat(step)
         if skipped:
             nonfinite_total += 1
             nonfinite_run += 1
@@ -343,8 +349,10 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
             tracker.log_image(path, step)
         if step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
             checkpoint_now(step)
+            watchdog.beat(step)
 
     final = checkpoint_now(step)
+    watchdog.stop()
     summary = {"step": step, "steps_run": step - start_step, "seconds": time.perf_counter() - t_start,
                "checkpoint": str(final), "nonfinite_total": nonfinite_total,
                "run_id": (tracker.run_id or run_id) if is_main else run_id, "run_dir": str(run_dir)}

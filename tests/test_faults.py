@@ -238,3 +238,37 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_metrics_arrive(corpus
     got = sorted(m.step for m in hist)
     assert set(during) <= set(got), (during, got)
     assert got == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------- a node vanishes, connections open
+
+def test_frozen_node_is_detected_by_the_stall_watchdog_then_resumes(corpus, tmp_path):
+    # SIGSTOP keeps node 1's sockets open, as a lost host or a partition does: gloo alone would
+    # wait for its 30-minute timeout. The watchdog ends node 0 after train.stall_timeout_s.
+    nodes = two_nodes(f"w{os.getpid() % 100000}")
+    procs = []
+    try:
+        run_dir = tmp_path / "run"
+        cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=400, ckpt_every=3, stall_timeout_s=10)
+        procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
+        wait_for(lambda: marked(run_dir) and last_step(run_dir) >= 5, 240, procs, "a checkpoint and step 5")
+        frozen = rank_processes(procs[1])
+        assert len(frozen) == 1
+        frozen[0].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = procs[0].communicate(timeout=120)
+        took = time.monotonic() - t0
+        assert procs[0].returncode != 0
+        assert "no training step finished in" in out and "train.stall_timeout_s=10" in out, out[-3000:]
+        assert took < 60, f"node 0 took {took:.0f} s to give up on the frozen node"
+        kill_group(procs[1])
+        last_marked = marked(run_dir)[-1]
+
+        procs = start_nodes(nodes, cfg, f"train.max_steps={last_marked + 2}", port=free_port(), tmp=tmp_path)
+        outs = finish_nodes(procs)
+        assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:]
+        assert resumed_step(outs[0]) == last_marked
+    finally:
+        for p in procs:
+            kill_group(p)
+        delete_namespaces(nodes.namespaces)
