@@ -59,3 +59,19 @@ preflight_forwarded_env() {
     check_deepspeed_env "$HOME/$name"
     check_deepspeed_env "./$name"
 }
+
+# The checks every ssh-style launcher makes before it builds its command.
+preflight_launch() {
+    preflight_forwarded_env
+    [[ -f $HOSTFILE ]] || die "hostfile $HOSTFILE not found (copy infra/hostfile.example and edit it)"
+    [[ -f $CONFIG ]] || die "config $CONFIG not found (run from the repository root)"
+}
+
+# DRY_RUN=1: print the command, quoted, and stop; otherwise return and let the caller exec it.
+dry_run_exit() {
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+        printf '%q ' "$@"
+        echo
+        exit 0
+    fi
+}

@@ -18,9 +18,7 @@ HOSTFILE=${HOSTFILE:-infra/hostfile}
 CONFIG=${CONFIG:-configs/demo.yaml}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-preflight_forwarded_env
-[[ -f $HOSTFILE ]] || die "hostfile $HOSTFILE not found (copy infra/hostfile.example and edit it)"
-[[ -f $CONFIG ]] || die "config $CONFIG not found (run from the repository root)"
+preflight_launch
 
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_port "$MASTER_PORT")
 [[ -n ${MASTER_ADDR:-} ]] && cmd+=(--master_addr "$MASTER_ADDR")
@@ -29,10 +27,6 @@ cmd+=(launch/train.py --config "$CONFIG")
 [[ -n ${DS_CONFIG:-} ]] && cmd+=(--deepspeed_config "$DS_CONFIG")
 cmd+=("$@")
 
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "${cmd[@]}"
-    echo
-    exit 0
-fi
+dry_run_exit "${cmd[@]}"
 command -v pdsh >/dev/null || die "pdsh not found: install it on the launching host (Debian/Ubuntu: apt-get install pdsh)"
 exec "${cmd[@]}"

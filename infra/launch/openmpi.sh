@@ -20,9 +20,7 @@ CONFIG=${CONFIG:-configs/demo.yaml}
 MASTER_PORT=${MASTER_PORT:-29500}
 MPI_ARGS=${MPI_ARGS:---mca btl_tcp_if_include eth0}
 
-preflight_forwarded_env
-[[ -f $HOSTFILE ]] || die "hostfile $HOSTFILE not found (copy infra/hostfile.example and edit it)"
-[[ -f $CONFIG ]] || die "config $CONFIG not found (run from the repository root)"
+preflight_launch
 
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher openmpi --launcher_args "$MPI_ARGS"
     --master_port "$MASTER_PORT")
@@ -31,11 +29,7 @@ cmd+=(launch/train.py --config "$CONFIG")
 [[ -n ${DS_CONFIG:-} ]] && cmd+=(--deepspeed_config "$DS_CONFIG")
 cmd+=("$@")
 
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "${cmd[@]}"
-    echo
-    exit 0
-fi
+dry_run_exit "${cmd[@]}"
 command -v ompi_info >/dev/null || die "OpenMPI not found (ompi_info missing on PATH)"
 python -c "import mpi4py" 2>/dev/null || die "mpi4py is not installed in this python; run: pip install mpi4py"
 exec "${cmd[@]}"
