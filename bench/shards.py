@@ -110,8 +110,8 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ncorpus: {n} files ({args.n} JPEG aerial + {args.n} PNG map, {args.size}x{args.size}), {mb:.1f} MB; "
           f"page cache warm; {os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeats}")
-    print(f"| command | workers | seconds | images/s | MB/s | MB/s per worker | x tar per worker "
-          f"| x decode-only per worker |")
+    print("| command | workers | seconds | images/s | MB/s | MB/s per worker | x tar per worker "
+          "| x decode-only per worker |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| tar cf | 1 | {med['tar']:.3f} | {n / med['tar']:.0f} | {tar_mbs:.1f} | {tar_mbs:.1f} | 1.00 | "
           f"{tar_mbs / dec_mbs:.2f} |")

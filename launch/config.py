@@ -323,7 +323,6 @@ def load_ds_json(path: str | None) -> dict | None:
 def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
-    from model.unit import UNITConfig  # noqa: F401  (import errors surface here, not in ranks)
     size, n_down = cfg.data.image_size, int(cfg.model.get("n_down", 2))
     if cfg.data.augment.resize is not None and cfg.data.augment.resize < size:
         raise ConfigError(f"config key data.augment.resize = {cfg.data.augment.resize}: must be >= data.image_size ({size})")

@@ -119,7 +119,7 @@ def sample_rows(gen, x_a, x_b) -> list:
     return rows
 
 
-def held_out_batch(cfg: Config, loader_cls, shards_a, shards_b):
+def held_out_batch(cfg: Config, shards_a, shards_b):
     """A fixed set of images for the sample grids: the paired test split when given, else a side stream."""
     import torch
     n = cfg.train.sample_count
@@ -129,8 +129,9 @@ def held_out_batch(cfg: Config, loader_cls, shards_a, shards_b):
         _, a = load_folder(cfg.data.test_a, cfg.data.image_size)
         _, b = load_folder(cfg.data.test_b, cfg.data.image_size)
         return to_tensor(a[:n]), to_tensor(b[:n])
-    side = loader_cls(shards_a, shards_b, batch_size=n, image_size=cfg.data.image_size,
-                      seed=cfg.seed + 1_000_003, num_workers=0, augment={"train": False}, rank=0, world_size=1)
+    from pipeline.loader import UnpairedLoader
+    side = UnpairedLoader(shards_a, shards_b, batch_size=n, image_size=cfg.data.image_size,
+                          seed=cfg.seed + 1_000_003, num_workers=0, augment={"train": False}, rank=0, world_size=1)
     batch = next(iter(side))
     if hasattr(side, "close"):
         side.close()
@@ -252,7 +253,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
                                 "model_params_dis": sum(p.numel() for p in dis.parameters())})
             if cfg.data.shards_a is None:
                 tracker.log_datasets(cfg.data.shards)
-        sample_a, sample_b = held_out_batch(cfg, UnpairedLoader, shards_a, shards_b)
+        sample_a, sample_b = held_out_batch(cfg, shards_a, shards_b)
         sample_a, sample_b = sample_a.to(device, dtype), sample_b.to(device, dtype)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
@@ -268,7 +269,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
         seed_all(cfg.seed + step, rank)  # resumed at another world size: a fresh stream per (seed, rank, step)
     start_step, nonfinite_run = step, 0
     t_start = time.perf_counter()
-    t_last, wait_acc, imgs_acc, iters_acc = t_start, first_wait, 0, 0
+    t_last, wait_acc, imgs_acc = t_start, first_wait, 0
     say(f"training {cfg.train.max_steps - step} steps on {world} rank(s) ({accel.device_name()}, "
         f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, ZeRO {ds_g.get('zero_optimization', {}).get('stage', 0)}), "
         f"batch {cfg.data.batch_size}x{world}x{accum}, run dir {run_dir}")
@@ -302,7 +303,6 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
             imgs_acc += x_a.shape[0] + x_b.shape[0]
         skipped = result is None
         step += 1
-        iters_acc += 1
         watchdog.beat(step)
         if skipped:
             nonfinite_total += 1
@@ -340,7 +340,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
                     f"cyc {means.get('g/cyc_a', float('nan')):.3f}/{means.get('g/cyc_b', float('nan')):.3f} | "
                     f"{record['images_per_s']:.1f} img/s | data wait {100 * record['data_wait_frac']:.1f}% | "
                     f"eta {fmt_eta(eta)}")
-            t_last, wait_acc, imgs_acc, iters_acc = now, 0.0, 0, 0
+            t_last, wait_acc, imgs_acc = now, 0.0, 0
 
         if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
             path = run_dir / "samples" / f"step-{step:08d}.png"
