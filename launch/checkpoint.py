@@ -11,6 +11,18 @@ Layout of one checkpoint (`RUN_DIR/ckpt/step-00000100/`):
 DeepSpeed writes its files in place and its `latest` file is not atomic, so the marker is what
 makes a checkpoint count; a crash mid-save leaves an unmarked directory that is never loaded
 and is pruned later, and the previous marked checkpoint is untouched.
+
+The run directory is owned: `RUN_DIR/.unit-run.json` (written once, when a run starts in a new
+or empty folder) says it is a run directory and holds the run's identity, `run_uid`. Training
+refuses a non-empty folder without it, and `/`, system folders and the home folder. Every
+checkpoint's COMPLETE and meta.json carry the run_uid; resuming and pruning look only at the
+run's own checkpoints, found by that identity, not by the absolute path, so a run directory
+that was moved or copied resumes. Pruning deletes only folders that hold nothing but the files
+written here.
+
+DeepSpeed's own files are pickles that it loads with `weights_only=False`: a checkpoint is
+loaded from inside the run directory, or from a path outside it only with
+`trust_resume_path: true` (plan_resume).
 """
 from __future__ import annotations
 
@@ -20,6 +32,9 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +43,18 @@ import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE"
+RUN_MARKER = ".unit-run.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+# Everything save() puts in a step folder (and the temporary names it writes through).
+_OURS = re.compile(r"^(G|D|meta\.json|ema\.safetensors|COMPLETE|rank-\d{5}\.json|\.[\w.-]+\.tmp(-\d+)?)$")
+_RUN_MARKER_TMP = re.compile(r"^\.unit-run\.json\.tmp-\d+$")
+# Folders no run may own (pruning and overwriting there would damage the system).
+SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
+               "/proc", "/sys", "/var/lib", "/var/log")
+
+
+class RunDirError(ValueError):
+    """run_dir or resume refused; the message names the key, the value and what to do instead."""
 
 
 @dataclass
@@ -52,19 +78,159 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Marked checkpoints, oldest first."""
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(run_dir: str | Path, run_uid: str | None = None) -> list[Path]:
+    """Marked checkpoints (real folders, not links), oldest first; only run `run_uid`'s when given."""
     root = Path(run_dir) / "ckpt"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and not p.is_symlink() and (p / MARKER).is_file()]
+    if run_uid is not None:
+        found = [(s, p) for s, p in found if (_read_json(p / MARKER) or {}).get("run_uid") == run_uid]
     return [p for _, p in sorted(found)]
 
 
-def latest_complete(run_dir: str | Path) -> Path | None:
-    ckpts = complete_checkpoints(run_dir)
+def latest_complete(run_dir: str | Path, run_uid: str | None = None) -> Path | None:
+    ckpts = complete_checkpoints(run_dir, run_uid)
     return ckpts[-1] if ckpts else None
+
+
+def only_ours(folder: Path) -> bool:
+    """True when `folder` is a real folder holding only what save() writes (so it may be deleted)."""
+    return folder.is_dir() and not folder.is_symlink() and all(_OURS.match(p.name) for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------- the run directory
+
+def read_run_marker(run_dir: str | Path) -> dict | None:
+    """RUN_DIR/.unit-run.json, or None when the folder is not (yet) a run directory."""
+    path = Path(run_dir) / RUN_MARKER
+    if not path.exists():
+        return None
+    marker = _read_json(path)
+    if not marker or not isinstance(marker.get("run_uid"), str):
+        raise RunDirError(f"config key run_dir = {str(run_dir)!r}: {path} is damaged (expected JSON with a "
+                          "run_uid); restore it from a copy of the run, or use a new run_dir")
+    return marker
+
+
+def claim_run_dir(run_dir: str | Path) -> dict:
+    """Rank 0, after plan_resume: make `run_dir` a run directory (if it is not one) and return its marker."""
+    root = Path(run_dir)
+    marker = read_run_marker(root)
+    if marker is None:
+        root.mkdir(parents=True, exist_ok=True)
+        marker = {"format": 1, "run_uid": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "created_at": str(root.resolve())}  # informational: a moved run keeps its identity
+        write_json_atomic(root / RUN_MARKER, marker)
+    return marker
+
+
+def unsafe_run_dir(run_dir: str | Path) -> str | None:
+    """Why `run_dir` may never be a run directory (the root, a system folder, home), or None."""
+    p = Path(run_dir).resolve()
+    if p == Path(p.anchor):
+        return "is the file system root"
+    for d in SYSTEM_DIRS:
+        if p == Path(d) or p.is_relative_to(d):
+            return f"is inside the system folder {d}"
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home directory known
+        return None
+    if home.is_relative_to(p):
+        return "is your home folder" if p == home else f"contains your home folder {home}"
+    return None
+
+
+def _check_run_dir(root: Path) -> dict | None:
+    """The run marker, or None for a new or empty folder; refuses anything else."""
+    shown = f"config key run_dir = {str(root)!r}"
+    why = unsafe_run_dir(root)
+    if why:
+        raise RunDirError(f"{shown}: {why}; use a folder of its own, e.g. runs/NAME")
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"{shown}: exists and is not a folder")
+    marker = read_run_marker(root)
+    if marker is None and root.is_dir() and any(not _RUN_MARKER_TMP.match(p.name) for p in root.iterdir()):
+        raise RunDirError(f"{shown}: the folder is not empty and holds no {RUN_MARKER}, so it is not a run "
+                          "directory (training there would overwrite config.yaml, export/ and samples/ and "
+                          "prune ckpt/); use a new or empty folder")
+    return marker
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What makes `path` not a complete checkpoint written by save() (empty: it is one)."""
+    if not path.is_dir():
+        return ["no such folder" if not path.exists() else "not a folder"]
+    missing = [n for n in (MARKER, "meta.json") if not (path / n).is_file()]
+    missing += [f"{n}/" for n in ("G", "D") if not (path / n).is_dir()]
+    return [f"no {', '.join(missing)}"] if missing else []
+
+
+def plan_resume(run_dir: str | Path, resume: str, trust_path: bool = False) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0), or RunDirError saying why not.
+
+    Reads only, so every rank can call it before any rank writes: `never` refuses a folder that
+    already holds a run; `auto` takes the run's newest complete checkpoint; a path must be a
+    complete checkpoint inside the run directory, or outside it with `trust_path`.
+    """
+    root = Path(run_dir)
+    marker = _check_run_dir(root)
+    own = complete_checkpoints(root, marker["run_uid"]) if marker else []
+    if resume == "auto":
+        return own[-1] if own else None
+    if resume == "never":
+        if marker:
+            newest = f"its newest complete checkpoint is {own[-1]}" if own else "no complete checkpoint yet"
+            raise RunDirError(f"config key resume = 'never': run_dir {str(root)!r} already holds a run ({newest}); "
+                              "starting over there would mix two runs. Use resume=auto to continue it, or a new "
+                              "run_dir (or delete that folder)")
+        return None
+    return _explicit_checkpoint(root, Path(resume), own, trust_path)
+
+
+def _explicit_checkpoint(root: Path, path: Path, own: list[Path], trust_path: bool) -> Path:
+    shown = f"config key resume = {str(path)!r}"
+    problems = checkpoint_problems(path)
+    if problems:
+        hint = ""
+        if (path / RUN_MARKER).is_file():
+            newest = latest_complete(path, (read_run_marker(path) or {}).get("run_uid"))
+            hint = (f"; that is a run directory: set run_dir={path} resume=auto to continue it"
+                    + (f", or resume={newest}" if newest else ""))
+        raise RunDirError(f"{shown}: not a checkpoint ({'; '.join(problems)}); expected a folder "
+                          f"RUN_DIR/ckpt/step-NNNNNNNN holding {MARKER}, meta.json, G/ and D/, or 'auto' or 'never'{hint}")
+    inside = path.resolve().is_relative_to(root.resolve())
+    if not inside and not trust_path:
+        raise RunDirError(f"{shown}: outside run_dir {str(root)!r}. DeepSpeed checkpoints are pickles and loading "
+                          "one runs the code in it: set trust_resume_path=true if you trust where it came from, "
+                          "or copy it into the run directory")
+    if _STEP_DIR.match(path.name):
+        newer = [p.name for p in own if step_of(p) > step_of(path) and p.resolve() != path.resolve()]
+        if newer:
+            raise RunDirError(f"{shown}: run_dir {str(root)!r} holds newer complete checkpoints ({', '.join(newer)}); "
+                              "going back to an older one would mix two histories in one run. Resume into a new "
+                              "run_dir, or move the newer checkpoints away")
+    return path
 
 
 # ---------------------------------------------------------------- RNG state as JSON
@@ -100,9 +266,13 @@ def _barrier():
 
 def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state: dict,
          meta: dict | None, ema_state: dict | None, keep: int) -> Path:
-    """Every rank calls this (DeepSpeed hangs if rank 0 saves alone)."""
+    """Every rank calls this (DeepSpeed hangs if rank 0 saves alone). meta["run_uid"] marks the
+    checkpoint as the run's own (for resuming and pruning)."""
     d = step_dir(run_dir, step)
+    run_uid = (meta or {}).get("run_uid")
     if rank == 0 and d.exists():
+        if not only_ours(d):
+            raise RuntimeError(f"{d} exists and holds files this trainer did not write; move them away")
         shutil.rmtree(d)  # a leftover of a crash at this very step: never marked, rewrite it
     _barrier()
     d.mkdir(parents=True, exist_ok=True)
@@ -115,8 +285,8 @@ def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state:
             save_ema(d / "ema.safetensors", ema_state)
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        write_json_atomic(d / MARKER, {"step": step})
-        prune(run_dir, keep)
+        write_json_atomic(d / MARKER, {"step": step, "run_uid": run_uid})
+        prune(run_dir, keep, run_uid)
     _barrier()
     return d
 
@@ -179,20 +349,27 @@ def write_failure(run_dir: str | Path, step: int, exc: BaseException) -> str:
            f"will never be resumed from; {keep}"
 
 
-def prune(run_dir: str | Path, keep: int) -> list[Path]:
-    """Keep the newest `keep` complete checkpoints; drop older ones and unmarked leftovers below them."""
-    done = complete_checkpoints(run_dir)
+def prune(run_dir: str | Path, keep: int, run_uid: str | None = None) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints (of run `run_uid` when given); drop older ones and
+    unmarked leftovers below them. Only folders holding nothing but save()'s files are deleted:
+    anything else (another run's checkpoint, a user's file) is left, with a warning."""
+    done = complete_checkpoints(run_dir, run_uid)
     if not done:
         return []
-    newest = int(_STEP_DIR.match(done[-1].name).group(1))
+    newest = step_of(done[-1])
     drop = set(done[:-keep]) if keep > 0 else set()
     for p in (Path(run_dir) / "ckpt").iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and not (p / MARKER).is_file() and int(m.group(1)) < newest:
+        if m and not (p / MARKER).exists() and int(m.group(1)) < newest:
             drop.add(p)
-    for p in drop:
-        shutil.rmtree(p, ignore_errors=True)
-    return sorted(drop)
+    dropped = []
+    for p in sorted(drop):
+        if only_ours(p):
+            shutil.rmtree(p, ignore_errors=True)
+            dropped.append(p)
+        else:
+            print(f"warning: not pruning {p}: it holds files this trainer did not write", file=sys.stderr, flush=True)
+    return dropped
 
 
 def load(path: Path, eng_g, eng_d, *, rank: int) -> tuple[dict, dict | None, dict | None]:

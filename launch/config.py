@@ -11,19 +11,50 @@ import dataclasses
 import hashlib
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A bad config: the message names the key, the value and what is allowed."""
 
 
+def _kinds(annotation) -> set:
+    """The plain types an annotation admits: Optional[int] -> {int, NoneType}."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation}
+
+
+def _bounds(metadata) -> str:
+    """' >= 1 and < 1.0' from a field's Ge/Gt/Le/Lt constraints."""
+    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    parts = [f"{sym} {getattr(m, name)}" for m in metadata for name, sym in ops if hasattr(m, name)]
+    return (" " + " and ".join(parts)) if parts else ""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixups(cls, v, info: ValidationInfo):
+        # pydantic's lax mode reads `true` as 1 for an int (train.max_steps=true trains 1 step) and
+        # 1 / "yes" as True for a bool; a YAML value of the wrong kind is a mistake, say so.
+        field = cls.model_fields[info.field_name]
+        kinds = _kinds(field.annotation)
+        numbers = kinds & {int, float}
+        if isinstance(v, bool) and numbers and bool not in kinds:
+            what = "an integer" if int in numbers else "a number"
+            raise ValueError(f"must be {what}{_bounds(field.metadata)}, not true/false")
+        if bool in kinds and v is not None and not isinstance(v, bool):
+            raise ValueError("must be true or false")
+        return v
 
 
 class AugmentSection(_Strict):
@@ -60,6 +91,13 @@ class OptimSection(_Strict):
     lr_g: float = Field(1e-4, gt=0, description="generator-side learning rate")
     lr_d: float = Field(1e-4, gt=0, description="discriminator learning rate")
     betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_numbers(cls, v):
+        if isinstance(v, (list, tuple)) and any(isinstance(b, bool) for b in v):
+            raise ValueError("each beta must be a number in [0, 1), not true/false")
+        return v
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     adam_w_mode: bool = Field(False, description="False: Adam with L2 weight decay (the paper's); True: AdamW")
@@ -111,6 +149,8 @@ class Config(_Strict):
     run_dir: str = Field("runs/default", description="checkpoints, samples, metrics, export")
     seed: int = 0
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory")
+    trust_resume_path: bool = Field(False, description="load `resume` from outside run_dir: DeepSpeed "
+                                    "checkpoints are pickles, so only for checkpoints you trust")
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --deepspeed_config flag wins)")
     data: DataSection
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "paper"})
@@ -122,8 +162,8 @@ class Config(_Strict):
     @field_validator("resume")
     @classmethod
     def _resume(cls, v):
-        if v not in ("auto", "never") and not Path(v).is_dir():
-            raise ValueError("must be 'auto', 'never' or an existing checkpoint directory")
+        if not v.strip():  # what it points at is checked before launch (resume_point)
+            raise ValueError("must be 'auto', 'never' or a checkpoint directory")
         return v
 
     @field_validator("model")
@@ -135,7 +175,7 @@ class Config(_Strict):
 
 def check_model_config(model: dict) -> None:
     """Validate the model section against model.unit's config without building the networks."""
-    from model.unit import PRESETS, UNITConfig
+    from model.unit import PRESETS, UNITConfig, make_config
 
     preset = model.get("preset", "paper")
     if preset not in PRESETS:
@@ -146,6 +186,16 @@ def check_model_config(model: dict) -> None:
     for key in model:
         if key not in allowed:
             raise ValueError(f"model.{key} is not a model setting; allowed: {sorted(allowed)}")
+    types_ = {f.name: f.type for f in dataclasses.fields(UNITConfig)}
+    for key, value in model.items():
+        kind = types_.get(key)
+        kind = getattr(kind, "__name__", kind)  # "int" under `from __future__ import annotations`
+        if kind in ("int", "float") and isinstance(value, bool):
+            raise ValueError(f"model.{key} = {value!r}: must be {'an integer' if kind == 'int' else 'a number'}, "
+                             "not true/false")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"model.{key} = {value!r}: must be true or false")
+    make_config(model)  # the model's own value checks (dim >= 1, n_shared <= n_res, ...), no networks built
 
 
 # ---------------------------------------------------------------- loading
@@ -210,9 +260,12 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(resume_critical(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Keys that may change between a run and its resumption; everything else must match.
+# Keys that may change between a run and its resumption; everything else must match. run_dir is
+# one of them: a run is recognised by the run_uid in RUN_DIR/.unit-run.json, not by its path,
+# so a run directory that was moved or copied resumes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "tracking",
+                     "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "trust_resume_path",
+                     "run_dir", "tracking",
                      "registry", "data.num_workers", "data.cache_dir", "data.verify_shards", "deepspeed_config",
                      "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
 
@@ -320,9 +373,34 @@ def load_ds_json(path: str | None) -> dict | None:
         raise ConfigError(f"deepspeed_config {p} is not valid JSON: {e}") from None
 
 
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint this config resumes from (None: step 0), after every check that can refuse it:
+    the run directory (owned, not a system folder), `resume` (a complete checkpoint, inside run_dir
+    or trusted) and the checkpoint's config (no change that breaks resuming). Reads only."""
+    from launch.checkpoint import RunDirError, plan_resume
+
+    try:
+        path = plan_resume(cfg.run_dir, cfg.resume, cfg.trust_resume_path)
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
+    if path is None:
+        return None
+    try:
+        saved = json.loads((path / "meta.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint {path}: meta.json is unreadable or has no config ({e}); "
+                          "resume from another checkpoint") from None
+    diff = resume_differences(saved, cfg)
+    if diff:
+        raise ConfigError(f"checkpoint {path} holds a run whose config differs in ways that break resuming:\n  "
+                          + "\n  ".join(diff) + "\nuse a new run_dir (or change the settings back)")
+    return path
+
+
 def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
+    resume_point(cfg)
     size, n_down = cfg.data.image_size, int(cfg.model.get("n_down", 2))
     if cfg.data.augment.resize is not None and cfg.data.augment.resize < size:
         raise ConfigError(f"config key data.augment.resize = {cfg.data.augment.resize}: must be >= data.image_size ({size})")

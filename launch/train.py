@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.config import Config, ConfigError, check, deepspeed_config, load_config, load_ds_json, config_hash, \
-    resume_differences
+    resume_point
 
 
 def parse_args(argv=None):
@@ -185,24 +185,17 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
     is_main = rank == 0
     say = (lambda *a, **k: print(*a, **k, flush=True)) if is_main else (lambda *a, **k: None)
 
-    # A run directory is bound to its config: refuse a change that breaks resuming, before any work.
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = ckpt.latest_complete(run_dir)
-    elif cfg.resume != "never":
-        resume_from = Path(cfg.resume)
-    if resume_from is not None:
-        saved = json.loads((resume_from / "meta.json").read_text())["config"]
-        diff = resume_differences(saved, cfg)
-        if diff:
-            raise ConfigError(f"run directory {run_dir} holds a run whose config differs in ways that break "
-                              f"resuming:\n  " + "\n  ".join(diff) + "\nuse another run_dir or resume=never")
-
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # Every rank decides where to resume from (and whether the run directory may be used) before
+    # rank 0 claims it: the barrier keeps a slow rank from seeing the marker of this very launch.
+    resume_from = resume_point(cfg)
     dist.barrier()
+    uid = [None]
+    if is_main:
+        uid[0] = ckpt.claim_run_dir(run_dir)["run_uid"]
+        import yaml
+        ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    dist.broadcast_object_list(uid, src=0)  # the run's identity, written into every checkpoint
+    run_uid = uid[0]
 
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's parameters, not buffers),
     # then a noise stream of its own per rank.
@@ -278,6 +271,7 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
         rank_state = {"step": at, "loader": loader.state_dict(), "rng": ckpt.rng_state(), "world_size": world}
         # The tracker's id, not start()'s: with the server down at start the run is created later.
         meta = {"step": at, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
+                "run_uid": run_uid,
                 "run_id": (tracker.run_id or run_id) if is_main else run_id, "world_size": world, "nonfinite_total": nonfinite_total}
         try:
             return ckpt.save(run_dir, at, eng_g, eng_d, rank=rank, rank_state=rank_state, meta=meta,

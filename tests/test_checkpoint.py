@@ -62,3 +62,47 @@ def test_ema_state_round_trips_through_safetensors(tmp_path):
     back.load_state_dict(ckpt.load_ema(tmp_path / "ema.safetensors"))
     assert back.decay == 0.9 and back.num_updates == 1
     assert all(torch.equal(back.shadow[k], ema.shadow[k]) for k in ema.shadow)
+
+
+def _mark(d, run_uid):
+    import json
+    (d / ckpt.MARKER).write_text(json.dumps({"step": ckpt.step_of(d), "run_uid": run_uid}))
+    return d
+
+
+def test_another_runs_checkpoints_are_neither_newest_nor_pruned(tmp_path):
+    # Issue 15, case 4: an old run's higher steps counted as newest, so pruning deleted what the
+    # new run had just written and latest_complete returned the old run's checkpoint.
+    for s in (10, 20, 30):
+        _mark(_make(tmp_path, s, complete=False), "old")
+    for s in (1, 2, 3):
+        _mark(_make(tmp_path, s, complete=False), "new")
+    assert ckpt.latest_complete(tmp_path, "new") == ckpt.step_dir(tmp_path, 3)
+    assert ckpt.latest_complete(tmp_path) == ckpt.step_dir(tmp_path, 30)  # without an identity: any
+    ckpt.prune(tmp_path, keep=2, run_uid="new")
+    left = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert left == ["step-00000002", "step-00000003", "step-00000010", "step-00000020", "step-00000030"]
+
+
+def test_prune_deletes_only_what_save_writes(tmp_path, capsys):
+    for s in (10, 20):
+        _make(tmp_path, s)
+    stray = ckpt.step_dir(tmp_path, 1)
+    stray.mkdir(parents=True)
+    (stray / "thesis.tex").write_text("\\chapter{}")  # a user's file in a folder named like a leftover
+    leftover = _make(tmp_path, 5, complete=False)
+    (leftover / "rank-00001.json").write_text("{}")
+    (leftover / ".meta.json.tmp-123").write_text("")
+    dropped = ckpt.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in dropped) == ["step-00000005", "step-00000010"]
+    assert (stray / "thesis.tex").read_text() == "\\chapter{}"
+    assert "not pruning" in capsys.readouterr().err
+
+
+def test_symlinked_checkpoints_are_not_resumed_or_pruned(tmp_path):
+    elsewhere = _make(tmp_path / "elsewhere", 50)
+    _make(tmp_path / "run", 10)
+    (tmp_path / "run" / "ckpt" / "step-00000050").symlink_to(elsewhere)
+    assert ckpt.latest_complete(tmp_path / "run") == ckpt.step_dir(tmp_path / "run", 10)
+    ckpt.prune(tmp_path / "run", keep=1)
+    assert (elsewhere / ckpt.MARKER).is_file()

@@ -133,3 +133,29 @@ def test_cli_checks_deepspeed_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.config", str(good)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "image_size: 32" in r.stdout
+
+
+@pytest.mark.parametrize("override, named, allowed", [
+    ("train.max_steps=true", "train.max_steps = True", "must be an integer >= 1, not true/false"),
+    ("train.ckpt_every=false", "train.ckpt_every = False", "must be an integer >= 1"),
+    ("seed=true", "seed = True", "must be an integer, not true/false"),
+    ("optim.lr_g=true", "optim.lr_g = True", "must be a number > 0"),
+    ("train.ema_decay=true", "train.ema_decay = True", "must be a number >= 0.0 and < 1.0"),
+    ("data.augment.resize=true", "data.augment.resize = True", "must be an integer >= 8"),
+    ("optim.betas=[true, 0.9]", "optim.betas", "not true/false"),
+    ("data.augment.flip=1", "data.augment.flip = 1", "must be true or false"),
+    ("tracking.enable=0", "tracking.enable = 0", "must be true or false"),
+    ("model.dim=true", "model.dim = True", "must be an integer"),
+    ("model.fused_upsample=1", "model.fused_upsample = 1", "must be true or false"),
+    ("model.dim=0", "dim=0", "must be an integer >= 1"),
+])
+def test_booleans_are_not_numbers(override, named, allowed):
+    # Issue 15, case 16: train.max_steps=true was accepted as 1.
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override], base=BASE)
+    assert named in str(e.value) and allowed in str(e.value)
+
+
+def test_integers_still_parse_from_yaml():
+    cfg = load_config(None, ["train.max_steps=7", "optim.lr_g=1", "data.augment.flip=false", "model.dim=8"], base=BASE)
+    assert cfg.train.max_steps == 7 and cfg.optim.lr_g == 1.0 and cfg.data.augment.flip is False

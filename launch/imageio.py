@@ -1,0 +1,119 @@
+"""Reading image files that nobody vetted: a pixel cap checked before decoding, EXIF orientation,
+and one clear reason per refused file.
+
+    from launch.imageio import ImageRejected, NotAnImage, read_rgb
+    try:
+        arr = read_rgb(path, max_pixels=64_000_000, min_side=5)   # uint8 [H, W, 3], upright
+    except NotAnImage:        # no image format recognised and no image suffix (a README): ignore it
+        ...
+    except ImageRejected as e:  # an image that cannot be used; str(e) == f"{path}: {e.reason}"
+        ...
+
+The cap is checked on the header's width and height, so a 100000 x 100000 PNG of a few KB is
+refused without allocating its pixels. Width and height are reported after EXIF orientation
+(a portrait photo stored sideways is H x W as a viewer shows it).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Decoded pixels above which an image is refused (8000 x 8000; about 192 MB as uint8 RGB)."""
+
+
+class ImageRejected(ValueError):
+    """An image file that cannot be used; `reason` says why, str() is "PATH: reason"."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+class NotAnImage(ImageRejected):
+    """No image format recognised and the name has no image suffix (e.g. a README next to images)."""
+
+
+def image_suffixes() -> set[str]:
+    from PIL import Image
+
+    return set(Image.registered_extensions())
+
+
+def _open(path):
+    """PIL image with only the header read; raises NotAnImage / ImageRejected."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:  # PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
+        raise ImageRejected(path, f"too large to decode ({e})") from None
+    except UnidentifiedImageError:
+        if path.suffix.lower() in image_suffixes():
+            raise ImageRejected(path, f"not a readable image (the name says {path.suffix}, "
+                                      "the content is no image format PIL knows, or is damaged)") from None
+        raise NotAnImage(path, "not an image") from None
+    except OSError as e:  # with an errno: the file system's refusal; without: PIL's, on the content
+        raise ImageRejected(path, f"cannot open: {e.strerror}" if e.errno else f"damaged or truncated ({e})") from None
+
+
+def _oriented_size(im) -> tuple[int, int]:
+    """(width, height) as a viewer shows it: EXIF orientations 5-8 swap the two."""
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: exif_transpose will ignore it too
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def check_size(path, width: int, height: int, *, max_pixels: int | None, min_side: int = 1) -> None:
+    """Raise ImageRejected when width x height is above the cap or a side below `min_side`."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageRejected(path, f"{width}x{height} = {width * height} pixels is above the limit of "
+                                  f"{max_pixels} (raise --max-pixels to allow it)")
+    if min(width, height) < min_side:
+        raise ImageRejected(path, f"{width}x{height} is too small: the model needs at least "
+                                  f"{min_side}x{min_side} pixels")
+
+
+def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 1,
+             size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] RGB, upright (EXIF orientation applied); resized to size x size (bicubic)
+    when `size` is given (the size checks apply to the file's own size, before resizing).
+
+    Raises NotAnImage (no image format, no image suffix), or ImageRejected naming the file and the
+    reason: unreadable, damaged or truncated, above `max_pixels` (checked on the header, before
+    decoding), or a side below `min_side`. Both are ValueErrors.
+    """
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        # The cap below replaces PIL's DecompressionBombWarning (which only warns up to 2x).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open(path) as src:
+            check_size(path, *_oriented_size(src), max_pixels=max_pixels, min_side=min_side)
+            try:
+                im = ImageOps.exif_transpose(src).convert("RGB")  # decodes the pixels
+                if size and im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                return np.asarray(im, dtype=np.uint8).copy()
+            except MemoryError:
+                raise ImageRejected(path, "out of memory while decoding") from None
+            except Exception as e:  # truncated data, broken chunks, bad EXIF, odd modes: all the file's fault
+                raise ImageRejected(path, f"damaged or truncated ({type(e).__name__}: {e})") from None
+
+
+def is_image_file(path) -> bool:
+    """True when the file could be an image: PIL recognises its header, or its suffix is an image
+    suffix (then read_rgb says what is wrong with it). Reads only the header."""
+    try:
+        _open(path).close()
+    except NotAnImage:
+        return False
+    except ImageRejected:
+        return True
+    return True
