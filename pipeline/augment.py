@@ -17,6 +17,11 @@ import numpy as np
 from PIL import Image
 
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+MAX_PIXELS = 64_000_000  # default decode cap: what `make shards --max-pixels` accepts by default
+
+
+class TooManyPixels(ValueError):
+    """An image whose header promises more pixels than the cap: skipped before decoding."""
 
 
 @dataclass
@@ -105,26 +110,61 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded: JPEG, PNG and WebP parsed
+    here, other formats by PIL's lazy open. Raises ValueError when there is no known header."""
+    size = jpeg_size(data)
+    if size is None and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        size = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if size is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        size = _webp_size(data)
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+                size = im.size
+        except Image.DecompressionBombError as e:  # PIL's own cap, far above ours
+            raise TooManyPixels(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - unidentified or broken header
+            raise ValueError(f"no readable image header ({type(e).__name__}: {e})") from None
+    return size
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:  # extended: 24-bit canvas size minus one
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and len(data) >= 25:  # lossless: 14-bit sizes minus one after 0x2f
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(data) >= 30:  # lossy: frame tag, start code, 14-bit sizes
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-def decode_image(data: bytes, min_side: int) -> np.ndarray:
+def decode_image(data: bytes, min_side: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to HWC uint8 **BGR** (OpenCV order; callers reorder channels when
     they convert to float, which costs nothing extra). JPEGs much larger than needed are
     decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, as PIL's draft mode) keeping the
-    shortest side >= min_side. Anything OpenCV cannot decode, or a JPEG without its end
-    marker (OpenCV would grey-fill a truncated one), goes through PIL, which raises on
-    corrupt data."""
+    shortest side >= min_side. An image that would decode to more than `max_pixels` pixels
+    (judged from its header, so a decompression bomb costs no memory) raises TooManyPixels.
+    Anything OpenCV cannot decode, or a JPEG without its end marker (OpenCV would grey-fill
+    a truncated one), goes through PIL, which raises on corrupt data."""
+    jpeg = jpeg_size(data)
+    w, h = jpeg or header_size(data)
+    scale = 1
+    if jpeg is not None:
+        scale = next((k for k, _ in _REDUCED if -(-min(w, h) // k) >= min_side), 1)
+    decoded = -(-w // scale) * -(-h // scale)
+    if decoded > max_pixels:
+        raise TooManyPixels(f"{w}x{h} decodes to {decoded} pixels > the loader's max_pixels {max_pixels}")
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # pixels as stored, like PIL
-    size = jpeg_size(data)
-    if size is not None:
+    if jpeg is not None:
         if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):
             return _decode_pil(data, min_side)
-        short = min(size)
-        for k, flag in _REDUCED:
-            if -(-short // k) >= min_side:
-                flags = flag | cv2.IMREAD_IGNORE_ORIENTATION
-                break
+        flags = dict(_REDUCED).get(scale, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         return _decode_pil(data, min_side)
@@ -164,9 +204,10 @@ class Augmenter:
     (`u`: crop position y, x and flip draw in [0, 1); `seed`: for the colour jitter), so an
     image's result does not depend on what came before it (needed for exact resumption)."""
 
-    def __init__(self, cfg: AugmentConfig, image_size: int):
+    def __init__(self, cfg: AugmentConfig, image_size: int, max_pixels: int = MAX_PIXELS):
         self.cfg = cfg
         self.size = image_size
+        self.max_pixels = max_pixels
         self.resize = cfg.resize or image_size
         if self.resize < image_size:
             raise ValueError(f"augment.resize={self.resize} is smaller than image_size={image_size}")
@@ -183,7 +224,7 @@ class Augmenter:
             self.colour.set_random_state(self._np, self._py)
 
     def __call__(self, data: bytes, u: np.ndarray, seed: int) -> np.ndarray:
-        img = decode_image(data, self.resize)
+        img = decode_image(data, self.resize, self.max_pixels)
         h, w = img.shape[:2]
         if min(h, w) != self.resize:  # SmallestMaxSize
             f = self.resize / min(h, w)

@@ -1,8 +1,9 @@
 """Image validation and conversion for `make shards`.
 
-Every input is fully decoded once. Valid RGB JPEG/PNG/WebP files are stored with their
-original bytes; every other accepted image (grayscale, palette, alpha, CMYK, 16-bit, BMP,
-TIFF, ...) is converted once to 8-bit RGB and re-encoded:
+Every input is fully decoded once. Valid 8-bit RGB JPEG/PNG/WebP files without an EXIF
+rotation are stored with their original bytes; every other accepted image (grayscale,
+palette, alpha, CMYK, 16-bit, BMP, TIFF, EXIF orientation 2-8, ...) is converted once to
+upright 8-bit RGB and re-encoded, carrying no orientation tag:
 
 - JPEG sources -> JPEG, quality 95, 4:4:4 chroma (no second round of chroma subsampling);
 - everything else -> PNG (lossless, compress_level 3);
@@ -20,6 +21,10 @@ from PIL import Image
 
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: multi-picture JPEG (phones)
 KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+ORIENTATION = 0x0112  # EXIF tag: how the stored pixels must be turned to display upright
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 3
 
@@ -93,9 +98,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGB", im.size, (255, 255, 255))
         bg.paste(im.convert("RGBA"), mask=im.getchannel("A"))
         return bg
-    if im.mode in ("L", "1") and "transparency" in im.info:
+    if im.mode in ("L", "1", "RGB") and "transparency" in im.info:  # a tRNS colour key
         return _to_rgb(im.convert("RGBA"))
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 = upright; unknown values count as 1)."""
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+        return value if value in _UPRIGHT else 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to reject the pixels
+        return 1
+
+
+def _png_bit_depth(data: bytes) -> int:
+    """Bits per sample from a PNG's IHDR (PIL decodes 16-bit RGB as mode "RGB" and hides it)."""
+    return data[24] if data[12:16] == b"IHDR" and len(data) > 24 else 8
+
+
+def _keep_original(im: Image.Image, data: bytes) -> bool:
+    """Whether the original bytes can be stored: 8-bit RGB JPEG/PNG/WebP, one frame, no
+    transparency and no EXIF rotation (anything else is converted)."""
+    if im.format not in KEEP_AS_IS or im.mode != "RGB" or getattr(im, "is_animated", False):
+        return False
+    if "transparency" in im.info or _orientation(im) != 1:
+        return False
+    return im.format != "PNG" or _png_bit_depth(data) == 8
 
 
 def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -> Checked:
@@ -107,7 +136,7 @@ def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -
     if min(w, h) < min_side:
         raise Rejected(f"smaller than --min-side {min_side}: {w}x{h}")
     fmt = "JPEG" if im.format == "MPO" else im.format
-    keep = fmt in KEEP_AS_IS and im.mode == "RGB" and im.format != "MPO" and not getattr(im, "is_animated", False)
+    keep = _keep_original(im, data)
     if keep and fmt == "JPEG":
         # Still a full decode (entropy decoding, IDCT and upsampling of every block), minus
         # the YCbCr->RGB conversion: the original bytes are stored, not these pixels (~1.4x faster).
@@ -121,9 +150,12 @@ def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -
         raise Rejected(f"unreadable: {msg}") from None
     except Exception as e:  # noqa: BLE001 - decoder errors of any kind reject the input
         raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
-    if keep:
+    if keep and _orientation(im) == 1:  # a PNG's eXIf chunk may follow the pixels: check again
         return Checked(data, KEEP_AS_IS[fmt], w, h, converted=False)
     rgb = _to_rgb(im)
+    turn = _UPRIGHT.get(_orientation(im))
+    if turn is not None:  # stored upright; the re-encoded file carries no EXIF, so no tag
+        rgb = rgb.transpose(turn)
     buf = io.BytesIO()
     if fmt == "JPEG":
         rgb.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)

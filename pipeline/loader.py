@@ -21,6 +21,11 @@ chunk max(saved chunks) + 1 of its own (seed, domain, rank, worker) sequence, of
 rank restarts from the beginning, no chunk drawn before is replayed (chunk RNGs are keyed by
 index), and each chunk is still a uniform shard draw with a fresh shuffle, so the sampling
 distribution is unchanged; only the exact sample order differs from the old layout.
+
+Shard URLs read from an index.json are data, never commands: each entry must be a relative
+path inside the index's folder or a file/s3/gs/http(s) URL (pipeline.shards.index_entry_url),
+checked for every entry when the loader is built, before any worker starts. `pipe:` URLs
+run only when the caller passes them directly (a brace pattern or a list).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import io
 import json
 import logging
 import os
+import stat
 import tarfile
 import urllib.parse
 from dataclasses import dataclass
@@ -39,13 +45,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import AugmentConfig, Augmenter, to_chw_float
+from pipeline.augment import MAX_PIXELS, AugmentConfig, Augmenter, TooManyPixels, to_chw_float
+from pipeline.shards import index_entry_url
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DOMAINS = {"a": 1, "b": 2}
-REASONS = ("corrupt_sample", "truncated_shard", "unreadable_shard", "checksum_mismatch", "empty_shard")
+REASONS = ("corrupt_sample", "truncated_shard", "unreadable_shard", "checksum_mismatch", "empty_shard",
+           "too_many_pixels")
 
 
 @dataclass
@@ -69,18 +77,13 @@ def _from_index(path: str, domain: str) -> list[Shard]:
     try:
         with open(path) as f:
             index = json.load(f)
-        entries = index["shards"]
+        entries = list(index["shards"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a readable shard index.json ({e})") from e
-    root = os.path.dirname(os.path.abspath(path))
-    shards = []
-    for e in entries:
-        if e.get("domain") != domain:
-            continue
-        url = e["url"]
-        if not _is_remote(url) and not os.path.isabs(url):
-            url = os.path.join(root, url)
-        shards.append(Shard(url, e.get("nsamples"), e.get("sha256")))
+    # Every entry is checked, whatever its domain: one hostile entry means the index is not trusted.
+    urls = [index_entry_url(path, e) for e in entries]
+    shards = [Shard(url, e.get("nsamples"), e.get("sha256")) for url, e in zip(urls, entries)
+              if e.get("domain") == domain]
     if not shards:
         raise ValueError(f"{path}: no shards of domain {domain!r}")
     return shards
@@ -88,7 +91,9 @@ def _from_index(path: str, domain: str) -> list[Shard]:
 
 def resolve_shards(spec, domain: str) -> list[Shard]:
     """Shard list from an OUT directory of `make shards` or an index.json (the entries of
-    `domain`), a brace pattern, one URL, or a list of URLs (paths, pipe:, fsspec URLs)."""
+    `domain`), a brace pattern, one URL, or a list of URLs (paths, pipe:, fsspec URLs).
+    An index's entries are checked by pipeline.shards.index_entry_url (ValueError naming the
+    index, the entry and why); a pattern or list is the caller's own and taken as given."""
     if isinstance(spec, (str, os.PathLike)):
         spec = os.fspath(spec)
         if os.path.isdir(spec):
@@ -248,6 +253,8 @@ class ShardReader:
         url = shard.url
         try:
             if not _is_remote(url):
+                if not stat.S_ISREG(os.stat(url).st_mode):  # a FIFO or device would block or never end
+                    raise OSError(f"{url} is not a regular file")
                 f, path = open(url, "rb"), url
             elif self.cache is not None:
                 path = self.cache.get(url)
@@ -342,6 +349,9 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
                         f.seek(off)
                         data = f.read(size)
                         img = augmenter(data, draws[j], int(seeds[j]))
+                    except TooManyPixels as e:  # a decompression bomb: skipped before any pixel is decoded
+                        counters.skip("too_many_pixels", shard.url, f"{key}: {e}")
+                        continue
                     except Exception as e:  # a bad image must never stop training
                         counters.skip("corrupt_sample", shard.url, f"{key}: {type(e).__name__}: {e}")
                         continue
@@ -376,7 +386,7 @@ class _Batches(IterableDataset):
             import cv2
 
             cv2.setNumThreads(1)  # the workers are the parallelism
-        augmenter = Augmenter(l.augment, l.image_size)
+        augmenter = Augmenter(l.augment, l.image_size, l.max_pixels)
         reader = ShardReader(l.verify_shards, l._cache)
         counters = Counters()
         start = self.positions.get(worker, {"a": (0, 0), "b": (0, 0)})
@@ -406,6 +416,10 @@ class UnpairedLoader:
     (each worker sends its counter deltas inside the batch, so they aggregate across worker
     processes without shared memory). Events of prefetched, not yet delivered batches appear
     when those batches do; warnings name the shard once per worker process.
+
+    `max_pixels` caps what one image may decode to (after JPEG DCT scaling), judged from its
+    header before decoding: a larger image is skipped as "too_many_pixels", so a decompression
+    bomb in a shard costs no memory. The default equals `make shards --max-pixels`'s.
     """
 
     def __init__(self, shards_a, shards_b, batch_size: int, image_size: int, seed: int = 0,
@@ -413,11 +427,14 @@ class UnpairedLoader:
                  rank: int | None = None, world_size: int | None = None,
                  verify_shards: bool = False, cache_dir: str | None = None,
                  cache_bytes: int = 20 * 2**30, prefetch_factor: int = 2,
-                 pin_memory: bool = False, multiprocessing_context=None):
+                 pin_memory: bool = False, multiprocessing_context=None, max_pixels: int = MAX_PIXELS):
         if batch_size < 1 or image_size < 1:
             raise ValueError(f"batch_size={batch_size} and image_size={image_size} must be >= 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels={max_pixels} must be >= 1")
+        self.max_pixels = int(max_pixels)
         r, w = default_rank_world()
         self.rank = r if rank is None else int(rank)
         self.world_size = w if world_size is None else int(world_size)

@@ -1,7 +1,7 @@
 """`make shards`: two unpaired image domains into verified WebDataset tar shards.
 
     python -m pipeline.shards --src-a A --src-b B --out OUT [--workers N] [--shard-size-mb 256]
-        [--max-per-shard N] [--min-side 16] [--max-pixels N] [--part i/N]
+        [--max-per-shard N] [--min-side 16] [--max-pixels N] [--max-file-mb 256] [--part i/N]
     python -m pipeline.shards merge OUT      # combine the outputs of --part runs
     python -m pipeline.shards verify OUT     # re-read every shard against index.json + manifest
 
@@ -10,9 +10,12 @@ How a run stays deterministic and resumable:
   (at most --shard-size-mb of input bytes and --max-per-shard inputs each). Group g
   becomes shard g, so a shard's contents depend only on the listing, never on timing.
 - A worker writes shard g to a temporary name, renames it into place, then writes the
-  shard's record (OUT/.records/<d>/<d>-<g>.json: its inputs, samples, rejects, sha256).
-  A rerun skips every shard whose record matches the current inputs and the file on disk,
-  and rewrites the others, so a run killed at any point completes with the same samples.
+  shard's record (OUT/.records/<d>/<d>-<g>.json: its inputs with their signatures and the
+  sha256 of each input's bytes, samples, rejects, sha256). A rerun skips every shard whose
+  record matches the current inputs (paths, sizes, and content: an input whose signature,
+  i.e. size/mtime/ctime/inode, changed is hashed again and must hash the same) and the file
+  on disk, and rewrites the others, so a run killed at any point completes with the same
+  samples, and sources regenerated under the same names and sizes are not left stale.
 - Finalising walks the records in shard order: exact duplicates (same stored bytes) of a
   sample in an earlier shard are removed from their shard (the shard is rewritten) and
   quarantined as "duplicate of <key>"; then manifest.parquet and quarantine.parquet are
@@ -22,18 +25,33 @@ How a run stays deterministic and resumable:
   view under OUT/parts/<i>-of-<N>/. `merge OUT` finalises all parts together (cross-part
   duplicates are removed from their shards and quarantined), giving exactly the result
   of a single run.
-Exit status: 0 every input stored, 3 some inputs quarantined, 1 failure (one-line reason).
+- index.json names each shard by a path relative to OUT. Readers open an entry only
+  through `index_entry_url`, which refuses commands (`pipe:`), absolute paths, other
+  schemes and anything resolving outside OUT: an index is data, never a command.
+- One writer per OUT: a run holds an exclusive lock on OUT/.lock (merge too); a `--part`
+  run holds it shared plus an exclusive lock on OUT/parts/<i>-of-<N>/.lock, so the parts
+  of one job run side by side (several machines on a shared filesystem) but two writers
+  of the same shards never do. The loser exits with status 2 naming the holder.
+- OUT inside a source folder is left out of that folder's walk (the writer never reads its
+  own shards back); a source folder that is OUT or lies inside it is refused.
+Exit status: 0 every input stored, 3 some inputs quarantined, 2 OUT is in use by another
+writer, 1 failure (one-line reason).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import io
 import json
 import os
 import queue as queue_mod
+import re
+import socket
+import stat
 import sys
 import tarfile
 import time
@@ -43,20 +61,34 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from pipeline.images import Rejected, check_image, reason_category
-from pipeline.sources import Input, SourceError, is_url, list_inputs, read_bytes
+from pipeline.sources import Input, SourceError, is_url, list_inputs, read_source, source_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of records and group fingerprints (2: content checks, upright and 8-bit storage)
 DOMAINS = ("a", "b")
 RECORDS_DIR = ".records"
 PARTS_DIR = "parts"
 TAR_MTIME = 1577836800  # fixed member mtime (2020-01-01) so equal inputs give equal shard bytes
-EXIT_OK, EXIT_FAIL, EXIT_QUARANTINED = 0, 1, 3
+LOCK_NAME = ".lock"
+EXIT_OK, EXIT_FAIL, EXIT_LOCKED, EXIT_QUARANTINED = 0, 1, 2, 3
+INDEX_SCHEMES = ("file", "s3", "gs", "http", "https")  # what an index.json entry may name
 MANIFEST_COLUMNS = ["key", "domain", "shard", "source", "sha256", "bytes", "width", "height", "format"]
 QUARANTINE_COLUMNS = ["source", "domain", "reason"]
 
 
 class ShardsError(Exception):
     """A failure that stops the command; its message is the one-line reason."""
+
+    exit_status = EXIT_FAIL
+
+
+class LockedError(ShardsError):
+    """OUT (or the part) is being written by another process."""
+
+    exit_status = EXIT_LOCKED
+
+
+class IndexEntryError(ValueError):
+    """An index.json entry that must not be opened (names the index, the entry and why)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,11 @@ class Settings:
     max_pixels: int = 64_000_000
     shard_size: int = 256 * 1024 * 1024  # bytes of input per shard (approximate)
     max_per_shard: int | None = None
+    max_file_bytes: int = 256 * 1024 * 1024  # larger inputs are quarantined unread
+
+    def limits(self) -> dict:
+        """What decides whether an input is stored (recorded with each shard)."""
+        return {"min_side": self.min_side, "max_pixels": self.max_pixels, "max_file_bytes": self.max_file_bytes}
 
 
 @dataclass
@@ -102,6 +139,40 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "c:" is a drive
+
+
+def index_entry_url(index_file: str, entry) -> str:
+    """What to open for one shard entry of an index.json. Shard URLs in an index are data:
+    a relative path that stays inside the index's folder once `..` and symbolic links are
+    resolved (returned resolved), or a URL of INDEX_SCHEMES; a file: URL obeys the path rule.
+    Never a command (`pipe:`, which only a user's own shard list may hold), an absolute path
+    or any other scheme: those raise IndexEntryError naming the index, the entry and why."""
+    def refuse(why: str) -> IndexEntryError:
+        return IndexEntryError(f"{index_file}: shard entry {json.dumps(entry, default=str)[:300]} refused: {why}")
+
+    url = entry.get("url") if isinstance(entry, dict) else None
+    if not isinstance(url, str) or not url.strip() or "\0" in url:
+        raise refuse("'url' must be a non-empty string without NUL bytes")
+    m = _SCHEME.match(url)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme not in INDEX_SCHEMES:
+            raise refuse(f"scheme {scheme!r} is not allowed in an index (only {', '.join(INDEX_SCHEMES)} URLs or "
+                         f"relative paths; a pipe: command is run only when given directly as the shard list)")
+        if scheme != "file":
+            return url
+        url = url[len("file://"):] if url.startswith("file://") else url[len(m.group(0)):]
+    elif os.path.isabs(url):
+        raise refuse("absolute path (an index names its shards relative to its own folder)")
+    root = os.path.realpath(os.path.dirname(os.path.abspath(index_file)))
+    target = os.path.realpath(os.path.join(root, url))
+    if target == root or os.path.commonpath([root, target]) != root:
+        raise refuse(f"resolves to {target}, outside the index's folder {root} (through '..', an absolute "
+                     f"file: path or a symbolic link)")
+    return target
+
+
 # ----------------------------------------------------------------------------- planning
 
 
@@ -121,7 +192,7 @@ def plan_groups(domain: str, inputs, settings: Settings):
 
 
 def _finish_group(domain: str, number: int, batch: list[Input], settings: Settings) -> Group:
-    h = hashlib.sha256(json.dumps([FORMAT_VERSION, domain, number, settings.min_side, settings.max_pixels]).encode())
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, domain, number, settings.limits()], sort_keys=True).encode())
     for item in batch:
         h.update(f"\n{item.path}\0{item.size}".encode("utf-8", "surrogateescape"))
     return Group(domain, number, batch, h.hexdigest())
@@ -181,29 +252,29 @@ def _report(domain: str, n: int) -> None:
         _progress_queue.put((domain, n))
 
 
-def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]], fingerprint: str,
-                min_side: int, max_pixels: int, progress=None) -> dict:
-    """Validate one group's inputs into shard `number` and its record; return the record."""
-    samples, rejected, duplicates, seen, keys = [], [], [], set(), set()
+def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int, str | None]], fingerprint: str,
+                limits: dict, progress=None) -> dict:
+    """Validate one group's inputs (path, size, signature) into shard `number` and its record;
+    return the record. `limits`: min_side, max_pixels, max_file_bytes (Settings.limits())."""
+    samples, rejected, duplicates, seen, keys, digests = [], [], [], set(), set(), []
     pending = 0
 
     def members():
         nonlocal pending
-        for source, _size in inputs:
+        for source, *_ in inputs:
             pending += 1
             if pending >= 64:
                 (progress or _report)(domain, pending)
                 pending = 0
             try:
-                raw = read_bytes(source)
-            except FileNotFoundError:
-                rejected.append({"source": source, "reason": "unreadable: no such file"})
+                raw = read_source(source, limits["max_file_bytes"])
+            except Rejected as r:  # missing, not a regular file, too large, I/O error
+                digests.append(None)
+                rejected.append({"source": source, "reason": r.reason})
                 continue
-            except Exception as e:  # noqa: BLE001 - any I/O error rejects this input only
-                rejected.append({"source": source, "reason": f"unreadable: {type(e).__name__}: {e}"})
-                continue
+            digests.append(hashlib.sha256(raw).hexdigest())  # what a re-run compares the source with
             try:
-                img = check_image(raw, min_side, max_pixels)
+                img = check_image(raw, limits["min_side"], limits["max_pixels"])
             except Rejected as r:
                 rejected.append({"source": source, "reason": r.reason})
                 continue
@@ -229,8 +300,8 @@ def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int]
     nbytes, sha = _write_tar(os.path.join(out, url), members())
     (progress or _report)(domain, pending)
     record = {"version": FORMAT_VERSION, "domain": domain, "number": number, "url": url,
-              "fingerprint": fingerprint, "min_side": min_side, "max_pixels": max_pixels,
-              "inputs": [list(i) for i in inputs], "nsamples": len(samples), "bytes": nbytes, "sha256": sha,
+              "fingerprint": fingerprint, "limits": limits, "inputs": [list(i) for i in inputs],
+              "digests": digests, "nsamples": len(samples), "bytes": nbytes, "sha256": sha,
               "samples": samples, "rejected": rejected, "duplicates": duplicates}
     _save_record(out, record)
     return record
@@ -250,9 +321,13 @@ def _save_record(out: str, record: dict) -> None:
 def load_record(out: str, domain: str, number: int) -> dict | None:
     try:
         with open(record_path(out, domain, number), "rb") as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError):
         return None
+    # The record's url is written to and rewritten: only ever the shard it is named after.
+    if not isinstance(record, dict) or record.get("url") != shard_name(domain, number):
+        return None
+    return record
 
 
 def record_is_current(out: str, record: dict | None, fingerprint: str | None = None) -> bool:
@@ -265,6 +340,21 @@ def record_is_current(out: str, record: dict | None, fingerprint: str | None = N
         return os.path.getsize(os.path.join(out, record["url"])) == record["bytes"]
     except OSError:
         return False
+
+
+def sources_unchanged(record: dict, inputs: list[Input]) -> bool:
+    """Whether every input still has the content the record was made from. An input whose
+    listing signature (size, mtime, ctime, inode) matches is unchanged without reading it;
+    any other (a regenerated file, a URL without listing metadata) is hashed again."""
+    recorded, digests = record.get("inputs", []), record.get("digests", [])
+    if len(recorded) != len(inputs) or len(digests) != len(inputs):
+        return False
+    for item, old, digest in zip(inputs, recorded, digests):
+        if item.sig is not None and len(old) > 2 and old[2] == item.sig:
+            continue
+        if source_digest(item.path, record["limits"]["max_file_bytes"]) != digest:
+            return False
+    return True
 
 
 def _rewrite(record: dict, out: str, remove: set[str]) -> dict:
@@ -328,7 +418,7 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
                                           f"re-run the command (or the part) that writes it")
                     # The file and its record disagree (a crash mid-rewrite): rebuild from inputs.
                     rec = write_shard(out, domain, number, [tuple(i) for i in rec["inputs"]], rec["fingerprint"],
-                                      rec["min_side"], rec["max_pixels"], progress=lambda d, n: None)
+                                      rec["limits"], progress=lambda d, n: None)
                 remove = set()
                 for s in rec["samples"]:
                     digest = bytes.fromhex(s["sha256"])
@@ -420,55 +510,123 @@ def _check_source(domain: str, src: str) -> None:
         raise ShardsError(f"source {domain.upper()} {src}: no such file or folder")
 
 
+def _check_not_inside_out(domain: str, src: str, out: str) -> None:
+    """A source folder that is OUT, or lies inside it, would list the shards being written."""
+    if is_url(src):
+        return
+    path = os.path.realpath(src[7:] if src.startswith("file://") else src)
+    root = os.path.realpath(out)
+    if os.path.isdir(path) and os.path.commonpath([path, root]) == root:
+        raise ShardsError(f"source {domain.upper()} {src} is OUT {out} or inside it: the writer would read "
+                          f"its own shards back as inputs; choose an OUT outside the sources")
+
+
+# ----------------------------------------------------------------------------- one writer per OUT
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}, {info['what']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def writer_lock(path: str, what: str, shared: bool = False):
+    """Hold an flock on `path` (created if needed) for the block, or raise LockedError naming
+    the holder. flock is released by the kernel when the holder dies, so a killed run never
+    leaves OUT locked; over NFS, Linux maps it to a lock the server arbitrates."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise ShardsError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{os.path.dirname(path)} is being written by another process ({_holder(fd)}); "
+                              f"wait for it to finish or stop it, then run again (lock: {path})") from None
+        except OSError as e:  # a filesystem without locks: say so, do not refuse to work
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other writer uses it",
+                  file=sys.stderr)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _locks(out: str, part: tuple[int, int], stack: contextlib.ExitStack) -> None:
+    """A whole run (and merge) owns OUT; the parts of one job share it, each owning its part."""
+    i, n = part
+    if n == 1:
+        stack.enter_context(writer_lock(os.path.join(out, LOCK_NAME), "make shards"))
+        return
+    stack.enter_context(writer_lock(os.path.join(out, LOCK_NAME), f"make shards --part {i}/{n}", shared=True))
+    stack.enter_context(writer_lock(os.path.join(out, PARTS_DIR, f"{i}-of-{n}", LOCK_NAME),
+                                    f"make shards --part {i}/{n}"))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
 def run(args: RunArgs) -> tuple[int, str]:
     """Write this run's (or part's) shards and outputs; return (exit status, summary)."""
-    from tqdm import tqdm
-
     for d in DOMAINS:
         _check_source(d, args.src[d])
     _check_out(args.out)
+    for d in DOMAINS:
+        _check_not_inside_out(d, args.src[d], args.out)
     part, nparts = args.part
     t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        _locks(args.out, args.part, stack)
+        counts, listing, mine, processed, skipped = _write_shards(args)
+        if nparts == 1:
+            _remove_stale(args.out, counts)
+            totals = finalize(args.out, mine, args.out)
+            where = args.out
+        else:
+            where = os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}")
+            totals = finalize(args.out, mine, where, {"part": part, "parts": nparts, "groups": counts,
+                                                      "listing": listing})
+    return _summarise(totals, time.time() - t0, processed, skipped, where, args.workers,
+                      check_empty=(nparts == 1), part=(part, nparts) if nparts > 1 else None)
+
+
+def _write_shards(args: RunArgs):
+    """Plan both domains and write every group of this part whose shard is not current.
+    Returns (groups per domain, listing hash per domain, this part's shard numbers,
+    inputs processed, shards skipped)."""
+    from tqdm import tqdm
+
+    part, nparts = args.part
     counts, listing, mine = {}, {}, {}
     processed = skipped = 0
-    executor, pq_ = None, None
-    if args.workers > 1:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")  # no fork: the parent may hold pyarrow/fsspec threads
-        pq_ = ctx.Queue()
-        executor = ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(pq_,))
-    index_removed = False
     # One bar per domain; both domains feed the same pool, so a domain with few shards
     # does not leave workers idle.
     bars = {d: tqdm(desc=f"domain {d}", unit="img", disable=not args.progress, mininterval=0.5, position=k)
             for k, d in enumerate(DOMAINS)}
-    running: set = set()
-
-    def drain(block: float):
-        done, _ = wait(running, timeout=block, return_when=FIRST_COMPLETED)
-        for fut in done:
-            running.discard(fut)
-            fut.result()  # re-raise a worker's failure here
-        while True:
-            try:
-                d, n = pq_.get_nowait()
-            except queue_mod.Empty:
-                break
-            bars[d].update(n)
-
+    pool = _Pool(args.workers, bars)
+    index_removed = False
     domain = DOMAINS[0]
     try:
         for domain in DOMAINS:
             listing_hash = hashlib.sha256()
             mine[domain], n_groups = [], 0
-            for group in plan_groups(domain, list_inputs(args.src[domain]), args.settings):
+            inputs = list_inputs(args.src[domain], skip_dirs=(args.out,))
+            for group in plan_groups(domain, inputs, args.settings):
                 n_groups += 1
                 listing_hash.update(group.fingerprint.encode())
                 if group.number % nparts != part:
                     continue
                 mine[domain].append(group.number)
-                if record_is_current(args.out, load_record(args.out, domain, group.number), group.fingerprint):
+                rec = load_record(args.out, domain, group.number)
+                if record_is_current(args.out, rec, group.fingerprint) and sources_unchanged(rec, group.inputs):
                     skipped += 1
                     bars[domain].update(len(group.inputs))
                     continue
@@ -479,20 +637,10 @@ def run(args: RunArgs) -> tuple[int, str]:
                             os.remove(p)
                     index_removed = True
                 processed += len(group.inputs)
-                task = (args.out, domain, group.number, [(i.path, i.size) for i in group.inputs],
-                        group.fingerprint, args.settings.min_side, args.settings.max_pixels)
-                if executor is None:
-                    write_shard(*task, progress=lambda d, n: bars[d].update(n))
-                    continue
-                while len(running) >= 2 * args.workers:  # bounded queue: stream, never list everything
-                    drain(0.2)
-                running.add(executor.submit(_write_shard_task, *task))
+                pool.submit((args.out, domain, group.number, [(i.path, i.size, i.sig) for i in group.inputs],
+                             group.fingerprint, args.settings.limits()))
             counts[domain], listing[domain] = n_groups, listing_hash.hexdigest()
-        while running:
-            drain(0.2)
-        if pq_ is not None:
-            time.sleep(0.05)
-            drain(0)
+        pool.finish()
     except SourceError as e:
         raise ShardsError(f"source {domain.upper()}: {e}") from None
     except OSError as e:  # e.g. OUT full or gone: no point going on
@@ -502,20 +650,54 @@ def run(args: RunArgs) -> tuple[int, str]:
     finally:
         for bar in bars.values():
             bar.close()
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
-    if nparts == 1:
-        _remove_stale(args.out, counts)
-        totals = finalize(args.out, mine, args.out)
-        where = args.out
-    else:
-        where = os.path.join(args.out, PARTS_DIR, f"{part}-of-{nparts}")
-        totals = finalize(args.out, mine, where, {"part": part, "parts": nparts, "groups": counts,
-                                                  "listing": listing})
-    dt = time.time() - t0
-    status, summary = _summarise(totals, dt, processed, skipped, where, args.workers,
-                                 check_empty=(nparts == 1), part=(part, nparts) if nparts > 1 else None)
-    return status, summary
+        pool.close()
+    return counts, listing, mine, processed, skipped
+
+
+class _Pool:
+    """Writes shards in this process (workers == 1) or in a bounded process pool."""
+
+    def __init__(self, workers: int, bars: dict):
+        self.workers, self.bars, self.running = workers, bars, set()
+        self.executor = self.progress = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")  # no fork: the parent may hold pyarrow/fsspec threads
+            self.progress = ctx.Queue()
+            self.executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(self.progress,))
+
+    def submit(self, task: tuple) -> None:
+        if self.executor is None:
+            write_shard(*task, progress=lambda d, n: self.bars[d].update(n))
+            return
+        while len(self.running) >= 2 * self.workers:  # bounded queue: stream, never list everything
+            self.drain(0.2)
+        self.running.add(self.executor.submit(_write_shard_task, *task))
+
+    def drain(self, block: float) -> None:
+        done, _ = wait(self.running, timeout=block, return_when=FIRST_COMPLETED)
+        for fut in done:
+            self.running.discard(fut)
+            fut.result()  # re-raise a worker's failure here
+        while self.progress is not None:
+            try:
+                d, n = self.progress.get_nowait()
+            except queue_mod.Empty:
+                break
+            self.bars[d].update(n)
+
+    def finish(self) -> None:
+        while self.running:
+            self.drain(0.2)
+        if self.progress is not None:
+            time.sleep(0.05)
+            self.drain(0)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
 
 
 def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, workers: int,
@@ -542,6 +724,13 @@ def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, w
 def merge(out: str) -> tuple[int, str]:
     """Finalise the outputs of all `--part i/N` runs in OUT into one index, manifest and quarantine."""
     t0 = time.time()
+    if not os.path.isdir(out):
+        raise ShardsError(f"{out}: no such folder")
+    with writer_lock(os.path.join(out, LOCK_NAME), "make shards merge"):
+        return _merge_locked(out, t0)
+
+
+def _merge_locked(out: str, t0: float) -> tuple[int, str]:
     found = {}
     for path in sorted(glob.glob(os.path.join(out, PARTS_DIR, "*-of-*", "index.json"))):
         with open(path) as f:
@@ -573,63 +762,85 @@ def verify(out: str) -> tuple[list[str], str]:
     """Re-read every shard; return (problems, summary). Each problem names its shard."""
     import pyarrow.parquet as pq
 
+    index_file = os.path.join(out, "index.json")
     try:
-        with open(os.path.join(out, "index.json")) as f:
+        with open(index_file) as f:
             index = json.load(f)
+        entries = [e for e in index["shards"] if isinstance(e, dict)]
         manifest = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ShardsError(f"{out}: cannot read index.json / manifest.parquet: {e}") from None
     by_shard: dict[str, dict[str, dict]] = {}
     for row in manifest:
         by_shard.setdefault(row["shard"], {})[row["key"]] = row
     problems, nsamples, nbytes = [], 0, 0
-    listed = {s["url"] for s in index["shards"]}
+    if len(entries) != len(index["shards"]):
+        problems.append("index.json: a shard entry is not an object")
+    listed = {str(e.get("url")) for e in entries}
     for url in sorted(set(by_shard) - listed):
         problems.append(f"{url}: in manifest.parquet but not in index.json")
     for d in DOMAINS:
         for path in sorted(glob.glob(os.path.join(out, d, "*.tar"))):
             if os.path.relpath(path, out) not in listed:
                 problems.append(f"{os.path.relpath(path, out)}: shard file not in index.json")
-    for entry in index["shards"]:
-        url, path = entry["url"], os.path.join(out, entry["url"])
+    for entry in entries:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            problems.append(f"{url}: unreadable: {e.strerror}")
+            data = _read_entry(index_file, entry)
+        except ValueError as e:  # refused or unreadable: named, never opened blindly
+            problems.append(str(e))
             continue
-        bad = []
-        if len(data) != entry["bytes"]:
-            bad.append(f"{len(data)} bytes, index.json says {entry['bytes']}")
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            bad.append("sha256 differs from index.json")
-        try:
-            samples = _read_samples(data)
-        except (tarfile.TarError, ValueError) as e:
-            problems.append(f"{url}: " + "; ".join(bad + [f"not a readable shard: {e}"]))
-            continue
-        rows = by_shard.get(url, {})
-        if len(samples) != entry["nsamples"]:
-            bad.append(f"{len(samples)} samples, index.json says {entry['nsamples']}")
-        if set(samples) != set(rows):
-            bad.append(f"keys differ from manifest.parquet ({len(samples)} in shard, {len(rows)} in manifest)")
-        for key, (img, meta) in samples.items():
-            sha = hashlib.sha256(img).hexdigest()
-            if sha != meta.get("sha256") or (key in rows and sha != rows[key]["sha256"]):
-                bad.append(f"sample {key}: image sha256 differs from its json/manifest")
-                break
+        bad, n = _check_shard(entry, data, by_shard.get(entry["url"], {}))
         if bad:
-            problems.append(f"{url}: " + "; ".join(bad))
-        nsamples += len(samples)
+            problems.append(f"{entry['url']}: " + "; ".join(bad))
+        nsamples += n
         nbytes += len(data)
     for d in DOMAINS:
-        tot = index["totals"].get(d, {})
-        n = sum(s["nsamples"] for s in index["shards"] if s["domain"] == d)
+        tot = index.get("totals", {}).get(d, {})
+        n = sum(e.get("nsamples", 0) for e in entries if e.get("domain") == d)
         if tot.get("samples") != n:
             problems.append(f"index.json totals for {d}: {tot.get('samples')} samples, shards add up to {n}")
-    summary = (f"verify: {len(index['shards'])} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
+    summary = (f"verify: {len(entries)} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
                f"{len(problems)} bad" + ("." if not problems else ": see above."))
     return problems, summary
+
+
+def _read_entry(index_file: str, entry: dict) -> bytes:
+    """The bytes of one index entry's shard (a local regular file inside OUT), else ValueError."""
+    path = index_entry_url(index_file, entry)  # IndexEntryError is a ValueError
+    url = entry["url"]
+    if _SCHEME.match(path):
+        raise ValueError(f"{url}: a remote shard; verify re-reads local shards only")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{url}: not a regular file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{url}: unreadable: {e.strerror}") from None
+
+
+def _check_shard(entry: dict, data: bytes, rows: dict) -> tuple[list[str], int]:
+    """What is wrong with one shard's bytes against index.json and the manifest, and its sample count."""
+    bad = []
+    if len(data) != entry.get("bytes"):
+        bad.append(f"{len(data)} bytes, index.json says {entry.get('bytes')}")
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        bad.append("sha256 differs from index.json")
+    try:
+        samples = _read_samples(data)
+    except (tarfile.TarError, ValueError) as e:
+        return bad + [f"not a readable shard: {e}"], 0
+    if len(samples) != entry.get("nsamples"):
+        bad.append(f"{len(samples)} samples, index.json says {entry.get('nsamples')}")
+    if set(samples) != set(rows):
+        bad.append(f"keys differ from manifest.parquet ({len(samples)} in shard, {len(rows)} in manifest)")
+    for key, (img, meta) in samples.items():
+        sha = hashlib.sha256(img).hexdigest()
+        if sha != meta.get("sha256") or (key in rows and sha != rows[key]["sha256"]):
+            bad.append(f"sample {key}: image sha256 differs from its json/manifest")
+            break
+    return bad, len(samples)
 
 
 def _read_samples(data: bytes) -> dict[str, tuple[bytes, dict]]:
@@ -706,17 +917,20 @@ def main(argv=None) -> int:
         p.add_argument("--min-side", type=int, default=16, help="reject images whose smaller side is below this")
         p.add_argument("--max-pixels", type=_positive, default=64_000_000,
                        help="reject images with more pixels (decompression bombs); default 64e6")
+        p.add_argument("--max-file-mb", type=float, default=256,
+                       help="quarantine inputs larger than this unread (default 256)")
         p.add_argument("--part", type=_parse_part, default=(0, 1), help="process slice i of N (0-based) for merge")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         a = p.parse_args(argv)
-        settings = Settings(a.min_side, a.max_pixels, max(1, int(a.shard_size_mb * 1024 * 1024)), a.max_per_shard)
+        settings = Settings(a.min_side, a.max_pixels, max(1, int(a.shard_size_mb * 1024 * 1024)), a.max_per_shard,
+                            max(1, int(a.max_file_mb * 1024 * 1024)))
         status, summary = run(RunArgs({"a": a.src_a, "b": a.src_b}, a.out, a.workers, settings, a.part,
                                       progress=not a.no_progress))
         print(summary)
         return status
     except ShardsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return e.exit_status
 
 
 if __name__ == "__main__":

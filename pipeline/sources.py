@@ -1,9 +1,13 @@
 """Input listing for `make shards`: a folder, a text list file or a Parquet file of paths.
 
 A source is one of:
-- a folder (local or fsspec URL), walked recursively in sorted order; every regular file
-  whose name does not start with a dot is an input (images are recognised by content
-  later, whatever their extension; non-images are quarantined, not silently skipped);
+- a folder (local or fsspec URL), walked recursively in sorted order; every entry that is
+  not a folder and whose name does not start with a dot is an input (images are recognised
+  by content later, whatever their extension; non-images, FIFOs, devices and broken links
+  are quarantined by the writer, not silently skipped). Symbolic links are followed, but
+  each folder and each file is visited once, by identity (device, inode): a link loop ends
+  where it closes, and a file reached by two paths is one input (the first in walk order).
+  Folders passed as `skip_dirs` (the writer's own OUT) are not walked;
 - a `.parquet` file with a `path` column;
 - any other file: a text list, one path per line (blank lines and lines starting with
   `#` are ignored; relative paths are relative to the list file's folder).
@@ -11,13 +15,24 @@ Paths may be local or fsspec URLs (s3://, gs://, http(s)://, ...).
 
 Listings are streamed in a deterministic order, so the same source always yields the
 same sequence of inputs: `make shards` derives shard numbers from that order.
+
+Reading (`read_source`) takes regular files only, up to a size cap, so a FIFO, a device
+such as /dev/zero or a huge file is rejected without blocking or filling memory. Each input
+carries a signature (size, mtime, ctime and inode, or the remote listing's metadata) so a
+re-run can tell cheaply whether a source may have changed; when it may have, the content
+hash (`source_digest`) decides.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Iterator
+
+from pipeline.images import Rejected
 
 # Size assumed for a listed remote file whose size would cost a request to learn; it only
 # steers how inputs are grouped into shards, so it must be a constant (deterministic).
@@ -32,6 +47,7 @@ class SourceError(Exception):
 class Input:
     path: str  # absolute local path or URL, as recorded in the manifest
     size: int  # bytes on disk (UNKNOWN_SIZE when unknown without a request); -1 if missing
+    sig: str | None = None  # metadata signature when the listing had it (see stat_signature)
 
 
 def is_url(path: str) -> bool:
@@ -42,14 +58,35 @@ def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-def list_inputs(source: str) -> Iterator[Input]:
-    """Stream the inputs of one source in deterministic order; raise SourceError if unusable."""
+def stat_signature(st: os.stat_result) -> str:
+    """What changes whenever a local file's content may have: ctime and inode cannot be set
+    back by a user (cp -p or touch keep the mtime, not the ctime)."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _info_signature(info: dict) -> str:
+    # Remote listings carry ETag / generation / mtime fields that differ per backend: any
+    # change of the metadata counts (a false alarm only costs a content hash).
+    fields = {k: v for k, v in info.items() if k != "name"}
+    return "remote:" + hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def list_inputs(source: str, skip_dirs: tuple[str, ...] = ()) -> Iterator[Input]:
+    """Stream the inputs of one source in deterministic order; raise SourceError if unusable.
+    Local folders in `skip_dirs` (and everything below them) are left out of a folder walk."""
     if is_url(source):
         yield from _list_url(source)
         return
     path = os.path.abspath(_local(source))
     if os.path.isdir(path):
-        yield from _walk_local(path)
+        seen = set()
+        for d in skip_dirs:
+            try:
+                st = os.stat(d)
+                seen.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        yield from _walk_local(path, seen)
     elif os.path.isfile(path):
         if path.endswith(".parquet"):
             yield from _from_paths(_parquet_paths(path, open), os.path.dirname(path))
@@ -59,10 +96,15 @@ def list_inputs(source: str) -> Iterator[Input]:
         raise SourceError(f"{source}: no such file or folder")
 
 
-def _walk_local(root: str) -> Iterator[Input]:
-    # Manual sorted walk with scandir: one folder's names in memory at a time, and sizes
-    # come with the directory entries (no extra stat on most filesystems).
+def _walk_local(root: str, seen: set) -> Iterator[Input]:
+    """Sorted walk with scandir (one folder's names in memory at a time). `seen` holds the
+    (device, inode) of every folder and file visited so far: links are followed, but a
+    folder or file already reached by another path (a loop, a second link) is not again."""
     try:
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as e:
         raise SourceError(f"{root}: cannot list folder: {e.strerror}") from None
@@ -70,12 +112,21 @@ def _walk_local(root: str) -> Iterator[Input]:
         if entry.name.startswith("."):
             continue
         try:
-            if entry.is_dir(follow_symlinks=True):
-                yield from _walk_local(entry.path)
-            elif entry.is_file(follow_symlinks=True):
-                yield Input(entry.path, entry.stat(follow_symlinks=True).st_size)
+            est = entry.stat(follow_symlinks=True)
         except OSError:
-            yield Input(entry.path, -1)
+            yield Input(entry.path, -1)  # a broken link: the writer quarantines it
+            continue
+        if stat.S_ISDIR(est.st_mode):
+            try:
+                yield from _walk_local(entry.path, seen)
+            except SourceError:
+                yield Input(entry.path, -1)  # an unlistable subfolder: reported, not fatal
+            continue
+        ident = (est.st_dev, est.st_ino)
+        if ident in seen:
+            continue  # the same file under another path: one input
+        seen.add(ident)
+        yield Input(entry.path, est.st_size, stat_signature(est))
 
 
 def _text_paths(path: str, opener) -> Iterator[str]:
@@ -115,9 +166,11 @@ def _from_paths(paths: Iterator[str], base: str) -> Iterator[Input]:
         p = _local(p)
         full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
         try:
-            yield Input(full, os.stat(full).st_size)
+            st = os.stat(full)  # stat never opens: a FIFO or device named here cannot block
         except OSError:
             yield Input(full, -1)
+            continue
+        yield Input(full, st.st_size, stat_signature(st))
 
 
 def _list_url(source: str) -> Iterator[Input]:
@@ -130,7 +183,7 @@ def _list_url(source: str) -> Iterator[Input]:
             for name in sorted(found):
                 info = found[name]
                 if info.get("type") == "file" and not os.path.basename(name).startswith("."):
-                    yield Input(fs.unstrip_protocol(name), int(info.get("size") or 0))
+                    yield Input(fs.unstrip_protocol(name), int(info.get("size") or 0), _info_signature(info))
             return
         if not fs.isfile(root):
             raise SourceError(f"{source}: no such file or folder")
@@ -142,25 +195,80 @@ def _list_url(source: str) -> Iterator[Input]:
     opener = lambda p, mode: fsspec.open(source, mode)  # noqa: E731
     paths = _parquet_paths(source, opener) if source.endswith(".parquet") else _text_paths(source, opener)
     for p in paths:
-        if is_url(p) or os.path.isabs(p):
-            yield Input(p, UNKNOWN_SIZE if is_url(p) else _stat_size(p))
+        if is_url(p):
+            yield Input(p, UNKNOWN_SIZE)
+        elif os.path.isabs(p):
+            yield from _from_paths(iter([p]), "/")
         else:
             yield Input(f"{base}/{p}", UNKNOWN_SIZE)
 
 
-def _stat_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
+# ----------------------------------------------------------------------------- reading
 
 
-def read_bytes(path: str) -> bytes:
-    """The raw bytes of one input (local path or fsspec URL)."""
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise Rejected(f"not a regular file: {kind}")
+
+
+def _too_large(size: int, max_bytes: int) -> Rejected:
+    return Rejected(f"too large: {size} bytes > {max_bytes} bytes (--max-file-mb)")
+
+
+def read_source(path: str, max_bytes: int) -> bytes:
+    """The raw bytes of one input (local path or fsspec URL). Only a regular file of at most
+    `max_bytes` is read; anything else raises `Rejected` with the reason, before a byte is read."""
     if is_url(path):
-        import fsspec
+        return _read_url(path, max_bytes)
+    path = _local(path)
+    try:
+        _check_regular(os.stat(path).st_mode)  # before open(): opening a FIFO blocks for a writer
+        # O_NONBLOCK: should the path become a FIFO between stat and open, open still returns.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_regular(st.st_mode)
+            if st.st_size > max_bytes:
+                raise _too_large(st.st_size, max_bytes)
+            data = f.read(st.st_size)
+            if f.read(1):  # grew since fstat (or a /proc-like file that reports size 0)
+                raise Rejected(f"unreadable: the file changed size while being read ({st.st_size} bytes at open)")
+    except FileNotFoundError:
+        raise Rejected("unreadable: no such file") from None
+    except OSError as e:  # permissions, I/O errors: this input only
+        raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
+    return data
 
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+
+def _read_url(url: str, max_bytes: int) -> bytes:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            if size is not None and size > max_bytes:
+                raise _too_large(size, max_bytes)
+            data = f.read(max_bytes + 1)
+    except Rejected:
+        raise
+    except FileNotFoundError:
+        raise Rejected("unreadable: no such file") from None
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own error types
+        raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def source_digest(path: str, max_bytes: int) -> str | None:
+    """sha256 of what `read_source` would read now; None when it would reject the input."""
+    try:
+        data = read_source(path, max_bytes)
+    except Rejected:
+        return None
+    return hashlib.sha256(data).hexdigest()
