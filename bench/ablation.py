@@ -9,12 +9,16 @@ configs/ablation.yaml key=value ...`, tracking and registry off), for the same n
     shared blocks 2, 3   the sweep over n_shared (0 and 1 reuse the runs above)
 
 each for several seeds, evaluates each export with launch.evaluate on the paired test split
-(a2b = aerial -> map, the paper's direction) and prints mean ± std pixel accuracy next to the
-paper's table and the identity baseline. Every finished run leaves OUT/results/<run>.json;
-a rerun skips those (same steps), so an interrupted ablation continues where it stopped.
+(a2b = aerial -> map, the paper's direction) and prints mean ± std pixel accuracy and C2ST
+(launch.c2st: held-out accuracy of a classifier telling real target images from translations,
+0.5 = indistinguishable) next to the paper's table and the trivial baselines every model must
+beat: identity, the most frequent target colour, per-channel histogram matching (estimated by
+the trainer from the training shards into export/baselines.json). Every finished run leaves
+OUT/results/<run>.json; a rerun skips those (same steps), so an interrupted ablation continues
+where it stopped.
 
     .venv/bin/python bench/ablation.py [--out $TMPDIR/unit-ablation] [--steps 200] [--seeds 3]
-        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--realism] [--report-only]
+        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--c2st-steps 200] [--report-only]
 """
 from __future__ import annotations
 
@@ -56,8 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--n-test", type=int, default=100, help="paired demo test scenes")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training rank (shared machines: 1)")
-    ap.add_argument("--realism", action="store_true",
-                    help="also train a launch.realism domain classifier and score every run with it")
+    ap.add_argument("--c2st-steps", type=int, default=200,
+                    help="classifier steps of the two-sample test per translator and direction (0: off)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: print the table of the runs already cached in OUT/results")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.batch_size=8)")
@@ -119,8 +123,8 @@ def plan(seeds: int, sweep_seeds: int) -> list[dict]:
 
 
 def train_and_evaluate(run: dict, out: Path, cfg_path: str, steps: int | None, corpus: dict, threads: int,
-                       extra: list[str]) -> dict:
-    from launch.evaluate import evaluate_export
+                       extra: list[str], c2st_steps: int = 200) -> dict:
+    from launch.evaluate import EvalOptions, evaluate_export
 
     run_dir = out / "runs" / run["id"]
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted before its result: start it again
@@ -136,8 +140,10 @@ def train_and_evaluate(run: dict, out: Path, cfg_path: str, steps: int | None, c
         "launch/train.py", "--config", cfg_path, *over], log=out / "runs" / f"{run['id']}.log", env=env)
     seconds = time.perf_counter() - t0
     export = run_dir / "export"
+    # the trainer wrote export/baselines.json from the training shards; evaluate_export uses it
     res = evaluate_export(export, test_a=corpus["test_a"], truth_b=corpus["test_b"],
-                          test_b=corpus["test_b"], truth_a=corpus["test_a"])
+                          test_b=corpus["test_b"], truth_a=corpus["test_a"],
+                          opts=EvalOptions(c2st_steps=c2st_steps))
     meta = json.loads((export / "translator.json").read_text())
     # keep the export (small) for later scoring; drop the DeepSpeed checkpoints (optimizer state)
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
@@ -153,68 +159,63 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def tables(results: list[dict], realism: dict | None) -> str:
+BASELINES = {"identity": "identity (input as output)", "constant": "constant (most frequent target colour)",
+             "histmatch": "histmatch (per-channel histogram matching)"}
+
+
+def tables(results: list[dict]) -> str:
     by = {}
     for r in results:
         by.setdefault(r["config"], []).append(r)
-    acc = lambda rs, d, k="pixel_acc": [r["evaluation"][d][k] for r in rs]  # noqa: E731
-    ident = results[0]["evaluation"]
-    lines = ["Ablation (paired test split, pixel accuracy: every channel within 16 of the truth; "
+
+    def vals(rs, d, k):  # results cached by an older version may lack C2ST and the baselines
+        return [r["evaluation"][d][k] for r in rs if k in r["evaluation"][d]]
+
+    lines = ["Ablation (paired test split, pixel accuracy: every channel within 16 of the truth; C2ST: held-out "
+             "accuracy of a classifier telling real target images from the translations, 0.5 = indistinguishable; "
              "mean ± sample std over seeds)", "",
-             "| configuration | n_shared | cycle | seeds | a2b pixel acc (ours) | paper (a2b) | b2a pixel acc (ours) |"
-             + (" realism a2b | realism b2a |" if realism else ""),
-             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if realism else "")]
+             "| configuration | n_shared | cycle | seeds | a2b pixel acc (ours) | paper (a2b) | b2a pixel acc (ours) "
+             "| a2b C2ST | b2a C2ST |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in CONFIGS:
         rs = by.get(name, [])
         if not rs:
             continue
         p = PAPER[name]
-        row = (f"| {name} | {rs[0]['n_shared']} | {'yes' if rs[0]['w_cyc'] else 'no'} | {len(rs)} | "
-               f"{mean_std(acc(rs, 'a2b'))} | {p[0]:.3f} ± {p[1]:.3f} | {mean_std(acc(rs, 'b2a'))} |")
-        if realism:
-            row += (f" {mean_std([realism[r['id']]['realism_a2b'] for r in rs])} |"
-                    f" {mean_std([realism[r['id']]['realism_b2a'] for r in rs])} |")
-        lines.append(row)
-    row = (f"| identity (input as output) | - | - | - | {ident['a2b']['identity_pixel_acc']:.3f} | - | "
-           f"{ident['b2a']['identity_pixel_acc']:.3f} |")
-    if realism:
-        row += f" {realism['_identity']['realism_a2b']:.3f} | {realism['_identity']['realism_b2a']:.3f} |"
-    lines.append(row)
+        lines.append(f"| {name} | {rs[0]['n_shared']} | {'yes' if rs[0]['w_cyc'] else 'no'} | {len(rs)} | "
+                     f"{mean_std(vals(rs, 'a2b', 'pixel_acc'))} | {p[0]:.3f} ± {p[1]:.3f} | "
+                     f"{mean_std(vals(rs, 'b2a', 'pixel_acc'))} | {mean_std(vals(rs, 'a2b', 'c2st'))} | "
+                     f"{mean_std(vals(rs, 'b2a', 'c2st'))} |")
+    # The baselines: one evaluation per run (histograms and colours sampled from the training shards
+    # with the run's seed, so constant and histmatch vary a little), mean ± std over all runs.
+    for key, label in BASELINES.items():
+        a2b = vals(results, "a2b", f"{key}_pixel_acc")
+        if not a2b:
+            continue
+        lines.append(f"| {label} | - | - | {len(a2b)} | {mean_std(a2b)} | - | "
+                     f"{mean_std(vals(results, 'b2a', f'{key}_pixel_acc'))} | "
+                     f"{mean_std(vals(results, 'a2b', f'{key}_c2st'))} | {mean_std(vals(results, 'b2a', f'{key}_c2st'))} |")
+    beat = [r for r in results if r["evaluation"]["a2b"].get("margin") is not None]
+    if beat:
+        wins = sum(r["evaluation"]["a2b"]["margin"] > 0 for r in beat)
+        lines += ["", f"{wins} of {len(beat)} runs beat the strongest baseline on a2b pixel accuracy "
+                      f"(margin over it: {mean_std([r['evaluation']['a2b']['margin'] for r in beat])})."]
     lines += ["", "Shared blocks sweep (cycle on; 0 = cycle only, 1 = UNIT)", "",
-              "| n_shared | seeds | a2b pixel acc | b2a pixel acc | a2b MAE |", "| --- | --- | --- | --- | --- |"]
+              "| n_shared | seeds | a2b pixel acc | b2a pixel acc | a2b MAE | a2b C2ST |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for k in range(4):
         rs = [r for r in results if r["n_shared"] == k and r["w_cyc"] > 0]
         if rs:
-            lines.append(f"| {k} | {len(rs)} | {mean_std(acc(rs, 'a2b'))} | {mean_std(acc(rs, 'b2a'))} | "
-                         f"{statistics.mean(acc(rs, 'a2b', 'mae')):.1f} |")
+            lines.append(f"| {k} | {len(rs)} | {mean_std(vals(rs, 'a2b', 'pixel_acc'))} | "
+                         f"{mean_std(vals(rs, 'b2a', 'pixel_acc'))} | "
+                         f"{statistics.mean(vals(rs, 'a2b', 'mae')):.1f} | {mean_std(vals(rs, 'a2b', 'c2st'))} |")
     return "\n".join(lines)
-
-
-def score_realism(out: Path, corpus: dict, results: list[dict], size: int) -> dict:
-    """Realism of every run's translations with one domain classifier (trained once, cached)."""
-    from launch.export import load_translator
-    from launch.realism import load_classifier, score_translator, train_classifier
-
-    clf_dir = out / "realism-classifier"
-    if not (clf_dir / "classifier.json").is_file():
-        train_classifier(corpus["shards"], clf_dir, image_size=min(size, 32), progress=False)
-    clf = load_classifier(clf_dir)
-    cache = out / "results" / "realism.json"
-    scores = json.loads(cache.read_text()) if cache.is_file() else {}
-    for r in results:
-        key = f"{r['id']}@{r['steps']}"  # a run retrained for another step count is scored again
-        if key not in scores:
-            gen, _ = load_translator(r["export"])
-            scores[key] = score_translator(clf, gen, corpus["test_a"], corpus["test_b"], size=size)
-    scores["_identity"] = score_translator(clf, lambda x, d: x, corpus["test_a"], corpus["test_b"], size=size)
-    tmp = cache.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(scores, indent=1))
-    os.replace(tmp, cache)
-    return {**{r["id"]: scores[f"{r['id']}@{r['steps']}"] for r in results}, "_identity": scores["_identity"]}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.c2st_steps < 0:
+        raise SystemExit("--c2st-steps must be >= 0")
     from tqdm import tqdm
 
     import yaml
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(Path(args.config).read_text())
     steps = args.steps or cfg["train"]["max_steps"]
     t_start = time.perf_counter()
-    corpus = prepare_corpus(out, args.n_train, args.n_test, args.size)
+    corpus = None  # made on the first run that needs training (--report-only needs none)
     runs = plan(args.seeds, args.sweep_seeds)
     m = cfg["model"]
     per_run = steps / 1.7 + 25  # measured on one free core of the 2-core dev box at this size, plus launch/eval
@@ -244,19 +245,21 @@ def main(argv=None) -> int:
                 continue
         if args.report_only:
             continue
-        r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides)
+        corpus = corpus or prepare_corpus(out, args.n_train, args.n_test, args.size)
+        r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides, args.c2st_steps)
         tmp = cached.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1))
         os.replace(tmp, cached)
         results.append(r)
         ran += 1
-        tqdm.write(f"{run['id']}: a2b {r['evaluation']['a2b']['pixel_acc']:.3f} "
-                   f"b2a {r['evaluation']['b2a']['pixel_acc']:.3f} ({r['seconds']:.0f} s)")
+        ev = r["evaluation"]
+        tqdm.write(f"{run['id']}: a2b {ev['a2b']['pixel_acc']:.3f} (strongest baseline {ev['a2b']['best_baseline']} "
+                   f"{ev['a2b']['best_baseline_pixel_acc']:.3f}) b2a {ev['b2a']['pixel_acc']:.3f} "
+                   f"({r['seconds']:.0f} s)")
     if not results:
         print(f"no finished runs in {out / 'results'} for {steps} steps")
         return 1
-    realism = score_realism(out, corpus, results, args.size) if args.realism else None
-    table = tables(results, realism)
+    table = tables(results)
     (out / "table.md").write_text(table + "\n")
     print()
     print(table)

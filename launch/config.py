@@ -127,8 +127,25 @@ class TrainSection(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: leave torch's default)")
     sample_count: int = Field(4, ge=1, le=16, description="held-out images per domain in the sample grid")
-    realism: bool = Field(True, description="at the end, score translations with a real-A-vs-B classifier "
-                                            "(trained once per run dir, about 20 s on CPU)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, v):
+        if isinstance(v, dict) and "realism" in v:
+            raise ValueError("train.realism was replaced by the eval section (eval.c2st_steps: 0 turns the "
+                             "two-sample test off)")
+        return v
+
+
+class EvalSection(_Strict):
+    """The end-of-training evaluation on the paired test split (data.test_a / data.test_b)."""
+
+    c2st_steps: int = Field(200, ge=0, description="classifier steps of the two-sample test per translator "
+                                                   "and direction (0: off)")
+    fid_features: Optional[str] = Field(None, description="TorchScript feature extractor file for FID/KID "
+                                                          "(uint8 NCHW -> [N, D]); unset: not computed")
+    baseline_images: int = Field(1000, ge=1, description="training images per domain the baselines "
+                                                         "(most frequent colour, histograms) are estimated from")
 
 
 class TrackingSection(_Strict):
@@ -156,6 +173,7 @@ class Config(_Strict):
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "paper"})
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
 
@@ -265,7 +283,8 @@ def config_hash(cfg: Config) -> str:
 # so a run directory that was moved or copied resumes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "trust_resume_path",
-                     "run_dir", "tracking",
+                     "run_dir", "tracking", "eval",
+                     "train.realism",  # in checkpoints of runs from before the eval section: ignored
                      "registry", "data.num_workers", "data.cache_dir", "data.verify_shards", "deepspeed_config",
                      "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
 
@@ -397,6 +416,21 @@ def resume_point(cfg: Config) -> Path | None:
     return path
 
 
+def check_shard_index(cfg: Config) -> None:
+    """Every shard URL an index names is checked (no commands, nothing outside the index's folder)
+    before a rank starts, not only when each rank builds its loader."""
+    from pipeline.loader import resolve_shards
+
+    per_domain = cfg.data.shards_a is not None
+    for d in ("a", "b"):
+        spec = getattr(cfg.data, f"shards_{d}") if per_domain else cfg.data.shards
+        try:
+            resolve_shards(spec, d)
+        except (ValueError, OSError, ImportError) as e:
+            key = f"data.shards_{d}" if per_domain else "data.shards"
+            raise ConfigError(f"config key {key}: {e}") from None
+
+
 def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
@@ -414,6 +448,10 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
         v = getattr(cfg.data, key)
         if v is not None and not Path(v).is_dir():
             raise ConfigError(f"config key data.{key} = {v!r}: not a directory")
+    check_shard_index(cfg)
+    if cfg.eval.fid_features is not None and not Path(cfg.eval.fid_features).is_file():
+        raise ConfigError(f"config key eval.fid_features = {cfg.eval.fid_features!r}: no such file "
+                          "(a TorchScript feature extractor; leave it unset to skip FID/KID)")
     import torch
     on_gpu = torch.cuda.is_available()
     return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=on_gpu,

@@ -1,26 +1,32 @@
-"""Translation quality on a paired test split: the paper's pixel accuracy, MAE, identity baseline.
+"""Translation quality on a paired test split, always beside the trivial baselines it must beat.
 
     python -m launch.evaluate --model models:/unit-translator@champion | EXPORT_DIR \\
-        --test-a DIR --truth-b DIR [--test-b DIR --truth-a DIR] [--size N] [--tracking-uri URI]
+        --test-a DIR --truth-b DIR [--test-b DIR --truth-a DIR] [--size N] [--shards OUT]
+        [--c2st-steps 200] [--fid-features FILE] [--tracking-uri URI]
 
 Pixel accuracy (UNIT paper, map experiment): a pixel counts as correct when every one of its
 three channels is within 16 of the truth, |pred - truth| <= 16 (the boundary value 16 counts
 as correct). MAE is the mean absolute difference over all pixels and channels, on the 0..255
-scale. The identity baseline scores the untranslated input against the same truth.
+scale. Each is shown for the model and for the baselines of launch/baselines.py (identity,
+the most frequent target colour, per-channel histogram matching; estimated from training
+shards, never from the test truth), and the table says whether the model beats the strongest.
+C2ST (launch/c2st.py) and FID/KID (launch/fid.py, with a feature extractor file) compare the
+translations with real target-domain images as distributions.
 Test and truth images are paired by file stem (`0001.jpg` pairs with `0001.png`).
 """
-
 from __future__ import annotations
 
 import argparse
 import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 THRESHOLD = 16
 GATE_METRIC = "test/pixel_acc_a2b"
+MIN_SIDE = 5  # smallest side the default networks take unresized (launch.export.min_input_side)
 
 
 def pixel_correct(pred, truth, threshold: int = THRESHOLD) -> np.ndarray:
@@ -53,56 +59,57 @@ def mae(pred, truth) -> float:
 
 
 def image_files(dir) -> list[Path]:
-    """Image files in `dir` (not recursive), sorted; recognised by PIL, not by extension."""
-    from PIL import Image
+    """Image files in `dir` (not recursive), sorted; recognised by their header, not their name."""
+    from launch.imageio import is_image_file
 
     root = Path(dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    out = []
-    for p in sorted(root.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception:
-            continue
-        out.append(p)
-    return out
+    return [p for p in sorted(root.iterdir())
+            if p.is_file() and not p.name.startswith(".") and is_image_file(p)]
 
 
 def read_image(path, size: int | None = None) -> np.ndarray:
-    """uint8 HWC RGB; resized to size x size (bicubic) when `size` is given."""
-    from PIL import Image
+    """uint8 HWC RGB, upright (EXIF), under the pixel cap; resized to size x size (bicubic) when given."""
+    from launch.imageio import read_rgb
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size and im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).copy()
+    return read_rgb(path, size=size, min_side=MIN_SIDE if not size else 1)
 
 
-def load_folder(dir, size: int | None = None) -> tuple[list[str], np.ndarray]:
-    """(stems, uint8 [N, H, W, 3]) of the images in `dir`; all must share one size unless `size`."""
-    files = image_files(dir)
-    if not files:
-        raise ValueError(f"{dir}: no images found")
-    stems = [p.stem for p in files]
+def load_folder(dir, size: int | None = None, rejected: list | None = None) -> tuple[list[str], np.ndarray]:
+    """(stems, uint8 [N, H, W, 3]) of the images in `dir`; all must share one size unless `size`.
+
+    Files that cannot be used (damaged, over the pixel cap, too small for the network) are left
+    out and appended to `rejected` as "PATH: reason"; without a list they raise.
+    """
+    from launch.imageio import ImageRejected
+
+    stems, imgs = [], []
+    for p in image_files(dir):
+        try:
+            imgs.append(read_image(p, size))
+        except ImageRejected as e:
+            if rejected is None:
+                raise
+            rejected.append(str(e))
+            continue
+        stems.append(p.stem)
+    if not imgs:
+        raise ValueError(f"{dir}: no usable images found")
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
         raise ValueError(f"{dir}: several images share a stem ({dup}); pairing by stem is ambiguous")
-    imgs = [read_image(p, size) for p in files]
     shapes = {im.shape for im in imgs}
     if len(shapes) > 1:
         raise ValueError(f"{dir}: images of different sizes {sorted(shapes)[:3]}; pass --size N to resize")
     return stems, np.stack(imgs)
 
 
-def load_pairs(test_dir, truth_dir, size: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def load_pairs(test_dir, truth_dir, size: int | None = None,
+               rejected: list | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Test and truth images paired by stem: (stems, test [N,H,W,3], truth [N,H,W,3])."""
-    s_test, x = load_folder(test_dir, size)
-    s_truth, y = load_folder(truth_dir, size)
+    s_test, x = load_folder(test_dir, size, rejected)
+    s_truth, y = load_folder(truth_dir, size, rejected)
     common = sorted(set(s_test) & set(s_truth))
     if not common:
         raise ValueError(f"{test_dir} and {truth_dir}: no file stems in common, nothing to pair")
@@ -126,15 +133,26 @@ def split_digest(pairs: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluating a translator
+# Evaluating a translator beside its baselines
+
+
+@dataclass
+class EvalOptions:
+    """What an evaluation computes besides pixel accuracy and MAE."""
+
+    baselines: dict | None = None     # launch.baselines stats per domain ({"a": ..., "b": ...}); None: identity only
+    c2st_steps: int = 200             # classifier steps of the two-sample test; 0 turns it off
+    features: object = None           # FID/KID feature extractor (launch.fid.load_extractor); None: not computed
+    threshold: int = THRESHOLD        # pixel accuracy tolerance per channel
 
 
 def as_translate_fn(model):
     """A function (uint8 NHWC, direction) -> uint8 NHWC from a generator module or a pyfunc model."""
     if hasattr(model, "translate") and hasattr(model, "parameters"):
-        from launch.export import translate_uint8
+        from launch.export import size_multiple, translate_uint8
 
-        return lambda imgs, direction: translate_uint8(model, imgs, direction)
+        multiple = size_multiple({"n_down": model.cfg.n_down}) if hasattr(model, "cfg") else 4
+        return lambda imgs, direction: translate_uint8(model, imgs, direction, multiple=multiple)
     if hasattr(model, "predict"):
         return lambda imgs, direction: np.asarray(model.predict(imgs, params={"direction": direction}))
     if callable(model):
@@ -142,48 +160,132 @@ def as_translate_fn(model):
     raise TypeError(f"cannot translate with a {type(model).__name__}")
 
 
+def skipped(n: int, opts: EvalOptions) -> list[str]:
+    """Why C2ST / FID-KID, although asked for, are not computed on `n` test pairs (too few images)."""
+    from launch.c2st import MIN_IMAGES
+
+    out = []
+    if opts.c2st_steps and n < MIN_IMAGES:
+        out.append(f"C2ST skipped: {n} test image(s), it needs at least {MIN_IMAGES}")
+    if opts.features is not None and n < 2:
+        out.append(f"FID/KID skipped: {n} test image(s), they need at least 2")
+    return out
+
+
+def score(pred, truth, opts: EvalOptions) -> dict:
+    """{"pixel_acc", "mae", "c2st"?, "fid"?, "kid"?} of translations `pred` against `truth`.
+
+    C2ST and FID/KID compare distributions, `truth` serving as the real target-domain images (C2ST
+    keeps each pair on one side of its train/test split, see launch.c2st). They are left out when
+    there are too few images for them (see `skipped`).
+    """
+    out = {"pixel_acc": pixel_accuracy(pred, truth, opts.threshold), "mae": mae(pred, truth)}
+    too_few = skipped(min(len(pred), len(truth)), opts)
+    if opts.c2st_steps and not any(n.startswith("C2ST") for n in too_few):
+        from launch.c2st import c2st
+
+        out["c2st"] = c2st(truth, pred, steps=opts.c2st_steps)
+    if opts.features is not None and not any(n.startswith("FID") for n in too_few):
+        from launch.fid import fid_kid
+
+        out.update(fid_kid(truth, pred, opts.features))
+    return out
+
+
+def evaluate_direction(fn, x, y, direction: str, opts: EvalOptions) -> dict:
+    """The model's scores and each baseline's (prefixed by its name), the strongest baseline and the margin;
+    "notes": what was asked for but not computed, and why."""
+    out = {"n": int(len(x)), **score(np.asarray(fn(x, direction)), y, opts)}
+    notes = skipped(len(x), opts)
+    if notes:
+        out["notes"] = notes
+    rivals = {"identity": lambda imgs, d: imgs}
+    if opts.baselines:
+        from launch.baselines import translators
+
+        rivals = translators(opts.baselines)
+    for name, rival in rivals.items():
+        out.update({f"{name}_{k}": v for k, v in score(rival(x, direction), y, opts).items()})
+    best = max(rivals, key=lambda name: out[f"{name}_pixel_acc"])
+    out["best_baseline"] = best
+    out["best_baseline_pixel_acc"] = out[f"{best}_pixel_acc"]
+    out["margin"] = out["pixel_acc"] - out["best_baseline_pixel_acc"]
+    return out
+
+
 def evaluate_translator(model, test_a=None, truth_b=None, test_b=None, truth_a=None,
-                        size: int | None = None, threshold: int = THRESHOLD) -> dict:
-    """Per direction: {"pixel_acc", "mae", "identity_pixel_acc", "identity_mae", "n"}.
+                        size: int | None = None, threshold: int = THRESHOLD, opts: EvalOptions | None = None,
+                        rejected: list | None = None) -> dict:
+    """Per direction, the model's and every baseline's scores (see evaluate_direction).
 
     `model`: a generator module (gen.translate), a pyfunc model, or fn(images, direction).
     a2b needs test_a + truth_b, b2a needs test_b + truth_a; a direction without both is skipped.
+    Unusable test images are skipped and listed in `rejected` when a list is given.
     """
+    opts = opts or EvalOptions(threshold=threshold)
     fn = as_translate_fn(model)
     out = {}
     for direction, src, truth in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)):
         if not (src and truth):
             continue
-        _, x, y = load_pairs(src, truth, size)
-        pred = fn(x, direction)
-        out[direction] = {"pixel_acc": pixel_accuracy(pred, y, threshold), "mae": mae(pred, y),
-                          "identity_pixel_acc": pixel_accuracy(x, y, threshold), "identity_mae": mae(x, y),
-                          "n": int(len(x))}
+        _, x, y = load_pairs(src, truth, size, rejected)
+        out[direction] = evaluate_direction(fn, x, y, direction, opts)
     if not out:
         raise ValueError("evaluate: give at least one direction (test_a with truth_b, or test_b with truth_a)")
     return out
 
 
 def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=None,
-                    size: int | None = None, threshold: int = THRESHOLD) -> dict:
-    """evaluate_translator on an exported translator directory."""
+                    size: int | None = None, opts: EvalOptions | None = None) -> dict:
+    """evaluate_translator on an exported translator directory (its baselines.json when there is one)."""
+    from launch import baselines
     from launch.export import load_translator
 
     gen, meta = load_translator(export_dir)
-    return evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size or None, threshold=threshold)
+    opts = opts or EvalOptions()
+    stats = Path(export_dir) / baselines.FILE_NAME
+    if opts.baselines is None and stats.is_file():
+        opts = EvalOptions(**{**opts.__dict__, "baselines": baselines.load(stats)})
+    return evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size or None, opts=opts)
 
 
 def flat_metrics(res: dict, prefix: str = "test/") -> dict:
-    """{"a2b": {"pixel_acc": x}} -> {"test/pixel_acc_a2b": x} (n excluded)."""
-    return {f"{prefix}{k}_{d}": v for d, m in res.items() for k, v in m.items() if k != "n"}
+    """{"a2b": {"pixel_acc": x}} -> {"test/pixel_acc_a2b": x} (numbers only, n excluded)."""
+    return {f"{prefix}{k}_{d}": v for d, m in res.items() for k, v in m.items()
+            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def format_table(res: dict) -> str:
-    head = f"{'direction':<10}{'n':>6}{'pixel acc':>12}{'identity':>12}{'MAE':>10}{'identity MAE':>15}"
+    """One row per translator (the model, then each baseline) and direction; the strongest baseline marked."""
+    cols = [("pixel_acc", "pixel acc", "{:.4f}"), ("mae", "MAE", "{:.2f}"), ("c2st", "C2ST", "{:.3f}"),
+            ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}")]
+    shown = [c for c in cols if any(c[0] in m for m in res.values())]
+    head = f"{'direction':<10}{'translator':<14}{'n':>5}" + "".join(f"{label:>11}" for _, label, _ in shown)
     lines = [head, "-" * len(head)]
     for d, m in res.items():
-        lines.append(f"{d:<10}{m['n']:>6}{m['pixel_acc']:>12.4f}{m['identity_pixel_acc']:>12.4f}"
-                     f"{m['mae']:>10.2f}{m['identity_mae']:>15.2f}")
+        names = [""] + [k[:-len("_pixel_acc")] + "_" for k in m if k.endswith("_pixel_acc")
+                        and k not in ("best_baseline_pixel_acc",)]
+        for prefix in names:
+            label = prefix.rstrip("_") or "model"
+            if label == m.get("best_baseline"):
+                label += " *"
+            vals = "".join(f"{fmt.format(m[prefix + key]):>11}" if prefix + key in m else f"{'-':>11}"
+                           for key, _, fmt in shown)
+            lines.append(f"{d:<10}{label:<14}{m['n']:>5}{vals}")
+        verdict = "beats" if m["margin"] > 0 else "LOSES TO"
+        lines.append(f"{'':<10}model {verdict} the strongest baseline ({m['best_baseline']}) by "
+                     f"{m['margin']:+.4f} pixel accuracy")
+    notes = list(dict.fromkeys(note for m in res.values() for note in m.get("notes", [])))
+    if not any("fid" in m for m in res.values()) and not any(n.startswith("FID") for n in notes):
+        from launch.fid import NO_WEIGHTS
+
+        lines.append(NO_WEIGHTS)
+    if any("c2st" in m for m in res.values()):
+        lines.append("C2ST: held-out accuracy of a classifier telling real target images from these "
+                     "(0.5 = indistinguishable, 1.0 = always told apart)")
+    elif not any(n.startswith("C2ST") for n in notes):
+        lines.append("C2ST: off")
+    lines += notes
     return "\n".join(lines)
 
 
@@ -230,9 +332,33 @@ def resolve_model_version(spec: str) -> dict:
     return {"name": mv.name, "version": mv.version, "run_id": mv.run_id}
 
 
+def baseline_stats(args, model_spec: str):
+    """Baseline statistics for the CLI: --baselines FILE, --shards OUT, or the ones shipped with the
+    model (export dir or registered model); None when there are none (identity only)."""
+    from launch import baselines
+
+    if args.baselines:
+        return baselines.load(args.baselines)
+    if args.shards:
+        return baselines.stats_from_shards(args.shards, image_size=args.size or 64)
+    if "://" not in model_spec and ":/" not in model_spec:
+        f = Path(model_spec) / baselines.FILE_NAME
+        return baselines.load(f) if f.is_file() else None
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(model_spec, dst_path=tmp))
+        found = sorted(local.rglob(baselines.FILE_NAME))
+        return baselines.load(found[0]) if found else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.evaluate",
-                                description="Pixel accuracy (threshold 16) and MAE of a translator on paired test folders.")
+                                description="Pixel accuracy (threshold 16), MAE, C2ST and (with a feature extractor) "
+                                            "FID/KID of a translator on paired test folders, beside the trivial "
+                                            "baselines (identity, most frequent target colour, histogram matching).")
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or an export dir")
     p.add_argument("--test-a", help="domain A inputs, translated a2b")
     p.add_argument("--truth-b", help="domain B truth for --test-a (same stems)")
@@ -240,6 +366,11 @@ def main(argv=None) -> int:
     p.add_argument("--truth-a", help="domain A truth for --test-b (same stems)")
     p.add_argument("--size", type=int, default=None, help="resize every image to N x N first")
     p.add_argument("--threshold", type=int, default=THRESHOLD)
+    p.add_argument("--shards", help="training shards (OUT dir or index.json) to estimate the baselines from "
+                                    "(default: the baselines.json shipped with the model)")
+    p.add_argument("--baselines", help="a baselines.json written by training (launch.baselines)")
+    p.add_argument("--c2st-steps", type=int, default=200, help="classifier steps of the two-sample test (0: off)")
+    p.add_argument("--fid-features", help="TorchScript feature extractor for FID/KID (uint8 NCHW -> [N, D])")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--no-log", action="store_true", help="do not log the metrics to the model's run")
     a = p.parse_args(argv)
@@ -247,13 +378,27 @@ def main(argv=None) -> int:
         p.error("--test-a needs --truth-b and --test-b needs --truth-a")
     if not (a.test_a or a.test_b):
         p.error("give --test-a DIR --truth-b DIR and/or --test-b DIR --truth-a DIR")
+    if a.c2st_steps < 0:
+        p.error("--c2st-steps must be >= 0")
+    rejected: list[str] = []
     try:
         model, info = load_model(a.model, a.tracking_uri)
-        res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, threshold=a.threshold)
+        features = None
+        if a.fid_features:
+            from launch.fid import load_extractor
+            features = load_extractor(a.fid_features)
+        opts = EvalOptions(baselines=baseline_stats(a, a.model), c2st_steps=a.c2st_steps, features=features,
+                           threshold=a.threshold)
+        res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
+                                  rejected=rejected)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for r in rejected:
+        print(f"skipped {r}", file=sys.stderr)
     print(f"model: {a.model}")
+    if opts.baselines is None:
+        print("baselines: identity only (no baselines.json with the model; pass --shards OUT or --baselines FILE)")
     print(format_table(res))
     if info.get("run_id") and not a.no_log:
         from mlflow import MlflowClient
@@ -262,6 +407,9 @@ def main(argv=None) -> int:
         for k, v in flat_metrics(res).items():
             c.log_metric(info["run_id"], k, v)
         print(f"logged to run {info['run_id']} ({info['name']} version {info['version']})")
+    if rejected:
+        print(f"{len(rejected)} test image(s) skipped as unusable (listed above)", file=sys.stderr)
+        return 3
     return 0
 
 

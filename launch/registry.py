@@ -6,9 +6,11 @@ register_run(run_dir, ...) does, in order:
      artifacts: translator.safetensors + translator.json) to the training run named in
      RUN_DIR/tracking.json, with signature, input example, pinned requirements and tags;
   3. register it under `name` and point the alias `candidate` at the new version;
-  4. point `champion` at it only when the gate passes: test/pixel_acc_a2b (b2a when only that
-     direction has truth) >= min_accuracy, and >= the current champion's value on the same test
-     split (re-measured when the champion was scored on another split).
+  4. point `champion` at it only when the gate passes, on the gate metric test/pixel_acc_a2b
+     (b2a when only that direction has truth): it must beat the strongest trivial baseline
+     (launch.baselines, on the same test split), reach min_accuracy, and beat the current
+     champion (re-measured when the champion was scored on another split). The version tag
+     `gate` says which rule decided.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launch import baselines
 from launch import evaluate as ev
 from launch.tracking import Sender, read_tracking_json, resolve_uri
 
@@ -126,14 +129,60 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
     direction = metric.rsplit("_", 1)[-1]
     src, truth = pairs[direction]
     kw = {"test_a": src, "truth_b": truth} if direction == "a2b" else {"test_b": src, "truth_a": truth}
-    res = ev.evaluate_translator(gen, size=size, **kw)
+    res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0), **kw)
     return res[direction]["pixel_acc"]
+
+
+def _current_champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def decide(client, name: str, key: str | None, metrics: dict, min_accuracy: float, digest, pairs: dict,
+           size) -> tuple[bool, str, dict | None]:
+    """(promoted, reason, champion_before): the champion gate, rules in order, the first that fails decides.
+
+    1. a paired test split exists; 2. the model beats the strongest trivial baseline on the gate
+    metric; 3. it reaches min_accuracy; 4. it beats the current champion on the same split.
+    """
+    if key is None:
+        return False, "no paired test split: nothing to gate on", None
+    value, direction = metrics[key], key.rsplit("_", 1)[-1]
+    best = metrics.get(f"test/best_baseline_pixel_acc_{direction}")
+    best_name = "strongest baseline"
+    for name_ in ("identity", "constant", "histmatch"):
+        if best is not None and metrics.get(f"test/{name_}_pixel_acc_{direction}") == best:
+            best_name = name_
+    if best is not None and not value > best:
+        return False, f"baseline rule: {key} {value:.4f} does not beat the {best_name} baseline's {best:.4f}", None
+    beat = f"beats the {best_name} baseline ({best:.4f})" if best is not None else "no baselines measured"
+    if value < min_accuracy:
+        return False, f"min_accuracy rule: {key} {value:.4f} < {min_accuracy:.4f} ({beat})", None
+    cur = _current_champion(client, name)
+    if cur is None:
+        return True, f"baseline rule: {key} {value:.4f} {beat}; no champion yet", None
+    score = _champion_score(client, name, cur.version, key, digest, pairs, size)
+    before = {"version": cur.version, "metric": score}
+    # at the precision the champion's tag keeps (6 decimals): the same model registered again ties
+    if round(value, 6) > round(score, 6):
+        return True, (f"champion rule: {key} {value:.4f} > champion version {cur.version}'s {score:.4f} "
+                      f"on the same test split; {beat}"), before
+    return False, (f"champion rule: {key} {value:.4f} does not beat champion version {cur.version}'s "
+                   f"{score:.4f} on the same test split ({beat})"), before
 
 
 def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=None, test_b=None,
                  truth_a=None, min_accuracy: float = 0.0, image_size: int | None = None,
-                 tracking_uri: str | None = None, export_dir=None) -> dict:
+                 tracking_uri: str | None = None, export_dir=None, evaluation: dict | None = None,
+                 opts: "ev.EvalOptions | None" = None) -> dict:
     """Evaluate, log, register and (when the gate passes) promote RUN_DIR's translator.
+
+    `evaluation`: the result of launch.evaluate.evaluate_export on the same split, when the caller
+    has it already (the end of training), so nothing is evaluated twice.
 
     Returns {"name", "version", "model_uri", "run_id", "tracking_uri", "aliases", "promoted",
     "reason", "metrics", "gate_metric", "champion_before"}.
@@ -148,9 +197,9 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     gen, meta = load_translator(export_dir)  # fails early, naming the file, when the export is bad
     size = image_size or None
     pairs = {d: (s, t) for d, s, t in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)) if s and t}
-    metrics, digest = {}, None
+    metrics, digest, res = {}, None, None
     if pairs:
-        res = ev.evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size)
+        res = evaluation or ev.evaluate_export(export_dir, test_a, truth_b, test_b, truth_a, size=size, opts=opts)
         metrics = ev.flat_metrics(res)
         digest = ev.split_digest({d: list(v) for d, v in pairs.items()})
 
@@ -175,8 +224,9 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
         with tempfile.TemporaryDirectory() as tmp:
             art = Path(tmp) / MODEL_ARTIFACT
             art.mkdir()
-            for f in (WEIGHTS_NAME, META_NAME):
-                shutil.copy2(export_dir / f, art / f)
+            for f in (WEIGHTS_NAME, META_NAME, baselines.FILE_NAME):
+                if f != baselines.FILE_NAME or (export_dir / f).is_file():
+                    shutil.copy2(export_dir / f, art / f)
             model_code = Path(__file__).with_name("pyfunc_model.py")
             prev_status = run.info.status
             mlflow.start_run(run_id=run_id)
@@ -196,31 +246,14 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
 
         aliases = [CANDIDATE]
         key = gate_metric(metrics)
-        champion_before = None
-        if key is None:
-            promoted, reason = False, "no paired test split: nothing to gate on"
-        elif metrics[key] < min_accuracy:
-            promoted, reason = False, f"{key} {metrics[key]:.4f} < min_accuracy {min_accuracy:.4f}"
-        else:
-            try:
-                cur = client.get_model_version_by_alias(name, CHAMPION)
-            except Exception:
-                cur = None
-            if cur is None:
-                promoted, reason = True, f"{key} {metrics[key]:.4f} >= {min_accuracy:.4f}, no champion yet"
-            else:
-                score = _champion_score(client, name, cur.version, key, digest, pairs, size)
-                champion_before = {"version": cur.version, "metric": score}
-                promoted = metrics[key] >= score
-                reason = (f"{key} {metrics[key]:.4f} {'>=' if promoted else '<'} champion version "
-                          f"{cur.version}'s {score:.4f} on the same test split")
+        promoted, reason, champion_before = decide(client, name, key, metrics, min_accuracy, digest, pairs, size)
         client.set_model_version_tag(name, version, "gate", ("passed: " if promoted else "failed: ") + reason)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
             aliases.append(CHAMPION)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "tracking_uri": uri, "aliases": aliases, "promoted": promoted, "reason": reason,
-            "metrics": metrics, "gate_metric": key, "champion_before": champion_before}
+            "metrics": metrics, "gate_metric": key, "champion_before": champion_before, "evaluation": res}
 
 
 def describe(res: dict) -> str:
@@ -228,8 +261,8 @@ def describe(res: dict) -> str:
     lines = [f"registered {res['name']} version {res['version']} (run {res['run_id']}) at {res['tracking_uri']}",
              f"aliases: {', '.join(res['aliases'])}; champion gate: {'passed' if res['promoted'] else 'not passed'} "
              f"({res['reason']})"]
-    if res["metrics"]:
-        lines.append("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res["metrics"].items())))
+    if res.get("evaluation"):
+        lines.append(ev.format_table(res["evaluation"]))
     alias = CHAMPION if res["promoted"] else CANDIDATE
     lines.append(f"pull it: MLFLOW_TRACKING_URI={res['tracking_uri']} python -c \"import mlflow; "
                  f"m = mlflow.pyfunc.load_model('models:/{res['name']}@{alias}'); "

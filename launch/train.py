@@ -319,7 +319,8 @@ def train(cfg: Config, ds_json: dict | None) -> dict:
             dt = now - t_last
             record = {"step": step, **means, "lr_g": eng_g.get_lr()[0], "lr_d": eng_d.get_lr()[0],
                       "images_per_s": imgs_acc * world / dt, "images_per_s_per_rank": imgs_acc / dt,
-                      "data_wait_s": wait_acc, "data_wait_frac": wait_acc / dt, "nonfinite_total": nonfinite_total}
+                      "data_wait_s": wait_acc, "data_wait_frac": wait_acc / dt, "nonfinite_total": nonfinite_total,
+                      "elapsed_s": now - t_start}
             for k, v in getattr(loader, "stats", {}).items():
                 if isinstance(v, (int, float)):
                     record[f"loader/{k}"] = v
@@ -378,24 +379,32 @@ def ema_weights(ema, module):
         module.load_state_dict(backup)
 
 
+def eval_options(cfg: Config, stats) -> "EvalOptions":
+    from launch.evaluate import EvalOptions
+    features = None
+    if cfg.eval.fid_features:
+        from launch.fid import load_extractor
+        features = load_extractor(cfg.eval.fid_features)
+    return EvalOptions(baselines=stats, c2st_steps=cfg.eval.c2st_steps, features=features)
+
+
 def finish_run(cfg: Config, run_dir: Path, tracker, export_dir: Path) -> dict:
-    """Rank 0 after training: evaluate on the paired test split, then register the translator."""
+    """Rank 0 after training: estimate the baselines from the training shards (saved with the export),
+    evaluate once on the paired test split, then register the translator with that evaluation."""
+    from launch import baselines
     out: dict = {}
+    shards_a, shards_b = shard_sources(cfg)
+    stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
+                                        max_images=cfg.eval.baseline_images, seed=cfg.seed)
+    baselines.save(export_dir / baselines.FILE_NAME, stats)
+    res = None
     if cfg.data.test_a and cfg.data.test_b:
         from launch.evaluate import evaluate_export, flat_metrics
         res = evaluate_export(export_dir, test_a=cfg.data.test_a, truth_b=cfg.data.test_b,
-                              test_b=cfg.data.test_b, truth_a=cfg.data.test_a, size=cfg.data.image_size)
+                              test_b=cfg.data.test_b, truth_a=cfg.data.test_a, size=cfg.data.image_size,
+                              opts=eval_options(cfg, stats))
         out["evaluation"] = res
         tracker.log_metrics(flat_metrics(res), None)
-    if cfg.data.test_a and cfg.data.test_b and cfg.train.realism:
-        # Realism: a small real-A-vs-real-B classifier (trained once per run dir, reused) scores
-        # how many translations it takes for the target domain.
-        from launch.realism import realism_metrics
-        shards_a, shards_b = shard_sources(cfg)
-        real = realism_metrics(export_dir, shards_a, shards_b, cfg.data.test_a, cfg.data.test_b,
-                               classifier_dir=run_dir / "realism", image_size=cfg.data.image_size)
-        out["realism"] = real
-        tracker.log_metrics({f"test/{k}": v for k, v in real.items()}, None)
     if cfg.registry.enable and cfg.tracking.enable:
         tracker.flush()
         from launch.registry import register_run
@@ -403,7 +412,7 @@ def finish_run(cfg: Config, run_dir: Path, tracker, export_dir: Path) -> dict:
             out["registry"] = register_run(run_dir, name=cfg.registry.name, test_a=cfg.data.test_a,
                                            truth_b=cfg.data.test_b, test_b=cfg.data.test_b,
                                            truth_a=cfg.data.test_a, min_accuracy=cfg.registry.min_accuracy,
-                                           image_size=cfg.data.image_size)
+                                           image_size=cfg.data.image_size, evaluation=res)
         except Exception as e:  # the weights are exported; registering again is one command
             print(f"warning: registering the model failed ({type(e).__name__}: {e}); retry with "
                   f"`python -m launch.register --run-dir {run_dir}`", flush=True)
@@ -430,20 +439,15 @@ def print_summary(s: dict) -> None:
     ev = s.get("evaluation")
     if ev:
         from launch.evaluate import format_table
-        lines += ["", "paired test split, pixel accuracy (every channel within 16 of the truth):", format_table(ev)]
-        for d, m in ev.items():
-            if m.get("identity_pixel_acc"):
-                lines.append(f"{d}: {m['pixel_acc'] / m['identity_pixel_acc']:.1f}x the identity baseline")
-    real = s.get("realism")
-    if real:
-        lines.append("realism (share of translations a real-A-vs-B classifier takes for the target domain): "
-                     + ", ".join(f"{k.split('_')[1]} {v:.3f}" for k, v in real.items()))
+        lines += ["", "paired test split, pixel accuracy (every channel within 16 of the truth), beside the "
+                      "trivial baselines (* = strongest):", format_table(ev)]
     reg = s.get("registry")
     if reg:
         uri = reg.get("tracking_uri", "")
         alias = "champion" if "champion" in reg.get("aliases", []) else "candidate"
         lines += ["", f"registered model {reg.get('name')} version {reg.get('version')} "
                       f"(aliases: {', '.join(reg.get('aliases', []))}) in {uri}",
+                  f"champion gate: {'passed' if reg.get('promoted') else 'not passed'} ({reg.get('reason')})",
                   "pull it:",
                   f"  MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; "
                   f"m = mlflow.pyfunc.load_model('models:/{reg.get('name')}@{alias}'); "

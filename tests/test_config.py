@@ -105,8 +105,14 @@ def test_schedule_becomes_deepspeed_scheduler():
 
 def test_resume_differences_ignore_what_may_change():
     old = load_config(None, [], base=BASE)
-    same = load_config(None, ["train.max_steps=5000", "tracking.enable=false", "data.num_workers=4"], base=BASE)
+    same = load_config(None, ["train.max_steps=5000", "tracking.enable=false", "data.num_workers=4",
+                              "eval.c2st_steps=0", "eval.baseline_images=10"], base=BASE)
     assert resume_differences(old.model_dump(mode="json"), same) == []
+    # a checkpoint written before the eval section existed (train.realism, no eval) still resumes
+    before = old.model_dump(mode="json")
+    before["train"]["realism"] = True
+    del before["eval"]
+    assert resume_differences(before, same) == []
     changed = load_config(None, ["data.image_size=128", "model.dim=32"], base=BASE)
     diff = resume_differences(old.model_dump(mode="json"), changed)
     assert any(d.startswith("data.image_size") for d in diff)
@@ -124,7 +130,9 @@ def test_cli_fails_with_key_named(tmp_path):
 def test_cli_checks_deepspeed_json(tmp_path):
     good = tmp_path / "c.yaml"
     good.write_text(f"data: {{shards: {tmp_path}, image_size: 32, batch_size: 4}}\n")
-    (tmp_path / "index.json").write_text(json.dumps({"shards": []}))
+    # check() reads the index before any rank starts: one shard entry per domain
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [
+        {"url": f"{d}/{d}-000000.tar", "domain": d, "nsamples": 1} for d in ("a", "b")]}))
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
     r = subprocess.run([sys.executable, "-m", "launch.config", str(good), "--deepspeed_config", str(ds)],
@@ -133,6 +141,10 @@ def test_cli_checks_deepspeed_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.config", str(good)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "image_size: 32" in r.stdout
+    # a FID feature extractor that is not there is refused before any rank starts
+    r = subprocess.run([sys.executable, "-m", "launch.config", str(good), f"eval.fid_features={tmp_path / 'no.pt'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "eval.fid_features" in r.stderr and "no such file" in r.stderr
 
 
 @pytest.mark.parametrize("override, named, allowed", [
@@ -159,3 +171,15 @@ def test_booleans_are_not_numbers(override, named, allowed):
 def test_integers_still_parse_from_yaml():
     cfg = load_config(None, ["train.max_steps=7", "optim.lr_g=1", "data.augment.flip=false", "model.dim=8"], base=BASE)
     assert cfg.train.max_steps == 7 and cfg.optim.lr_g == 1.0 and cfg.data.augment.flip is False
+
+
+def test_eval_section_and_the_retired_realism_key(tmp_path):
+    cfg = load_config(None, ["eval.c2st_steps=0", "eval.baseline_images=50"], base=BASE)
+    assert cfg.eval.c2st_steps == 0 and cfg.eval.baseline_images == 50 and cfg.eval.fid_features is None
+    assert load_config(None, [], base=BASE).eval.c2st_steps == 200
+    with pytest.raises(ConfigError, match=r"train.realism was replaced by the eval section"):
+        load_config(None, ["train.realism=false"], base=BASE)
+    with pytest.raises(ConfigError, match="eval.c2st_steps"):
+        load_config(None, ["eval.c2st_steps=-1"], base=BASE)
+    with pytest.raises(ConfigError, match="eval.baseline_images"):
+        load_config(None, ["eval.baseline_images=0"], base=BASE)

@@ -15,8 +15,9 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from launch import baselines
 from launch.export import save_translator, translate_uint8
-from launch.registry import register_run
+from launch.registry import describe, register_run
 from launch.tracking import Tracker, TrackingConfig, embedded_uri
 from model.unit import UNIT
 from test_tracking import make_shards_meta
@@ -35,6 +36,17 @@ def tiny(seed: int) -> UNIT:
     return UNIT.from_config({"preset": "tiny"})
 
 
+def near(seed: int, noise: float = 0.03) -> UNIT:
+    """tiny(seed) with its weights nudged (fixed noise, `noise` x each tensor's mean magnitude): on the
+    split below, seed 0 nudged scores about 0.8 a2b, above every trivial baseline but below seed 0."""
+    unit = tiny(seed)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in unit.gen.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise * p.abs().mean())
+    return unit
+
+
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """A paired test split whose B truth is model seed 0's own a2b output: that model scores 1.0
@@ -51,8 +63,10 @@ def split(tmp_path_factory):
     return {"root": root, "a": root / "testA", "b": root / "testB", "xa": xa, "yb": yb}
 
 
-def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path) -> Path:
-    """A run directory as the trainer leaves it: tracked run, datasets, config, export."""
+def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path, unit: UNIT | None = None,
+                stats: dict | None = None) -> Path:
+    """A run directory as the trainer leaves it: tracked run, datasets, config, export (with
+    baselines.json when `stats` are given); the weights of tiny(seed) unless `unit` is given."""
     t = Tracker(TrackingConfig(tracking_uri=uri, log_system_metrics=False))
     t.start(run_dir)
     t.log_params({"config_hash": f"cfg{seed}", "seed": seed})
@@ -60,8 +74,10 @@ def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path) -> Path
     t.log_metrics({"g/total": 1.0}, 10)
     assert t.end()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
-    unit = tiny(seed)
+    unit = unit or tiny(seed)
     save_translator(run_dir / "export", unit.gen, unit.config(), image_size=32, step=10, ema=False)
+    if stats is not None:
+        baselines.save(run_dir / "export" / baselines.FILE_NAME, stats)
     return run_dir
 
 
@@ -107,18 +123,77 @@ def test_embedded_sqlite_register_and_load(tmp_path, split, monkeypatch):
     assert len(hist) == 2 and all(m.value == 1.0 for m in hist)
 
 
+def test_gate_needs_the_strongest_baseline_then_the_champion(tmp_path, split, monkeypatch):
+    """Three registrations in one sqlite store, each export carrying baselines.json (estimated, as the
+    trainer does, from "training" images: other noise inputs and seed 0's translations of them)."""
+    from mlflow.exceptions import MlflowException
+
+    from launch.baselines import DomainStats
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    store.mkdir()
+    uri, name = f"sqlite:///{store / 'mlflow.db'}", "gated-translator"
+    shards = make_shards_meta(tmp_path / "shards")
+    train_a = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    stats = {"a": DomainStats.empty().add(train_a),
+             "b": DomainStats.empty().add(translate_uint8(tiny(0).gen.eval(), train_a, "a2b"))}
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    # 1. No champion yet and min_accuracy 0, but it does not beat the most-frequent-colour baseline:
+    #    it stays a candidate (the old gate promoted any first model).
+    r1 = register(trained_run(tmp_path / "bad", 1, uri, shards, stats=stats), name, split, min_accuracy=0.0)
+    m = r1["metrics"]
+    assert m["test/best_baseline_pixel_acc_a2b"] == m["test/constant_pixel_acc_a2b"] > m["test/pixel_acc_a2b"]
+    assert m["test/margin_a2b"] < 0
+    assert not r1["promoted"] and r1["aliases"] == ["candidate"] and r1["champion_before"] is None
+    gate = c.get_model_version(name, r1["version"]).tags["gate"]
+    assert gate.startswith("failed: baseline rule") and "the constant baseline's" in gate
+    with pytest.raises(MlflowException):
+        c.get_model_version_by_alias(name, "champion")
+    assert "LOSES TO the strongest baseline (constant)" in describe(r1)
+
+    # 2. Beats every baseline, no champion yet: champion. Its baselines travel in the model artifact.
+    r2 = register(trained_run(tmp_path / "good", 0, uri, shards, stats=stats), name, split, min_accuracy=0.5)
+    assert r2["promoted"] and r2["aliases"] == ["candidate", "champion"]
+    assert r2["metrics"]["test/pixel_acc_a2b"] == 1.0 > r2["metrics"]["test/best_baseline_pixel_acc_a2b"]
+    gate = c.get_model_version(name, r2["version"]).tags["gate"]
+    assert gate.startswith("passed: baseline rule") and "no champion yet" in gate
+    import mlflow
+
+    from launch.registry import using_uri
+    with using_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{r2['version']}",
+                                                         dst_path=str(tmp_path / "dl")))
+    shipped = next(local.rglob(baselines.FILE_NAME))
+    assert np.array_equal(baselines.load(shipped)["b"].hist, stats["b"].hist)
+
+    # 3. Beats the baselines but not the champion on the same split: candidate, champion unchanged.
+    r3 = register(trained_run(tmp_path / "close", 2, uri, shards, unit=near(0), stats=stats), name, split,
+                  min_accuracy=0.0)
+    m = r3["metrics"]
+    assert m["test/best_baseline_pixel_acc_a2b"] < m["test/pixel_acc_a2b"] < 1.0
+    assert not r3["promoted"] and r3["aliases"] == ["candidate"]
+    assert str(r3["champion_before"]["version"]) == r2["version"] and r3["champion_before"]["metric"] == 1.0
+    gate = c.get_model_version(name, r3["version"]).tags["gate"]
+    assert gate.startswith("failed: champion rule") and "beats the constant baseline" in gate
+    assert str(c.get_model_version_by_alias(name, "champion").version) == r2["version"]
+    assert str(c.get_model_version_by_alias(name, "candidate").version) == r3["version"]
+
+
 @pytest.mark.slow
 def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     uri, name = server_up.uri, f"unit-{uuid.uuid4().hex[:8]}"
     shards = make_shards_meta(tmp_path / "shards")
-    bad = trained_run(tmp_path / "bad", 1, uri, shards)
+    bad = trained_run(tmp_path / "bad", 1, uri, shards, unit=near(0))   # beats identity, not seed 0
     good = trained_run(tmp_path / "good", 0, uri, shards)
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    # 1. Below the threshold: candidate only.
+    # 1. Beats the (identity) baseline but is below the threshold: candidate only.
     r1 = register(bad, name, split, min_accuracy=0.99)
     assert r1["version"] == "1" and r1["aliases"] == ["candidate"] and not r1["promoted"]
-    assert "min_accuracy" in r1["reason"]
+    assert r1["reason"].startswith("min_accuracy rule") and "beats the identity baseline" in r1["reason"]
+    assert c.get_model_version(name, "1").tags["gate"].startswith("failed: min_accuracy rule")
     with pytest.raises(Exception):
         c.get_model_version_by_alias(name, "champion")
 
@@ -134,6 +209,7 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r3 = json.loads(proc.stdout)
     assert r3["version"] == "3" and not r3["promoted"] and str(r3["champion_before"]["version"]) == "2"
+    assert r3["reason"].startswith("champion rule")
     assert str(c.get_model_version_by_alias(name, "candidate").version) == "3"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
 

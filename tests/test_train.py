@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", "48", "--n-test", "6",
+    # 8 test scenes: the fewest the two-sample test (launch.c2st.MIN_IMAGES) runs on
+    run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", "48", "--n-test", "8",
          "--size", "32", "--seed", "0"])
     run([sys.executable, "-m", "pipeline.shards", "--src-a", d / "demo" / "trainA", "--src-b", d / "demo" / "trainB",
          "--out", d / "shards", "--workers", "1", "--max-per-shard", "16"])
@@ -33,13 +34,14 @@ def run(cmd, **kw):
     return r
 
 
-def write_config(path: Path, corpus: Path, run_dir: Path, **train) -> Path:
+def write_config(path: Path, corpus: Path, run_dir: Path, evaluation: dict | None = None, **train) -> Path:
     cfg = {"run_dir": str(run_dir), "seed": 1,
            "data": {"shards": str(corpus / "shards"), "image_size": 32, "batch_size": 2, "num_workers": 1,
                     "test_a": str(corpus / "demo" / "testA"), "test_b": str(corpus / "demo" / "testB")},
            "model": {"preset": "tiny"},
-           "train": {"max_steps": 6, "log_every": 1, "sample_every": 3, "ckpt_every": 3, "threads": 1,
-                     "realism": False, **train},
+           "train": {"max_steps": 6, "log_every": 1, "sample_every": 3, "ckpt_every": 3, "threads": 1, **train},
+           # a short two-sample test and few baseline images: the end-of-run evaluation stays fast
+           "eval": {"c2st_steps": 20, "baseline_images": 100, **(evaluation or {})},
            "tracking": {"enable": False}, "registry": {"enable": False}}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -75,7 +77,8 @@ def final_state(run_dir: Path, step: int) -> dict:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2, realism=stage == 0)
+    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2,
+                       evaluation={"c2st_steps": 20 if stage == 0 else 0})
     r = launch(cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json")
     assert f"ZeRO {stage}" in r.stdout
     rows = metrics(run_dir)
@@ -91,9 +94,21 @@ def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
             "u.eval(); y=u.gen.translate(torch.zeros(1,3,32,32),'a2b'); print(tuple(y.shape))")
     assert run([sys.executable, "-c", code]).stdout.strip() == "(1, 3, 32, 32)"
     assert "pixel acc" in r.stdout and "a2b" in r.stdout
-    if stage == 0:  # the realism classifier was trained next to the run and scored both directions
-        assert (run_dir / "realism" / "classifier.safetensors").is_file()
-        assert "realism (share of translations" in r.stdout
+    # The baselines were estimated from the training shards and travel with the export.
+    from launch import baselines
+    from pipeline.demo import LAND, MAP_COLOURS
+    stats = baselines.load(run_dir / "export" / "baselines.json")
+    assert set(stats) == {"a", "b"}
+    for s in stats.values():  # eval.baseline_images=100 images of 32x32 per domain
+        assert s.images == 100 and (s.hist.sum(axis=1) == 100 * 32 * 32).all()
+    assert tuple(stats["b"].mode_colour()) == MAP_COLOURS[LAND]  # the map's land colour, exactly (PNG)
+    # The summary table: the model and the three baselines per direction, and the verdict.
+    rows = {tuple(ln.split()[:2]) for ln in r.stdout.splitlines() if ln.startswith(("a2b ", "b2a "))}
+    assert rows == {(d, t) for d in ("a2b", "b2a") for t in ("model", "identity", "constant", "histmatch")}
+    assert r.stdout.count("the strongest baseline (") == 2
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("direction"))
+    assert ("C2ST" in header) == (stage == 0)  # eval.c2st_steps=0 turns the two-sample test off
+    assert ("C2ST: off" in r.stdout) == (stage != 0)
 
 
 def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_path):
