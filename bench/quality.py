@@ -1,0 +1,265 @@
+"""Translation quality per CPU minute: our trainer against an official-code-style reference loop.
+
+For each task, a corpus is made, written to shards with `pipeline.shards`, and trained on twice
+for the same wall time:
+
+    ours       the real trainer: `deepspeed --num_gpus RANKS launch/train.py --config CONFIG`
+               (configs/demo.yaml by default), tracking and registry off
+    reference  one process, the official code's recipe: the `official` preset (width 64, 4
+               residual blocks, 3-scale discriminator, weights 1/10/0.01/10/0.01, LSGAN), Adam
+               lr 1e-4, batch 1, and its iteration (bench/step.py:step_ref: a D update on its own
+               encode/decode pass, then a G update)
+
+Both translators are scored on the paired test split beside the trivial baselines (identity,
+most frequent target colour, per-channel histogram matching, estimated from the training
+shards) with launch.evaluate. Tasks:
+
+    demo    the embedded aerial -> map corpus (pipeline/demo.py)
+    shift   natural photographs (scikit-image's sample images, random 64 px crops) against a
+            colour/tone-shifted copy of other crops: a global shift that histogram matching
+            solves almost exactly, so it asks whether the trainer keeps detail sharp
+
+Goals printed beside the figures: ours beats the strongest baseline (by >= 0.10 a2b on demo),
+a2b >= 0.60 on shift, and ours >= 2x the reference's a2b accuracy.
+
+    .venv/bin/python bench/quality.py [--tasks demo,shift] [--out $TMPDIR/unit-quality]
+        [--config configs/demo.yaml] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+GOALS = {"demo": "ours - strongest baseline >= 0.10 (a2b), > 0 (b2a); ours >= 2x reference",
+         "shift": "ours a2b >= 0.60; ours >= 2x reference"}
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+          "retina", "cat", "colorwheel")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="demo,shift")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-quality"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--ranks", type=int, default=2, help="CPU ranks of our trainer")
+    ap.add_argument("--size", type=int, default=64, help="image side of the corpora and of training")
+    ap.add_argument("--steps", type=int, default=None, help="our training steps (default: the config's)")
+    ap.add_argument("--ref-threads", type=int, default=2, help="torch threads of the reference loop")
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--c2st-steps", type=int, default=200)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for our trainer")
+    return ap.parse_args(argv)
+
+
+def sh(cmd, log: Path, env=None) -> None:
+    cmd = [str(c) for c in cmd]
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+    if r.returncode not in (0, 3):  # 3: shards complete with quarantined inputs
+        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def save_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+    Image.fromarray(img).save(path)
+
+
+def tone_shift(img: np.ndarray) -> np.ndarray:
+    """The B domain of the shift task: per-channel gamma, gain and offset (monotone per channel)."""
+    x = img.astype(np.float32) / 255.0
+    gamma, gain, offset = np.array([0.8, 1.0, 1.25]), np.array([0.95, 1.0, 0.8]), np.array([0.06, 0.02, 0.0])
+    return np.clip((x ** gamma * gain + offset) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def photo_crops(n: int, size: int, rng) -> list[np.ndarray]:
+    """Random size x size crops of scikit-image's colour sample photographs, rescaled 0.25-0.6x first."""
+    import skimage.data
+    from PIL import Image
+    photos = [getattr(skimage.data, name)() for name in PHOTOS]
+    out = []
+    for _ in range(n):
+        img = Image.fromarray(photos[rng.integers(len(photos))][..., :3])
+        scale = rng.uniform(0.25, 0.6)
+        w, h = max(size, int(img.width * scale)), max(size, int(img.height * scale))
+        arr = np.asarray(img.resize((w, h), Image.BICUBIC))
+        y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+        out.append(np.ascontiguousarray(arr[y:y + size, x:x + size]))
+    return out
+
+
+def make_shift_corpus(root: Path, n_train: int, n_test: int, size: int = 64, seed: int = 0) -> None:
+    """trainA: crops; trainB: tone-shifted other crops (unpaired); testA/testB: paired crops."""
+    rng = np.random.default_rng(seed)
+    for sub in ("trainA", "trainB", "testA", "testB"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(photo_crops(n_train, size, rng)):
+        save_png(root / "trainA" / f"{i:06d}.png", img)
+    for i, img in enumerate(photo_crops(n_train, size, rng)):
+        save_png(root / "trainB" / f"{i:06d}.png", tone_shift(img))
+    for i, img in enumerate(photo_crops(n_test, size, rng)):
+        save_png(root / "testA" / f"{i:06d}.png", img)
+        save_png(root / "testB" / f"{i:06d}.png", tone_shift(img))
+
+
+def prepare(task: str, out: Path, n_train: int, n_test: int, size: int) -> dict:
+    """Corpus folders and shards for `task` under OUT/<task>, made once per parameter set."""
+    root = out / task
+    want = {"task": task, "n_train": n_train, "n_test": n_test, "size": size}
+    marker = root / "corpus.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == want):
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        if task == "demo":
+            from pipeline.demo import write_corpus
+            write_corpus(str(root / "data"), n_train, n_test, size=size, seed=0, progress=False)
+        else:
+            make_shift_corpus(root / "data", n_train, n_test, size)
+        sh([sys.executable, "-m", "pipeline.shards", "--src-a", root / "data" / "trainA", "--src-b",
+            root / "data" / "trainB", "--out", root / "shards", "--workers", 2,
+            "--max-per-shard", max(16, n_train // 4), "--no-progress"], log=root / "shards.log")
+        marker.write_text(json.dumps(want))
+    d = root / "data"
+    return {"shards": root / "shards", "test_a": d / "testA", "test_b": d / "testB", "root": root}
+
+
+# ---------------------------------------------------------------- the two trainers
+
+
+def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
+    """(export dir, training seconds, steps) of the real trainer on `corpus`."""
+    run_dir = corpus["root"] / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    over = [f"run_dir={run_dir}", f"data.shards={corpus['shards']}", f"data.test_a={corpus['test_a']}",
+            f"data.test_b={corpus['test_b']}", f"data.image_size={size}", f"data.augment.resize={size}",
+            "tracking.enable=false", "registry.enable=false", "eval.c2st_steps=0"]
+    if args.steps:
+        over.append(f"train.max_steps={args.steps}")
+    over += list(args.overrides)
+    log = corpus["root"] / "ours.log"
+    sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", args.ranks, "--master_port", free_port(),
+        "launch/train.py", "--config", args.config, *over], log=log,
+       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    seconds = max(x.get("elapsed_s", 0.0) for x in lines) if lines else float("nan")
+    meta = json.loads((run_dir / "export" / "translator.json").read_text())
+    return run_dir / "export", seconds, int(meta["step"])
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_train(folder: Path):
+    import torch
+    from PIL import Image
+    imgs = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: int = 0):
+    """The official-style loop for `seconds` of wall time; returns (generator in eval mode, steps)."""
+    import torch
+    from step import adam, plain, step_ref
+
+    from model.unit import UNIT
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    unit = plain(UNIT.from_config({"preset": "official", "image_size": size}))
+    og, od = adam(unit.gen), adam(unit.dis)
+    data = corpus["shards"].parent / "data"
+    a, b = load_train(data / "trainA"), load_train(data / "trainB")
+    rng = np.random.default_rng(seed)
+    t0, steps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        x_a, x_b = a[rng.integers(len(a))][None], b[rng.integers(len(b))][None]
+        if rng.random() < 0.5:
+            x_a = x_a.flip(-1)
+        if rng.random() < 0.5:
+            x_b = x_b.flip(-1)
+        step_ref(unit, og, od, x_a, x_b)
+        steps += 1
+    return unit.gen.eval(), steps
+
+
+# ---------------------------------------------------------------- evaluation and tables
+
+
+def evaluate(model, corpus: dict, stats, c2st_steps: int) -> dict:
+    from launch.evaluate import EvalOptions, evaluate_translator
+    return evaluate_translator(model, corpus["test_a"], corpus["test_b"], corpus["test_b"], corpus["test_a"],
+                               opts=EvalOptions(baselines=stats, c2st_steps=c2st_steps))
+
+
+def table(task: str, rows: dict, seconds: dict, steps: dict) -> str:
+    ours, ref = rows["ours"], rows["reference"]
+    lines = [f"### {task}: same wall time ({seconds['ours']:.0f} s of training each)", "",
+             "| translator | steps | a2b pixel acc | b2a pixel acc | a2b MAE | a2b C2ST | b2a C2ST |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(name, m, prefix="", n="-"):
+        g = lambda d, k: m[d].get(prefix + k, float("nan"))  # noqa: E731
+        lines.append(f"| {name} | {n} | {g('a2b', 'pixel_acc'):.3f} | {g('b2a', 'pixel_acc'):.3f} | "
+                     f"{g('a2b', 'mae'):.1f} | {g('a2b', 'c2st'):.3f} | {g('b2a', 'c2st'):.3f} |")
+
+    row("ours", ours, n=steps["ours"])
+    row("reference (official recipe)", ref, n=steps["reference"])
+    for b in ("identity", "constant", "histmatch"):
+        row(f"baseline: {b}", ours, prefix=f"{b}_")
+    margin = {d: ours[d]["margin"] for d in ("a2b", "b2a")}
+    ratio = ours["a2b"]["pixel_acc"] / max(ref["a2b"]["pixel_acc"], 1e-9)
+    lines += ["", f"ours - strongest baseline: a2b {margin['a2b']:+.3f} ({ours['a2b']['best_baseline']}), "
+                  f"b2a {margin['b2a']:+.3f} ({ours['b2a']['best_baseline']}); ours / reference a2b: {ratio:.2f}x. "
+                  f"Goal: {GOALS[task]}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from launch import baselines
+    from launch.export import load_translator
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    size = args.size
+    t_start, report = time.perf_counter(), []
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        if task not in GOALS:
+            raise SystemExit(f"--tasks: unknown task {task!r} (demo, shift)")
+        corpus = prepare(task, out, args.n_train, args.n_test, size)
+        print(f"[{task}] training ours ({args.ranks} CPU ranks, {args.config}) ...", flush=True)
+        export, seconds, steps = run_ours(corpus, args, size)
+        print(f"[{task}] ours: {steps} steps in {seconds:.0f} s; reference for the same time ...", flush=True)
+        ref_gen, ref_steps = run_reference(corpus, seconds, size, args.ref_threads)
+        stats = baselines.load(export / baselines.FILE_NAME)
+        gen, _ = load_translator(export)
+        rows = {"ours": evaluate(gen, corpus, stats, args.c2st_steps),
+                "reference": evaluate(ref_gen, corpus, stats, args.c2st_steps)}
+        (corpus["root"] / "result.json").write_text(json.dumps(rows, indent=1))
+        report.append(table(task, rows, {"ours": seconds}, {"ours": steps, "reference": ref_steps}))
+        print("\n" + report[-1] + "\n", flush=True)
+    print("\n\n".join(report))
+    print(f"\nbench/quality.py: {(time.perf_counter() - t_start) / 60:.1f} min in all; outputs under {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Recipe sweep: one UNIT variant at a time, in one process, scored on the paired demo split.
+
+Quick A/B of training recipes (image size, width, learning rates, loss weights, discriminator,
+norms, latent noise, batch size) without the launcher: the same model, losses and step order
+as the trainer (G step on the frozen discriminators, then a D step on the same iteration's
+fakes; Adam with L2 decay; EMA of the generator side), on the demo corpus loaded into memory.
+Every `--every` steps it prints a2b / b2a pixel accuracy of the raw and EMA weights and the
+reconstruction accuracy of maps (B -> B, the ceiling a blurry autoencoder sets), and at the end
+a per-colour diagnosis of the a2b translations (how much of each map colour it gets right, and
+what it paints there on average) next to the constant baseline.
+
+    .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
+        [--ema 0.995] [--noise 1.0] [--threads 1] [model.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch.baselines import DomainStats, translators  # noqa: E402
+from launch.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
+from model.ema import EMA  # noqa: E402
+from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
+
+DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 16, "dis_layers": 3,
+              "dis_scales": 2}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--every", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr-d", type=float, default=None, help="default: --lr")
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--noise", type=float, default=1.0, help="std of the latent noise in training (paper: 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
+    ap.add_argument("overrides", nargs="*", help="model.key=value on top of the demo model")
+    return ap.parse_args(argv)
+
+
+def corpus(out: Path, n_train: int, n_test: int, size: int) -> dict:
+    from PIL import Image
+
+    from pipeline.demo import write_corpus
+    root = out / f"demo{size}-{n_train}-{n_test}"
+    if not (root / "testB").is_dir():
+        write_corpus(str(root), n_train, n_test, size=size, seed=0, progress=False)
+    load = lambda d: np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / d).iterdir())])  # noqa: E731
+    return {d: load(d) for d in ("trainA", "trainB", "testA", "testB")}
+
+
+def tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def uint8(y: torch.Tensor) -> np.ndarray:
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def with_noise(gen, std: float):
+    """Training latent noise of another std than the paper's 1 (0: a plain autoencoder)."""
+    def sample(mu, n=None):
+        if not gen.training or std == 0:
+            return mu
+        chunks = mu.split(n) if n else (mu,)
+        return mu + std * torch.cat([torch.randn_like(c) for c in chunks])
+    gen.sample = sample
+
+
+@torch.no_grad()
+def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray]:
+    gen.eval()
+    ab = uint8(gen.translate(tensor(data["testA"]), "a2b"))
+    ba = uint8(gen.translate(tensor(data["testB"]), "b2a"))
+    bb = uint8(gen.decode(gen.encode(tensor(data["testB"]), "b"), "b"))
+    gen.train()
+    return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),
+            pixel_accuracy(bb, data["testB"]), ab)
+
+
+def per_colour(pred: np.ndarray, truth: np.ndarray, top: int = 8) -> str:
+    ok = pixel_correct(pred, truth)
+    cols, inv = np.unique(truth.reshape(-1, 3), axis=0, return_inverse=True)
+    inv = inv.reshape(ok.shape)
+    cnt = np.bincount(inv.ravel())
+    lines = ["| map colour | share of pixels | a2b accuracy there | mean colour painted there |",
+             "| --- | --- | --- | --- |"]
+    for k in np.argsort(-cnt)[:top]:
+        m = inv == k
+        lines.append(f"| {tuple(int(c) for c in cols[k])} | {cnt[k] / inv.size:.3f} | {ok[m].mean():.3f} | "
+                     f"{tuple(int(c) for c in pred[m].mean(0).round())} |")
+    return "\n".join(lines)
+
+
+def train(args, data: dict) -> None:
+    model = dict(DEMO_MODEL)
+    for kv in args.overrides:
+        k, _, v = kv.partition("=")
+        model[k.removeprefix("model.")] = yaml.safe_load(v)
+    torch.manual_seed(args.seed)
+    unit = UNIT.from_config({**model, "image_size": args.size})
+    with_noise(unit.gen, args.noise)
+    opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
+    opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
+    ema, shadow = EMA(unit.gen, args.ema), copy.deepcopy(unit.gen)
+    a, b = tensor(data["trainA"]), tensor(data["trainB"])
+    rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
+    print(f"model {model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
+          f"latent noise {args.noise}, {args.size}px", flush=True)
+    for step in range(1, args.steps + 1):
+        x_a, x_b = a[rng.integers(len(a), size=args.batch)], b[rng.integers(len(b), size=args.batch)]
+        x_a, x_b = (x.flip(-1) if rng.random() < 0.5 else x for x in (x_a, x_b))
+        out = unit.gen(x_a, x_b)
+        unit.dis.requires_grad_(False)
+        loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        unit.dis.requires_grad_(True)
+        loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()), unit.cfg)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        ema.update(unit.gen)
+        if step % args.every == 0 or step == args.steps:
+            raw = scores(unit.gen, data)
+            shadow.load_state_dict(unit.gen.state_dict())
+            ema.copy_to(shadow)
+            avg = scores(shadow, data)
+            print(f"step {step} ({time.perf_counter() - t0:.0f} s): raw a2b {raw[0]:.3f} b2a {raw[1]:.3f} "
+                  f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
+                  f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance 1.0)", flush=True)
+    stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
+    const = translators(stats)["constant"](data["testA"], "a2b")
+    print(f"\nconstant baseline: a2b {pixel_accuracy(const, data['testB']):.3f}; EMA a2b per map colour:")
+    print(per_colour(avg[3], data["testB"]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train(args, corpus(Path(args.out), args.n_train, args.n_test, args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
