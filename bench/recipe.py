@@ -60,9 +60,16 @@ def corpus(out: Path, n_train: int, n_test: int, size: int) -> dict:
     from PIL import Image
 
     from pipeline.demo import write_corpus
+    import os
+    import shutil
     root = out / f"demo{size}-{n_train}-{n_test}"
-    if not (root / "testB").is_dir():
-        write_corpus(str(root), n_train, n_test, size=size, seed=0, progress=False)
+    if not root.is_dir():  # made under a temporary name, so a concurrent sweep never reads half of it
+        tmp = out / f".{root.name}.tmp-{os.getpid()}"
+        write_corpus(str(tmp), n_train, n_test, size=size, seed=0, progress=False)
+        try:
+            tmp.rename(root)
+        except OSError:  # another sweep finished first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
     load = lambda d: np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / d).iterdir())])  # noqa: E731
     return {d: load(d) for d in ("trainA", "trainB", "testA", "testB")}
 
