@@ -130,6 +130,7 @@ def train(args, data: dict) -> None:
     ema, shadow = EMA(unit.gen, args.ema), copy.deepcopy(unit.gen)
     a, b = tensor(data["trainA"]), tensor(data["trainB"])
     rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
+    chance = 0.5 * len(unit.dis.dis_a(a[:1]))  # LSGAN loss of outputs 0.5 everywhere: 0.25 + 0.25 per scale
     print(f"model {model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
           f"latent noise {args.noise}, {args.size}px", flush=True)
     for step in range(1, args.steps + 1):
@@ -154,7 +155,7 @@ def train(args, data: dict) -> None:
             avg = scores(shadow, data)
             print(f"step {step} ({time.perf_counter() - t0:.0f} s): raw a2b {raw[0]:.3f} b2a {raw[1]:.3f} "
                   f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
-                  f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance 1.0)", flush=True)
+                  f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     const = translators(stats)["constant"](data["testA"], "a2b")
     print(f"\nconstant baseline: a2b {pixel_accuracy(const, data['testB']):.3f}; EMA a2b per map colour:")
