@@ -45,8 +45,10 @@ import torch.distributed as dist
 MARKER = "COMPLETE"
 RUN_MARKER = ".unit-run.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-# Everything save() puts in a step folder (and the temporary names it writes through).
-_OURS = re.compile(r"^(G|D|meta\.json|ema\.safetensors|COMPLETE|rank-\d{5}\.json|\.[\w.-]+\.tmp(-\d+)?)$")
+# What save() leaves in a step folder (and the temporary names it writes through); DeepSpeed adds
+# its conversion scripts at ZeRO >= 1.
+_OURS = re.compile(r"^(G|D|meta\.json|ema\.safetensors|COMPLETE|rank-\d{5}\.json|zero_to_fp32\.py|zero_to_torch\.py"
+                   r"|\.[\w.-]+\.tmp(-\d+)?)$")
 _RUN_MARKER_TMP = re.compile(r"^\.unit-run\.json\.tmp-\d+$")
 # Folders no run may own (pruning and overwriting there would damage the system).
 SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",

@@ -86,7 +86,9 @@ def test_another_runs_checkpoints_are_neither_newest_nor_pruned(tmp_path):
 
 def test_prune_deletes_only_what_save_writes(tmp_path, capsys):
     for s in (10, 20):
-        _make(tmp_path, s)
+        made = _make(tmp_path, s)
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed writes these at ZeRO >= 1
+            (made / script).write_text("# deepspeed\n")
     stray = ckpt.step_dir(tmp_path, 1)
     stray.mkdir(parents=True)
     (stray / "thesis.tex").write_text("\\chapter{}")  # a user's file in a folder named like a leftover
