@@ -10,7 +10,7 @@ a per-colour diagnosis of the a2b translations (how much of each map colour it g
 what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
-        [--ema 0.995] [--noise 1.0] [--threads 1] [model.key=value ...]
+        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [model.key=value ...]
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lr-d", type=float, default=None, help="default: --lr")
+    ap.add_argument("--d-steps", type=int, default=1, help="discriminator updates per generator update "
+                                                          "(on the same iteration's fakes)")
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--noise", type=float, default=1.0, help="std of the latent noise in training (paper: 1)")
     ap.add_argument("--threads", type=int, default=1)
@@ -143,10 +145,12 @@ def train(args, data: dict) -> None:
         loss_g.backward()
         opt_g.step()
         unit.dis.requires_grad_(True)
-        loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()), unit.cfg)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        for _ in range(args.d_steps):
+            loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
+                                                 unit.cfg)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
         ema.update(unit.gen)
         if step % args.every == 0 or step == args.steps:
             raw = scores(unit.gen, data)
