@@ -28,20 +28,15 @@ from pipeline import shards
 from pipeline.images import check_image
 from pipeline.loader import UnpairedLoader, resolve_shards
 from pipeline.sources import list_inputs
+from test_shards import encode, noise_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 ORIENTATION = 0x0112  # the EXIF tag
 
 
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 def noise(seed: int, w=48, h=40) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return noise_rgb(seed, w, h)
 
 
 def png_chunk(tag: bytes, data: bytes) -> bytes:
