@@ -132,7 +132,9 @@ def train(args, data: dict) -> None:
     ema, shadow = EMA(unit.gen, args.ema), copy.deepcopy(unit.gen)
     a, b = tensor(data["trainA"]), tensor(data["trainB"])
     rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
-    chance = 0.5 * len(unit.dis.dis_a(a[:1]))  # LSGAN loss of outputs 0.5 everywhere: 0.25 + 0.25 per scale
+    # D loss of a discriminator that cannot tell: per scale 0.25 + 0.25 (LSGAN at 0.5), 2 ln 2 (NSGAN), 2 (hinge)
+    per_scale = {"lsgan": 0.5, "nsgan": 2 * float(np.log(2)), "hinge": 2.0}[unit.cfg.gan_type]
+    chance = per_scale * len(unit.dis.dis_a(a[:1]))
     print(f"model {model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
           f"latent noise {args.noise}, {args.size}px", flush=True)
     for step in range(1, args.steps + 1):
