@@ -90,7 +90,11 @@ def tone_shift(img: np.ndarray) -> np.ndarray:
 
 def photo_crops(n: int, size: int, rng) -> list[np.ndarray]:
     """Random size x size crops of scikit-image's colour sample photographs, rescaled 0.25-0.6x first."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("the shift task needs scikit-image's sample photographs: "
+                         ".venv/bin/pip install -e '.[bench]' (or run --tasks demo)") from None
     from PIL import Image
     photos = [getattr(skimage.data, name)() for name in PHOTOS]
     out = []
