@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.files import write_atomic
+from launch.tracking import write_json_atomic
 
 BIN = 8              # colour bin width per channel for the most frequent colour
 FILE_NAME = "baselines.json"
@@ -150,7 +150,7 @@ def from_json(d: dict) -> dict[str, DomainStats]:
 
 def save(path, stats: dict[str, DomainStats]) -> Path:
     path = Path(path)
-    write_atomic(path, json.dumps(to_json(stats), indent=1))
+    write_json_atomic(path, to_json(stats))
     return path
 
 
