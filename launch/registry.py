@@ -142,8 +142,8 @@ def _current_champion(client, name: str):
         return None
 
 
-def decide(client, name: str, key: str | None, metrics: dict, min_accuracy: float, digest, pairs: dict,
-           size) -> tuple[bool, str, dict | None]:
+def decide(client, name: str, key: str | None, metrics: dict, evaluation: dict | None, min_accuracy: float,
+           digest, pairs: dict, size) -> tuple[bool, str, dict | None]:
     """(promoted, reason, champion_before): the champion gate, rules in order, the first that fails decides.
 
     1. a paired test split exists; 2. the model beats the strongest trivial baseline on the gate
@@ -153,10 +153,7 @@ def decide(client, name: str, key: str | None, metrics: dict, min_accuracy: floa
         return False, "no paired test split: nothing to gate on", None
     value, direction = metrics[key], key.rsplit("_", 1)[-1]
     best = metrics.get(f"test/best_baseline_pixel_acc_{direction}")
-    best_name = "strongest baseline"
-    for name_ in ("identity", "constant", "histmatch"):
-        if best is not None and metrics.get(f"test/{name_}_pixel_acc_{direction}") == best:
-            best_name = name_
+    best_name = (evaluation or {}).get(direction, {}).get("best_baseline", "strongest")
     if best is not None and not value > best:
         return False, f"baseline rule: {key} {value:.4f} does not beat the {best_name} baseline's {best:.4f}", None
     beat = f"beats the {best_name} baseline ({best:.4f})" if best is not None else "no baselines measured"
@@ -246,7 +243,8 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
 
         aliases = [CANDIDATE]
         key = gate_metric(metrics)
-        promoted, reason, champion_before = decide(client, name, key, metrics, min_accuracy, digest, pairs, size)
+        promoted, reason, champion_before = decide(client, name, key, metrics, res, min_accuracy, digest,
+                                                   pairs, size)
         client.set_model_version_tag(name, version, "gate", ("passed: " if promoted else "failed: ") + reason)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
