@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=
     opts = opts or EvalOptions()
     stats = Path(export_dir) / baselines.FILE_NAME
     if opts.baselines is None and stats.is_file():
-        opts = EvalOptions(**{**opts.__dict__, "baselines": baselines.load(stats)})
+        opts = dataclasses.replace(opts, baselines=baselines.load(stats))
     return evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size or None, opts=opts)
 
 
