@@ -8,9 +8,9 @@ configs/ablation.yaml key=value ...`, tracking and registry off), for the same n
     cycle only           n_shared=0
     shared blocks 2, 3   the sweep over n_shared (0 and 1 reuse the runs above)
 
-each for several seeds, evaluates each export with launch.evaluate on the paired test split
+each for several seeds, evaluates each export with launch.release.evaluate on the paired test split
 (a2b = aerial -> map, the paper's direction) and prints mean ± std pixel accuracy and C2ST
-(launch.c2st: held-out accuracy of a classifier telling real target images from translations,
+(launch.release.c2st: held-out accuracy of a classifier telling real target images from translations,
 0.5 = indistinguishable) next to the paper's table and the trivial baselines every model must
 beat: identity, the most frequent target colour, per-channel histogram matching (estimated by
 the trainer from the training shards into export/baselines.json). Every finished run leaves
@@ -124,7 +124,7 @@ def plan(seeds: int, sweep_seeds: int) -> list[dict]:
 
 def train_and_evaluate(run: dict, out: Path, cfg_path: str, steps: int | None, corpus: dict, threads: int,
                        extra: list[str], c2st_steps: int = 200) -> dict:
-    from launch.evaluate import EvalOptions, evaluate_export
+    from launch.release.evaluate import EvalOptions, evaluate_export
 
     run_dir = out / "runs" / run["id"]
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted before its result: start it again

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline.layout import DOMAINS
 from pipeline.loader import UnpairedLoader
 
 
@@ -50,7 +51,7 @@ def write_data(root: str, images: list[bytes], size: int) -> None:
     """Shards (two domains, 4 shards each, index.json) and the same images as folder files."""
     entries = []
     half = len(images) // 2
-    for d, part in (("a", images[:half]), ("b", images[half:])):
+    for d, part in zip(DOMAINS, (images[:half], images[half:])):
         os.makedirs(os.path.join(root, d), exist_ok=True)
         os.makedirs(os.path.join(root, "folder", d), exist_ok=True)
         for s, chunk in enumerate(np.array_split(np.arange(len(part)), 4)):
@@ -109,7 +110,7 @@ def bench_loader(root: str, size: int, batch: int, seconds: float) -> float:
 
 def bench_folder(root: str, size: int, batch: int, seconds: float) -> float:
     """torchvision-free replica of UNIT's ImageFolder + transforms, one domain after the other."""
-    files = {d: sorted(os.scandir(os.path.join(root, "folder", d)), key=lambda e: e.name) for d in "ab"}
+    files = {d: sorted(os.scandir(os.path.join(root, "folder", d)), key=lambda e: e.name) for d in DOMAINS}
     rnd = random.Random(0)
 
     def load(path: str) -> torch.Tensor:
@@ -127,7 +128,7 @@ def bench_folder(root: str, size: int, batch: int, seconds: float) -> float:
         return t.sub_(0.5).div_(0.5)  # Normalize((0.5,)*3, (0.5,)*3)
 
     def step():
-        for d in "ab":
+        for d in DOMAINS:
             picks = rnd.sample(files[d], batch)
             torch.stack([load(e.path) for e in picks])  # default collate
         return 2 * batch

@@ -12,7 +12,7 @@ for the same wall time:
 
 Both translators are scored on the paired test split beside the trivial baselines (identity,
 most frequent target colour, per-channel histogram matching, estimated from the training
-shards) with launch.evaluate. Tasks:
+shards) with launch.release.evaluate. Tasks:
 
     demo    the embedded aerial -> map corpus (pipeline/demo.py)
     shift   natural photographs (scikit-image's sample images, random 64 px crops) against a
@@ -209,7 +209,7 @@ def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: i
 
 
 def evaluate(model, corpus: dict, stats, c2st_steps: int) -> dict:
-    from launch.evaluate import EvalOptions, evaluate_translator
+    from launch.release.evaluate import EvalOptions, evaluate_translator
     return evaluate_translator(model, corpus["test_a"], corpus["test_b"], corpus["test_b"], corpus["test_a"],
                                opts=EvalOptions(baselines=stats, c2st_steps=c2st_steps))
 
@@ -239,8 +239,8 @@ def table(task: str, rows: dict, seconds: dict, steps: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from launch import baselines
-    from launch.export import load_translator
+    from launch.release import baselines
+    from launch.release.export import load_translator
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     size = args.size

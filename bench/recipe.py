@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch.baselines import DomainStats, translators  # noqa: E402
-from launch.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
+from launch.release.baselines import DomainStats, translators  # noqa: E402
+from launch.release.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
 from model.ema import EMA  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
 

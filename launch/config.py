@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from launch.runstore.params import flatten
+from model.unit import PRESETS, UNITConfig, make_config
+from pipeline.augment import AugmentConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
@@ -57,16 +60,6 @@ class _Strict(BaseModel):
         return v
 
 
-class AugmentSection(_Strict):
-    """Fields of pipeline.augment.AugmentConfig (the loader's)."""
-    resize: Optional[int] = Field(None, ge=8, description="shortest side before the crop (None: the crop size)")
-    flip: bool = Field(True, description="random horizontal flip")
-    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="colour jitter strength, 0 disables it")
-    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="probability of jittering an image")
-    interpolation: Literal["area", "linear", "cubic"] = "area"
-
-
-
 class DataSection(_Strict):
     shards: Optional[str] = Field(None, description="OUT directory of `make shards` (uses index.json's a and b shards)")
     shards_a: Optional[str] = Field(None, description="domain A shards: index.json, brace pattern or URL list (overrides `shards`)")
@@ -74,11 +67,26 @@ class DataSection(_Strict):
     image_size: int = Field(64, ge=16, le=1024, description="training crop size in pixels (multiple of 4 times 2**n_down)")
     batch_size: int = Field(8, ge=1, description="micro-batch per rank and per domain")
     num_workers: int = Field(2, ge=0, le=64, description="loader worker processes per rank")
-    augment: AugmentSection = Field(default_factory=AugmentSection)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="pipeline.augment.AugmentConfig: resize, train, flip, color_jitter, "
+                                               "jitter_p, interpolation")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, v):
+        if isinstance(v, dict):
+            check_kinds("data.augment", AugmentConfig, v)
+        return AugmentConfig.from_any(v)
     verify_shards: bool = Field(False, description="check each local shard's sha256 against index.json when opened")
     cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
     test_a: Optional[str] = Field(None, description="paired test split, domain A images (for evaluation)")
     test_b: Optional[str] = Field(None, description="paired test split, domain B images, same stems as test_a")
+
+    def sources(self) -> tuple[str, str]:
+        """(domain A, domain B) shard specs: the per-domain ones, else the OUT directory twice."""
+        if self.shards_a is not None:
+            return self.shards_a, self.shards_b
+        return self.shards, self.shards
 
     @model_validator(mode="after")
     def _sources(self):
@@ -125,6 +133,10 @@ class TrainSection(_Strict):
                                                              "exits (a peer vanished); 0 disables it")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the generator side, 0 disables it")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage of both engines (0-2: exact for "
+                                                         "the two-engine GAN step); a DeepSpeed JSON may set it instead")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; a DeepSpeed JSON may "
+                                                         "set it instead")
     threads: int = Field(0, ge=0, description="torch threads per rank (0: leave torch's default)")
     sample_count: int = Field(4, ge=1, le=16, description="held-out images per domain in the sample grid")
 
@@ -170,7 +182,8 @@ class Config(_Strict):
                                     "checkpoints are pickles, so only for checkpoints you trust")
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --deepspeed_config flag wins)")
     data: DataSection
-    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "paper"})
+    model: UNITConfig = Field(default_factory=lambda: make_config({"preset": "paper"}),
+                              description="model.unit.UNITConfig: {preset: paper|official|tiny, field: value, ...}")
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -184,17 +197,49 @@ class Config(_Strict):
             raise ValueError("must be 'auto', 'never' or a checkpoint directory")
         return v
 
-    @field_validator("model")
+    @field_validator("model", mode="before")
     @classmethod
     def _model(cls, v):
+        if isinstance(v, UNITConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of model settings (preset: paper, dim: 32, ...)")
         check_model_config(v)
-        return v
+        return make_config(v)
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        """The crop size is data.image_size; the model's discriminators follow it (model.image_size)."""
+        size, n_down = self.data.image_size, self.model.n_down
+        if self.model.image_size not in (0, size):
+            raise ValueError(f"model.image_size = {self.model.image_size}: the model follows data.image_size "
+                             f"({size}); set data.image_size and leave model.image_size out")
+        if size % (2 ** n_down * 4):
+            raise ValueError(f"data.image_size = {size}: must be a multiple of {2 ** n_down * 4} "
+                             "(4 times 2**model.n_down)")
+        resize = self.data.augment.resize
+        if resize is not None and resize < size:
+            raise ValueError(f"data.augment.resize = {resize}: must be >= data.image_size ({size})")
+        self.model.image_size = size  # a dataclass field: set without re-running the validators
+        return self
+
+
+def check_kinds(section: str, cls, values: dict) -> None:
+    """YAML values of the wrong kind for a dataclass section: true for a number, 1 for a flag."""
+    types_ = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        # "int | None" under `from __future__ import annotations`
+        kinds = {k.strip() for k in str(getattr(types_.get(key), "__name__", types_.get(key))).split("|")}
+        numbers = kinds & {"int", "float"}
+        if numbers and "bool" not in kinds and isinstance(value, bool):
+            raise ValueError(f"{section}.{key} = {value!r}: must be "
+                             f"{'an integer' if 'int' in numbers else 'a number'}, not true/false")
+        if kinds == {"bool"} and not isinstance(value, bool):
+            raise ValueError(f"{section}.{key} = {value!r}: must be true or false")
 
 
 def check_model_config(model: dict) -> None:
-    """Validate the model section against model.unit's config without building the networks."""
-    from model.unit import PRESETS, UNITConfig, make_config
-
+    """Validate the model section's keys and kinds; UNITConfig checks the values when it is built."""
     preset = model.get("preset", "paper")
     if preset not in PRESETS:
         raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
@@ -204,16 +249,7 @@ def check_model_config(model: dict) -> None:
     for key in model:
         if key not in allowed:
             raise ValueError(f"model.{key} is not a model setting; allowed: {sorted(allowed)}")
-    types_ = {f.name: f.type for f in dataclasses.fields(UNITConfig)}
-    for key, value in model.items():
-        kind = types_.get(key)
-        kind = getattr(kind, "__name__", kind)  # "int" under `from __future__ import annotations`
-        if kind in ("int", "float") and isinstance(value, bool):
-            raise ValueError(f"model.{key} = {value!r}: must be {'an integer' if kind == 'int' else 'a number'}, "
-                             "not true/false")
-        if kind == "bool" and not isinstance(value, bool):
-            raise ValueError(f"model.{key} = {value!r}: must be true or false")
-    make_config(model)  # the model's own value checks (dim >= 1, n_shared <= n_res, ...), no networks built
+    check_kinds("model", UNITConfig, model)
 
 
 # ---------------------------------------------------------------- loading
@@ -244,10 +280,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         msg = e["msg"].replace("Value error, ", "")
+        if not key or msg.startswith(key):  # the message names the key (a check across sections)
+            lines.append(f"config key {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"config key {key}{shown}: {msg}")
@@ -289,53 +328,70 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every",
                      "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def resume_critical(cfg: Config | dict) -> dict:
-    flat = _flatten(cfg.model_dump(mode="json") if isinstance(cfg, Config) else cfg)
+    flat = flatten(cfg.model_dump(mode="json") if isinstance(cfg, Config) else cfg)
     return {k: v for k, v in flat.items()
             if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)}
 
 
 def resume_differences(saved: dict, cfg: Config) -> list[str]:
-    """Settings that differ between a checkpoint's config and this one and break resuming."""
-    old, new = resume_critical(saved), resume_critical(cfg)
+    """Settings that differ between a checkpoint's config and this one and break resuming.
+
+    The saved config is validated first, so a checkpoint written before a setting existed compares
+    with that setting's default; one that no longer validates is compared key by key."""
+    try:
+        old = resume_critical(Config.model_validate(saved))
+        keys = None
+    except ValidationError:
+        old = resume_critical(saved)
+        keys = set(old)
+    new = resume_critical(cfg)
+    keys = keys if keys is not None else set(old) | set(new)
     return [f"{k}: checkpoint has {old.get(k)!r}, config has {new.get(k)!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in sorted(keys) if old.get(k) != new.get(k)]
 
 
 # ---------------------------------------------------------------- DeepSpeed config
+#
+# The YAML generates the DeepSpeed dict of each engine. A DeepSpeed JSON (deepspeed_config) may add
+# keys and may set what the YAML leaves at its default (ZeRO stage, accumulation, clipping); a key
+# both set to different values is a conflict, reported before any rank starts.
 
-# Settings the YAML owns; the DeepSpeed JSON may repeat them only with the same value.
-def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool) -> dict:
-    """One engine's DeepSpeed config: the JSON (ZeRO, accumulation, clipping) plus what the YAML owns."""
-    ds = copy.deepcopy(ds_json or {})
-    owned = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "steps_per_print": 10 ** 9,
-    }
-    conflicts = []
-    for key, value in owned.items():
-        if key in ds and key != "steps_per_print" and ds[key] != value:
-            conflicts.append(f"{key}: DeepSpeed JSON has {ds[key]!r}, YAML (data.batch_size) has {value!r}")
-        ds[key] = value
-    ds.pop("train_batch_size", None) if "gradient_accumulation_steps" in ds else None
+def _explicit(section, name: str) -> bool:
+    return name in section.model_fields_set
+
+
+def _ds_basics(cfg: Config, ds: dict, conflicts: list[str]) -> None:
+    """Micro-batch, accumulation, ZeRO stage and clipping."""
+    if "train_micro_batch_size_per_gpu" in ds and ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size:
+        conflicts.append(f"train_micro_batch_size_per_gpu: DeepSpeed JSON has {ds['train_micro_batch_size_per_gpu']!r}, "
+                         f"YAML (data.batch_size) has {cfg.data.batch_size!r}")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["steps_per_print"] = 10 ** 9
+    if "gradient_accumulation_steps" in ds:
+        ds.pop("train_batch_size", None)
+    for key, field, json_value, set_value in (
+            ("gradient_accumulation_steps", "grad_accum_steps", ds.get("gradient_accumulation_steps"),
+             lambda v: ds.__setitem__("gradient_accumulation_steps", v)),
+            ("zero_optimization.stage", "zero_stage", ds.get("zero_optimization", {}).get("stage"),
+             lambda v: ds.setdefault("zero_optimization", {}).__setitem__("stage", v))):
+        yaml_value = getattr(cfg.train, field)
+        if json_value is not None and _explicit(cfg.train, field) and json_value != yaml_value:
+            conflicts.append(f"{key}: DeepSpeed JSON has {json_value!r}, YAML train.{field} has {yaml_value!r}")
+        set_value(yaml_value if json_value is None or _explicit(cfg.train, field) else json_value)
     # DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise; the paper does not clip.
     clip = cfg.optim.grad_clip
     if clip is not None and "gradient_clipping" in ds and float(ds["gradient_clipping"]) != clip:
         conflicts.append(f"gradient_clipping: DeepSpeed JSON has {ds['gradient_clipping']!r}, YAML optim.grad_clip has {clip!r}")
     ds["gradient_clipping"] = float(clip if clip is not None else ds.get("gradient_clipping", 0.0))
-    ds.setdefault("gradient_accumulation_steps", 1)
+    stage = ds["zero_optimization"]["stage"]
+    if stage not in (0, 1, 2):
+        conflicts.append(f"zero_optimization.stage: {stage!r}; UNIT's two-engine step is exact at stages 0, 1 and 2")
+    if "max_grad_norm" in ds:
+        conflicts.append("max_grad_norm: not a DeepSpeed key; use top-level gradient_clipping")
 
+
+def _ds_optimizer(cfg: Config, ds: dict, lr: float, on_gpu: bool, conflicts: list[str]) -> None:
     opt = {"lr": lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
            "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adam_w_mode}
     if "optimizer" in ds:
@@ -350,18 +406,23 @@ def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bo
         params["torch_adam"] = True  # DeepSpeed's fused Adam needs a GPU; torch's is exact on CPU
     ds["optimizer"] = {"type": "Adam", "params": params}
 
-    if cfg.optim.schedule != "constant":
-        sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, cfg.optim.warmup_steps),
-                 "warmup_type": "linear"}
-        if cfg.optim.schedule == "warmup_decay":
-            sched["total_num_steps"] = cfg.train.max_steps
-        want = {"type": "WarmupLR" if cfg.optim.schedule == "warmup" else "WarmupDecayLR", "params": sched}
-        if "scheduler" in ds and ds["scheduler"] != want:
-            conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler']!r}, YAML optim.schedule gives {want!r}")
-        ds["scheduler"] = want
-    elif "scheduler" in ds:
-        conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler'].get('type')!r}, YAML optim.schedule is 'constant'")
 
+def _ds_scheduler(cfg: Config, ds: dict, lr: float, conflicts: list[str]) -> None:
+    if cfg.optim.schedule == "constant":
+        if "scheduler" in ds:
+            conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler'].get('type')!r}, YAML optim.schedule is 'constant'")
+        return
+    sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, cfg.optim.warmup_steps),
+             "warmup_type": "linear"}
+    if cfg.optim.schedule == "warmup_decay":
+        sched["total_num_steps"] = cfg.train.max_steps
+    want = {"type": "WarmupLR" if cfg.optim.schedule == "warmup" else "WarmupDecayLR", "params": sched}
+    if "scheduler" in ds and ds["scheduler"] != want:
+        conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler']!r}, YAML optim.schedule gives {want!r}")
+    ds["scheduler"] = want
+
+
+def _ds_precision(cfg: Config, ds: dict, on_gpu: bool, bf16_ok: bool, conflicts: list[str]) -> None:
     precision = cfg.train.precision
     use_bf16 = (precision == "bf16") or (precision == "auto" and on_gpu and bf16_ok)
     for key in ("fp16", "bf16"):
@@ -370,11 +431,14 @@ def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bo
     ds.pop("fp16", None)
     ds["bf16"] = {"enabled": bool(use_bf16)}
 
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        conflicts.append(f"zero_optimization.stage: {stage!r}; UNIT's two-engine step is exact at stages 0, 1 and 2")
-    if "max_grad_norm" in ds:
-        conflicts.append("max_grad_norm: not a DeepSpeed key; use top-level gradient_clipping")
+
+def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool) -> dict:
+    """One engine's DeepSpeed config, generated from the YAML with the DeepSpeed JSON's additions."""
+    ds, conflicts = copy.deepcopy(ds_json or {}), []
+    _ds_basics(cfg, ds, conflicts)
+    _ds_optimizer(cfg, ds, lr, on_gpu, conflicts)
+    _ds_scheduler(cfg, ds, lr, conflicts)
+    _ds_precision(cfg, ds, on_gpu, bf16_ok, conflicts)
     if conflicts:
         raise ConfigError("DeepSpeed config conflicts with the YAML:\n  " + "\n  ".join(conflicts))
     return ds
@@ -396,7 +460,7 @@ def resume_point(cfg: Config) -> Path | None:
     """The checkpoint this config resumes from (None: step 0), after every check that can refuse it:
     the run directory (owned, not a system folder), `resume` (a complete checkpoint, inside run_dir
     or trusted) and the checkpoint's config (no change that breaks resuming). Reads only."""
-    from launch.checkpoint import RunDirError, plan_resume
+    from launch.training.checkpoint import RunDirError, plan_resume
 
     try:
         path = plan_resume(cfg.run_dir, cfg.resume, cfg.trust_resume_path)
@@ -435,12 +499,6 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
     resume_point(cfg)
-    size, n_down = cfg.data.image_size, int(cfg.model.get("n_down", 2))
-    if cfg.data.augment.resize is not None and cfg.data.augment.resize < size:
-        raise ConfigError(f"config key data.augment.resize = {cfg.data.augment.resize}: must be >= data.image_size ({size})")
-    if size % (2 ** n_down * 4):
-        raise ConfigError(f"config key data.image_size = {size}: must be a multiple of {2 ** n_down * 4} "
-                          f"(4 times 2**model.n_down)")
     if cfg.data.shards is not None and cfg.data.shards_a is None:
         if not (Path(cfg.data.shards) / "index.json").is_file() and "://" not in cfg.data.shards:
             raise ConfigError(f"config key data.shards = {cfg.data.shards!r}: no index.json there; run `make shards` first")

@@ -53,7 +53,6 @@ class UNITConfig:
     w_kl: float = 0.1          # lambda1: KL of the encodings of real images
     w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
-    ema_decay: float = 0.0     # EMA of the generator side for inference; 0 = off
 
     def __post_init__(self):
         def bad(name, why):
@@ -73,15 +72,13 @@ class UNITConfig:
                               ("gan_type", losses.GAN_TYPES)):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
-        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "ema_decay"):
+        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
             setattr(self, name, float(v))
         if not isinstance(self.fused_upsample, bool):
             bad("fused_upsample", "must be true or false")
-        if self.ema_decay >= 1:
-            bad("ema_decay", "must be < 1")
         if self.image_size and self.image_size % (2 ** self.n_down):
             bad("image_size", f"must be divisible by 2**n_down = {2 ** self.n_down}")
 
@@ -99,11 +96,15 @@ _TINY = dict(_PAPER, preset="tiny", dim=16, n_down=2, n_res=1, n_shared=1,
              dis_dim=16, dis_layers=2, dis_scales=2, dis_min_size=16)
 
 PRESETS: dict[str, dict] = {"paper": _PAPER, "official": _OFFICIAL, "tiny": _TINY}
+RETIRED = ("ema_decay",)  # fields of earlier versions, ignored when read back
 
 
 def make_config(d: dict | None = None) -> UNITConfig:
     """UNITConfig from {"preset": name, **overrides}; unknown keys fail with their names."""
     d = dict(d or {})
+    # Saved by earlier versions (exports, checkpoints); the trainer owns the EMA now (train.ema_decay).
+    for key in RETIRED:
+        d.pop(key, None)
     name = d.pop("preset", "paper")
     if name not in PRESETS:
         raise ValueError(f"UNIT config: preset {name!r} is not one of {sorted(PRESETS)}")
@@ -302,12 +303,6 @@ class UNIT(nn.Module):
     def config(self) -> dict:
         """All fields plus the preset name; `UNIT.from_config(unit.config())` rebuilds the same model."""
         return dataclasses.asdict(self.cfg)
-
-    def generator_loss(self, out, x_a, x_b):
-        return generator_loss(out, x_a, x_b, self.dis, self.cfg)
-
-    def discriminator_loss(self, preds):
-        return discriminator_loss(preds, self.cfg)
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         return self.gen.translate(x, direction)

@@ -16,8 +16,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.images import MAX_PIXELS  # default decode cap: what `make shards --max-pixels` accepts
+
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
-MAX_PIXELS = 64_000_000  # default decode cap: what `make shards --max-pixels` accepts by default
 
 
 class TooManyPixels(ValueError):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.atomic import write_bytes
+
 # Label ids of the scene classes (drawn into a label image alongside both renderings).
 LAND, FIELD, PARK, WATER, BUILDING, ROAD, MAJOR_ROAD, EDGE = range(8)
 
@@ -196,13 +198,6 @@ def encode_map(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_corpus(out: str, n_train: int, n_test: int, size: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """Write trainA/*.jpg, trainB/*.png and the paired testA/*.jpg + testB/*.png under `out`."""
     from tqdm import tqdm
@@ -214,16 +209,17 @@ def write_corpus(out: str, n_train: int, n_test: int, size: int = 64, seed: int 
     jobs = [("trainA", i) for i in range(n_train)] + [("trainB", i) for i in range(n_train)]
     jobs += [("test", i) for i in range(n_test)]
     nbytes = 0
+    # Each file is renamed into place but not fsynced: a demo corpus is regenerated, never recovered.
     for split, i in tqdm(jobs, desc="demo corpus", unit="img", disable=not progress, mininterval=0.5):
         aerial, map_ = render_scene(scene_seed(seed, split, i), size)
         name = f"{i:06d}"
         if split in ("trainA", "test"):
             data = encode_aerial(aerial)
-            _write(os.path.join(out, "testA" if split == "test" else "trainA", name + ".jpg"), data)
+            write_bytes(os.path.join(out, "testA" if split == "test" else "trainA", name + ".jpg"), data, durable=False)
             nbytes += len(data)
         if split in ("trainB", "test"):
             data = encode_map(map_)
-            _write(os.path.join(out, "testB" if split == "test" else "trainB", name + ".png"), data)
+            write_bytes(os.path.join(out, "testB" if split == "test" else "trainB", name + ".png"), data, durable=False)
             nbytes += len(data)
     return {"trainA": n_train, "trainB": n_train, "testA": n_test, "testB": n_test, "bytes": nbytes}
 

@@ -27,6 +27,8 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 3
+MIN_SIDE = 16  # default of `make shards --min-side`
+MAX_PIXELS = 64_000_000  # default of `make shards --max-pixels`, and of the loader's decode cap
 
 
 class Rejected(Exception):
@@ -127,7 +129,7 @@ def _keep_original(im: Image.Image, data: bytes) -> bool:
     return im.format != "PNG" or _png_bit_depth(data) == 8
 
 
-def check_image(data: bytes, min_side: int = 16, max_pixels: int = 64_000_000) -> Checked:
+def check_image(data: bytes, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> Checked:
     """Validate `data` by a full decode; return what to store or raise `Rejected`."""
     if not data:
         raise Rejected("not an image: empty file")

@@ -23,7 +23,7 @@ index), and each chunk is still a uniform shard draw with a fresh shuffle, so th
 distribution is unchanged; only the exact sample order differs from the old layout.
 
 Shard URLs read from an index.json are data, never commands: each entry must be a relative
-path inside the index's folder or a file/s3/gs/http(s) URL (pipeline.shards.index_entry_url),
+path inside the index's folder or a file/s3/gs/http(s) URL (pipeline.index.index_entry_url),
 checked for every entry when the loader is built, before any worker starts. `pipe:` URLs
 run only when the caller passes them directly (a brace pattern or a list).
 """
@@ -45,13 +45,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import MAX_PIXELS, AugmentConfig, Augmenter, TooManyPixels, to_chw_float
-from pipeline.shards import index_entry_url
+from pipeline.atomic import TEMP_NAME, write_bytes
+from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels, to_chw_float
+from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.images import MAX_PIXELS
+from pipeline.index import index_entry_url, url_scheme
+from pipeline.layout import DOMAINS
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DOMAINS = {"a": 1, "b": 2}
+# Each domain's number in its streams' seeds: a -> 1, b -> 2 (changing it changes every stream).
+_DOMAIN_SEED = {d: i + 1 for i, d in enumerate(DOMAINS)}
 REASONS = ("corrupt_sample", "truncated_shard", "unreadable_shard", "checksum_mismatch", "empty_shard",
            "too_many_pixels")
 
@@ -69,8 +74,7 @@ class Shard:
 
 
 def _is_remote(url: str) -> bool:
-    scheme = urllib.parse.urlparse(url).scheme
-    return len(scheme) > 1  # "" is a path, one letter is a Windows drive
+    return url_scheme(url) is not None  # a one-letter "scheme" is a Windows drive: a path
 
 
 def _from_index(path: str, domain: str) -> list[Shard]:
@@ -92,7 +96,7 @@ def _from_index(path: str, domain: str) -> list[Shard]:
 def resolve_shards(spec, domain: str) -> list[Shard]:
     """Shard list from an OUT directory of `make shards` or an index.json (the entries of
     `domain`), a brace pattern, one URL, or a list of URLs (paths, pipe:, fsspec URLs).
-    An index's entries are checked by pipeline.shards.index_entry_url (ValueError naming the
+    An index's entries are checked by pipeline.index.index_entry_url (ValueError naming the
     index, the entry and why); a pattern or list is the caller's own and taken as given."""
     if isinstance(spec, (str, os.PathLike)):
         spec = os.fspath(spec)
@@ -167,17 +171,15 @@ class ShardCache:
         if os.path.exists(dest):
             os.utime(dest)  # mark as recently used
             return dest
-        data = _fetch_bytes(url)
-        tmp = f"{dest}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        write_bytes(dest, _fetch_bytes(url), durable=False)  # a cache: a lost file is fetched again
         self._trim(keep=dest)
         return dest
 
     def _trim(self, keep: str) -> None:
         files = []
         for name in os.listdir(self.dir):
+            if TEMP_NAME.match(name):
+                continue  # another worker's copy in flight: not ours to remove
             p = os.path.join(self.dir, name)
             try:
                 st = os.stat(p)
@@ -230,14 +232,6 @@ def index_tar(f, size: int) -> ShardIndex:
     return ShardIndex([(k, o, s) for k, (o, s) in images.items()], truncated)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ShardReader:
     """Opens shards for one worker: fetches remote ones (cache or memory), optionally checks
     sha256 once per shard, keeps tar indexes of recently used shards."""
@@ -267,10 +261,7 @@ class ShardReader:
             if self.verify and shard.sha256:
                 ok = self.verified.get(url)
                 if ok is None:
-                    if path is not None:
-                        digest = _sha256_file(path)
-                    else:
-                        digest = hashlib.sha256(f.getbuffer()).hexdigest()
+                    digest = sha256_file(path) if path is not None else sha256_bytes(f.getbuffer())
                     ok = self.verified[url] = digest == shard.sha256
                 if not ok:
                     raise ShardError("checksum_mismatch", f"{url}: sha256 differs from index.json")
@@ -316,7 +307,7 @@ class Counters:
 
 
 def chunk_rng(seed: int, domain: str, rank: int, worker: int, chunk: int) -> np.random.Generator:
-    return np.random.default_rng([seed, DOMAINS[domain], rank, worker, chunk])
+    return np.random.default_rng([seed, _DOMAIN_SEED[domain], rank, worker, chunk])
 
 
 def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, counters):
@@ -389,9 +380,9 @@ class _Batches(IterableDataset):
         augmenter = Augmenter(l.augment, l.image_size, l.max_pixels)
         reader = ShardReader(l.verify_shards, l._cache)
         counters = Counters()
-        start = self.positions.get(worker, {"a": (0, 0), "b": (0, 0)})
+        start = self.positions.get(worker, {d: (0, 0) for d in DOMAINS})
         streams = {d: sample_stream(l._shards[d], d, l.seed, l.rank, worker, tuple(start[d]),
-                                    reader, augmenter, counters) for d in ("a", "b")}
+                                    reader, augmenter, counters) for d in DOMAINS}
         while True:
             batch, pos = {}, {}
             for d, stream in streams.items():
@@ -440,7 +431,7 @@ class UnpairedLoader:
         self.world_size = w if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank} is not in [0, world_size={self.world_size})")
-        self._shards = {"a": resolve_shards(shards_a, "a"), "b": resolve_shards(shards_b, "b")}
+        self._shards = {d: resolve_shards(spec, d) for d, spec in zip(DOMAINS, (shards_a, shards_b))}
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
         self.num_workers = int(num_workers)
         self.augment = AugmentConfig.from_any(augment)
@@ -509,7 +500,7 @@ class UnpairedLoader:
         else:
             top = max([p[0] for v in positions.values() for p in v.values()], default=-1) + 1
             w = max(self.num_workers, 1)
-            self._positions = {k: {"a": (top, 0), "b": (top, 0)} for k in range(w)}
+            self._positions = {k: {d: (top, 0) for d in DOMAINS} for k in range(w)}
             self._batches = 0
             log.warning("loader state from rank %s/%s with %s workers resumed on rank %s/%s with %s "
                         "workers: every stream continues at chunk %d", state.get("rank"),

@@ -32,6 +32,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from pipeline.hashing import sha256_bytes
 from pipeline.images import Rejected
 
 # Size assumed for a listed remote file whose size would cost a request to learn; it only
@@ -56,6 +57,28 @@ def is_url(path: str) -> bool:
 
 def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
+
+
+def source_exists(source: str) -> bool:
+    """Whether a source (folder, list file or URL) names something that exists; SourceError
+    ("cannot reach: ...") when the store behind a URL cannot be asked."""
+    if not is_url(source):
+        return os.path.exists(_local(source))
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        return fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own error types
+        raise SourceError(f"cannot reach: {e}") from None
+
+
+def folder_inside(source: str, root: str) -> bool:
+    """Whether `source` is a local folder that is `root` or lies inside it (links resolved)."""
+    if is_url(source):
+        return False
+    path, root = os.path.realpath(_local(source)), os.path.realpath(root)
+    return os.path.isdir(path) and os.path.commonpath([path, root]) == root
 
 
 def stat_signature(st: os.stat_result) -> str:
@@ -271,4 +294,4 @@ def source_digest(path: str, max_bytes: int) -> str | None:
         data = read_source(path, max_bytes)
     except Rejected:
         return None
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.evaluate import (evaluate_export, evaluate_translator, load_pairs, mae, main as evaluate_main,
+from launch.release.evaluate import (evaluate_export, evaluate_translator, load_pairs, mae, main as evaluate_main,
                              pixel_accuracy, pixel_correct)
-from launch.export import save_translator, translate_uint8
+from launch.release.export import translate_uint8
+from launch.runstore.artifacts import save_translator
 from model.unit import UNIT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_evaluate_cli_on_an_export(exported):
     root, export = exported
     args = ["--model", str(export), "--test-a", str(root / "testA"), "--truth-b", str(root / "testB"),
             "--test-b", str(root / "testB"), "--truth-a", str(root / "testA")]
-    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "launch.release.evaluate", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # rows: direction, translator (the strongest baseline marked " *"), n, pixel acc, MAE

@@ -16,11 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import checkpoint as ckpt
+from launch.runstore import rundir
+from launch.training import checkpoint as ckpt
 from launch.config import ConfigError, load_config
-from launch.export import min_input_side, save_translator, tile_starts, translate_tiled, translate_uint8
-from launch.imageio import ImageRejected, NotAnImage, read_rgb
-from launch.translate import Limits, main as translate_main, translate_folder
+from launch.release.export import min_input_side, tile_starts, translate_tiled, translate_uint8
+from launch.runstore.artifacts import save_translator
+from pipeline.imageio import ImageRejected, NotAnImage, read_rgb
+from launch.release.translate import Limits, main as translate_main, translate_folder
 from model.unit import UNIT
 
 
@@ -261,7 +263,7 @@ def fake_checkpoint(run_dir: Path, step: int, run_uid: str | None = None, **cfg_
     """What save() leaves: G/ and D/ (empty here: nothing is unpickled in these tests), meta.json
     with the config and run_uid, rank files, COMPLETE. Claims run_dir when run_uid is None."""
     if run_uid is None:
-        run_uid = ckpt.claim_run_dir(run_dir)["run_uid"]
+        run_uid = rundir.claim_run_dir(run_dir)["run_uid"]
     d = ckpt.step_dir(run_dir, step)
     (d / "G").mkdir(parents=True)
     (d / "D").mkdir()
@@ -282,7 +284,7 @@ def test_resume_path_outside_the_run_dir_needs_the_trust_flag(tmp_path):
     assert f"config key resume = '{other}'" in msg and "outside run_dir" in msg and "trust_resume_path=true" in msg
     assert check_resume(cfg_for(run_dir, f"resume={other}", "trust_resume_path=true")) == other
     # A link inside the run directory to a checkpoint elsewhere is still elsewhere.
-    ckpt.claim_run_dir(run_dir)
+    rundir.claim_run_dir(run_dir)
     (run_dir / "ckpt").mkdir()
     (run_dir / "ckpt" / "step-00000005").symlink_to(other)
     with pytest.raises(ConfigError, match="outside run_dir"):
@@ -335,7 +337,7 @@ def test_moved_or_copied_run_dir_resumes(tmp_path):
     import shutil
     base = tmp_path / "run_base"
     fake_checkpoint(base, 3)
-    last = fake_checkpoint(base, 6, ckpt.read_run_marker(base)["run_uid"])
+    last = fake_checkpoint(base, 6, rundir.read_run_marker(base)["run_uid"])
     assert check_resume(cfg_for(base)) == last
     copied = tmp_path / "run_copy"
     shutil.copytree(base, copied)
@@ -364,7 +366,7 @@ def test_resume_never_into_an_existing_run_is_refused(tmp_path):
 def test_going_back_to_an_older_checkpoint_of_the_run_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     old = fake_checkpoint(run_dir, 10)
-    fake_checkpoint(run_dir, 20, ckpt.read_run_marker(run_dir)["run_uid"])
+    fake_checkpoint(run_dir, 20, rundir.read_run_marker(run_dir)["run_uid"])
     with pytest.raises(ConfigError, match="newer complete checkpoints \\(step-00000020\\)"):
         check_resume(cfg_for(run_dir, f"resume={old}"))
 
@@ -393,10 +395,10 @@ def test_system_folders_and_home_are_refused_as_run_dir(where):
 
 
 def test_run_dir_marker_written_once_keeps_its_identity(tmp_path):
-    first = ckpt.claim_run_dir(tmp_path / "r")
-    assert ckpt.claim_run_dir(tmp_path / "r") == first
-    assert json.loads((tmp_path / "r" / ckpt.RUN_MARKER).read_text())["run_uid"] == first["run_uid"]
-    (tmp_path / "r" / ckpt.RUN_MARKER).write_text("garbage")
+    first = rundir.claim_run_dir(tmp_path / "r")
+    assert rundir.claim_run_dir(tmp_path / "r") == first
+    assert json.loads((tmp_path / "r" / rundir.RUN_MARKER).read_text())["run_uid"] == first["run_uid"]
+    (tmp_path / "r" / rundir.RUN_MARKER).write_text("garbage")
     with pytest.raises(ConfigError, match="is damaged"):
         check_resume(cfg_for(tmp_path / "r"))
 
@@ -410,7 +412,7 @@ def test_real_launch_moved_run_dir_resumes_and_never_is_refused(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train=16, per_shard=8)
     base, other = tmp_path / "run_base", tmp_path / "run_other"
     launch(write_config(tmp_path / "a.yaml", corpus, base, max_steps=2, ckpt_every=2))
-    uid = ckpt.read_run_marker(base)["run_uid"]
+    uid = rundir.read_run_marker(base)["run_uid"]
     base.rename(other)
     cfg = write_config(tmp_path / "b.yaml", corpus, other, max_steps=4, ckpt_every=2)
     r = launch(cfg)

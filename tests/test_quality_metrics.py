@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from launch import baselines
-from launch.baselines import DomainStats, translators
-from launch.c2st import c2st
-from launch.evaluate import (EvalOptions, evaluate_direction, evaluate_translator, format_table,
+from launch.release import baselines
+from launch.release.baselines import DomainStats, translators
+from launch.release.c2st import c2st
+from launch.release.evaluate import (EvalOptions, evaluate_direction, evaluate_translator, format_table,
                              pixel_accuracy)
-from launch.fid import NO_WEIGHTS, fid_kid, load_extractor
+from launch.release.fid import NO_WEIGHTS, fid_kid, load_extractor
 from pipeline.demo import LAND, MAP_COLOURS, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +359,7 @@ def test_unusable_test_images_are_skipped_and_listed(split, tmp_path):
 
 
 def test_cli_with_shipped_baselines_exits_3_naming_skipped_images(split, tmp_path):
-    from launch.export import save_translator
+    from launch.runstore.artifacts import save_translator
     from model.unit import UNIT
 
     torch.manual_seed(0)
@@ -367,7 +367,7 @@ def test_cli_with_shipped_baselines_exits_3_naming_skipped_images(split, tmp_pat
     export = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=1, ema=False)
     baselines.save(export / baselines.FILE_NAME, split["stats"])
     test_a = damaged_split(split, tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", "--model", str(export), "--test-a", str(test_a),
+    proc = subprocess.run([sys.executable, "-m", "launch.release.evaluate", "--model", str(export), "--test-a", str(test_a),
                            "--truth-b", str(split["b"]), "--c2st-steps", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 3, proc.stderr
@@ -377,7 +377,7 @@ def test_cli_with_shipped_baselines_exits_3_naming_skipped_images(split, tmp_pat
     assert "identity only" not in proc.stdout          # the export's baselines.json was used
     assert "the strongest baseline (" in proc.stdout
     # The same split without the bad files: exit 0.
-    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", "--model", str(export), "--test-a", str(split["a"]),
+    proc = subprocess.run([sys.executable, "-m", "launch.release.evaluate", "--model", str(export), "--test-a", str(split["a"]),
                            "--truth-b", str(split["b"]), "--c2st-steps", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr

@@ -15,10 +15,12 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from launch import baselines
-from launch.export import save_translator, translate_uint8
-from launch.registry import describe, register_run
-from launch.tracking import Tracker, TrackingConfig, embedded_uri
+from launch.release import baselines
+from launch.release.export import translate_uint8
+from launch.runstore.artifacts import save_translator
+from launch.release.registry import describe, download_version, register_run
+from launch.runstore.store import embedded_uri
+from launch.runstore.tracking import Tracker
 from model.unit import UNIT
 from test_tracking import make_shards_meta
 
@@ -67,10 +69,10 @@ def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path, unit: U
                 stats: dict | None = None) -> Path:
     """A run directory as the trainer leaves it: tracked run, datasets, config, export (with
     baselines.json when `stats` are given); the weights of tiny(seed) unless `unit` is given."""
-    t = Tracker(TrackingConfig(tracking_uri=uri, log_system_metrics=False))
+    t = Tracker(uri=uri, system_metrics=False)
     t.start(run_dir)
     t.log_params({"config_hash": f"cfg{seed}", "seed": seed})
-    t.log_datasets(shards)
+    t.log_datasets(shards=shards)
     t.log_metrics({"g/total": 1.0}, 10)
     assert t.end()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
@@ -84,6 +86,10 @@ def trained_run(run_dir: Path, seed: int, uri: str | None, shards: Path, unit: U
 def register(run_dir, name, split, min_accuracy):
     return register_run(run_dir, name=name, test_a=split["a"], truth_b=split["b"], test_b=split["b"],
                         truth_a=split["a"], min_accuracy=min_accuracy, image_size=32)
+
+
+def download(uri: str, name: str, version: str, dst: Path) -> Path:
+    return download_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, version, dst)
 
 
 def run_py(code: str, env: dict, timeout=120) -> subprocess.CompletedProcess:
@@ -113,14 +119,50 @@ def test_embedded_sqlite_register_and_load(tmp_path, split, monkeypatch):
     assert str(c.get_model_version_by_alias("local-translator", "champion").version) == res["version"]
     assert c.get_run(res["run_id"]).info.status == "FINISHED"     # left as the trainer closed it
     assert c.get_run(res["run_id"]).data.metrics["test/pixel_acc_a2b"] == 1.0
+    # MLflow's process-wide URIs are as they were: registering named its store explicitly.
+    import mlflow
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != uri
 
     # The evaluate CLI on the registry model logs to the model's run.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    from launch.evaluate import main as evaluate_main
+    from launch.release.evaluate import main as evaluate_main
     assert evaluate_main(["--model", "models:/local-translator@champion", "--test-a", str(split["a"]),
                           "--truth-b", str(split["b"])]) == 0
     hist = c.get_metric_history(res["run_id"], "test/pixel_acc_a2b")
     assert len(hist) == 2 and all(m.value == 1.0 for m in hist)
+
+
+def test_register_reads_the_export_once_and_takes_a_given_evaluation(tmp_path, split, monkeypatch):
+    """Tracking was off (no tracking.json): a run is made just for the model and closed. Evaluating
+    reads the exported weights once; with the evaluation given they are not evaluated again."""
+    import launch.release.export as export
+    from launch.release import evaluate as ev
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir, unit = tmp_path / "run", tiny(0)
+    save_translator(run_dir / "export", unit.gen, unit.config(), image_size=32, step=10, ema=False)
+    reads, read = [], export.read_translator
+    monkeypatch.setattr(export, "read_translator",
+                        lambda d, *a, **k: reads.append(Path(d).resolve()) or read(d, *a, **k))
+    res = register(run_dir, "once", split, min_accuracy=0.0)
+    assert reads.count((run_dir / "export").resolve()) == 1
+    uri = embedded_uri(run_dir)
+    run = MlflowClient(tracking_uri=uri).get_run(res["run_id"])
+    assert run.info.run_name == "run-register" and run.info.status == "FINISHED"
+    assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == res["run_id"]
+
+    def no_second_evaluation(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(ev, "evaluate_export", no_second_evaluation)
+    reads.clear()
+    given = {"a2b": {**res["evaluation"]["a2b"], "pixel_acc": 0.5}, "b2a": res["evaluation"]["b2a"]}
+    again = register_run(run_dir, name="once", test_a=split["a"], truth_b=split["b"], test_b=split["b"],
+                         truth_a=split["a"], image_size=32, evaluation=given)
+    assert again["metrics"]["test/pixel_acc_a2b"] == 0.5 and again["evaluation"] is given
+    assert not again["promoted"] and again["reason"].startswith("champion rule")
+    assert (run_dir / "export").resolve() not in reads
 
 
 def test_gate_needs_the_strongest_baseline_then_the_champion(tmp_path, split, monkeypatch):
@@ -128,7 +170,7 @@ def test_gate_needs_the_strongest_baseline_then_the_champion(tmp_path, split, mo
     trainer does, from "training" images: other noise inputs and seed 0's translations of them)."""
     from mlflow.exceptions import MlflowException
 
-    from launch.baselines import DomainStats
+    from launch.release.baselines import DomainStats
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "store"
@@ -159,12 +201,7 @@ def test_gate_needs_the_strongest_baseline_then_the_champion(tmp_path, split, mo
     assert r2["metrics"]["test/pixel_acc_a2b"] == 1.0 > r2["metrics"]["test/best_baseline_pixel_acc_a2b"]
     gate = c.get_model_version(name, r2["version"]).tags["gate"]
     assert gate.startswith("passed: baseline rule") and "no champion yet" in gate
-    import mlflow
-
-    from launch.registry import using_uri
-    with using_uri(uri):
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{r2['version']}",
-                                                         dst_path=str(tmp_path / "dl")))
+    local = download(uri, name, r2["version"], tmp_path / "dl")
     shipped = next(local.rglob(baselines.FILE_NAME))
     assert np.array_equal(baselines.load(shipped)["b"].hist, stats["b"].hist)
 
@@ -202,7 +239,7 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     assert r2["version"] == "2" and r2["promoted"] and r2["aliases"] == ["candidate", "champion"]
 
     # 3. Passes the threshold but is worse than the champion on the same split (through the CLI).
-    proc = subprocess.run([sys.executable, "-m", "launch.register", "--run-dir", str(bad), "--name", name,
+    proc = subprocess.run([sys.executable, "-m", "launch.release.register", "--run-dir", str(bad), "--name", name,
                            "--test-a", str(split["a"]), "--truth-b", str(split["b"]), "--min-accuracy", "0",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:1"))  # tracking.json wins
@@ -224,10 +261,7 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     assert mv.tags["gate"].startswith("passed")
 
     # The registered artifacts hold no pickle; the model loads from code.
-    import mlflow
-    from launch.registry import using_uri
-    with using_uri(uri):  # models:/ resolves through the registry URI, not tracking_uri=
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(tmp_path / "dl")))
+    local = download(uri, name, "2", tmp_path / "dl")
     files = [p for p in local.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".pkl", ".pickle")]
     assert {"translator.safetensors", "translator.json", "pyfunc_model.py"} <= {p.name for p in files}
@@ -259,7 +293,7 @@ np.save(r"{tmp_path / 'y.npy'}", y)
     for i in range(3):
         Image.fromarray(split["xa"][i]).save((src / "sub" if i == 2 else src) / f"tile {i}.png")
     (src / "readme.txt").write_text("not an image")
-    proc = subprocess.run([sys.executable, "-m", "launch.translate", "--model", f"models:/{name}@champion",
+    proc = subprocess.run([sys.executable, "-m", "launch.release.translate", "--model", f"models:/{name}@champion",
                            "--direction", "a2b", "--in", str(src), "--out", str(tmp_path / "out"), "--batch-size", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

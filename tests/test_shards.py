@@ -22,7 +22,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards
+from pipeline import shards, shardwriter
 from pipeline.demo import write_corpus
 from pipeline.images import Rejected, check_image
 
@@ -399,13 +399,58 @@ def test_three_parts_as_processes_then_merge_equal_single_run(corpus, reference,
 def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     members = [("k1.jpg", os.urandom(1000)), ("k1.json", b'{"a": 1}'), ("k2.webp", os.urandom(512)),
                ("k2.json", b"")]
-    nbytes, sha = shards._write_tar(str(tmp_path / "x.tar"), iter(members))
+    nbytes, sha = shardwriter.write_tar(str(tmp_path / "x.tar"), iter(members))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), shards.TAR_MTIME, 0o444
+            info.size, info.mtime, info.mode = len(data), shardwriter.TAR_MTIME, 0o444
             tar.addfile(info, io.BytesIO(data))
     ours = (tmp_path / "x.tar").read_bytes()
     assert ours == buf.getvalue() and nbytes == len(ours) and sha == hashlib.sha256(ours).hexdigest()
     assert not list(tmp_path.glob(".*"))  # the temporary name is gone
+
+    def failing():
+        yield "k1.jpg", b"x"
+        raise RuntimeError("a member could not be read")
+
+    with pytest.raises(RuntimeError):
+        shardwriter.write_tar(str(tmp_path / "y.tar"), failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tar"]  # no half file, no temporary left
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_subcommands_write_is_the_default(tmp_path, capsys):
+    a = tmp_path / "A"
+    b = tmp_path / "B"
+    for d, seed in ((a, 60), (b, 70)):
+        d.mkdir()
+        for i in range(2):
+            (d / f"{i}.png").write_bytes(encode(noise_rgb(seed + i), "PNG"))
+    args = ["--src-a", str(a), "--src-b", str(b), "--no-progress"]
+    r_default = cli(*args, "--out", str(tmp_path / "o1"))
+    r_write = cli("write", *args, "--out", str(tmp_path / "o2"))
+    for r in (r_default, r_write):
+        assert r.returncode == 0 and r.stdout.startswith("shards: stored 4 of 4 inputs (a: 2, b: 2)"), r.stderr
+    assert (tmp_path / "o1" / "index.json").read_bytes() == (tmp_path / "o2" / "index.json").read_bytes()
+    assert shards.main(["verify", str(tmp_path / "o2")]) == 0 and "0 bad" in capsys.readouterr().out
+
+    def exits(*argv) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as e:
+            shards.main(list(argv))
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    code, top, _ = exits("--help")
+    assert code == 0 and all(text in top for text in ("verify", "merge", "write", "--src-a", "--max-file-mb"))
+    assert "usage: python -m pipeline.shards [-h] --src-a SRC_A" in exits("write", "--help")[1]
+    assert "usage: python -m pipeline.shards verify [-h] out" in exits("verify", "-h")[1]
+    for bad in ([], ["--src-a", str(a)], ["write", "--part", "3/2", *args, "--out", "x"], ["verify"],
+                ["merge", "x", "y"]):
+        code, _, err = exits(*bad)
+        assert code == 2 and "error:" in err, (bad, err)
+    assert "usage: python -m pipeline.shards [-h] --src-a" in exits()[2]  # as before subcommands
+    assert "usage: python -m pipeline.shards [-h] --src-a" in exits(*args, "--out", "x", "--bogus")[2]
+    assert "usage: python -m pipeline.shards merge [-h] out" in exits("merge", "x", "y")[2]

@@ -3,6 +3,8 @@ including a server that is unreachable at start or goes away mid-run."""
 
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import time
@@ -14,9 +16,21 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from launch.tracking import BUFFER_NAME, Tracker, TrackingConfig, embedded_uri, flatten, shard_datasets
+import launch.runstore.tracking as tracking
+from launch.runstore.params import MAX_PARAM_LEN, as_params, flatten
+from launch.runstore.records import BUFFER_NAME
+from launch.runstore.store import embedded_uri
+from launch.runstore.tracking import Tracker
+from pipeline.lineage import shard_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """System metrics sampled every 0.2 s, an unreachable server asked again every second."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 1.0)
 
 
 def make_shards_meta(root: Path, keys_a=("a0", "a1", "a2"), keys_b=("b0", "b1"), shard_size=2) -> Path:
@@ -40,21 +54,36 @@ def make_shards_meta(root: Path, keys_a=("a0", "a1", "a2"), keys_b=("b0", "b1"),
     return root
 
 
-def test_flatten_params():
-    flat = flatten({"model": {"dim": 32, "preset": "paper"}, "betas": [0.5, 0.999], "name": "x", "none": None})
-    assert flat == {"model.dim": "32", "model.preset": "paper", "betas": "[0.5, 0.999]", "name": "x", "none": "null"}
+def test_flatten_keeps_values_and_params_are_strings():
+    nested = {"model": {"dim": 32, "preset": "paper"}, "betas": [0.5, 0.999], "name": "x", "none": None, "aug": {}}
+    assert flatten(nested) == {"model.dim": 32, "model.preset": "paper", "betas": [0.5, 0.999], "name": "x",
+                               "none": None, "aug": {}}
+    assert flatten({"a": {"b": {"c": 1}}}, prefix="cfg.") == {"cfg.a.b.c": 1}
+    assert as_params(nested) == {"model.dim": "32", "model.preset": "paper", "betas": "[0.5, 0.999]", "name": "x",
+                                 "none": "null", "aug": "{}"}
+    long = as_params({"x": "y" * (MAX_PARAM_LEN + 10)})["x"]
+    assert len(long) == MAX_PARAM_LEN and long.endswith("...")
 
 
-def test_dataset_digest_follows_content_not_sharding(tmp_path):
-    one = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "one", shard_size=1))}
-    two = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "two", shard_size=3))}
-    other = {r["domain"]: r for r in shard_datasets(make_shards_meta(tmp_path / "o", keys_a=("a0", "a1", "aX")))}
-    assert one["a"]["digest"] == two["a"]["digest"] and one["b"]["digest"] == two["b"]["digest"]
-    assert one["a"]["digest"] != one["b"]["digest"]
-    assert other["a"]["digest"] != one["a"]["digest"] and other["b"]["digest"] == one["b"]["digest"]
-    assert one["a"]["profile"]["samples"] == 3 and one["b"]["profile"]["samples"] == 2
-    with pytest.raises(FileNotFoundError, match="index.json"):
-        shard_datasets(tmp_path / "missing")
+PRIVATE_MLFLOW = [
+    re.compile(r"mlflow(\.\w+)*\._\w"),                   # mlflow.tracking._model_registry, x._to_mlflow_entity
+    re.compile(r"from mlflow[\w.]* import [^#\n]*\b_\w"),   # from mlflow.x import _private
+    re.compile(r"\._tracking_uri|\._registry_uri|_to_mlflow_entity|\._operation_futures"),
+    re.compile(r"system_metrics\.metrics|system_metrics_monitor"),  # MLflow's monitor classes: start_run's business
+]
+
+
+def test_no_private_mlflow_api():
+    """The project talks to MLflow through its public API only (explicit clients; the fluent API
+    only through launch.runstore.store.fluent_uri)."""
+    hits = []
+    for path in sorted((ROOT / "launch").rglob("*.py")) + sorted((ROOT / "pipeline").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if any(p.search(line) for p in PRIVATE_MLFLOW):
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not hits, "private MLflow API:\n" + "\n".join(hits)
+    assert PRIVATE_MLFLOW[0].search("from mlflow.tracking._model_registry import utils")  # the guard bites
+    assert PRIVATE_MLFLOW[1].search("from mlflow.models.utils import _flatten_nested_params")
 
 
 def exercise(tracker: Tracker, run_dir: Path, shards: Path) -> str:
@@ -62,7 +91,7 @@ def exercise(tracker: Tracker, run_dir: Path, shards: Path) -> str:
     run_id = tracker.start(run_dir)
     assert run_id and json.loads((run_dir / "tracking.json").read_text())["run_id"] == run_id
     tracker.log_params({"config": {"model": {"dim": 16}, "lr": 1e-4}, "world_size": 2})
-    tracker.log_datasets(shards)
+    tracker.log_datasets(shards=shards)
     for step in range(1, 6):
         tracker.log_metrics({"g/total": 1.0 / step, "lr_g": 1e-4}, step)
     png = run_dir / "samples" / "step-00000005.png"
@@ -93,43 +122,50 @@ def check_run(uri: str, run_id: str, shards: Path) -> None:
     profile = json.loads(next(d.dataset.profile for d in run.inputs.dataset_inputs if d.dataset.name == "shards-a"))
     assert profile["samples"] == 3
     assert run.data.tags["dataset.a.digest"] == want["shards-a"]
-
-
-def fast_cfg(**kw) -> TrackingConfig:
-    return TrackingConfig(system_metrics_interval=0.2, retry_interval=1.0, **kw)
+    assert run.data.tags["dataset.b.source"] == str((shards / "b").resolve())
 
 
 def test_embedded_sqlite_default(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir, shards = tmp_path / "run", make_shards_meta(tmp_path / "shards")
-    run_id = exercise(Tracker(fast_cfg()), run_dir, shards)
+    run_id = exercise(Tracker(), run_dir, shards)
     assert (run_dir / "mlflow" / "mlflow.db").is_file()
     assert list((run_dir / "mlflow" / "artifacts").rglob("*.png"))  # artifacts stay in the run dir
     check_run(embedded_uri(run_dir), run_id, shards)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
-    # Resuming continues the same run (the id comes from the checkpoint).
-    t2 = Tracker(fast_cfg(log_system_metrics=False))
+    # Resuming continues the same run (the id comes from the checkpoint); a param logged again with
+    # another value is refused alone, the others still arrive.
+    t2 = Tracker(system_metrics=False)
     assert t2.start(run_dir, run_id=run_id) == run_id
     assert MlflowClient(embedded_uri(run_dir)).get_run(run_id).info.status == "RUNNING"
+    t2.log_params({"world_size": 4, "resumed": True})
     t2.log_metrics({"g/total": 0.1}, 6)
     assert t2.end()
+    run = MlflowClient(embedded_uri(run_dir)).get_run(run_id)
+    assert run.data.params["world_size"] == "2" and run.data.params["resumed"] == "true"
     steps = [m.step for m in MlflowClient(embedded_uri(run_dir)).get_metric_history(run_id, "g/total")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
 def test_disabled_tracker_does_nothing(tmp_path):
-    t = Tracker(TrackingConfig(enable=False))
+    t = Tracker(enable=False)
     assert t.start(tmp_path / "run") is None
     t.log_metrics({"x": 1}, 1)
     t.log_params({"a": 1})
+    assert t.log_datasets(shards=tmp_path) == []
     assert t.end() is True
     assert not (tmp_path / "run").exists()
+
+
+def buffered(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / BUFFER_NAME).read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_server_on_postgres(server_up, tmp_path):
     run_dir, shards = tmp_path / "run", make_shards_meta(tmp_path / "shards")
-    run_id = exercise(Tracker(fast_cfg(tracking_uri=server_up.uri)), run_dir, shards)
+    run_id = exercise(Tracker(uri=server_up.uri), run_dir, shards)
     check_run(server_up.uri, run_id, shards)
 
 
@@ -139,8 +175,8 @@ def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
 
     dead = f"http://127.0.0.1:{free_port()}"   # nothing listens there
     run_dir = tmp_path / "run"
-    t = Tracker(fast_cfg(tracking_uri=dead, log_system_metrics=False, flush_timeout=3))
-    with caplog.at_level(logging.WARNING, logger="launch.tracking"):
+    t = Tracker(uri=dead, experiment="offline", system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="launch.runstore.tracking"):
         t0 = time.monotonic()
         assert t.start(run_dir) is None
         assert time.monotonic() - t0 < 15
@@ -149,36 +185,85 @@ def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
         for step in range(1, 4):
             t.log_metrics({"loss": float(step)}, step)
         assert time.monotonic() - t0 < 0.5          # training is never held up
-        assert t.end() is False
+        assert t.end(timeout=3) is False
     assert t.warnings == 1
-    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.tracking") == 1
-    buffered = [json.loads(line) for line in (run_dir / BUFFER_NAME).read_text().splitlines()]
-    assert [r["op"] for r in buffered][:1] == ["open"] and sum(r["op"] == "metrics" for r in buffered) == 3
+    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.runstore.tracking") == 1
+    ops = [r["op"] for r in buffered(run_dir)]
+    assert ops == ["open", "params", "metrics", "metrics", "metrics", "end"]
+    assert not (run_dir / "tracking.json").exists()   # no run yet
 
     # The documented command sends the buffer once a server is there (here: another URI).
-    proc = subprocess.run([sys.executable, "-m", "launch.tracking", "upload", "--run-dir", str(run_dir),
+    proc = subprocess.run([sys.executable, "-m", "launch.runstore.tracking", "upload", "--run-dir", str(run_dir),
                            "--tracking-uri", server_up.uri], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    assert "uploaded 6 of 6" in proc.stdout
+    info = json.loads((run_dir / "tracking.json").read_text())
+    run_id = info["run_id"]
+    assert info["tracking_uri"] == server_up.uri and info["experiment"] == "offline"
     c = MlflowClient(server_up.uri)
     assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [1, 2, 3]
     assert c.get_run(run_id).data.params["lr"] == "0.1"
     assert c.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / BUFFER_NAME).exists()
-    runs = c.search_runs([c.get_experiment_by_name("unit").experiment_id],
+    runs = c.search_runs([c.get_experiment_by_name("offline").experiment_id],
                          filter_string=f"tags.run_dir = '{run_dir.resolve()}'")
     assert [r.info.run_id for r in runs] == [run_id]   # exactly one run was created
 
 
 @pytest.mark.slow
+def test_upload_keeps_the_buffer_while_the_server_is_away(tmp_path):
+    """A failed upload exits 1 and leaves the buffer as it was; a missing run dir exits 2."""
+    from conftest import free_port
+
+    run_dir, dead = tmp_path / "run", f"http://127.0.0.1:{free_port()}"
+    t = Tracker(uri=dead, system_metrics=False)
+    t.start(run_dir)
+    t.log_metrics({"loss": 1.0}, 1)
+    assert t.end(timeout=0) is False
+    before = (run_dir / BUFFER_NAME).read_text()
+    assert tracking.main(["upload", "--run-dir", str(run_dir), "--tracking-uri", dead]) == 1
+    assert (run_dir / BUFFER_NAME).read_text() == before
+    assert tracking.main(["upload", "--run-dir", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.slow
+def test_server_down_at_start_comes_back(server_up, tmp_path, caplog):
+    """The same tracker opens the run once the server answers, and sends what it kept."""
+    run_dir = tmp_path / "run"
+    server_up.stop()
+    t = Tracker(uri=server_up.uri, system_metrics=True)
+    with caplog.at_level(logging.WARNING, logger="launch.runstore.tracking"):
+        assert t.start(run_dir) is None and t.run_id is None
+        t.log_params({"lr": 0.1})
+        for step in range(3):
+            t.log_metrics({"loss": float(step)}, step)
+        assert [r["op"] for r in buffered(run_dir)] == ["open", "params", "metrics", "metrics", "metrics"]
+        server_up.start()
+        assert t.flush(60)
+        run_id = t.run_id
+        assert run_id and json.loads((run_dir / "tracking.json").read_text())["run_id"] == run_id
+        assert not (run_dir / BUFFER_NAME).exists()
+        t.log_metrics({"loss": 3.0}, 3)
+        time.sleep(0.6)   # system metrics start with the run
+        assert t.end() is True
+    assert t.warnings == 1
+    c = MlflowClient(server_up.uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [0, 1, 2, 3]
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
 def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    t = Tracker(fast_cfg(tracking_uri=server_up.uri, flush_timeout=90))
+    t = Tracker(uri=server_up.uri)
     run_id = t.start(run_dir)
     for step in range(0, 5):
         t.log_metrics({"loss": float(step)}, step)
     assert t.flush(30)
-    with caplog.at_level(logging.WARNING, logger="launch.tracking"):
+    with caplog.at_level(logging.WARNING, logger="launch.runstore.tracking"):
         server_up.stop()
         slowest = 0.0
         for step in range(5, 10):           # the trainer keeps going while the server is down
@@ -187,17 +272,18 @@ def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
             slowest = max(slowest, time.monotonic() - t0)
             time.sleep(0.4)
         assert slowest < 0.1
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not (run_dir / BUFFER_NAME).exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert (run_dir / BUFFER_NAME).exists()    # unsent records are on disk too
+        assert {r["step"] for r in buffered(run_dir) if r["op"] == "metrics"} <= set(range(5, 10))
         server_up.start()
         for step in range(10, 12):
             t.log_metrics({"loss": float(step)}, step)
         assert t.flush(60)
         assert t.end() is True
     assert t.warnings == 1
-    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.tracking") == 1
+    assert sum("is unreachable" in r.getMessage() for r in caplog.records if r.name == "launch.runstore.tracking") == 1
     c = MlflowClient(server_up.uri)
     assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(12))
     assert c.get_run(run_id).info.status == "FINISHED"
@@ -208,7 +294,6 @@ def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
 def test_real_training_run_is_tracked_and_registered(server_up, tmp_path):
     """`deepspeed launch/train.py` on 2 CPU ranks, tracked to the PostgreSQL server: params,
     per-step metrics, system metrics, sample images, dataset inputs, and a registered version."""
-    import os
     import socket
 
     import yaml

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    # 8 test scenes: the fewest the two-sample test (launch.c2st.MIN_IMAGES) runs on
+    # 8 test scenes: the fewest the two-sample test (launch.release.c2st.MIN_IMAGES) runs on
     run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", "48", "--n-test", "8",
          "--size", "32", "--seed", "0"])
     run([sys.executable, "-m", "pipeline.shards", "--src-a", d / "demo" / "trainA", "--src-b", d / "demo" / "trainB",
@@ -95,7 +95,7 @@ def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
     assert run([sys.executable, "-c", code]).stdout.strip() == "(1, 3, 32, 32)"
     assert "pixel acc" in r.stdout and "a2b" in r.stdout
     # The baselines were estimated from the training shards and travel with the export.
-    from launch import baselines
+    from launch.release import baselines
     from pipeline.demo import LAND, MAP_COLOURS
     stats = baselines.load(run_dir / "export" / "baselines.json")
     assert set(stats) == {"a", "b"}

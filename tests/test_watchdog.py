@@ -1,7 +1,7 @@
 """The stall watchdog on its own: fires after the timeout without beats, never while beating, off at 0."""
 import time
 
-from launch.watchdog import EXIT_STALLED, StallWatchdog
+from launch.training.watchdog import EXIT_STALLED, StallWatchdog
 
 
 def test_fires_when_no_step_finishes(capsys):

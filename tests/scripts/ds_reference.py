@@ -1,4 +1,4 @@
-"""Run under `deepspeed --num_gpus 2`: 3 UNIT steps with launch.engines.gan_step on each rank's own
+"""Run under `deepspeed --num_gpus 2`: 3 UNIT steps with launch.training.engines.gan_step on each rank's own
 data, then rank 0 replays the same 3 steps in one process with plain torch.optim.Adam and writes the
 largest parameter difference to OUT (a JSON file).
 
@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from launch.config import deepspeed_config, load_config  # noqa: E402
-from launch.engines import build_engines, gan_step  # noqa: E402
+from launch.training.engines import build_engines, gan_step  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
 
 STEPS, BATCH, SIZE = 3, 2, 32

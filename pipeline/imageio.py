@@ -1,7 +1,7 @@
 """Reading image files that nobody vetted: a pixel cap checked before decoding, EXIF orientation,
 and one clear reason per refused file.
 
-    from launch.imageio import ImageRejected, NotAnImage, read_rgb
+    from pipeline.imageio import ImageRejected, NotAnImage, read_rgb
     try:
         arr = read_rgb(path, max_pixels=64_000_000, min_side=5)   # uint8 [H, W, 3], upright
     except NotAnImage:        # no image format recognised and no image suffix (a README): ignore it
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MAX_PIXELS = 64_000_000
-"""Decoded pixels above which an image is refused (8000 x 8000; about 192 MB as uint8 RGB)."""
+from pipeline.images import MAX_PIXELS as DEFAULT_MAX_PIXELS  # the shards' cap: 8000 x 8000, ~192 MB as RGB
 
 
 class ImageRejected(ValueError):
@@ -82,8 +81,9 @@ def check_size(path, width: int, height: int, *, max_pixels: int | None, min_sid
 
 def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 1,
              size: int | None = None) -> np.ndarray:
-    """uint8 [H, W, 3] RGB, upright (EXIF orientation applied); resized to size x size (bicubic)
-    when `size` is given (the size checks apply to the file's own size, before resizing).
+    """uint8 [H, W, 3] RGB, upright (EXIF orientation applied). With `size`, the shortest side is
+    resized to it (bicubic) and the centre cropped to size x size, as the loader does without
+    augmentation; the size checks apply to the file's own size, before resizing.
 
     Raises NotAnImage (no image format, no image suffix), or ImageRejected naming the file and the
     reason: unreadable, damaged or truncated, above `max_pixels` (checked on the header, before
@@ -99,7 +99,7 @@ def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
             try:
                 im = ImageOps.exif_transpose(src).convert("RGB")  # decodes the pixels
                 if size and im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
+                    im = ImageOps.fit(im, (size, size), method=Image.BICUBIC)  # no squashing
                 return np.asarray(im, dtype=np.uint8).copy()
             except MemoryError:
                 raise ImageRejected(path, "out of memory while decoding") from None
@@ -117,3 +117,68 @@ def is_image_file(path) -> bool:
     except ImageRejected:
         return True
     return True
+
+
+def image_files(dir) -> list[Path]:
+    """Image files in `dir` (not recursive), sorted; recognised by their header, not their name."""
+    root = Path(dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    return [p for p in sorted(root.iterdir())
+            if p.is_file() and not p.name.startswith(".") and is_image_file(p)]
+
+
+def load_folder(dir, size: int | None = None, rejected: list | None = None,
+                min_side: int = 1) -> tuple[list[str], np.ndarray]:
+    """(stems, uint8 [N, H, W, 3]) of the images in `dir`; all must share one size unless `size`.
+
+    Files that cannot be used (damaged, over the pixel cap, a side under `min_side`) are left out
+    and appended to `rejected` as "PATH: reason"; without a list they raise.
+    """
+    stems, imgs = [], []
+    for p in image_files(dir):
+        try:
+            imgs.append(read_rgb(p, size=size, min_side=min_side if not size else 1))
+        except ImageRejected as e:
+            if rejected is None:
+                raise
+            rejected.append(str(e))
+            continue
+        stems.append(p.stem)
+    if not imgs:
+        raise ValueError(f"{dir}: no usable images found")
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
+        raise ValueError(f"{dir}: several images share a stem ({dup}); pairing by stem is ambiguous")
+    shapes = {im.shape for im in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"{dir}: images of different sizes {sorted(shapes)[:3]}; pass --size N to resize")
+    return stems, np.stack(imgs)
+
+
+def to_tensor(images):
+    """uint8 HWC (or NHWC) RGB -> float32 NCHW torch tensor in [-1, 1]."""
+    import torch
+
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images: expected dtype uint8, got {arr.dtype}")
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images: expected shape [H,W,3] or [N,H,W,3] (RGB), got {list(arr.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x) -> np.ndarray:
+    """float NCHW (or CHW) torch tensor in [-1, 1] -> uint8 NHWC (or HWC), rounded and clamped."""
+    import torch
+
+    x = x.detach().float().cpu()
+    y = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if y.ndim == 4:
+        return y.permute(0, 2, 3, 1).numpy()
+    if y.ndim == 3:
+        return y.permute(1, 2, 0).numpy()
+    raise ValueError(f"x: expected a [N,3,H,W] or [3,H,W] tensor, got {list(x.shape)}")

@@ -26,14 +26,14 @@ class TranslatorModel(PythonModel):
     def load_context(self, context):
         import torch
 
-        from launch.export import load_translator, size_multiple
+        from launch.release.export import load_translator, size_multiple
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.gen, self.meta = load_translator(context.artifacts[ARTIFACT_KEY], device=device)
         self.multiple = size_multiple(self.meta)
 
     def predict(self, context, model_input, params=None):
-        from launch.export import DIRECTIONS, translate_uint8
+        from launch.release.export import DIRECTIONS, translate_uint8
 
         params = params or {}
         direction = params.get("direction") or "a2b"

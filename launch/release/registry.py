@@ -1,34 +1,38 @@
 """Register a trained translator in the MLflow model registry, gated by its test accuracy.
 
 register_run(run_dir, ...) does, in order:
-  1. evaluate RUN_DIR/export on the paired test split when one is given (launch.evaluate);
-  2. log the metrics and the translator as a pyfunc model from code (launch/pyfunc_model.py,
+  1. evaluate RUN_DIR/export on the paired test split when one is given (launch.release.evaluate),
+     unless the caller passes that evaluation (the end of training has it already);
+  2. log the metrics and the translator as a pyfunc model from code (launch/release/pyfunc_model.py,
      artifacts: translator.safetensors + translator.json) to the training run named in
      RUN_DIR/tracking.json, with signature, input example, pinned requirements and tags;
   3. register it under `name` and point the alias `candidate` at the new version;
   4. point `champion` at it only when the gate passes, on the gate metric test/pixel_acc_a2b
      (b2a when only that direction has truth): it must beat the strongest trivial baseline
-     (launch.baselines, on the same test split), reach min_accuracy, and beat the current
+     (launch.release.baselines, on the same test split), reach min_accuracy, and beat the current
      champion (re-measured when the champion was scored on another split). The version tag
      `gate` says which rule decided.
+
+Every MLflow call names its store through an explicit MlflowClient(tracking_uri=uri, registry_uri=uri);
+only the model logging (Model.log, which also registers) goes through launch.runstore.store.fluent_uri.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from launch import baselines
-from launch import evaluate as ev
-from launch.tracking import Sender, read_tracking_json, resolve_uri
+from launch.release import baselines
+from launch.release import evaluate as ev
+from launch.runstore.records import metrics_record, send
+from launch.runstore.store import fluent_uri, make_client, open_run, run_tracking
+from pipeline import imageio
+from pipeline.hashing import sha256_file
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "translator"
@@ -44,32 +48,15 @@ def pinned_requirements() -> list[str]:
     return out
 
 
-@contextmanager
-def using_uri(uri: str):
-    """Point MLflow's fluent API (and registry) at `uri`, then restore exactly what was there.
-
-    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, and restoring
-    through it would pin the default store; so the module globals and the variables are put
-    back by hand.
-    """
+def log_model(uri: str, run_id: str, **kwargs):
+    """mlflow.models.Model.log with the pyfunc flavour (what mlflow.pyfunc.log_model calls) into run
+    `run_id` at `uri`; it registers the model too when given registered_model_name. Model.log
+    takes the run by id but reads its tracking and registry URIs from MLflow's fluent settings."""
     import mlflow
-    from mlflow.tracking._model_registry import utils as reg_utils
-    from mlflow.tracking._tracking_service import utils as trk_utils
+    from mlflow.models import Model
 
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = (trk_utils._tracking_uri, reg_utils._registry_uri, {k: os.environ.get(k) for k in names})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        reg_utils._registry_uri = saved[1]
-        for k, v in saved[2].items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with fluent_uri(uri):
+        return Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, **kwargs)
 
 
 def signature():
@@ -85,9 +72,9 @@ def signature():
 def input_example(test_dir, size: int | None) -> np.ndarray:
     """One test image (or a gradient when there is no test split) as a [1, H, W, 3] batch."""
     if test_dir:
-        files = ev.image_files(test_dir)
+        files = imageio.image_files(test_dir)
         if files:
-            return ev.read_image(files[0], size)[None]
+            return imageio.read_rgb(files[0], size=size)[None]
     s = size or 32
     ramp = np.linspace(0, 255, s, dtype=np.float32)
     img = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (s, 1)), np.tile(ramp[:, None], (1, s))], -1)
@@ -101,7 +88,7 @@ def config_hash(run_dir: Path, run) -> str | None:
             if src.get("config_hash"):
                 return src["config_hash"]
     cfg = run_dir / "config.yaml"
-    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.is_file() else None
+    return sha256_file(cfg)[:16] if cfg.is_file() else None
 
 
 def gate_metric(metrics: dict) -> str | None:
@@ -117,11 +104,10 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
     mv = client.get_model_version(name, version)
     if mv.tags.get("test_split") == digest and mv.tags.get(metric):
         return float(mv.tags[metric])
-    import mlflow
-    from launch.export import load_translator
+    from launch.release.export import load_translator
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        local = download_version(client, name, version, tmp)
         found = list(local.rglob("translator.json"))
         if not found:
             raise FileNotFoundError(f"{name} version {version}: no translator.json in its artifacts")
@@ -131,6 +117,16 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
     kw = {"test_a": src, "truth_b": truth} if direction == "a2b" else {"test_b": src, "truth_a": truth}
     res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0), **kw)
     return res[direction]["pixel_acc"]
+
+
+def download_version(client, name: str, version: str, dst) -> Path:
+    """A registered version's files, through `client`'s registry (a models:/ URI would resolve
+    through MLflow's process-wide registry URI instead)."""
+    import mlflow
+
+    source = client.get_model_version_download_uri(name, version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                    tracking_uri=client.tracking_uri))
 
 
 def _current_champion(client, name: str):
@@ -176,82 +172,96 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
                  truth_a=None, min_accuracy: float = 0.0, image_size: int | None = None,
                  tracking_uri: str | None = None, export_dir=None, evaluation: dict | None = None,
                  opts: "ev.EvalOptions | None" = None) -> dict:
-    """Evaluate, log, register and (when the gate passes) promote RUN_DIR's translator.
+    """Evaluate (unless `evaluation` is given), log, register and (when the gate passes) promote
+    RUN_DIR's translator.
 
-    `evaluation`: the result of launch.evaluate.evaluate_export on the same split, when the caller
-    has it already (the end of training), so nothing is evaluated twice.
+    `evaluation`: the result of launch.release.evaluate.evaluate_export on the same split, when the
+    caller has it already (the end of training), so nothing is evaluated twice.
 
     Returns {"name", "version", "model_uri", "run_id", "tracking_uri", "aliases", "promoted",
-    "reason", "metrics", "gate_metric", "champion_before"}.
+    "reason", "metrics", "gate_metric", "champion_before", "evaluation"}.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    from launch.export import META_NAME, WEIGHTS_NAME, load_translator
-
     run_dir = Path(run_dir)
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
-    gen, meta = load_translator(export_dir)  # fails early, naming the file, when the export is bad
     size = image_size or None
     pairs = {d: (s, t) for d, s, t in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)) if s and t}
-    metrics, digest, res = {}, None, None
-    if pairs:
-        res = evaluation or ev.evaluate_export(export_dir, test_a, truth_b, test_b, truth_a, size=size, opts=opts)
-        metrics = ev.flat_metrics(res)
-        digest = ev.split_digest({d: list(v) for d, v in pairs.items()})
+    res, meta = evaluate_once(export_dir, test_a, truth_b, test_b, truth_a, size, evaluation if pairs else None, opts)
+    metrics = ev.flat_metrics(res) if res else {}
+    digest = ev.split_digest({d: list(v) for d, v in pairs.items()}) if pairs else None
 
-    info = read_tracking_json(run_dir)
-    uri = tracking_uri or info.get("tracking_uri") or resolve_uri(run_dir, None)
-    run_id = info.get("run_id")
+    uri, info = run_tracking(run_dir, tracking_uri)
+    client = make_client(uri)
+    run_id, own_run = info.get("run_id"), False
     if not run_id:  # tracking was off or never reached the server: a run just for the model
-        run_id = Sender(uri, info.get("experiment") or "unit", run_dir, f"{run_dir.name}-register").open_run(None)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with using_uri(uri):
-        run = client.get_run(run_id)
-        datasets = {f"dataset.{d.dataset.name}.digest": d.dataset.digest for d in run.inputs.dataset_inputs}
-        tags = {"source_run": run_id, "config_hash": config_hash(run_dir, run) or "", **datasets,
-                "export_step": str(meta.get("step")), "ema": str(meta.get("ema")),
-                "image_size": str(meta.get("image_size"))}
-        if digest:
-            tags["test_split"] = digest
-        tags.update({k: f"{v:.6f}" for k, v in metrics.items()})
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, v, step=int(meta.get("step") or 0))
+        run_id = open_run(client, run_dir, info.get("experiment") or "unit", run_name=f"{run_dir.name}-register")
+        own_run = True
+    tags = version_tags(run_dir, client.get_run(run_id), meta, metrics, digest)
+    rec = metrics_record(metrics, int(meta.get("step") or 0))
+    if rec:
+        send(client, run_id, rec)
+    version = log_translator(uri, run_id, export_dir, meta, name, tags, test_a or test_b, size)
+    if own_run:
+        client.set_terminated(run_id)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, CANDIDATE, version)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            art = Path(tmp) / MODEL_ARTIFACT
-            art.mkdir()
-            for f in (WEIGHTS_NAME, META_NAME, baselines.FILE_NAME):
-                if f != baselines.FILE_NAME or (export_dir / f).is_file():
-                    shutil.copy2(export_dir / f, art / f)
-            model_code = Path(__file__).with_name("pyfunc_model.py")
-            prev_status = run.info.status
-            mlflow.start_run(run_id=run_id)
-            try:
-                model_info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT, python_model=str(model_code), artifacts={MODEL_ARTIFACT: str(art)},
-                    signature=signature(),
-                    input_example=(input_example(test_a or test_b, size or meta.get("image_size")), {"direction": "a2b"}),
-                    pip_requirements=pinned_requirements(), registered_model_name=name, tags=tags,
-                    metadata={"translator": {k: meta[k] for k in ("image_size", "domains", "step", "ema") if k in meta}})
-            finally:
-                mlflow.end_run(status=prev_status)  # leave the training run as it was
-        version = str(model_info.registered_model_version)
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-        client.set_registered_model_alias(name, CANDIDATE, version)
-
-        aliases = [CANDIDATE]
-        key = gate_metric(metrics)
-        promoted, reason, champion_before = decide(client, name, key, metrics, res, min_accuracy, digest,
-                                                   pairs, size)
-        client.set_model_version_tag(name, version, "gate", ("passed: " if promoted else "failed: ") + reason)
-        if promoted:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            aliases.append(CHAMPION)
+    aliases, key = [CANDIDATE], gate_metric(metrics)
+    promoted, reason, champion_before = decide(client, name, key, metrics, res, min_accuracy, digest, pairs, size)
+    client.set_model_version_tag(name, version, "gate", ("passed: " if promoted else "failed: ") + reason)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        aliases.append(CHAMPION)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "tracking_uri": uri, "aliases": aliases, "promoted": promoted, "reason": reason,
             "metrics": metrics, "gate_metric": key, "champion_before": champion_before, "evaluation": res}
+
+
+def evaluate_once(export_dir: Path, test_a, truth_b, test_b, truth_a, size, evaluation, opts) -> tuple[dict | None, dict]:
+    """(evaluation, the export's translator.json), reading the weights at most once: evaluating
+    loads (and checks) them; with an evaluation given they were just evaluated; with no test
+    split they are checked before they are logged."""
+    from launch.release.export import load_translator
+    from launch.runstore.artifacts import read_meta
+
+    if evaluation is None and (test_a and truth_b or test_b and truth_a):
+        evaluation = ev.evaluate_export(export_dir, test_a, truth_b, test_b, truth_a, size=size, opts=opts)
+    elif evaluation is None:
+        load_translator(export_dir)  # fails early, naming the file, when the export is bad
+    return evaluation, read_meta(export_dir)
+
+
+def version_tags(run_dir: Path, run, meta: dict, metrics: dict, digest: str | None) -> dict[str, str]:
+    """The model version's tags: source run, config hash, dataset digests, export, test metrics."""
+    datasets = {f"dataset.{d.dataset.name}.digest": d.dataset.digest for d in run.inputs.dataset_inputs}
+    tags = {"source_run": run.info.run_id, "config_hash": config_hash(run_dir, run) or "", **datasets,
+            "export_step": str(meta.get("step")), "ema": str(meta.get("ema")), "image_size": str(meta.get("image_size"))}
+    if digest:
+        tags["test_split"] = digest
+    tags.update({k: f"{v:.6f}" for k, v in metrics.items()})
+    return tags
+
+
+def log_translator(uri: str, run_id: str, export_dir: Path, meta: dict, name: str, tags: dict, test_dir,
+                   size: int | None) -> str:
+    """Log the export into the run as a pyfunc model from code (launch/release/pyfunc_model.py with
+    translator.safetensors, translator.json and baselines.json as artifacts) and register it under
+    `name`; returns the new version."""
+    from launch.release.export import META_NAME, WEIGHTS_NAME
+
+    with tempfile.TemporaryDirectory() as tmp:
+        art = Path(tmp) / MODEL_ARTIFACT
+        art.mkdir()
+        for f in (WEIGHTS_NAME, META_NAME, baselines.FILE_NAME):
+            if f != baselines.FILE_NAME or (export_dir / f).is_file():
+                shutil.copy2(export_dir / f, art / f)
+        info = log_model(
+            uri, run_id, name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={MODEL_ARTIFACT: str(art)}, signature=signature(),
+            input_example=(input_example(test_dir, size or meta.get("image_size")), {"direction": "a2b"}),
+            pip_requirements=pinned_requirements(), registered_model_name=name, tags=tags,
+            metadata={"translator": {k: meta[k] for k in ("image_size", "domains", "step", "ema") if k in meta}})
+    return str(info.registered_model_version)
 
 
 def describe(res: dict) -> str:
@@ -265,7 +275,7 @@ def describe(res: dict) -> str:
     lines.append(f"pull it: MLFLOW_TRACKING_URI={res['tracking_uri']} python -c \"import mlflow; "
                  f"m = mlflow.pyfunc.load_model('models:/{res['name']}@{alias}'); "
                  f"print(m.predict(images_uint8_nhwc, params={{'direction': 'a2b'}}).shape)\"")
-    lines.append(f"or: MLFLOW_TRACKING_URI={res['tracking_uri']} python -m launch.translate "
+    lines.append(f"or: MLFLOW_TRACKING_URI={res['tracking_uri']} python -m launch.release.translate "
                  f"--model models:/{res['name']}@{alias} --direction a2b --in DIR --out DIR")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.tracking import write_json_atomic
+from pipeline.atomic import write_json as write_json_atomic
 
 BIN = 8              # colour bin width per channel for the most frequent colour
 FILE_NAME = "baselines.json"

@@ -1,16 +1,16 @@
 """Translation quality on a paired test split, always beside the trivial baselines it must beat.
 
-    python -m launch.evaluate --model models:/unit-translator@champion | EXPORT_DIR \\
+    python -m launch.release.evaluate --model models:/unit-translator@champion | EXPORT_DIR \\
         --test-a DIR --truth-b DIR [--test-b DIR --truth-a DIR] [--size N] [--shards OUT]
         [--c2st-steps 200] [--fid-features FILE] [--tracking-uri URI]
 
 Pixel accuracy (UNIT paper, map experiment): a pixel counts as correct when every one of its
 three channels is within 16 of the truth, |pred - truth| <= 16 (the boundary value 16 counts
 as correct). MAE is the mean absolute difference over all pixels and channels, on the 0..255
-scale. Each is shown for the model and for the baselines of launch/baselines.py (identity,
+scale. Each is shown for the model and for the baselines of launch/release/baselines.py (identity,
 the most frequent target colour, per-channel histogram matching; estimated from training
 shards, never from the test truth), and the table says whether the model beats the strongest.
-C2ST (launch/c2st.py) and FID/KID (launch/fid.py, with a feature extractor file) compare the
+C2ST (launch/release/c2st.py) and FID/KID (launch/release/fid.py, with a feature extractor file) compare the
 translations with real target-domain images as distributions.
 Test and truth images are paired by file stem (`0001.jpg` pairs with `0001.png`).
 """
@@ -25,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import imageio
+from pipeline.imageio import image_files
+
 THRESHOLD = 16
 GATE_METRIC = "test/pixel_acc_a2b"
-MIN_SIDE = 5  # smallest side the default networks take unresized (launch.export.min_input_side)
+MIN_SIDE = 5  # smallest side the default networks take unresized (launch.release.export.min_input_side)
 
 
 def pixel_correct(pred, truth, threshold: int = THRESHOLD) -> np.ndarray:
@@ -59,51 +62,9 @@ def mae(pred, truth) -> float:
 # Test folders
 
 
-def image_files(dir) -> list[Path]:
-    """Image files in `dir` (not recursive), sorted; recognised by their header, not their name."""
-    from launch.imageio import is_image_file
-
-    root = Path(dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
-    return [p for p in sorted(root.iterdir())
-            if p.is_file() and not p.name.startswith(".") and is_image_file(p)]
-
-
-def read_image(path, size: int | None = None) -> np.ndarray:
-    """uint8 HWC RGB, upright (EXIF), under the pixel cap; resized to size x size (bicubic) when given."""
-    from launch.imageio import read_rgb
-
-    return read_rgb(path, size=size, min_side=MIN_SIDE if not size else 1)
-
-
 def load_folder(dir, size: int | None = None, rejected: list | None = None) -> tuple[list[str], np.ndarray]:
-    """(stems, uint8 [N, H, W, 3]) of the images in `dir`; all must share one size unless `size`.
-
-    Files that cannot be used (damaged, over the pixel cap, too small for the network) are left
-    out and appended to `rejected` as "PATH: reason"; without a list they raise.
-    """
-    from launch.imageio import ImageRejected
-
-    stems, imgs = [], []
-    for p in image_files(dir):
-        try:
-            imgs.append(read_image(p, size))
-        except ImageRejected as e:
-            if rejected is None:
-                raise
-            rejected.append(str(e))
-            continue
-        stems.append(p.stem)
-    if not imgs:
-        raise ValueError(f"{dir}: no usable images found")
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
-        raise ValueError(f"{dir}: several images share a stem ({dup}); pairing by stem is ambiguous")
-    shapes = {im.shape for im in imgs}
-    if len(shapes) > 1:
-        raise ValueError(f"{dir}: images of different sizes {sorted(shapes)[:3]}; pass --size N to resize")
-    return stems, np.stack(imgs)
+    """pipeline.imageio.load_folder with the networks' smallest input side."""
+    return imageio.load_folder(dir, size, rejected, min_side=MIN_SIDE)
 
 
 def load_pairs(test_dir, truth_dir, size: int | None = None,
@@ -141,16 +102,16 @@ def split_digest(pairs: dict) -> str:
 class EvalOptions:
     """What an evaluation computes besides pixel accuracy and MAE."""
 
-    baselines: dict | None = None     # launch.baselines stats per domain ({"a": ..., "b": ...}); None: identity only
+    baselines: dict | None = None     # launch.release.baselines stats per domain ({"a": ..., "b": ...}); None: identity only
     c2st_steps: int = 200             # classifier steps of the two-sample test; 0 turns it off
-    features: object = None           # FID/KID feature extractor (launch.fid.load_extractor); None: not computed
+    features: object = None           # FID/KID feature extractor (launch.release.fid.load_extractor); None: not computed
     threshold: int = THRESHOLD        # pixel accuracy tolerance per channel
 
 
 def as_translate_fn(model):
     """A function (uint8 NHWC, direction) -> uint8 NHWC from a generator module or a pyfunc model."""
     if hasattr(model, "translate") and hasattr(model, "parameters"):
-        from launch.export import size_multiple, translate_uint8
+        from launch.release.export import size_multiple, translate_uint8
 
         multiple = size_multiple({"n_down": model.cfg.n_down}) if hasattr(model, "cfg") else 4
         return lambda imgs, direction: translate_uint8(model, imgs, direction, multiple=multiple)
@@ -163,7 +124,7 @@ def as_translate_fn(model):
 
 def skipped(n: int, opts: EvalOptions) -> list[str]:
     """Why C2ST / FID-KID, although asked for, are not computed on `n` test pairs (too few images)."""
-    from launch.c2st import MIN_IMAGES
+    from launch.release.c2st import MIN_IMAGES
 
     out = []
     if opts.c2st_steps and n < MIN_IMAGES:
@@ -177,17 +138,17 @@ def score(pred, truth, opts: EvalOptions) -> dict:
     """{"pixel_acc", "mae", "c2st"?, "fid"?, "kid"?} of translations `pred` against `truth`.
 
     C2ST and FID/KID compare distributions, `truth` serving as the real target-domain images (C2ST
-    keeps each pair on one side of its train/test split, see launch.c2st). They are left out when
+    keeps each pair on one side of its train/test split, see launch.release.c2st). They are left out when
     there are too few images for them (see `skipped`).
     """
     out = {"pixel_acc": pixel_accuracy(pred, truth, opts.threshold), "mae": mae(pred, truth)}
     too_few = skipped(min(len(pred), len(truth)), opts)
     if opts.c2st_steps and not any(n.startswith("C2ST") for n in too_few):
-        from launch.c2st import c2st
+        from launch.release.c2st import c2st
 
         out["c2st"] = c2st(truth, pred, steps=opts.c2st_steps)
     if opts.features is not None and not any(n.startswith("FID") for n in too_few):
-        from launch.fid import fid_kid
+        from launch.release.fid import fid_kid
 
         out.update(fid_kid(truth, pred, opts.features))
     return out
@@ -202,7 +163,7 @@ def evaluate_direction(fn, x, y, direction: str, opts: EvalOptions) -> dict:
         out["notes"] = notes
     rivals = {"identity": lambda imgs, d: imgs}
     if opts.baselines:
-        from launch.baselines import translators
+        from launch.release.baselines import translators
 
         rivals = translators(opts.baselines)
     for name, rival in rivals.items():
@@ -239,8 +200,8 @@ def evaluate_translator(model, test_a=None, truth_b=None, test_b=None, truth_a=N
 def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=None,
                     size: int | None = None, opts: EvalOptions | None = None) -> dict:
     """evaluate_translator on an exported translator directory (its baselines.json when there is one)."""
-    from launch import baselines
-    from launch.export import load_translator
+    from launch.release import baselines
+    from launch.release.export import load_translator
 
     gen, meta = load_translator(export_dir)
     opts = opts or EvalOptions()
@@ -278,7 +239,7 @@ def format_table(res: dict) -> str:
                      f"{m['margin']:+.4f} pixel accuracy")
     notes = list(dict.fromkeys(note for m in res.values() for note in m.get("notes", [])))
     if not any("fid" in m for m in res.values()) and not any(n.startswith("FID") for n in notes):
-        from launch.fid import NO_WEIGHTS
+        from launch.release.fid import NO_WEIGHTS
 
         lines.append(NO_WEIGHTS)
     if any("c2st" in m for m in res.values()):
@@ -297,7 +258,8 @@ def format_table(res: dict) -> str:
 def load_model(spec: str, tracking_uri: str | None = None):
     """(model usable by evaluate_translator, info) from `models:/name@alias`, `models:/name/3`,
     `runs:/...` or an export directory. info has "kind" and, for registry models, "run_id"."""
-    from launch.export import is_export_dir, load_translator
+    from launch.release.export import load_translator
+    from launch.runstore.artifacts import is_export_dir
 
     if "://" not in spec and ":/" not in spec:
         if not is_export_dir(spec):
@@ -307,36 +269,34 @@ def load_model(spec: str, tracking_uri: str | None = None):
         return gen, {"kind": "export", "path": str(spec), "meta": meta}
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    info = {"kind": "mlflow", "uri": spec, "run_id": None}
+    from launch.runstore.store import fluent_uri, make_client
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    info = {"kind": "mlflow", "uri": spec, "run_id": None, "tracking_uri": uri}
     if spec.startswith("models:/"):
-        info.update(resolve_model_version(spec))
-    return mlflow.pyfunc.load_model(spec), info
+        info.update(resolve_model_version(spec, make_client(uri)))
+    with fluent_uri(uri):
+        return mlflow.pyfunc.load_model(spec), info
 
 
-def resolve_model_version(spec: str) -> dict:
+def resolve_model_version(spec: str, client) -> dict:
     """{"name", "version", "run_id"} of models:/name@alias or models:/name/version."""
-    from mlflow import MlflowClient
-
     rest = spec[len("models:/"):].strip("/")
-    c = MlflowClient()
     if "@" in rest:
         name, alias = rest.split("@", 1)
-        mv = c.get_model_version_by_alias(name, alias)
+        mv = client.get_model_version_by_alias(name, alias)
     else:
         name, _, version = rest.partition("/")
         if not version.isdigit():
             raise ValueError(f"{spec}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        mv = c.get_model_version(name, version)
+        mv = client.get_model_version(name, version)
     return {"name": mv.name, "version": mv.version, "run_id": mv.run_id}
 
 
 def baseline_stats(args, model_spec: str):
     """Baseline statistics for the CLI: --baselines FILE, --shards OUT, or the ones shipped with the
     model (export dir or registered model); None when there are none (identity only)."""
-    from launch import baselines
+    from launch.release import baselines
 
     if args.baselines:
         return baselines.load(args.baselines)
@@ -349,14 +309,16 @@ def baseline_stats(args, model_spec: str):
 
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from launch.runstore.store import fluent_uri
+
+    with tempfile.TemporaryDirectory() as tmp, fluent_uri(mlflow.get_tracking_uri()):
         local = Path(mlflow.artifacts.download_artifacts(model_spec, dst_path=tmp))
         found = sorted(local.rglob(baselines.FILE_NAME))
         return baselines.load(found[0]) if found else None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.evaluate",
+    p = argparse.ArgumentParser(prog="python -m launch.release.evaluate",
                                 description="Pixel accuracy (threshold 16), MAE, C2ST and (with a feature extractor) "
                                             "FID/KID of a translator on paired test folders, beside the trivial "
                                             "baselines (identity, most frequent target colour, histogram matching).")
@@ -369,7 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=int, default=THRESHOLD)
     p.add_argument("--shards", help="training shards (OUT dir or index.json) to estimate the baselines from "
                                     "(default: the baselines.json shipped with the model)")
-    p.add_argument("--baselines", help="a baselines.json written by training (launch.baselines)")
+    p.add_argument("--baselines", help="a baselines.json written by training (launch.release.baselines)")
     p.add_argument("--c2st-steps", type=int, default=200, help="classifier steps of the two-sample test (0: off)")
     p.add_argument("--fid-features", help="TorchScript feature extractor for FID/KID (uint8 NCHW -> [N, D])")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
@@ -386,7 +348,7 @@ def main(argv=None) -> int:
         model, info = load_model(a.model, a.tracking_uri)
         features = None
         if a.fid_features:
-            from launch.fid import load_extractor
+            from launch.release.fid import load_extractor
             features = load_extractor(a.fid_features)
         opts = EvalOptions(baselines=baseline_stats(a, a.model), c2st_steps=a.c2st_steps, features=features,
                            threshold=a.threshold)
@@ -402,11 +364,11 @@ def main(argv=None) -> int:
         print("baselines: identity only (no baselines.json with the model; pass --shards OUT or --baselines FILE)")
     print(format_table(res))
     if info.get("run_id") and not a.no_log:
-        from mlflow import MlflowClient
+        from launch.runstore.store import make_client
 
-        c = MlflowClient()
+        client = make_client(info["tracking_uri"])
         for k, v in flat_metrics(res).items():
-            c.log_metric(info["run_id"], k, v)
+            client.log_metric(info["run_id"], k, v)
         print(f"logged to run {info['run_id']} ({info['name']} version {info['version']})")
     if rejected:
         print(f"{len(rejected)} test image(s) skipped as unusable (listed above)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Translate a folder of images with a registered or exported translator.
 
-    python -m launch.translate --model models:/unit-translator@champion | EXPORT_DIR \\
+    python -m launch.release.translate --model models:/unit-translator@champion | EXPORT_DIR \\
         --direction a2b --in DIR --out DIR [--batch-size N] [--tracking-uri URI] \\
         [--max-pixels N] [--tile N] [--tile-overlap N] [--report FILE]
 
@@ -18,10 +18,7 @@ Exit status: 0 all images translated, 2 nothing done (bad arguments, model), 3 s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.imageio import DEFAULT_MAX_PIXELS, ImageRejected, is_image_file, read_rgb
+from pipeline.atomic import replacing, write_json
+from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageRejected, is_image_file, read_rgb
 
 EXIT_SKIPPED = 3
 
@@ -39,7 +37,7 @@ class Limits:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     """Images with more pixels are refused before decoding; None: no cap."""
     min_side: int = 1
-    """Images with a shorter side are refused (the model's minimum, launch.export.min_input_side)."""
+    """Images with a shorter side are refused (the model's minimum, launch.release.export.min_input_side)."""
     tile: int = 1024
     """Images with a side above this are translated in tiles of tile x tile; 0: never tile."""
     overlap: int = 64
@@ -71,20 +69,13 @@ def find_images(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def save_image(arr: np.ndarray, path: Path) -> None:
-    """Write under a temporary name in the same folder, then rename (format from the suffix)."""
+    """Written atomically, in the format its suffix names."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-        kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    with replacing(path, durable=False) as tmp:
         Image.fromarray(arr).save(tmp, format=fmt, **kw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def check_folders(in_dir: Path, out_dir: Path) -> None:
@@ -134,8 +125,8 @@ def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 1
     """
     from tqdm import tqdm
 
-    from launch.evaluate import as_translate_fn
-    from launch.export import translate_tiled
+    from launch.release.evaluate import as_translate_fn
+    from launch.release.export import translate_tiled
 
     limits = limits or Limits()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -182,10 +173,7 @@ def model_meta(model, info: dict) -> dict | None:
 
 
 def write_report(path: Path, res: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({k: res[k] for k in ("translated", "tiled", "rejected", "skipped", "out")}, indent=1))
-    os.replace(tmp, path)
+    write_json(path, {k: res[k] for k in ("translated", "tiled", "rejected", "skipped", "out")})
 
 
 def summary(res: dict, direction: str, model: str) -> str:
@@ -201,7 +189,7 @@ def summary(res: dict, direction: str, model: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m launch.translate", description="Translate a folder of images.")
+    p = argparse.ArgumentParser(prog="python -m launch.release.translate", description="Translate a folder of images.")
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or an export dir")
     p.add_argument("--direction", required=True, choices=["a2b", "b2a"])
     p.add_argument("--in", dest="in_dir", required=True)
@@ -228,8 +216,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from launch.evaluate import load_model
-    from launch.export import min_input_side, size_multiple, translate_uint8
+    from launch.release.evaluate import load_model
+    from launch.release.export import min_input_side, size_multiple, translate_uint8
 
     try:
         check_folders(Path(a.in_dir), Path(a.out_dir))  # before loading the model: fail fast

@@ -33,8 +33,7 @@ import random
 import re
 import shutil
 import sys
-import time
-import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,60 +41,45 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.runstore.artifacts import load_safetensors, save_safetensors
+from launch.runstore.rundir import RUN_MARKER, RunDirError, check_run_dir, read_json, read_run_marker
+from pipeline.atomic import TEMP_NAME, write_json
+
 MARKER = "COMPLETE"
-RUN_MARKER = ".unit-run.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # What save() leaves in a step folder (and the temporary names it writes through); DeepSpeed adds
 # its conversion scripts at ZeRO >= 1.
-_OURS = re.compile(r"^(G|D|meta\.json|ema\.safetensors|COMPLETE|rank-\d{5}\.json|zero_to_fp32\.py|zero_to_torch\.py"
-                   r"|\.[\w.-]+\.tmp(-\d+)?)$")
-_RUN_MARKER_TMP = re.compile(r"^\.unit-run\.json\.tmp-\d+$")
-# Folders no run may own (pruning and overwriting there would damage the system).
-SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
-               "/proc", "/sys", "/var/lib", "/var/log")
-
-
-class RunDirError(ValueError):
-    """run_dir or resume refused; the message names the key, the value and what to do instead."""
-
-
+_OURS = re.compile(r"^(G|D|meta\.json|ema\.safetensors|COMPLETE|rank-\d{5}\.json|zero_to_fp32\.py|zero_to_torch\.py)$")
 @dataclass
-class CheckpointConfig:
-    every: int = 200
-    """Steps between checkpoints; one is always written at the end."""
-    keep: int = 3
-    """Complete checkpoints kept; older ones (and unmarked leftovers) are deleted."""
+class TrainState:
+    """The trainer's own progress, saved in every checkpoint's meta.json beside the engines, the
+    EMA, and each rank's loader position and RNG (rank-NNNNN.json)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    run_uid: str = ""
+    """The run directory's identity (RUN_DIR/.unit-run.json); only its checkpoints are resumed."""
+    run_id: str | None = None
+    """The MLflow run id, so a resumed run logs into the same MLflow run."""
+    nonfinite_total: int = 0
+    """Steps skipped because a loss was NaN/inf, over the whole run."""
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, meta: dict) -> None:
+        """From a checkpoint's meta.json; the run_uid stays the run directory's."""
+        self.step = int(meta["step"])
+        self.run_id = meta.get("run_id")
+        self.nonfinite_total = int(meta.get("nonfinite_total", 0))
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "ckpt" / f"step-{step:08d}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(run_dir: str | Path, run_uid: str | None = None) -> list[Path]:
@@ -106,7 +90,7 @@ def complete_checkpoints(run_dir: str | Path, run_uid: str | None = None) -> lis
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and not p.is_symlink() and (p / MARKER).is_file()]
     if run_uid is not None:
-        found = [(s, p) for s, p in found if (_read_json(p / MARKER) or {}).get("run_uid") == run_uid]
+        found = [(s, p) for s, p in found if (read_json(p / MARKER) or {}).get("run_uid") == run_uid]
     return [p for _, p in sorted(found)]
 
 
@@ -117,66 +101,8 @@ def latest_complete(run_dir: str | Path, run_uid: str | None = None) -> Path | N
 
 def only_ours(folder: Path) -> bool:
     """True when `folder` is a real folder holding only what save() writes (so it may be deleted)."""
-    return folder.is_dir() and not folder.is_symlink() and all(_OURS.match(p.name) for p in folder.iterdir())
-
-
-# ---------------------------------------------------------------- the run directory
-
-def read_run_marker(run_dir: str | Path) -> dict | None:
-    """RUN_DIR/.unit-run.json, or None when the folder is not (yet) a run directory."""
-    path = Path(run_dir) / RUN_MARKER
-    if not path.exists():
-        return None
-    marker = _read_json(path)
-    if not marker or not isinstance(marker.get("run_uid"), str):
-        raise RunDirError(f"config key run_dir = {str(run_dir)!r}: {path} is damaged (expected JSON with a "
-                          "run_uid); restore it from a copy of the run, or use a new run_dir")
-    return marker
-
-
-def claim_run_dir(run_dir: str | Path) -> dict:
-    """Rank 0, after plan_resume: make `run_dir` a run directory (if it is not one) and return its marker."""
-    root = Path(run_dir)
-    marker = read_run_marker(root)
-    if marker is None:
-        root.mkdir(parents=True, exist_ok=True)
-        marker = {"format": 1, "run_uid": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "created_at": str(root.resolve())}  # informational: a moved run keeps its identity
-        write_json_atomic(root / RUN_MARKER, marker)
-    return marker
-
-
-def unsafe_run_dir(run_dir: str | Path) -> str | None:
-    """Why `run_dir` may never be a run directory (the root, a system folder, home), or None."""
-    p = Path(run_dir).resolve()
-    if p == Path(p.anchor):
-        return "is the file system root"
-    for d in SYSTEM_DIRS:
-        if p == Path(d) or p.is_relative_to(d):
-            return f"is inside the system folder {d}"
-    try:
-        home = Path.home().resolve()
-    except RuntimeError:  # no home directory known
-        return None
-    if home.is_relative_to(p):
-        return "is your home folder" if p == home else f"contains your home folder {home}"
-    return None
-
-
-def _check_run_dir(root: Path) -> dict | None:
-    """The run marker, or None for a new or empty folder; refuses anything else."""
-    shown = f"config key run_dir = {str(root)!r}"
-    why = unsafe_run_dir(root)
-    if why:
-        raise RunDirError(f"{shown}: {why}; use a folder of its own, e.g. runs/NAME")
-    if root.exists() and not root.is_dir():
-        raise RunDirError(f"{shown}: exists and is not a folder")
-    marker = read_run_marker(root)
-    if marker is None and root.is_dir() and any(not _RUN_MARKER_TMP.match(p.name) for p in root.iterdir()):
-        raise RunDirError(f"{shown}: the folder is not empty and holds no {RUN_MARKER}, so it is not a run "
-                          "directory (training there would overwrite config.yaml, export/ and samples/ and "
-                          "prune ckpt/); use a new or empty folder")
-    return marker
+    return folder.is_dir() and not folder.is_symlink() and all(
+        _OURS.match(p.name) or TEMP_NAME.match(p.name) for p in folder.iterdir())
 
 
 def checkpoint_problems(path: Path) -> list[str]:
@@ -196,7 +122,7 @@ def plan_resume(run_dir: str | Path, resume: str, trust_path: bool = False) -> P
     complete checkpoint inside the run directory, or outside it with `trust_path`.
     """
     root = Path(run_dir)
-    marker = _check_run_dir(root)
+    marker = check_run_dir(root)
     own = complete_checkpoints(root, marker["run_uid"]) if marker else []
     if resume == "auto":
         return own[-1] if own else None
@@ -280,14 +206,14 @@ def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state:
     d.mkdir(parents=True, exist_ok=True)
     eng_g.save_checkpoint(str(d), tag="G", save_latest=False)
     eng_d.save_checkpoint(str(d), tag="D", save_latest=False)
-    write_json_atomic(d / f"rank-{rank:05d}.json", rank_state)
+    write_json(d / f"rank-{rank:05d}.json", rank_state)
     if rank == 0:
-        write_json_atomic(d / "meta.json", meta or {})
+        write_json(d / "meta.json", meta or {})
         if ema_state:
             save_ema(d / "ema.safetensors", ema_state)
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        write_json_atomic(d / MARKER, {"step": step, "run_uid": run_uid})
+        write_json(d / MARKER, {"step": step, "run_uid": run_uid})
         prune(run_dir, keep, run_uid)
     _barrier()
     return d
@@ -392,16 +318,10 @@ def load(path: Path, eng_g, eng_d, *, rank: int) -> tuple[dict, dict | None, dic
 
 def save_ema(path: Path, state: dict) -> None:
     """model.ema.EMA.state_dict() as safetensors: the shadow tensors, decay and count as metadata."""
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state["shadow"].items()}, str(tmp),
-              metadata={"decay": repr(float(state["decay"])), "num_updates": str(int(state["num_updates"]))})
-    os.replace(tmp, path)
+    save_safetensors(path, state["shadow"], {"decay": repr(float(state["decay"])),
+                                             "num_updates": str(int(state["num_updates"]))})
 
 
 def load_ema(path: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        shadow = {k: f.get_tensor(k) for k in f.keys()}
+    shadow, meta = load_safetensors(path)
     return {"decay": float(meta["decay"]), "num_updates": int(meta["num_updates"]), "shadow": shadow}

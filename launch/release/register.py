@@ -1,7 +1,7 @@
-"""python -m launch.register --run-dir DIR [--name NAME] [--test-a DIR --truth-b DIR]
+"""python -m launch.release.register --run-dir DIR [--name NAME] [--test-a DIR --truth-b DIR]
                             [--test-b DIR --truth-a DIR] [--min-accuracy X] [--size N]
 
-Registers RUN_DIR/export in the MLflow model registry (see launch/registry.py). Test folders and
+Registers RUN_DIR/export in the MLflow model registry (see launch/release/registry.py). Test folders and
 the gate default to the run's config.yaml (data.test_a / data.test_b, registry.name,
 registry.min_accuracy, data.image_size) when the flags are not given.
 Exit status: 0 registered (whether or not promoted), 2 bad input, 1 MLflow failure.
@@ -26,7 +26,7 @@ def run_config(run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.register", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m launch.release.register", description=__doc__.split("\n\n")[1])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--name", default=None, help="registered model name (default: config registry.name or unit-translator)")
     p.add_argument("--test-a", default=None)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         test_a, truth_b, test_b, truth_a = data["test_a"], data["test_b"], data["test_b"], data["test_a"]
     if bool(test_a) != bool(truth_b) or bool(test_b) != bool(truth_a):
         p.error("--test-a needs --truth-b and --test-b needs --truth-a")
-    from launch.registry import describe, dumps, register_run
+    from launch.release.registry import describe, dumps, register_run
 
     try:
         # MLflow prints "View run ..." lines on stdout; keep stdout for the result (--json).

@@ -1,0 +1,63 @@
+"""The end of a training run, on the release side (rank 0, after the trainer has exported):
+
+  1. the trivial baselines, estimated from the training shards, saved beside the export;
+  2. one evaluation on the paired test split (when the config names one), beside those baselines;
+  3. registration with that evaluation (the champion gate decides the alias), or, with the
+     registry off, the evaluation's metrics logged into the run.
+
+It reads what training left in the run directory (the export, tracking.json) and nothing of the
+trainer's own objects.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.config import Config
+from launch.release import baselines
+from launch.release.evaluate import EvalOptions, evaluate_export, flat_metrics
+
+
+def eval_options(cfg: Config, stats) -> EvalOptions:
+    features = None
+    if cfg.eval.fid_features:
+        from launch.release.fid import load_extractor
+        features = load_extractor(cfg.eval.fid_features)
+    return EvalOptions(baselines=stats, c2st_steps=cfg.eval.c2st_steps, features=features)
+
+
+def finish_run(cfg: Config, export_dir: str | Path) -> dict:
+    """Returns {"evaluation": ..., "registry": ...} (each when it happened)."""
+    run_dir, export_dir, out = Path(cfg.run_dir), Path(export_dir), {}
+    shards_a, shards_b = cfg.data.sources()
+    stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
+                                        max_images=cfg.eval.baseline_images, seed=cfg.seed)
+    baselines.save(export_dir / baselines.FILE_NAME, stats)
+    res = None
+    if cfg.data.test_a and cfg.data.test_b:
+        res = evaluate_export(export_dir, test_a=cfg.data.test_a, truth_b=cfg.data.test_b, test_b=cfg.data.test_b,
+                              truth_a=cfg.data.test_a, size=cfg.data.image_size, opts=eval_options(cfg, stats))
+        out["evaluation"] = res
+    if not cfg.tracking.enable:
+        return out
+    if not cfg.registry.enable:
+        if res is not None:
+            log_run_metrics(run_dir, flat_metrics(res))
+        return out
+    from launch.release.registry import register_run
+    try:
+        out["registry"] = register_run(run_dir, name=cfg.registry.name, test_a=cfg.data.test_a,
+                                       truth_b=cfg.data.test_b, test_b=cfg.data.test_b, truth_a=cfg.data.test_a,
+                                       min_accuracy=cfg.registry.min_accuracy, image_size=cfg.data.image_size,
+                                       export_dir=export_dir, evaluation=res)
+    except Exception as e:  # the weights are exported; registering again is one command
+        print(f"warning: registering the model failed ({type(e).__name__}: {e}); retry with "
+              f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)
+    return out
+
+
+def log_run_metrics(run_dir: Path, metrics: dict) -> None:
+    from launch.runstore.tracking import log_run_metrics as log
+    try:
+        log(run_dir, metrics)
+    except Exception as e:  # the evaluation is printed and returned; the run only misses its copy
+        print(f"warning: logging the evaluation to MLflow failed ({type(e).__name__}: {e})", flush=True)

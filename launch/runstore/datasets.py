@@ -1,0 +1,42 @@
+"""Dataset lineage records (pipeline.lineage) as MLflow dataset inputs of a run, through mlflow.data."""
+from __future__ import annotations
+
+import json
+import warnings
+
+
+def dataset_source(source: str):
+    """The mlflow.data source for a path or URL; a source no resolver takes (a pipe: command) is
+    kept as a code source that records the text."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with warnings.catch_warnings():  # a local path resolves through two equivalent classes
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(source)
+    except MlflowException:
+        return CodeDatasetSource(tags={"shards": source})
+
+
+def dataset_input(rec: dict):
+    """An mlflow.entities.DatasetInput: a MetaDataset (name, digest, source) with the record's
+    profile, tagged with the training context and the domain."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    d = MetaDataset(dataset_source(rec["source"]), name=rec["name"], digest=rec["digest"]).to_dict()
+    profile = {**rec["profile"], "digest_of": rec.get("digest_of"), "manifest_sha256": rec.get("manifest_sha256")}
+    ent = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                  schema=d.get("schema"), profile=json.dumps(profile))
+    return DatasetInput(ent, tags=[InputTag("mlflow.data.context", "train"), InputTag("domain", rec["domain"])])
+
+
+def dataset_tags(recs: list[dict]) -> dict[str, str]:
+    """Run tags that name each domain's data: dataset.<domain>.digest and .source."""
+    tags = {}
+    for r in recs:
+        tags[f"dataset.{r['domain']}.digest"] = r["digest"]
+        tags[f"dataset.{r['domain']}.source"] = r["source"]
+    return tags

@@ -1,0 +1,30 @@
+"""Nested settings as flat "a.b.c" keys, and as MLflow params (strings within MLflow's limit)."""
+from __future__ import annotations
+
+import json
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": [1, 2], "e": {}} -> {"a.b": 1, "c": [1, 2], "e": {}}: values kept as they are;
+    an empty dict stays a value (there is nothing below it to name)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def param_value(v) -> str:
+    """A value as an MLflow param: strings as they are, anything else as JSON; cut to MAX_PARAM_LEN."""
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= MAX_PARAM_LEN else s[:MAX_PARAM_LEN - 3] + "..."
+
+
+def as_params(d: dict) -> dict[str, str]:
+    """flatten(d) with every value as param_value."""
+    return {k: param_value(v) for k, v in flatten(d).items()}

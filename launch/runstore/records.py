@@ -1,0 +1,157 @@
+"""Tracking records: what the Tracker logs, as JSON-able dicts, how one is sent, and the buffer file.
+
+    {"op": "open", "run": id|None, "experiment", "run_name"}   resume the run, or create one
+    {"op": "params", "values": {key: str}}         {"op": "tags", "values": {key: str}}
+    {"op": "metrics", "step": n, "ts": ms, "values": {key: float}}
+    {"op": "image", "path": png, "key": "samples", "step": n, "ts": ms}
+    {"op": "datasets", "datasets": [pipeline.lineage record, ...]}
+    {"op": "end", "status": "FINISHED", "ts": ms}
+
+Each record but "open" also carries "run": the run's id, or None for "the run this process opens"
+(the server was away before the run existed). RUN_DIR/mlflow-buffer.jsonl holds, one per line, the
+records the server has not taken: `python -m launch.runstore.tracking upload` sends them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pipeline.atomic import write_text
+from launch.runstore.store import is_transient
+
+log = logging.getLogger(__name__)
+
+BUFFER_NAME = "mlflow-buffer.jsonl"
+BATCH_OPS = ("metrics", "params", "tags")   # what MlflowClient.log_batch takes, also asynchronously
+METRICS_PER_BATCH = 1000                    # MLflow's limit per log_batch request
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def metrics_record(metrics: dict, step: int) -> dict | None:
+    """A metrics record of the numbers in `metrics` (tensors and numpy scalars converted; strings and
+    dicts left out: metrics hold numbers only); None when there are none."""
+    values = {}
+    for k, v in metrics.items():
+        try:
+            values[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return {"op": "metrics", "step": int(step), "ts": now_ms(), "values": values} if values else None
+
+
+def read_buffer(path: Path) -> list[dict]:
+    """The records in a buffer file; a torn last line (a crash while appending) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not valid JSON; skipped", path, i + 1)
+    return out
+
+
+def append_buffer(path: Path, records: list[dict]) -> None:
+    """Add records at the end (a crash mid-line leaves a torn line that read_buffer skips)."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_buffer(path: Path, records: list[dict]) -> None:
+    """Replace the file with `records` (atomically); no records: no file."""
+    if records:
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records), durable=False)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def batch(rec: dict) -> dict:
+    """A metrics, params or tags record as keyword arguments of MlflowClient.log_batch."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    op, values = rec["op"], rec["values"]
+    if op == "metrics":
+        return {"metrics": [Metric(k, float(v), int(rec["ts"]), int(rec["step"])) for k, v in values.items()]}
+    if op == "params":
+        return {"params": [Param(k, str(v)) for k, v in values.items()]}
+    return {"tags": [RunTag(k, str(v)) for k, v in values.items()]}
+
+
+def send(client, run_id: str, rec: dict) -> None:
+    """Send one record and wait for the answer; raises what MLflow raises ("open" is the caller's)."""
+    op = rec["op"]
+    if op == "params":
+        send_params(client, run_id, rec["values"])
+    elif op in BATCH_OPS:
+        client.log_batch(run_id, **batch(rec), synchronous=True)
+    elif op == "image":
+        from PIL import Image
+
+        try:
+            with Image.open(rec["path"]) as im:
+                image = im.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"image {rec['path']}: {e}") from None  # gone or damaged: no use retrying
+        client.log_image(run_id, image, key=rec["key"], step=int(rec["step"]), timestamp=int(rec["ts"]),
+                         synchronous=True)
+    elif op == "datasets":
+        from launch.runstore.datasets import dataset_input
+
+        client.log_inputs(run_id, datasets=[dataset_input(d) for d in rec["datasets"]])
+    elif op == "end":
+        client.set_terminated(run_id, status=rec["status"], end_time=int(rec["ts"]))
+    elif op != "open":
+        raise ValueError(f"unknown tracking record op {op!r}")
+
+
+def send_params(client, run_id: str, values: dict) -> None:
+    """One batch; when the server refuses it (a param logged before with another value, e.g. on
+    resume), each param alone, so that only the refused ones are left out (with a warning)."""
+    from mlflow.entities import Param
+
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()], synchronous=True)
+        return
+    except Exception as e:
+        if is_transient(e) or len(values) == 1:
+            raise
+    for k, v in values.items():
+        try:
+            client.log_batch(run_id, params=[Param(k, str(v))], synchronous=True)
+        except Exception as e:
+            if is_transient(e):
+                raise
+            log.warning("MLflow refused param %s=%r (%s); left out", k, str(v)[:100], first_line(e))
+
+
+def groups(records: list[dict]) -> list[list[dict]]:
+    """The records in order, runs of metric records of one run put together (at most
+    METRICS_PER_BATCH values a group, one request each); every other record alone."""
+    out: list[list[dict]] = []
+    for rec in records:
+        last = out[-1] if out else None
+        if (last and rec["op"] == "metrics" and last[0]["op"] == "metrics" and last[0].get("run") == rec.get("run")
+                and sum(len(r["values"]) for r in last) + len(rec["values"]) <= METRICS_PER_BATCH):
+            last.append(rec)
+        else:
+            out.append([rec])
+    return out
+
+
+def send_group(client, run_id: str, group: list[dict]) -> None:
+    """send() for a group of groups(): its metric records in one request."""
+    if group[0]["op"] != "metrics":
+        return send(client, run_id, group[0])
+    client.log_batch(run_id, metrics=[m for rec in group for m in batch(rec)["metrics"]], synchronous=True)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]

@@ -1,0 +1,102 @@
+"""The run directory: where a run lives, and the proof that a folder is one.
+
+`RUN_DIR/.unit-run.json` (written once, when a run starts in a new or empty folder) says the
+folder is a run directory and holds the run's identity, `run_uid`. Training refuses a non-empty
+folder without it, and `/`, system folders and the home folder. Training writes into a run
+directory and release reads from it; both find its files through the names here.
+
+    RUN_DIR/.unit-run.json  config.yaml  metrics.jsonl  samples/  ckpt/  export/
+    RUN_DIR/tracking.json   mlflow/ (embedded store)    mlflow-buffer.jsonl
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.atomic import TEMP_NAME, write_json, write_text
+
+RUN_MARKER = ".unit-run.json"
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+EXPORT_DIR = "export"
+SAMPLES_DIR = "samples"
+# Folders no run may own (pruning and overwriting there would damage the system).
+SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
+               "/proc", "/sys", "/var/lib", "/var/log")
+
+
+class RunDirError(ValueError):
+    """run_dir or resume refused; the message names the key, the value and what to do instead."""
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_run_marker(run_dir: str | Path) -> dict | None:
+    """RUN_DIR/.unit-run.json, or None when the folder is not (yet) a run directory."""
+    path = Path(run_dir) / RUN_MARKER
+    if not path.exists():
+        return None
+    marker = read_json(path)
+    if not marker or not isinstance(marker.get("run_uid"), str):
+        raise RunDirError(f"config key run_dir = {str(run_dir)!r}: {path} is damaged (expected JSON with a "
+                          "run_uid); restore it from a copy of the run, or use a new run_dir")
+    return marker
+
+
+def claim_run_dir(run_dir: str | Path) -> dict:
+    """Rank 0, after plan_resume: make `run_dir` a run directory (if it is not one) and return its marker."""
+    root = Path(run_dir)
+    marker = read_run_marker(root)
+    if marker is None:
+        root.mkdir(parents=True, exist_ok=True)
+        marker = {"format": 1, "run_uid": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "created_at": str(root.resolve())}  # informational: a moved run keeps its identity
+        write_json(root / RUN_MARKER, marker)
+    return marker
+
+
+def unsafe_run_dir(run_dir: str | Path) -> str | None:
+    """Why `run_dir` may never be a run directory (the root, a system folder, home), or None."""
+    p = Path(run_dir).resolve()
+    if p == Path(p.anchor):
+        return "is the file system root"
+    for d in SYSTEM_DIRS:
+        if p == Path(d) or p.is_relative_to(d):
+            return f"is inside the system folder {d}"
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home directory known
+        return None
+    if home.is_relative_to(p):
+        return "is your home folder" if p == home else f"contains your home folder {home}"
+    return None
+
+
+def check_run_dir(root: Path) -> dict | None:
+    """The run marker, or None for a new or empty folder; refuses anything else."""
+    shown = f"config key run_dir = {str(root)!r}"
+    why = unsafe_run_dir(root)
+    if why:
+        raise RunDirError(f"{shown}: {why}; use a folder of its own, e.g. runs/NAME")
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"{shown}: exists and is not a folder")
+    marker = read_run_marker(root)
+    if marker is None and root.is_dir() and any(not TEMP_NAME.match(p.name) for p in root.iterdir()):
+        raise RunDirError(f"{shown}: the folder is not empty and holds no {RUN_MARKER}, so it is not a run "
+                          "directory (training there would overwrite config.yaml, export/ and samples/ and "
+                          "prune ckpt/); use a new or empty folder")
+    return marker
+
+
+def write_config(run_dir: str | Path, text: str) -> Path:
+    """RUN_DIR/config.yaml: the resolved config the run was started with."""
+    return write_text(Path(run_dir) / CONFIG_NAME, text)

@@ -1,0 +1,123 @@
+"""Where a run is tracked: the tracking URI, RUN_DIR/tracking.json, the MLflow client, opening the run.
+
+    uri = resolve_uri(run_dir, configured)   # configured, else MLFLOW_TRACKING_URI, else the embedded store
+    client = make_client(uri)                # MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = open_run(client, run_dir, experiment, run_id=None, run_name=None)   # resume or create
+    uri, info = run_tracking(run_dir, tracking_uri=None)   # for whoever comes later (release, upload)
+
+With no URI anywhere the store is embedded: SQLite at RUN_DIR/mlflow/mlflow.db, artifacts in
+RUN_DIR/mlflow/artifacts, nothing to start. RUN_DIR/tracking.json records
+{"tracking_uri", "experiment", "run_id"} once the run exists.
+
+Every MLflow call here and in the run store names its URI through an explicit client. MLflow's
+fluent API reads process-wide URIs instead; the few things that exist only there go through
+fluent_uri(), the one place that sets them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from pipeline.atomic import write_json
+from launch.runstore.rundir import read_json
+
+log = logging.getLogger(__name__)
+
+TRACKING_JSON = "tracking.json"
+
+
+def embedded_uri(run_dir) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+def embedded_artifacts(run_dir) -> str:
+    return (Path(run_dir).resolve() / "mlflow" / "artifacts").as_uri()
+
+
+def resolve_uri(run_dir, configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(run_dir)
+
+
+def read_tracking_json(run_dir) -> dict:
+    """RUN_DIR/tracking.json, or {} when there is none (the run was never reached)."""
+    return read_json(Path(run_dir) / TRACKING_JSON) or {}
+
+
+def run_tracking(run_dir, tracking_uri: str | None = None) -> tuple[str, dict]:
+    """(URI, tracking.json) of a run: `tracking_uri` when given, else the one the run recorded, else
+    the one a new run would use."""
+    info = read_tracking_json(run_dir)
+    return tracking_uri or info.get("tracking_uri") or resolve_uri(run_dir), info
+
+
+def make_client(uri: str):
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the error means 'no answer now' rather than 'the request was refused'."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return not 400 <= exc.get_http_status_code() < 500  # 4xx: retrying would never succeed
+    return not isinstance(exc, (ValueError, TypeError, KeyError, LookupError, FileNotFoundError))
+
+
+def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_name: str | None = None) -> str:
+    """Resume `run_id` (set it RUNNING) or create a run in `experiment` (created when missing);
+    writes RUN_DIR/tracking.json and returns the run's id. A run the server does not know is
+    replaced by a new one (with a warning); no answer raises."""
+    from mlflow.exceptions import MlflowException
+
+    run_dir, uri = Path(run_dir), client.tracking_uri
+    if run_id:
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            if is_transient(e):
+                raise
+            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, uri, e)
+            run_id = None
+    if not run_id:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            loc = embedded_artifacts(run_dir) if uri.startswith("sqlite:") else None
+            exp_id = client.create_experiment(experiment, artifact_location=loc)
+        else:
+            exp_id = exp.experiment_id
+        run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags={"run_dir": str(run_dir.resolve())})
+        run_id = run.info.run_id
+    write_json(run_dir / TRACKING_JSON, {"tracking_uri": uri, "experiment": experiment, "run_id": run_id}, indent=2)
+    return run_id
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """Point MLflow's fluent API (mlflow.start_run, mlflow.end_run, Model.log and the registration
+    it does) at `uri` for the block.
+
+    mlflow.set_tracking_uri sets the process-wide URI and MLFLOW_TRACKING_URI; the registry follows
+    MLFLOW_REGISTRY_URI (and otherwise the tracking URI). Afterwards the process-wide URI is cleared
+    and both variables are put back, so URIs resolve as they did before the block.
+    """
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,438 @@
+"""MLflow tracking for rank 0 that never stops training.
+
+    tracker = Tracker(enable=True, uri=None, experiment="unit", run_name=None, system_metrics=True)
+    run_id = tracker.start(run_dir, run_id=None)     # or the id from a checkpoint: resumes that run
+    tracker.log_params(nested_dict)                  # "a.b.c" keys, values as strings (runstore.params)
+    tracker.log_datasets(shards=OUT)                 # or shards_a=..., shards_b=... (pipeline.lineage)
+    tracker.log_metrics({"g/total": 1.2}, step)
+    tracker.log_image("samples/step-00000100.png", step)
+    tracker.flush(); tracker.end()
+
+Metrics, params and tags go through MLflow's own asynchronous logging (MlflowClient.log_batch with
+synchronous=False). One worker thread waits for MLflow's answers and sends what has no asynchronous
+form (images, dataset inputs, the end of the run), so no call waits for the server. System metrics
+are MLflow's own (a run started with log_system_metrics=True).
+
+When the server cannot be reached (at start or mid-run) training goes on: one warning, and every
+record the server has not confirmed is kept, in memory and in RUN_DIR/mlflow-buffer.jsonl (format:
+launch/runstore/records.py), then sent when the server answers again (asked every RETRY_SECONDS).
+What is still unsent when the process ends can be sent later with
+
+    python -m launch.runstore.tracking upload --run-dir RUN_DIR [--tracking-uri URI]
+
+With no tracking URI (argument or MLFLOW_TRACKING_URI) the store is embedded: SQLite at
+RUN_DIR/mlflow/mlflow.db with artifacts in RUN_DIR/mlflow/artifacts, nothing to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from launch.runstore.params import as_params
+from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batch, first_line, groups,
+                                     metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
+from launch.runstore.store import fluent_uri, is_transient, make_client, open_run, resolve_uri, run_tracking
+from pipeline.atomic import replacing
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 5.0    # between attempts to reach a server that went away
+FLUSH_SECONDS = 30.0   # how long flush()/end() wait by default for records to be confirmed
+
+# Short HTTP timeouts while training: MLflow's defaults (7 retries with exponential backoff, 120 s
+# timeout) would hold a request for minutes when the server is gone. Set only where the user has
+# not chosen values; they apply to the whole process.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+class Tracker:
+    """Rank-0 MLflow logger; no method waits for the server or raises for its errors."""
+
+    def __init__(self, enable: bool = True, uri: str | None = None, experiment: str = "unit",
+                 run_name: str | None = None, system_metrics: bool = True):
+        self.enable, self.experiment, self.run_name = bool(enable), experiment, run_name
+        self.system_metrics = bool(system_metrics)
+        self.configured_uri = uri
+        self.uri: str | None = None          # resolved by start()
+        self.run_dir: Path | None = None
+        self.warnings = 0                    # outages reported (tests read it)
+        self._run_id: str | None = None
+        self._opened = False                 # the run exists on the server
+        self._client = None
+        self._waiter: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._unconfirmed: dict[int, dict] = {}   # handed to MLflow, no answer yet
+        self._kept: list[dict] = []               # waiting for the server to answer again
+        self._seq = 0
+        self._offline = self._back = self._probing = self._buffered = self._closed = False
+        self._next_try = 0.0
+        self._last_step = 0
+        self._fluent_run = False             # the run MLflow samples system metrics for
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable and self.run_dir is not None and not self._closed
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None until the server has been reached once (save it in checkpoints)."""
+        return self._run_id
+
+    @property
+    def buffer_path(self) -> Path | None:
+        return self.run_dir / BUFFER_NAME if self.run_dir else None
+
+    def start(self, run_dir, run_id: str | None = None) -> str | None:
+        """Open (or with `run_id`, resume) the run; returns its id, None when tracking is off or the
+        server is unreachable (the run is then opened when it answers; see `run_id`). Records an
+        earlier process left in the buffer file are sent too."""
+        if not self.enable:
+            return None
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = resolve_uri(self.run_dir, self.configured_uri)
+        if self.uri.startswith(("http://", "https://")):
+            for k, v in HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+        self._client = make_client(self.uri)
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="mlflow-tracker")
+        # What an earlier process of this run could not send; this process opens and ends the run.
+        left = [r for r in read_buffer(self.buffer_path) if r["op"] not in ("open", "end")]
+        self._buffered = self.buffer_path.exists()
+        self._run_id = run_id
+        try:
+            self._run_id = open_run(self._client, self.run_dir, self.experiment, run_id, self.run_name)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name}
+            with self._lock:
+                self._kept = [opening, *left]
+                self._went_offline(e)
+            return self._run_id
+        self._opened = True
+        self._start_system_metrics()
+        for rec in left:
+            self._submit(rec)
+        return self._run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            self._log({"op": "params", "values": as_params(params)})
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            self._log({"op": "tags", "values": {str(k): str(v) for k, v in tags.items()}})
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Numbers only (tensors and numpy scalars are converted); step None: the last step seen."""
+        if not self.enabled:
+            return
+        self._last_step = int(self._last_step if step is None else step)
+        rec = metrics_record(metrics, self._last_step)
+        if rec:
+            self._log(rec)
+
+    def log_image(self, image, step: int, key: str = "samples") -> None:
+        """A PNG/JPEG path (kept until sent) or a uint8 HWC array (saved under RUN_DIR/mlflow-images)."""
+        if not self.enabled:
+            return
+        if not isinstance(image, (str, os.PathLike)):
+            image = self._save_image(image, step, key)
+        self._log({"op": "image", "path": str(Path(image).resolve()), "key": key, "step": int(step), "ts": now_ms()})
+
+    def log_datasets(self, shards=None, shards_a=None, shards_b=None) -> list[dict]:
+        """Log the training data as dataset inputs, one per domain, as the config names it: an OUT
+        folder of `make shards` (`shards`), or per domain an OUT folder, index.json, brace pattern
+        or URL list; returns the lineage records (pipeline.lineage)."""
+        if not self.enabled:
+            return []
+        from launch.runstore.datasets import dataset_tags
+        from pipeline.lineage import datasets
+
+        try:
+            recs = datasets(shards, shards_a, shards_b)
+        except (OSError, ValueError, TypeError) as e:  # the loader reads the shards; lineage is extra
+            log.warning("dataset lineage not logged: %s", first_line(e))
+            return []
+        if recs:
+            self._log({"op": "datasets", "datasets": recs})
+            self.set_tags(dataset_tags(recs))
+        return recs
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the server has confirmed every record (at most `timeout`, default FLUSH_SECONDS)."""
+        if not self.enabled:
+            return True
+        deadline = time.monotonic() + (FLUSH_SECONDS if timeout is None else timeout)
+        while True:
+            self._tick()
+            with self._lock:
+                left = len(self._unconfirmed) + len(self._kept)
+            if not left:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def end(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
+        """Close the run; True when everything reached the server. Unsent records stay in
+        RUN_DIR/mlflow-buffer.jsonl for `python -m launch.runstore.tracking upload`."""
+        if not self.enabled:
+            return True
+        self._stop_system_metrics(status)
+        self._log({"op": "end", "status": status, "ts": now_ms()})
+        ok = self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            left = list(self._unconfirmed.values()) + self._kept
+            if left:
+                write_buffer(self.buffer_path, left)
+        if left:
+            log.warning("MLflow: %d record(s) not sent; they are in %s. Upload them with "
+                        "`python -m launch.runstore.tracking upload --run-dir %s`", len(left), self.buffer_path,
+                        self.run_dir)
+        self._waiter.shutdown(wait=False, cancel_futures=True)
+        return ok and not left
+
+    # -- the caller's side ------------------------------------------------------------------------
+
+    def _save_image(self, image, step: int, key: str) -> Path:
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim != 3:
+            raise ValueError(f"log_image: expected a path or a uint8 HWC array, got {arr.dtype} {arr.shape}")
+        path = self.run_dir / "mlflow-images" / f"{key.replace('/', '_')}-step-{int(step):08d}.png"
+        with replacing(path, durable=False) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        return path
+
+    def _log(self, rec: dict) -> None:
+        rec.setdefault("run", self._run_id if self._opened else None)
+        self._tick()
+        with self._lock:
+            if self._offline:
+                self._kept.append(rec)
+                append_buffer(self.buffer_path, [rec])
+                self._buffered = True
+                return
+        self._submit(rec)
+
+    def _submit(self, rec: dict) -> None:
+        """Hand a record to MLflow (asynchronously where it can) and its answer to the worker."""
+        if rec["op"] == "open":
+            return  # the run is open by now
+        rec["run"] = rec.get("run") or self._run_id
+        ops = None
+        if rec["op"] in BATCH_OPS:
+            try:
+                ops = self._client.log_batch(rec["run"], **batch(rec), synchronous=False)
+            except Exception:
+                ops = None  # the worker sends it and learns why
+        with self._lock:
+            self._seq += 1
+            key = self._seq
+            self._unconfirmed[key] = rec
+        self._waiter.submit(self._settle, key, rec, ops)
+
+    def _tick(self) -> None:
+        """Resume sending once a probe got an answer; while away, ask the server every RETRY_SECONDS."""
+        if self._back:
+            self._resume()
+        elif self._offline and not self._probing and time.monotonic() >= self._next_try and not self._closed:
+            self._probing = True
+            self._waiter.submit(self._probe)
+
+    def _resume(self) -> None:
+        with self._lock:
+            self._back = self._offline = False
+            kept, self._kept = self._kept, []
+        log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", self.uri, len(kept))
+        if self._fluent_run:  # MLflow's sampler stops when the server does not answer: start it again
+            self._stop_system_metrics("RUNNING")
+        self._start_system_metrics()
+        for rec in kept:
+            self._submit(rec)
+        with self._lock:
+            self._settled()
+
+    def _start_system_metrics(self) -> None:
+        """MLflow samples system metrics for a run started through its fluent API with
+        log_system_metrics=True (in this thread; _stop_system_metrics ends it)."""
+        if not self.system_metrics or self._fluent_run:
+            return
+        import mlflow
+
+        try:
+            with fluent_uri(self.uri):
+                mlflow.start_run(run_id=self._run_id, log_system_metrics=True)
+            self._fluent_run = True
+        except Exception as e:
+            log.warning("MLflow system metrics not started: %s", first_line(e))
+
+    def _stop_system_metrics(self, status: str) -> None:
+        if not self._fluent_run:
+            return
+        import mlflow
+
+        self._fluent_run = False
+        try:
+            with fluent_uri(self.uri):
+                mlflow.end_run(status)
+        except Exception as e:  # the server is away: the "end" record closes the run later
+            log.debug("mlflow.end_run: %s", first_line(e))
+
+    # -- the worker's side ---------------------------------------------------------------------
+
+    def _settle(self, key: int, rec: dict, ops) -> None:
+        """Wait for MLflow's answer to one record; keep it when the server is away."""
+        try:
+            if ops is None or not answered(ops):
+                if self._offline:
+                    raise ConnectionError("MLflow is unreachable")
+                send(self._client, rec["run"], rec)  # again, waiting: RunOperations does not say why it failed
+        except Exception as e:
+            with self._lock:
+                self._unconfirmed.pop(key, None)
+                if is_transient(e):
+                    self._kept.append(rec)
+                    self._went_offline(e)
+                    return
+                self._settled()
+            log.warning("MLflow refused a %s record (%s); left out", rec["op"], first_line(e))
+            return
+        with self._lock:
+            self._unconfirmed.pop(key, None)
+            self._settled()
+
+    def _probe(self) -> None:
+        try:
+            with self._lock:
+                opening = any(r["op"] == "open" for r in self._kept)
+            if opening:
+                self._run_id = open_run(self._client, self.run_dir, self.experiment, self._run_id, self.run_name)
+                self._opened = True
+            else:
+                self._client.get_run(self._run_id)
+            self._back = True
+        except Exception:
+            self._next_try = time.monotonic() + RETRY_SECONDS
+        finally:
+            self._probing = False
+
+    def _went_offline(self, exc: BaseException) -> None:
+        """(lock held) One warning per outage; the file gets every record not yet confirmed."""
+        if not self._offline:
+            self._offline = True
+            self.warnings += 1
+            log.warning("MLflow at %s is unreachable (%s); training goes on, records are kept in %s and sent "
+                        "when it answers again (or: python -m launch.runstore.tracking upload --run-dir %s)",
+                        self.uri, first_line(exc), self.buffer_path, self.run_dir)
+        self._next_try = time.monotonic() + RETRY_SECONDS
+        self._save()
+
+    def _settled(self) -> None:
+        """(lock held) Keep the buffer file true: while away it lists what is unconfirmed; once all
+        is confirmed it goes."""
+        if not self._buffered:
+            return
+        if self._offline:
+            self._save()
+        elif not self._unconfirmed and not self._kept:
+            self.buffer_path.unlink(missing_ok=True)
+            self._buffered = False
+
+    def _save(self) -> None:
+        write_buffer(self.buffer_path, list(self._unconfirmed.values()) + self._kept)
+        self._buffered = True
+
+
+def answered(ops) -> bool:
+    """Whether MLflow's asynchronous operations succeeded (waits for them)."""
+    try:
+        ops.wait()
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Outside a training process
+
+
+def log_run_metrics(run_dir, metrics: dict, step: int = 0, tracking_uri: str | None = None) -> str:
+    """Log `metrics` (numbers) into the run RUN_DIR/tracking.json names, waiting for the server;
+    returns the run id."""
+    uri, info = run_tracking(run_dir, tracking_uri)
+    if not info.get("run_id"):
+        raise ValueError(f"{Path(run_dir) / 'tracking.json'}: no MLflow run recorded (tracking off or never reached)")
+    rec = metrics_record(metrics, step)
+    if rec:
+        send(make_client(uri), info["run_id"], rec)
+    return info["run_id"]
+
+
+def upload(run_dir, tracking_uri: str | None = None) -> dict:
+    """Send RUN_DIR/mlflow-buffer.jsonl to the run's tracking server (resuming the run, or creating
+    it when it never reached a server); returns counts. What is not sent stays in the file."""
+    run_dir = Path(run_dir)
+    path = run_dir / BUFFER_NAME
+    records = read_buffer(path)
+    uri, info = run_tracking(run_dir, tracking_uri)
+    if not records:
+        return {"records": 0, "sent": 0, "dropped": 0, "run_id": info.get("run_id"), "tracking_uri": uri}
+    client = make_client(uri)
+    opening = next((r for r in records if r["op"] == "open"), {})
+    run_id = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
+    run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", run_id,
+                      opening.get("run_name"))
+    sent = dropped = done = 0
+    try:
+        for group in groups(records):
+            try:
+                send_group(client, run_id, group)
+                sent += len(group)
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                dropped += len(group)
+                log.warning("MLflow refused a %s record (%s); left out", group[0]["op"], first_line(e))
+            done += len(group)
+    finally:
+        write_buffer(path, records[done:])
+    return {"records": len(records), "sent": sent, "dropped": dropped, "run_id": run_id, "tracking_uri": uri}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.runstore.tracking", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("upload", help="send the records a run could not send (RUN_DIR/mlflow-buffer.jsonl)")
+    up.add_argument("--run-dir", required=True)
+    up.add_argument("--tracking-uri", default=None, help="default: the one in RUN_DIR/tracking.json")
+    args = p.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        print(f"error: --run-dir {args.run_dir}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        res = upload(args.run_dir, args.tracking_uri)
+    except Exception as e:
+        print(f"error: upload to MLflow failed ({type(e).__name__}: {first_line(e)}); "
+              f"the buffer is kept, run the command again when the server answers", file=sys.stderr)
+        return 1
+    print(f"uploaded {res['sent']} of {res['records']} buffered record(s) to run {res['run_id']} "
+          f"at {res['tracking_uri']}" + (f"; {res['dropped']} refused by the server" if res["dropped"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The trainer: `build` the parts, `train_step` once, `run` to the end.
+
+    trainer = build(cfg, ds_json)     # ranks, run directory, model, two engines, EMA, loader, tracker
+    summary = run(trainer)            # the loop, checkpoints, the final export; every rank
+    # one step alone (tests): train_step(trainer, next_batch, meter) -> StepResult | None
+
+One iteration, in the only pattern that is exact at ZeRO 0-2 (shared notes, launch/training/engines.py):
+  1. generator step: one full pass of the generator side through its engine; the discriminators
+     are frozen and called as plain modules; engG.backward; engG.step.
+  2. discriminator step: the same iteration's translations, detached; one engD.backward of the
+     whole discriminator loss; engD.step.
+
+Every part is always built (EMA with decay 0 is a copy of the last weights, the watchdog with
+timeout 0 does nothing, the tracker on ranks other than 0 is disabled), so the loop has no
+conditionals on what is switched on. What a checkpoint holds besides the engines is the
+`TrainState` (launch/training/checkpoint.py), each rank's loader position and RNG, and the EMA.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from launch.config import Config, config_hash, deepspeed_config, resume_point
+from launch.runstore import rundir
+from launch.runstore.artifacts import save_translator
+from launch.runstore.tracking import Tracker
+from launch.training import checkpoint as ckpt
+from launch.training.engines import StepResult, build_engines, gan_step, mean_across_ranks
+from launch.training.samples import held_out_batch, sample_rows, save_grid
+from launch.training.watchdog import StallWatchdog
+from model.ema import EMA
+from model.unit import UNIT
+from pipeline.loader import UnpairedLoader
+
+
+@dataclass
+class Ranks:
+    """Where this process runs."""
+    rank: int
+    world: int
+    device: torch.device
+    device_name: str
+    bf16_ok: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_name == "cuda"
+
+
+@dataclass
+class Meter:
+    """Images, data wait and time since the last metric line."""
+    start_step: int
+    t_start: float = field(default_factory=time.perf_counter)
+    t_last: float = 0.0
+    wait: float = 0.0
+    images: int = 0
+
+    def __post_init__(self):
+        self.t_last = self.t_start
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    ranks: Ranks
+    unit: UNIT
+    eng_g: Any
+    eng_d: Any
+    ema: EMA
+    loader: UnpairedLoader
+    tracker: Tracker
+    state: ckpt.TrainState
+    watchdog: StallWatchdog
+    ds: dict                                  # the generator engine's DeepSpeed config (logged)
+    dtype: torch.dtype = torch.float32
+    rng_to_restore: dict | None = None        # set after start-up, which draws from the RNG
+    samples: tuple | None = None              # held-out (x_a, x_b) for the sample grids (rank 0)
+    nonfinite_run: int = 0
+    nan_steps: set = field(default_factory=set)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def say(self, *args) -> None:
+        if self.ranks.is_main:
+            print(*args, flush=True)
+
+
+# ---------------------------------------------------------------- small pieces
+
+def seed_all(seed: int, rank: int) -> None:
+    s = (seed * 1_000_003 + rank * 7919) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def fault_nan_steps() -> set[int]:
+    """Fault injection for tests: UNIT_FAULT_NAN_STEPS="3,4" makes those steps' losses NaN."""
+    raw = os.environ.get("UNIT_FAULT_NAN_STEPS", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMA, module: torch.nn.Module):
+    """The EMA weights in `module` for the duration (with decay 0 they are the current ones)."""
+    backup = copy.deepcopy(module.state_dict())
+    ema.copy_to(module)
+    try:
+        yield module
+    finally:
+        module.load_state_dict(backup)
+
+
+# ---------------------------------------------------------------- build
+
+def init_ranks(cfg: Config) -> Ranks:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ds_logger.setLevel(logging.WARNING)  # engine set-up prints pages of INFO per engine and rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    deepspeed.init_distributed()
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), device=torch.device(accel.current_device_name()),
+                 device_name=accel.device_name(), bf16_ok=accel.device_name() == "cuda" and accel.is_bf16_supported())
+
+
+def claim(cfg: Config, ranks: Ranks) -> tuple[ckpt.TrainState, Path | None]:
+    """Every rank decides where to resume from (and whether the run directory may be used) before
+    rank 0 claims it: the barrier keeps a slow rank from seeing the marker of this very launch."""
+    resume_from = resume_point(cfg)
+    dist.barrier()
+    uid = [None]
+    if ranks.is_main:
+        uid[0] = rundir.claim_run_dir(cfg.run_dir)["run_uid"]
+        rundir.write_config(cfg.run_dir, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    dist.broadcast_object_list(uid, src=0)  # the run's identity, written into every checkpoint
+    return ckpt.TrainState(run_uid=uid[0]), resume_from
+
+
+def make_loader(cfg: Config, ranks: Ranks) -> UnpairedLoader:
+    shards_a, shards_b = cfg.data.sources()
+    return UnpairedLoader(shards_a, shards_b, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
+                          seed=cfg.seed, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
+                          rank=ranks.rank, world_size=ranks.world, verify_shards=cfg.data.verify_shards,
+                          cache_dir=cfg.data.cache_dir)
+
+
+def build(cfg: Config, ds_json: dict | None) -> Trainer:
+    """Every rank: the parts of a run, restored from the checkpoint `cfg.resume` names (if any)."""
+    ranks = init_ranks(cfg)
+    state, resume_from = claim(cfg, ranks)
+    # Same initial weights on every rank (DeepSpeed broadcasts rank 0's parameters, not buffers),
+    # then a noise stream of its own per rank.
+    seed_all(cfg.seed, 0)
+    unit = UNIT(cfg.model)  # model.image_size follows data.image_size: only the scales it uses
+    ds_g, ds_d = (deepspeed_config(cfg, ds_json, lr=lr, on_gpu=ranks.on_gpu, bf16_ok=ranks.bf16_ok)
+                  for lr in (cfg.optim.lr_g, cfg.optim.lr_d))
+    eng_g, eng_d = build_engines(unit, ds_g, ds_d)
+    seed_all(cfg.seed, ranks.rank)
+    tr = Trainer(cfg=cfg, ranks=ranks, unit=unit, eng_g=eng_g, eng_d=eng_d, ema=EMA(eng_g.module, cfg.train.ema_decay),
+                 loader=make_loader(cfg, ranks), state=state, ds=ds_g,
+                 tracker=Tracker(**cfg.tracking.model_dump()) if ranks.is_main else Tracker(enable=False),
+                 watchdog=StallWatchdog(cfg.train.stall_timeout_s, ranks.rank),
+                 dtype=torch.bfloat16 if ds_g["bf16"]["enabled"] else torch.float32, nan_steps=fault_nan_steps())
+    if resume_from is not None:
+        restore(tr, resume_from)
+    if ranks.is_main:
+        start_tracking(tr)
+    return tr
+
+
+def restore(tr: Trainer, path: Path) -> None:
+    meta, rank_state, ema_state = ckpt.load(path, tr.eng_g, tr.eng_d, rank=tr.ranks.rank)
+    tr.state.load_state_dict(meta)
+    if rank_state is not None and int(meta.get("world_size", tr.ranks.world)) == tr.ranks.world:
+        tr.loader.load_state_dict(rank_state["loader"])
+        tr.rng_to_restore = rank_state["rng"]
+    else:
+        # Another world size: every rank continues at the checkpoint's position in its new stream
+        # (documented in pipeline/loader.py), and its RNG is reseeded from (seed, rank, step).
+        tr.loader.load_state_dict(json.loads((path / "rank-00000.json").read_text())["loader"])
+    # Without a saved EMA (decay 0 in runs of earlier versions) it restarts from the loaded weights.
+    tr.ema = EMA(tr.eng_g.module, tr.cfg.train.ema_decay)
+    if ema_state is not None:
+        tr.ema.load_state_dict(ema_state)
+    tr.say(f"resumed from {path} at step {tr.state.step}")
+
+
+def start_tracking(tr: Trainer) -> None:
+    """Rank 0: open (or reopen) the MLflow run, log what a run starts with, fix the sample images."""
+    cfg = tr.cfg
+    tr.state.run_id = tr.tracker.start(tr.run_dir, run_id=tr.state.run_id)
+    if tr.state.step == 0:
+        tr.tracker.log_params({"config": cfg.model_dump(mode="json"), "deepspeed": tr.ds, "world_size": tr.ranks.world,
+                               "git_commit": git_commit(), "config_hash": config_hash(cfg),
+                               "model_params_gen": sum(p.numel() for p in tr.unit.gen.parameters()),
+                               "model_params_dis": sum(p.numel() for p in tr.unit.dis.parameters())})
+        tr.tracker.log_datasets(shards=cfg.data.shards, shards_a=cfg.data.shards_a, shards_b=cfg.data.shards_b)
+    shards_a, shards_b = cfg.data.sources()
+
+    def side_stream():
+        return UnpairedLoader(shards_a, shards_b, batch_size=cfg.train.sample_count, image_size=cfg.data.image_size,
+                              seed=cfg.seed + 1_000_003, num_workers=0, augment={"train": False}, rank=0, world_size=1)
+
+    x_a, x_b = held_out_batch(cfg.data.test_a, cfg.data.test_b, cfg.data.image_size, cfg.train.sample_count,
+                              side_stream)
+    tr.samples = (x_a.to(tr.ranks.device, tr.dtype), x_b.to(tr.ranks.device, tr.dtype))
+
+
+# ---------------------------------------------------------------- one step
+
+def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> StepResult | None:
+    """One optimizer step of both engines over the accumulated micro-batches; None when a loss was
+    non-finite on some rank (then every rank skipped the rest of the step)."""
+    result = None
+    for _ in range(tr.eng_g.gradient_accumulation_steps()):
+        t0 = time.perf_counter()
+        batch = next_batch()
+        meter.wait += time.perf_counter() - t0
+        x_a = batch["a"].to(tr.ranks.device, tr.dtype, non_blocking=True)
+        x_b = batch["b"].to(tr.ranks.device, tr.dtype, non_blocking=True)
+        result = gan_step(tr.eng_g, tr.eng_d, x_a, x_b, tr.unit.cfg, tr.ranks.device,
+                          poison=tr.state.step + 1 in tr.nan_steps)
+        if result is None:
+            return None
+        meter.images += x_a.shape[0] + x_b.shape[0]
+    return result
+
+
+def count_nonfinite(tr: Trainer) -> None:
+    tr.state.nonfinite_total += 1
+    tr.nonfinite_run += 1
+    tr.say(f"step {tr.state.step}: non-finite loss on some rank, step skipped on all ranks "
+           f"({tr.nonfinite_run} in a row, {tr.state.nonfinite_total} in total)")
+    if tr.nonfinite_run >= tr.cfg.train.max_nonfinite:
+        raise FloatingPointError(f"{tr.nonfinite_run} consecutive steps had a NaN/inf loss (last at step "
+                                 f"{tr.state.step}); stopping. Lower optim.lr_g/lr_d or check the data.")
+
+
+def after_step(tr: Trainer, result: StepResult | None, meter: Meter) -> None:
+    """Count the step; on a good one: EMA, metric line, sample grid and checkpoint when they are due."""
+    tr.state.step += 1
+    step, train = tr.state.step, tr.cfg.train
+    tr.watchdog.beat(step)
+    tr.ema.update(tr.eng_g.module)  # also after a skipped step: its generator half may have stepped
+    if result is None:
+        count_nonfinite(tr)
+        return
+    tr.nonfinite_run = 0
+    if due(step, train.log_every, train.max_steps):
+        log_step(tr, result, meter)
+    if tr.ranks.is_main and due(step, train.sample_every, train.max_steps):
+        write_samples(tr)
+    if step % train.ckpt_every == 0 and step < train.max_steps:
+        save_checkpoint(tr)
+        tr.watchdog.beat(step)
+
+
+def metric_record(tr: Trainer, result: StepResult, meter: Meter) -> dict:
+    """One metrics.jsonl line: losses averaged over ranks, learning rates, speed, data wait, loader counts."""
+    means = mean_across_ranks({**{f"g/{k}": v for k, v in result.terms_g.items()},
+                               **{f"d/{k}": v for k, v in result.terms_d.items()},
+                               "g/total": result.loss_g, "d/total": result.loss_d}, tr.ranks.device)
+    now = time.perf_counter()
+    dt = now - meter.t_last
+    record = {"step": tr.state.step, **means, "lr_g": tr.eng_g.get_lr()[0], "lr_d": tr.eng_d.get_lr()[0],
+              "images_per_s": meter.images * tr.ranks.world / dt, "images_per_s_per_rank": meter.images / dt,
+              "data_wait_s": meter.wait, "data_wait_frac": meter.wait / dt,
+              "nonfinite_total": tr.state.nonfinite_total, "elapsed_s": now - meter.t_start}
+    for k, v in tr.loader.stats.items():
+        if isinstance(v, (int, float)):
+            record[f"loader/{k}"] = v
+        elif isinstance(v, dict):
+            record.update({f"loader/{k}/{r}": n for r, n in v.items() if isinstance(n, (int, float))})
+    meter.t_last, meter.wait, meter.images = now, 0.0, 0
+    return record
+
+
+def log_step(tr: Trainer, result: StepResult, meter: Meter) -> None:
+    record = metric_record(tr, result, meter)  # every rank: the means are a collective
+    if not tr.ranks.is_main:
+        return
+    with open(tr.run_dir / rundir.METRICS_NAME, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tr.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, tr.state.step)
+    step, last = tr.state.step, tr.cfg.train.max_steps
+    eta = record["elapsed_s"] / max(1, step - meter.start_step) * (last - step)
+    tr.say(f"step {step}/{last} | G {record['g/total']:.3f} D {record['d/total']:.3f} | "
+           f"recon {record.get('g/recon_a', float('nan')):.3f}/{record.get('g/recon_b', float('nan')):.3f} "
+           f"cyc {record.get('g/cyc_a', float('nan')):.3f}/{record.get('g/cyc_b', float('nan')):.3f} | "
+           f"{record['images_per_s']:.1f} img/s | data wait {100 * record['data_wait_frac']:.1f}% | "
+           f"eta {fmt_eta(eta)}")
+
+
+def write_samples(tr: Trainer) -> None:
+    path = tr.run_dir / rundir.SAMPLES_DIR / f"step-{tr.state.step:08d}.png"
+    with ema_weights(tr.ema, tr.eng_g.module) as gen:
+        save_grid(path, sample_rows(gen, *tr.samples), scale=2 if tr.cfg.data.image_size <= 64 else 1)
+    tr.tracker.log_image(path, tr.state.step)
+
+
+def save_checkpoint(tr: Trainer) -> Path:
+    """Every rank (DeepSpeed saves collectively)."""
+    cfg, step = tr.cfg, tr.state.step
+    if tr.ranks.is_main:  # the tracker's id: with the server down at start the run is created later
+        tr.state.run_id = tr.tracker.run_id or tr.state.run_id
+    rank_state = {"step": step, "loader": tr.loader.state_dict(), "rng": ckpt.rng_state(), "world_size": tr.ranks.world}
+    meta = {**tr.state.state_dict(), "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
+            "world_size": tr.ranks.world}
+    try:
+        return ckpt.save(tr.run_dir, step, tr.eng_g, tr.eng_d, rank=tr.ranks.rank, rank_state=rank_state, meta=meta,
+                         ema_state=tr.ema.state_dict(), keep=cfg.train.keep_ckpts)
+    except Exception as e:  # a full disk surfaces from torch.save as a bare RuntimeError
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(tr.run_dir, step, e)) from e
+
+
+# ---------------------------------------------------------------- the run
+
+def export(tr: Trainer) -> Path:
+    """Rank 0: the generator side (EMA weights) as safetensors + JSON for release."""
+    out = tr.run_dir / rundir.EXPORT_DIR
+    with ema_weights(tr.ema, tr.eng_g.module) as gen:
+        save_translator(out, gen, tr.unit.config(), image_size=tr.cfg.data.image_size, step=tr.state.step,
+                        ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"})
+    return out
+
+
+def start_stream(tr: Trainer) -> Callable[[], dict]:
+    """The batch stream, its first batch already drawn; then the RNG a checkpoint saved."""
+    it = iter(tr.loader)
+    first = [next(it)]  # the loader starts its workers here, drawing their base seed from the global RNG
+    # Set the RNG last: start-up work (worker seeds, the held-out batch) draws from it.
+    if tr.rng_to_restore is not None:
+        ckpt.set_rng_state(tr.rng_to_restore)
+    elif tr.state.step > 0:
+        seed_all(tr.cfg.seed + tr.state.step, tr.ranks.rank)  # another world size: a fresh stream per (seed, rank, step)
+    return lambda: first.pop() if first else next(it)
+
+
+def run(tr: Trainer) -> dict:
+    """Every rank: train to train.max_steps, checkpoint, and (rank 0) export; returns a summary."""
+    cfg = tr.cfg
+    t0 = time.perf_counter()
+    next_batch = start_stream(tr)
+    meter = Meter(start_step=tr.state.step)
+    meter.wait = time.perf_counter() - t0
+    tr.say(f"training {cfg.train.max_steps - tr.state.step} steps on {tr.ranks.world} rank(s) ({tr.ranks.device_name}, "
+           f"{'bf16' if tr.dtype == torch.bfloat16 else 'fp32'}, ZeRO {tr.ds['zero_optimization']['stage']}), "
+           f"batch {cfg.data.batch_size}x{tr.ranks.world}x{tr.eng_g.gradient_accumulation_steps()}, run dir {tr.run_dir}")
+    # From the first step on (start-up, with its JIT builds and rendezvous, is not watched) to the
+    # final checkpoint.
+    tr.watchdog.start()
+    while tr.state.step < cfg.train.max_steps:
+        after_step(tr, train_step(tr, next_batch, meter), meter)
+    final = save_checkpoint(tr)
+    tr.watchdog.stop()
+    summary = {"rank": tr.ranks.rank, "step": tr.state.step, "steps_run": tr.state.step - meter.start_step,
+               "seconds": time.perf_counter() - meter.t_start, "checkpoint": str(final),
+               "nonfinite_total": tr.state.nonfinite_total, "run_dir": str(tr.run_dir)}
+    if tr.ranks.is_main:
+        summary["export"] = str(export(tr))
+        tr.tracker.flush()
+        summary["run_id"] = tr.tracker.run_id or tr.state.run_id
+        tr.tracker.end()
+    dist.barrier()
+    return summary
+
+
+def train(cfg: Config, ds_json: dict | None) -> dict:
+    return run(build(cfg, ds_json))

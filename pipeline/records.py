@@ -1,0 +1,59 @@
+"""Per-shard completion records (OUT/.records/<d>/<d>-<g>.json): what makes a shard done.
+
+A record is written after its shard is renamed into place and holds the shard's inputs (path,
+size, listing signature), the sha256 of each input's bytes, the samples stored, the inputs
+rejected or found duplicate, and the shard's size and sha256. A rerun skips a shard whose record
+matches the current inputs and the file on disk, so a run killed at any point resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.atomic import write_json
+from pipeline.layout import FORMAT_VERSION, record_path, shard_name
+from pipeline.sources import Input, source_digest
+
+
+def save_record(out: str, record: dict) -> None:
+    write_json(record_path(out, record["domain"], record["number"]), record, indent=None)
+
+
+def load_record(out: str, domain: str, number: int) -> dict | None:
+    try:
+        with open(record_path(out, domain, number), "rb") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    # The record's url is written to and rewritten: only ever the shard it is named after.
+    if not isinstance(record, dict) or record.get("url") != shard_name(domain, number):
+        return None
+    return record
+
+
+def record_is_current(out: str, record: dict | None, fingerprint: str | None = None) -> bool:
+    """A shard counts as done when its record matches the inputs and the file on disk."""
+    if record is None or record.get("version") != FORMAT_VERSION:
+        return False
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        return False
+    try:
+        return os.path.getsize(os.path.join(out, record["url"])) == record["bytes"]
+    except OSError:
+        return False
+
+
+def sources_unchanged(record: dict, inputs: list[Input]) -> bool:
+    """Whether every input still has the content the record was made from. An input whose
+    listing signature (size, mtime, ctime, inode) matches is unchanged without reading it;
+    any other (a regenerated file, a URL without listing metadata) is hashed again."""
+    recorded, digests = record.get("inputs", []), record.get("digests", [])
+    if len(recorded) != len(inputs) or len(digests) != len(inputs):
+        return False
+    for item, old, digest in zip(inputs, recorded, digests):
+        if item.sig is not None and len(old) > 2 and old[2] == item.sig:
+            continue
+        if source_digest(item.path, record["limits"]["max_file_bytes"]) != digest:
+            return False
+    return True

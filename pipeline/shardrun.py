@@ -1,0 +1,231 @@
+"""One `make shards` run (or `--part`) from sources to outputs, and `merge` of finished parts.
+
+A run checks its sources and OUT, takes OUT's lock, lists and plans both domains, writes every
+group of its part whose shard is not current (a bounded pool shared by both domains), removes
+what an older, longer plan or a crash left, and finalises (dedupe, manifest, quarantine,
+index). It returns an exit status and the one-paragraph summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from pipeline.index import Totals, finalize
+from pipeline.layout import (DOMAINS, EXIT_OK, EXIT_QUARANTINED, INDEX_NAME, LOCK_NAME, PARTS_DIR, QUARANTINE_NAME,
+                             RECORDS_DIR, ShardsError, part_dir, remove_temps)
+from pipeline.lock import out_locks, writer_lock
+from pipeline.plan import Settings, plan_groups
+from pipeline.records import load_record, record_is_current, sources_unchanged
+from pipeline.shardwriter import ShardPool
+from pipeline.sources import SourceError, folder_inside, list_inputs, source_exists
+
+
+@dataclass
+class RunArgs:
+    src: dict[str, str]  # domain -> source (folder, list file, .parquet or URL)
+    out: str
+    workers: int = 1
+    settings: Settings = field(default_factory=Settings)
+    part: tuple[int, int] = (0, 1)
+    progress: bool = True
+
+
+@dataclass
+class _Written:
+    """What writing one run's (or part's) shards did."""
+
+    counts: dict[str, int] = field(default_factory=dict)  # groups per domain, all parts together
+    listing: dict[str, str] = field(default_factory=dict)  # hash of each domain's plan: parts must agree
+    mine: dict[str, list[int]] = field(default_factory=dict)  # this part's shard numbers per domain
+    processed: int = 0  # inputs validated
+    skipped: int = 0  # shards already complete
+    index_removed: bool = False
+
+
+def run(args: RunArgs) -> tuple[int, str]:
+    """Write this run's (or part's) shards and outputs; return (exit status, summary)."""
+    _check_paths(args)
+    part, nparts = args.part
+    t0 = time.time()
+    with out_locks(args.out, args.part):
+        done = _write_shards(args)
+        if nparts == 1:
+            _remove_stale(args.out, done.counts)
+            where = args.out
+            totals = finalize(args.out, done.mine, where)
+        else:
+            where = part_dir(args.out, part, nparts)
+            totals = finalize(args.out, done.mine, where, {"part": part, "parts": nparts, "groups": done.counts,
+                                                           "listing": done.listing})
+    return _summarise(totals, time.time() - t0, done.processed, done.skipped, where, args.workers,
+                      check_empty=(nparts == 1), part=args.part if nparts > 1 else None)
+
+
+def merge(out: str) -> tuple[int, str]:
+    """Finalise the outputs of all `--part i/N` runs in OUT into one index, manifest and quarantine."""
+    t0 = time.time()
+    if not os.path.isdir(out):
+        raise ShardsError(f"{out}: no such folder")
+    with writer_lock(os.path.join(out, LOCK_NAME), "make shards merge"):
+        counts = _finished_parts(out)
+        _remove_stale(out, counts)
+        totals = finalize(out, {d: list(range(counts[d])) for d in DOMAINS}, out)
+        return _summarise(totals, time.time() - t0, 0, 0, out, 1, check_empty=True)
+
+
+def _finished_parts(out: str) -> dict[str, int]:
+    """Groups per domain of the job whose parts all finished with the same listing."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(out, PARTS_DIR, "*-of-*", INDEX_NAME))):
+        with open(path) as f:
+            idx = json.load(f)
+        found.setdefault(idx["parts"], {})[idx["part"]] = idx
+    if not found:
+        raise ShardsError(f"{out}: no finished part (no {PARTS_DIR}/<i>-of-<N>/index.json)")
+    if len(found) > 1:
+        raise ShardsError(f"{out}: parts from runs with different N: {sorted(found)}")
+    (nparts, parts), = found.items()
+    missing = sorted(set(range(nparts)) - set(parts))
+    if missing:
+        raise ShardsError(f"{out}: parts {missing} of {nparts} have not finished")
+    first = parts[0]
+    for i, idx in sorted(parts.items()):
+        if idx["listing"] != first["listing"] or idx["groups"] != first["groups"]:
+            raise ShardsError(f"{out}: part {i}/{nparts} listed different inputs than part 0 "
+                              f"(sources changed between parts?); re-run it")
+    return first["groups"]
+
+
+# ----------------------------------------------------------------------------- checks before writing
+
+
+def _check_paths(args: RunArgs) -> None:
+    """Every source exists, OUT is writable, and no source folder is OUT or inside it (it would
+    list the shards being written)."""
+    for d in DOMAINS:
+        try:
+            ok = source_exists(args.src[d])
+        except SourceError as e:
+            raise ShardsError(f"source {d.upper()} {args.src[d]}: {e}") from None
+        if not ok:
+            raise ShardsError(f"source {d.upper()} {args.src[d]}: no such file or folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".probe{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ShardsError(f"cannot write to OUT {args.out}: {e.strerror or e}") from None
+    for d in DOMAINS:
+        if folder_inside(args.src[d], args.out):
+            raise ShardsError(f"source {d.upper()} {args.src[d]} is OUT {args.out} or inside it: the writer would "
+                              f"read its own shards back as inputs; choose an OUT outside the sources")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_shards(args: RunArgs) -> _Written:
+    """Plan both domains and write every group of this part whose shard is not current."""
+    from tqdm import tqdm
+
+    # One bar per domain; both domains feed the same pool, so a domain with few shards
+    # does not leave workers idle.
+    bars = {d: tqdm(desc=f"domain {d}", unit="img", disable=not args.progress, mininterval=0.5, position=k)
+            for k, d in enumerate(DOMAINS)}
+    pool = ShardPool(args.workers, bars)
+    done = _Written()
+    domain = DOMAINS[0]
+    try:
+        for domain in DOMAINS:
+            _write_domain(args, domain, pool, done)
+        pool.finish()
+    except SourceError as e:
+        raise ShardsError(f"source {domain.upper()}: {e}") from None
+    except OSError as e:  # e.g. OUT full or gone: no point going on
+        raise ShardsError(f"writing shards failed: {e}") from None
+    except BrokenProcessPool as e:
+        raise ShardsError(f"a worker process died ({e}); re-run to resume") from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+        pool.close()
+    return done
+
+
+def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -> None:
+    """Submit the groups of one domain that belong to this part and are not complete yet."""
+    part, nparts = args.part
+    listing_hash, n_groups = hashlib.sha256(), 0
+    done.mine[domain] = []
+    for group in plan_groups(domain, list_inputs(args.src[domain], skip_dirs=(args.out,)), args.settings):
+        n_groups += 1
+        listing_hash.update(group.fingerprint.encode())
+        if group.number % nparts != part:
+            continue
+        done.mine[domain].append(group.number)
+        rec = load_record(args.out, domain, group.number)
+        if record_is_current(args.out, rec, group.fingerprint) and sources_unchanged(rec, group.inputs):
+            done.skipped += 1
+            pool.bars[domain].update(len(group.inputs))
+            continue
+        if not done.index_removed:  # shards are about to change: the old index no longer holds
+            for p in (os.path.join(args.out, INDEX_NAME), os.path.join(part_dir(args.out, part, nparts), INDEX_NAME)):
+                if os.path.exists(p):
+                    os.remove(p)
+            done.index_removed = True
+        done.processed += len(group.inputs)
+        pool.submit((args.out, domain, group.number, [(i.path, i.size, i.sig) for i in group.inputs],
+                     group.fingerprint, args.settings.limits()))
+    done.counts[domain], done.listing[domain] = n_groups, listing_hash.hexdigest()
+
+
+def _remove_stale(out: str, counts: dict[str, int]) -> None:
+    """Delete shards, records and temporary files left from an older, longer plan or a crash."""
+    for domain in DOMAINS:
+        for pattern, sub in ((f"{domain}-*.tar", domain), (f"{domain}-*.json", os.path.join(RECORDS_DIR, domain))):
+            folder = os.path.join(out, sub)
+            for path in glob.glob(os.path.join(folder, pattern)):
+                try:
+                    number = int(os.path.basename(path).split("-")[1].split(".")[0])
+                except ValueError:
+                    continue
+                if number >= counts.get(domain, 0):
+                    os.remove(path)
+            remove_temps(folder, pattern)
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, workers: int,
+               check_empty: bool, part: tuple[int, int] | None = None) -> tuple[int, str]:
+    """(exit status, summary paragraph); ShardsError when `check_empty` and a domain stored nothing."""
+    n_in = sum(t.inputs.values())
+    n_rej = sum(t.rejected.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t.rejected.items())) or "none"
+    what = f"part {part[0]}/{part[1]}" if part else "shards"
+
+    def per_domain(c) -> str:
+        return ", ".join(f"{d}: {c[d]}" for d in DOMAINS)
+
+    text = (f"{what}: stored {sum(t.stored.values())} of {n_in} inputs ({per_domain(t.stored)}) "
+            f"in {sum(t.shards.values())} shards ({per_domain(t.shards)}), "
+            f"{sum(t.bytes.values()) / 1e6:.1f} MB; rejected {n_rej} ({reasons}); "
+            f"validated {processed} inputs in {dt:.2f} s ({processed / max(dt, 1e-9):.0f} images/s, "
+            f"{workers} worker{'s' if workers > 1 else ''})"
+            + (f", {skipped} shards already complete and skipped" if skipped else "")
+            + f"; outputs in {where}" + (f" ({QUARANTINE_NAME} lists the rejects)" if n_rej else "") + ".")
+    if check_empty:
+        for d in DOMAINS:
+            if t.stored[d] == 0:
+                raise ShardsError(f"domain {d.upper()}: no valid image among {t.inputs[d]} inputs "
+                                  f"(reasons in {os.path.join(where, QUARANTINE_NAME)})")
+    return (EXIT_QUARANTINED if n_rej else EXIT_OK), text

@@ -1,0 +1,144 @@
+"""`make shards verify OUT`: re-read every shard against index.json and manifest.parquet.
+
+Each shard's bytes are checked against its index entry (size, sha256, sample count), its samples
+against the manifest (keys) and their own json (image sha256); files and rows that the index
+does not list, and index totals that do not add up, are problems too. Entries are opened only
+through `index_entry_url`, so a hostile index is reported, never followed.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import stat
+import tarfile
+
+from pipeline.hashing import sha256_bytes
+from pipeline.index import index_entry_url, url_scheme
+from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME, ShardsError
+
+
+def verify(out: str) -> tuple[list[str], str]:
+    """Re-read every shard; return (problems, summary). Each problem names its shard."""
+    index_file = os.path.join(out, INDEX_NAME)
+    index, entries, by_shard = _read_outputs(out, index_file)
+    problems = _unlisted(out, index, entries, by_shard)
+    nsamples = nbytes = 0
+    for entry in entries:
+        try:
+            data = _read_entry(index_file, entry)
+        except ValueError as e:  # refused or unreadable: named, never opened blindly
+            problems.append(str(e))
+            continue
+        bad, n = _check_shard(entry, data, by_shard.get(entry["url"], {}))
+        if bad:
+            problems.append(f"{entry['url']}: " + "; ".join(bad))
+        nsamples += n
+        nbytes += len(data)
+    for d in DOMAINS:
+        tot = index.get("totals", {}).get(d, {})
+        n = sum(e.get("nsamples", 0) for e in entries if e.get("domain") == d)
+        if tot.get("samples") != n:
+            problems.append(f"index.json totals for {d}: {tot.get('samples')} samples, shards add up to {n}")
+    summary = (f"verify: {len(entries)} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
+               f"{len(problems)} bad" + ("." if not problems else ": see above."))
+    return problems, summary
+
+
+def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str, dict[str, dict]]]:
+    """(index, its object entries, manifest rows by shard url and key)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+        entries = [e for e in index["shards"] if isinstance(e, dict)]
+        manifest = pq.read_table(os.path.join(out, MANIFEST_NAME)).to_pylist()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardsError(f"{out}: cannot read index.json / manifest.parquet: {e}") from None
+    by_shard: dict[str, dict[str, dict]] = {}
+    for row in manifest:
+        by_shard.setdefault(row["shard"], {})[row["key"]] = row
+    return index, entries, by_shard
+
+
+def _unlisted(out: str, index: dict, entries: list[dict], by_shard: dict) -> list[str]:
+    """Index entries that are not objects, and manifest rows and shard files the index does not list."""
+    problems = []
+    if len(entries) != len(index["shards"]):
+        problems.append("index.json: a shard entry is not an object")
+    listed = {str(e.get("url")) for e in entries}
+    for url in sorted(set(by_shard) - listed):
+        problems.append(f"{url}: in manifest.parquet but not in index.json")
+    for d in DOMAINS:
+        for path in sorted(glob.glob(os.path.join(out, d, "*.tar"))):
+            if os.path.relpath(path, out) not in listed:
+                problems.append(f"{os.path.relpath(path, out)}: shard file not in index.json")
+    return problems
+
+
+def _read_entry(index_file: str, entry: dict) -> bytes:
+    """The bytes of one index entry's shard (a local regular file inside OUT), else ValueError."""
+    path = index_entry_url(index_file, entry)  # IndexEntryError is a ValueError
+    url = entry["url"]
+    if url_scheme(path) is not None:
+        raise ValueError(f"{url}: a remote shard; verify re-reads local shards only")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{url}: not a regular file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{url}: unreadable: {e.strerror}") from None
+
+
+def _check_shard(entry: dict, data: bytes, rows: dict) -> tuple[list[str], int]:
+    """What is wrong with one shard's bytes against index.json and the manifest, and its sample count."""
+    bad = []
+    if len(data) != entry.get("bytes"):
+        bad.append(f"{len(data)} bytes, index.json says {entry.get('bytes')}")
+    if sha256_bytes(data) != entry.get("sha256"):
+        bad.append("sha256 differs from index.json")
+    try:
+        samples = _read_samples(data)
+    except (tarfile.TarError, ValueError) as e:
+        return bad + [f"not a readable shard: {e}"], 0
+    if len(samples) != entry.get("nsamples"):
+        bad.append(f"{len(samples)} samples, index.json says {entry.get('nsamples')}")
+    if set(samples) != set(rows):
+        bad.append(f"keys differ from manifest.parquet ({len(samples)} in shard, {len(rows)} in manifest)")
+    for key, (img, meta) in samples.items():
+        sha = sha256_bytes(img)
+        if sha != meta.get("sha256") or (key in rows and sha != rows[key]["sha256"]):
+            bad.append(f"sample {key}: image sha256 differs from its json/manifest")
+            break
+    return bad, len(samples)
+
+
+def _read_samples(data: bytes) -> dict[str, tuple[bytes, dict]]:
+    """key -> (image bytes, json meta); members of a sample must be adjacent."""
+    out, cur, parts = {}, None, {}
+
+    def close():
+        if cur is None:
+            return
+        metas = [v for k, v in parts.items() if k == "json"]
+        imgs = [v for k, v in parts.items() if k != "json"]
+        if len(metas) != 1 or len(imgs) != 1:
+            raise ValueError(f"sample {cur} has members {sorted(parts)}")
+        out[cur] = (imgs[0], json.loads(metas[0]))
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            if key != cur:
+                close()
+                if key in out:
+                    raise ValueError(f"sample {key} members are not adjacent")
+                cur, parts = key, {}
+            parts[ext] = tar.extractfile(m).read()
+        close()
+    return out

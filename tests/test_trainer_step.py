@@ -1,0 +1,142 @@
+"""The trainer's step logic, without launching ranks: train_step and after_step on a real UNIT,
+a real loader over real shards and a real (disabled) tracker; the two DeepSpeed engines are
+replaced by `PlainEngine`, the engine surface the step uses over torch's Adam. The DeepSpeed
+engines themselves run in the integration tests (test_train.py, test_faults.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launch.config import load_config
+from launch.runstore.tracking import Tracker
+from launch.training import checkpoint as ckpt
+from launch.training import trainer as T
+from launch.training.watchdog import StallWatchdog
+from model.ema import EMA
+from model.unit import UNIT
+from pipeline.loader import UnpairedLoader
+from trainutil import make_corpus
+
+
+class PlainEngine:
+    """What gan_step and the trainer call on a DeepSpeed engine, over a plain module."""
+
+    def __init__(self, module, lr: float = 1e-3, accum: int = 1):
+        self.module, self.accum, self.micro = module, accum, 0
+        self.opt = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.opt.step()
+            self.opt.zero_grad()
+
+    def get_lr(self):
+        return [self.opt.param_groups[0]["lr"]]
+
+    def gradient_accumulation_steps(self):
+        return self.accum
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("step"), n_train=16, per_shard=8)
+
+
+def make_trainer(corpus, run_dir, accum: int = 1, nan_steps=(), **train) -> T.Trainer:
+    cfg = load_config(None, base={
+        "run_dir": str(run_dir), "data": {"shards": str(corpus / "shards"), "image_size": 32, "batch_size": 2,
+                                          "num_workers": 0},
+        "model": {"preset": "tiny"}, "tracking": {"enable": False},
+        "train": {"max_steps": 4, "log_every": 2, "sample_every": 3, "ckpt_every": 1000, "ema_decay": 0.5, **train}})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    unit = UNIT(cfg.model)
+    ranks = T.Ranks(rank=0, world=1, device=torch.device("cpu"), device_name="cpu", bf16_ok=False)
+    eng_g, eng_d = PlainEngine(unit.gen, accum=accum), PlainEngine(unit.dis, accum=accum)
+    tr = T.Trainer(cfg=cfg, ranks=ranks, unit=unit, eng_g=eng_g, eng_d=eng_d, ema=EMA(unit.gen, cfg.train.ema_decay),
+                   loader=T.make_loader(cfg, ranks), tracker=Tracker(enable=False), state=ckpt.TrainState(),
+                   watchdog=StallWatchdog(0, 0), ds={"zero_optimization": {"stage": 0}}, nan_steps=set(nan_steps))
+    side = UnpairedLoader(str(corpus / "shards"), str(corpus / "shards"), batch_size=2, image_size=32, num_workers=0,
+                          augment={"train": False}, rank=0, world_size=1)
+    batch = next(iter(side))
+    tr.samples = (batch["a"], batch["b"])
+    return tr
+
+
+def steps(tr: T.Trainer, n: int, counted: list | None = None) -> T.Meter:
+    it = iter(tr.loader)
+
+    def next_batch():
+        if counted is not None:
+            counted.append(1)
+        return next(it)
+
+    meter = T.Meter(start_step=tr.state.step)
+    for _ in range(n):
+        T.after_step(tr, T.train_step(tr, next_batch, meter), meter)
+    return meter
+
+
+def test_steps_train_log_and_sample_on_their_cadence(corpus, tmp_path):
+    tr = make_trainer(corpus, tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.unit.gen.state_dict().items()}
+    steps(tr, 4)
+    assert tr.state.step == 4 and tr.state.nonfinite_total == 0
+    after = tr.unit.gen.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)       # the generator learned
+    assert tr.ema.num_updates == 4
+    assert any(not torch.equal(tr.ema.shadow[k], after[k].float()) for k in tr.ema.shadow)  # decay 0.5: a lag
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]                              # log_every 2, and the last step
+    assert all(r["images_per_s"] > 0 and "g/total" in r and "loader/batches" in r for r in lines)
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert grids == ["step-00000003.png", "step-00000004.png"]               # sample_every 3, and the last step
+
+
+def test_nonfinite_steps_are_counted_and_stop_the_run(corpus, tmp_path):
+    tr = make_trainer(corpus, tmp_path / "ok", nan_steps={1, 2}, max_nonfinite=3)
+    before = {k: v.clone() for k, v in tr.unit.gen.state_dict().items()}
+    steps(tr, 2)
+    assert tr.state.nonfinite_total == 2 and tr.nonfinite_run == 2
+    assert all(torch.equal(before[k], v) for k, v in tr.unit.gen.state_dict().items())  # nothing updated
+    steps(tr, 1)
+    assert tr.nonfinite_run == 0 and tr.state.nonfinite_total == 2 and tr.state.step == 3
+
+    tr = make_trainer(corpus, tmp_path / "stop", nan_steps={1, 2}, max_nonfinite=2)
+    with pytest.raises(FloatingPointError, match="2 consecutive steps"):
+        steps(tr, 2)
+
+
+def test_accumulation_draws_one_batch_per_micro_step(corpus, tmp_path):
+    tr = make_trainer(corpus, tmp_path / "run", accum=2)
+    counted: list = []
+    meter = T.Meter(start_step=0)
+    it = iter(tr.loader)
+    result = T.train_step(tr, lambda: (counted.append(1), next(it))[1], meter)
+    assert result is not None and len(counted) == 2
+    assert meter.images == 2 * 2 * 2    # two micro-batches of 2 images per domain
+
+
+def test_checkpoints_on_cadence_but_not_at_the_last_step(corpus, tmp_path, monkeypatch):
+    tr = make_trainer(corpus, tmp_path / "run", ckpt_every=2, max_steps=4)
+    saved = []
+    monkeypatch.setattr(T, "save_checkpoint", lambda t: saved.append(t.state.step))
+    steps(tr, 4)
+    assert saved == [2]   # step 4 is the last: run() writes the final checkpoint itself
+
+
+def test_train_state_round_trips_through_checkpoint_meta():
+    state = ckpt.TrainState(step=7, run_uid="u1", run_id="r9", nonfinite_total=2)
+    meta = json.loads(json.dumps({**state.state_dict(), "config": {}}))
+    back = ckpt.TrainState(run_uid="u1")
+    back.load_state_dict(meta)
+    assert back == state
