@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import sys
 import types
@@ -20,6 +19,7 @@ import yaml
 from launch.runstore.params import flatten
 from model.unit import PRESETS, UNITConfig, make_config
 from pipeline.augment import AugmentConfig
+from pipeline.hashing import sha256_json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
@@ -81,6 +81,13 @@ class DataSection(_Strict):
     cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
     test_a: Optional[str] = Field(None, description="paired test split, domain A images (for evaluation)")
     test_b: Optional[str] = Field(None, description="paired test split, domain B images, same stems as test_a")
+
+    def test_split(self) -> dict:
+        """The paired test split as evaluation and registration take it (empty when not set):
+        domain A inputs are domain B's truth's pairs and the other way round."""
+        if not (self.test_a and self.test_b):
+            return {}
+        return {"test_a": self.test_a, "truth_b": self.test_b, "test_b": self.test_b, "truth_a": self.test_a}
 
     def sources(self) -> tuple[str, str]:
         """(domain A, domain B) shard specs: the per-domain ones, else the OUT directory twice."""
@@ -314,7 +321,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(resume_critical(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """Identifies what a run trains: the digest of the settings resuming may not change."""
+    return sha256_json(resume_critical(cfg))[:16]
 
 
 # Keys that may change between a run and its resumption; everything else must match. run_dir is

@@ -32,10 +32,9 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
     stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
                                         max_images=cfg.eval.baseline_images, seed=cfg.seed)
     baselines.save(export_dir / baselines.FILE_NAME, stats)
-    res = None
-    if cfg.data.test_a and cfg.data.test_b:
-        res = evaluate_export(export_dir, test_a=cfg.data.test_a, truth_b=cfg.data.test_b, test_b=cfg.data.test_b,
-                              truth_a=cfg.data.test_a, size=cfg.data.image_size, opts=eval_options(cfg, stats))
+    res, split = None, cfg.data.test_split()
+    if split:
+        res = evaluate_export(export_dir, **split, size=cfg.data.image_size, opts=eval_options(cfg, stats))
         out["evaluation"] = res
     if not cfg.tracking.enable:
         return out
@@ -45,10 +44,8 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
         return out
     from launch.release.registry import register_run
     try:
-        out["registry"] = register_run(run_dir, name=cfg.registry.name, test_a=cfg.data.test_a,
-                                       truth_b=cfg.data.test_b, test_b=cfg.data.test_b, truth_a=cfg.data.test_a,
-                                       min_accuracy=cfg.registry.min_accuracy, image_size=cfg.data.image_size,
-                                       export_dir=export_dir, evaluation=res)
+        out["registry"] = register_run(run_dir, name=cfg.registry.name, **split, min_accuracy=cfg.registry.min_accuracy,
+                                       image_size=cfg.data.image_size, export_dir=export_dir, evaluation=res)
     except Exception as e:  # the weights are exported; registering again is one command
         print(f"warning: registering the model failed ({type(e).__name__}: {e}); retry with "
               f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)

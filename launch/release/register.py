@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 
-def run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    import yaml
+def run_config(run_dir: Path):
+    """The run's validated config (launch.config.Config), or None when RUN_DIR has no config.yaml."""
+    from launch.config import load_config
+    from launch.runstore.rundir import CONFIG_NAME
 
-    cfg = yaml.safe_load(path.read_text()) or {}
-    return cfg if isinstance(cfg, dict) else {}
+    path = run_dir / CONFIG_NAME
+    return load_config(path) if path.is_file() else None
 
 
 def main(argv=None) -> int:
@@ -43,25 +42,29 @@ def main(argv=None) -> int:
     if not run_dir.is_dir():
         print(f"error: --run-dir {run_dir}: not a directory", file=sys.stderr)
         return 2
-    cfg = run_config(run_dir)
-    data, reg = cfg.get("data") or {}, cfg.get("registry") or {}
-    test_a, truth_b, test_b, truth_a = a.test_a, a.truth_b, a.test_b, a.truth_a
-    if not any((test_a, truth_b, test_b, truth_a)) and data.get("test_a") and data.get("test_b"):
-        # The demo's paired split: testA/x.jpg (aerial) pairs with testB/x.png (map).
-        test_a, truth_b, test_b, truth_a = data["test_a"], data["test_b"], data["test_b"], data["test_a"]
-    if bool(test_a) != bool(truth_b) or bool(test_b) != bool(truth_a):
+    from launch.config import ConfigError
+
+    try:
+        cfg = run_config(run_dir)
+    except ConfigError as e:
+        cfg = None
+        print(f"warning: {run_dir}/config.yaml is not a valid config ({e}); its defaults are not used: give "
+              "--name, the test folders, --min-accuracy and --size on the command line", file=sys.stderr)
+    split = {"test_a": a.test_a, "truth_b": a.truth_b, "test_b": a.test_b, "truth_a": a.truth_a}
+    if not any(split.values()) and cfg is not None:
+        split = cfg.data.test_split() or split  # the paired split: testA/x.jpg pairs with testB/x.png
+    if bool(split["test_a"]) != bool(split["truth_b"]) or bool(split["test_b"]) != bool(split["truth_a"]):
         p.error("--test-a needs --truth-b and --test-b needs --truth-a")
     from launch.release.registry import describe, dumps, register_run
 
     try:
         # MLflow prints "View run ..." lines on stdout; keep stdout for the result (--json).
         with contextlib.redirect_stdout(sys.stderr):
-            res = register_run(run_dir, name=a.name or reg.get("name") or "unit-translator",
-                               test_a=test_a, truth_b=truth_b, test_b=test_b, truth_a=truth_a,
+            res = register_run(run_dir, name=a.name or (cfg.registry.name if cfg else "unit-translator"), **split,
                                min_accuracy=a.min_accuracy if a.min_accuracy is not None
-                               else float(reg.get("min_accuracy") or 0.0),
-                               image_size=a.size or data.get("image_size"), tracking_uri=a.tracking_uri,
-                               export_dir=a.export_dir)
+                               else (cfg.registry.min_accuracy if cfg else 0.0),
+                               image_size=a.size or (cfg.data.image_size if cfg else None),
+                               tracking_uri=a.tracking_uri, export_dir=a.export_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,6 @@ from launch.release import evaluate as ev
 from launch.runstore.records import metrics_record, send
 from launch.runstore.store import fluent_uri, make_client, open_run, run_tracking
 from pipeline import imageio
-from pipeline.hashing import sha256_file
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "translator"
@@ -81,14 +80,19 @@ def input_example(test_dir, size: int | None) -> np.ndarray:
     return img.astype(np.uint8)[None]
 
 
-def config_hash(run_dir: Path, run) -> str | None:
-    """The trainer's config_hash param when logged, else sha256 of RUN_DIR/config.yaml."""
+def run_config_hash(run_dir: Path, run) -> str | None:
+    """launch.config.config_hash of the run: the trainer's logged param, else computed from
+    RUN_DIR/config.yaml (None when there is none, or it no longer validates)."""
     if run is not None:
         for src in (run.data.params, run.data.tags):
             if src.get("config_hash"):
                 return src["config_hash"]
-    cfg = run_dir / "config.yaml"
-    return sha256_file(cfg)[:16] if cfg.is_file() else None
+    from launch.config import ConfigError, config_hash, load_config
+
+    try:
+        return config_hash(load_config(run_dir / "config.yaml"))
+    except ConfigError:
+        return None
 
 
 def gate_metric(metrics: dict) -> str | None:
@@ -234,7 +238,7 @@ def evaluate_once(export_dir: Path, test_a, truth_b, test_b, truth_a, size, eval
 def version_tags(run_dir: Path, run, meta: dict, metrics: dict, digest: str | None) -> dict[str, str]:
     """The model version's tags: source run, config hash, dataset digests, export, test metrics."""
     datasets = {f"dataset.{d.dataset.name}.digest": d.dataset.digest for d in run.inputs.dataset_inputs}
-    tags = {"source_run": run.info.run_id, "config_hash": config_hash(run_dir, run) or "", **datasets,
+    tags = {"source_run": run.info.run_id, "config_hash": run_config_hash(run_dir, run) or "", **datasets,
             "export_step": str(meta.get("step")), "ema": str(meta.get("ema")), "image_size": str(meta.get("image_size"))}
     if digest:
         tags["test_split"] = digest
