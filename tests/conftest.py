@@ -1,15 +1,15 @@
-"""Shared fixtures: a PostgreSQL database and a real `mlflow server` on it, one per test session.
+"""Shared fixtures: the small demo corpus, a PostgreSQL database and a real `mlflow server` on it,
+one per test session; and the session's housekeeping (PATH, DeepSpeed's shared-memory files).
 
-Both are created only when a test asks for them. The server runs in its own process group on a
-free port; `mlflow_server.stop()` / `.start()` let a test take it away and bring it back on the
-same port and store mid-run.
+The corpus, database and server are created only when a test asks for them. The server runs in
+its own process group on a free port; `mlflow_server.stop()` / `.start()` let a test take it away
+and bring it back on the same port and store mid-run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +21,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
+# Every process the suite starts finds the virtualenv's tools first, whether or not `make test`
+# was run with it activated. This matters for `ninja`: each rank JIT-loads DeepSpeed's CPU
+# shared-memory op (cached in ~/.cache/torch_extensions), and two ninja versions (the venv's
+# pip one and a system one) do not read each other's build log, so alternating between them
+# recompiled the op on every other launch (about a minute each on two cores).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, *filter(None, [os.environ.get("PATH")])])
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainutil import free_port, remove_deepspeed_shm  # noqa: E402  (after PATH; tests import it from here too)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_shm():
+    """After each module, remove the shared-memory files its DeepSpeed launches left behind."""
+    yield
+    remove_deepspeed_shm()
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -57,6 +69,16 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait(timeout=5)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The small demo corpus at 32 px and its shards, made once per session: 48 training scenes
+    per domain in 6 shards of 8, and 8 test scenes (the fewest the two-sample test runs on,
+    launch.release.c2st.MIN_IMAGES). Tests only read it; one that damages shards copies them first."""
+    from trainutil import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"), n_train=48, per_shard=8, n_test=8)
 
 
 @pytest.fixture(scope="session")

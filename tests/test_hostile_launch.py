@@ -404,12 +404,11 @@ def test_run_dir_marker_written_once_keeps_its_identity(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_launch_moved_run_dir_resumes_and_never_is_refused(tmp_path):
+def test_real_launch_moved_run_dir_resumes_and_never_is_refused(corpus, tmp_path):
     """With the real `deepspeed launch/train.py` (1 CPU rank): train, move the run directory,
     continue it there; then resume=never into it is refused before any rank trains."""
-    from trainutil import launch, make_corpus, resumed_step, write_config
+    from trainutil import launch, resumed_step, write_config
 
-    corpus = make_corpus(tmp_path / "corpus", n_train=16, per_shard=8)
     base, other = tmp_path / "run_base", tmp_path / "run_other"
     launch(write_config(tmp_path / "a.yaml", corpus, base, max_steps=2, ckpt_every=2))
     uid = rundir.read_run_marker(base)["run_uid"]

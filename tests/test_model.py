@@ -331,7 +331,8 @@ def test_generator_loss_alone_fits_a_fixed_batch():
             return (losses.l1(out["x_aa"], x_a) + losses.l1(out["x_bb"], x_b)).item() / 2
 
     start = recon()
-    for _ in range(200):
+    # 80 steps: the error falls ~6x by step 50 and ~9x by step 80 (200 steps only went on to ~12x).
+    for _ in range(80):
         out = unit.gen(x_a, x_b)
         loss, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
         opt.zero_grad(set_to_none=True)

@@ -6,15 +6,10 @@ import os
 
 import pytest
 
-from trainutil import delete_namespaces, finish_nodes, free_port, make_corpus, metrics, resumed_step, \
+from trainutil import delete_namespaces, finish_nodes, free_port, metrics, resumed_step, \
     start_nodes, two_nodes, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture

@@ -92,13 +92,6 @@ def download(uri: str, name: str, version: str, dst: Path) -> Path:
     return download_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, version, dst)
 
 
-def run_py(code: str, env: dict, timeout=120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def consumer_env(uri: str) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
     env.pop("MLFLOW_RUN_ID", None)
@@ -275,46 +268,56 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
 
     expected = translate_uint8(tiny(0).gen.eval(), split["xa"], "a2b")
     env = consumer_env(uri)
+    import requests
+    from conftest import free_port, stop_group, wait_http
 
-    # Consumer 1: a fresh process, pickle loading disabled.
+    # The three consumers are separate processes that only read the registry: they start together
+    # (each spends most of its time importing) and are checked one after the other.
     np.save(tmp_path / "x.npy", split["xa"])
-    run_py(f"""
-import numpy as np, mlflow
-m = mlflow.pyfunc.load_model("models:/{name}@champion")
-y = m.predict(np.load(r"{tmp_path / 'x.npy'}"), params={{"direction": "a2b"}})
-np.save(r"{tmp_path / 'y.npy'}", y)
-""", env)
-    y = np.load(tmp_path / "y.npy")
-    assert y.dtype == np.uint8 and same_image(y, expected)
-
-    # Consumer 2: the translate CLI on a folder (nested, plus a file that is not an image).
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(split["xa"][i]).save((src / "sub" if i == 2 else src) / f"tile {i}.png")
     (src / "readme.txt").write_text("not an image")
-    proc = subprocess.run([sys.executable, "-m", "launch.release.translate", "--model", f"models:/{name}@champion",
-                           "--direction", "a2b", "--in", str(src), "--out", str(tmp_path / "out"), "--batch-size", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Translated 3 image(s)" in proc.stdout and "1 file(s) skipped" in proc.stdout
-    for i in range(3):
-        out = tmp_path / "out" / ("sub" if i == 2 else "") / f"tile {i}.png"
-        assert same_image(Image.open(out), expected[i])
-    assert not (tmp_path / "out" / "readme.txt").exists()
-
-    # Consumer 3: `mlflow models serve` answers POST /invocations.
-    import requests
-    from conftest import free_port, stop_group, wait_http
-
     port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        serve = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve",
-                                  "-m", f"models:/{name}@champion", "-h", "127.0.0.1", "-p", str(port),
-                                  "--env-manager", "local", "-w", "1"],
-                                 cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    procs = []
+
+    def start(cmd, **kw):
+        procs.append(subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), env=env, start_new_session=True, **kw))
+        return procs[-1]
+
     try:
+        # Consumer 3: `mlflow models serve`, started first (it takes longest to answer).
+        with open(log, "w") as f:
+            serve = start([str(Path(sys.executable).with_name("mlflow")), "models", "serve",
+                           "-m", f"models:/{name}@champion", "-h", "127.0.0.1", "-p", str(port),
+                           "--env-manager", "local", "-w", "1"], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+        # Consumer 1: a fresh process, pickle loading disabled.
+        pyfunc = start([sys.executable, "-c", f"""
+import numpy as np, mlflow
+m = mlflow.pyfunc.load_model("models:/{name}@champion")
+y = m.predict(np.load(r"{tmp_path / 'x.npy'}"), params={{"direction": "a2b"}})
+np.save(r"{tmp_path / 'y.npy'}", y)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Consumer 2: the translate CLI on a folder (nested, plus a file that is not an image).
+        cli = start([sys.executable, "-m", "launch.release.translate", "--model", f"models:/{name}@champion",
+                     "--direction", "a2b", "--in", str(src), "--out", str(tmp_path / "out"), "--batch-size", "2"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        _, err = pyfunc.communicate(timeout=120)
+        assert pyfunc.returncode == 0, err[-3000:]
+        y = np.load(tmp_path / "y.npy")
+        assert y.dtype == np.uint8 and same_image(y, expected)
+
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 0, err[-3000:]
+        assert "Translated 3 image(s)" in out and "1 file(s) skipped" in out
+        for i in range(3):
+            got = tmp_path / "out" / ("sub" if i == 2 else "") / f"tile {i}.png"
+            assert same_image(Image.open(got), expected[i])
+        assert not (tmp_path / "out" / "readme.txt").exists()
+
         wait_http(f"http://127.0.0.1:{port}/ping", 120, serve, log)
         resp = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
                              json={"inputs": split["xa"][:2].tolist(), "params": {"direction": "a2b"}})
@@ -327,4 +330,5 @@ np.save(r"{tmp_path / 'y.npy'}", y)
         b2a = translate_uint8(tiny(0).gen.eval(), split["xa"][:1], "b2a")
         assert same_image(resp.json()["predictions"], b2a)
     finally:
-        stop_group(serve)
+        for proc in procs:
+            stop_group(proc)

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -291,22 +292,24 @@ def test_server_stopped_mid_run_and_restarted(server_up, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_real_training_run_is_tracked_and_registered(server_up, tmp_path):
+def test_real_training_run_is_tracked_and_registered(server_up, corpus, tmp_path):
     """`deepspeed launch/train.py` on 2 CPU ranks, tracked to the PostgreSQL server: params,
     per-step metrics, system metrics, sample images, dataset inputs, and a registered version."""
-    import socket
-
     import yaml
+
+    from conftest import free_port
 
     def run(cmd, **kw):
         r = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
         assert r.returncode == 0, f"{cmd[:3]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         return r
 
-    demo, shards, run_dir = tmp_path / "demo", tmp_path / "shards", tmp_path / "run"
-    run([sys.executable, "-m", "pipeline.demo", "--out", demo, "--n-train", "32", "--n-test", "4", "--size", "32"])
-    run([sys.executable, "-m", "pipeline.shards", "--src-a", demo / "trainA", "--src-b", demo / "trainB",
-         "--out", shards, "--workers", "1", "--max-per-shard", "16"])
+    # The session's shards; 4 of its test scenes, as this test always had (C2ST skipped: too few).
+    demo, shards, run_dir = tmp_path / "demo", corpus / "shards", tmp_path / "run"
+    for split in ("testA", "testB"):
+        (demo / split).mkdir(parents=True)
+        for p in sorted((corpus / "demo" / split).iterdir())[:4]:
+            shutil.copy(p, demo / split / p.name)
     cfg = {"run_dir": str(run_dir), "seed": 1,
            "data": {"shards": str(shards), "image_size": 32, "batch_size": 2, "num_workers": 1,
                     "test_a": str(demo / "testA"), "test_b": str(demo / "testB")},
@@ -315,10 +318,7 @@ def test_real_training_run_is_tracked_and_registered(server_up, tmp_path):
            "tracking": {"experiment": "integration"},
            "registry": {"name": "integration-translator", "min_accuracy": 0.0}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run([Path(sys.executable).with_name("deepspeed"), "--num_gpus", "2", "--master_port", port,
+    run([Path(sys.executable).with_name("deepspeed"), "--num_gpus", "2", "--master_port", free_port(),
          "launch/train.py", "--config", tmp_path / "cfg.yaml"],
         env={**os.environ, "MLFLOW_TRACKING_URI": server_up.uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
 

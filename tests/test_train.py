@@ -12,6 +12,8 @@ import psutil
 import pytest
 import yaml
 
+from trainutil import Background, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.slow
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    # 8 test scenes: the fewest the two-sample test (launch.release.c2st.MIN_IMAGES) runs on
+    # 8 test scenes: the fewest the two-sample test (launch.release.c2st.MIN_IMAGES) runs on; 3
+    # shards of 16 per domain (not the session's 6 of 8: the 4-step runs here learn on this stream).
     run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", "48", "--n-test", "8",
          "--size", "32", "--seed", "0"])
     run([sys.executable, "-m", "pipeline.shards", "--src-a", d / "demo" / "trainA", "--src-b", d / "demo" / "trainB",
@@ -47,21 +50,78 @@ def write_config(path: Path, corpus: Path, run_dir: Path, evaluation: dict | Non
     return path
 
 
+def launch_cmd(config: Path, *extra, ranks=2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py",
+            "--config", str(config), *map(str, extra)]
+
+
 def launch(config: Path, *extra, ranks=2, env=None, check=True, timeout=300):
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(config), *map(str, extra)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+    r = subprocess.run(launch_cmd(config, *extra, ranks=ranks), cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, **(env or {})})
     if check:
-        assert r.returncode == 0, f"training failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        ok(r)
     return r
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"training failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+# The SIGKILL test's run (and its uninterrupted reference). EMA on: the exported (EMA) weights then
+# also check that the EMA state resumes exactly.
+KILLED_RUN = {"max_steps": 24, "ckpt_every": 8, "log_every": 2, "ema_decay": 0.9}
+
+
+# The launches of the tests below whose outcome does not depend on timing, in the order the tests
+# use them.
+def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
+    """key -> (directory, command builder, environment)."""
+    runs = {}
+    for stage in (0, 1, 2):
+        d = mkdir(f"zero{stage}")
+        cfg = write_config(d / "c.yaml", corpus, d / "run", max_steps=4, ckpt_every=2,
+                           evaluation={"c2st_steps": 20 if stage == 0 else 0})
+        runs[f"zero{stage}"] = (d, lambda cfg=cfg, stage=stage: launch_cmd(
+            cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json"), None)
+    # The uninterrupted reference of the SIGKILL test.
+    d = mkdir("uninterrupted")
+    cfg = write_config(d / "ref.yaml", corpus, d / "run", **KILLED_RUN)
+    runs["uninterrupted"] = (d, lambda cfg=cfg: launch_cmd(cfg), None)
+    d = mkdir("bad-config")
+    cfg = write_config(d / "c.yaml", corpus, d / "run")
+    runs["bad_config"] = (d, lambda cfg=cfg: launch_cmd(cfg, "train.max_stepz=3"), None)
+    d = mkdir("nonfinite")
+    cfg = write_config(d / "c.yaml", corpus, d / "run", max_steps=4, max_nonfinite=2)
+    runs["nan_skip"] = (d, lambda cfg=cfg: launch_cmd(cfg), {"UNIT_FAULT_NAN_STEPS": "2"})
+    cfg = write_config(d / "c2.yaml", corpus, d / "run2", max_steps=6, max_nonfinite=2)
+    runs["nan_stop"] = (d, lambda cfg=cfg: launch_cmd(cfg), {"UNIT_FAULT_NAN_STEPS": "2,3"})
+    d = mkdir("ds-reference")
+    runs["ds_reference"] = (d, lambda d=d: [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+                                            "tests/scripts/ds_reference.py", "0,1", d / "ref.json"], None)
+    return runs
+
+
+USES = {"test_trains_at_each_zero_stage": lambda item: [f"zero{item.callspec.params['stage']}"],
+        "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted": lambda item: ["uninterrupted"],
+        "test_bad_config_fails_before_ranks_start": lambda item: ["bad_config"],
+        "test_nonfinite_losses_skip_steps_then_stop": lambda item: ["nan_skip", "nan_stop"],
+        "test_two_engine_step_matches_single_process_reference": lambda item: ["ds_reference"]}
+
+
+@pytest.fixture(scope="module")
+def background(request, corpus, tmp_path_factory):
+    """The launches of background_launches() that the selected tests use, two at a time in the
+    background (trainutil.Background); `.dirs[key]` is each one's directory."""
+    bg = Background(parallel=2)
+    runs = background_launches(corpus, tmp_path_factory.mktemp)
+    bg.dirs = {key: d for key, (d, _, _) in runs.items()}
+    for key, (_, make_cmd, env) in runs.items():
+        bg.define(key, make_cmd, env=env)
+    bg.queue(*[key for item in request.session.items if getattr(item, "module", None) is request.module
+               and item.originalname in USES for key in USES[item.originalname](item)])
+    yield bg
+    bg.close()
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -75,11 +135,10 @@ def final_state(run_dir: Path, step: int) -> dict:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2,
-                       evaluation={"c2st_steps": 20 if stage == 0 else 0})
-    r = launch(cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json")
+def test_trains_at_each_zero_stage(background, stage):
+    # 4 steps, checkpoints every 2, with --deepspeed_config configs/ds/zero{stage}.json
+    r = ok(background.result(f"zero{stage}"))
+    run_dir = background.dirs[f"zero{stage}"] / "run"
     assert f"ZeRO {stage}" in r.stdout
     rows = metrics(run_dir)
     assert [m["step"] for m in rows] == [1, 2, 3, 4]
@@ -111,18 +170,18 @@ def test_trains_at_each_zero_stage(corpus, tmp_path, stage):
     assert ("C2ST: off" in r.stdout) == (stage != 0)
 
 
-def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_path):
-    steps = 24
-    ref_dir = tmp_path / "ref"
-    # EMA on: the exported (EMA) weights then also check that the EMA state resumes exactly.
-    launch(write_config(tmp_path / "ref.yaml", corpus, ref_dir, max_steps=steps, ckpt_every=8, log_every=2,
-                        ema_decay=0.9))
+def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(background, corpus, tmp_path):
+    steps = KILLED_RUN["max_steps"]
+    ok(background.result("uninterrupted"))  # the same config, run to the end in one launch
+    ref_dir = background.dirs["uninterrupted"] / "run"
+    with background.slot():  # this test's own launches take one of the two places
+        killed_run_matches_uninterrupted(corpus, tmp_path, ref_dir, steps)
 
+
+def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path, steps: int) -> None:
     run_dir = tmp_path / "killed"
-    cfg = write_config(tmp_path / "k.yaml", corpus, run_dir, max_steps=steps, ckpt_every=8, log_every=2,
-                       ema_decay=0.9)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = write_config(tmp_path / "k.yaml", corpus, run_dir, **KILLED_RUN)
+    proc = subprocess.Popen(launch_cmd(cfg), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = run_dir / "ckpt" / "step-00000008" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
@@ -138,7 +197,14 @@ def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_pat
     killed_at = max(m["step"] for m in metrics(run_dir))
     assert killed_at < steps, "the kill came too late to interrupt the run"
 
+    # An unmarked (half-written) newer checkpoint is never resumed from: a copy of the newest
+    # complete one, as step 90 and without its marker, waits beside the real ones.
+    complete = sorted(p.parent for p in (run_dir / "ckpt").glob("step-*/COMPLETE"))
+    fake = run_dir / "ckpt" / "step-00000090"
+    shutil.copytree(complete[-1], fake)
+    (fake / "COMPLETE").unlink()
     r = launch(cfg)
+    assert f"resumed from {complete[-1]} at step" in r.stdout, r.stdout[-3000:]
     resumed_from = int(r.stdout.split("resumed from ")[1].split("step-")[1][:8])
     assert 8 <= resumed_from < steps
     rows = metrics(run_dir)
@@ -156,14 +222,7 @@ def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_pat
     ref_rows = {m["step"]: m for m in metrics(ref_dir)}
     for m in rows[-3:]:
         assert m["g/recon_a"] == pytest.approx(ref_rows[m["step"]]["g/recon_a"], rel=1e-4)
-
-    # An unmarked (half-written) newer checkpoint is never resumed from.
-    fake = run_dir / "ckpt" / "step-00000090"
-    shutil.copytree(run_dir / "ckpt" / f"step-{steps:08d}", fake)
-    (fake / "COMPLETE").unlink()
-    r = launch(cfg, f"train.max_steps={steps + 2}")
-    assert f"resumed from {run_dir / 'ckpt' / f'step-{steps:08d}'}" in r.stdout
-    assert max(m["step"] for m in metrics(run_dir)) == steps + 2
+    assert not (fake / "COMPLETE").exists()  # still unmarked: nothing took it for a checkpoint
 
     # A config change that breaks resuming is refused, naming the difference.
     r = launch(cfg, "model.dim=8", check=False)
@@ -171,40 +230,47 @@ def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(corpus, tmp_pat
     assert "model.dim" in r.stderr + r.stdout
 
 
-def test_bad_config_fails_before_ranks_start(corpus, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
-    t0 = time.time()
-    r = launch(cfg, "train.max_stepz=3", check=False, timeout=120)
+def test_bad_config_fails_before_ranks_start(background):
+    r = background.result("bad_config")  # launched with train.max_stepz=3
+    d = background.dirs["bad_config"]
+    cfg = d / "c.yaml"
     assert r.returncode != 0
     assert "train.max_stepz" in r.stderr and "unknown key" in r.stderr
-    assert not (tmp_path / "run").exists()  # nothing was started
-    assert time.time() - t0 < 90
+    assert not (d / "run").exists()  # nothing was started
+    assert r.seconds < 90
     r = subprocess.run(["make", "-s", "train", f"CONFIG={cfg}", "ARGS=data.batch_size=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "data.batch_size" in r.stderr
     assert "deepspeed" not in r.stdout  # make stopped before the launcher
 
 
-def test_nonfinite_losses_skip_steps_then_stop(corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, max_nonfinite=2)
-    r = launch(cfg, env={"UNIT_FAULT_NAN_STEPS": "2"})
+def test_nonfinite_losses_skip_steps_then_stop(background):
+    run_dir = background.dirs["nan_skip"] / "run"
+    # max_steps=4, max_nonfinite=2, a NaN loss at step 2 (UNIT_FAULT_NAN_STEPS=2)
+    r = ok(background.result("nan_skip"))
     assert "step 2: non-finite loss" in r.stdout
     assert [m["step"] for m in metrics(run_dir)] == [1, 3, 4]
     assert metrics(run_dir)[-1]["nonfinite_total"] == 1
 
-    cfg = write_config(tmp_path / "c2.yaml", corpus, tmp_path / "run2", max_steps=6, max_nonfinite=2)
-    r = launch(cfg, env={"UNIT_FAULT_NAN_STEPS": "2,3"}, check=False)
+    # max_steps=6, max_nonfinite=2, NaN losses at steps 2 and 3
+    r = background.result("nan_stop")
     assert r.returncode != 0
     assert "2 consecutive steps had a NaN/inf loss" in r.stderr + r.stdout
 
 
+@pytest.fixture(scope="module")
+def reference(background):
+    """tests/scripts/ds_reference.py at ZeRO 0 and 1, one launch: {stage: result}."""
+    r = background.result("ds_reference")
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    out = background.dirs["ds_reference"] / "ref.json"
+    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
 @pytest.mark.parametrize("stage", [0, 1])
-def test_two_engine_step_matches_single_process_reference(tmp_path, stage):
-    out = tmp_path / "ref.json"
-    subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/scripts/ds_reference.py",
-                    str(stage), str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    res = json.loads(out.read_text())
+def test_two_engine_step_matches_single_process_reference(reference, stage):
+    res = reference[stage]
+    assert res["zero_stage"] == [stage, stage]  # both engines ran at this stage
     assert res["max_abs_update"] > 1e-3  # the parameters really moved ...
     assert res["max_abs_diff"] < 2e-4, res  # ... and exactly as the plain-PyTorch loop moved them
     assert res["n_compared"] > 40

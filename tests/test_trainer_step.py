@@ -17,7 +17,6 @@ from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
 from model.unit import UNIT
 from pipeline.loader import UnpairedLoader
-from trainutil import make_corpus
 
 
 class PlainEngine:
@@ -44,11 +43,6 @@ class PlainEngine:
 
     def gradient_accumulation_steps(self):
         return self.accum
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("step"), n_train=16, per_shard=8)
 
 
 def make_trainer(corpus, run_dir, accum: int = 1, nan_steps=(), **train) -> T.Trainer:

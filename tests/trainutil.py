@@ -2,12 +2,16 @@
 single- and two-node launches, and two "nodes" as network namespaces joined by a veth pair."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,9 +33,10 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def make_corpus(d: Path, n_train: int = 48, per_shard: int = 8) -> Path:
-    """Demo corpus at 32 px and its shards (n_train/per_shard shards per domain)."""
-    run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", n_train, "--n-test", "4",
+def make_corpus(d: Path, n_train: int = 48, per_shard: int = 8, n_test: int = 4) -> Path:
+    """Demo corpus at 32 px and its shards (n_train/per_shard shards per domain). Most tests take
+    the session's `corpus` fixture (tests/conftest.py) instead of making their own."""
+    run([sys.executable, "-m", "pipeline.demo", "--out", d / "demo", "--n-train", n_train, "--n-test", n_test,
          "--size", "32", "--seed", "0"])
     run([sys.executable, "-m", "pipeline.shards", "--src-a", d / "demo" / "trainA", "--src-b", d / "demo" / "trainB",
          "--out", d / "shards", "--workers", "1", "--max-per-shard", per_shard, "--no-progress"])
@@ -50,10 +55,45 @@ def write_config(path: Path, corpus: Path, run_dir: Path, *, tracking: dict | No
     return path
 
 
+_PORTS: set[int] = set()  # every port handed out in this session
+_SHM = Path("/dev/shm")
+_SHM_NAME = re.compile(r"^deepspeed_allreduce_buffer_\d+_.+_(\d+)_\d+$")  # ..._<uid>_<addr>_<port>_<rank>
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1, never one handed out before in this session (launches started
+    close together, as Background's, must not meet on a rendezvous port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
+
+
+def remove_deepspeed_shm() -> list[Path]:
+    """Remove what DeepSpeed's CPU shared-memory op left in /dev/shm for the launches of this
+    session: every rank creates deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (about 70 MB
+    of memory) and nothing ever removes it, so a session would hold on to gigabytes. Only files
+    named by a port handed out here (free_port) that no live process still maps."""
+    found = [p for p in _SHM.glob("deepspeed_allreduce_buffer_*")
+             if (m := _SHM_NAME.match(p.name)) and int(m.group(1)) in _PORTS]
+    if not found:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/deepspeed_allreduce_buffer" in line)
+        except (OSError, IndexError):  # a process that ended meanwhile, or not ours to read
+            pass
+    removed = []
+    for p in found:
+        if str(p) not in mapped:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def launch_cmd(config: Path, *extra, ranks: int = 1) -> list[str]:
@@ -69,6 +109,109 @@ def launch(config: Path, *extra, ranks: int = 1, env=None, check=True, timeout=3
     if check:
         assert r.returncode == 0, f"training failed ({r.returncode}):\n{r.stdout[-5000:]}"
     return r
+
+
+class Background:
+    """Independent launches run in the background, `parallel` at a time, in the order queued.
+
+    A launch is mostly single-threaded work (the `deepspeed` runner and then its launcher starting
+    up, each process's teardown at the end), so two launches at a time fill the two cores that one
+    launch leaves half idle. Only for launches whose outcome does not depend on timing; a test that
+    injects faults runs its own launches with `slot()` held, so that at most `parallel - 1` queued
+    ones run beside it. `result(key)` waits for one launch: a CompletedProcess (stdout and stderr
+    apart) with `.seconds`, its wall time."""
+
+    def __init__(self, parallel: int = 2):
+        self._specs: dict[str, tuple] = {}
+        self._queue: list[str] = []
+        self._done: dict[str, threading.Event] = {}
+        self._results: dict[str, object] = {}
+        self._started: set[str] = set()
+        self._cond = threading.Condition()
+        self._slots = threading.BoundedSemaphore(parallel)
+        self._procs: set[subprocess.Popen] = set()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._work, daemon=True) for _ in range(parallel)]
+        for w in self._workers:
+            w.start()
+
+    def define(self, key: str, make_cmd, env: dict | None = None, timeout: float = 300) -> None:
+        """A launch that may be needed: `make_cmd()` builds its command when it starts (ports are
+        picked then)."""
+        self._specs[key] = (make_cmd, env, timeout)
+        self._done[key] = threading.Event()
+
+    def queue(self, *keys: str) -> None:
+        with self._cond:
+            self._queue += [k for k in keys if k not in self._queue and k not in self._started]
+            self._cond.notify_all()
+
+    def result(self, key: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        with self._cond:  # never queued (a test selected on its own): next in line
+            if key not in self._queue and key not in self._started:
+                self._queue.insert(0, key)
+                self._cond.notify_all()
+        assert self._done[key].wait(timeout), f"background launch {key} did not finish within {timeout:.0f} s"
+        r = self._results[key]
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    @contextlib.contextmanager
+    def slot(self):
+        """Hold one of the `parallel` places while the caller runs launches of its own."""
+        with self._slots:
+            yield
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+            procs = list(self._procs)
+        for p in procs:
+            kill_group(p)
+        for w in self._workers:
+            w.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._queue:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                key = self._queue.pop(0)
+                self._started.add(key)
+            with self._slots:
+                try:
+                    self._results[key] = self._launch(*self._specs[key])
+                except BaseException as e:  # handed to the test that asks for it
+                    self._results[key] = e
+            self._done[key].set()
+
+    def _launch(self, make_cmd, env, timeout) -> subprocess.CompletedProcess:
+        cmd = [str(c) for c in make_cmd()]
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            with self._cond:
+                if self._closed:
+                    raise RuntimeError("closed before it started")
+                t0 = time.monotonic()
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
+                                        env={**os.environ, **QUIET, **(env or {})})
+                self._procs.add(proc)
+            try:
+                proc.wait(timeout=timeout)
+            finally:
+                kill_group(proc)
+                with self._cond:
+                    self._procs.discard(proc)
+            seconds = time.monotonic() - t0
+            out.seek(0)
+            err.seek(0)
+            r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        r.seconds = seconds
+        return r
 
 
 def start(cmd, env=None, **kw) -> subprocess.Popen:

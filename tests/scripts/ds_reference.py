@@ -1,8 +1,9 @@
 """Run under `deepspeed --num_gpus 2`: 3 UNIT steps with launch.training.engines.gan_step on each rank's own
 data, then rank 0 replays the same 3 steps in one process with plain torch.optim.Adam and writes the
-largest parameter difference to OUT (a JSON file).
+largest parameter difference to OUT (a JSON file). Each ZeRO stage in STAGES (comma-separated) starts
+over from the same initial weights with two fresh engines, in one launch; OUT maps stage -> result.
 
-    deepspeed --num_gpus 2 tests/scripts/ds_reference.py STAGE OUT
+    deepspeed --num_gpus 2 tests/scripts/ds_reference.py STAGES OUT
 """
 import copy
 import json
@@ -33,9 +34,17 @@ def noise_seed(rank):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    stage, out_path = int(args[0]), args[1]
+    stages, out_path = [int(s) for s in args[0].split(",")], args[1]
     torch.set_num_threads(1)
     deepspeed.init_distributed()
+    results = {str(stage): run_stage(stage) for stage in stages}
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.barrier()
+
+
+def run_stage(stage: int) -> dict | None:
+    """This stage's comparison on rank 0 (None on the other ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, [f"data.batch_size={BATCH}", "optim.lr_g=1e-3", "optim.lr_d=2e-3"],
                       base={"data": {"shards": "unused"}})
@@ -96,9 +105,13 @@ def main():
         moved = max(float((expect[k].float() - init[k].float()).abs().max()) for k in compared
                     if expect[k].is_floating_point())
         diff = max(float((expect[k].float() - trained[k].float()).abs().max()) for k in compared)
-        Path(out_path).write_text(json.dumps({"max_abs_diff": diff, "max_abs_update": moved,
-                                              "n_compared": len(compared), "zero_grad_tensors": noise}))
+        result = {"max_abs_diff": diff, "max_abs_update": moved, "n_compared": len(compared),
+                  "zero_grad_tensors": noise, "zero_stage": [eng_g.zero_optimization_stage(),
+                                                             eng_d.zero_optimization_stage()]}
+    else:
+        result = None
     dist.barrier()
+    return result
 
 
 if __name__ == "__main__":
