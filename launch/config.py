@@ -188,6 +188,9 @@ class Config(_Strict):
     trust_resume_path: bool = Field(False, description="load `resume` from outside run_dir: DeepSpeed "
                                     "checkpoints are pickles, so only for checkpoints you trust")
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --deepspeed_config flag wins)")
+    init_from: Optional[str] = Field(None, description="start (step 0) from a trained translator: models:/<name>@<alias>, "
+                                     "models:/<name>/<version> (in tracking.uri's registry) or an export dir; "
+                                     "the generator, and the discriminators when they were exported")
     data: DataSection
     model: UNITConfig = Field(default_factory=lambda: make_config({"preset": "paper"}),
                               description="model.unit.UNITConfig: {preset: paper|official|tiny, field: value, ...}")
@@ -330,7 +333,7 @@ def config_hash(cfg: Config) -> str:
 # so a run directory that was moved or copied resumes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "trust_resume_path",
-                     "run_dir", "tracking", "eval",
+                     "run_dir", "tracking", "eval", "init_from",
                      "train.realism",  # in checkpoints of runs from before the eval section: ignored
                      "registry", "data.num_workers", "data.cache_dir", "data.verify_shards", "deepspeed_config",
                      "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
@@ -503,6 +506,38 @@ def check_shard_index(cfg: Config) -> None:
             raise ConfigError(f"config key {key}: {e}") from None
 
 
+def check_init_from(cfg: Config) -> None:
+    """An export dir must be one; a models:/ URI must be well formed (the registry is asked at start)."""
+    from launch.runstore.artifacts import is_export_dir, read_meta
+    from launch.runstore.models import parse_model_uri
+
+    spec = cfg.init_from
+    if spec is None:
+        return
+    try:
+        if spec.startswith("models:/"):
+            parse_model_uri(spec)
+        elif not is_export_dir(spec):
+            raise ValueError("not an export dir (translator.json + translator.safetensors) and not a models:/ URI")
+        else:
+            check_same_generator(read_meta(spec)["model"], cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"config key init_from = {spec!r}: {e}") from None
+
+
+# The UNITConfig fields that shape the generator side: an init_from translator must agree on them.
+GENERATOR_FIELDS = ("channels", "dim", "n_down", "n_res", "n_shared", "norm", "up_norm", "activ", "pad_type",
+                    "fused_upsample")
+
+
+def check_same_generator(saved: dict, model: UNITConfig) -> None:
+    theirs = make_config(saved)
+    diff = [f"model.{k}: it has {getattr(theirs, k)!r}, the config {getattr(model, k)!r}"
+            for k in GENERATOR_FIELDS if getattr(theirs, k) != getattr(model, k)]
+    if diff:
+        raise ValueError("its generator does not fit the model section (" + "; ".join(diff) + ")")
+
+
 def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
@@ -515,6 +550,7 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
         if v is not None and not Path(v).is_dir():
             raise ConfigError(f"config key data.{key} = {v!r}: not a directory")
     check_shard_index(cfg)
+    check_init_from(cfg)
     if cfg.eval.fid_features is not None and not Path(cfg.eval.fid_features).is_file():
         raise ConfigError(f"config key eval.fid_features = {cfg.eval.fid_features!r}: no such file "
                           "(a TorchScript feature extractor; leave it unset to skip FID/KID)")

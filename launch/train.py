@@ -52,6 +52,9 @@ def print_summary(s: dict) -> None:
     run_dir = s.get("run_dir", ".")
     lines = ["", f"trained {s['steps_run']} steps (now at step {s['step']}) in {s['seconds']:.0f} s; "
              f"{s['nonfinite_total']} step(s) skipped for non-finite losses.",
+             *([f"  started from: {s['init_from']['init_from']}"
+                + (f" (version {s['init_from']['version']})" if s['init_from'].get('version') else "")]
+               if s.get("init_from") else []),
              f"  checkpoint:   {s['checkpoint']}",
              f"  sample grids: {run_dir}/samples/   metrics: {run_dir}/metrics.jsonl",
              f"  translator:   {s['export']}  (safetensors + JSON; launch.release.export.load_translator)"]

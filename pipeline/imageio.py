@@ -12,6 +12,9 @@ and one clear reason per refused file.
 The cap is checked on the header's width and height, so a 100000 x 100000 PNG of a few KB is
 refused without allocating its pixels. Width and height are reported after EXIF orientation
 (a portrait photo stored sideways is H x W as a viewer shows it).
+
+`to_tensor`/`to_uint8` (uint8 images <-> the network's [-1, 1] tensors) live in pipeline/tensors.py,
+which needs no PIL (the registered model ships it).
 """
 from __future__ import annotations
 
@@ -154,31 +157,3 @@ def load_folder(dir, size: int | None = None, rejected: list | None = None,
     if len(shapes) > 1:
         raise ValueError(f"{dir}: images of different sizes {sorted(shapes)[:3]}; pass --size N to resize")
     return stems, np.stack(imgs)
-
-
-def to_tensor(images):
-    """uint8 HWC (or NHWC) RGB -> float32 NCHW torch tensor in [-1, 1]."""
-    import torch
-
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"images: expected dtype uint8, got {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images: expected shape [H,W,3] or [N,H,W,3] (RGB), got {list(arr.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
-
-
-def to_uint8(x) -> np.ndarray:
-    """float NCHW (or CHW) torch tensor in [-1, 1] -> uint8 NHWC (or HWC), rounded and clamped."""
-    import torch
-
-    x = x.detach().float().cpu()
-    y = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    if y.ndim == 4:
-        return y.permute(0, 2, 3, 1).numpy()
-    if y.ndim == 3:
-        return y.permute(1, 2, 0).numpy()
-    raise ValueError(f"x: expected a [N,3,H,W] or [3,H,W] tensor, got {list(x.shape)}")

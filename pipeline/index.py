@@ -107,8 +107,10 @@ def _schemas():
     return schema(_MANIFEST_TYPES), schema(_QUARANTINE_TYPES)
 
 
-def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: dict | None = None) -> Totals:
-    """Dedupe the given shards in order and write manifest, quarantine and index (last) to `dest`."""
+def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: dict | None = None,
+             dedupe: bool = True) -> Totals:
+    """Dedupe the given shards in order (unless `dedupe` is False: outputs that must keep every
+    key, such as translations) and write manifest, quarantine and index (last) to `dest`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -123,7 +125,8 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
         for domain in DOMAINS:
             first: dict[bytes, str] = {}  # stored sha256 -> key of the sample kept (memory: ~100 B/sample)
             for number in numbers.get(domain, []):
-                rec = _drop_duplicates(out, _current_record(out, domain, number), first)
+                rec = _current_record(out, domain, number)
+                rec = _drop_duplicates(out, rec, first) if dedupe else rec
                 rows, qrows = _table_rows(domain, rec, first)
                 if rows:
                     man.write_table(pa.Table.from_pylist(rows, schema=man_schema))

@@ -9,7 +9,7 @@ import torch
 
 from launch.release.export import load_translator, translate_uint8
 from launch.runstore.artifacts import META_NAME, WEIGHTS_NAME, is_export_dir, save_translator
-from pipeline.imageio import to_tensor, to_uint8
+from pipeline.tensors import to_tensor, to_uint8
 from model.unit import UNIT
 
 

@@ -255,45 +255,151 @@ def format_table(res: dict) -> str:
 # Loading a model given as models:/... or an export directory
 
 
-def load_model(spec: str, tracking_uri: str | None = None):
-    """(model usable by evaluate_translator, info) from `models:/name@alias`, `models:/name/3`,
-    `runs:/...` or an export directory. info has "kind" and, for registry models, "run_id"."""
-    from launch.release.export import load_translator
-    from launch.runstore.artifacts import is_export_dir
+class ModelNotFound(ValueError):
+    """--model names nothing that can be loaded (a missing export dir, registered model, alias or
+    version, or no reachable tracking store); the message is one line naming what was asked and
+    what exists. The CLIs print it and exit 2."""
 
+
+def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
+    """(model usable by evaluate_translator, info) from `models:/name@alias`, `models:/name/3`,
+    `runs:/...` or an export directory. info has "kind" and, for registry models, "name",
+    "version", "run_id" and "tracking_uri"; for exports "path" and "meta".
+
+    The tracking URI is `tracking_uri`, else MLFLOW_TRACKING_URI; with neither, a models:/ or
+    runs:/ spec is refused (MLflow would otherwise create ./mlflow.db). A SQLite or file store that
+    does not exist is refused too, so nothing is ever created. Every failure is a ModelNotFound."""
     if "://" not in spec and ":/" not in spec:
-        if not is_export_dir(spec):
-            raise FileNotFoundError(f"--model {spec}: not an export directory (translator.json + "
-                                    "translator.safetensors) and not a models:/ URI")
-        gen, meta = load_translator(spec)
-        return gen, {"kind": "export", "path": str(spec), "meta": meta}
+        return _load_export(spec, device)
+    uri = _tracking_uri(spec, tracking_uri)  # before importing mlflow: nothing may touch the default store
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from launch.runstore.store import fluent_uri, make_client
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
     info = {"kind": "mlflow", "uri": spec, "run_id": None, "tracking_uri": uri}
     if spec.startswith("models:/"):
         info.update(resolve_model_version(spec, make_client(uri)))
-    with fluent_uri(uri):
-        return mlflow.pyfunc.load_model(spec), info
+    try:
+        with fluent_uri(uri):
+            return mlflow.pyfunc.load_model(spec), info
+    except (MlflowException, OSError) as e:
+        raise ModelNotFound(f"--model {spec}: cannot be loaded from {_shown(uri)} "
+                            f"({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _load_export(spec: str, device: str):
+    from launch.release.export import load_translator
+    from launch.runstore.artifacts import META_NAME, WEIGHTS_NAME, is_export_dir
+
+    path = Path(spec)
+    if not is_export_dir(path):
+        what = ("no such directory" if not path.exists() else "not a directory" if not path.is_dir() else
+                f"no {' and no '.join(n for n in (META_NAME, WEIGHTS_NAME) if not (path / n).is_file())} in it")
+        raise ModelNotFound(f"--model {spec}: not an export directory ({what}) and not a models:/ URI "
+                            "(models:/<name>@<alias> or models:/<name>/<version>)")
+    try:
+        gen, meta = load_translator(path, device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotFound(f"--model {spec}: the export cannot be loaded ({_one_line(e)})") from None
+    return gen, {"kind": "export", "path": str(spec), "meta": meta}
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit]
+
+
+def _shown(uri: str) -> str:
+    """A tracking URI fit to print: without user:password@ or a query (pipeline.lineage.redact)."""
+    from pipeline.lineage import redact
+
+    return redact(uri) if "@" in uri or "?" in uri else uri
+
+
+def _tracking_uri(spec: str, given: str | None) -> str:
+    """The tracking URI to ask about `spec`; ModelNotFound when none is set or its store does not exist."""
+    import os
+
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ModelNotFound(f"--model {spec}: no tracking server to ask: MLFLOW_TRACKING_URI is not set and "
+                            "--tracking-uri was not given (set one, or pass an export directory)")
+    local = None
+    if uri.startswith("sqlite:///"):
+        local = uri[len("sqlite:///"):]
+    elif uri.startswith("file:"):
+        local = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
+    elif "://" not in uri:
+        local = uri
+    if local is not None and not os.path.exists(local):
+        raise ModelNotFound(f"--model {spec}: tracking URI {uri}: no MLflow store there ({local} does not exist)")
+    return uri
+
+
+def _ask(spec: str, client, call, *args):
+    """client.call(*args); None when the server says the thing does not exist; ModelNotFound when it
+    cannot be asked (unreachable, refused)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return getattr(client, call)(*args)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or e.get_http_status_code() == 404:
+            return None
+        why = _one_line(e)
+    except Exception as e:  # noqa: BLE001 - connection errors of the HTTP stack, database errors
+        why = f"{type(e).__name__}: {_one_line(e)}"
+    raise ModelNotFound(f"--model {spec}: cannot ask the tracking server {_shown(client.tracking_uri)} ({why})")
+
+
+def _existing(spec: str, client, name: str, rm) -> str:
+    """'its aliases: ...; its versions: ...' of a registered model (for error messages)."""
+    aliases = ", ".join(f"{a} (version {v})" for a, v in sorted((rm.aliases or {}).items())) or "none"
+    found = _ask(spec, client, "search_model_versions", "name='{}'".format(name.replace("'", "\\'"))) or []
+    versions = ", ".join(sorted({str(v.version) for v in found}, key=int)) or "none"
+    return f"its aliases: {aliases}; its versions: {versions}"
+
+
+def quick_http_failures() -> None:
+    """For CLIs: an unreachable tracking server fails in seconds, not after MLflow's default minutes
+    of retries (the environment's own MLFLOW_HTTP_REQUEST_* settings win)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def resolve_model_version(spec: str, client) -> dict:
-    """{"name", "version", "run_id"} of models:/name@alias or models:/name/version."""
+    """{"name", "version", "run_id"} of models:/name@alias or models:/name/version; ModelNotFound
+    (one line naming the registered models, or the model's aliases and versions) when it does not exist."""
     rest = spec[len("models:/"):].strip("/")
     if "@" in rest:
         name, alias = rest.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
+        version = None
     else:
         name, _, version = rest.partition("/")
-        if not version.isdigit():
-            raise ValueError(f"{spec}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        mv = client.get_model_version(name, version)
-    return {"name": mv.name, "version": mv.version, "run_id": mv.run_id}
+        alias = None
+    if not name or (alias is None and not version.isdigit()) or (alias is not None and not alias):
+        raise ModelNotFound(f"--model {spec}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    rm = _ask(spec, client, "get_registered_model", name)
+    if rm is None:
+        names = [m.name for m in _ask(spec, client, "search_registered_models", None, 50) or []]
+        raise ModelNotFound(f"--model {spec}: no registered model {name!r} at {_shown(client.tracking_uri)}; "
+                            f"registered models there: {', '.join(sorted(names)) or 'none'}")
+    if alias is not None:
+        version = (rm.aliases or {}).get(alias)
+        if version is None:
+            raise ModelNotFound(f"--model {spec}: registered model {name!r} has no alias {alias!r}; "
+                                + _existing(spec, client, name, rm))
+    mv = _ask(spec, client, "get_model_version", name, str(version))
+    if mv is None:
+        raise ModelNotFound(f"--model {spec}: registered model {name!r} has no version {version}; "
+                            + _existing(spec, client, name, rm))
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id}
 
 
-def baseline_stats(args, model_spec: str):
+def baseline_stats(args, model_spec: str, tracking_uri: str | None = None):
     """Baseline statistics for the CLI: --baselines FILE, --shards OUT, or the ones shipped with the
     model (export dir or registered model); None when there are none (identity only)."""
     from launch.release import baselines
@@ -311,7 +417,7 @@ def baseline_stats(args, model_spec: str):
 
     from launch.runstore.store import fluent_uri
 
-    with tempfile.TemporaryDirectory() as tmp, fluent_uri(mlflow.get_tracking_uri()):
+    with tempfile.TemporaryDirectory() as tmp, fluent_uri(tracking_uri or mlflow.get_tracking_uri()):
         local = Path(mlflow.artifacts.download_artifacts(model_spec, dst_path=tmp))
         found = sorted(local.rglob(baselines.FILE_NAME))
         return baselines.load(found[0]) if found else None
@@ -344,14 +450,15 @@ def main(argv=None) -> int:
     if a.c2st_steps < 0:
         p.error("--c2st-steps must be >= 0")
     rejected: list[str] = []
+    quick_http_failures()
     try:
         model, info = load_model(a.model, a.tracking_uri)
         features = None
         if a.fid_features:
             from launch.release.fid import load_extractor
             features = load_extractor(a.fid_features)
-        opts = EvalOptions(baselines=baseline_stats(a, a.model), c2st_steps=a.c2st_steps, features=features,
-                           threshold=a.threshold)
+        opts = EvalOptions(baselines=baseline_stats(a, a.model, info.get("tracking_uri")), c2st_steps=a.c2st_steps,
+                           features=features, threshold=a.threshold)
         res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
                                   rejected=rejected)
     except (FileNotFoundError, ValueError) as e:

@@ -2,7 +2,10 @@
 
 The export's files (launch/runstore/artifacts.py) are written by training; loading needs
 `model/` only (no DeepSpeed, no MLflow) and unpickles nothing. Images in and out of every
-consumer are uint8 HWC RGB (pipeline.imageio.to_tensor/to_uint8 convert them).
+consumer are uint8 HWC RGB (pipeline.tensors.to_tensor/to_uint8 convert them).
+
+The registered MLflow model ships this file and what it imports (launch/release/registry.py
+collects them), so its imports stay light: torch, numpy, safetensors and the standard library.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 import torch
 
 from launch.runstore.artifacts import META_NAME, WEIGHTS_NAME, read_translator
-from pipeline.imageio import to_tensor, to_uint8
+from pipeline.tensors import to_tensor, to_uint8
 
 DIRECTIONS = ("a2b", "b2a")
 
@@ -137,3 +140,15 @@ def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, ove
         out[top:top + done] = np.clip(np.rint(acc[:done] / wsum[:done, :, None]), 0, 255).astype(np.uint8)
         acc, wsum, top = acc[done:], wsum[done:], top + done
     return out
+
+
+def main(argv=None) -> int:
+    """`python -m launch.release.export --onnx OUT_DIR --model EXPORT_DIR [--size N] [--opset K]`
+    (launch/release/onnx_export.py)."""
+    from launch.release.onnx_export import main as onnx_main  # here: onnx_export imports this module
+
+    return onnx_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,10 +1,13 @@
 """The translator as an MLflow pyfunc "model from code".
 
-MLflow stores this file itself with the model (not a pickle of an object) and the two artifact
-files of the exported translator; loading runs this file and `load_context`, which rebuilds the
-network from translator.json and reads translator.safetensors. Nothing is unpickled, so it loads
-with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The project (`model/`, `launch/`) must be
-installed where the model is loaded.
+MLflow stores this file itself with the model (not a pickle of an object), the artifact files of
+the exported translator, and in code/ the few project modules this file imports
+(launch.release.registry.SHIPPED_MODULES: the export's loader, translate_uint8 and model/, with
+their package paths; MLflow puts code/ on sys.path before loading). Loading runs this file and
+`load_context`, which rebuilds the network from translator.json and reads translator.safetensors.
+Nothing is unpickled, so it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and nothing of
+the project needs to be installed: the model's requirements.txt (torch, numpy, safetensors,
+mlflow, pinned) is all it needs.
 
 Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3]. Output: the same shape and dtype.
 Params: `direction` ("a2b" or "b2a", default "a2b"), `batch_size` (default 16).

@@ -3,9 +3,10 @@
 register_run(run_dir, ...) does, in order:
   1. evaluate RUN_DIR/export on the paired test split when one is given (launch.release.evaluate),
      unless the caller passes that evaluation (the end of training has it already);
-  2. log the metrics and the translator as a pyfunc model from code (launch/release/pyfunc_model.py,
-     artifacts: translator.safetensors + translator.json) to the training run named in
-     RUN_DIR/tracking.json, with signature, input example, pinned requirements and tags;
+  2. log the metrics and the translator as a self-contained pyfunc model from code
+     (launch/release/pyfunc_model.py; artifacts: translator.safetensors + translator.json; code:
+     SHIPPED_MODULES) to the training run named in RUN_DIR/tracking.json, with signature, input
+     example, requirements (what the shipped code imports, pinned) and tags;
   3. register it under `name` and point the alias `candidate` at the new version;
   4. point `champion` at it only when the gate passes, on the gate metric test/pixel_acc_a2b
      (b2a when only that direction has truth): it must beat the strongest trivial baseline
@@ -19,8 +20,12 @@ only the model logging (Model.log, which also registers) goes through launch.run
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -29,22 +34,100 @@ import numpy as np
 
 from launch.release import baselines
 from launch.release import evaluate as ev
+from launch.runstore.artifacts import EXPORT_FILES
 from launch.runstore.records import metrics_record, send
 from launch.runstore.store import fluent_uri, make_client, open_run, run_tracking
 from pipeline import imageio
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "translator"
-REQUIREMENTS = ("torch", "numpy", "safetensors", "mlflow")
+ONNX_ARTIFACT = "onnx"  # translator-a2b.onnx, translator-b2a.onnx, onnx.json (launch/release/onnx_export.py)
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT_PACKAGES = ("launch", "pipeline", "model")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# The project code the pyfunc model runs, shipped inside it (MLflow code_paths, package paths kept)
+# so that it loads where only its own requirements are installed: the export's loader and
+# translate_uint8, what they import, and the generator side of model/. Nothing of the trainer,
+# the data pipeline or the config, whose imports (deepspeed, webdataset, albumentations,
+# pydantic, PIL) a consumer should not need.
+SHIPPED_MODULES = ("launch.release.export", "launch.runstore.artifacts", "pipeline.atomic", "pipeline.hashing",
+                   "pipeline.tensors", "model.unit", "model.networks", "model.losses")
 
 
-def pinned_requirements() -> list[str]:
-    """The packages the pyfunc model imports, pinned to the versions here (public part only)."""
+def _imports(path: Path, module: str) -> list[tuple[str, bool]]:
+    """(absolute module name, imported at module level) for each import in `path`, the file of
+    `module`; `from a import b` gives both "a" and "a.b" (b may be a module)."""
+    tree = ast.parse(path.read_text())
+    in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for n in ast.walk(f)}
     out = []
-    for pkg in REQUIREMENTS:
-        version = metadata.version(pkg).split("+")[0]  # 2.13.0+cpu -> 2.13.0: any build of it works
-        out.append(f"{pkg}=={version}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(module.split(".")[:-node.level] + [node.module or ""]) if node.level else node.module
+            base = base.strip(".")
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out += [(name, id(node) not in in_functions) for name in names]
     return out
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT.joinpath(*name.split("."))
+    return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.is_file()), None)
+
+
+def shipped_code() -> tuple[dict[str, Path], set[str]]:
+    """({module: file} the pyfunc model carries (SHIPPED_MODULES and their packages), the third-party
+    top-level modules that these and pyfunc_model.py import).
+
+    Raises when a shipped file needs a project module that is not shipped: at module level, or
+    anywhere in pyfunc_model.py (the model would fail to load where the project is not installed).
+    """
+    files = {}
+    for mod in SHIPPED_MODULES:
+        parts = mod.split(".")
+        files.update({".".join(parts[:i]): ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))})
+        files[mod] = ROOT.joinpath(*parts).with_suffix(".py")
+    third, missing = set(), []
+    for mod, path in [*files.items(), ("pyfunc_model", PYFUNC_FILE)]:
+        for name, top in _imports(path, mod):
+            root = name.split(".")[0]
+            if root in PROJECT_PACKAGES:
+                if (top or path == PYFUNC_FILE) and name not in files and _module_file(name):
+                    missing.append(f"{path.relative_to(ROOT)} imports {name}")
+            elif root not in sys.stdlib_module_names:
+                third.add(root)
+    if missing:
+        raise RuntimeError("the pyfunc model would not load without the project; add to SHIPPED_MODULES: "
+                           + "; ".join(missing))
+    return files, third
+
+
+def pinned_requirements(modules) -> list[str]:
+    """The distributions that provide the top-level `modules`, pinned to the versions installed
+    here, public part only (2.13.0+cpu -> 2.13.0: any build of it works)."""
+    provided = metadata.packages_distributions()
+    out = []
+    for mod in modules:
+        dists = provided.get(mod, [])
+        dist = mod if mod in dists else (dists[0] if len(dists) == 1 else None)  # mlflow: not mlflow-skinny
+        if dist is None:
+            raise RuntimeError(f"import {mod}: no single installed distribution provides it ({dists})")
+        out.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+    return sorted(out)
+
+
+def stage_code(files: dict[str, Path], dst: Path) -> list[str]:
+    """Copy `files` under `dst` keeping their package paths; returns the top-level package folders
+    (MLflow copies each code path into the model's code/ folder by its name)."""
+    for path in files.values():
+        out = dst / path.relative_to(ROOT)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, out)
+    return sorted({str(dst / path.relative_to(ROOT).parts[0]) for path in files.values()})
 
 
 def log_model(uri: str, run_id: str, **kwargs):
@@ -54,8 +137,40 @@ def log_model(uri: str, run_id: str, **kwargs):
     import mlflow
     from mlflow.models import Model
 
-    with fluent_uri(uri):
+    # The logged model is filed under the fluent API's experiment: name the run's, or it lands in
+    # experiment 0, whose artifact root on a SQLite store is ./mlruns in the working directory.
+    experiment = make_client(uri).get_run(run_id).info.experiment_id
+    with fluent_uri(uri), own_imports(), env_var("MLFLOW_EXPERIMENT_ID", experiment):
         return Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, **kwargs)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def own_imports():
+    """Keep this process on its own code: logging loads the model once (to check the input
+    example), which puts the model's code/ (a temporary copy) on sys.path for good and may import
+    the shipped modules from there."""
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        yield
+    finally:
+        added = tuple(p for p in sys.path if p not in path)
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            if added and str(getattr(sys.modules[name], "__file__", None) or "").startswith(added):
+                del sys.modules[name]
 
 
 def signature():
@@ -249,23 +364,41 @@ def version_tags(run_dir: Path, run, meta: dict, metrics: dict, digest: str | No
 def log_translator(uri: str, run_id: str, export_dir: Path, meta: dict, name: str, tags: dict, test_dir,
                    size: int | None) -> str:
     """Log the export into the run as a pyfunc model from code (launch/release/pyfunc_model.py with
-    translator.safetensors, translator.json and baselines.json as artifacts) and register it under
-    `name`; returns the new version."""
-    from launch.release.export import META_NAME, WEIGHTS_NAME
-
+    translator.safetensors, translator.json and baselines.json as artifacts, the project code it
+    runs in code/, the packages that code imports as requirements) and register it under `name`;
+    returns the new version."""
+    files, imported = shipped_code()
     with tempfile.TemporaryDirectory() as tmp:
-        art = Path(tmp) / MODEL_ARTIFACT
-        art.mkdir()
-        for f in (WEIGHTS_NAME, META_NAME, baselines.FILE_NAME):
-            if f != baselines.FILE_NAME or (export_dir / f).is_file():
-                shutil.copy2(export_dir / f, art / f)
+        artifacts = stage_artifacts(export_dir, Path(tmp), tags)
         info = log_model(
-            uri, run_id, name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={MODEL_ARTIFACT: str(art)}, signature=signature(),
+            uri, run_id, name=MODEL_ARTIFACT, python_model=str(PYFUNC_FILE), artifacts=artifacts,
+            code_paths=stage_code(files, Path(tmp) / "code"), signature=signature(),
             input_example=(input_example(test_dir, size or meta.get("image_size")), {"direction": "a2b"}),
-            pip_requirements=pinned_requirements(), registered_model_name=name, tags=tags,
+            pip_requirements=pinned_requirements(imported), registered_model_name=name, tags=tags,
             metadata={"translator": {k: meta[k] for k in ("image_size", "domains", "step", "ema") if k in meta}})
     return str(info.registered_model_version)
+
+
+def stage_artifacts(export_dir: Path, tmp: Path, tags: dict) -> dict:
+    """The model's artifacts in `tmp`: the export's files (translator, discriminators when exported,
+    baselines) and, when the [onnx] extra is installed, both directions as ONNX graphs (tag `onnx`
+    says which, or why not)."""
+    art = tmp / MODEL_ARTIFACT
+    art.mkdir()
+    for f in (*EXPORT_FILES, baselines.FILE_NAME):
+        if (export_dir / f).is_file():
+            shutil.copy2(export_dir / f, art / f)
+    artifacts = {MODEL_ARTIFACT: str(art)}
+    from launch.release.onnx_export import export_onnx
+
+    try:
+        report = export_onnx(export_dir, tmp / ONNX_ARTIFACT)
+    except (ImportError, ValueError, RuntimeError) as e:  # no [onnx] extra, or a graph that fails its check
+        tags["onnx"] = f"not exported ({str(e).splitlines()[0][:200]})"
+        return artifacts
+    tags["onnx"] = ", ".join(f"{d}: max abs diff {v:.2g}" for d, v in report["max_abs_diff"].items())
+    artifacts[ONNX_ARTIFACT] = str(tmp / ONNX_ARTIFACT)
+    return artifacts
 
 
 def describe(res: dict) -> str:

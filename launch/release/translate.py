@@ -1,23 +1,36 @@
-"""Translate a folder of images with a registered or exported translator.
+"""Translate a folder of images, or a corpus of WebDataset shards, with a registered or exported translator.
 
     python -m launch.release.translate --model models:/unit-translator@champion | EXPORT_DIR \\
-        --direction a2b --in DIR --out DIR [--batch-size N] [--tracking-uri URI] \\
-        [--max-pixels N] [--tile N] [--tile-overlap N] [--report FILE]
+        --direction a2b --in IN --out OUT [--batch-size N] [--ext jpg|png|webp] [--size N]
+        [--tracking-uri URI] [--max-pixels N] [--tile N] [--tile-overlap N] [--report FILE] [--no-progress]
 
-Walks --in recursively, keeps relative paths and file names (a .jpg stays a .jpg, written at
-quality 95), translates images of the same size together, and ends with a summary.
+--in is a folder of images (folder mode), or shards (corpus mode, launch/release/corpus.py): a
+`make shards` OUT folder or its index.json (the source domain's shards: a for a2b, b for b2a), a
+brace pattern, or one or more tar URLs. Corpus mode runs on any number of ranks
+(`torchrun --nproc_per_node N -m launch.release.translate ...`, `deepspeed --num_gpus N --module
+launch.release.translate ...`) and resumes after a kill.
+
+Folder mode walks --in recursively and keeps relative paths and file names (a .jpg stays a .jpg,
+written at quality 95, unless --ext names another format). Images are read one at a time and
+translated in batches of one shape gathered within a window of WINDOW x --batch-size images: a
+window holding several shapes is flushed as partial batches, so memory stays bounded by the batch
+whatever the folder holds. --size N resizes the shortest side to N and centre-crops N x N first.
 
 Input is untrusted: files that are no image at all are listed and left alone; images that
 cannot be used (damaged, above --max-pixels, smaller than the model's minimum side, failing in
 the model) are skipped with one line each naming the file and the reason, the others are still
 written, and the exit status is 3. EXIF orientation is applied, so outputs are upright. Images
 with a side above --tile are translated in overlapping tiles, so memory stays bounded.
+A --model that does not exist (export dir, registered model, alias, version) or a tracking store
+that is unset or unreachable is one line naming what was asked and what exists, exit status 2,
+and nothing is created in the working directory.
 Exit status: 0 all images translated, 2 nothing done (bad arguments, model), 3 some skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -30,6 +43,9 @@ from pipeline.atomic import replacing, write_json
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageRejected, is_image_file, read_rgb
 
 EXIT_SKIPPED = 3
+EXTS = ("jpg", "png", "webp")  # what --ext may name (the formats a shard may hold)
+WINDOW = 4  # images held for grouping by shape: WINDOW x --batch-size at most
+QUALITY = 95  # JPEG and WebP outputs
 
 
 @dataclass
@@ -57,6 +73,69 @@ class Outcome:
             print(f"skipped {path}: {reason}", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Translating a window of images (both modes)
+
+
+def failure(e: BaseException) -> str:
+    return f"translation failed ({type(e).__name__}: {str(e)[:200]})"
+
+
+def translate_window(fn, direction: str, images: list[np.ndarray], batch_size: int,
+                     limits: Limits | None = None) -> list:
+    """Translate uint8 [H, W, 3] images: same-shaped ones together in batches of at most
+    `batch_size`, those with a side above limits.tile in tiles. Returns, in input order, each
+    image's translation or, when it failed, the exception. A failing batch is retried image by
+    image, so one bad image costs only itself."""
+    from launch.release.export import translate_tiled
+
+    limits = limits or Limits()
+    out: list = [None] * len(images)
+    by_shape = defaultdict(list)
+    for i, arr in enumerate(images):
+        if limits.tile and max(arr.shape[:2]) > limits.tile:
+            try:
+                out[i] = translate_tiled(fn, arr, direction, limits.tile, limits.overlap)
+            except Exception as e:  # the model's failure on this image only
+                out[i] = e
+        else:
+            by_shape[arr.shape].append(i)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_size):
+            _run_batch(fn, direction, images, idx[s:s + batch_size], out)
+    return out
+
+
+def _run_batch(fn, direction: str, images: list, idx: list[int], out: list) -> None:
+    try:
+        ys = fn(np.stack([images[i] for i in idx]), direction)
+    except Exception as e:
+        if len(idx) > 1:
+            for i in idx:
+                _run_batch(fn, direction, images, [i], out)
+        else:
+            out[idx[0]] = e
+        return
+    for i, y in zip(idx, ys):
+        out[i] = np.asarray(y, dtype=np.uint8)
+
+
+def encode_image(arr: np.ndarray, fmt: str) -> bytes:
+    """uint8 [H, W, 3] as the bytes of a file in PIL format `fmt` (JPEG and WebP at quality 95)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    kw = {"quality": QUALITY} if fmt in ("JPEG", "WEBP") else {}
+    Image.fromarray(arr).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder mode
+
+
 def find_images(root: Path) -> tuple[list[Path], list[Path]]:
     """(candidate images, files that are no image) under root; hidden files and folders are left out.
     Reads headers only: damaged images are found (and reported) when they are decoded."""
@@ -73,9 +152,8 @@ def save_image(arr: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     with replacing(path, durable=False) as tmp:
-        Image.fromarray(arr).save(tmp, format=fmt, **kw)
+        tmp.write_bytes(encode_image(arr, fmt))
 
 
 def check_folders(in_dir: Path, out_dir: Path) -> None:
@@ -94,69 +172,82 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
                          "choose an output folder that does not contain the input folder")
 
 
-def _translate_group(fn, direction, items, in_dir, out_dir, res: Outcome) -> int:
-    """Translate same-sized images together; when the batch fails, each alone, so that one bad
-    image costs only itself. Returns how many were handled."""
-    try:
-        outs = fn(np.stack([a for _, a in items]), direction)
-    except Exception as e:
-        if len(items) > 1:
-            return sum(_translate_group(fn, direction, [it], in_dir, out_dir, res) for it in items)
-        res.reject(items[0][0], f"translation failed ({type(e).__name__}: {str(e)[:200]})")
-        return 1
-    for (p, _), y in zip(items, outs):
-        _write(y, p, in_dir, out_dir, res)
-    return len(items)
+@dataclass
+class _Folder:
+    """One folder run: where outputs go and what happened so far."""
 
+    fn: object
+    direction: str
+    in_dir: Path
+    out_dir: Path
+    batch_size: int
+    limits: Limits
+    ext: str | None
+    res: Outcome
+    bar: object
+    names: dict = field(default_factory=dict)  # output path -> input (only with --ext: names may collide)
 
-def _write(y, p: Path, in_dir: Path, out_dir: Path, res: Outcome) -> None:
-    try:
-        save_image(np.asarray(y, dtype=np.uint8), out_dir / p.relative_to(in_dir))
-        res.translated += 1
-    except OSError as e:
-        res.reject(p, f"cannot write the output ({e.strerror or e})")
+    def target(self, p: Path) -> Path:
+        rel = p.relative_to(self.in_dir)
+        return self.out_dir / (rel.with_suffix(f".{self.ext}") if self.ext else rel)
+
+    def flush(self, pending: list[tuple[Path, np.ndarray]]) -> None:
+        outs = translate_window(self.fn, self.direction, [a for _, a in pending], self.batch_size, self.limits)
+        for (p, arr), y in zip(pending, outs):
+            if isinstance(y, Exception):
+                self.res.reject(p, failure(y))
+            else:
+                self.write(y, p, tiled=bool(self.limits.tile) and max(arr.shape[:2]) > self.limits.tile)
+            self.bar.update(1)
+        pending.clear()
+
+    def write(self, y: np.ndarray, p: Path, tiled: bool) -> None:
+        dst = self.target(p)
+        if self.ext:
+            first = self.names.setdefault(dst, p)
+            if first != p:
+                self.res.reject(p, f"its output {dst} is already written from {first} "
+                                   f"(same name with --ext {self.ext})")
+                return
+        try:
+            save_image(y, dst)
+            self.res.translated += 1
+            self.res.tiled += tiled
+        except OSError as e:
+            self.res.reject(p, f"cannot write the output ({e.strerror or e})")
 
 
 def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 16, progress: bool = True,
-                     limits: Limits | None = None) -> dict:
+                     limits: Limits | None = None, ext: str | None = None, size: int | None = None) -> dict:
     """Translate every image under in_dir into out_dir; returns counts, what was skipped and why, time.
 
     `model`: a generator module, a pyfunc model, or fn(uint8 NHWC, direction) -> uint8 NHWC.
+    `ext`: the output format (jpg, png, webp; None: each input's own). `size`: resize the shortest
+    side to `size` and centre-crop first. At most WINDOW x batch_size decoded images are held.
     """
     from tqdm import tqdm
 
     from launch.release.evaluate import as_translate_fn
-    from launch.release.export import translate_tiled
 
     limits = limits or Limits()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_folders(in_dir, out_dir)
-    fn = as_translate_fn(model)
     images, others = find_images(in_dir)
     res = Outcome(not_images=[str(p) for p in others])
     t0 = time.perf_counter()
-    groups = defaultdict(list)  # translate same-sized images together
     bar = tqdm(total=len(images), unit="img", desc=f"translate {direction}", disable=not progress)
+    run = _Folder(as_translate_fn(model), direction, in_dir, out_dir, batch_size, limits, ext, res, bar)
+    pending: list[tuple[Path, np.ndarray]] = []
     for p in images:
         try:
-            arr = read_rgb(p, max_pixels=limits.max_pixels, min_side=limits.min_side)
+            pending.append((p, read_rgb(p, max_pixels=limits.max_pixels, size=size,
+                                        min_side=1 if size else limits.min_side)))
         except ImageRejected as e:  # NotAnImage included: is_image_file said it looked like one
             res.reject(p, e.reason)
             bar.update(1)
-            continue
-        if limits.tile and max(arr.shape[:2]) > limits.tile:
-            try:
-                _write(translate_tiled(fn, arr, direction, limits.tile, limits.overlap), p, in_dir, out_dir, res)
-                res.tiled += 1
-            except Exception as e:
-                res.reject(p, f"translation failed ({type(e).__name__}: {str(e)[:200]})")
-            bar.update(1)
-            continue
-        groups[arr.shape].append((p, arr))
-        if len(groups[arr.shape]) >= batch_size:
-            bar.update(_translate_group(fn, direction, groups.pop(arr.shape), in_dir, out_dir, res))
-    for shape in list(groups):
-        bar.update(_translate_group(fn, direction, groups.pop(shape), in_dir, out_dir, res))
+        if len(pending) >= WINDOW * batch_size:
+            run.flush(pending)
+    run.flush(pending)
     bar.close()
     return {"translated": res.translated, "tiled": res.tiled, "skipped": res.not_images,
             "rejected": res.rejected, "seconds": time.perf_counter() - t0, "out": str(out_dir)}
@@ -188,47 +279,106 @@ def summary(res: dict, direction: str, model: str) -> str:
             + (f" (first: {rej[0]['path']}: {rej[0]['reason']})" if rej else "") + ".")
 
 
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m launch.release.translate", description="Translate a folder of images.")
+    p = argparse.ArgumentParser(prog="python -m launch.release.translate",
+                                description="Translate a folder of images, or WebDataset shards (a make shards OUT, "
+                                            "its index.json, a brace pattern or tar URLs) into shards.")
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or an export dir")
     p.add_argument("--direction", required=True, choices=["a2b", "b2a"])
-    p.add_argument("--in", dest="in_dir", required=True)
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="IN",
+                   help="a folder of images, or shards: a make shards OUT, an index.json, a brace pattern, tar URLs")
     p.add_argument("--out", dest="out_dir", required=True, help="must not be inside --in (nor contain it)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ext", choices=EXTS, default=None,
+                   help="output format (default: shards: the target domain's format in the input's manifest, "
+                        "else each source image's own)")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shortest side to N and centre-crop N x N before translating")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS}); 0: no cap")
     p.add_argument("--tile", type=int, default=1024,
                    help="translate images with a side above N in overlapping N x N tiles (default 1024); 0: never")
     p.add_argument("--tile-overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
-    p.add_argument("--report", default=None, help="write what was translated and skipped (with reasons) as JSON")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda:N")
+    p.add_argument("--report", default=None, help="folder mode: write what was translated and skipped as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     a = p.parse_args(argv)
+    _check_args(p, a)
+    return a
+
+
+def _check_args(p: argparse.ArgumentParser, a) -> None:
     if a.batch_size < 1:
         p.error("--batch-size must be >= 1")
     if a.max_pixels < 0:
         p.error("--max-pixels must be >= 0")
+    if a.size is not None and a.size < 1:
+        p.error("--size must be >= 1")
     if a.tile and a.tile < 32:
         p.error("--tile must be 0 (never tile) or >= 32")
     if a.tile and not 0 <= a.tile_overlap <= a.tile // 2:
         p.error(f"--tile-overlap must be in [0, --tile/2] = [0, {a.tile // 2}]")
-    return a
+
+
+def device_for(spec: str) -> str:
+    """The device to translate on; on CPU, ranks started side by side share the cores (unless
+    OMP_NUM_THREADS says otherwise) instead of each taking all of them."""
+    import torch
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    if spec != "auto":
+        return spec
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+    torch.cuda.set_device(local)  # a pyfunc model loads onto "cuda": this rank's GPU
+    return f"cuda:{local}"
+
+
+def load(a):
+    """(translate fn, meta, info, limits) for the arguments; ModelNotFound/ValueError when unusable."""
+    from launch.release.evaluate import as_translate_fn, load_model
+    from launch.release.export import min_input_side, size_multiple, translate_uint8
+
+    model, info = load_model(a.model, a.tracking_uri, device=device_for(a.device))
+    meta = model_meta(model, info)
+    if info.get("kind") == "export":  # pad to the model's own multiple (as_translate_fn assumes 4)
+        gen, multiple = model, size_multiple(meta)
+        fn = lambda x, d: translate_uint8(gen, x, d, batch_size=a.batch_size, multiple=multiple)  # noqa: E731
+    else:
+        fn = as_translate_fn(model)
+    min_side = min_input_side(meta) if meta else 1
+    if a.size is not None and a.size < min_side:
+        raise ValueError(f"--size {a.size}: the model needs at least {min_side} pixels per side")
+    limits = Limits(max_pixels=a.max_pixels or None, min_side=min_side, tile=a.tile, overlap=a.tile_overlap)
+    return fn, meta, info, limits
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from launch.release.evaluate import load_model
-    from launch.release.export import min_input_side, size_multiple, translate_uint8
+    from launch.release import corpus
+    from launch.release.evaluate import quick_http_failures
 
+    quick_http_failures()
     try:
-        check_folders(Path(a.in_dir), Path(a.out_dir))  # before loading the model: fail fast
-        model, info = load_model(a.model, a.tracking_uri)
-        meta = model_meta(model, info)
-        if info.get("kind") == "export":  # pad to the model's own multiple (as_translate_fn assumes 4)
-            gen, multiple = model, size_multiple(meta)
-            model = lambda x, d: translate_uint8(gen, x, d, multiple=multiple)  # noqa: E731
-        limits = Limits(max_pixels=a.max_pixels or None, min_side=min_input_side(meta) if meta else 1,
-                        tile=a.tile, overlap=a.tile_overlap)
-        res = translate_folder(model, a.direction, a.in_dir, a.out_dir, a.batch_size, limits=limits)
+        if corpus.is_corpus(a.inputs):
+            return corpus.main(a)
+        if len(a.inputs) != 1:
+            raise ValueError(f"--in: one folder, or shards (an OUT folder, an index.json, tar URLs); got {a.inputs}")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError("folder mode runs on one rank; write shards (make shards) to translate on several")
+        check_folders(Path(a.inputs[0]), Path(a.out_dir))  # before loading the model: fail fast
+        fn, _, _, limits = load(a)
+        res = translate_folder(fn, a.direction, a.inputs[0], a.out_dir, a.batch_size, progress=not a.no_progress,
+                               limits=limits, ext=a.ext, size=a.size)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ The exported translator (what training hands to release, docs/contracts.md) is o
 
     EXPORT_DIR/translator.safetensors   a module's state_dict (the generator side)
     EXPORT_DIR/translator.json          {"format": 1, "model": {...}, "image_size", "domains", "step",
-                                         "ema", "weights_sha256"}
+                                         "ema", "weights_sha256", "dis_weights_sha256"?}
+    EXPORT_DIR/discriminator.safetensors  the discriminators' state_dict (optional; for init_from)
 
 The weights are written first and the JSON last; the JSON records the weights' sha256, so a crash
 between the two renames is caught when reading instead of pairing new weights with an old config.
@@ -27,7 +28,9 @@ from pipeline.hashing import sha256_file
 
 WEIGHTS_NAME = "translator.safetensors"
 META_NAME = "translator.json"
+DIS_WEIGHTS_NAME = "discriminator.safetensors"  # optional: lets a new run start from the whole GAN
 FORMAT_VERSION = 1
+EXPORT_FILES = (WEIGHTS_NAME, META_NAME, DIS_WEIGHTS_NAME)
 
 
 def save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -47,14 +50,16 @@ def load_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor]
 
 
 def save_translator(dir, module: torch.nn.Module, model_config: dict, image_size: int, step: int,
-                    ema: bool, domains: dict | None = None) -> Path:
-    """Write `module`'s weights and their description to `dir` (created if needed); returns `dir`."""
+                    ema: bool, domains: dict | None = None, discriminator: torch.nn.Module | None = None) -> Path:
+    """Write `module`'s weights (and `discriminator`'s, when given) and their description to `dir`
+    (created if needed); returns `dir`."""
     out = Path(dir)
-    digest = save_safetensors(out / WEIGHTS_NAME, module.state_dict())
-    write_json(out / META_NAME, {
-        "format": FORMAT_VERSION, "model": model_config, "image_size": int(image_size),
-        "domains": domains or {"a": "domain A", "b": "domain B"}, "step": int(step), "ema": bool(ema),
-        "weights_sha256": digest}, indent=2)
+    meta = {"format": FORMAT_VERSION, "model": model_config, "image_size": int(image_size),
+            "domains": domains or {"a": "domain A", "b": "domain B"}, "step": int(step), "ema": bool(ema),
+            "weights_sha256": save_safetensors(out / WEIGHTS_NAME, module.state_dict())}
+    if discriminator is not None:
+        meta["dis_weights_sha256"] = save_safetensors(out / DIS_WEIGHTS_NAME, discriminator.state_dict())
+    write_json(out / META_NAME, meta, indent=2)
     return out
 
 
@@ -89,3 +94,13 @@ def read_translator(dir, device: str = "cpu") -> tuple[dict[str, torch.Tensor], 
                          "(the export was interrupted between the two files; export again)")
     state, _ = load_safetensors(weights, device)
     return state, meta
+
+
+def read_discriminator(dir, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+    """The discriminators' state_dict of the export in `dir`, None when it was not exported."""
+    meta, path = read_meta(dir), Path(dir) / DIS_WEIGHTS_NAME
+    if "dis_weights_sha256" not in meta or not path.is_file():
+        return None
+    if sha256_file(path) != meta["dis_weights_sha256"]:
+        raise ValueError(f"{path}: sha256 does not match {META_NAME} (export again)")
+    return load_safetensors(path, device)[0]

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from pipeline.atomic import replacing
-from pipeline.imageio import load_folder, to_tensor, to_uint8
+from pipeline.imageio import load_folder
+from pipeline.tensors import to_tensor, to_uint8
 
 
 def held_out_batch(test_a: str | None, test_b: str | None, image_size: int, n: int, side_stream):

@@ -35,9 +35,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from launch.config import Config, config_hash, deepspeed_config, resume_point
+from launch.config import Config, ConfigError, config_hash, deepspeed_config, resume_point
 from launch.runstore import rundir
-from launch.runstore.artifacts import save_translator
+from launch.runstore.artifacts import read_discriminator, read_translator, save_translator
+from launch.runstore.models import ORIGIN_NAME, fetch_export
+from launch.runstore.store import resolve_uri
 from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
 from launch.training.engines import StepResult, build_engines, gan_step, mean_across_ranks
@@ -169,17 +171,48 @@ def init_ranks(cfg: Config) -> Ranks:
                  device_name=accel.device_name(), bf16_ok=accel.device_name() == "cuda" and accel.is_bf16_supported())
 
 
+INIT_DIR = "init"  # RUN_DIR/init: the translator a run started from (init_from), with origin.json
+
+
 def claim(cfg: Config, ranks: Ranks) -> tuple[ckpt.TrainState, Path | None]:
     """Every rank decides where to resume from (and whether the run directory may be used) before
-    rank 0 claims it: the barrier keeps a slow rank from seeing the marker of this very launch."""
+    rank 0 claims it: the barrier keeps a slow rank from seeing the marker of this very launch.
+    Rank 0 also fetches `init_from` for a run that starts at step 0; a failure there ends every rank."""
     resume_from = resume_point(cfg)
     dist.barrier()
-    uid = [None]
+    shared = [None, None]  # the run's identity, written into every checkpoint; rank 0's error
     if ranks.is_main:
-        uid[0] = rundir.claim_run_dir(cfg.run_dir)["run_uid"]
+        shared[0] = rundir.claim_run_dir(cfg.run_dir)["run_uid"]
         rundir.write_config(cfg.run_dir, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    dist.broadcast_object_list(uid, src=0)  # the run's identity, written into every checkpoint
-    return ckpt.TrainState(run_uid=uid[0]), resume_from
+        if cfg.init_from and resume_from is None:
+            try:
+                fetch_export(cfg.init_from, Path(cfg.run_dir) / INIT_DIR, resolve_uri(cfg.run_dir, cfg.tracking.uri))
+            except Exception as e:  # a missing alias, an unreachable registry: one line, every rank stops
+                shared[1] = f"config key init_from = {cfg.init_from!r}: {type(e).__name__}: {str(e).splitlines()[0]}"
+    dist.broadcast_object_list(shared, src=0)
+    if shared[1]:
+        raise ConfigError(shared[1])
+    return ckpt.TrainState(run_uid=shared[0]), resume_from
+
+
+def init_weights(cfg: Config, unit: UNIT) -> None:
+    """Every rank, before the engines exist: the generator (and the discriminators, when exported and
+    of the same shape) from RUN_DIR/init."""
+    src = Path(cfg.run_dir) / INIT_DIR
+    state, meta = read_translator(src)
+    try:
+        unit.gen.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"config key init_from = {cfg.init_from!r}: its generator does not fit the model section "
+                          f"(it was trained as {meta['model']}): {str(e).splitlines()[0]} ...") from None
+    dis = read_discriminator(src)
+    if dis is None:
+        return
+    try:
+        unit.dis.load_state_dict(dis)
+    except RuntimeError:  # e.g. another image size, so other discriminator scales: start them afresh
+        print(f"warning: init_from {cfg.init_from}: its discriminators do not fit (another image size or "
+              "discriminator setting); they start from random weights", flush=True)
 
 
 def make_loader(cfg: Config, ranks: Ranks) -> UnpairedLoader:
@@ -198,6 +231,8 @@ def build(cfg: Config, ds_json: dict | None) -> Trainer:
     # then a noise stream of its own per rank.
     seed_all(cfg.seed, 0)
     unit = UNIT(cfg.model)  # model.image_size follows data.image_size: only the scales it uses
+    if cfg.init_from and resume_from is None:
+        init_weights(cfg, unit)
     ds_g, ds_d = (deepspeed_config(cfg, ds_json, lr=lr, on_gpu=ranks.on_gpu, bf16_ok=ranks.bf16_ok)
                   for lr in (cfg.optim.lr_g, cfg.optim.lr_d))
     eng_g, eng_d = build_engines(unit, ds_g, ds_d)
@@ -241,6 +276,9 @@ def start_tracking(tr: Trainer) -> None:
                                "model_params_gen": sum(p.numel() for p in tr.unit.gen.parameters()),
                                "model_params_dis": sum(p.numel() for p in tr.unit.dis.parameters())})
         tr.tracker.log_datasets(shards=cfg.data.shards, shards_a=cfg.data.shards_a, shards_b=cfg.data.shards_b)
+        origin = rundir.read_json(tr.run_dir / INIT_DIR / ORIGIN_NAME) if cfg.init_from else None
+        if origin:
+            tr.tracker.set_tags({f"init_from.{k}" if k != "init_from" else k: str(v) for k, v in origin.items()})
     shards_a, shards_b = cfg.data.sources()
 
     def side_stream():
@@ -366,7 +404,7 @@ def export(tr: Trainer) -> Path:
     out = tr.run_dir / rundir.EXPORT_DIR
     with ema_weights(tr.ema, tr.eng_g.module) as gen:
         save_translator(out, gen, tr.unit.config(), image_size=tr.cfg.data.image_size, step=tr.state.step,
-                        ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"})
+                        ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"}, discriminator=tr.eng_d.module)
     return out
 
 
@@ -401,7 +439,8 @@ def run(tr: Trainer) -> dict:
     tr.watchdog.stop()
     summary = {"rank": tr.ranks.rank, "step": tr.state.step, "steps_run": tr.state.step - meter.start_step,
                "seconds": time.perf_counter() - meter.t_start, "checkpoint": str(final),
-               "nonfinite_total": tr.state.nonfinite_total, "run_dir": str(tr.run_dir)}
+               "nonfinite_total": tr.state.nonfinite_total, "run_dir": str(tr.run_dir),
+               "init_from": rundir.read_json(tr.run_dir / INIT_DIR / ORIGIN_NAME) if cfg.init_from else None}
     if tr.ranks.is_main:
         summary["export"] = str(export(tr))
         tr.tracker.flush()
