@@ -148,7 +148,7 @@ def test_champion_loads_in_a_fresh_venv_and_translates_as_the_project_does(champ
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env_manager", ["local", "default"])
+@pytest.mark.parametrize("env_manager", ["default"])  # MLflow's own: it finds the prepared env
 def test_serve_from_the_venv_answers_as_the_model_loaded_in_process(champion, consumer_venv, in_venv, env_manager,
                                                                     mlflow_server, tmp_path):
     """`mlflow models serve` from the venv: --env-manager local, and MLflow's default (virtualenv),

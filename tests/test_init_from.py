@@ -11,8 +11,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from launch.config import load_config
 from launch.release.registry import register_run
 from launch.runstore.artifacts import load_safetensors, save_translator
+from launch.runstore.models import fetch_export
 from launch.runstore.tracking import Tracker
 from launch.training import trainer as T
 from model.unit import UNIT
@@ -77,23 +79,27 @@ def test_run_starts_from_the_registered_generator_and_discriminators(registered,
 
 def test_export_dir_start_and_clear_refusals(registered, tmp_path):
     export = registered["root"] / "source-run" / "export"
-    cfg = write_config(tmp_path / "c.yaml", registered["corpus"], tmp_path / "run", max_steps=1, ckpt_every=1000)
-    r = launch(cfg, f"init_from={export}", "optim.lr_g=1e-9", "optim.lr_d=1e-9")
-    assert f"started from: {export.resolve()}" in r.stdout
-    assert max_diff(weights(tmp_path / "run", "translator.safetensors"), registered["unit"].gen.state_dict()) < 1e-6
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", registered["corpus"], run_dir, max_steps=1, ckpt_every=1000)
+    # What rank 0 and then every rank do at step 0, in process: fetch into RUN_DIR/init, load.
+    origin = fetch_export(str(export), run_dir / T.INIT_DIR)
+    assert origin["init_from"] == str(export.resolve()) and origin["discriminator"] is True
+    config = load_config(cfg, [f"init_from={export}"])
+    unit = UNIT(config.model)
+    T.init_weights(config, unit)
+    assert max_diff(unit.gen.state_dict(), registered["unit"].gen.state_dict()) == 0.0
+    assert max_diff(unit.dis.state_dict(), registered["unit"].dis.state_dict()) == 0.0
 
     # A folder that is no export: refused before any rank starts.
     p = subprocess.run([sys.executable, "-m", "launch.config", str(cfg), f"init_from={tmp_path}",
-                        f"run_dir={tmp_path / 'new'}"], cwd=ROOT,
-                       capture_output=True, text=True)
+                        f"run_dir={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "config key init_from" in p.stderr and "not an export dir" in p.stderr
+    # A generator of another shape: named before any rank starts.
+    p = subprocess.run([sys.executable, "-m", "launch.config", str(cfg), f"init_from={export}", "model.dim=8",
+                        f"run_dir={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "its generator does not fit the model section (model.dim: it has 16" in p.stderr
     # An alias that does not exist: one line from rank 0, both ranks stop, exit 2.
     cfg3 = write_config(tmp_path / "c3.yaml", registered["corpus"], tmp_path / "run3", max_steps=1,
                         tracking={"uri": registered["uri"], "system_metrics": False})
     r = launch(cfg3, f"init_from=models:/{NAME}@nope", ranks=2, check=False, timeout=120)
     assert r.returncode == 2 and "config key init_from = 'models:/unit-init@nope'" in r.stdout
-    # A generator of another shape: named before any rank starts.
-    p = subprocess.run([sys.executable, "-m", "launch.config", str(cfg), f"init_from={export}", "model.dim=8",
-                        f"run_dir={tmp_path / 'new'}"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and "its generator does not fit the model section (model.dim: it has 16" in p.stderr
