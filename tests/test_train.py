@@ -76,7 +76,7 @@ KILLED_RUN = {"max_steps": 24, "ckpt_every": 8, "log_every": 2, "ema_decay": 0.9
 # The launches of the tests below whose outcome does not depend on timing, in the order the tests
 # use them.
 def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
-    """key -> (directory, command builder, environment)."""
+    """key -> (directory, command builder, environment[, the launch it must follow])."""
     runs = {}
     for stage in (0, 1, 2):
         d = mkdir(f"zero{stage}")
@@ -88,6 +88,8 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
     d = mkdir("uninterrupted")
     cfg = write_config(d / "ref.yaml", corpus, d / "run", **KILLED_RUN)
     runs["uninterrupted"] = (d, lambda cfg=cfg: launch_cmd(cfg), None)
+    # ... and, once it has ended, a relaunch of it with a config change that breaks resuming.
+    runs["incompatible"] = (d, lambda cfg=cfg: launch_cmd(cfg, "model.dim=8"), None, "uninterrupted")
     d = mkdir("bad-config")
     cfg = write_config(d / "c.yaml", corpus, d / "run")
     runs["bad_config"] = (d, lambda cfg=cfg: launch_cmd(cfg, "train.max_stepz=3"), None)
@@ -103,7 +105,7 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
 
 
 USES = {"test_trains_at_each_zero_stage": lambda item: [f"zero{item.callspec.params['stage']}"],
-        "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted": lambda item: ["uninterrupted"],
+        "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted": lambda item: ["uninterrupted", "incompatible"],
         "test_bad_config_fails_before_ranks_start": lambda item: ["bad_config"],
         "test_nonfinite_losses_skip_steps_then_stop": lambda item: ["nan_skip", "nan_stop"],
         "test_two_engine_step_matches_single_process_reference": lambda item: ["ds_reference"]}
@@ -115,9 +117,9 @@ def background(request, corpus, tmp_path_factory):
     background (trainutil.Background); `.dirs[key]` is each one's directory."""
     bg = Background(parallel=2)
     runs = background_launches(corpus, tmp_path_factory.mktemp)
-    bg.dirs = {key: d for key, (d, _, _) in runs.items()}
-    for key, (_, make_cmd, env) in runs.items():
-        bg.define(key, make_cmd, env=env)
+    bg.dirs = {key: d for key, (d, *_) in runs.items()}
+    for key, (_, make_cmd, env, *after) in runs.items():
+        bg.define(key, make_cmd, env=env, after=after[0] if after else None)
     bg.queue(*[key for item in request.session.items if getattr(item, "module", None) is request.module
                and item.originalname in USES for key in USES[item.originalname](item)])
     yield bg
@@ -177,6 +179,12 @@ def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(background, cor
     with background.slot():  # this test's own launches take one of the two places
         killed_run_matches_uninterrupted(corpus, tmp_path, ref_dir, steps)
 
+    # A config change that breaks resuming is refused, naming the difference (the uninterrupted
+    # run relaunched with model.dim=8, once it had ended).
+    r = background.result("incompatible")
+    assert r.returncode != 0
+    assert "model.dim" in r.stderr + r.stdout
+
 
 def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path, steps: int) -> None:
     run_dir = tmp_path / "killed"
@@ -223,11 +231,6 @@ def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path
     for m in rows[-3:]:
         assert m["g/recon_a"] == pytest.approx(ref_rows[m["step"]]["g/recon_a"], rel=1e-4)
     assert not (fake / "COMPLETE").exists()  # still unmarked: nothing took it for a checkpoint
-
-    # A config change that breaks resuming is refused, naming the difference.
-    r = launch(cfg, "model.dim=8", check=False)
-    assert r.returncode != 0
-    assert "model.dim" in r.stderr + r.stdout
 
 
 def test_bad_config_fails_before_ranks_start(background):

@@ -135,21 +135,29 @@ class Background:
         for w in self._workers:
             w.start()
 
-    def define(self, key: str, make_cmd, env: dict | None = None, timeout: float = 300) -> None:
+    def define(self, key: str, make_cmd, env: dict | None = None, timeout: float = 300,
+               after: str | None = None) -> None:
         """A launch that may be needed: `make_cmd()` builds its command when it starts (ports are
-        picked then)."""
-        self._specs[key] = (make_cmd, env, timeout)
+        picked then); with `after`, it starts once that launch has ended."""
+        self._specs[key] = (make_cmd, env, timeout, after)
         self._done[key] = threading.Event()
 
     def queue(self, *keys: str) -> None:
         with self._cond:
-            self._queue += [k for k in keys if k not in self._queue and k not in self._started]
+            for k in keys:
+                after = self._specs[k][3]
+                if after is not None and after not in self._queue and after not in self._started:
+                    self._queue.append(after)
+                if k not in self._queue and k not in self._started:
+                    self._queue.append(k)
             self._cond.notify_all()
 
     def result(self, key: str, timeout: float = 900) -> subprocess.CompletedProcess:
         with self._cond:  # never queued (a test selected on its own): next in line
             if key not in self._queue and key not in self._started:
-                self._queue.insert(0, key)
+                after = self._specs[key][3]
+                self._queue[:0] = [k for k in (after, key) if k is not None and k not in self._queue
+                                   and k not in self._started]
                 self._cond.notify_all()
         assert self._done[key].wait(timeout), f"background launch {key} did not finish within {timeout:.0f} s"
         r = self._results[key]
@@ -183,9 +191,12 @@ class Background:
                     return
                 key = self._queue.pop(0)
                 self._started.add(key)
+            make_cmd, env, timeout, after = self._specs[key]
+            while after is not None and not self._done[after].wait(1) and not self._closed:
+                pass
             with self._slots:
                 try:
-                    self._results[key] = self._launch(*self._specs[key])
+                    self._results[key] = self._launch(make_cmd, env, timeout)
                 except BaseException as e:  # handed to the test that asks for it
                     self._results[key] = e
             self._done[key].set()

@@ -392,7 +392,7 @@ def stage_artifacts(export_dir: Path, tmp: Path, tags: dict) -> dict:
     from launch.release.onnx_export import export_onnx
 
     try:
-        report = export_onnx(export_dir, tmp / ONNX_ARTIFACT)
+        report = export_onnx(art, tmp / ONNX_ARTIFACT)  # from the staged copy: the very files logged
     except (ImportError, ValueError, RuntimeError) as e:  # no [onnx] extra, or a graph that fails its check
         tags["onnx"] = f"not exported ({str(e).splitlines()[0][:200]})"
         return artifacts
