@@ -8,6 +8,7 @@ and bring it back on the same port and store mid-run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -21,14 +22,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
-# Every process the suite starts finds the virtualenv's tools first, whether or not `make test`
-# was run with it activated. This matters for `ninja`: each rank JIT-loads DeepSpeed's CPU
-# shared-memory op (cached in ~/.cache/torch_extensions), and two ninja versions (the venv's
-# pip one and a system one) do not read each other's build log, so alternating between them
-# recompiled the op on every other launch (about a minute each on two cores).
+# Each rank JIT-loads DeepSpeed's CPU shared-memory op, built once (about a minute on two cores)
+# and then cached. Two things made launches rebuild it over and over:
+# - Two ninja versions (the venv's pip one, a system one) do not read each other's build log, so
+#   alternating between them rebuilt the op on every other launch: every process the suite starts
+#   finds the virtualenv's tools first, whether or not `make test` runs with it activated.
+# - The compile command names the virtualenv's paths, so two checkouts (or a fresh clone) sharing
+#   ~/.cache/torch_extensions rebuilt it for each other: each virtualenv gets its own folder there
+#   (unless TORCH_EXTENSIONS_DIR is set already).
 _BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = os.pathsep.join([_BIN, *filter(None, [os.environ.get("PATH")])])
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"venv-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
 
 from trainutil import free_port, remove_deepspeed_shm  # noqa: E402  (after PATH; tests import it from here too)
 

@@ -406,18 +406,26 @@ def test_run_dir_marker_written_once_keeps_its_identity(tmp_path):
 @pytest.mark.slow
 def test_real_launch_moved_run_dir_resumes_and_never_is_refused(corpus, tmp_path):
     """With the real `deepspeed launch/train.py` (1 CPU rank): train, move the run directory,
-    continue it there; then resume=never into it is refused before any rank trains."""
-    from trainutil import launch, resumed_step, write_config
+    continue it there; resume=never into a copy of it is refused before any rank trains (the two
+    launches at once: neither depends on the other or on timing)."""
+    import shutil
 
-    base, other = tmp_path / "run_base", tmp_path / "run_other"
+    from trainutil import kill_group, launch, launch_cmd, resumed_step, start, write_config
+
+    base, other, copy = tmp_path / "run_base", tmp_path / "run_other", tmp_path / "run_copy"
     launch(write_config(tmp_path / "a.yaml", corpus, base, max_steps=2, ckpt_every=2))
     uid = rundir.read_run_marker(base)["run_uid"]
+    shutil.copytree(base, copy)
     base.rename(other)
-    cfg = write_config(tmp_path / "b.yaml", corpus, other, max_steps=4, ckpt_every=2)
-    r = launch(cfg)
-    assert resumed_step(r.stdout) == 2
-    assert json.loads((other / "ckpt" / "step-00000004" / ckpt.MARKER).read_text())["run_uid"] == uid
-    listing = sorted(p.name for p in (other / "ckpt").iterdir())
-    r = launch(cfg, "resume=never", check=False, timeout=120)
-    assert r.returncode != 0 and "already holds a run" in r.stdout, r.stdout[-3000:]
-    assert sorted(p.name for p in (other / "ckpt").iterdir()) == listing
+    listing = sorted(p.name for p in (copy / "ckpt").iterdir())
+    never = start(launch_cmd(write_config(tmp_path / "c.yaml", corpus, copy, max_steps=4, ckpt_every=2),
+                             "resume=never"))
+    try:
+        r = launch(write_config(tmp_path / "b.yaml", corpus, other, max_steps=4, ckpt_every=2))
+        assert resumed_step(r.stdout) == 2
+        assert json.loads((other / "ckpt" / "step-00000004" / ckpt.MARKER).read_text())["run_uid"] == uid
+        out, _ = never.communicate(timeout=120)
+    finally:
+        kill_group(never)
+    assert never.returncode != 0 and "already holds a run" in out, out[-3000:]
+    assert sorted(p.name for p in (copy / "ckpt").iterdir()) == listing

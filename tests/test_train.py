@@ -105,7 +105,8 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
 
 
 USES = {"test_trains_at_each_zero_stage": lambda item: [f"zero{item.callspec.params['stage']}"],
-        "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted": lambda item: ["uninterrupted", "incompatible"],
+        "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted":
+            lambda item: ["uninterrupted", "incompatible"],
         "test_bad_config_fails_before_ranks_start": lambda item: ["bad_config"],
         "test_nonfinite_losses_skip_steps_then_stop": lambda item: ["nan_skip", "nan_stop"],
         "test_two_engine_step_matches_single_process_reference": lambda item: ["ds_reference"]}

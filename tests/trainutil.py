@@ -182,24 +182,31 @@ class Background:
         for w in self._workers:
             w.join(timeout=30)
 
+    def _next(self) -> str | None:
+        """The first queued launch that may start (the one it must follow has ended)."""
+        for i, key in enumerate(self._queue):
+            after = self._specs[key][3]
+            if after is None or self._done[after].is_set():
+                return self._queue.pop(i)
+        return None
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._queue:
+                while not self._closed and (key := self._next()) is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                key = self._queue.pop(0)
                 self._started.add(key)
-            make_cmd, env, timeout, after = self._specs[key]
-            while after is not None and not self._done[after].wait(1) and not self._closed:
-                pass
+            make_cmd, env, timeout, _ = self._specs[key]
             with self._slots:
                 try:
                     self._results[key] = self._launch(make_cmd, env, timeout)
                 except BaseException as e:  # handed to the test that asks for it
                     self._results[key] = e
-            self._done[key].set()
+            with self._cond:
+                self._done[key].set()
+                self._cond.notify_all()
 
     def _launch(self, make_cmd, env, timeout) -> subprocess.CompletedProcess:
         cmd = [str(c) for c in make_cmd()]
