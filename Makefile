@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 	# torch first, from the build TORCH_SPEC/TORCH_INDEX name, so the project's torch range
 	# is already satisfied and pip never pulls a multi-GB CUDA build on its own.
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PIP) install --quiet -e '.[test,onnx]'
+	$(PIP) install --quiet -e '.[test,onnx,s3,gcs]'
 	touch $@
 
 demo-data: $(STAMP)

@@ -157,3 +157,92 @@ def server_up(mlflow_server):
     if not mlflow_server.running:
         mlflow_server.start()
     return mlflow_server
+
+
+# ----------------------------------------------------------------------------- object storage
+
+
+class S3Server:
+    """`moto_server` (moto in server mode: the S3-compatible server s3fs tests itself against) on
+    `host`, in its own process group; run inside network namespace `netns` when given."""
+
+    def __init__(self, log: Path, host: str = "127.0.0.1", netns: str | None = None):
+        self.host, self.netns, self.log = host, netns, log
+        self.port = free_port()
+        self.endpoint = f"http://{host}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        cmd = [str(Path(sys.executable).with_name("moto_server")), "-H", self.host, "-p", str(self.port)]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        with open(self.log, "a") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.netns is None:
+            wait_http(f"{self.endpoint}/moto-api/", timeout, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+
+# What the S3 tests' processes see: the standard AWS variables (s3fs, through botocore, reads them),
+# with a secret key no test ever writes anywhere else, so a leak of it can be searched for.
+S3_SECRET = f"s3-secret-{uuid.uuid4().hex}"
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "unit-test-key", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="unit-test-key", secret=S3_SECRET, endpoint_url=endpoint,
+                           skip_instance_cache=True)
+    fs.mkdir(bucket)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running S3-compatible server on 127.0.0.1 with one bucket for this session; its AWS_*
+    variables are set in this process's environment (so every process a test starts inherits them).
+    `s3_server.url("prefix")` is s3://<bucket>/prefix."""
+    root = tmp_path_factory.mktemp("s3-server")
+    server = S3Server(root / "moto.log")
+    server.start()
+    server.bucket = f"unit-{uuid.uuid4().hex[:10]}"
+    server.url = lambda prefix="": f"s3://{server.bucket}/{prefix}".rstrip("/")
+    saved = {k: os.environ.get(k) for k in s3_env(server.endpoint)}
+    os.environ.update(s3_env(server.endpoint))
+    try:
+        make_bucket(server.endpoint, server.bucket)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """Python's http.server (threaded) serving a folder on 127.0.0.1, read-only shards over HTTP:
+    `http_server.root` is the folder, `http_server.url` its base URL."""
+    root = tmp_path_factory.mktemp("http-root")
+    port = free_port()
+    log = root.parent / "http.log"
+    with open(log, "a") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
+                                 "--directory", str(root)], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        (root / "ping").write_text("ok")
+        wait_http(f"http://127.0.0.1:{port}/ping", 30, proc, log)
+        yield type("HttpServer", (), {"root": root, "url": f"http://127.0.0.1:{port}", "proc": proc})
+    finally:
+        stop_group(proc)

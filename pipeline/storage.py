@@ -1,0 +1,184 @@
+"""Where shards and their outputs live: a local path or an fsspec URL (s3://, gs://, http(s)://,
+memory://, ...). The one place that opens a backend, names the extra it needs, retries what a
+network may fail transiently, and keeps credentials out of every message.
+
+    is_url(s)                   whether `s` names a URL rather than a local path
+    join(base, *parts)          a path or URL below `base`
+    filesystem(url)             (fsspec filesystem, path in it); StorageError naming the extra when missing
+    read_bytes(url) / size(url) / exists(url) / remove(url) / glob(pattern) / put_file(local, url)
+    retrying(fn, what)          fn() again after a transient error, with exponential backoff
+    redact(url)                 the URL without user:password@, query string or fragment
+
+Credentials come from each backend's standard places (for S3: AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE, AWS_ENDPOINT_URL for an S3-compatible
+store; for GCS: GOOGLE_APPLICATION_CREDENTIALS); nothing here reads, logs or records them.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import urllib.parse
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# scheme -> the optional extra of pyproject.toml that installs its fsspec backend
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+RETRIES = 4  # attempts after the first, for transient errors
+BACKOFF_S = 0.5  # first wait; doubled each attempt (0.5, 1, 2, 4 s)
+
+
+class StorageError(OSError):
+    """A store that cannot be used at all (backend not installed, bad URL): not worth a retry."""
+
+
+# Errors that a retry cannot fix: the object is not there, access is refused, the request is wrong.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+              StorageError, ValueError, TypeError, KeyError)
+
+
+def scheme(s: str) -> str | None:
+    """The scheme of a URL, lower case; None for a local path ("c:" is a drive, not a scheme)."""
+    parts = urllib.parse.urlsplit(s)
+    return parts.scheme.lower() if len(parts.scheme) > 1 and "://" in s else None
+
+
+def is_url(s) -> bool:
+    """A URL other than file:// (which is a local path)."""
+    return isinstance(s, str) and scheme(s) not in (None, "file")
+
+
+def local_path(s: str) -> str:
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
+def join(base: str, *parts: str) -> str:
+    """`parts` below `base`: os.path.join for a path, '/'-joined for a URL (query kept at the end)."""
+    if not is_url(base):
+        return os.path.join(local_path(base), *parts)
+    u = urllib.parse.urlsplit(base)
+    path = posixpath.join(u.path or "/", *parts) if parts else u.path
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
+
+
+def parent(url: str) -> str:
+    """The folder holding `url` (or path)."""
+    if not is_url(url):
+        return os.path.dirname(local_path(url))
+    u = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, posixpath.dirname(u.path), "", ""))
+
+
+def redact(url: str) -> str:
+    """`url` without what may hold a credential: user:password@, the query string (signed URLs),
+    the fragment, and a pipe: command's words after the program name."""
+    if url.startswith("pipe:"):
+        words = url[len("pipe:"):].split()
+        return f"pipe:{words[0] if words else ''} ..."
+    parts = urllib.parse.urlsplit(url)
+    if len(parts.scheme) <= 1:
+        return url  # a local path
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for a URL or local path. A missing backend raises
+    StorageError with the one line that installs it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        extra = EXTRAS.get(scheme(url) or "")
+        how = (f"pip install 'unit-translate[{extra}]'" if extra
+               else f"install the fsspec backend for {scheme(url)}://")
+        raise StorageError(f"{redact(url)}: {scheme(url)}:// URLs need an optional extra: {how}") from None
+    except ValueError as e:  # unknown protocol
+        raise StorageError(f"{redact(url)}: {e}") from None
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a failed request may succeed if tried again (a timeout, a reset connection, a 5xx)."""
+    return isinstance(e, Exception) and not isinstance(e, _PERMANENT)
+
+
+def retrying(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff: float = BACKOFF_S,
+             on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """fn(), tried again up to `retries` times after a transient error, waiting `backoff` seconds
+    doubled each time; the last error is raised. `what` names the operation in nothing but logs."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - backends raise their own error types
+            if attempt == retries or not transient(e):
+                raise
+            if on_retry is not None:
+                on_retry(e)
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, retries: int = RETRIES) -> bytes:
+    if not is_url(url):
+        with open(local_path(url), "rb") as f:
+            return f.read()
+    fs, path = filesystem(url)
+    return retrying(lambda: fs.cat_file(path), f"read {redact(url)}", retries)
+
+
+def size(url: str) -> int | None:
+    """Bytes of the file or object at `url`; None when there is none."""
+    if not is_url(url):
+        try:
+            return os.path.getsize(local_path(url))
+        except OSError:
+            return None
+    fs, path = filesystem(url)
+    try:
+        return int(retrying(lambda: fs.size(path), f"size {redact(url)}"))
+    except FileNotFoundError:
+        return None
+
+
+def exists(url: str) -> bool:
+    if not is_url(url):
+        return os.path.exists(local_path(url))
+    fs, path = filesystem(url)
+    return bool(retrying(lambda: fs.exists(path), f"exists {redact(url)}"))
+
+
+def remove(url: str) -> None:
+    """Delete a file or object; nothing when it is not there."""
+    if not is_url(url):
+        try:
+            os.remove(local_path(url))
+        except FileNotFoundError:
+            pass
+        return
+    fs, path = filesystem(url)
+    try:
+        retrying(lambda: fs.rm_file(path), f"remove {redact(url)}")
+    except FileNotFoundError:
+        pass
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths or URLs matching a glob pattern (URLs keep their scheme and bucket)."""
+    if not is_url(pattern):
+        import glob as globmod
+
+        return sorted(globmod.glob(local_path(pattern)))
+    fs, path = filesystem(pattern)
+    found = retrying(lambda: fs.glob(path), f"list {redact(pattern)}")
+    return sorted(fs.unstrip_protocol(p) for p in found)
+
+
+def put_file(local: str, url: str) -> None:
+    """Upload a finished local file to `url`. An object store makes an object visible only when
+    its upload completes (one PUT, or a multipart upload's completion), so readers see the old
+    object or the new one, never part of one: the object-store form of write-then-rename."""
+    fs, path = filesystem(url)
+    retrying(lambda: fs.put_file(local, path), f"upload {redact(url)}")
+    fs.invalidate_cache(path)
