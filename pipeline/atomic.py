@@ -4,16 +4,27 @@ Shards, indexes, manifests, checkpoint metadata, exports, reports: each is writt
 temporary name beside its final one and renamed into place, so a reader (or a crash) sees the
 old file or the new one, never half of one. Durable writes also fsync the file before the rename
 and the folder after it, so the rename survives a power cut.
+
+A URL destination (s3://, gs://, memory://, ...: pipeline.storage) gets the object-store form of
+the same guarantee: the file is written to a local temporary file and uploaded in one go when
+complete, and an object store makes an object visible only when its upload completes. The local
+temporaries for the URL folder F live in `staging_dir(F)` under the same `.<name>.<random>.tmp`
+names, so what a killed run left is found and removed as it is beside a local file.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import posixpath
 import re
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
+
+from pipeline import storage
 
 MODE = 0o644  # read by other users and servers (mkstemp would leave 0600)
 # `.<name>.<random>.tmp`: what a write left behind if it was killed before the rename.
@@ -33,10 +44,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def staging_dir(folder_url: str) -> Path:
+    """The local folder (this user's, under the temporary directory) where files bound for the URL
+    folder `folder_url` are written before their upload; named by a hash of the URL, credentials
+    and query left out."""
+    key = hashlib.sha256(storage.redact(folder_url).rstrip("/").encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"unit-upload-{os.getuid()}" / key
+
+
+@contextlib.contextmanager
+def _uploading(url: str) -> Iterator[Path]:
+    """Yield a local temporary path; when the block ends without an error it is uploaded to `url`
+    in one go (storage.put_file). The temporary is removed either way."""
+    folder = staging_dir(storage.parent(url))
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        storage.put_file(str(tmp), url)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike, mode: int = MODE, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an error the file there
-    is fsynced (if `durable`), given `mode` and renamed to `path`. On an error it is removed."""
+    is fsynced (if `durable`), given `mode` and renamed to `path`. On an error it is removed.
+    A URL `path` yields a local temporary file that is uploaded to it instead (`mode` and
+    `durable` are the store's business then)."""
+    if storage.is_url(path):
+        with _uploading(path) as tmp:
+            yield tmp
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,17 +97,18 @@ def replacing(path: str | os.PathLike, mode: int = MODE, durable: bool = True) -
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, mode: int = MODE, durable: bool = True) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int = MODE, durable: bool = True) -> Path | str:
+    """`data` into `path` (a URL is returned as given, a local path as a Path)."""
     with replacing(path, mode, durable) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return path if storage.is_url(path) else Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str, mode: int = MODE, durable: bool = True) -> Path:
+def write_text(path: str | os.PathLike, text: str, mode: int = MODE, durable: bool = True) -> Path | str:
     return write_bytes(path, text.encode("utf-8"), mode, durable)
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1, mode: int = MODE,
-               durable: bool = True) -> Path:
+               durable: bool = True) -> Path | str:
     """`obj` as JSON with sorted keys (stable bytes for equal objects)."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=True), mode, durable)

@@ -5,17 +5,22 @@
   then writes manifest.parquet and quarantine.parquet, and index.json last, each under a
   temporary name renamed into place: index.json present means the outputs are complete.
 - `index_entry_url` is the one way a reader turns an index.json entry into something to open:
-  shard URLs in an index are data, never commands.
+  shard URLs in an index are data, never commands. The index may be local or at a URL.
+- `index_of(spec)` says which index.json a shard spec names (an OUT folder or an index file, local
+  or URL); `read_index` reads one through pipeline.storage.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline import storage
 from pipeline.atomic import replacing, write_text
 from pipeline.images import reason_category
 from pipeline.layout import (DOMAINS, INDEX_NAME, MANIFEST_NAME, QUARANTINE_NAME, ShardsError, remove_temps,
@@ -50,32 +55,99 @@ def url_scheme(url: str) -> str | None:
 
 def index_entry_url(index_file: str, entry) -> str:
     """What to open for one shard entry of an index.json. Shard URLs in an index are data:
-    a relative path that stays inside the index's folder once `..` and symbolic links are
-    resolved (returned resolved), or a URL of INDEX_SCHEMES; a file: URL obeys the path rule.
-    Never a command (`pipe:`, which only a user's own shard list may hold), an absolute path
-    or any other scheme: those raise IndexEntryError naming the index, the entry and why."""
+    a relative path that stays inside the index's folder once `..` (and, for a local index,
+    symbolic links) are resolved, or a URL of INDEX_SCHEMES. For a local index the result is
+    the resolved path and a file: URL obeys the path rule; for an index at a URL a relative
+    entry becomes a URL under the index's URL folder, and a file: URL is refused (remote data
+    must not name this machine's files). Never a command (`pipe:`, which only a user's own shard
+    list may hold), an absolute path or any other scheme: those raise IndexEntryError naming the
+    index (credentials redacted), the entry and why."""
     def refuse(why: str) -> IndexEntryError:
-        return IndexEntryError(f"{index_file}: shard entry {json.dumps(entry, default=str)[:300]} refused: {why}")
+        # The entry is shown as written (what was refused), less any credential in a URL in it.
+        shown = dict(entry, url=storage.redact_text(entry["url"])) if isinstance(entry, dict) and isinstance(
+            entry.get("url"), str) else entry
+        return IndexEntryError(f"{storage.redact(index_file)}: shard entry {json.dumps(shown, default=str)[:300]} "
+                               f"refused: {why}")
 
     url = entry.get("url") if isinstance(entry, dict) else None
     if not isinstance(url, str) or not url.strip() or "\0" in url:
         raise refuse("'url' must be a non-empty string without NUL bytes")
     scheme = url_scheme(url)
+    remote = storage.is_url(index_file)
     if scheme is not None:
         if scheme not in INDEX_SCHEMES:
             raise refuse(f"scheme {scheme!r} is not allowed in an index (only {', '.join(INDEX_SCHEMES)} URLs or "
                          f"relative paths; a pipe: command is run only when given directly as the shard list)")
         if scheme != "file":
             return url
+        if remote:
+            raise refuse("a file: URL in an index read from a URL (it would name this machine's files)")
         url = url[len("file://"):] if url.startswith("file://") else url[len(scheme) + 1:]
-    elif os.path.isabs(url):
+    elif os.path.isabs(url) or url.startswith(("/", "\\")):
         raise refuse("absolute path (an index names its shards relative to its own folder)")
+    if remote:
+        return _entry_under_url(index_file, url, refuse)
     root = os.path.realpath(os.path.dirname(os.path.abspath(index_file)))
     target = os.path.realpath(os.path.join(root, url))
     if target == root or os.path.commonpath([root, target]) != root:
         raise refuse(f"resolves to {target}, outside the index's folder {root} (through '..', an absolute "
                      f"file: path or a symbolic link)")
     return target
+
+
+def _entry_under_url(index_url: str, rel: str, refuse) -> str:
+    """A relative entry of an index at a URL, as a URL under the index's folder (query kept, as
+    storage.join keeps it). Checked as written and percent-decoded: a server decodes %2e%2e as .."""
+    parts = urllib.parse.urlsplit(index_url)
+    folder = posixpath.dirname(parts.path)
+    for form in (rel, urllib.parse.unquote(rel)):
+        target = posixpath.normpath(posixpath.join(folder or "/", form.replace("\\", "/")))
+        if not target.startswith(folder.rstrip("/") + "/"):
+            raise refuse(f"resolves to {target}, outside the index's URL folder {folder or '/'} (through '..')")
+    target = posixpath.normpath(posixpath.join(folder or "/", rel))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, parts.query, ""))
+
+
+SHARD_SUFFIX = ".tar"  # what a single shard's name ends with; a URL ending otherwise names a folder
+
+
+def index_of(spec: str) -> str | None:
+    """The index.json a shard spec names, or None when it names shards directly. An index file
+    (name ending .json) is itself; an OUT folder (a local directory, or a URL whose path ends
+    neither in .tar nor .json and holds no brace pattern) gives its index.json, whether or not
+    it exists; a shard, brace pattern or pipe: command gives None."""
+    if url_scheme(spec) == "pipe":
+        return None
+    if storage.is_url(spec):
+        path = urllib.parse.urlsplit(spec).path
+        if "{" in path or path.endswith(SHARD_SUFFIX):
+            return None
+        return spec if path.endswith(".json") else storage.join(spec, INDEX_NAME)
+    local = storage.local_path(spec)
+    if os.path.isdir(local):
+        return os.path.join(local, INDEX_NAME)
+    return local if local.endswith(".json") else None
+
+
+def read_index(index_file: str) -> tuple[dict, bytes]:
+    """(parsed index.json, its bytes), read through pipeline.storage (retried when a read fails
+    transiently). ValueError naming the index (redacted) when it is missing or not an index."""
+    try:
+        data = storage.read_bytes(index_file)
+    except FileNotFoundError:
+        where = storage.parent(index_file)
+        raise ValueError(f"{storage.redact(index_file)}: no {INDEX_NAME} there (is {storage.redact(where)} an "
+                         f"OUT folder of `make shards`? a single shard's name ends in {SHARD_SUFFIX})") from None
+    except Exception as e:  # noqa: BLE001 - each backend has its own errors; retries are spent
+        raise ValueError(f"{storage.redact(index_file)}: cannot read ({type(e).__name__}: "
+                         f"{storage.redact_text(str(e))})") from None
+    try:
+        index = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{storage.redact(index_file)}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{storage.redact(index_file)}: not a shard index (expected an object with a 'shards' list)")
+    return index, data
 
 
 # ----------------------------------------------------------------------------- finalising
@@ -119,8 +191,9 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
     man_schema, quar_schema = _schemas()
     totals, entries = Totals(), []
     # The manifest's rename comes first (inner block), then the quarantine's; index.json last.
-    with (replacing(os.path.join(dest, QUARANTINE_NAME)) as quar_tmp,
-          replacing(os.path.join(dest, MANIFEST_NAME)) as man_tmp,
+    # For a URL `dest` each is uploaded in one go when complete, in the same order.
+    with (replacing(storage.join(dest, QUARANTINE_NAME)) as quar_tmp,
+          replacing(storage.join(dest, MANIFEST_NAME)) as man_tmp,
           pq.ParquetWriter(str(man_tmp), man_schema) as man, pq.ParquetWriter(str(quar_tmp), quar_schema) as quar):
         for domain in DOMAINS:
             first: dict[bytes, str] = {}  # stored sha256 -> key of the sample kept (memory: ~100 B/sample)
@@ -139,7 +212,7 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
              "totals": {d: {"shards": totals.shards[d], "samples": totals.stored[d], "bytes": totals.bytes[d]}
                         for d in DOMAINS}}
     index.update(index_extra or {})
-    write_text(os.path.join(dest, INDEX_NAME), json.dumps(index, indent=1))
+    write_text(storage.join(dest, INDEX_NAME), json.dumps(index, indent=1))
     return totals
 
 

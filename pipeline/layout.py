@@ -6,6 +6,9 @@ exit statuses of the commands that write it (see docs/contracts.md, Shards).
     OUT/.records/<d>/<d>-<g>.json     per-shard completion records
     OUT/.lock                         one writer per OUT
     OUT/parts/<i>-of-<N>/             a --part run's own outputs until `merge`
+
+OUT may be a local folder or an fsspec URL (s3://bucket/prefix, ...): every name here is joined
+with pipeline.storage.join, so one code path serves both.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import glob
 import hashlib
 import os
 
-from pipeline.atomic import TEMP_NAME
+from pipeline import storage
+from pipeline.atomic import TEMP_NAME, staging_dir
 
 DOMAINS = ("a", "b")  # the two image domains, in the order every output lists them
 FORMAT_VERSION = 2  # of records and group fingerprints (2: content checks, upright and 8-bit storage)
@@ -42,13 +46,19 @@ def shard_name(domain: str, number: int) -> str:
     return f"{domain}/{domain}-{number:06d}.tar"
 
 
+def out_root(out: str | os.PathLike) -> str:
+    """OUT as every module joins it: a URL without its trailing '/', a local path (file:// too) as a path."""
+    out = os.fspath(out)
+    return out.rstrip("/") if storage.is_url(out) else storage.local_path(out)
+
+
 def record_path(out: str, domain: str, number: int) -> str:
-    return os.path.join(out, RECORDS_DIR, domain, f"{domain}-{number:06d}.json")
+    return storage.join(out, RECORDS_DIR, domain, f"{domain}-{number:06d}.json")
 
 
 def part_dir(out: str, part: int, nparts: int) -> str:
     """Where a `--part part/nparts` run keeps its own index, manifest, quarantine and lock."""
-    return os.path.join(out, PARTS_DIR, f"{part}-of-{nparts}")
+    return storage.join(out, PARTS_DIR, f"{part}-of-{nparts}")
 
 
 def sample_key(domain: str, source: str) -> str:
@@ -58,7 +68,9 @@ def sample_key(domain: str, source: str) -> str:
 
 def remove_temps(folder: str, name_glob: str) -> None:
     """Delete what writes of the files `name_glob` in `folder` left when killed before their
-    rename (pipeline.atomic names a file's temporary `.<name>.<random>.tmp`)."""
-    for path in glob.glob(os.path.join(folder, f".{name_glob}.*.tmp")):
+    rename (pipeline.atomic names a file's temporary `.<name>.<random>.tmp`; for a URL folder it
+    lies in the folder's local staging_dir, never in the store)."""
+    local = str(staging_dir(folder)) if storage.is_url(folder) else os.fspath(folder)
+    for path in glob.glob(os.path.join(glob.escape(local), f".{name_glob}.*.tmp")):
         if TEMP_NAME.match(os.path.basename(path)):
             os.remove(path)

@@ -10,23 +10,29 @@ A record:
     {"name": "shards-a", "domain": "a",
      "digest": "0f3c...",          16 hex digits that identify the domain's content (see digest_of)
      "digest_of": "manifest",      "manifest": its (key, sha256) rows, so the same samples give the
-                                   same digest however they are sharded; "index": the index's shard
-                                   checksums (no manifest); "urls": the shard URLs (a pattern or list)
-     "source": "/data/out/a",      where the shards are (URLs without credentials or query strings)
+                                   same digest however they are sharded and wherever they are stored;
+                                   "index": the index's shard checksums (no manifest); "urls": the
+                                   shard URLs (a pattern or list)
+     "source": "/data/out/a",      where the shards are: OUT/<domain> for an OUT folder, the index
+                                   file for an index, the pattern or the URLs' common folder
+                                   otherwise; URLs without credentials or query strings
      "profile": {"samples": 2000, "shards": 3, "bytes": 3456789},   None where unknown
      "manifest_sha256": "...", "index_sha256": "..."}               None where there is no such file
 
-Only local index files are read (as pipeline.loader does); any other spec is described by its URLs.
+An OUT folder or index.json may be local or a URL (s3://, gs://, http(s)://, ...): index.json and
+manifest.parquet are read through pipeline.storage, as the loader reads them
+(pipeline.index.index_of decides whether a spec names an index).
 """
 from __future__ import annotations
 
-import json
+import io
 import os
-import urllib.parse
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.index import index_of, read_index
 from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME
+from pipeline.storage import redact  # noqa: F401  (re-exported: callers import it from here)
 
 DIGEST_LEN = 16
 
@@ -40,68 +46,73 @@ def datasets(shards=None, shards_a=None, shards_b=None) -> list[dict]:
 
 
 def shard_datasets(out_dir) -> list[dict]:
-    """Both domains of an OUT folder of `make shards`."""
-    index = Path(out_dir) / INDEX_NAME
-    if not index.is_file():
-        raise FileNotFoundError(f"{index}: no {INDEX_NAME} (is {out_dir} an OUT folder of make shards?)")
-    return [domain_dataset(out_dir, d) for d in DOMAINS]
+    """Both domains of an OUT folder of `make shards` (a path or URL)."""
+    out = os.fspath(out_dir)
+    index = storage.join(out, INDEX_NAME)
+    if not storage.exists(index):
+        raise FileNotFoundError(f"{redact(index)}: no {INDEX_NAME} (is {redact(out)} an OUT folder of make shards?)")
+    return [domain_dataset(out, d) for d in DOMAINS]
 
 
 def domain_dataset(spec, domain: str) -> dict:
-    """One domain's record from an OUT folder, an index.json, a brace pattern, one URL or a list of URLs."""
+    """One domain's record from an OUT folder or index.json (local or URL), a brace pattern, one
+    URL or a list of URLs."""
     if domain not in DOMAINS:
         raise ValueError(f"domain: expected one of {DOMAINS}, got {domain!r}")
-    if isinstance(spec, (str, os.PathLike)) and not _has_scheme(os.fspath(spec)):
-        path = Path(spec)
-        if path.is_dir():
-            return _from_index(path / INDEX_NAME, domain, source=path / domain)
-        if path.suffix == ".json":
-            return _from_index(path, domain, source=path)
+    if isinstance(spec, (str, os.PathLike)):
+        spec = os.fspath(spec)
+        index_file = index_of(spec)
+        if index_file is not None:
+            folder = index_file not in (spec, storage.local_path(spec))  # an OUT folder, not an index file
+            return _from_index(index_file, domain, _shown(storage.join(spec, domain) if folder else spec))
     return _from_urls(spec, domain)
 
 
-def _has_scheme(spec: str) -> bool:
-    return len(urllib.parse.urlsplit(spec).scheme) > 1  # one letter is a Windows drive
+def _shown(location: str) -> str:
+    """How a source is recorded: a local path made absolute, a URL redacted."""
+    if storage.is_url(location):
+        return redact(location)
+    return os.path.realpath(storage.local_path(location))
 
 
-def _read_index(index_path: Path) -> dict:
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: no {INDEX_NAME} (is {index_path.parent} an OUT folder of make shards?)")
-    try:
-        index = json.loads(index_path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{index_path}: expected an object with a 'shards' list")
-    return index
-
-
-def _from_index(index_path: Path, domain: str, source: Path) -> dict:
-    index = _read_index(index_path)
-    manifest = index_path.with_name(MANIFEST_NAME)
+def _from_index(index_file: str, domain: str, source: str) -> dict:
+    index, index_bytes = read_index(index_file)
     shards = [s for s in index["shards"] if isinstance(s, dict) and s.get("domain") == domain]
-    if manifest.is_file():
-        digest, samples, digest_of = *_manifest_digest(manifest, domain), "manifest"
+    manifest = _read_manifest(storage.join(storage.parent(index_file), MANIFEST_NAME), domain)
+    if manifest is not None:
+        digest, samples, manifest_sha = manifest
+        digest_of = "manifest"
     else:
         lines = sorted(f"{s.get('url')}\t{s.get('sha256', '')}\n" for s in shards)
-        digest, digest_of = sha256_bytes("".join(lines).encode()), "index"
+        digest, digest_of, manifest_sha = sha256_bytes("".join(lines).encode()), "index", None
         samples = sum(int(s.get("nsamples", 0)) for s in shards)
-    nbytes = index.get("totals", {}).get(domain, {}).get("bytes")
+    nbytes = (index.get("totals") or {}).get(domain, {}).get("bytes")
     return {"name": f"shards-{domain}", "domain": domain, "digest": digest[:DIGEST_LEN], "digest_of": digest_of,
-            "source": str(source.resolve()),
+            "source": source,
             "profile": {"samples": samples, "shards": len(shards),
                         "bytes": int(nbytes if nbytes is not None else sum(int(s.get("bytes", 0)) for s in shards))},
-            "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
-            "index_sha256": sha256_file(index_path)}
+            "manifest_sha256": manifest_sha, "index_sha256": sha256_bytes(index_bytes)}
 
 
-def _manifest_digest(manifest: Path, domain: str) -> tuple[str, int]:
-    """sha256 over the domain's "key<TAB>sha256" lines sorted by key, and their number."""
+def _read_manifest(url: str, domain: str) -> tuple[str, int, str] | None:
+    """(digest, samples, file sha256) of the domain's manifest rows; None when there is no
+    manifest. The digest is sha256 over the "key<TAB>sha256" lines sorted by key."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(manifest, columns=["key", "domain", "sha256"]).to_pydict()
+    if storage.is_url(url):
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            return None
+        source, file_sha = io.BytesIO(data), sha256_bytes(data)
+    else:
+        source = storage.local_path(url)
+        if not os.path.isfile(source):
+            return None
+        file_sha = sha256_file(source)
+    rows = pq.read_table(source, columns=["key", "domain", "sha256"]).to_pydict()
     pairs = sorted((k, s) for k, d, s in zip(rows["key"], rows["domain"], rows["sha256"]) if d == domain)
-    return sha256_bytes("".join(f"{k}\t{s}\n" for k, s in pairs).encode()), len(pairs)
+    return sha256_bytes("".join(f"{k}\t{s}\n" for k, s in pairs).encode()), len(pairs), file_sha
 
 
 def _from_urls(spec, domain: str) -> dict:
@@ -123,19 +134,6 @@ def _from_urls(spec, domain: str) -> dict:
             "digest_of": "urls", "source": shown,
             "profile": {"samples": None, "shards": len(urls), "bytes": None},
             "manifest_sha256": None, "index_sha256": None}
-
-
-def redact(url: str) -> str:
-    """`url` without what may hold a credential: user:password@, the query string (signed URLs),
-    the fragment, and a pipe: command's words after the program name."""
-    if url.startswith("pipe:"):
-        words = url[len("pipe:"):].split()
-        return f"pipe:{words[0] if words else ''} ..."
-    parts = urllib.parse.urlsplit(url)
-    if len(parts.scheme) <= 1:
-        return url  # a local path
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _common_prefix(urls: list[str]) -> str:

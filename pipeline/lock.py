@@ -1,19 +1,30 @@
 """One writer per OUT: a run (and `merge`) holds an exclusive flock on OUT/.lock; a `--part`
 run holds it shared plus an exclusive lock on its part's own .lock, so the parts of one job run
 side by side (several machines on a shared filesystem) but two writers of the same shards never
-do. The loser exits with status 2 naming the holder, which the lock file records."""
+do. The loser exits with status 2 naming the holder, which the lock file records.
+
+An object store (OUT an s3://, gs://, ... URL) has no locks, and a lock object in the bucket
+could not be released by a killed holder. So for a URL the flock is taken on a local file named
+after the URL (lock_file): writers on this host, for this user, exclude each other exactly as on
+disk, but writers on other hosts do not see it, and the run says so in a one-line warning. The
+parts of one job on several hosts stay safe (they write disjoint shards); what is not caught is a
+second run of the same OUT (or part), or a merge, started on another host meanwhile.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.layout import LOCK_NAME, LockedError, ShardsError, part_dir
 
 
@@ -25,11 +36,22 @@ def _holder(fd: int) -> str:
         return "holder unknown"
 
 
+def lock_file(path: str) -> str:
+    """The local file to flock for the lock `path`: the path itself, or for a URL a file in this
+    user's temporary directory named by a hash of the URL (credentials and query left out)."""
+    if not storage.is_url(path):
+        return storage.local_path(path)
+    key = hashlib.sha256(storage.redact(path).encode()).hexdigest()[:32]
+    return os.path.join(tempfile.gettempdir(), f"unit-translate-locks-{os.getuid()}", f"{key}.lock")
+
+
 @contextlib.contextmanager
 def writer_lock(path: str, what: str, shared: bool = False) -> Iterator[None]:
-    """Hold an flock on `path` (created if needed) for the block, or raise LockedError naming
-    the holder. flock is released by the kernel when the holder dies, so a killed run never
-    leaves OUT locked; over NFS, Linux maps it to a lock the server arbitrates."""
+    """Hold an flock on `path` (created if needed; for a URL on its local lock_file) for the block,
+    or raise LockedError naming the holder. flock is released by the kernel when the holder dies,
+    so a killed run never leaves OUT locked; over NFS, Linux maps it to a lock the server arbitrates."""
+    folder = storage.redact(storage.parent(path))  # what the messages name
+    path = lock_file(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -39,7 +61,7 @@ def writer_lock(path: str, what: str, shared: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockedError(f"{os.path.dirname(path)} is being written by another process ({_holder(fd)}); "
+            raise LockedError(f"{folder} is being written by another process ({_holder(fd)}); "
                               f"wait for it to finish or stop it, then run again (lock: {path})") from None
         except OSError as e:  # a filesystem without locks: say so, do not refuse to work
             print(f"warning: cannot lock {path} ({e.strerror}); make sure no other writer uses it",
@@ -54,14 +76,18 @@ def writer_lock(path: str, what: str, shared: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def out_locks(out: str, part: tuple[int, int]) -> Iterator[None]:
-    """A whole run owns OUT; the parts of one job share it, each owning its part."""
+def out_locks(out: str, part: tuple[int, int], what: str = "make shards") -> Iterator[None]:
+    """A whole run (or merge) owns OUT; the parts of one job share it, each owning its part."""
     i, n = part
+    if storage.is_url(out):
+        print(f"warning: {storage.redact(out)} is in an object store, which has no locks: other writers on this "
+              f"host are excluded, writers on other hosts are not; run one writer per OUT (and per part)",
+              file=sys.stderr)
     if n == 1:
-        with writer_lock(os.path.join(out, LOCK_NAME), "make shards"):
+        with writer_lock(storage.join(out, LOCK_NAME), what):
             yield
         return
-    what = f"make shards --part {i}/{n}"
-    with (writer_lock(os.path.join(out, LOCK_NAME), what, shared=True),
-          writer_lock(os.path.join(part_dir(out, i, n), LOCK_NAME), what)):
+    what = f"{what} --part {i}/{n}"
+    with (writer_lock(storage.join(out, LOCK_NAME), what, shared=True),
+          writer_lock(storage.join(part_dir(out, i, n), LOCK_NAME), what)):
         yield

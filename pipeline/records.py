@@ -4,13 +4,16 @@ A record is written after its shard is renamed into place and holds the shard's 
 size, listing signature), the sha256 of each input's bytes, the samples stored, the inputs
 rejected or found duplicate, and the shard's size and sha256. A rerun skips a shard whose record
 matches the current inputs and the file on disk, so a run killed at any point resumes.
+
+OUT may be a URL (pipeline.storage): records are then objects, uploaded after their shard, and
+"the file on disk" is the shard's object, whose size the store reports.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
+from pipeline import storage
 from pipeline.atomic import write_json
 from pipeline.layout import FORMAT_VERSION, record_path, shard_name
 from pipeline.sources import Input, source_digest
@@ -22,9 +25,8 @@ def save_record(out: str, record: dict) -> None:
 
 def load_record(out: str, domain: str, number: int) -> dict | None:
     try:
-        with open(record_path(out, domain, number), "rb") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+        record = json.loads(storage.read_bytes(record_path(out, domain, number)))
+    except (OSError, ValueError):  # none yet, or cut short: the shard is written again
         return None
     # The record's url is written to and rewritten: only ever the shard it is named after.
     if not isinstance(record, dict) or record.get("url") != shard_name(domain, number):
@@ -33,15 +35,12 @@ def load_record(out: str, domain: str, number: int) -> dict | None:
 
 
 def record_is_current(out: str, record: dict | None, fingerprint: str | None = None) -> bool:
-    """A shard counts as done when its record matches the inputs and the file on disk."""
+    """A shard counts as done when its record matches the inputs and the file (or object) in OUT."""
     if record is None or record.get("version") != FORMAT_VERSION:
         return False
     if fingerprint is not None and record.get("fingerprint") != fingerprint:
         return False
-    try:
-        return os.path.getsize(os.path.join(out, record["url"])) == record["bytes"]
-    except OSError:
-        return False
+    return storage.size(storage.join(out, record["url"])) == record["bytes"]
 
 
 def sources_unchanged(record: dict, inputs: list[Input]) -> bool:

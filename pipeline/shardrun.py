@@ -4,11 +4,15 @@ A run checks its sources and OUT, takes OUT's lock, lists and plans both domains
 group of its part whose shard is not current (a bounded pool shared by both domains), removes
 what an older, longer plan or a crash left, and finalises (dedupe, manifest, quarantine,
 index). It returns an exit status and the one-paragraph summary the CLI prints.
+
+OUT may be a local folder or an fsspec URL: every read, size check, listing and removal under
+OUT goes through pipeline.storage and every write through pipeline.atomic, so the same steps
+run for both (see pipeline.lock for what a lock means on an object store).
 """
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,10 +20,12 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
+from pipeline import storage
+from pipeline.atomic import write_bytes
 from pipeline.index import Totals, finalize
-from pipeline.layout import (DOMAINS, EXIT_OK, EXIT_QUARANTINED, INDEX_NAME, LOCK_NAME, PARTS_DIR, QUARANTINE_NAME,
-                             RECORDS_DIR, ShardsError, part_dir, remove_temps)
-from pipeline.lock import out_locks, writer_lock
+from pipeline.layout import (DOMAINS, EXIT_OK, EXIT_QUARANTINED, INDEX_NAME, PARTS_DIR, QUARANTINE_NAME,
+                             RECORDS_DIR, ShardsError, out_root, part_dir, remove_temps)
+from pipeline.lock import out_locks
 from pipeline.plan import Settings, plan_groups
 from pipeline.records import load_record, record_is_current, sources_unchanged
 from pipeline.shardwriter import ShardPool
@@ -50,6 +56,7 @@ class _Written:
 
 def run(args: RunArgs) -> tuple[int, str]:
     """Write this run's (or part's) shards and outputs; return (exit status, summary)."""
+    args = dataclasses.replace(args, out=out_root(args.out))
     _check_paths(args)
     part, nparts = args.part
     t0 = time.time()
@@ -70,9 +77,11 @@ def run(args: RunArgs) -> tuple[int, str]:
 def merge(out: str) -> tuple[int, str]:
     """Finalise the outputs of all `--part i/N` runs in OUT into one index, manifest and quarantine."""
     t0 = time.time()
-    if not os.path.isdir(out):
+    out = out_root(out)
+    if not storage.is_url(out) and not os.path.isdir(out):  # a URL prefix is no folder: no parts is said below
         raise ShardsError(f"{out}: no such folder")
-    with writer_lock(os.path.join(out, LOCK_NAME), "make shards merge"):
+    _check_store(out)
+    with out_locks(out, (0, 1), "make shards merge"):
         counts = _finished_parts(out)
         _remove_stale(out, counts)
         totals = finalize(out, {d: list(range(counts[d])) for d in DOMAINS}, out)
@@ -82,22 +91,21 @@ def merge(out: str) -> tuple[int, str]:
 def _finished_parts(out: str) -> dict[str, int]:
     """Groups per domain of the job whose parts all finished with the same listing."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(out, PARTS_DIR, "*-of-*", INDEX_NAME))):
-        with open(path) as f:
-            idx = json.load(f)
+    for path in storage.glob(storage.join(out, PARTS_DIR, "*-of-*", INDEX_NAME)):
+        idx = json.loads(storage.read_bytes(path))
         found.setdefault(idx["parts"], {})[idx["part"]] = idx
     if not found:
-        raise ShardsError(f"{out}: no finished part (no {PARTS_DIR}/<i>-of-<N>/index.json)")
+        raise ShardsError(f"{storage.redact(out)}: no finished part (no {PARTS_DIR}/<i>-of-<N>/index.json)")
     if len(found) > 1:
-        raise ShardsError(f"{out}: parts from runs with different N: {sorted(found)}")
+        raise ShardsError(f"{storage.redact(out)}: parts from runs with different N: {sorted(found)}")
     (nparts, parts), = found.items()
     missing = sorted(set(range(nparts)) - set(parts))
     if missing:
-        raise ShardsError(f"{out}: parts {missing} of {nparts} have not finished")
+        raise ShardsError(f"{storage.redact(out)}: parts {missing} of {nparts} have not finished")
     first = parts[0]
     for i, idx in sorted(parts.items()):
         if idx["listing"] != first["listing"] or idx["groups"] != first["groups"]:
-            raise ShardsError(f"{out}: part {i}/{nparts} listed different inputs than part 0 "
+            raise ShardsError(f"{storage.redact(out)}: part {i}/{nparts} listed different inputs than part 0 "
                               f"(sources changed between parts?); re-run it")
     return first["groups"]
 
@@ -112,21 +120,45 @@ def _check_paths(args: RunArgs) -> None:
         try:
             ok = source_exists(args.src[d])
         except SourceError as e:
-            raise ShardsError(f"source {d.upper()} {args.src[d]}: {e}") from None
+            raise ShardsError(f"source {d.upper()} {storage.redact(args.src[d])}: {e}") from None
         if not ok:
-            raise ShardsError(f"source {d.upper()} {args.src[d]}: no such file or folder")
+            raise ShardsError(f"source {d.upper()} {storage.redact(args.src[d])}: no such file or folder")
+    _check_store(args.out)
     try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".probe{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        if not storage.is_url(args.out):
+            os.makedirs(args.out, exist_ok=True)
+        probe = storage.join(args.out, f".probe{os.getpid()}")
+        write_bytes(probe, b"", durable=False)
+        storage.remove(probe)
     except OSError as e:
-        raise ShardsError(f"cannot write to OUT {args.out}: {e.strerror or e}") from None
+        raise ShardsError(f"cannot write to OUT {storage.redact(args.out)}: "
+                          f"{e.strerror or storage.redact_text(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - a store's client raises its own types (no endpoint, no bucket)
+        raise ShardsError(f"cannot write to OUT {storage.redact(args.out)}: "
+                          f"{type(e).__name__}: {storage.redact_text(str(e))}") from None
     for d in DOMAINS:
-        if folder_inside(args.src[d], args.out):
-            raise ShardsError(f"source {d.upper()} {args.src[d]} is OUT {args.out} or inside it: the writer would "
+        if folder_inside(args.src[d], args.out) or _url_inside(args.src[d], args.out):
+            raise ShardsError(f"source {d.upper()} {storage.redact(args.src[d])} is OUT {storage.redact(args.out)} "
+                              f"or inside it: the writer would "
                               f"read its own shards back as inputs; choose an OUT outside the sources")
+
+
+def _check_store(out: str) -> None:
+    """A URL OUT needs its fsspec backend: say which extra installs it, in one line."""
+    if storage.is_url(out):
+        try:
+            storage.filesystem(out)
+        except storage.StorageError as e:
+            raise ShardsError(str(e)) from None
+
+
+def _url_inside(source: str, out: str) -> bool:
+    """Whether a URL source and a URL OUT overlap (one is the other or lies inside it). A URL
+    source's listing cannot leave OUT out as a folder walk does, so both directions are refused."""
+    if not (storage.is_url(source) and storage.is_url(out)):
+        return False
+    a, b = (storage.redact(u).rstrip("/") + "/" for u in (source, out))
+    return a.startswith(b) or b.startswith(a)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -165,7 +197,8 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
     part, nparts = args.part
     listing_hash, n_groups = hashlib.sha256(), 0
     done.mine[domain] = []
-    for group in plan_groups(domain, list_inputs(args.src[domain], skip_dirs=(args.out,)), args.settings):
+    skip = () if storage.is_url(args.out) else (args.out,)
+    for group in plan_groups(domain, list_inputs(args.src[domain], skip_dirs=skip), args.settings):
         n_groups += 1
         listing_hash.update(group.fingerprint.encode())
         if group.number % nparts != part:
@@ -177,9 +210,8 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
             pool.bars[domain].update(len(group.inputs))
             continue
         if not done.index_removed:  # shards are about to change: the old index no longer holds
-            for p in (os.path.join(args.out, INDEX_NAME), os.path.join(part_dir(args.out, part, nparts), INDEX_NAME)):
-                if os.path.exists(p):
-                    os.remove(p)
+            for p in (storage.join(args.out, INDEX_NAME), storage.join(part_dir(args.out, part, nparts), INDEX_NAME)):
+                storage.remove(p)
             done.index_removed = True
         done.processed += len(group.inputs)
         pool.submit((args.out, domain, group.number, [(i.path, i.size, i.sig) for i in group.inputs],
@@ -190,15 +222,15 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
 def _remove_stale(out: str, counts: dict[str, int]) -> None:
     """Delete shards, records and temporary files left from an older, longer plan or a crash."""
     for domain in DOMAINS:
-        for pattern, sub in ((f"{domain}-*.tar", domain), (f"{domain}-*.json", os.path.join(RECORDS_DIR, domain))):
-            folder = os.path.join(out, sub)
-            for path in glob.glob(os.path.join(folder, pattern)):
+        for pattern, sub in ((f"{domain}-*.tar", (domain,)), (f"{domain}-*.json", (RECORDS_DIR, domain))):
+            folder = storage.join(out, *sub)
+            for path in storage.glob(storage.join(folder, pattern)):
                 try:
                     number = int(os.path.basename(path).split("-")[1].split(".")[0])
                 except ValueError:
                     continue
                 if number >= counts.get(domain, 0):
-                    os.remove(path)
+                    storage.remove(path)
             remove_temps(folder, pattern)
 
 
@@ -222,10 +254,10 @@ def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, w
             f"validated {processed} inputs in {dt:.2f} s ({processed / max(dt, 1e-9):.0f} images/s, "
             f"{workers} worker{'s' if workers > 1 else ''})"
             + (f", {skipped} shards already complete and skipped" if skipped else "")
-            + f"; outputs in {where}" + (f" ({QUARANTINE_NAME} lists the rejects)" if n_rej else "") + ".")
+            + f"; outputs in {storage.redact(where)}" + (f" ({QUARANTINE_NAME} lists the rejects)" if n_rej else "") + ".")
     if check_empty:
         for d in DOMAINS:
             if t.stored[d] == 0:
                 raise ShardsError(f"domain {d.upper()}: no valid image among {t.inputs[d]} inputs "
-                                  f"(reasons in {os.path.join(where, QUARANTINE_NAME)})")
+                                  f"(reasons in {storage.redact(storage.join(where, QUARANTINE_NAME))})")
     return (EXIT_QUARANTINED if n_rej else EXIT_OK), text

@@ -34,6 +34,17 @@ How a run stays deterministic and resumable:
   of the same shards never do. The loser exits with status 2 naming the holder.
 - OUT inside a source folder is left out of that folder's walk (the writer never reads its
   own shards back); a source folder that is OUT or lies inside it is refused.
+- OUT may be an fsspec URL (s3://bucket/prefix, gs://..., memory://...; the backend comes with
+  the extra `pip install 'unit-translate[s3]'` or `[gcs]`, and a missing one is a one-line
+  error). The same steps run: a shard, record or output is written to a local temporary file
+  and uploaded in one go when complete (an object becomes visible only when its upload
+  completes: the object-store form of write-then-rename), a record after its shard, index.json
+  last; a rerun reads the records from the store and checks each shard object's size. A store
+  has no locks: the lock is a local flock named after the URL, so writers on this host exclude
+  each other but writers on other hosts do not (a warning says so; pipeline.lock). A URL
+  source and a URL OUT that overlap are refused (a store listing cannot skip OUT).
+  Credentials come from the backend's environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) and
+  URLs in messages are redacted (pipeline.storage.redact).
 Exit status: 0 every input stored, 3 some inputs quarantined, 2 OUT is in use by another
 writer (or bad arguments), 1 failure (one-line reason).
 
@@ -53,6 +64,7 @@ from pipeline.index import INDEX_SCHEMES, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, 
 from pipeline.layout import DOMAINS, EXIT_FAIL, EXIT_LOCKED, EXIT_OK, EXIT_QUARANTINED, LockedError, ShardsError
 from pipeline.lock import writer_lock
 from pipeline.plan import MB, Settings
+from pipeline.storage import StorageError, scrub
 from pipeline.shardrun import RunArgs, merge, run
 from pipeline.verify import verify
 
@@ -85,7 +97,7 @@ def _positive(text: str) -> int:
 def _add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src-a", required=True, help="domain A: folder, text list of paths, or .parquet (path column)")
     p.add_argument("--src-b", required=True, help="domain B: same forms as --src-a")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
     p.add_argument("--shard-size-mb", type=float, default=Settings.shard_size / MB,
                    help="input MB per shard (default 256)")
@@ -113,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("verify", _verify, "re-read every shard against index.json + manifest"),
                              ("merge", _merge, "combine the outputs of --part runs")):
         q = sub.add_parser(name, help=text)
-        q.add_argument("out", help="the OUT folder of make shards")
+        q.add_argument("out", help="the OUT folder (or URL) of make shards")
         q.set_defaults(func=func, parser=q)
     p.epilog = "Without a subcommand, `write` is meant:\n\n" + write.format_help()
     return p
@@ -124,21 +136,21 @@ def _write(a: argparse.Namespace) -> int:
                         max(1, int(a.max_file_mb * MB)))
     status, summary = run(RunArgs(dict(zip(DOMAINS, (a.src_a, a.src_b))), a.out, a.workers, settings, a.part,
                                   progress=not a.no_progress))
-    print(summary)
+    print(a.clean(summary))
     return status
 
 
 def _verify(a: argparse.Namespace) -> int:
     problems, summary = verify(a.out)
     for line in problems:
-        print(f"BAD {line}", file=sys.stderr)
-    print(summary)
+        print(a.clean(f"BAD {line}"), file=sys.stderr)
+    print(a.clean(summary))
     return EXIT_FAIL if problems else EXIT_OK
 
 
 def _merge(a: argparse.Namespace) -> int:
     status, summary = merge(a.out)
-    print(summary)
+    print(a.clean(summary))
     return status
 
 
@@ -149,11 +161,23 @@ def main(argv=None) -> int:
     a, extra = build_parser().parse_known_args(argv)  # bad arguments: usage and exit status 2
     if extra:  # under the subcommand's own usage, as when each was a parser of its own
         a.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+    def clean(text: str) -> str:
+        """What we print, without a credential that a URL argument carries (a backend's error may
+        quote it: an S3 'bucket name' user:password@bucket)."""
+        for arg in argv:
+            text = scrub(text, arg)
+        return text
+
+    a.clean = clean
     try:
         return a.func(a)
     except ShardsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(clean(f"error: {e}"), file=sys.stderr)
         return e.exit_status
+    except StorageError as e:  # a store that cannot be used at all (e.g. its backend missing): one line
+        print(clean(f"error: {e}"), file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@ record, in this process or in a bounded pool of worker processes.
 A sample is `<key>.<ext>` (the stored image bytes) then `<key>.json` (source, size, sha256,
 domain, format), adjacent in the tar. The tar is written under a temporary name and renamed
 into place (pipeline.atomic), its sha256 computed while it streams out; members carry fixed
-metadata, so equal inputs give equal shard bytes.
+metadata, so equal inputs give equal shard bytes. For a URL OUT the tar is written to a local
+temporary file and uploaded in one go when complete, and its record only after it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import queue as queue_mod
 import tarfile
 import time
@@ -19,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from pipeline import storage
 from pipeline.atomic import replacing
 from pipeline.hashing import sha256_bytes
 from pipeline.images import Checked, Rejected, check_image
@@ -91,7 +93,7 @@ def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int,
     report = progress or _report
     found = _Found()
     url = shard_name(domain, number)
-    nbytes, sha = write_tar(os.path.join(out, url), _members(domain, inputs, limits, found, report))
+    nbytes, sha = write_tar(storage.join(out, url), _members(domain, inputs, limits, found, report))
     report(domain, found.pending)
     record = {"version": FORMAT_VERSION, "domain": domain, "number": number, "url": url,
               "fingerprint": fingerprint, "limits": limits, "inputs": [list(i) for i in inputs],
@@ -147,10 +149,12 @@ def _read_checked(source: str, limits: dict, found: _Found) -> Checked | None:
 
 def rewrite_shard(record: dict, out: str, remove: set[str]) -> dict:
     """Drop the samples whose key is in `remove` from a shard; return the updated record."""
-    path = os.path.join(out, record["url"])
+    path = storage.join(out, record["url"])
 
     def members():
-        with tarfile.open(path, "r:") as tar:
+        # An object is read whole: the kept members are held in memory below anyway.
+        with (tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path)), mode="r:") if storage.is_url(path)
+              else tarfile.open(path, "r:")) as tar:
             for m in tar:
                 if m.name.split(".", 1)[0] not in remove:
                     yield m.name, tar.extractfile(m).read()

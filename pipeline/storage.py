@@ -8,6 +8,8 @@ network may fail transiently, and keeps credentials out of every message.
     read_bytes(url) / size(url) / exists(url) / remove(url) / glob(pattern) / put_file(local, url)
     retrying(fn, what)          fn() again after a transient error, with exponential backoff
     redact(url)                 the URL without user:password@, query string or fragment
+    scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
+    redact_text(text)           an error message with every URL in it redacted
 
 Credentials come from each backend's standard places (for S3: AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE, AWS_ENDPOINT_URL for an S3-compatible
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import time
 import urllib.parse
 from typing import Callable, TypeVar
@@ -36,6 +39,9 @@ class StorageError(OSError):
 # Errors that a retry cannot fix: the object is not there, access is refused, the request is wrong.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
               StorageError, ValueError, TypeError, KeyError)
+# The same for backend errors named by class (no import of botocore needed): a malformed request,
+# no credentials at all.
+_PERMANENT_NAMES = {"ParamValidationError", "NoCredentialsError", "PartialCredentialsError"}
 
 
 def scheme(s: str) -> str | None:
@@ -49,7 +55,8 @@ def is_url(s) -> bool:
     return isinstance(s, str) and scheme(s) not in (None, "file")
 
 
-def local_path(s: str) -> str:
+def local_path(s: str | os.PathLike) -> str:
+    s = os.fspath(s)
     return s[len("file://"):] if s.startswith("file://") else s
 
 
@@ -83,6 +90,29 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """`text` (a backend's error message) with every URL in it redacted: HTTP clients name the
+    URL they failed on, query string (a signed URL's signature) and user:password@ included."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a message that may quote `url` or pieces of it, as backends' errors do, e.g. a
+    bucket name "user:password@bucket") without what in `url` may hold a credential: its
+    user:password and its query string, as written and percent-decoded."""
+    if not is_url(url):
+        return text
+    parts = urllib.parse.urlsplit(url)
+    for secret in (parts.netloc.rpartition("@")[0], parts.query, parts.fragment):
+        for form in {secret, urllib.parse.unquote(secret)}:
+            if form:
+                text = text.replace(form, "***")
+    return text
+
+
 def filesystem(url: str):
     """(fsspec filesystem, path within it) for a URL or local path. A missing backend raises
     StorageError with the one line that installs it."""
@@ -101,7 +131,8 @@ def filesystem(url: str):
 
 def transient(e: BaseException) -> bool:
     """Whether a failed request may succeed if tried again (a timeout, a reset connection, a 5xx)."""
-    return isinstance(e, Exception) and not isinstance(e, _PERMANENT)
+    return (isinstance(e, Exception) and not isinstance(e, _PERMANENT)
+            and not any(c.__name__ in _PERMANENT_NAMES for c in type(e).__mro__))
 
 
 def retrying(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff: float = BACKOFF_S,
@@ -120,12 +151,14 @@ def retrying(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff: fl
     raise AssertionError("unreachable")
 
 
-def read_bytes(url: str, retries: int = RETRIES) -> bytes:
+def read_bytes(url: str, retries: int = RETRIES,
+               on_retry: Callable[[BaseException], None] | None = None) -> bytes:
+    """The whole file or object; `on_retry` is called before each retry (a reader counts them)."""
     if not is_url(url):
         with open(local_path(url), "rb") as f:
             return f.read()
     fs, path = filesystem(url)
-    return retrying(lambda: fs.cat_file(path), f"read {redact(url)}", retries)
+    return retrying(lambda: fs.cat_file(path), f"read {redact(url)}", retries, on_retry=on_retry)
 
 
 def size(url: str) -> int | None:
@@ -136,6 +169,7 @@ def size(url: str) -> int | None:
         except OSError:
             return None
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)  # another process (a worker, another host) may have changed it since a listing
     try:
         return int(retrying(lambda: fs.size(path), f"size {redact(url)}"))
     except FileNotFoundError:
@@ -146,6 +180,7 @@ def exists(url: str) -> bool:
     if not is_url(url):
         return os.path.exists(local_path(url))
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
     return bool(retrying(lambda: fs.exists(path), f"exists {redact(url)}"))
 
 
@@ -171,6 +206,7 @@ def glob(pattern: str) -> list[str]:
 
         return sorted(globmod.glob(local_path(pattern)))
     fs, path = filesystem(pattern)
+    fs.invalidate_cache()  # listings cached by this process miss what other processes wrote since
     found = retrying(lambda: fs.glob(path), f"list {redact(pattern)}")
     return sorted(fs.unstrip_protocol(p) for p in found)
 

@@ -4,25 +4,29 @@ Each shard's bytes are checked against its index entry (size, sha256, sample cou
 against the manifest (keys) and their own json (image sha256); files and rows that the index
 does not list, and index totals that do not add up, are problems too. Entries are opened only
 through `index_entry_url`, so a hostile index is reported, never followed.
+
+OUT may be a URL (pipeline.storage): then the index, manifest and shards are read from the store,
+an entry being a relative path under OUT's URL (index_entry_url refuses one that leaves it).
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
 import stat
 import tarfile
 
+from pipeline import storage
 from pipeline.hashing import sha256_bytes
 from pipeline.index import index_entry_url, url_scheme
-from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME, ShardsError
+from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME, ShardsError, out_root
 
 
 def verify(out: str) -> tuple[list[str], str]:
     """Re-read every shard; return (problems, summary). Each problem names its shard."""
-    index_file = os.path.join(out, INDEX_NAME)
+    out = out_root(out)
+    index_file = storage.join(out, INDEX_NAME)
     index, entries, by_shard = _read_outputs(out, index_file)
     problems = _unlisted(out, index, entries, by_shard)
     nsamples = nbytes = 0
@@ -51,13 +55,20 @@ def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str
     """(index, its object entries, manifest rows by shard url and key)."""
     import pyarrow.parquet as pq
 
+    manifest_file = storage.join(out, MANIFEST_NAME)
     try:
-        with open(index_file) as f:
-            index = json.load(f)
+        index = json.loads(storage.read_bytes(index_file))
         entries = [e for e in index["shards"] if isinstance(e, dict)]
-        manifest = pq.read_table(os.path.join(out, MANIFEST_NAME)).to_pylist()
+        manifest = pq.read_table(io.BytesIO(storage.read_bytes(manifest_file)) if storage.is_url(manifest_file)
+                                 else manifest_file).to_pylist()
+    except storage.StorageError as e:  # a missing backend: its own one line names the extra
+        raise ShardsError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardsError(f"{out}: cannot read index.json / manifest.parquet: {e}") from None
+        raise ShardsError(f"{storage.redact(out)}: cannot read index.json / manifest.parquet: "
+                          f"{storage.redact_text(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - a store's client raises its own types (no endpoint, bad bucket name)
+        raise ShardsError(f"{storage.redact(out)}: cannot read index.json / manifest.parquet: "
+                          f"{type(e).__name__}: {storage.redact_text(str(e))}") from None
     by_shard: dict[str, dict[str, dict]] = {}
     for row in manifest:
         by_shard.setdefault(row["shard"], {})[row["key"]] = row
@@ -73,23 +84,32 @@ def _unlisted(out: str, index: dict, entries: list[dict], by_shard: dict) -> lis
     for url in sorted(set(by_shard) - listed):
         problems.append(f"{url}: in manifest.parquet but not in index.json")
     for d in DOMAINS:
-        for path in sorted(glob.glob(os.path.join(out, d, "*.tar"))):
-            if os.path.relpath(path, out) not in listed:
-                problems.append(f"{os.path.relpath(path, out)}: shard file not in index.json")
+        for path in storage.glob(storage.join(out, d, "*.tar")):
+            rel = f"{d}/{os.path.basename(path)}"
+            if rel not in listed:
+                problems.append(f"{rel}: shard file not in index.json")
     return problems
 
 
 def _read_entry(index_file: str, entry: dict) -> bytes:
-    """The bytes of one index entry's shard (a local regular file inside OUT), else ValueError."""
-    path = index_entry_url(index_file, entry)  # IndexEntryError is a ValueError
+    """The bytes of one index entry's shard (a regular file, or an object under OUT's URL, inside
+    OUT), else ValueError."""
+    target = index_entry_url(index_file, entry)  # IndexEntryError is a ValueError
     url = entry["url"]
-    if url_scheme(path) is not None:
-        raise ValueError(f"{url}: a remote shard; verify re-reads local shards only")
+    if url_scheme(url) not in (None, "file"):
+        raise ValueError(f"{storage.redact(url)}: a remote shard; verify re-reads the shards inside OUT only")
+    if storage.is_url(target):  # a relative entry of an index at a URL
+        try:
+            return storage.read_bytes(target)
+        except FileNotFoundError:
+            raise ValueError(f"{url}: missing (no such object)") from None
+        except OSError as e:
+            raise ValueError(f"{url}: unreadable: {storage.redact_text(str(e))}") from None
     try:
-        st = os.stat(path)
+        st = os.stat(target)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{url}: not a regular file")
-        with open(path, "rb") as f:
+        with open(target, "rb") as f:
             return f.read()
     except OSError as e:
         raise ValueError(f"{url}: unreadable: {e.strerror}") from None

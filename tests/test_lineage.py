@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 from launch.runstore.datasets import dataset_input
 from launch.runstore.store import make_client, open_run
 from pipeline.hashing import sha256_file
-from pipeline.lineage import datasets, domain_dataset, redact, shard_datasets
+from pipeline.lineage import datasets, domain_dataset, shard_datasets
+from pipeline.storage import redact
 from test_tracking import make_shards_meta
 
 
@@ -91,3 +92,65 @@ def test_records_become_mlflow_dataset_inputs(tmp_path):
     assert got["shards-b"].dataset.source_type == "s3"
     assert json.loads(got["shards-b"].dataset.profile)["digest_of"] == "urls"
     assert got["piped-a"].dataset.source_type == "code"
+
+
+# ----------------------------------------------------------------------------- shards at URLs
+
+
+def test_lineage_for_every_naming_local_and_remote(s3_server, http_server, corpus):
+    """Local OUT, S3 OUT, S3 index.json, per-domain specs (S3 index + HTTP OUT), a pattern: where a
+    manifest exists the digest is the local one, and sources are the URLs without credentials."""
+    from test_loader_remote import http_out, s3_out
+
+    local = corpus / "shards"
+    ref = by_domain(shard_datasets(local))
+    s3 = s3_out(s3_server, corpus)
+    http, _ = http_out(http_server, corpus, "lineage")
+    for d in ("a", "b"):
+        assert ref[d]["source"] == str((local / d).resolve()) and ref[d]["digest_of"] == "manifest"
+    remote = by_domain(datasets(shards=s3))
+    for d in ("a", "b"):
+        assert remote[d]["source"] == f"{s3}/{d}"
+        assert {k: v for k, v in remote[d].items() if k != "source"} == {k: v for k, v in ref[d].items() if k != "source"}
+    assert remote["a"]["manifest_sha256"] == sha256_file(local / "manifest.parquet")
+    assert remote["a"]["index_sha256"] == sha256_file(local / "index.json")
+    assert by_domain(shard_datasets(s3)) == remote
+    via_index = domain_dataset(f"{s3}/index.json", "b")
+    assert via_index["source"] == f"{s3}/index.json" and via_index["digest"] == ref["b"]["digest"]
+    mixed = by_domain(datasets(shards_a=f"{s3}/index.json", shards_b=f"{http}?token=secret"))
+    assert mixed["a"]["digest"] == ref["a"]["digest"] and mixed["b"]["digest"] == ref["b"]["digest"]
+    assert mixed["b"]["source"] == f"{http}/b" and "secret" not in json.dumps(mixed)
+    pattern = domain_dataset(f"{s3}/a/a-{{000000..000005}}.tar", "a")
+    assert pattern["digest_of"] == "urls" and pattern["profile"]["shards"] == 6
+    assert pattern["source"] == f"{s3}/a/a-{{000000..000005}}.tar"
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        shard_datasets(s3_server.url("no-such-out"))
+    with pytest.raises(ValueError, match="no index.json"):
+        domain_dataset(s3_server.url("no-such-out"), "a")
+
+
+@pytest.mark.slow
+def test_per_domain_lineage_reaches_the_mlflow_server(server_up, s3_server, http_server, corpus, tmp_path):
+    """shards_a / shards_b as the trainer passes them, logged through the Tracker to the real server."""
+    from launch.runstore.tracking import Tracker
+    from test_loader_remote import http_out, s3_out
+
+    s3 = s3_out(s3_server, corpus)
+    http, _ = http_out(http_server, corpus, "lineage")
+    want = {r["name"]: r["digest"] for r in shard_datasets(corpus / "shards")}
+    t = Tracker(uri=server_up.uri, experiment="lineage-remote", system_metrics=False)
+    run_id = t.start(tmp_path / "run")
+    recs = t.log_datasets(shards_a=f"{s3}/index.json", shards_b=http)
+    assert t.end() is True and len(recs) == 2
+    run = MlflowClient(server_up.uri).get_run(run_id)
+    got = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert {n: d.digest for n, d in got.items()} == want
+    assert json.loads(got["shards-a"].source)["uri"] == f"{s3}/index.json" and got["shards-a"].source_type == "s3"
+    assert json.loads(got["shards-b"].source)["url"] == f"{http}/b"
+    assert run.data.tags["dataset.b.source"] == f"{http}/b"
+    # One domain whose shards cannot be described does not cost the other its lineage.
+    t2 = Tracker(uri=server_up.uri, experiment="lineage-remote", system_metrics=False)
+    run2 = t2.start(tmp_path / "run2")
+    assert [r["domain"] for r in t2.log_datasets(shards_a=s3_server.url("gone"), shards_b=s3)] == ["b"]
+    assert t2.end() is True
+    assert [d.dataset.name for d in MlflowClient(server_up.uri).get_run(run2).inputs.dataset_inputs] == ["shards-b"]

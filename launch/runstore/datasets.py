@@ -1,8 +1,11 @@
-"""Dataset lineage records (pipeline.lineage) as MLflow dataset inputs of a run, through mlflow.data."""
+"""Dataset lineage records (pipeline.lineage) as MLflow dataset inputs of a run, through mlflow.data.
+Sources are paths or URLs without credentials (s3://bucket/out/a, https://host/out/index.json)."""
 from __future__ import annotations
 
 import json
 import warnings
+
+from pipeline.storage import redact
 
 
 def dataset_source(source: str):
@@ -26,7 +29,8 @@ def dataset_input(rec: dict):
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    d = MetaDataset(dataset_source(rec["source"]), name=rec["name"], digest=rec["digest"]).to_dict()
+    # Redacted again: a record read back from an older buffer file may predate redaction.
+    d = MetaDataset(dataset_source(redact(rec["source"])), name=rec["name"], digest=rec["digest"]).to_dict()
     profile = {**rec["profile"], "digest_of": rec.get("digest_of"), "manifest_sha256": rec.get("manifest_sha256")}
     ent = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
                   schema=d.get("schema"), profile=json.dumps(profile))
@@ -38,5 +42,5 @@ def dataset_tags(recs: list[dict]) -> dict[str, str]:
     tags = {}
     for r in recs:
         tags[f"dataset.{r['domain']}.digest"] = r["digest"]
-        tags[f"dataset.{r['domain']}.source"] = r["source"]
+        tags[f"dataset.{r['domain']}.source"] = redact(r["source"])
     return tags

@@ -156,13 +156,18 @@ class Tracker:
         if not self.enabled:
             return []
         from launch.runstore.datasets import dataset_tags
-        from pipeline.lineage import datasets
+        from pipeline.lineage import domain_dataset
+        from pipeline.storage import redact_text
 
-        try:
-            recs = datasets(shards, shards_a, shards_b)
-        except (OSError, ValueError, TypeError) as e:  # the loader reads the shards; lineage is extra
-            log.warning("dataset lineage not logged: %s", first_line(e))
-            return []
+        recs = []
+        specs = {"a": shards_a if shards_a is not None else shards, "b": shards_b if shards_b is not None else shards}
+        for domain, spec in specs.items():  # one domain's failure must not cost the other its lineage
+            if spec is None:
+                continue
+            try:
+                recs.append(domain_dataset(spec, domain))
+            except Exception as e:  # noqa: BLE001 - the loader reads the shards; lineage is extra
+                log.warning("dataset lineage of domain %s not logged: %s", domain, redact_text(first_line(e)))
         if recs:
             self._log({"op": "datasets", "datasets": recs})
             self.set_tags(dataset_tags(recs))
