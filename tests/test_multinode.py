@@ -1,10 +1,18 @@
 """Two nodes on one machine: two network namespaces joined by a veth pair, one DeepSpeed
-launcher (infra/launch/node.sh) with one CPU rank in each, gloo over the veth addresses.
-Where namespaces cannot be made, the same two-node launch runs over 127.0.0.1 (said, not skipped)."""
+launcher (infra/launch/node.sh) with one CPU rank in each, gloo over the veth addresses; both
+read their shards from an S3 server that lives on node 0 (moto inside its namespace), written
+there by `make shards` run on node 0. Where namespaces cannot be made, the same two-node launch
+runs over 127.0.0.1 with the session's S3 server (said, not skipped)."""
 import json
 import os
+import subprocess
+import sys
+import time
+import uuid
 
 import pytest
+import yaml
+from conftest import ROOT, S3Server, s3_env
 
 from trainutil import delete_namespaces, finish_nodes, free_port, metrics, resumed_step, \
     start_nodes, two_nodes, write_config
@@ -19,15 +27,50 @@ def nodes(request):
     return n
 
 
-def test_two_nodes_train_checkpoint_resume_one_mlflow_run(corpus, tmp_path, nodes):
+@pytest.fixture
+def node_s3(request, nodes, tmp_path):
+    """(endpoint, bucket) of an S3 server on node 0: moto in node 0's namespace on its veth
+    address, so node 1 reaches it over the veth pair; the session's server on loopback."""
+    if not nodes.isolated:
+        server = request.getfixturevalue("s3_server")
+        return server.endpoint, server.bucket
+    server = S3Server(tmp_path / "node-s3.log", host="10.213.0.1", netns=nodes.namespaces[0])
+    server.start()
+    request.addfinalizer(server.stop)
+    bucket = f"nodes-{uuid.uuid4().hex[:8]}"
+    make = f"import s3fs; s3fs.S3FileSystem(endpoint_url={server.endpoint!r}).mkdir({bucket!r})"
+    deadline = time.monotonic() + 60
+    while True:  # the server answers once it has started inside the namespace
+        r = on_node(nodes, 0, [sys.executable, "-c", make], server.endpoint)
+        if r.returncode == 0:
+            return server.endpoint, bucket
+        assert time.monotonic() < deadline, r.stderr[-2000:] + server.log.read_text()[-2000:]
+        time.sleep(0.5)
+
+
+def on_node(nodes, node: int, cmd: list, endpoint: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*nodes.prefix[node], *map(str, cmd)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **s3_env(endpoint)}, timeout=300)
+
+
+def test_two_nodes_train_checkpoint_resume_one_mlflow_run(corpus, tmp_path, nodes, node_s3):
     from mlflow import MlflowClient
 
+    endpoint, bucket = node_s3
+    shards = f"s3://{bucket}/multinode-shards"
+    r = on_node(nodes, 0, [sys.executable, "-m", "pipeline.shards", "--src-a", corpus / "demo" / "trainA",
+                           "--src-b", corpus / "demo" / "trainB", "--out", shards, "--workers", "1",
+                           "--max-per-shard", "8", "--no-progress"], endpoint)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run_dir = tmp_path / "run"
     # Only rank 0 logs, so the embedded SQLite store in the shared run dir is safe.
     cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=4, ckpt_every=2,
                        tracking={"enable": True, "experiment": "multinode", "system_metrics": False})
+    conf = yaml.safe_load(cfg.read_text())
+    conf["data"]["shards"] = shards
+    cfg.write_text(yaml.safe_dump(conf))
     tx0 = nodes.tx_bytes(1)
-    procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
+    procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path, env=s3_env(endpoint))
     outs = finish_nodes(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[1][-4000:]
     assert "training 4 steps on 2 rank(s)" in outs[0], outs[0][-4000:]
@@ -40,7 +83,7 @@ def test_two_nodes_train_checkpoint_resume_one_mlflow_run(corpus, tmp_path, node
         assert nodes.tx_bytes(1) - tx0 > 400_000, nodes.tx_bytes(1) - tx0
 
     # Second launch of both nodes: continues from the checkpoint at step 4 to step 7.
-    procs = start_nodes(nodes, cfg, "train.max_steps=7", port=free_port(), tmp=tmp_path)
+    procs = start_nodes(nodes, cfg, "train.max_steps=7", port=free_port(), tmp=tmp_path, env=s3_env(endpoint))
     outs = finish_nodes(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[1][-4000:]
     assert resumed_step(outs[0]) == 4
@@ -57,3 +100,5 @@ def test_two_nodes_train_checkpoint_resume_one_mlflow_run(corpus, tmp_path, node
     assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5, 6, 7]
     assert runs[0].data.params["world_size"] == "2"
     assert runs[0].info.status == "FINISHED"
+    # The lineage names the bucket the nodes streamed from.
+    assert runs[0].data.tags["dataset.a.source"] == f"{shards}/a"

@@ -173,12 +173,21 @@ def test_trains_at_each_zero_stage(background, stage):
     assert ("C2ST: off" in r.stdout) == (stage != 0)
 
 
-def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(background, corpus, tmp_path):
+def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(background, corpus, tmp_path, s3_server):
+    """The killed run streams its shards from the S3 server (written there by `make shards`, so the
+    same bytes as the local shards the uninterrupted run reads): streaming from object storage
+    and exact resume after SIGKILL, both checked against the same local reference."""
     steps = KILLED_RUN["max_steps"]
-    ok(background.result("uninterrupted"))  # the same config, run to the end in one launch
+    shards = s3_server.url("killed-run-shards")
+    run([sys.executable, "-m", "pipeline.shards", "--src-a", corpus / "demo" / "trainA", "--src-b",
+         corpus / "demo" / "trainB", "--out", shards, "--workers", "1", "--max-per-shard", "16", "--no-progress"])
+    ok(background.result("uninterrupted"))  # the same config on local shards, run to the end in one launch
     ref_dir = background.dirs["uninterrupted"] / "run"
     with background.slot():  # this test's own launches take one of the two places
-        killed_run_matches_uninterrupted(corpus, tmp_path, ref_dir, steps)
+        killed_run_matches_uninterrupted(corpus, tmp_path, ref_dir, steps, shards)
+    # The ranks' bytes came from the server: its request log has the GETs of both domains' shards.
+    served = s3_server.log.read_text()
+    assert all(f"GET /{s3_server.bucket}/killed-run-shards/{d}/{d}-0000" in served for d in "ab"), served[-2000:]
 
     # A config change that breaks resuming is refused, naming the difference (the uninterrupted
     # run relaunched with model.dim=8, once it had ended).
@@ -187,9 +196,12 @@ def test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted(background, cor
     assert "model.dim" in r.stderr + r.stdout
 
 
-def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path, steps: int) -> None:
+def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path, steps: int, shards: str) -> None:
     run_dir = tmp_path / "killed"
     cfg = write_config(tmp_path / "k.yaml", corpus, run_dir, **KILLED_RUN)
+    conf = yaml.safe_load(cfg.read_text())
+    conf["data"]["shards"] = shards
+    cfg.write_text(yaml.safe_dump(conf))
     proc = subprocess.Popen(launch_cmd(cfg), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = run_dir / "ckpt" / "step-00000008" / "COMPLETE"
     deadline = time.time() + 240
