@@ -61,8 +61,10 @@ class _Strict(BaseModel):
 
 
 class DataSection(_Strict):
-    shards: Optional[str] = Field(None, description="OUT directory of `make shards` (uses index.json's a and b shards)")
-    shards_a: Optional[str] = Field(None, description="domain A shards: index.json, brace pattern or URL list (overrides `shards`)")
+    shards: Optional[str] = Field(None, description="OUT folder of `make shards`, a path or URL (s3://, gs://, "
+                                  "http(s)://; uses its index.json's a and b shards), or the index.json itself")
+    shards_a: Optional[str] = Field(None, description="domain A shards: an OUT folder or index.json (path or URL), a "
+                                    "shard URL ending .tar or a brace pattern of them (overrides `shards`)")
     shards_b: Optional[str] = Field(None, description="domain B shards, as shards_a")
     image_size: int = Field(64, ge=16, le=1024, description="training crop size in pixels (multiple of 4 times 2**n_down)")
     batch_size: int = Field(8, ge=1, description="micro-batch per rank and per domain")
@@ -77,8 +79,13 @@ class DataSection(_Strict):
         if isinstance(v, dict):
             check_kinds("data.augment", AugmentConfig, v)
         return AugmentConfig.from_any(v)
-    verify_shards: bool = Field(False, description="check each local shard's sha256 against index.json when opened")
-    cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
+    verify_shards: bool = Field(False, description="check each shard's sha256 against index.json when it is read: "
+                                "local files and cached copies once, remote bytes each time they are fetched; a "
+                                "mismatch skips the shard (loader/skipped/checksum_mismatch)")
+    cache_dir: Optional[str] = Field(None, description="local folder caching remote shards (shared by the workers and "
+                                     "ranks of a machine); unset: fetched into memory each time one is drawn")
+    cache_bytes: int = Field(20 * 2**30, ge=1, description="size bound of cache_dir in bytes: least recently used "
+                             "shards are removed; a shard larger than this is never cached")
     test_a: Optional[str] = Field(None, description="paired test split, domain A images (for evaluation)")
     test_b: Optional[str] = Field(None, description="paired test split, domain B images, same stems as test_a")
 
@@ -90,10 +97,9 @@ class DataSection(_Strict):
         return {"test_a": self.test_a, "truth_b": self.test_b, "test_b": self.test_b, "truth_a": self.test_a}
 
     def sources(self) -> tuple[str, str]:
-        """(domain A, domain B) shard specs: the per-domain ones, else the OUT directory twice."""
-        if self.shards_a is not None:
-            return self.shards_a, self.shards_b
-        return self.shards, self.shards
+        """(domain A, domain B) shard specs: each domain's own where set, else the OUT folder."""
+        return (self.shards_a if self.shards_a is not None else self.shards,
+                self.shards_b if self.shards_b is not None else self.shards)
 
     @model_validator(mode="after")
     def _sources(self):
@@ -139,7 +145,13 @@ class TrainSection(_Strict):
     stall_timeout_s: float = Field(600.0, ge=0, description="a rank whose loop finished no step for this long "
                                                              "exits (a peer vanished); 0 disables it")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the generator side, 0 disables it")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it natively, fp16 on other GPUs, fp32 on CPU. bf16: fp32 "
+                            "weights, networks under torch.autocast, loss reductions in fp32 (CPU too). fp16 (GPU "
+                            "only): DeepSpeed fp16 with dynamic loss scaling in both engines; overflowed steps are "
+                            "skipped and counted (skipped_steps_g/d metrics)")
+    compile: bool = Field(False, description="torch.compile the generator and the discriminators (the first "
+                                             "steps compile; state_dict names and checkpoints are unchanged)")
     zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage of both engines (0-2: exact for "
                                                          "the two-engine GAN step); a DeepSpeed JSON may set it instead")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; a DeepSpeed JSON may "
@@ -332,10 +344,10 @@ def config_hash(cfg: Config) -> str:
 # one of them: a run is recognised by the run_uid in RUN_DIR/.unit-run.json, not by its path,
 # so a run directory that was moved or copied resumes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "train.keep_ckpts", "train.max_nonfinite", "train.threads", "resume", "trust_resume_path",
-                     "run_dir", "tracking", "eval", "init_from",
+                     "train.keep_ckpts", "train.max_nonfinite", "train.threads", "train.compile", "resume",
+                     "trust_resume_path", "run_dir", "tracking", "eval", "init_from",
                      "train.realism",  # in checkpoints of runs from before the eval section: ignored
-                     "registry", "data.num_workers", "data.cache_dir", "data.verify_shards", "deepspeed_config",
+                     "registry", "data.num_workers", "data.cache_dir", "data.cache_bytes", "data.verify_shards", "deepspeed_config",
                      "data.test_a", "data.test_b", "data.shards", "data.shards_a", "data.shards_b")
 
 
@@ -433,14 +445,55 @@ def _ds_scheduler(cfg: Config, ds: dict, lr: float, conflicts: list[str]) -> Non
     ds["scheduler"] = want
 
 
+def resolve_precision(requested: str, cuda: bool, bf16_ok: bool) -> str:
+    """What train.precision means on this machine: "fp32", "bf16" or "fp16".
+
+    auto: bf16 where the GPU has it natively (Ampere and later), fp16 on older GPUs (V100, T4:
+    bf16 there is emulated, slower than fp32), fp32 on CPU (bf16 on a CPU is slower than fp32
+    unless it has AMX). An explicit bf16 is honoured on CPU (it runs, for tests and AMX machines)
+    but refused on a GPU without native bf16; fp16 needs a GPU (DeepSpeed's CPU accelerator
+    refuses it). Both refusals are ConfigErrors that name the key, before any engine is built."""
+    if requested == "auto":
+        return ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if requested == "fp16" and not cuda:
+        raise ConfigError("config key train.precision = 'fp16': needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
+                          "use bf16 or fp32 on CPU, or auto")
+    if requested == "bf16" and cuda and not bf16_ok:
+        raise ConfigError("config key train.precision = 'bf16': this GPU has no native bf16 (it would be emulated, "
+                          "slower than fp32); use fp16 or auto")
+    return requested
+
+
+def native_bf16() -> bool:
+    """A CUDA device with bf16 in hardware (compute capability 8 or later), not emulated."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+# fp16 loss scaling: dynamic (loss_scale 0), starting at 2**16, doubled after 1000 clean steps,
+# halved after 2 overflows in a row. A DeepSpeed JSON's fp16 section may tune these.
+FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1}
+
+
 def _ds_precision(cfg: Config, ds: dict, on_gpu: bool, bf16_ok: bool, conflicts: list[str]) -> None:
+    """bf16 is torch.autocast inside DeepSpeed (fp32 weights and optimizer): DeepSpeed's own bf16 mode
+    would keep the weights, inputs and loss reductions in bf16. fp16 is DeepSpeed's fp16 mode (half
+    weights, fp32 master copy, dynamic loss scaling)."""
     precision = cfg.train.precision
-    use_bf16 = (precision == "bf16") or (precision == "auto" and on_gpu and bf16_ok)
-    for key in ("fp16", "bf16"):
-        if key in ds and ds[key].get("enabled", False) not in (False, "auto") and not (key == "bf16" and use_bf16):
-            conflicts.append(f"{key}.enabled: DeepSpeed JSON enables it, YAML train.precision is {precision!r}")
-    ds.pop("fp16", None)
-    ds["bf16"] = {"enabled": bool(use_bf16)}
+    resolved = resolve_precision(precision, on_gpu, bf16_ok)
+    wants = {"fp16": resolved == "fp16", "bf16": resolved == "bf16", "torch_autocast": resolved == "bf16"}
+    for key, ok in wants.items():
+        if key in ds and ds[key].get("enabled", False) not in (False, "auto") and not ok:
+            conflicts.append(f"{key}.enabled: DeepSpeed JSON enables it, YAML train.precision is {precision!r} "
+                             f"({resolved} here)")
+    ds["fp16"] = {**FP16_DEFAULTS, **ds.get("fp16", {}), "enabled": True} if resolved == "fp16" else {"enabled": False}
+    ds["bf16"] = {"enabled": False}
+    # lower_precision_safe_modules []: gradients are all-reduced in fp32 (DeepSpeed's default would
+    # reduce the conv weights' gradients in bf16, which rounds the sum across ranks).
+    ds["torch_autocast"] = ({"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+                            if resolved == "bf16" else {"enabled": False})
 
 
 def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool) -> dict:
@@ -492,18 +545,20 @@ def resume_point(cfg: Config) -> Path | None:
 
 
 def check_shard_index(cfg: Config) -> None:
-    """Every shard URL an index names is checked (no commands, nothing outside the index's folder)
-    before a rank starts, not only when each rank builds its loader."""
+    """Each domain's shards are found before a rank starts, not only when each rank builds its
+    loader: an OUT folder or index.json, local or at a URL, is read (so a bucket or URL that is not
+    there, or a backend that is not installed, fails here) and every shard URL it names is checked
+    (no commands, nothing outside the index's folder). Messages name the key and the URL without
+    credentials; the index's own messages are redacted already (pipeline.index)."""
     from pipeline.loader import resolve_shards
+    from pipeline.storage import redact, redact_text
 
-    per_domain = cfg.data.shards_a is not None
-    for d in ("a", "b"):
-        spec = getattr(cfg.data, f"shards_{d}") if per_domain else cfg.data.shards
+    for d, spec in zip(("a", "b"), cfg.data.sources()):
+        key = f"data.shards_{d}" if getattr(cfg.data, f"shards_{d}") is not None else "data.shards"
         try:
             resolve_shards(spec, d)
         except (ValueError, OSError, ImportError) as e:
-            key = f"data.shards_{d}" if per_domain else "data.shards"
-            raise ConfigError(f"config key {key}: {e}") from None
+            raise ConfigError(f"config key {key} = {redact(spec)!r}: {redact_text(str(e))}") from None
 
 
 def check_init_from(cfg: Config) -> None:
@@ -542,9 +597,6 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
     resume_point(cfg)
-    if cfg.data.shards is not None and cfg.data.shards_a is None:
-        if not (Path(cfg.data.shards) / "index.json").is_file() and "://" not in cfg.data.shards:
-            raise ConfigError(f"config key data.shards = {cfg.data.shards!r}: no index.json there; run `make shards` first")
     for key in ("test_a", "test_b"):
         v = getattr(cfg.data, key)
         if v is not None and not Path(v).is_dir():
@@ -555,9 +607,7 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
         raise ConfigError(f"config key eval.fid_features = {cfg.eval.fid_features!r}: no such file "
                           "(a TorchScript feature extractor; leave it unset to skip FID/KID)")
     import torch
-    on_gpu = torch.cuda.is_available()
-    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=on_gpu,
-                            bf16_ok=on_gpu and torch.cuda.is_bf16_supported())
+    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=torch.cuda.is_available(), bf16_ok=native_bf16())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,10 @@
 
 GAN losses take a list of logit maps (one per discriminator scale) and sum over scales, as the
 official code does.
+
+Every reduction runs in float32 whatever the networks ran in (bf16 autocast, fp16 weights): a mean
+over a batch of images in half precision loses the small differences the loss is made of, and
+fp16 can overflow on the squares. `.float()` is free for float32 inputs.
 """
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ GAN_TYPES = ("lsgan", "nsgan", "hinge")
 
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean absolute error: -log of a Laplacian likelihood up to constants."""
-    return (x - y).abs().mean()
+    return (x.float() - y.float()).abs().mean()
 
 
 def kl(mu: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, I) || N(0, I)) up to the factor 0.5 and the sum: mean(mu^2), as the official code."""
-    return mu.pow(2).mean()
+    return mu.float().pow(2).mean()
 
 
 def _check(gan_type: str) -> None:
@@ -31,6 +35,7 @@ def gan_g(fake_logits: list[torch.Tensor], gan_type: str) -> torch.Tensor:
     _check(gan_type)
     total = 0.0
     for d in fake_logits:
+        d = d.float()
         if gan_type == "lsgan":
             total = total + (d - 1).pow(2).mean()
         elif gan_type == "nsgan":
@@ -48,6 +53,7 @@ def gan_d(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor], gan_
         raise ValueError(f"{len(real_logits)} real scales vs {len(fake_logits)} fake scales")
     total = 0.0
     for r, f in zip(real_logits, fake_logits):
+        r, f = r.float(), f.float()
         if gan_type == "lsgan":
             total = total + (r - 1).pow(2).mean() + f.pow(2).mean()
         elif gan_type == "nsgan":

@@ -147,7 +147,7 @@ _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2
 
 def decode_image(data: bytes, min_side: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to HWC uint8 **BGR** (OpenCV order; callers reorder channels when
-    they convert to float, which costs nothing extra). JPEGs much larger than needed are
+    they copy into the batch, which costs nothing extra). JPEGs much larger than needed are
     decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, as PIL's draft mode) keeping the
     shortest side >= min_side. An image that would decode to more than `max_pixels` pixels
     (judged from its header, so a decompression bomb costs no memory) raises TooManyPixels.
@@ -184,15 +184,16 @@ def _decode_pil(data: bytes, min_side: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im)[..., ::-1])
 
 
-def to_chw_float(images: list[np.ndarray], bgr: bool) -> np.ndarray:
-    """HWC uint8 images -> float32 [B,3,H,W] RGB in [-1, 1]: one transposing cast per image
-    into the batch, then one fused scale-and-shift pass (x / 127.5 - 1) over the batch."""
+def to_chw_uint8(images: list[np.ndarray], bgr: bool) -> np.ndarray:
+    """HWC uint8 images -> uint8 [B,3,H,W] RGB: one transposing copy per image into the batch.
+
+    The batch stays uint8 (a quarter of float32's bytes through the worker queue and the
+    host-to-device copy); the trainer scales it to [-1, 1] on the device
+    (pipeline.tensors.normalize), where that costs nothing next to the step."""
     h, w = images[0].shape[:2]
-    out = np.empty((len(images), 3, h, w), np.float32)
+    out = np.empty((len(images), 3, h, w), np.uint8)
     for i, img in enumerate(images):
         out[i] = img[..., ::-1].transpose(2, 0, 1) if bgr else img.transpose(2, 0, 1)
-    flat = out.reshape(-1, w)
-    cv2.addWeighted(flat, 1 / 127.5, flat, 0.0, -1.0, dst=flat)
     return out
 
 

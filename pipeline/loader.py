@@ -26,6 +26,13 @@ Shard URLs read from an index.json are data, never commands: each entry must be 
 path inside the index's folder or a file/s3/gs/http(s) URL (pipeline.index.index_entry_url),
 checked for every entry when the loader is built, before any worker starts. `pipe:` URLs
 run only when the caller passes them directly (a brace pattern or a list).
+
+Shards may live in object storage or behind HTTP: an OUT folder or index.json given as a URL
+(s3://, gs://, http(s)://) is read through pipeline.storage, its relative entries become URLs
+under the index's folder. A remote shard is fetched whole (retried after transient errors with
+backoff, counted in stats["retries"]), into memory or the size-bounded ShardCache; one that
+stays unreachable is skipped as unreadable_shard and the stream draws the next chunk. Where
+bytes come from never changes what a stream yields, so resumption is exact whatever the store.
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import json
 import logging
 import os
 import stat
 import tarfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -46,10 +53,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.atomic import TEMP_NAME, write_bytes
-from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels, to_chw_float
+from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels, to_chw_uint8
 from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.images import MAX_PIXELS
-from pipeline.index import index_entry_url, url_scheme
+from pipeline import storage
+from pipeline.index import index_entry_url, index_of, read_index, url_scheme
 from pipeline.layout import DOMAINS
 
 log = logging.getLogger(__name__)
@@ -77,36 +85,33 @@ def _is_remote(url: str) -> bool:
     return url_scheme(url) is not None  # a one-letter "scheme" is a Windows drive: a path
 
 
-def _from_index(path: str, domain: str) -> list[Shard]:
-    try:
-        with open(path) as f:
-            index = json.load(f)
-        entries = list(index["shards"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable shard index.json ({e})") from e
+def _from_index(index_file: str, domain: str) -> list[Shard]:
+    """The shards of `domain` an index.json (a path or URL) lists, each entry checked."""
+    index, _ = read_index(index_file)
+    entries = index["shards"]
+    if not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{storage.redact(index_file)}: not a readable shard index.json (an entry is not an object)")
     # Every entry is checked, whatever its domain: one hostile entry means the index is not trusted.
-    urls = [index_entry_url(path, e) for e in entries]
+    urls = [index_entry_url(index_file, e) for e in entries]
     shards = [Shard(url, e.get("nsamples"), e.get("sha256")) for url, e in zip(urls, entries)
               if e.get("domain") == domain]
     if not shards:
-        raise ValueError(f"{path}: no shards of domain {domain!r}")
+        raise ValueError(f"{storage.redact(index_file)}: no shards of domain {domain!r}")
     return shards
 
 
 def resolve_shards(spec, domain: str) -> list[Shard]:
-    """Shard list from an OUT directory of `make shards` or an index.json (the entries of
-    `domain`), a brace pattern, one URL, or a list of URLs (paths, pipe:, fsspec URLs).
-    An index's entries are checked by pipeline.index.index_entry_url (ValueError naming the
-    index, the entry and why); a pattern or list is the caller's own and taken as given."""
+    """Shard list from an OUT folder of `make shards` or an index.json, local or at a URL (the
+    entries of `domain`; pipeline.index.index_of tells a folder URL from a shard URL, which ends
+    in .tar), a brace pattern, one shard URL, or a list of URLs (paths, pipe:, fsspec URLs).
+    An index is read through pipeline.storage (retried) and its entries are checked by
+    pipeline.index.index_entry_url (ValueError naming the index, the entry and why); a pattern
+    or list is the caller's own and taken as given."""
     if isinstance(spec, (str, os.PathLike)):
         spec = os.fspath(spec)
-        if os.path.isdir(spec):
-            index = os.path.join(spec, "index.json")
-            if not os.path.exists(index):
-                raise ValueError(f"{spec}: directory without index.json (run `make shards`)")
-            return _from_index(index, domain)
-        if spec.endswith(".json") and not _is_remote(spec):
-            return _from_index(spec, domain)
+        index_file = index_of(spec)
+        if index_file is not None:
+            return _from_index(index_file, domain)
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
@@ -140,40 +145,61 @@ class ShardError(Exception):
         self.reason = reason
 
 
-def _fetch_bytes(url: str) -> bytes:
-    if url.startswith("pipe:"):
+def _fetch_bytes(url: str, on_retry=None) -> bytes:
+    """A remote shard's bytes: a pipe: command's output, or through pipeline.storage (fsspec),
+    tried again after transient errors (timeouts, resets, 5xx) with backoff; `on_retry(error)`
+    is called before each new attempt. A missing object or refused access is not retried."""
+    if url_scheme(url) == "pipe":
         import webdataset as wds
 
         with wds.gopen(url) as f:  # raises on a non-zero exit status when closed
             return f.read()
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
-        return f.read()
+    return storage.read_bytes(url, on_retry=on_retry)
 
 
 class ShardCache:
-    """Local copies of remote shards, least recently used removed beyond `max_bytes`.
-    Files are named by a hash of the URL plus its basename, written to a temporary name and
-    renamed into place, so concurrent workers and ranks can share the directory."""
+    """Local copies of remote shards within `max_bytes`, least recently used removed first.
+    Files are named by a hash of the URL and the index's sha256 (a re-made OUT with other bytes
+    under the same URL is not served from an old copy) plus the URL's basename, written to a
+    temporary name and renamed into place, so concurrent workers and ranks share the directory.
+    Use is recorded in the access time (set explicitly, whatever the mount's atime setting), so
+    a file's modification time stays what it was written with."""
 
     def __init__(self, cache_dir: str, max_bytes: int):
+        if max_bytes < 1:
+            raise ValueError(f"cache_bytes={max_bytes} must be >= 1")
         self.dir = cache_dir
-        self.max_bytes = max_bytes
+        self.max_bytes = int(max_bytes)
         os.makedirs(cache_dir, exist_ok=True)
 
-    def path(self, url: str) -> str:
+    def path(self, url: str, sha256: str | None = None) -> str:
         base = os.path.basename(urllib.parse.urlparse(url.split()[-1]).path) or "shard"
-        return os.path.join(self.dir, hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + base)
+        key = hashlib.sha1(f"{url}\0{sha256 or ''}".encode()).hexdigest()[:16]
+        return os.path.join(self.dir, f"{key}-{base}")
 
-    def get(self, url: str) -> str:
-        dest = self.path(url)
-        if os.path.exists(dest):
-            os.utime(dest)  # mark as recently used
-            return dest
-        write_bytes(dest, _fetch_bytes(url), durable=False)  # a cache: a lost file is fetched again
-        self._trim(keep=dest)
-        return dest
+    def open(self, url: str, fetch, sha256: str | None = None) -> io.BufferedIOBase:
+        """The shard's bytes as an open file: the cached copy, else `fetch()`ed and stored. A shard
+        larger than the whole cache is kept in memory only, so the directory stays within the bound."""
+        dest = self.path(url, sha256)
+        try:
+            f = open(dest, "rb")
+            st = os.fstat(f.fileno())
+            os.utime(dest, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
+            return f
+        except FileNotFoundError:  # not cached, or trimmed by another worker meanwhile
+            pass
+        data = fetch()
+        if len(data) <= self.max_bytes:
+            write_bytes(dest, data, durable=False)  # a cache: a lost file is fetched again
+            self._trim(keep=dest)
+        return io.BytesIO(data)
+
+    def drop(self, url: str, sha256: str | None = None) -> None:
+        """Forget a copy (its bytes did not match the index): the next use fetches it again."""
+        try:
+            os.remove(self.path(url, sha256))
+        except FileNotFoundError:
+            pass
 
     def _trim(self, keep: str) -> None:
         files = []
@@ -185,7 +211,7 @@ class ShardCache:
                 st = os.stat(p)
             except FileNotFoundError:
                 continue  # removed by another process
-            files.append((st.st_mtime, st.st_size, p))
+            files.append((st.st_atime_ns, st.st_size, p))
         total = sum(s for _, s, _ in files)
         for _, size, p in sorted(files):
             if total <= self.max_bytes:
@@ -193,7 +219,7 @@ class ShardCache:
             if p == keep:
                 continue
             try:
-                os.remove(p)
+                os.remove(p)  # a worker reading it keeps its open file
             except FileNotFoundError:
                 pass
             total -= size
@@ -233,52 +259,80 @@ def index_tar(f, size: int) -> ShardIndex:
 
 
 class ShardReader:
-    """Opens shards for one worker: fetches remote ones (cache or memory), optionally checks
-    sha256 once per shard, keeps tar indexes of recently used shards."""
+    """Opens shards for one worker: local files directly, remote ones fetched (retried) into the
+    cache or memory; optionally checks sha256 against the index, for every source: a local or
+    cached file once per (file, size, mtime), bytes fetched into memory each time they are
+    fetched (a remote shard may change between fetches). Keeps tar indexes of recent files."""
 
     def __init__(self, verify: bool, cache: ShardCache | None, keep_indexes: int = 256):
         self.verify = verify
         self.cache = cache
-        self.verified: dict[str, bool] = {}
-        self.indexes: collections.OrderedDict[str, ShardIndex] = collections.OrderedDict()
+        self.verified: dict[tuple, bool] = {}
+        self.indexes: collections.OrderedDict[tuple, ShardIndex] = collections.OrderedDict()
         self.keep = keep_indexes
 
-    def open(self, shard: Shard) -> tuple[io.BufferedIOBase, ShardIndex]:
+    def open(self, shard: Shard, counters: "Counters | None" = None) -> tuple[io.BufferedIOBase, ShardIndex]:
+        """(open file, its tar index); ShardError("unreadable_shard" or "checksum_mismatch")
+        when the shard cannot be used. Retries of transient errors are counted in `counters`."""
         url = shard.url
+        on_retry = None if counters is None else (lambda e: counters.retry(url, e))
         try:
-            if not _is_remote(url):
-                if not stat.S_ISREG(os.stat(url).st_mode):  # a FIFO or device would block or never end
-                    raise OSError(f"{url} is not a regular file")
-                f, path = open(url, "rb"), url
-            elif self.cache is not None:
-                path = self.cache.get(url)
-                f = open(path, "rb")
-            else:
-                path, f = None, io.BytesIO(_fetch_bytes(url))
-        except Exception as e:  # any failure to reach the bytes: skip the shard, go on
-            raise ShardError("unreadable_shard", f"{url}: cannot read ({type(e).__name__}: {e})") from e
+            f = self._bytes(shard, on_retry)
+        except Exception as e:  # any failure to reach the bytes, retries spent: skip the shard, go on
+            raise ShardError("unreadable_shard", f"{storage.redact(url)}: cannot read "
+                             f"({type(e).__name__}: {storage.redact_text(str(e))})") from e
         try:
-            if self.verify and shard.sha256:
-                ok = self.verified.get(url)
-                if ok is None:
-                    digest = sha256_file(path) if path is not None else sha256_bytes(f.getbuffer())
-                    ok = self.verified[url] = digest == shard.sha256
-                if not ok:
-                    raise ShardError("checksum_mismatch", f"{url}: sha256 differs from index.json")
-            index = self.indexes.get(url)
-            if index is None:
-                size = f.seek(0, io.SEEK_END)
-                f.seek(0)
-                index = index_tar(f, size)
-                self.indexes[url] = index
-                if len(self.indexes) > self.keep:
-                    self.indexes.popitem(last=False)
-            else:
-                self.indexes.move_to_end(url)
-            return f, index
+            if self.verify and shard.sha256 and not self._matches(f, shard.sha256):
+                if self.cache is not None and _is_remote(url):
+                    self.cache.drop(url, shard.sha256)
+                raise ShardError("checksum_mismatch", f"{storage.redact(url)}: sha256 differs from index.json")
+            return f, self._index(f)
         except BaseException:
             f.close()
             raise
+
+    def _bytes(self, shard: Shard, on_retry) -> io.BufferedIOBase:
+        url = shard.url
+        if not _is_remote(url):
+            if not stat.S_ISREG(os.stat(url).st_mode):  # a FIFO or device would block or never end
+                raise OSError(f"{url} is not a regular file")
+            return open(url, "rb")
+        if self.cache is not None:
+            return self.cache.open(url, lambda: _fetch_bytes(url, on_retry), shard.sha256)
+        return io.BytesIO(_fetch_bytes(url, on_retry))
+
+    @staticmethod
+    def _file_key(f) -> tuple | None:
+        """What identifies a file's bytes without reading them; None for bytes in memory."""
+        if isinstance(f, io.BytesIO):
+            return None
+        st = os.fstat(f.fileno())
+        return f.name, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _matches(self, f, expected: str) -> bool:
+        key = self._file_key(f)
+        ok = self.verified.get(key) if key is not None else None
+        if ok is None:
+            digest = sha256_bytes(f.getbuffer()) if key is None else sha256_file(f.name)
+            ok = digest == expected
+            if key is not None:
+                self.verified[key] = ok
+        return ok
+
+    def _index(self, f) -> ShardIndex:
+        key = self._file_key(f)
+        index = self.indexes.get(key) if key is not None else None
+        if index is None:
+            size = f.seek(0, io.SEEK_END)
+            f.seek(0)
+            index = index_tar(f, size)  # headers only: cheap for bytes in memory, so never kept
+            if key is not None:
+                self.indexes[key] = index
+                if len(self.indexes) > self.keep:
+                    self.indexes.popitem(last=False)
+        else:
+            self.indexes.move_to_end(key)
+        return index
 
 
 # ----------------------------------------------------------------------------- streams
@@ -290,18 +344,27 @@ class Counters:
     def __init__(self):
         self.samples = 0
         self.bytes = 0
+        self.retries = 0  # requests tried again after a transient error (the shard may still be read)
         self.skipped: collections.Counter = collections.Counter()
         self.warned: set[tuple[str, str]] = set()
 
+    def _warn_once(self, url: str, what: str, msg: str) -> None:
+        if (url, what) not in self.warned:  # once per shard and reason, never sleeps
+            self.warned.add((url, what))
+            log.warning("%s in shard %s: %s", what, storage.redact(url), msg)
+
     def skip(self, reason: str, url: str, msg: str) -> None:
         self.skipped[reason] += 1
-        if (url, reason) not in self.warned:  # once per shard and reason, never sleeps
-            self.warned.add((url, reason))
-            log.warning("skipping (%s) in shard %s: %s", reason, url, msg)
+        self._warn_once(url, f"skipping ({reason})", msg)
+
+    def retry(self, url: str, error: BaseException) -> None:
+        self.retries += 1
+        self._warn_once(url, "retrying a transient error",
+                        f"{type(error).__name__}: {storage.redact_text(str(error))}")
 
     def take(self) -> dict:
-        d = {"samples": self.samples, "bytes": self.bytes, "skipped": dict(self.skipped)}
-        self.samples, self.bytes = 0, 0
+        d = {"samples": self.samples, "bytes": self.bytes, "retries": self.retries, "skipped": dict(self.skipped)}
+        self.samples, self.bytes, self.retries = 0, 0, 0
         self.skipped.clear()
         return d
 
@@ -320,7 +383,7 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
         shard = shards[int(rng.integers(len(shards)))]
         produced = 0
         try:
-            f, index = reader.open(shard)
+            f, index = reader.open(shard, counters)
         except ShardError as e:
             counters.skip(e.reason, shard.url, str(e))
             f, index = None, None
@@ -390,7 +453,7 @@ class _Batches(IterableDataset):
                 for _ in range(l.batch_size):
                     img, pos[d] = next(stream)
                     imgs.append(img)
-                batch[d] = torch.from_numpy(to_chw_float(imgs, augmenter.bgr))
+                batch[d] = torch.from_numpy(to_chw_uint8(imgs, augmenter.bgr))
             batch["_worker"] = worker
             batch["_pos"] = pos
             batch["_stats"] = counters.take()
@@ -401,11 +464,17 @@ class _Batches(IterableDataset):
 
 
 class UnpairedLoader:
-    """Iterating yields {"a", "b"}: float32 [B,3,H,W] in [-1, 1], independent domains, forever.
+    """Iterating yields {"a", "b"}: uint8 [B,3,H,W] RGB, independent domains, forever.
 
-    `stats` has samples, bytes and skipped-by-reason totals of the batches delivered so far
-    (each worker sends its counter deltas inside the batch, so they aggregate across worker
-    processes without shared memory). Events of prefetched, not yet delivered batches appear
+    Batches stay uint8 to the device (a quarter of float32's bytes through the worker queue and
+    the host-to-device copy, and no float pass in the workers, which cost more than decoding at
+    256 px); `pipeline.tensors.normalize` makes them [-1, 1] floats there. With `pin_memory`
+    (the trainer sets it on GPUs) they arrive in pinned memory, so `.to(device, non_blocking=True)`
+    overlaps the copy with compute.
+
+    `stats` has samples, bytes, retries (requests tried again after a transient error) and
+    skipped-by-reason totals of the batches delivered so far (each worker sends its counter
+    deltas inside the batch, so they aggregate across worker processes without shared memory). Events of prefetched, not yet delivered batches appear
     when those batches do; warnings name the shard once per worker process.
 
     `max_pixels` caps what one image may decode to (after JPEG DCT scaling), judged from its
@@ -441,7 +510,7 @@ class UnpairedLoader:
                                multiprocessing_context=multiprocessing_context)
         self._batches = 0
         self._positions: dict[int, dict] = {}  # logical worker -> {"a": (chunk, offset), "b": ...}
-        self._stats = {"batches": 0, "samples": 0, "bytes": 0, "skipped": collections.Counter()}
+        self._stats = {"batches": 0, "samples": 0, "bytes": 0, "retries": 0, "skipped": collections.Counter()}
 
     @property
     def shards(self) -> dict[str, list[Shard]]:
@@ -470,6 +539,7 @@ class UnpairedLoader:
             self._stats["batches"] += 1
             self._stats["samples"] += int(delta["samples"])
             self._stats["bytes"] += int(delta["bytes"])
+            self._stats["retries"] += int(delta.get("retries", 0))
             self._stats["skipped"].update({k: int(v) for k, v in delta["skipped"].items()})
             yield batch
 
@@ -480,7 +550,7 @@ class UnpairedLoader:
             "num_workers": self.num_workers, "batch_size": self.batch_size, "batches": self._batches,
             "positions": {str(k): {d: list(p) for d, p in v.items()} for k, v in self._positions.items()},
             "stats": {"samples": self._stats["samples"], "bytes": self._stats["bytes"],
-                      "skipped": dict(self._stats["skipped"])},
+                      "retries": self._stats["retries"], "skipped": dict(self._stats["skipped"])},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -508,5 +578,5 @@ class UnpairedLoader:
                         self.world_size, self.num_workers, top)
         saved = state.get("stats", {})
         self._stats = {"batches": int(state.get("batches", 0)), "samples": int(saved.get("samples", 0)),
-                       "bytes": int(saved.get("bytes", 0)),
+                       "bytes": int(saved.get("bytes", 0)), "retries": int(saved.get("retries", 0)),
                        "skipped": collections.Counter(saved.get("skipped", {}))}

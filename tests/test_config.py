@@ -31,7 +31,7 @@ def test_overrides_nest_and_parse_yaml_values():
     ("optim.betas=[0.5, 1.5]", "optim.betas"),
     ("model.dimm=8", "model.dimm"),
     ("model.preset=nope", "model"),
-    ("train.precision=fp16", "train.precision"),
+    ("train.precision=fp8", "train.precision"),
 ])
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ConfigError) as e:

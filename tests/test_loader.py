@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -66,8 +67,8 @@ def out(tmp_path_factory):
 
 
 def codes(x) -> list[int]:
-    """Sample codes of a batch tensor, read back from the red channel."""
-    red = (x[:, 0].mean(dim=(1, 2)).numpy() + 1) * 127.5
+    """Sample codes of a uint8 batch, read back from the red channel."""
+    red = x[:, 0].double().mean(dim=(1, 2)).numpy()
     return [int(round((r - 4) / 8)) for r in red]
 
 
@@ -85,10 +86,9 @@ def test_shapes_range_and_domains(out):
     assert set(batch) == {"a", "b"}
     for d in ("a", "b"):
         x = batch[d]
-        assert x.shape == (4, 3, SIZE, SIZE) and x.dtype.is_floating_point and x.dtype.itemsize == 4
-        assert x.min() >= -1 and x.max() <= 1
-        assert x[:, 1].std() > 0.2  # the gradient survived: real image content, not a constant
-        blue = (x[:, 2].mean().item() + 1) * 127.5
+        assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.uint8  # normalised on the device
+        assert x[:, 1].float().std() > 0.2 * 127.5  # the gradient survived: real image content, not a constant
+        blue = x[:, 2].float().mean().item()
         assert abs(blue - BLUE[d]) < 6, (d, blue)
 
 
@@ -98,7 +98,7 @@ def test_colour_jitter_keeps_rgb_order(out):
     batches = take(loader, 2)
     plain = take(UnpairedLoader(out, out, batch_size=4, image_size=SIZE, num_workers=0), 2)
     for b, p in zip(batches, plain):
-        blue = (b["b"][:, 2].mean().item() + 1) * 127.5
+        blue = b["b"][:, 2].float().mean().item()
         assert abs(blue - BLUE["b"]) < 12, blue
         assert not b["a"].equal(p["a"])  # the jitter changed something
 
@@ -124,13 +124,13 @@ def test_determinism(out):
 def test_augmentation_varies_and_eval_is_centre_crop(out):
     kw = dict(batch_size=8, image_size=SIZE, num_workers=0)
     train = take(UnpairedLoader(out, out, **kw), 4)
-    green = [x[1].mean(dim=0) for b in train for x in b["a"]]  # gradient row: flipped or not
+    green = [x[1].float().mean(dim=0) for b in train for x in b["a"]]  # gradient row: flipped or not
     slopes = {bool(g[-1] > g[0]) for g in green}
     assert slopes == {True, False}  # some flipped, some not
     ev = take(UnpairedLoader(out, out, augment={"train": False}, **kw), 2)
-    rows = [x[1].mean(dim=0) for b in ev for x in b["a"]]
+    rows = [x[1].float().mean(dim=0) for b in ev for x in b["a"]]
     assert all(r[-1] > r[0] for r in rows)
-    assert all(r.sub(rows[0]).abs().max() < 0.05 for r in rows)  # always the same centre crop
+    assert all(r.sub(rows[0]).abs().max() < 0.05 * 127.5 for r in rows)  # always the same centre crop
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -254,7 +254,7 @@ def test_shard_specs_and_bad_input(out):
 
 
 def test_augmenter_matches_albumentations_pipeline_and_reduced_decoding():
-    from pipeline.augment import AugmentConfig, Augmenter, build_pipeline, decode_image, to_chw_float
+    from pipeline.augment import AugmentConfig, Augmenter, build_pipeline, decode_image, to_chw_uint8
 
     rng = np.random.default_rng(0)
     img = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 240x320
@@ -270,5 +270,20 @@ def test_augmenter_matches_albumentations_pipeline_and_reduced_decoding():
     ours = Augmenter(cfg, 64)(data, np.zeros(3), 0)
     ref = build_pipeline(cfg, 64)(image=decode_image(data, 72))["image"]
     assert ours.shape == (64, 64, 3) and np.array_equal(ours, ref)
-    x = to_chw_float([ours], bgr=True)
-    assert x.shape == (1, 3, 64, 64) and np.allclose(x[0, 0], ours[..., 2] / 127.5 - 1, atol=1e-6)
+    x = to_chw_uint8([ours], bgr=True)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == np.uint8 and np.array_equal(x[0, 0], ours[..., 2])  # BGR -> RGB
+
+
+def test_shard_larger_than_the_cache_is_not_cached(out, tmp_path):
+    local = [os.path.join(out, "a", f"a-{i:06d}.tar") for i in range(4)]
+    kw = dict(batch_size=4, image_size=SIZE, num_workers=0, seed=2)
+    ref = take(UnpairedLoader(local, out, **kw), 6)
+    cache = tmp_path / "cache"
+    small = UnpairedLoader([f"file://{p}" for p in local], out, cache_dir=str(cache),
+                           cache_bytes=os.path.getsize(local[0]) - 1, **kw)
+    assert same(take(small, 6), ref)
+    assert not list(cache.iterdir())  # read into memory, never stored: the bound holds
+    state = small.state_dict()
+    assert state["stats"]["retries"] == 0 and small.stats["retries"] == 0
+    with pytest.raises(ValueError, match="cache_bytes"):
+        UnpairedLoader(local, out, cache_dir=str(cache), cache_bytes=0, **kw)

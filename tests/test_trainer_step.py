@@ -17,6 +17,7 @@ from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
 from model.unit import UNIT
 from pipeline.loader import UnpairedLoader
+from pipeline.tensors import normalize
 
 
 class PlainEngine:
@@ -62,7 +63,7 @@ def make_trainer(corpus, run_dir, accum: int = 1, nan_steps=(), **train) -> T.Tr
     side = UnpairedLoader(str(corpus / "shards"), str(corpus / "shards"), batch_size=2, image_size=32, num_workers=0,
                           augment={"train": False}, rank=0, world_size=1)
     batch = next(iter(side))
-    tr.samples = (batch["a"], batch["b"])
+    tr.samples = (normalize(batch["a"]), normalize(batch["b"]))
     return tr
 
 

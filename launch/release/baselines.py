@@ -121,7 +121,7 @@ def stats_from_shards(shards_a, shards_b=None, image_size: int = 64, max_images:
     for _ in range(max(1, -(-max_images // batch))):
         b = next(it)
         for d in ("a", "b"):
-            x = ((b[d].float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            x = b[d].permute(0, 2, 3, 1).numpy()  # the loader's uint8 NCHW -> NHWC
             out[d].add(x)
     return out
 

@@ -3,6 +3,13 @@
 Checked facts (shared/notes/deepspeed-gan.md): the discriminator loss is one backward per step;
 the generator step freezes the discriminators and calls them as plain modules (`eng_d.module`),
 never through the engine.
+
+Precision (train.precision, resolved by launch.config.resolve_precision): fp32; bf16 = fp32 weights
+with the forward passes under torch.autocast (DeepSpeed's `torch_autocast` section covers calls
+through an engine, `gan_step` the plain-module calls of the discriminators); fp16 = DeepSpeed's
+fp16 mode (half weights and inputs, dynamic loss scaling; an overflowed step is skipped by the
+engine and counted in its `skipped_steps`). The loss reductions run in fp32 in every mode
+(model/losses.py).
 """
 from __future__ import annotations
 
@@ -18,6 +25,30 @@ class StepResult:
     loss_d: torch.Tensor
     terms_g: dict
     terms_d: dict
+
+
+def step_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of the inputs, autocast dtype or None) for a resolved precision: the inputs match the
+    weights (half only in DeepSpeed's fp16 mode); bf16 autocasts from fp32 weights and inputs."""
+    return {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
+            "fp16": (torch.float16, None)}[precision]
+
+
+def skipped_steps(engine) -> int:
+    """Steps the engine skipped on a gradient overflow (fp16 loss scaling); the same on every rank.
+    Engines without loss scaling (plain test engines) skip none."""
+    return int(getattr(engine, "skipped_steps", 0))
+
+
+def compile_networks(gen: torch.nn.Module, dis: torch.nn.Module, **compile_kwargs) -> None:
+    """torch.compile in place (nn.Module.compile; `compile_kwargs` go to torch.compile, the default
+    backend is inductor): parameters, state_dict names and so checkpoints, EMA and exports are
+    unchanged, and DeepSpeed keeps the same module. The discriminators are compiled per domain
+    because the generator step calls them one by one as plain modules (`dis.dis_a(x)`), which a
+    compiled `dis.forward` would not cover."""
+    gen.compile(**compile_kwargs)
+    for child in dis.children():
+        child.compile(**compile_kwargs)
 
 
 def build_engines(unit, ds_g: dict, ds_d: dict):
@@ -36,17 +67,23 @@ def all_finite(values, device) -> bool:
     return bool(ok.item() > 0.5)
 
 
-def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, poison: bool = False) -> StepResult | None:
+def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | None = None,
+             poison: bool = False) -> StepResult | None:
     """One UNIT iteration on one micro-batch; None when a loss was non-finite on any rank (nothing updated
-    by that half of the step, and every rank made the same decision)."""
+    by that half of the step, and every rank made the same decision). `autocast`: the dtype the forward
+    passes run in (bf16), None for none; backward runs outside it, as torch.autocast asks."""
     from model.unit import discriminator_loss, generator_loss
+
+    def amp():
+        return torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
 
     dis = eng_d.module
     # Generator step: one pass of encoders and generators; discriminators frozen, plain modules.
-    out = eng_g(x_a, x_b)
     dis.requires_grad_(False)
     try:
-        loss_g, terms_g = generator_loss(out, x_a, x_b, dis, ucfg)
+        with amp():
+            out = eng_g(x_a, x_b)
+            loss_g, terms_g = generator_loss(out, x_a, x_b, dis, ucfg)
         if poison:  # fault injection for tests
             loss_g = loss_g * float("nan")
         if not all_finite([loss_g], device):
@@ -57,8 +94,9 @@ def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, poison: bool = False) -> S
         dis.requires_grad_(True)
 
     # Discriminator step: the same iteration's translations, detached; one backward of the whole loss.
-    preds = eng_d(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
-    loss_d, terms_d = discriminator_loss(preds, ucfg)
+    with amp():
+        preds = eng_d(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
+        loss_d, terms_d = discriminator_loss(preds, ucfg)
     if not all_finite([loss_d], device):
         return None
     eng_d.backward(loss_d)

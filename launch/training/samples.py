@@ -8,7 +8,7 @@ import torch
 
 from pipeline.atomic import replacing
 from pipeline.imageio import load_folder
-from pipeline.tensors import to_tensor, to_uint8
+from pipeline.tensors import normalize, to_tensor, to_uint8
 
 
 def held_out_batch(test_a: str | None, test_b: str | None, image_size: int, n: int, side_stream):
@@ -19,7 +19,7 @@ def held_out_batch(test_a: str | None, test_b: str | None, image_size: int, n: i
         _, b = load_folder(test_b, image_size)
         return to_tensor(a[:n]), to_tensor(b[:n])
     batch = next(iter(side_stream()))
-    return batch["a"][:n].to(torch.float32), batch["b"][:n].to(torch.float32)
+    return normalize(batch["a"][:n]), normalize(batch["b"][:n])  # float32 [n,3,H,W] in [-1, 1]
 
 
 @torch.no_grad()

@@ -35,19 +35,22 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from launch.config import Config, ConfigError, config_hash, deepspeed_config, resume_point
+from launch.config import (Config, ConfigError, config_hash, deepspeed_config, native_bf16, resolve_precision,
+                           resume_point)
 from launch.runstore import rundir
 from launch.runstore.artifacts import read_discriminator, read_translator, save_translator
 from launch.runstore.models import ORIGIN_NAME, fetch_export
 from launch.runstore.store import resolve_uri
 from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
-from launch.training.engines import StepResult, build_engines, gan_step, mean_across_ranks
+from launch.training.engines import (StepResult, build_engines, compile_networks, gan_step, mean_across_ranks,
+                                     skipped_steps, step_dtypes)
 from launch.training.samples import held_out_batch, sample_rows, save_grid
 from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
-from model.unit import UNIT
+from model.unit import UNIT, UNITGenerator
 from pipeline.loader import UnpairedLoader
+from pipeline.tensors import normalize
 
 
 @dataclass
@@ -94,7 +97,7 @@ class Trainer:
     state: ckpt.TrainState
     watchdog: StallWatchdog
     ds: dict                                  # the generator engine's DeepSpeed config (logged)
-    dtype: torch.dtype = torch.float32
+    precision: str = "fp32"                   # resolved train.precision: fp32, bf16 or fp16
     rng_to_restore: dict | None = None        # set after start-up, which draws from the RNG
     samples: tuple | None = None              # held-out (x_a, x_b) for the sample grids (rank 0)
     nonfinite_run: int = 0
@@ -103,6 +106,15 @@ class Trainer:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the inputs are normalised to on the device (the weights' dtype)."""
+        return step_dtypes(self.precision)[0]
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return step_dtypes(self.precision)[1]
 
     def say(self, *args) -> None:
         if self.ranks.is_main:
@@ -168,7 +180,7 @@ def init_ranks(cfg: Config) -> Ranks:
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), device=torch.device(accel.current_device_name()),
-                 device_name=accel.device_name(), bf16_ok=accel.device_name() == "cuda" and accel.is_bf16_supported())
+                 device_name=accel.device_name(), bf16_ok=accel.device_name() == "cuda" and native_bf16())
 
 
 INIT_DIR = "init"  # RUN_DIR/init: the translator a run started from (init_from), with origin.json
@@ -220,7 +232,8 @@ def make_loader(cfg: Config, ranks: Ranks) -> UnpairedLoader:
     return UnpairedLoader(shards_a, shards_b, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
                           seed=cfg.seed, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
                           rank=ranks.rank, world_size=ranks.world, verify_shards=cfg.data.verify_shards,
-                          cache_dir=cfg.data.cache_dir)
+                          cache_dir=cfg.data.cache_dir, cache_bytes=cfg.data.cache_bytes,
+                          pin_memory=ranks.on_gpu)  # pinned: non_blocking copies
 
 
 def build(cfg: Config, ds_json: dict | None) -> Trainer:
@@ -236,12 +249,15 @@ def build(cfg: Config, ds_json: dict | None) -> Trainer:
     ds_g, ds_d = (deepspeed_config(cfg, ds_json, lr=lr, on_gpu=ranks.on_gpu, bf16_ok=ranks.bf16_ok)
                   for lr in (cfg.optim.lr_g, cfg.optim.lr_d))
     eng_g, eng_d = build_engines(unit, ds_g, ds_d)
+    if cfg.train.compile:
+        compile_networks(eng_g.module, eng_d.module)
     seed_all(cfg.seed, ranks.rank)
     tr = Trainer(cfg=cfg, ranks=ranks, unit=unit, eng_g=eng_g, eng_d=eng_d, ema=EMA(eng_g.module, cfg.train.ema_decay),
                  loader=make_loader(cfg, ranks), state=state, ds=ds_g,
                  tracker=Tracker(**cfg.tracking.model_dump()) if ranks.is_main else Tracker(enable=False),
                  watchdog=StallWatchdog(cfg.train.stall_timeout_s, ranks.rank),
-                 dtype=torch.bfloat16 if ds_g["bf16"]["enabled"] else torch.float32, nan_steps=fault_nan_steps())
+                 precision=resolve_precision(cfg.train.precision, ranks.on_gpu, ranks.bf16_ok),
+                 nan_steps=fault_nan_steps())
     if resume_from is not None:
         restore(tr, resume_from)
     if ranks.is_main:
@@ -275,7 +291,8 @@ def start_tracking(tr: Trainer) -> None:
                                "git_commit": git_commit(), "config_hash": config_hash(cfg),
                                "model_params_gen": sum(p.numel() for p in tr.unit.gen.parameters()),
                                "model_params_dis": sum(p.numel() for p in tr.unit.dis.parameters())})
-        tr.tracker.log_datasets(shards=cfg.data.shards, shards_a=cfg.data.shards_a, shards_b=cfg.data.shards_b)
+        spec_a, spec_b = cfg.data.sources()  # the lineage of exactly what the loader reads
+        tr.tracker.log_datasets(shards_a=spec_a, shards_b=spec_b)
         origin = rundir.read_json(tr.run_dir / INIT_DIR / ORIGIN_NAME) if cfg.init_from else None
         if origin:
             tr.tracker.set_tags({f"init_from.{k}" if k != "init_from" else k: str(v) for k, v in origin.items()})
@@ -300,9 +317,10 @@ def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> Ste
         t0 = time.perf_counter()
         batch = next_batch()
         meter.wait += time.perf_counter() - t0
-        x_a = batch["a"].to(tr.ranks.device, tr.dtype, non_blocking=True)
-        x_b = batch["b"].to(tr.ranks.device, tr.dtype, non_blocking=True)
-        result = gan_step(tr.eng_g, tr.eng_d, x_a, x_b, tr.unit.cfg, tr.ranks.device,
+        # uint8 over the bus (pinned on GPUs, so the copy overlaps), [-1, 1] in the step's dtype there
+        x_a = normalize(batch["a"].to(tr.ranks.device, non_blocking=True), tr.dtype)
+        x_b = normalize(batch["b"].to(tr.ranks.device, non_blocking=True), tr.dtype)
+        result = gan_step(tr.eng_g, tr.eng_d, x_a, x_b, tr.unit.cfg, tr.ranks.device, autocast=tr.autocast,
                           poison=tr.state.step + 1 in tr.nan_steps)
         if result is None:
             return None
@@ -349,7 +367,9 @@ def metric_record(tr: Trainer, result: StepResult, meter: Meter) -> dict:
     record = {"step": tr.state.step, **means, "lr_g": tr.eng_g.get_lr()[0], "lr_d": tr.eng_d.get_lr()[0],
               "images_per_s": meter.images * tr.ranks.world / dt, "images_per_s_per_rank": meter.images / dt,
               "data_wait_s": meter.wait, "data_wait_frac": meter.wait / dt,
-              "nonfinite_total": tr.state.nonfinite_total, "elapsed_s": now - meter.t_start}
+              "nonfinite_total": tr.state.nonfinite_total, "elapsed_s": now - meter.t_start,
+              # fp16: optimizer steps the loss scaler skipped on a gradient overflow (0 otherwise)
+              "skipped_steps_g": skipped_steps(tr.eng_g), "skipped_steps_d": skipped_steps(tr.eng_d)}
     for k, v in tr.loader.stats.items():
         if isinstance(v, (int, float)):
             record[f"loader/{k}"] = v
@@ -402,10 +422,19 @@ def save_checkpoint(tr: Trainer) -> Path:
 def export(tr: Trainer) -> Path:
     """Rank 0: the generator side (EMA weights) as safetensors + JSON for release."""
     out = tr.run_dir / rundir.EXPORT_DIR
-    with ema_weights(tr.ema, tr.eng_g.module) as gen:
-        save_translator(out, gen, tr.unit.config(), image_size=tr.cfg.data.image_size, step=tr.state.step,
-                        ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"}, discriminator=tr.eng_d.module)
+    save_translator(out, float32_generator(tr), tr.unit.config(), image_size=tr.cfg.data.image_size,
+                    step=tr.state.step, ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"},
+                    discriminator=tr.eng_d.module)
     return out
+
+
+def float32_generator(tr: Trainer) -> torch.nn.Module:
+    """A float32 CPU generator holding the EMA weights, whatever the training precision: under
+    fp16 the engine's module has half weights, the EMA shadow is float32."""
+    gen = UNITGenerator(tr.unit.cfg)
+    gen.load_state_dict(tr.eng_g.module.state_dict())  # what the EMA does not hold (integer buffers)
+    tr.ema.copy_to(gen)
+    return gen
 
 
 def start_stream(tr: Trainer) -> Callable[[], dict]:
@@ -428,7 +457,7 @@ def run(tr: Trainer) -> dict:
     meter = Meter(start_step=tr.state.step)
     meter.wait = time.perf_counter() - t0
     tr.say(f"training {cfg.train.max_steps - tr.state.step} steps on {tr.ranks.world} rank(s) ({tr.ranks.device_name}, "
-           f"{'bf16' if tr.dtype == torch.bfloat16 else 'fp32'}, ZeRO {tr.ds['zero_optimization']['stage']}), "
+           f"{tr.precision}{', compiled' if cfg.train.compile else ''}, ZeRO {tr.ds['zero_optimization']['stage']}), "
            f"batch {cfg.data.batch_size}x{tr.ranks.world}x{tr.eng_g.gradient_accumulation_steps()}, run dir {tr.run_dir}")
     # From the first step on (start-up, with its JIT builds and rendezvous, is not watched) to the
     # final checkpoint.
