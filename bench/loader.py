@@ -1,22 +1,33 @@
-"""Loader throughput per worker against two baselines measured in the same run, on the same
-generated JPEGs at several sizes:
+"""Loader throughput per worker against baselines measured in the same run, interleaved, on the
+same generated JPEGs, for 64, 128 and 256 px sources cropped to 64 and 128 px:
 
-  raw     decode of the stored bytes to an array in a tight loop (the limit per core): the
-          faster of PIL (Image.open + convert + asarray) and OpenCV (imdecode), both shown
+  floor   the same work in one plain process, nothing else: decode (at reduced size where the
+          JPEG allows: OpenCV's IMREAD_REDUCED_*, Pillow's draft mode), resize the shortest side
+          to the crop size, random crop and flip, copy into a uint8 [B,3,H,W] batch; the faster
+          of OpenCV and Pillow
   loader  UnpairedLoader (num_workers=0: one process = one worker), shards on local disk
+  s3      the same loader streaming the same shards from an S3 server (moto, started here on
+          127.0.0.1; no cache: every drawn shard is fetched)
   folder  the official UNIT code's ImageFolder path: files from a folder opened with PIL,
           random flip, resize of the shortest side, random crop, ToTensor, Normalize, collate
 
-    .venv/bin/python -m bench.loader [--sizes 64 128 256] [--seconds 3] [--batch-size 32]
+Ratios are medians over rounds of per-round ratios (each round times every reader once).
+
+    .venv/bin/python -m bench.loader [--sources 64 128 256] [--crops 64 128] [--seconds 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -77,28 +88,51 @@ def timed(step, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_raw(images: list[bytes], seconds: float, decoder: str) -> float:
-    """Decode to an RGB (PIL) or BGR (OpenCV) uint8 array, nothing else."""
-    it = iter(range(0))
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def floor_image(data: bytes, crop: int, decoder: str, rnd: random.Random) -> np.ndarray:
+    """Decode at the smallest size that keeps the shortest side >= crop, resize it to crop, crop, flip."""
+    if decoder == "pil":
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (crop, crop))  # libjpeg DCT scaling: 1/2, 1/4, 1/8 while >= the request
+        img = np.asarray(im.convert("RGB"))
+    else:
+        side = 1 << 30
+        with contextlib.suppress(Exception):
+            side = min(Image.open(io.BytesIO(data)).size)  # header only
+        flag = next((f for k, f in _REDUCED if side // k >= crop), cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    h, w = img.shape[:2]
+    if min(h, w) != crop:
+        f = crop / min(h, w)
+        img = cv2.resize(img, (max(crop, round(w * f)), max(crop, round(h * f))), interpolation=cv2.INTER_AREA)
+    h, w = img.shape[:2]
+    y, x = rnd.randint(0, h - crop), rnd.randint(0, w - crop)
+    img = img[y:y + crop, x:x + crop]
+    return img[:, ::-1] if rnd.random() < 0.5 else img
+
+
+def bench_floor(images: list[bytes], crop: int, batch: int, seconds: float, decoder: str) -> float:
+    rnd = random.Random(0)
+    order = iter(())
 
     def step():
-        nonlocal it
-        for k in range(64):
-            i = next(it, None)
+        nonlocal order
+        out = np.empty((2 * batch, 3, crop, crop), np.uint8)
+        for k in range(2 * batch):
+            i = next(order, None)
             if i is None:
-                it = iter(range(len(images)))
-                i = next(it)
-            if decoder == "pil":
-                np.asarray(Image.open(io.BytesIO(images[i])).convert("RGB"))
-            else:
-                cv2.imdecode(np.frombuffer(images[i], np.uint8), flags)
-        return 64
+                order = iter(rnd.sample(range(len(images)), len(images)))
+                i = next(order)
+            out[k] = floor_image(images[i], crop, decoder, rnd).transpose(2, 0, 1)
+        return 2 * batch
 
     return timed(step, seconds)
 
 
 def bench_loader(root: str, size: int, batch: int, seconds: float) -> float:
+    """`root`: the shards' OUT folder or its URL."""
     it = iter(UnpairedLoader(root, root, batch_size=batch, image_size=size, num_workers=0))
 
     def step():
@@ -136,40 +170,97 @@ def bench_folder(root: str, size: int, batch: int, seconds: float) -> float:
     return timed(step, seconds)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def s3_server(log_dir: str):
+    """moto's S3 server on 127.0.0.1 with one bucket; yields s3://bucket (credentials in os.environ)."""
+    import s3fs
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(os.path.join(log_dir, "moto.log"), "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                fs.mkdir("bench")
+                break
+            time.sleep(0.2)
+        yield fs, "s3://bench"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def measure(images, root, url, crop, args) -> dict[str, list[float]]:
+    """Every reader once per round, interleaved; images/s per reader per round."""
+    times: dict[str, list[float]] = {k: [] for k in ("pil", "cv2", "loader", "s3", "folder")}
+    for _ in range(args.rounds):
+        for dec in ("pil", "cv2"):
+            times[dec].append(bench_floor(images, crop, args.batch_size, args.seconds, dec))
+        times["loader"].append(bench_loader(root, crop, args.batch_size, args.seconds))
+        if url:
+            times["s3"].append(bench_loader(url, crop, args.batch_size, args.seconds))
+        times["folder"].append(bench_folder(root, crop, args.batch_size, args.seconds))
+    times["floor"] = [max(p, c) for p, c in zip(times["pil"], times["cv2"])]
+    return times
+
+
+def print_table(rows, args, elapsed: float) -> None:
+    med = statistics.median
+    print(f"\nimages/s per worker (1 process, 1 thread), batch {args.batch_size} per domain, "
+          f"medians of {args.rounds} interleaved rounds")
+    print(f"{'src px':>6} {'crop':>5} {'KiB/img':>8} {'floor PIL':>10} {'floor cv2':>10} {'loader':>8} {'s3':>8} "
+          f"{'folder':>8} {'loader/floor':>13} {'loader/folder':>14} {'s3/loader':>10}")
+    for src, crop, kb, t in rows:
+        ratio = lambda a, b: med(x / y for x, y in zip(t[a], t[b])) if t[a] else float("nan")  # noqa: E731
+        s3 = med(t["s3"]) if t["s3"] else float("nan")
+        print(f"{src:>6} {crop:>5} {kb:>8.1f} {med(t['pil']):>10.0f} {med(t['cv2']):>10.0f} {med(t['loader']):>8.0f} "
+              f"{s3:>8.0f} {med(t['folder']):>8.0f} {ratio('loader', 'floor'):>13.2f} "
+              f"{ratio('loader', 'folder'):>14.2f} {ratio('s3', 'loader'):>10.2f}")
+    print(f"\ngoals: loader/floor >= 0.85, loader/folder >= 1.5 (issue 16); s3/loader is streaming from the "
+          f"local S3 server next to local disk (issue 13). {len(rows)} rows in {elapsed:.0f} s.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--images", type=int, default=1024, help="generated images per size (both domains)")
-    p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
+    p.add_argument("--sources", type=int, nargs="+", default=[64, 128, 256], help="source image sizes (px)")
+    p.add_argument("--crops", type=int, nargs="+", default=[64, 128], help="training crop sizes (px)")
+    p.add_argument("--images", type=int, default=512, help="generated images per source size (both domains)")
+    p.add_argument("--seconds", type=float, default=2.0, help="timing window per measurement")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians reported")
+    p.add_argument("--no-s3", action="store_true", help="leave out the S3 streaming column")
     args = p.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     rows = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        for size in args.sizes:
-            rng = np.random.default_rng(size)
-            images = [scene(rng, size) for _ in range(args.images)]
-            root = os.path.join(tmp, str(size))
-            write_data(root, images, size)
-            best = {"pil": 0.0, "cv2": 0.0, "loader": 0.0, "folder": 0.0}
-            for _ in range(args.rounds):  # interleave so a noisy neighbour hits all three alike
-                for dec in ("pil", "cv2"):
-                    best[dec] = max(best[dec], bench_raw(images, args.seconds, dec))
-                best["loader"] = max(best["loader"], bench_loader(root, size, args.batch_size, args.seconds))
-                best["folder"] = max(best["folder"], bench_folder(root, size, args.batch_size, args.seconds))
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp, contextlib.ExitStack() as stack:
+        fs, bucket = stack.enter_context(s3_server(tmp)) if not args.no_s3 else (None, None)
+        for src in args.sources:
+            rng = np.random.default_rng(src)
+            images = [scene(rng, src) for _ in range(args.images)]
+            root = os.path.join(tmp, str(src))
+            write_data(root, images, src)
+            url = None
+            if fs is not None:
+                url = f"{bucket}/{src}"
+                fs.put(root + "/", url, recursive=True)
             kb = sum(map(len, images)) / len(images) / 1024
-            best["raw"] = max(best["pil"], best["cv2"])
-            rows.append((size, kb, best))
-    print(f"\nimages/s per worker (1 process, 1 thread), batch {args.batch_size}, best of {args.rounds}")
-    print(f"{'px':>5} {'KiB/img':>8} {'raw PIL':>9} {'raw cv2':>9} {'loader':>9} {'folder':>9} {'loader/raw':>11} {'loader/folder':>14}")
-    for size, kb, b in rows:
-        print(f"{size:>5} {kb:>8.1f} {b['pil']:>9.0f} {b['cv2']:>9.0f} {b['loader']:>9.0f} {b['folder']:>9.0f} "
-              f"{b['loader'] / b['raw']:>11.2f} {b['loader'] / b['folder']:>14.2f}")
-    print(f"\nloader/raw uses the faster raw decoder. Measured {len(rows)} sizes x 4 readers on {args.images} generated JPEGs each in "
-          f"{time.perf_counter() - t_start:.0f} s; goals: loader/raw >= 0.85, loader/folder >= 1.5.")
+            for crop in args.crops:
+                rows.append((src, crop, kb, measure(images, root, url, crop, args)))
+    print_table(rows, args, time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":

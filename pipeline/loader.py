@@ -38,6 +38,7 @@ bytes come from never changes what a stream yields, so resumption is exact whate
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import io
 import logging
@@ -194,6 +195,9 @@ class ShardCache:
             self._trim(keep=dest)
         return io.BytesIO(data)
 
+    def has(self, url: str, sha256: str | None = None) -> bool:
+        return os.path.exists(self.path(url, sha256))
+
     def drop(self, url: str, sha256: str | None = None) -> None:
         """Forget a copy (its bytes did not match the index): the next use fetches it again."""
         try:
@@ -270,6 +274,23 @@ class ShardReader:
         self.verified: dict[tuple, bool] = {}
         self.indexes: collections.OrderedDict[tuple, ShardIndex] = collections.OrderedDict()
         self.keep = keep_indexes
+        self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: dict[str, concurrent.futures.Future] = {}  # url -> its bytes, being fetched
+
+    def prefetch(self, shard: Shard, counters: "Counters | None" = None) -> concurrent.futures.Future | None:
+        """Start fetching a remote shard that is not cached, in a background thread: a stream
+        knows its next shard in advance (chunk RNGs), so the request's latency hides behind the
+        decoding of the current one. Holds at most one shard per stream in memory."""
+        url = shard.url
+        if not _is_remote(url) or (self.cache is not None and self.cache.has(url, shard.sha256)):
+            return None
+        if url in self._pending:
+            return self._pending[url]
+        if self._fetcher is None:
+            self._fetcher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="shard-prefetch")
+        on_retry = None if counters is None else (lambda e: counters.retry(url, e))
+        self._pending[url] = self._fetcher.submit(_fetch_bytes, url, on_retry)
+        return self._pending[url]
 
     def open(self, shard: Shard, counters: "Counters | None" = None) -> tuple[io.BufferedIOBase, ShardIndex]:
         """(open file, its tar index); ShardError("unreadable_shard" or "checksum_mismatch")
@@ -297,9 +318,11 @@ class ShardReader:
             if not stat.S_ISREG(os.stat(url).st_mode):  # a FIFO or device would block or never end
                 raise OSError(f"{url} is not a regular file")
             return open(url, "rb")
+        pending = self._pending.pop(url, None)
+        fetch = pending.result if pending is not None else (lambda: _fetch_bytes(url, on_retry))
         if self.cache is not None:
-            return self.cache.open(url, lambda: _fetch_bytes(url, on_retry), shard.sha256)
-        return io.BytesIO(_fetch_bytes(url, on_retry))
+            return self.cache.open(url, fetch, shard.sha256)
+        return io.BytesIO(fetch())
 
     @staticmethod
     def _file_key(f) -> tuple | None:
@@ -387,6 +410,8 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
         except ShardError as e:
             counters.skip(e.reason, shard.url, str(e))
             f, index = None, None
+        nxt_rng = chunk_rng(seed, domain, rank, worker, chunk + 1)  # the next chunk's shard, fetched meanwhile
+        reader.prefetch(shards[int(nxt_rng.integers(len(shards)))], counters)
         if f is not None:
             with f:
                 if index.truncated:

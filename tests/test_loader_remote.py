@@ -68,6 +68,25 @@ def same(b1, b2) -> bool:
 # ----------------------------------------------------------------------------- same batches, resume, cache
 
 
+def test_next_shard_is_fetched_while_the_current_one_is_read(http_server, corpus):
+    """A stream knows its next shard in advance: ShardReader.prefetch fetches it in the background,
+    so open() serves those bytes, even once the object is gone from the server."""
+    from pipeline.loader import ShardReader
+
+    url, folder = http_out(http_server, corpus, "prefetch")
+    shard = resolve_shards(url, "a")[1]
+    reader = ShardReader(verify=True, cache=None)
+    reader.prefetch(shard).result(timeout=30)
+    (folder / "a" / "a-000001.tar").unlink()
+    f, index = reader.open(shard)
+    assert len(index.samples) == shard.nsamples > 0
+    f.close()
+    with pytest.raises(Exception, match="unreadable|cannot read"):  # no prefetch now: the server says 404
+        reader.open(shard)
+
+
+
+
 def test_s3_and_http_out_yield_the_local_batches(s3_server, http_server, corpus, tmp_path):
     local = corpus / "shards"
     ref = take(UnpairedLoader(local, local, num_workers=0, **KW), 8)
