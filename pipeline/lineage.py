@@ -32,7 +32,7 @@ from pipeline import storage
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.index import index_of, read_index
 from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME
-from pipeline.storage import redact  # noqa: F401  (re-exported: callers import it from here)
+from pipeline.storage import redact
 
 DIGEST_LEN = 16
 

@@ -310,8 +310,8 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def _shown(uri: str) -> str:
-    """A tracking URI fit to print: without user:password@ or a query (pipeline.lineage.redact)."""
-    from pipeline.lineage import redact
+    """A tracking URI fit to print: without user:password@ or a query (pipeline.storage.redact)."""
+    from pipeline.storage import redact
 
     return redact(uri) if "@" in uri or "?" in uri else uri
 

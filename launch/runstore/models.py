@@ -16,7 +16,7 @@ from pathlib import Path
 from launch.runstore.artifacts import EXPORT_FILES, META_NAME, is_export_dir, read_meta
 from launch.runstore.store import make_client
 from pipeline.atomic import replacing, write_json
-from pipeline.lineage import redact
+from pipeline.storage import redact
 
 ORIGIN_NAME = "origin.json"
 
