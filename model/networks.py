@@ -9,12 +9,18 @@ Layout of the generator side (one domain, the other is the same with its own wei
 
 The shared parts are registered once on `UNITGenerator`, so their parameters exist once in
 `parameters()` and in `state_dict()` (safetensors refuses aliased tensors).
+
+Pads, norms and upsampling blocks carry a `fast` switch (on by default, `set_fast_paths`): in
+float32 training they keep activations channels-last and use the rewrites of model/kernels.py;
+switched off, or in inference, they compute exactly what the official layers compute.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kernels import channels_last, instance_norm, layer_norm, reflect_pad, use_fast
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -29,6 +35,8 @@ class LayerNorm(nn.Module):
     the `official` preset behaves like it.
     """
 
+    fast = True
+
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -36,11 +44,47 @@ class LayerNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast(self.fast, x):
+            return layer_norm(x, self.gamma, self.beta, self.eps)
         flat = x.reshape(x.shape[0], -1)
         mean = flat.mean(1).view(-1, 1, 1, 1)
         std = flat.std(1).view(-1, 1, 1, 1)
         x = (x - mean) / (std + self.eps)
         return x * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
+
+
+class InstanceNorm(nn.Module):
+    """Instance norm without affine or running stats, as the official code's nn.InstanceNorm2d."""
+
+    fast = True
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast(self.fast, x):
+            return instance_norm(x, self.eps)
+        return F.instance_norm(x, eps=self.eps)
+
+
+class Pad(nn.Module):
+    """Reflect, zero or replicate padding by `pad` pixels on each side. In training (`fast`,
+    float32) it also moves the activations to channels-last, forward and backward."""
+
+    fast = True
+
+    def __init__(self, pad_type: str, pad: int):
+        super().__init__()
+        self.mode = {"zero": "constant", "reflect": "reflect", "replicate": "replicate"}[pad_type]
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast(self.fast, x):
+            x = channels_last(x)
+            if self.mode == "reflect":
+                return reflect_pad(x, self.pad)
+        return F.pad(x, (self.pad,) * 4, mode=self.mode)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -61,7 +105,7 @@ def make_activation(name: str) -> nn.Module:
 
 def make_norm(name: str, channels: int) -> nn.Module:
     if name == "in":
-        return nn.InstanceNorm2d(channels)  # no affine, no running stats (as official)
+        return InstanceNorm(channels)  # no affine, no running stats (as official)
     if name == "ln":
         return LayerNorm(channels)
     if name == "bn":
@@ -72,15 +116,9 @@ def make_norm(name: str, channels: int) -> nn.Module:
 
 
 def make_pad(name: str, pad: int) -> nn.Module:
-    if pad == 0:
-        return nn.Identity()
-    if name == "reflect":
-        return nn.ReflectionPad2d(pad)
-    if name == "replicate":
-        return nn.ReplicationPad2d(pad)
-    if name == "zero":
-        return nn.ZeroPad2d(pad)
-    raise ValueError(f"pad_type {name!r} is not one of {PADDINGS}")
+    if name not in PADDINGS:
+        raise ValueError(f"pad_type {name!r} is not one of {PADDINGS}")
+    return nn.Identity() if pad == 0 else Pad(name, pad)
 
 
 class ConvBlock(nn.Sequential):
@@ -142,6 +180,8 @@ class UpConvBlock(nn.Module):
     one-pixel-wide difference rows. Parameters and state_dict are those of the plain block.
     """
 
+    fast = True
+
     def __init__(self, cin: int, cout: int, norm: str, activ: str, pad_type: str, fused: bool = True):
         super().__init__()
         make_pad(pad_type, 1)  # validates pad_type
@@ -151,20 +191,22 @@ class UpConvBlock(nn.Module):
         self.norm = make_norm(norm, cout)
         self.activ = make_activation(activ)
 
-    def _pad(self, x, pad):
+    def _pad(self, x, pad, fast):
+        if fast and self.pad_type == "reflect":
+            return reflect_pad(x, pad)
         mode = "constant" if self.pad_type == "zero" else self.pad_type
-        return F.pad(x, pad, mode=mode)
+        return F.pad(x, (pad,) * 4, mode=mode)
 
-    def _plain(self, x):
+    def _plain(self, x, fast=False):
         up = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(self._pad(up, (2, 2, 2, 2)))
+        return self.conv(self._pad(up, 2, fast))
 
-    def _fused(self, x):
+    def _fused(self, x, fast=False):
         w, b = self.conv.weight, self.conv.bias
         o, i = w.shape[:2]
         a = _PHASE.to(w)
         k = torch.einsum("ryk,oikl,cxl->orciyx", a, w, a).reshape(o * 4, i, 3, 3)
-        y = F.pixel_shuffle(F.conv2d(self._pad(x, (1, 1, 1, 1)), k, b.repeat_interleave(4)), 2)
+        y = F.pixel_shuffle(F.conv2d(self._pad(x, 1, fast), k, b.repeat_interleave(4)), 2)
         if self.pad_type != "reflect":
             return y  # zero and replicate padding commute with nearest upsampling
         # Reflect padding: pad2(up(x)) differs from up(pad1(x)) (what y used) only in padded
@@ -195,8 +237,11 @@ class UpConvBlock(nn.Module):
         return torch.cat([y[..., :2] + left, y[..., 2:-2], y[..., -2:] + right], dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = use_fast(self.fast, x)
+        if fast:
+            x = channels_last(x)
         fused = self.fused and min(x.shape[-2:]) >= 2  # reflect needs 2 pixels
-        return self.activ(self.norm(self._fused(x) if fused else self._plain(x)))
+        return self.activ(self.norm(self._fused(x, fast) if fused else self._plain(x, fast)))
 
 
 def set_fused_upsample(module: nn.Module, fused: bool) -> None:
@@ -204,6 +249,15 @@ def set_fused_upsample(module: nn.Module, fused: bool) -> None:
     for m in module.modules():
         if isinstance(m, UpConvBlock):
             m.fused = fused
+
+
+def set_fast_paths(module: nn.Module, fast: bool) -> None:
+    """Switch the training-time rewrites (model/kernels.py: channels-last activations, closed-form
+    norm and pad backward passes) on or off in every pad, norm and upsampling block of `module`.
+    Off, the layers compute what the official ones do, op for op."""
+    for m in module.modules():
+        if isinstance(m, (Pad, InstanceNorm, LayerNorm, UpConvBlock)):
+            m.fast = fast
 
 
 def decoder_back(channels: int, dim: int, n_up: int, n_res: int, res_norm: str,
@@ -301,7 +355,7 @@ def check_divisible(size: int, n_down: int, what: str = "image size") -> None:
 
 
 __all__ = [
-    "LayerNorm", "ConvBlock", "UpConvBlock", "set_fused_upsample", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
+    "LayerNorm", "InstanceNorm", "Pad", "ConvBlock", "UpConvBlock", "set_fused_upsample", "set_fast_paths", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
     "MultiScaleDiscriminator", "init_kaiming", "init_gaussian", "count_params",
     "make_activation", "make_norm", "make_pad", "check_divisible",
 ]

@@ -165,7 +165,8 @@ class UNITGenerator(nn.Module):
         if not self.training:
             return mu
         chunks = mu.split(n) if n else (mu,)
-        return mu + torch.cat([torch.randn_like(c) for c in chunks])
+        # randn(shape), not randn_like: the same numbers whatever mu's memory layout
+        return mu + torch.cat([torch.randn(c.shape, dtype=c.dtype, device=c.device) for c in chunks])
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """One full pass: encode, reconstruct, translate, re-encode the translations, cycle back.

@@ -177,7 +177,7 @@ def test_training_image_installs_cuda_torch_before_the_project():
     instructions = parse_dockerfile((INFRA / "docker/Dockerfile").read_text())
     runs = [args for kw, args in instructions if kw == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "TORCH_INDEX_URL" in r and "pip install" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \"?\.(\[[a-z0-9,]+\])?\"?(\s|$)", r))
     assert torch_at < project_at, "torch for CUDA must be installed before `pip install .`"
     base = next(args for kw, args in instructions if kw == "ARG" and args.startswith("CUDA_IMAGE="))
     assert base.split("=", 1)[1].startswith("nvidia/cuda:"), base
