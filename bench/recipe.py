@@ -10,7 +10,8 @@ a per-colour diagnosis of the a2b translations (how much of each map colour it g
 what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
-        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [model.key=value ...]
+        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant pixel-dis|pixel-path]
+        [model.key=value ...]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from launch.release.baselines import DomainStats, translators  # noqa: E402
 from launch.release.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
 from model.ema import EMA  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
+from recipe_variants import VARIANTS  # noqa: E402
 
 DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 16, "dis_layers": 3,
               "dis_scales": 2}
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
+    ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                    help="experimental change from bench/recipe_variants.py (repeatable)")
     ap.add_argument("overrides", nargs="*", help="model.key=value on top of the demo model")
     return ap.parse_args(argv)
 
@@ -126,6 +130,8 @@ def train(args, data: dict) -> None:
         model[k.removeprefix("model.")] = yaml.safe_load(v)
     torch.manual_seed(args.seed)
     unit = UNIT.from_config({**model, "image_size": args.size})
+    for name in args.variant:
+        VARIANTS[name](unit)
     with_noise(unit.gen, args.noise)
     opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
     opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
