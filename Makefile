@@ -33,7 +33,7 @@ DEMO_TRAIN  ?= 2000
 DEMO_TEST   ?= 200
 DEMO_SIZE   ?= 32
 
-.PHONY: setup demo demo-data shards verify train test test-fast bench ablation mlflow-server mlflow-ui clean
+.PHONY: setup demo demo-data shards verify train test test-fast bench bench-gpu ablation mlflow-server mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,11 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/step.py
 	$(PY) bench/train.py
+
+# One CUDA GPU, a few minutes: fp32/bf16/fp16 x compile table at 128 and 256 px, and a 300-step
+# bf16 training run through the real launcher (bench/gpu.sh; exits 2 at once without a GPU)
+bench-gpu: $(STAMP)
+	PY=$(PY) bench/gpu.sh
 
 # The paper's ablation on the demo corpus (about 30 min on 2 CPU cores; cached, resumable)
 ABLATION_ARGS ?=

@@ -1,52 +1,95 @@
-"""Time one full UNIT iteration (D step + G step, forward, backward, Adam) on CPU.
+"""Time one full UNIT iteration (G step + D step, forward, backward, Adam) and count its work.
 
-Compares this implementation (one generator pass per iteration, batched shared layers, the
-discriminator step on the same iteration's detached fakes, fused sub-pixel upsampling convs)
-with a straightforward reference written like the official code (plain upsample + conv 5x5,
-per-domain calls; dis_update runs its own encode/decode pass). The middle row is this loop
-with the plain upsampling, to show what each change gives. All use the same weights, data and
-loss functions; the script first checks that the generator passes give the same losses from
-the same seed.
+CPU (default): the `official` preset at 64x64, width 32, batch 8, 2 threads. Four loops on the
+same weights and data, their iterations interleaved so that load changes hit them alike:
 
-    .venv/bin/python bench/step.py [--preset paper] [--size 64] [--dim 32] [--batch 8]
-                                   [--repeats 7] [--threads 1]
+  reference        written like the official code (trainer.py of mingyuliutw/UNIT): dis_update
+                   runs its own encode/decode pass; gen_update calls every encoder and decoder once
+                   per domain and backpropagates into the discriminators as well (the official
+                   gen_update does not freeze them; their grads are thrown away by the next
+                   dis_update's zero_grad); upsample + conv 5x5; the stock layers; torch's Adam.
+  ours, before     this project's loop as it was: one generator pass per iteration whose detached
+                   fakes feed the D step, both domains batched, the fused sub-pixel upsample conv
+  + fused Adam     torch's fused Adam (what launch/config.py asks DeepSpeed for on CPU ranks)
+  ours             + the training-time rewrites of model/kernels.py: channels-last activations,
+                   closed-form norm and pad backward passes, space-to-depth and patch convolutions
+                   for the shapes oneDNN runs slowly (this is what the trainer runs on CPU ranks)
+
+First it checks that the losses of ours and of the reference agree from one seed. Then, per loop:
+median wall and CPU time, and the median over rounds of (loop / reference in the same round; the
+order of the loops rotates from round to round); the FLOPs of one iteration
+(torch.utils.flop_counter.FlopCounterMode); achieved FLOP/s against the machine's peak measured
+in the same run: the best of a 2048^3 float32 matmul (MKL), the same product as a 1x1
+convolution and a large 3x3 channels-last convolution (oneDNN). --profile adds where the time
+of one iteration of ours goes (torch.profiler, self CPU time by kind of operation).
+
+    .venv/bin/python bench/step.py [--preset official] [--size 64] [--dim 32] [--batch 8]
+                                   [--threads 2] [--repeats 7] [--warmup 2] [--profile]
+    .venv/bin/python bench/step.py --gpu-matrix [--sizes 128 256] [--batch 8] [--dim 64]
+
+--gpu-matrix (bench/gpu.sh) runs ours on one CUDA GPU in fp32 / bf16 (autocast) / fp16 (autocast
+and a gradient scaler per optimizer), torch.compile off and on, at each size, and prints one
+table: images/s (both domains), ms/iteration, MFU (achieved FLOP/s over the device's dense bf16
+peak, from a small table of known devices) and peak memory.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.networks import set_fused_upsample  # noqa: E402
+from model.networks import set_fast_paths, set_fused_upsample  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
 
+GOAL_RATIO = 0.6  # ours / reference, time per iteration (issue 16)
+# Dense bf16 tensor-core peaks, TFLOP/s (vendors' datasheets, no sparsity); first match wins.
+GPU_PEAKS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+             ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
+             ("RTX 4090", 165.0), ("RTX 3090", 71.0))
 
-def adam(module):
-    return torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.5, 0.999), weight_decay=1e-4)
+
+def adam(module, fused=None):
+    return torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.5, 0.999), weight_decay=1e-4, fused=fused)
 
 
 # ---------------------------------------------------------------- this implementation
-def step_ours(unit, opt_g, opt_d, x_a, x_b):
+def _update(loss, opt, scaler):
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def step_ours(unit, opt_g, opt_d, x_a, x_b, amp=contextlib.nullcontext, scalers=(None, None)):
+    """launch/training/engines.py's gan_step without DeepSpeed: the G step (discriminators frozen),
+    then the D step on the same iteration's detached translations."""
     cfg = unit.cfg
-    out = unit.gen(x_a, x_b)
     unit.dis.requires_grad_(False)
-    loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, cfg)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    with amp():
+        out = unit.gen(x_a, x_b)
+        loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, cfg)
+    _update(loss_g, opt_g, scalers[0])
     unit.dis.requires_grad_(True)
-    preds = unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
-    loss_d, _ = discriminator_loss(preds, cfg)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    return loss_g.item(), loss_d.item()
+    with amp():
+        preds = unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
+        loss_d, _ = discriminator_loss(preds, cfg)
+    _update(loss_d, opt_d, scalers[1])
+    return loss_g.detach(), loss_d.detach()
 
 
 # ---------------------------------------------------------------- reference (official-style)
@@ -78,110 +121,348 @@ def ref_dis_preds(dis, x_a, x_b, fake_a, fake_b):
 def step_ref(unit, opt_g, opt_d, x_a, x_b):
     cfg, gen, dis = unit.cfg, unit.gen, unit.dis
     # dis_update: its own encode/decode pass, as the official trainer
+    opt_d.zero_grad()
     h_a = gen.encode(x_a, "a")
     h_b = gen.encode(x_b, "b")
     x_ba = gen.decode(h_b + torch.randn_like(h_b), "a")
     x_ab = gen.decode(h_a + torch.randn_like(h_a), "b")
     loss_d, _ = discriminator_loss(ref_dis_preds(dis, x_a, x_b, x_ba.detach(), x_ab.detach()), cfg)
-    opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    # gen_update
+    # gen_update: the discriminators stay trainable, so backward computes their grads too
+    opt_g.zero_grad()
     out = ref_gen_pass(gen, x_a, x_b)
-    dis.requires_grad_(False)
     loss_g, _ = generator_loss(out, x_a, x_b, dis, cfg)
-    opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
-    dis.requires_grad_(True)
-    return loss_g.item(), loss_d.item()
+    return loss_g.detach(), loss_d.detach()
 
 
-def plain(unit):
-    """A copy computing upsample + conv 5x5 literally, as the official layers do."""
+def official_layers(unit):
+    """A copy computing what the official layers compute: upsample + conv 5x5, stock norms and pads."""
     unit = copy.deepcopy(unit)
     set_fused_upsample(unit, False)
+    set_fast_paths(unit, False)
+    return unit
+
+
+plain = official_layers  # bench/quality.py's name for it
+
+
+def stock_layers(unit):
+    """A copy with this project's fused upsample conv but the stock norms, pads and layout."""
+    unit = copy.deepcopy(unit)
+    set_fast_paths(unit, False)
     return unit
 
 
 def check_same_losses(unit, x_a, x_b) -> float:
-    """Largest relative difference between the two implementations' losses from one seed."""
-    worst = 0.0
-    ref = plain(unit)
-    with torch.no_grad():
-        torch.manual_seed(123)
-        out_o = unit.gen(x_a, x_b)
-        torch.manual_seed(123)
-        out_r = ref_gen_pass(ref.gen, x_a, x_b)
-        g_o, t_o = generator_loss(out_o, x_a, x_b, unit.dis, unit.cfg)
-        g_r, t_r = generator_loss(out_r, x_a, x_b, unit.dis, unit.cfg)
-        fa, fb = out_o["x_ba"], out_o["x_ab"]
-        d_o, _ = discriminator_loss(unit.dis(x_a, x_b, fa, fb), unit.cfg)
-        d_r, _ = discriminator_loss(ref_dis_preds(unit.dis, x_a, x_b, fa, fb), unit.cfg)
-    for k in t_o:
-        worst = max(worst, abs(t_o[k].item() - t_r[k].item()) / max(1e-8, abs(t_r[k].item())))
-    worst = max(worst, abs(g_o.item() - g_r.item()) / abs(g_r.item()),
-                abs(d_o.item() - d_r.item()) / abs(d_r.item()))
-    return worst
+    """Largest relative difference between ours and the reference's losses from one seed (autograd
+    on, so that the training-time layers of ours run)."""
+    ref = official_layers(unit)
+    torch.manual_seed(123)
+    out_o = unit.gen(x_a, x_b)
+    torch.manual_seed(123)
+    out_r = ref_gen_pass(ref.gen, x_a, x_b)
+    g_o, t_o = generator_loss(out_o, x_a, x_b, unit.dis, unit.cfg)
+    g_r, t_r = generator_loss(out_r, x_a, x_b, ref.dis, ref.cfg)
+    fa, fb = out_o["x_ba"].detach(), out_o["x_ab"].detach()
+    d_o, _ = discriminator_loss(unit.dis(x_a, x_b, fa, fb), unit.cfg)
+    d_r, _ = discriminator_loss(ref_dis_preds(ref.dis, x_a, x_b, fa, fb), ref.cfg)
+    pairs = [(t_o[k], t_r[k]) for k in t_o] + [(g_o, g_r), (d_o, d_r)]
+    return max(abs(a.item() - b.item()) / max(1e-8, abs(b.item())) for a, b in pairs)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
+# ---------------------------------------------------------------- work and peak
+def count_flops(fn, unit, *args) -> int:
+    """FLOPs of one call of `fn` on a copy of `unit` (its optimizers made fresh)."""
+    unit = copy.deepcopy(unit)
+    with FlopCounterMode(display=False) as fc:
+        fn(unit, adam(unit.gen), adam(unit.dis), *args)
+    return fc.get_total_flops()
+
+
+def cpu_peak(repeats: int = 5) -> tuple[float, str]:
+    """Best float32 FLOP/s on this process's threads among three large products: a 2048^3 matmul
+    (MKL), the same product as a 1x1 convolution and a 3x3 convolution in channels-last (oneDNN)."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    x1, w1 = a.t().reshape(1, n, n, 1), b.t().reshape(n, n, 1, 1)
+    x3 = torch.randn(32, 256, 18, 18).contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    best = {}
+    for name, fn, flops in (("matmul", lambda: a @ b, 2 * n ** 3), ("1x1 conv", lambda: F.conv2d(x1, w1), 2 * n ** 3),
+                            ("3x3 conv", lambda: F.conv2d(x3, w3), 2 * 32 * 16 * 16 * 256 * 256 * 9)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best[name] = flops / min(times)
+    name = max(best, key=best.get)
+    return best[name], ", ".join(f"{k} {v / 1e9:.0f}" for k, v in best.items()) + f" GFLOP/s; peak = {name}"
+
+
+def gpu_peak(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a known device, None for an unknown one."""
+    for key, tflops in GPU_PEAKS:
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+# ---------------------------------------------------------------- CPU comparison
+def cpu_loops(base):
+    """name -> (step fn, model copy, G optimizer, D optimizer); the reference first."""
+    units = official_layers(base), stock_layers(base), stock_layers(base), copy.deepcopy(base)
+    return {"reference (official-style)": (step_ref, units[0], adam(units[0].gen), adam(units[0].dis)),
+            "ours, before issue 16": (step_ours, units[1], adam(units[1].gen), adam(units[1].dis)),
+            "+ fused Adam": (step_ours, units[2], adam(units[2].gen, True), adam(units[2].dis, True)),
+            "ours (+ model/kernels.py rewrites)": (step_ours, units[3], adam(units[3].gen, True),
+                                                   adam(units[3].dis, True))}
+
+
+def time_interleaved(loops, x_a, x_b, repeats, warmup):
+    """{name: (wall times, CPU times)}; each round runs every loop once, starting one further along."""
+    times = {k: ([], []) for k in loops}
+    names = list(loops)
+    for i in range(warmup + repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn, unit, og, od = loops[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(unit, og, od, x_a, x_b)
+            if i >= warmup:
+                times[name][0].append(time.perf_counter() - t0)
+                times[name][1].append(time.process_time() - c0)
+    return times
+
+
+def median_ratios(times, ref):
+    """{name: (median wall ratio, median CPU ratio)} over rounds, each round against the reference's."""
+    out = {}
+    for name, (wall, cpu) in times.items():
+        out[name] = tuple(statistics.median(a / b for a, b in zip(mine, theirs))
+                          for mine, theirs in ((wall, times[ref][0]), (cpu, times[ref][1])))
+    return out
+
+
+def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
+    ref, ours = list(times)[0], list(times)[-1]
+    print(f"\nUNIT iteration (G step + D step), preset {args.preset}, {args.size}x{args.size}, dim {args.dim}, "
+          f"batch {args.batch}, CPU threads {args.threads}, {args.repeats} rounds after {args.warmup} warm-up, "
+          f"load average {_load()}")
+    print("| loop | wall s/iter (median) | CPU s/iter (median) | wall / reference (median of rounds) "
+          "| CPU / reference (median of rounds) |")
+    print("| --- | --- | --- | --- | --- |")
+    for k, (wall, cpu) in times.items():
+        print(f"| {k} | {statistics.median(wall):.3f} | {statistics.median(cpu):.3f} | "
+              f"{ratios[k][0]:.2f}x | {ratios[k][1]:.2f}x |")
+    wall_ours = statistics.median(times[ours][0])
+    achieved = flops[ours] / wall_ours
+    ok = ratios[ours][0] <= GOAL_RATIO
+    print("\n| figure | value | goal |\n| --- | --- | --- |")
+    print(f"| ours / reference, wall time per iteration | {ratios[ours][0]:.2f}x | <= {GOAL_RATIO}x "
+          f"({'met' if ok else 'MISSED'}) |")
+    print(f"| ours / reference, CPU time per iteration | {ratios[ours][1]:.2f}x | <= {GOAL_RATIO}x "
+          f"({'met' if ratios[ours][1] <= GOAL_RATIO else 'MISSED'}) |")
+    print(f"| losses, ours against the reference (one seed) | {rel:.1e} max relative difference | <= 1e-4 |")
+    print(f"| FLOPs per iteration, ours / reference | {flops[ours] / 1e9:.1f} G / {flops[ref] / 1e9:.1f} G "
+          f"({flops[ours] / flops[ref]:.2f}x) | - |")
+    print(f"| achieved, ours | {achieved / 1e9:.1f} GFLOP/s | - |")
+    print(f"| machine peak, {args.threads} thread(s), same run | {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}) | - |")
+    print(f"| MFU, ours (achieved / peak) | {achieved / peak[0]:.2f} | - |")
+    print(f"\nSummary ({elapsed:.0f} s): ours takes {wall_ours:.3f} s per iteration against "
+          f"{statistics.median(times[ref][0]):.3f} s for the official-style loop, {ratios[ours][0]:.2f}x wall "
+          f"(goal <= {GOAL_RATIO}x: {'met' if ok else 'missed'}), {ratios[ours][1]:.2f}x CPU time; "
+          f"{flops[ours] / 1e9:.0f} GFLOP per iteration at {achieved / 1e9:.0f} GFLOP/s, "
+          f"{achieved / peak[0]:.2f} of the peak measured here. Losses agree to {rel:.1e} relative.")
+    return ratios[ours][0]
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def op_kind(name: str) -> str:
+    if name == "aten::mkldnn_convolution":
+        return "convolution, forward"
+    if name == "aten::convolution_backward":
+        return "convolution, backward"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matrix products (patch convs, kernel einsums)"
+    if "adam" in name.lower():
+        return "optimizer"
+    if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::pixel_shuffle", "aten::pixel_unshuffle",
+                "aten::cat", "aten::stack"):
+        return "copies and layout moves"
+    return "norms, pads, activations, losses (elementwise and reductions)"
+
+
+def print_profile(fn, unit, og, od, x_a, x_b, steps: int = 3) -> None:
+    """Where one iteration's time goes: self CPU time by kind of operation, then the top operations."""
+    from torch.profiler import ProfilerActivity, profile
+    fn(unit, og, od, x_a, x_b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn(unit, og, od, x_a, x_b)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kinds = collections.Counter()
+    for e in events:
+        kinds[op_kind(e.key)] += e.self_cpu_time_total
+    print(f"\nWhere one iteration of ours goes (torch.profiler, self time of each operation, {steps} iterations; "
+          f"{total / steps / 1e3:.0f} ms per iteration under the profiler)")
+    print("| kind | ms per iteration | share |\n| --- | --- | --- |")
+    for kind, t in kinds.most_common():
+        print(f"| {kind} | {t / steps / 1e3:.0f} | {100 * t / total:.0f}% |")
+    print("| top operations | | |")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"| {e.key} (x{e.count // steps}) | {e.self_cpu_time_total / steps / 1e3:.0f} | "
+              f"{100 * e.self_cpu_time_total / total:.0f}% |")
+
+
+def cpu_main(args) -> float:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     torch.manual_seed(0)
     base = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": args.size})
     x_a = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
     x_b = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
-
     rel = check_same_losses(base, x_a, x_b)
-    print(f"same losses check (one seed, both passes): max relative difference {rel:.2e}")
+    print(f"same losses check (one seed, ours against the reference): max relative difference {rel:.2e}")
     if rel > 1e-4:
-        raise SystemExit("the two implementations disagree; timings would not be comparable")
-
-    impls = {}
-    for name, fn, make in (("ours", step_ours, copy.deepcopy),
-                           ("ours, plain upsample conv", step_ours, plain),
-                           ("reference", step_ref, plain)):
-        unit = make(base)
-        impls[name] = (fn, unit, adam(unit.gen), adam(unit.dis), [], [])
-    for _ in range(args.warmup):
-        for fn, unit, og, od, *_ in impls.values():
-            fn(unit, og, od, x_a, x_b)
-    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-        for fn, unit, og, od, wall, cpu in impls.values():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn(unit, og, od, x_a, x_b)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-
-    med = {k: statistics.median(v[4]) for k, v in impls.items()}
-    cpu = {k: statistics.median(v[5]) for k, v in impls.items()}
-    print(f"\nUNIT iteration (D step + G step), preset {args.preset}, {args.size}x{args.size}, "
-          f"dim {args.dim}, batch {args.batch}, CPU threads {args.threads}, "
-          f"median of {args.repeats} (after {args.warmup} warm-up)")
-    print("| implementation | wall s/iter (median) | wall s/iter (min) | CPU s/iter (median) "
-          "| wall ratio | CPU ratio |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for k, v in impls.items():
-        print(f"| {k} | {med[k]:.3f} | {min(v[4]):.3f} | {cpu[k]:.3f} "
-              f"| {med[k] / med['reference']:.2f}x | {cpu[k] / cpu['reference']:.2f}x |")
-    ratio = med["ours"] / med["reference"]
-    cratio = cpu["ours"] / cpu["reference"]
-    print(f"\nSummary ({time.perf_counter() - t_start:.0f} s): one iteration takes {med['ours']:.3f} s wall ({cpu['ours']:.3f} s CPU) against "
-          f"{med['reference']:.3f} s ({cpu['reference']:.3f} s CPU) for the official-style loop: "
-          f"{ratio:.2f}x wall, {cratio:.2f}x CPU time (goal <= 0.80x; CPU time is the steadier "
-          f"figure on a shared machine). The losses agree to {rel:.1e} relative.")
+        raise SystemExit("ours and the reference disagree; timings would not be comparable")
+    peak = max(cpu_peak(), cpu_peak(), key=lambda p: p[0])
+    loops = cpu_loops(base)
+    times = time_interleaved(loops, x_a, x_b, args.repeats, args.warmup)
+    peak = max(peak, cpu_peak(), key=lambda p: p[0])
+    ref, ours = list(loops)[0], list(loops)[-1]
+    flops = {k: count_flops(loops[k][0], loops[k][1], x_a, x_b) for k in (ref, ours)}
+    ratio = print_cpu_tables(args, times, median_ratios(times, ref), flops, peak, rel, time.perf_counter() - t_start)
+    if args.profile:
+        print_profile(*loops[ours], x_a, x_b)
     return ratio
 
 
+# ---------------------------------------------------------------- GPU matrix
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def gpu_case(base, dev, size, batch, precision, compiled, iters, warmup):
+    """One row of the GPU table: ms/iter (median), peak memory, warm-up seconds (compilation included)."""
+    unit = copy.deepcopy(base).to(dev)
+    if compiled:
+        unit.gen.compile()
+        for child in unit.dis.children():
+            child.compile()
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def amp():
+        return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+
+    scalers = (torch.amp.GradScaler(dev.type), torch.amp.GradScaler(dev.type)) if precision == "fp16" else (None, None)
+    og, od = adam(unit.gen, True), adam(unit.dis, True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x_a, x_b = (torch.rand(batch, 3, size, size, device=dev, generator=g) * 2 - 1 for _ in range(2))
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        losses = step_ours(unit, og, od, x_a, x_b, amp, scalers)
+    _sync(dev)
+    warm_s, times = time.perf_counter() - t0, []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        losses = step_ours(unit, og, od, x_a, x_b, amp, scalers)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {"s": statistics.median(times), "warm_s": warm_s, "finite": all(bool(torch.isfinite(v)) for v in losses),
+            "mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+
+
+def gpu_main(args) -> int:
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"bench/step.py --gpu-matrix: no CUDA device visible to torch {torch.__version__}", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (a dry run of the GPU table)"
+    peak = gpu_peak(name) if dev.type == "cuda" else None
+    torch.manual_seed(0)
+    rows = []
+    for size in args.sizes:
+        base = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
+        x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
+        flops = count_flops(step_ours, copy.deepcopy(base).to(dev), *x)
+        for precision in args.precisions:
+            for compiled in args.compile:
+                try:
+                    r = gpu_case(base, dev, size, args.batch, precision, compiled, args.repeats, args.warmup)
+                except Exception as e:  # one failing case (a compile error, out of memory) is a row, not the end
+                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+                rows.append((size, precision, compiled, flops, r))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"  {size} px {precision} compile={'on' if compiled else 'off'}: "
+                      + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r["error"]), flush=True)
+    print_gpu_table(args, name, peak, rows)
+    return 0 if all("s" in r and r["finite"] for *_, r in rows) else 1
+
+
+def print_gpu_table(args, name, peak, rows):
+    print(f"\nUNIT iteration on {name}, preset {args.preset}, dim {args.dim}, batch {args.batch} per domain; "
+          f"median of {args.repeats} after {args.warmup} warm-up (compile time included there); "
+          f"fp32 convs may use TF32 (cudnn default); "
+          + (f"MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
+             "MFU: unknown device, no peak in bench/step.py's GPU_PEAKS table"))
+    print("| px | precision | compile | images/s (2 domains) | ms/iter | TFLOP/s | MFU | peak memory GiB "
+          "| warm-up s | losses finite |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size, precision, compiled, flops, r in rows:
+        head = f"| {size} | {precision} | {'on' if compiled else 'off'} "
+        if "error" in r:
+            print(head + f"| failed: {r['error']} | | | | | | |")
+            continue
+        tflops = flops / r["s"] / 1e12
+        mfu = f"{tflops * 1e12 / peak:.3f}" if peak else "n/a (unknown device)"
+        mem = "n/a" if r["mem"] is None else f"{r['mem'] / 2 ** 30:.2f}"
+        print(head + f"| {2 * args.batch / r['s']:.0f} | {r['s'] * 1e3:.1f} | {tflops:.1f} | {mfu} | "
+              f"{mem} | {r['warm_s']:.0f} | {'yes' if r['finite'] else 'NO'} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="official")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=None, help="generator width (default: 32 on CPU, the preset's on GPU)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 on CPU, 20 on GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2 on CPU, 3 on GPU)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also: where one iteration of ours spends its time")
+    ap.add_argument("--gpu-matrix", action="store_true", help="the fp32/bf16/fp16 x compile table on a CUDA GPU")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes of --gpu-matrix")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", nargs="+", type=lambda v: {"off": False, "on": True}[v], default=[False, True],
+                    metavar="{off,on}", help="torch.compile settings of --gpu-matrix")
+    ap.add_argument("--device", default="cuda", help="--gpu-matrix's device (cpu: a dry run of the code)")
+    args = ap.parse_args(argv)
+    gpu = args.gpu_matrix
+    args.repeats = args.repeats or (20 if gpu else 7)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
+    if args.dim is None:
+        args.dim = UNIT.from_config({"preset": args.preset}).cfg.dim if gpu else 32
+    if gpu:
+        return gpu_main(args)
+    cpu_main(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,10 +3,11 @@
     python bench/train.py [--size 64] [--batch 4] [--steps 40] [--repeats 3] [--preset tiny]
 
 Runs the real `deepspeed launch/train.py` on a generated demo corpus, reads the trainer's own
-metrics.jsonl (warm-up intervals dropped) and prints images/s per rank, the 2-rank scaling
-efficiency (per-rank throughput with 2 ranks / with 1 rank) and the share of step time spent
-waiting for data. Runs alternate 1 and 2 ranks so machine noise hits both alike; medians of
-the repeats.
+metrics.jsonl (warm-up intervals dropped) and prints images/s per rank, the 2-rank weak-scaling
+efficiency (per-rank throughput with 2 ranks / with 1 rank, the same per-rank batch) and the
+share of step time spent waiting for data. Runs alternate 1 and 2 ranks so machine noise hits
+both alike; the efficiency is the median over repeats of each repeat's own 2-rank / 1-rank ratio.
+Goals (issue 16): efficiency >= 0.9, data wait < 2% of step time.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+GOAL_EFFICIENCY = 0.9   # 2-rank per-rank throughput / 1-rank
+GOAL_WAIT = 0.02        # share of step time waiting for the next batch
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
 
@@ -53,7 +56,8 @@ def one_run(work: Path, ranks: int, args, tag: str) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = rows[args.warmup:]  # the first intervals include worker start-up and allocator warm-up
     return {"img_s_rank": statistics.median(r["images_per_s_per_rank"] for r in rows),
-            "wait": statistics.median(r["data_wait_frac"] for r in rows), "wall": wall}
+            "wait": statistics.median(r["data_wait_frac"] for r in rows), "wall": wall,
+            "load": os.getloadavg()[0]}  # 1-minute load average at the end: other jobs' share of the CPUs
 
 
 def main(argv=None) -> int:
@@ -84,10 +88,12 @@ def main(argv=None) -> int:
                 r = one_run(work, ranks, args, f"{ranks}r{rep}")
                 results[ranks].append(r)
                 print(f"repeat {rep + 1}/{args.repeats}, {ranks} rank(s): {r['img_s_rank']:.1f} img/s per rank, "
-                      f"data wait {100 * r['wait']:.1f}%, {r['wall']:.0f} s wall", flush=True)
+                      f"data wait {100 * r['wait']:.1f}%, {r['wall']:.0f} s wall, load average {r['load']:.1f}",
+                      flush=True)
 
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("img_s_rank", "wait")} for k, v in results.items()}
-    eff = med[2]["img_s_rank"] / med[1]["img_s_rank"]
+    effs = [two["img_s_rank"] / one["img_s_rank"] for one, two in zip(results[1], results[2])]
+    eff = statistics.median(effs)
     load = os.getloadavg()[0]
     print()
     print(f"UNIT training throughput, preset {args.preset}, {args.size}x{args.size}, batch {args.batch} per rank "
@@ -99,8 +105,17 @@ def main(argv=None) -> int:
         e = "1.00" if k == 1 else f"{eff:.2f}"
         print(f"| {k} | {med[k]['img_s_rank']:.1f} | {med[k]['img_s_rank'] * k:.1f} | "
               f"{100 * med[k]['wait']:.1f}% | {e} |")
-    print(f"\ngoals: data wait < 5% ({'met' if max(m['wait'] for m in med.values()) < 0.05 else 'MISSED'}), "
-          f"2-rank scaling efficiency >= 0.85 ({'met' if eff >= 0.85 else 'MISSED'})")
+    wait = max(m["wait"] for m in med.values())
+    print("\n| figure | value | goal |\n| --- | --- | --- |")
+    print(f"| 2-rank weak-scaling efficiency (median of {args.repeats} paired repeats: "
+          f"{', '.join(f'{e:.2f}' for e in effs)}) | {eff:.2f} | >= {GOAL_EFFICIENCY} "
+          f"({'met' if eff >= GOAL_EFFICIENCY else 'MISSED'}) |")
+    print(f"| data wait, larger of 1 and 2 ranks | {100 * wait:.1f}% | < {100 * GOAL_WAIT:.0f}% "
+          f"({'met' if wait < GOAL_WAIT else 'MISSED'}) |")
+    print(f"\n2 ranks run {2 * (args.threads + args.workers)} busy processes ({args.threads} torch thread(s) + "
+          f"{args.workers} loader worker(s) each) on {os.cpu_count()} CPUs; 1 rank leaves a CPU to spare. Other jobs "
+          f"(the load averages above) take their share from the 2-rank runs first, so on a shared machine the "
+          f"efficiency measures the machine as much as the trainer.")
     return 0
 
 

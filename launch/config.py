@@ -427,6 +427,8 @@ def _ds_optimizer(cfg: Config, ds: dict, lr: float, on_gpu: bool, conflicts: lis
     params = dict(opt)
     if not on_gpu:
         params["torch_adam"] = True  # DeepSpeed's fused Adam needs a GPU; torch's is exact on CPU
+        # torch's fused CPU kernel: ~8x faster than its per-tensor loop, the same update to rounding
+        params["fused"] = True
     ds["optimizer"] = {"type": "Adam", "params": params}
 
 

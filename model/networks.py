@@ -10,9 +10,10 @@ Layout of the generator side (one domain, the other is the same with its own wei
 The shared parts are registered once on `UNITGenerator`, so their parameters exist once in
 `parameters()` and in `state_dict()` (safetensors refuses aliased tensors).
 
-Pads, norms and upsampling blocks carry a `fast` switch (on by default, `set_fast_paths`): in
-float32 training they keep activations channels-last and use the rewrites of model/kernels.py;
-switched off, or in inference, they compute exactly what the official layers compute.
+Pads, convs, norms, upsampling blocks and discriminators carry a `fast` switch (on by default,
+`set_fast_paths`): in float32 CPU training the generator's activations stay channels-last and
+the layers use the rewrites of model/kernels.py (the same functions to float32 rounding);
+switched off, and in inference, on GPUs or under autocast, they run the stock operations.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import channels_last, instance_norm, layer_norm, reflect_pad, use_fast
+from .kernels import (add_borders, channels_last, instance_norm, layer_norm, patch_conv, reflect_pad,
+                      space_to_depth_conv, use_fast)
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -46,11 +48,14 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast(self.fast, x):
             return layer_norm(x, self.gamma, self.beta, self.eps)
+        return self._forward_official(x, self.gamma, self.beta)
+
+    def _forward_official(self, x, gamma, beta):
         flat = x.reshape(x.shape[0], -1)
         mean = flat.mean(1).view(-1, 1, 1, 1)
         std = flat.std(1).view(-1, 1, 1, 1)
         x = (x - mean) / (std + self.eps)
-        return x * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
+        return x * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
 
 
 class InstanceNorm(nn.Module):
@@ -62,28 +67,33 @@ class InstanceNorm(nn.Module):
         super().__init__()
         self.channels, self.eps = channels, eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, save_output: bool = False) -> torch.Tensor:
+        """With `relu`, ReLU(norm(x)) (ConvBlock fuses the two in fast training); `save_output`: the
+        caller changes the output in no place (kernels.instance_norm)."""
         if use_fast(self.fast, x):
-            return instance_norm(x, self.eps)
-        return F.instance_norm(x, eps=self.eps)
+            return instance_norm(x, self.eps, relu, save_output)
+        y = F.instance_norm(x, eps=self.eps)
+        return F.relu(y, inplace=True) if relu else y
 
 
 class Pad(nn.Module):
     """Reflect, zero or replicate padding by `pad` pixels on each side. In training (`fast`,
-    float32) it also moves the activations to channels-last, forward and backward."""
+    float32 on the CPU) it also moves the activations to channels-last, forward and backward,
+    unless built with channels_last=False (the discriminators: their small strided convolutions
+    run faster in NCHW)."""
 
     fast = True
 
-    def __init__(self, pad_type: str, pad: int):
+    def __init__(self, pad_type: str, pad: int, channels_last: bool = True):
         super().__init__()
         self.mode = {"zero": "constant", "reflect": "reflect", "replicate": "replicate"}[pad_type]
-        self.pad = pad
+        self.pad, self.channels_last = pad, channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fast(self.fast, x):
-            x = channels_last(x)
+        if self.channels_last and use_fast(self.fast, x):
             if self.mode == "reflect":
                 return reflect_pad(x, self.pad)
+            x = channels_last(x)
         return F.pad(x, (self.pad,) * 4, mode=self.mode)
 
 
@@ -115,10 +125,30 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ValueError(f"norm {name!r} is not one of {NORMS}")
 
 
-def make_pad(name: str, pad: int) -> nn.Module:
+def make_pad(name: str, pad: int, channels_last: bool = True) -> nn.Module:
     if name not in PADDINGS:
         raise ValueError(f"pad_type {name!r} is not one of {PADDINGS}")
-    return nn.Identity() if pad == 0 else Pad(name, pad)
+    return nn.Identity() if pad == 0 else Pad(name, pad, channels_last)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and state_dict). In fast training two shapes oneDNN runs
+    slowly take another route to the same function: a stride-1 convolution with fewer than 16
+    output channels (the 7x7 conv to RGB) runs on 2x2 pixel blocks (kernels.space_to_depth_conv),
+    and one whose output is at most 2x2 pixels (the deepest discriminator layers) as a matrix
+    product (kernels.patch_conv)."""
+
+    fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size, self.stride
+        if (use_fast(self.fast, x) and k[0] == k[1] > 1 and s[0] == s[1] and self.groups == 1
+                and self.dilation == (1, 1) and self.padding == (0, 0) and self.padding_mode == "zeros"):
+            if max(x.shape[-2:]) <= k[0] + s[0]:  # at most 2x2 output positions
+                return patch_conv(x, self.weight, self.bias, s[0])
+            if self.out_channels < 16 and s[0] == 1:
+                return space_to_depth_conv(x, self.weight, self.bias, 2)
+        return super().forward(x)
 
 
 class ConvBlock(nn.Sequential):
@@ -126,11 +156,21 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, k: int, stride: int, pad: int,
                  norm: str = "none", activ: str = "relu", pad_type: str = "zero",
-                 spectral: bool = False):
-        conv = nn.Conv2d(cin, cout, k, stride, 0, bias=True)
+                 spectral: bool = False, channels_last: bool = True):
+        conv = Conv2d(cin, cout, k, stride, 0, bias=True)
         if spectral:
             conv = nn.utils.parametrizations.spectral_norm(conv)
-        super().__init__(make_pad(pad_type, pad), conv, make_norm(norm, cout), make_activation(activ))
+        super().__init__(make_pad(pad_type, pad, channels_last), conv, make_norm(norm, cout), make_activation(activ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad, conv, norm, act = self
+        x = conv(pad(x))
+        if isinstance(norm, InstanceNorm) and use_fast(norm.fast, x):
+            if type(act) is nn.ReLU:
+                return norm(x, relu=True)
+            if type(act) is nn.Identity:  # a residual block's second conv: its output goes to x + body(x)
+                return norm(x, save_output=True)
+        return act(norm(x))
 
 
 class ResBlock(nn.Module):
@@ -194,6 +234,7 @@ class UpConvBlock(nn.Module):
     def _pad(self, x, pad, fast):
         if fast and self.pad_type == "reflect":
             return reflect_pad(x, pad)
+        x = channels_last(x) if fast else x
         mode = "constant" if self.pad_type == "zero" else self.pad_type
         return F.pad(x, (pad,) * 4, mode=mode)
 
@@ -231,15 +272,15 @@ class UpConvBlock(nn.Module):
 
         top = rows(widen(x[:, :, :1] - x[:, :, 1:2]), 1, 0)
         bottom = rows(widen(x[:, :, -1:] - x[:, :, -2:-1]), 4, 3)
-        y = torch.cat([y[:, :, :2] + top, y[:, :, 2:-2], y[:, :, -2:] + bottom], dim=2)
         left = cols(heighten(x[..., :1] - x[..., 1:2]), 1, 0)
         right = cols(heighten(x[..., -1:] - x[..., -2:-1]), 4, 3)
+        if fast:  # in place, y's gradient passed through whole (no full-size copies)
+            return add_borders(y, top, bottom, left, right)
+        y = torch.cat([y[:, :, :2] + top, y[:, :, 2:-2], y[:, :, -2:] + bottom], dim=2)
         return torch.cat([y[..., :2] + left, y[..., 2:-2], y[..., -2:] + right], dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = use_fast(self.fast, x)
-        if fast:
-            x = channels_last(x)
         fused = self.fused and min(x.shape[-2:]) >= 2  # reflect needs 2 pixels
         return self.activ(self.norm(self._fused(x, fast) if fused else self._plain(x, fast)))
 
@@ -253,10 +294,11 @@ def set_fused_upsample(module: nn.Module, fused: bool) -> None:
 
 def set_fast_paths(module: nn.Module, fast: bool) -> None:
     """Switch the training-time rewrites (model/kernels.py: channels-last activations, closed-form
-    norm and pad backward passes) on or off in every pad, norm and upsampling block of `module`.
-    Off, the layers compute what the official ones do, op for op."""
+    norm and pad backward passes, the space-to-depth and patch convolutions) on or off in every
+    pad, conv, norm, upsampling block and discriminator of `module`. Off, the layers compute what
+    the official ones do, op for op."""
     for m in module.modules():
-        if isinstance(m, (Pad, InstanceNorm, LayerNorm, UpConvBlock)):
+        if isinstance(m, (Pad, Conv2d, InstanceNorm, LayerNorm, UpConvBlock, MultiScaleDiscriminator)):
             m.fast = fast
 
 
@@ -280,6 +322,8 @@ class MultiScaleDiscriminator(nn.Module):
     (32x32) use fewer scales instead of crashing. `forward` returns one logit map per scale.
     """
 
+    fast = True
+
     def __init__(self, channels: int, dim: int, n_layers: int, n_scales: int,
                  activ: str = "lrelu", norm: str = "none", pad_type: str = "reflect",
                  min_size: int = 16):
@@ -291,9 +335,10 @@ class MultiScaleDiscriminator(nn.Module):
         self.nets = nn.ModuleList()
         for _ in range(n_scales):
             d = dim
-            layers = [ConvBlock(channels, d, 4, 2, 1, "none", activ, pad_type, norm == "sn")]
+            layers = [ConvBlock(channels, d, 4, 2, 1, "none", activ, pad_type, norm == "sn", channels_last=False)]
             for _ in range(n_layers - 1):
-                layers.append(ConvBlock(d, d * 2, 4, 2, 1, "none", activ, pad_type, norm == "sn"))
+                layers.append(ConvBlock(d, d * 2, 4, 2, 1, "none", activ, pad_type, norm == "sn",
+                                        channels_last=False))
                 d *= 2
             layers.append(nn.Conv2d(d, 1, 1, 1, 0))
             self.nets.append(nn.Sequential(*layers))
@@ -307,6 +352,8 @@ class MultiScaleDiscriminator(nn.Module):
         return n
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if use_fast(self.fast, x):
+            x = x.contiguous()  # NCHW: oneDNN runs these small strided convolutions faster in it
         size = min(x.shape[-2:])
         n = self.scales_for(size)
         if n == 0:
@@ -355,7 +402,7 @@ def check_divisible(size: int, n_down: int, what: str = "image size") -> None:
 
 
 __all__ = [
-    "LayerNorm", "InstanceNorm", "Pad", "ConvBlock", "UpConvBlock", "set_fused_upsample", "set_fast_paths", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
+    "LayerNorm", "InstanceNorm", "Pad", "Conv2d", "ConvBlock", "UpConvBlock", "set_fused_upsample", "set_fast_paths", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
     "MultiScaleDiscriminator", "init_kaiming", "init_gaussian", "count_params",
     "make_activation", "make_norm", "make_pad", "check_divisible",
 ]
