@@ -193,8 +193,9 @@ def test_mlmodel_lists_the_code_and_requirements_are_what_it_imports(champion, t
     assert shipped == sorted([
         "launch/__init__.py", "launch/release/__init__.py", "launch/release/export.py",
         "launch/runstore/__init__.py", "launch/runstore/artifacts.py",
-        "pipeline/__init__.py", "pipeline/atomic.py", "pipeline/hashing.py", "pipeline/tensors.py",
-        "model/__init__.py", "model/unit.py", "model/networks.py", "model/losses.py"])
+        "pipeline/__init__.py", "pipeline/atomic.py", "pipeline/storage.py", "pipeline/hashing.py",
+        "pipeline/tensors.py", "model/__init__.py", "model/unit.py", "model/networks.py", "model/kernels.py",
+        "model/losses.py"])
     for rel in shipped:   # each a copy of the project's file
         assert (local / "code" / rel).read_text() == (ROOT / rel).read_text(), rel
 
@@ -204,7 +205,7 @@ def test_mlmodel_lists_the_code_and_requirements_are_what_it_imports(champion, t
     for path in [local / "pyfunc_model.py", *(local / "code").rglob("*.py")]:
         mods |= {n.split(".")[0] for n in imported(path)}
     third = {m for m in mods if m not in sys.stdlib_module_names and m not in PROJECT}
-    assert third == {"mlflow", "numpy", "safetensors", "torch"}
+    assert third == {"fsspec", "mlflow", "numpy", "safetensors", "torch"}  # fsspec: pipeline.storage, for URLs only
     reqs = dict(line.split("==") for line in (local / "requirements.txt").read_text().split())
     assert set(reqs) == third
     from importlib import metadata
@@ -222,7 +223,7 @@ def test_a_module_the_shipped_code_needs_but_does_not_ship_stops_logging(monkeyp
 
     files, third = registry.shipped_code()
     assert {"launch.release.export", "pipeline.tensors", "model.unit"} <= set(files)
-    assert third == {"mlflow", "numpy", "safetensors", "torch"}
+    assert third == {"fsspec", "mlflow", "numpy", "safetensors", "torch"}  # fsspec: pipeline.storage, for URLs only
     fewer = tuple(m for m in registry.SHIPPED_MODULES if m != "pipeline.tensors")
     monkeypatch.setattr(registry, "SHIPPED_MODULES", fewer)
     with pytest.raises(RuntimeError, match="launch/release/export.py imports pipeline.tensors"):

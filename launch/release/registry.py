@@ -50,8 +50,9 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # translate_uint8, what they import, and the generator side of model/. Nothing of the trainer,
 # the data pipeline or the config, whose imports (deepspeed, webdataset, albumentations,
 # pydantic, PIL) a consumer should not need.
-SHIPPED_MODULES = ("launch.release.export", "launch.runstore.artifacts", "pipeline.atomic", "pipeline.hashing",
-                   "pipeline.tensors", "model.unit", "model.networks", "model.losses")
+SHIPPED_MODULES = ("launch.release.export", "launch.runstore.artifacts", "pipeline.atomic", "pipeline.storage",
+                   "pipeline.hashing", "pipeline.tensors", "model.unit", "model.networks", "model.kernels",
+                   "model.losses")
 
 
 def _imports(path: Path, module: str) -> list[tuple[str, bool]]:
