@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,15 +43,6 @@ class IndexEntryError(ValueError):
     """An index.json entry that must not be opened (names the index, the entry and why)."""
 
 
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "c:" is a drive
-
-
-def url_scheme(url: str) -> str | None:
-    """The scheme a shard URL names, lower case ("pipe", "s3", "file", ...); None for a path."""
-    m = _SCHEME.match(url)
-    return m.group(1).lower() if m else None
-
-
 def index_entry_url(index_file: str, entry) -> str:
     """What to open for one shard entry of an index.json. Shard URLs in an index are data:
     a relative path that stays inside the index's folder once `..` (and, for a local index,
@@ -72,7 +62,7 @@ def index_entry_url(index_file: str, entry) -> str:
     url = entry.get("url") if isinstance(entry, dict) else None
     if not isinstance(url, str) or not url.strip() or "\0" in url:
         raise refuse("'url' must be a non-empty string without NUL bytes")
-    scheme = url_scheme(url)
+    scheme = storage.scheme(url)
     remote = storage.is_url(index_file)
     if scheme is not None:
         if scheme not in INDEX_SCHEMES:
@@ -116,7 +106,7 @@ def index_of(spec: str) -> str | None:
     (name ending .json) is itself; an OUT folder (a local directory, or a URL whose path ends
     neither in .tar nor .json and holds no brace pattern) gives its index.json, whether or not
     it exists; a shard, brace pattern or pipe: command gives None."""
-    if url_scheme(spec) == "pipe":
+    if storage.scheme(spec) == "pipe":
         return None
     if storage.is_url(spec):
         path = urllib.parse.urlsplit(spec).path

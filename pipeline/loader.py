@@ -58,7 +58,7 @@ from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels, to_chw_uin
 from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.images import MAX_PIXELS
 from pipeline import storage
-from pipeline.index import index_entry_url, index_of, read_index, url_scheme
+from pipeline.index import index_entry_url, index_of, read_index
 from pipeline.layout import DOMAINS
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Shard:
 
 
 def _is_remote(url: str) -> bool:
-    return url_scheme(url) is not None  # a one-letter "scheme" is a Windows drive: a path
+    return storage.scheme(url) is not None  # a one-letter "scheme" is a Windows drive: a path
 
 
 def _from_index(index_file: str, domain: str) -> list[Shard]:
@@ -150,7 +150,7 @@ def _fetch_bytes(url: str, on_retry=None) -> bytes:
     """A remote shard's bytes: a pipe: command's output, or through pipeline.storage (fsspec),
     tried again after transient errors (timeouts, resets, 5xx) with backoff; `on_retry(error)`
     is called before each new attempt. A missing object or refused access is not retried."""
-    if url_scheme(url) == "pipe":
+    if storage.scheme(url) == "pipe":
         import webdataset as wds
 
         with wds.gopen(url) as f:  # raises on a non-zero exit status when closed

@@ -32,6 +32,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.hashing import sha256_bytes
 from pipeline.images import Rejected
 
@@ -51,19 +52,11 @@ class Input:
     sig: str | None = None  # metadata signature when the listing had it (see stat_signature)
 
 
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
 def source_exists(source: str) -> bool:
     """Whether a source (folder, list file or URL) names something that exists; SourceError
     ("cannot reach: ...") when the store behind a URL cannot be asked."""
-    if not is_url(source):
-        return os.path.exists(_local(source))
+    if not storage.is_url(source):
+        return os.path.exists(storage.local_path(source))
     import fsspec
 
     try:
@@ -75,9 +68,9 @@ def source_exists(source: str) -> bool:
 
 def folder_inside(source: str, root: str) -> bool:
     """Whether `source` is a local folder that is `root` or lies inside it (links resolved)."""
-    if is_url(source):
+    if storage.is_url(source):
         return False
-    path, root = os.path.realpath(_local(source)), os.path.realpath(root)
+    path, root = os.path.realpath(storage.local_path(source)), os.path.realpath(root)
     return os.path.isdir(path) and os.path.commonpath([path, root]) == root
 
 
@@ -97,10 +90,10 @@ def _info_signature(info: dict) -> str:
 def list_inputs(source: str, skip_dirs: tuple[str, ...] = ()) -> Iterator[Input]:
     """Stream the inputs of one source in deterministic order; raise SourceError if unusable.
     Local folders in `skip_dirs` (and everything below them) are left out of a folder walk."""
-    if is_url(source):
+    if storage.is_url(source):
         yield from _list_url(source)
         return
-    path = os.path.abspath(_local(source))
+    path = os.path.abspath(storage.local_path(source))
     if os.path.isdir(path):
         seen = set()
         for d in skip_dirs:
@@ -183,10 +176,10 @@ def _parquet_paths(path: str, opener) -> Iterator[str]:
 
 def _from_paths(paths: Iterator[str], base: str) -> Iterator[Input]:
     for p in paths:
-        if is_url(p):
+        if storage.is_url(p):
             yield Input(p, UNKNOWN_SIZE)
             continue
-        p = _local(p)
+        p = storage.local_path(p)
         full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
         try:
             st = os.stat(full)  # stat never opens: a FIFO or device named here cannot block
@@ -218,7 +211,7 @@ def _list_url(source: str) -> Iterator[Input]:
     opener = lambda p, mode: fsspec.open(source, mode)  # noqa: E731
     paths = _parquet_paths(source, opener) if source.endswith(".parquet") else _text_paths(source, opener)
     for p in paths:
-        if is_url(p):
+        if storage.is_url(p):
             yield Input(p, UNKNOWN_SIZE)
         elif os.path.isabs(p):
             yield from _from_paths(iter([p]), "/")
@@ -246,9 +239,9 @@ def _too_large(size: int, max_bytes: int) -> Rejected:
 def read_source(path: str, max_bytes: int) -> bytes:
     """The raw bytes of one input (local path or fsspec URL). Only a regular file of at most
     `max_bytes` is read; anything else raises `Rejected` with the reason, before a byte is read."""
-    if is_url(path):
+    if storage.is_url(path):
         return _read_url(path, max_bytes)
-    path = _local(path)
+    path = storage.local_path(path)
     try:
         _check_regular(os.stat(path).st_mode)  # before open(): opening a FIFO blocks for a writer
         # O_NONBLOCK: should the path become a FIFO between stat and open, open still returns.

@@ -2,7 +2,8 @@
 memory://, ...). The one place that opens a backend, names the extra it needs, retries what a
 network may fail transiently, and keeps credentials out of every message.
 
-    is_url(s)                   whether `s` names a URL rather than a local path
+    scheme(s)                   the scheme `s` names (s3, https, file, pipe, ...) or None for a path
+    is_url(s)                   whether `s` names a store's URL rather than a local path
     join(base, *parts)          a path or URL below `base`
     filesystem(url)             (fsspec filesystem, path in it); StorageError naming the extra when missing
     read_bytes(url) / size(url) / exists(url) / remove(url) / glob(pattern) / put_file(local, url)
@@ -44,15 +45,20 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _PERMANENT_NAMES = {"ParamValidationError", "NoCredentialsError", "PartialCredentialsError"}
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "c:" is a drive
+
+
 def scheme(s: str) -> str | None:
-    """The scheme of a URL, lower case; None for a local path ("c:" is a drive, not a scheme)."""
-    parts = urllib.parse.urlsplit(s)
-    return parts.scheme.lower() if len(parts.scheme) > 1 and "://" in s else None
+    """The scheme `s` names, lower case ("s3", "https", "file", "pipe", ...); None for a local path.
+    Any `name:` prefix of two letters or more counts, with or without `//` (webdataset's
+    `pipe:cmd` has none), so that a shard name read from data never passes as a path."""
+    m = _SCHEME.match(s)
+    return m.group(1).lower() if m else None
 
 
 def is_url(s) -> bool:
-    """A URL other than file:// (which is a local path)."""
-    return isinstance(s, str) and scheme(s) not in (None, "file")
+    """A store's URL (`scheme://…`) other than file:// (a local path); never a `pipe:` command."""
+    return isinstance(s, str) and "://" in s and scheme(s) not in (None, "file", "pipe")
 
 
 def local_path(s: str | os.PathLike) -> str:

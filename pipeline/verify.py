@@ -19,7 +19,7 @@ import tarfile
 
 from pipeline import storage
 from pipeline.hashing import sha256_bytes
-from pipeline.index import index_entry_url, url_scheme
+from pipeline.index import index_entry_url
 from pipeline.layout import DOMAINS, INDEX_NAME, MANIFEST_NAME, ShardsError, out_root
 
 
@@ -96,7 +96,7 @@ def _read_entry(index_file: str, entry: dict) -> bytes:
     OUT), else ValueError."""
     target = index_entry_url(index_file, entry)  # IndexEntryError is a ValueError
     url = entry["url"]
-    if url_scheme(url) not in (None, "file"):
+    if storage.scheme(url) not in (None, "file"):
         raise ValueError(f"{storage.redact(url)}: a remote shard; verify re-reads the shards inside OUT only")
     if storage.is_url(target):  # a relative entry of an index at a URL
         try:

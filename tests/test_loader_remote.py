@@ -65,6 +65,18 @@ def same(b1, b2) -> bool:
     return all(x["a"].equal(y["a"]) and x["b"].equal(y["b"]) for x, y in zip(b1, b2, strict=True))
 
 
+def test_one_rule_tells_urls_commands_and_paths_apart():
+    # pipeline.storage.scheme is the only parser of "is this a URL": index entries, shard specs,
+    # sources and OUT all ask it.
+    cases = {"s3://b/k.tar": ("s3", True), "HTTPS://h/x": ("https", True), "gs://b/{0..3}.tar": ("gs", True),
+             "file:///data/x.tar": ("file", False), "pipe:curl -s x": ("pipe", False), "PIPE:ls": ("pipe", False),
+             "ftp:x": ("ftp", False), "c:/data/x.tar": (None, False), "data/shards": (None, False),
+             "data/x://y": (None, False), "/abs/path.tar": (None, False)}
+    for s, (scheme, url) in cases.items():
+        assert (storage.scheme(s), storage.is_url(s)) == (scheme, url), s
+    assert storage.local_path("file:///data/x") == "/data/x" and storage.local_path("data/x") == "data/x"
+
+
 # ----------------------------------------------------------------------------- same batches, resume, cache
 
 

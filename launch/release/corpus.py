@@ -60,10 +60,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from launch.release.translate import WINDOW, Limits, encode_image, translate_window
+from pipeline import storage
 from pipeline.atomic import TEMP_NAME, write_json
 from pipeline.hashing import sha256_bytes, sha256_json
 from pipeline.imageio import ImageRejected, check_size
-from pipeline.index import Totals, finalize, url_scheme
+from pipeline.index import Totals, finalize
 from pipeline.layout import (DOMAINS, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, MANIFEST_NAME, QUARANTINE_NAME,
                              RECORDS_DIR, LockedError, ShardsError, record_path, remove_temps, shard_name)
 from pipeline.storage import redact
@@ -92,7 +93,7 @@ def is_corpus(inputs: list[str]) -> bool:
     if os.path.isdir(x):
         return os.path.isfile(os.path.join(x, INDEX_NAME))
     return (x.endswith(".json") or x.endswith(TAR_SUFFIXES) or "{" in x
-            or (url_scheme(x) or "file") != "file")
+            or (storage.scheme(x) or "file") != "file")
 
 
 @dataclass
@@ -142,7 +143,7 @@ def default_ext(inputs: list[str], target: str) -> str | None:
     (the format a reader of that domain expects); None without one."""
     x = inputs[0]
     index = os.path.join(x, INDEX_NAME) if os.path.isdir(x) else x
-    if len(inputs) != 1 or not index.endswith(".json") or url_scheme(index) is not None:
+    if len(inputs) != 1 or not index.endswith(".json") or storage.scheme(index) is not None:
         return None
     manifest = os.path.join(os.path.dirname(os.path.abspath(index)), MANIFEST_NAME)
     try:
@@ -164,7 +165,7 @@ def check_out(job: CorpusJob) -> None:
     """Refuse an OUT that holds anything but a translation (a `make shards` OUT, say) or that holds
     an input shard. Creates nothing (mark_out does, once the model is loaded)."""
     out = job.out
-    if url_scheme(out) is not None:
+    if storage.scheme(out) is not None:
         raise ValueError(f"--out {out}: corpus mode writes to a local folder")
     if os.path.isdir(out):
         names = sorted(n for n in os.listdir(out) if not TEMP_NAME.match(n))
@@ -175,7 +176,7 @@ def check_out(job: CorpusJob) -> None:
         raise ValueError(f"--out {out}: not a folder")
     root = os.path.realpath(out)
     for s in job.shards:
-        if url_scheme(s.url) is None and os.path.commonpath([root, os.path.realpath(s.url)]) == root:
+        if storage.scheme(s.url) is None and os.path.commonpath([root, os.path.realpath(s.url)]) == root:
             raise ValueError(f"--in shard {s.url} lies inside --out {out}: the outputs would replace it; "
                              "choose an output folder outside the input")
 
@@ -203,7 +204,7 @@ def fingerprints(job: CorpusJob) -> list[str]:
     out = []
     for s in job.shards:
         ident = s.sha256
-        if ident is None and url_scheme(s.url) is None:
+        if ident is None and storage.scheme(s.url) is None:
             try:
                 ident = stat_signature(os.stat(s.url))
             except OSError:
@@ -217,7 +218,7 @@ def fingerprints(job: CorpusJob) -> list[str]:
 
 
 def _open_stream(url: str):
-    scheme = url_scheme(url)
+    scheme = storage.scheme(url)
     if scheme is None:
         if not stat.S_ISREG(os.stat(url).st_mode):  # a FIFO or device would block or never end
             raise OSError(f"{url} is not a regular file")
