@@ -11,7 +11,7 @@ what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
         [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant pixel-dis|pixel-path]
-        [model.key=value ...]
+        [--swd W [--swd-proj 16]] [model.key=value ...]
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def parse_args(argv=None):
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--noise", type=float, default=1.0, help="std of the latent noise in training (paper: 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--swd", type=float, default=0.0, help="weight of a sliced Wasserstein-1 term between the pixel colours of each "
+                    "translation batch and a real target-domain batch (0: off)")
+    ap.add_argument("--swd-proj", type=int, default=16, help="random projection directions of --swd, "
+                    "beside the 3 channel axes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
     ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
@@ -86,6 +90,15 @@ def tensor(x: np.ndarray) -> torch.Tensor:
 
 def uint8(y: torch.Tensor) -> np.ndarray:
     return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def swd(x, y, k):
+    """Sliced Wasserstein-1 between the pixel colours of x and y (same count): both sets projected
+    on the channel axes and k random unit directions, sorted, compared in order."""
+    px, py = x.permute(0, 2, 3, 1).reshape(-1, 3), y.permute(0, 2, 3, 1).reshape(-1, 3)
+    d = torch.randn(3, k)
+    d = torch.cat([torch.eye(3), d / d.norm(dim=0, keepdim=True)], 1)
+    return ((px @ d).sort(0).values - (py @ d).sort(0).values).abs().mean()
 
 
 def with_noise(gen, std: float):
@@ -149,6 +162,8 @@ def train(args, data: dict) -> None:
         out = unit.gen(x_a, x_b)
         unit.dis.requires_grad_(False)
         loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+        if args.swd:
+            loss_g = loss_g + args.swd * (swd(out["x_ab"], x_b, args.swd_proj) + swd(out["x_ba"], x_a, args.swd_proj))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
