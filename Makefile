@@ -28,6 +28,10 @@ NGPUS       ?= 2
 DS_ARGS     ?= --num_gpus $(NGPUS) --log_level warning
 ARGS        ?=
 
+# make test: pytest-xdist workers, each running one test file at a time (a launch is mostly
+# single-threaded start-up and teardown, so two files side by side fill the two cores)
+TEST_WORKERS ?= 2
+
 # make demo-data
 DEMO_TRAIN  ?= 2000
 DEMO_TEST   ?= 200
@@ -68,10 +72,10 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory train CONFIG=configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/shards.py
