@@ -32,8 +32,8 @@ ARGS        ?=
 
 # make test: pytest-xdist workers, each running one test file at a time. A launch is mostly
 # single-threaded start-up and teardown, and a server test mostly waits, so on 2 cores three
-# files side by side keep both busy: 9:01 against 9:37 with two workers and 15:10 with one.
-TEST_WORKERS ?= 3
+# files side by side fill both cores better still, but the fault tests are timed: two workers.
+TEST_WORKERS ?= 2
 
 # make demo-data
 DEMO_TRAIN  ?= 2000
