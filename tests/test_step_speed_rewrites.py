@@ -161,18 +161,31 @@ def one_iteration_grads(unit, x_a, x_b):
     return (loss_g.item(), loss_d.item()), g_gen + g_dis
 
 
-def test_a_whole_iteration_fast_matches_stock_layers():
-    """The official preset (narrow) at 32 px: losses to 1e-5 relative; every gradient tensor to 1e-4
-    of the largest gradient of its network (conv biases before an instance norm have true gradient 0:
-    what they get is rounding, so a per-tensor relative test would compare noise)."""
+def fast_and_stock(**over) -> tuple[UNIT, UNIT]:
+    """The narrow official preset with the fast paths, and a copy of it on the stock layers."""
     torch.manual_seed(0)
-    fast = UNIT.from_config({"preset": "official", "dim": 8, "dis_dim": 8, "image_size": 32})
+    fast = UNIT.from_config({"preset": "official", "dim": 8, "dis_dim": 8, **over})
     stock = copy.deepcopy(fast)
     set_fast_paths(stock, False)
+    return fast, stock
+
+
+def both_iterations(fast: UNIT, stock: UNIT):
+    """One G + D iteration of each on the same 32 px batch: ((losses, grads) fast, (losses, grads) stock),
+    the losses checked equal to 1e-5 relative."""
     x_a, x_b = rand(2, 3, 32, 32, seed=4).tanh(), rand(2, 3, 32, 32, seed=5).tanh()
     (lf, gf), (ls, gs) = one_iteration_grads(fast, x_a, x_b), one_iteration_grads(stock, x_a, x_b)
     for a, b in zip(lf, ls):
         assert a == pytest.approx(b, rel=1e-5)
+    return (lf, gf), (ls, gs)
+
+
+def test_a_whole_iteration_fast_matches_stock_layers():
+    """The official preset (narrow) at 32 px: losses to 1e-5 relative; every gradient tensor to 1e-4
+    of the largest gradient of its network (conv biases before an instance norm have true gradient 0:
+    what they get is rounding, so a per-tensor relative test would compare noise)."""
+    fast, stock = fast_and_stock(image_size=32)
+    (_, gf), (_, gs) = both_iterations(fast, stock)
     n_gen = len(list(fast.gen.parameters()))
     for part in (slice(0, n_gen), slice(n_gen, None)):
         scale = max(t.abs().max().item() for t in gs[part])
@@ -181,10 +194,7 @@ def test_a_whole_iteration_fast_matches_stock_layers():
 
 
 def test_rewrites_leave_parameters_and_state_dict_alone():
-    torch.manual_seed(0)
-    fast = UNIT.from_config({"preset": "official", "dim": 8, "dis_dim": 8})
-    stock = copy.deepcopy(fast)
-    set_fast_paths(stock, False)
+    fast, stock = fast_and_stock()
     assert list(fast.state_dict()) == list(stock.state_dict())
     assert all(t.is_contiguous() for t in fast.state_dict().values())  # safetensors needs it
 
@@ -195,11 +205,4 @@ def test_rewrites_leave_parameters_and_state_dict_alone():
 def test_other_layer_choices_train_on_the_fast_path(over):
     """In-place activations after a norm, other pads and norms, spectral norm, shared layers: one
     G + D iteration runs (backward included) with the losses of the stock layers."""
-    torch.manual_seed(0)
-    fast = UNIT.from_config({"preset": "official", "dim": 8, "dis_dim": 8, "image_size": 32, **over})
-    stock = copy.deepcopy(fast)
-    set_fast_paths(stock, False)
-    x_a, x_b = rand(2, 3, 32, 32, seed=4).tanh(), rand(2, 3, 32, 32, seed=5).tanh()
-    (lf, _), (ls, _) = one_iteration_grads(fast, x_a, x_b), one_iteration_grads(stock, x_a, x_b)
-    for a, b in zip(lf, ls):
-        assert a == pytest.approx(b, rel=1e-5)
+    both_iterations(*fast_and_stock(image_size=32, **over))
