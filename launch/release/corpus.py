@@ -67,7 +67,6 @@ from pipeline.imageio import ImageRejected, check_size
 from pipeline.index import Totals, finalize
 from pipeline.layout import (DOMAINS, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, MANIFEST_NAME, QUARANTINE_NAME,
                              RECORDS_DIR, LockedError, ShardsError, record_path, remove_temps, shard_name)
-from pipeline.storage import redact
 from pipeline.loader import IMAGE_EXTS, Shard, resolve_shards
 from pipeline.lock import writer_lock
 from pipeline.records import load_record, record_is_current, save_record
@@ -346,7 +345,7 @@ def write_translated_shard(job: CorpusJob, number: int, fingerprint: str, tick: 
               "fingerprint": fingerprint, "limits": dataclasses.asdict(job.limits), "inputs": found.inputs,
               "digests": [], "nsamples": len(found.samples), "bytes": nbytes, "sha256": sha,
               "samples": found.samples, "rejected": found.rejected, "duplicates": [],
-              "source_shard": redact(shard.url), "seconds": round(time.time() - t0, 3)}
+              "source_shard": storage.redact(shard.url), "seconds": round(time.time() - t0, 3)}
     save_record(job.out, record)
     return record
 
@@ -363,7 +362,7 @@ def _members(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[tupl
 
 def _decoded(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[_Sample]:
     """The input shard's usable samples, decoded; the others are noted in `found`."""
-    shown = redact(shard.url)
+    shown = storage.redact(shard.url)
     samples = read_samples(shard.url)
     while True:
         try:
@@ -579,7 +578,7 @@ def main(a) -> int:
     if a.report:
         raise ValueError("--report is for folder mode; in corpus mode the quarantine is OUT/quarantine.parquet")
     shards = source_shards(a.inputs, a.direction)
-    job = CorpusJob(None, a.direction, shards, a.out_dir, " ".join(redact(x) for x in a.inputs), model_spec=a.model,
+    job = CorpusJob(None, a.direction, shards, a.out_dir, " ".join(storage.redact(x) for x in a.inputs), model_spec=a.model,
                     batch_size=a.batch_size, ext=a.ext or default_ext(a.inputs, TARGET[a.direction]), size=a.size,
                     rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
                     progress=not a.no_progress)
