@@ -41,6 +41,8 @@ DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=("demo", "shift"), default="demo",
+                    help="demo: aerial photo -> map; shift: bench/quality.py's tone-shifted photographs")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=100)
@@ -66,16 +68,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def corpus(out: Path, n_train: int, n_test: int, size: int) -> dict:
+def corpus(out: Path, n_train: int, n_test: int, size: int, task: str = "demo") -> dict:
+    """The task's four folders as uint8 arrays: the demo corpus (aerial photo -> map) or
+    bench/quality.py's shift task (photographs -> a per-channel tone-shifted copy)."""
     from PIL import Image
 
     from pipeline.demo import write_corpus
     import os
     import shutil
-    root = out / f"demo{size}-{n_train}-{n_test}"
+    root = out / f"{task}{size}-{n_train}-{n_test}"
     if not root.is_dir():  # made under a temporary name, so a concurrent sweep never reads half of it
         tmp = out / f".{root.name}.tmp-{os.getpid()}"
-        write_corpus(str(tmp), n_train, n_test, size=size, seed=0, progress=False)
+        if task == "shift":
+            from quality import make_shift_corpus
+            make_shift_corpus(tmp, n_train, n_test, size)
+        else:
+            write_corpus(str(tmp), n_train, n_test, size=size, seed=0, progress=False)
         try:
             tmp.rename(root)
         except OSError:  # another sweep finished first: use its copy
@@ -185,14 +193,18 @@ def train(args, data: dict) -> None:
                   f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     const = translators(stats)["constant"](data["testA"], "a2b")
-    print(f"\nconstant baseline: a2b {pixel_accuracy(const, data['testB']):.3f}; EMA a2b per map colour:")
-    print(per_colour(avg[3], data["testB"]))
+    hist = translators(stats)["histmatch"](data["testA"], "a2b")
+    print(f"\nbaselines: constant a2b {pixel_accuracy(const, data['testB']):.3f}, histogram matching a2b "
+          f"{pixel_accuracy(hist, data['testB']):.3f}")
+    if args.task == "demo":
+        print("EMA a2b per map colour:")
+        print(per_colour(avg[3], data["testB"]))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    train(args, corpus(Path(args.out), args.n_train, args.n_test, args.size))
+    train(args, corpus(Path(args.out), args.n_train, args.n_test, args.size, args.task))
     return 0
 
 
