@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launch.release.baselines import DomainStats, translators  # noqa: E402
-from launch.release.evaluate import pixel_accuracy  # noqa: E402
-from recipe import corpus, swd  # noqa: E402
+from recipe import corpus, swd, tensor, uint8  # recipe.py puts the project root on sys.path
+from launch.release.baselines import DomainStats, translators
+from launch.release.evaluate import pixel_accuracy
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N*H*W, 3, 1, 1] in [-1, 1] (the image layout `swd` takes)."""
-    return (torch.from_numpy(images.reshape(-1, 3)).float() / 127.5 - 1).view(-1, 3, 1, 1)
+    """uint8 [N, H, W, 3] -> float [N*H*W, 3, 1, 1] in [-1, 1]: each pixel a 1x1 image."""
+    return tensor(images.reshape(-1, 1, 1, 3))
 
 
 def mlp() -> torch.nn.Sequential:
@@ -40,8 +39,7 @@ def mlp() -> torch.nn.Sequential:
 
 @torch.no_grad()
 def translate(f, images: np.ndarray) -> np.ndarray:
-    y = f(pixels(images)).clamp(-1, 1)
-    return ((y + 1) * 127.5).round().byte().view(images.shape).numpy()
+    return uint8(f(pixels(images))).reshape(images.shape)
 
 
 def fit(src: torch.Tensor, loss_fn, steps: int, batch: int, every: int, score) -> list[tuple[int, float]]:
@@ -69,7 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8192, help="pixels per step")
     ap.add_argument("--proj", type=int, default=32, help="random directions of the sliced Wasserstein term")
-    ap.add_argument("--out", default="/tmp/unit-recipe")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"),
+                    help="where the corpus is made once (shared with bench/recipe.py)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     torch.set_num_threads(2)

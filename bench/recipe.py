@@ -192,8 +192,8 @@ def train(args, data: dict) -> None:
                   f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
                   f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
-    const = translators(stats)["constant"](data["testA"], "a2b")
-    hist = translators(stats)["histmatch"](data["testA"], "a2b")
+    trivial = translators(stats)
+    const, hist = (trivial[name](data["testA"], "a2b") for name in ("constant", "histmatch"))
     print(f"\nbaselines: constant a2b {pixel_accuracy(const, data['testB']):.3f}, histogram matching a2b "
           f"{pixel_accuracy(hist, data['testB']):.3f}")
     if args.task == "demo":
