@@ -6,7 +6,10 @@ import torch.nn as nn
 
 
 class EMA:
-    """shadow <- decay * shadow + (1 - decay) * weight, kept in float32.
+    """shadow <- d * shadow + (1 - d) * weight, kept in float32, with d = min(decay, (1 + n) / (10 + n))
+    at the n-th update: the warm-up keeps the shadow from lagging the first few hundred steps behind
+    the weights (at decay 0.995 a plain average still remembers 5 % of the initial weights after 600
+    steps, which short CPU runs used to be scored on).
 
     Always built (decay 0 makes the shadow a copy of the last weights), so the trainer needs
     no conditionals. Buffers are copied, not averaged.
@@ -23,11 +26,12 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         params = dict(module.named_parameters())
+        decay = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
         for k, v in module.state_dict().items():
             if k not in self.shadow:
                 continue
             if k in params:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
             else:
                 self.shadow[k].copy_(v.detach().float())
         self.num_updates += 1

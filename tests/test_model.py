@@ -238,9 +238,11 @@ def test_generator_and_discriminator_loss_terms_by_hand():
     assert loss_d.item() == pytest.approx(2.0 * (d_a + d_b).item(), rel=1e-5)
 
 
-def test_batched_pass_equals_one_call_per_domain():
-    """The batched forward gives what separate per-domain encoder/decoder calls give."""
-    unit = tiny()
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_batched_pass_equals_one_call_per_domain(skip):
+    """The batched forward gives what separate per-domain encoder/decoder calls give; with
+    skip="image" each decoder sees the image its z was encoded from."""
+    unit = tiny(skip=skip)
     gen = unit.gen
     x_a, x_b = images(2, 32)
     torch.manual_seed(5)
@@ -250,14 +252,37 @@ def test_batched_pass_equals_one_call_per_domain():
     # layout of the training-mode activations and fill the same numbers in another order
     mu_a, mu_b = gen.encode(x_a, "a"), gen.encode(x_b, "b")
     z_a, z_b = mu_a + torch.randn(mu_a.shape), mu_b + torch.randn(mu_b.shape)
-    x_ab, x_ba = gen.decode(z_a, "b"), gen.decode(z_b, "a")
+    x_ab, x_ba = gen.decode(z_a, "b", x_a), gen.decode(z_b, "a", x_b)
     mu_ba, mu_ab = gen.encode(x_ba, "a"), gen.encode(x_ab, "b")
     z_ba, z_ab = mu_ba + torch.randn(mu_ba.shape), mu_ab + torch.randn(mu_ab.shape)
-    want = {"x_aa": gen.decode(z_a, "a"), "x_bb": gen.decode(z_b, "b"), "x_ab": x_ab, "x_ba": x_ba,
-            "x_aba": gen.decode(z_ab, "a"), "x_bab": gen.decode(z_ba, "b"),
+    want = {"x_aa": gen.decode(z_a, "a", x_a), "x_bb": gen.decode(z_b, "b", x_b), "x_ab": x_ab, "x_ba": x_ba,
+            "x_aba": gen.decode(z_ab, "a", x_ab), "x_bab": gen.decode(z_ba, "b", x_ba),
             "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
     for k, v in want.items():
         assert torch.allclose(out[k], v, atol=1e-5), k
+
+
+def test_skip_image_decoders_see_the_source_at_full_resolution():
+    unit = tiny(skip="image").eval()
+    gen = unit.gen
+    x_a, _ = images(2, 32)
+    with torch.no_grad():
+        y = gen.translate(x_a, "a2b")
+        assert torch.equal(y, gen.decode(gen.encode(x_a, "a"), "b", x_a))
+        # one pixel of the source changes the translation there, past the latent's resolution
+        x2 = x_a.clone()
+        x2[:, :, 16, 16] = -x2[:, :, 16, 16]
+        d = (gen.decode(gen.encode(x_a, "a"), "b", x2) - y).abs().sum(1)
+        # the 3x3 + 7x7 head reaches 4 px; farther only the layer norm's image statistics move
+        assert d[:, 16, 16].min() > 50 * d[:, :4, :4].max()
+    with pytest.raises(ValueError, match="skip='image'"):
+        gen.decode(gen.encode(x_a, "a"), "b")
+    with pytest.raises(ValueError, match="source image"):
+        gen.decode(gen.encode(x_a, "a"), "b", x_a[:, :, :16, :16])
+    with pytest.raises(ValueError, match="skip"):
+        tiny(skip="unet")
+    assert tiny().gen.dec_a[-1][1].in_channels == 16  # skip none: the plain 7x7 conv to RGB
+    assert unit.gen.dec_a[-1].mix[1].in_channels == 16 + 3
 
 
 @pytest.mark.parametrize("weight", sorted(WEIGHTS))
@@ -396,10 +421,18 @@ def test_ema_update_copy_and_state():
             p.add_(1.0)
     ema.update(src)
     k = "enc_a.0.1.weight"
-    assert torch.allclose(ema.shadow[k], 0.75 * before[k] + 0.25 * (before[k] + 1.0))
+    # warm-up: the first update uses decay (1 + 0) / (10 + 0) = 0.1, not 0.75
+    assert torch.allclose(ema.shadow[k], 0.1 * before[k] + 0.9 * (before[k] + 1.0))
     dst = tiny(n_shared=1).gen
     ema.copy_to(dst)
-    assert torch.allclose(dst.state_dict()[k], before[k] + 0.25)
+    assert torch.allclose(dst.state_dict()[k], before[k] + 0.9)
+    late = EMA(src, decay=0.75)  # past the warm-up ((1 + 40) / 50 > 0.75) the configured decay holds
+    late.num_updates = 40
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    late.update(src)
+    assert torch.allclose(late.shadow[k], 0.75 * (before[k] + 1.0) + 0.25 * (before[k] + 2.0))
     other = EMA(tiny().gen, decay=0.1)
     other.load_state_dict(ema.state_dict())
     assert other.decay == 0.75 and other.num_updates == 1
