@@ -303,15 +303,41 @@ def set_fast_paths(module: nn.Module, fast: bool) -> None:
 
 
 def decoder_back(channels: int, dim: int, n_up: int, n_res: int, res_norm: str,
-                 up_norm: str, activ: str, pad_type: str, fused_upsample: bool = True) -> nn.Sequential:
-    """Domain-specific part of a generator; `dim` is the latent width (dim * 2**n_down)."""
+                 up_norm: str, activ: str, pad_type: str, fused_upsample: bool = True,
+                 skip: bool = False) -> nn.Sequential:
+    """Domain-specific part of a generator; `dim` is the latent width (dim * 2**n_down). With
+    `skip` its last layer is a SkipHead, called with the source image (UNITGenerator.decode)."""
     layers = [res_blocks(n_res, dim, res_norm, activ, pad_type)]
     for _ in range(n_up):
         # nearest upsample + conv instead of a transposed conv: no checkerboard artefacts
         layers.append(UpConvBlock(dim, dim // 2, up_norm, activ, pad_type, fused_upsample))
         dim //= 2
-    layers.append(ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type))
+    if skip:
+        layers.append(SkipHead(dim, channels, up_norm, activ, pad_type))
+    else:
+        layers.append(ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type))
     return nn.Sequential(*layers)
+
+
+class SkipHead(nn.Module):
+    """The generator's last stage when it also sees the source image (UNITConfig.skip = "image"):
+    concat(upsampled features, source image) -> conv 3x3 -> norm -> activation -> conv 7x7 -> tanh.
+
+    The latent (a quarter of the resolution at n_down 2) carries what the scene is; the source
+    image at full resolution carries where its edges are, which a short CPU run cannot learn to
+    squeeze through the latent: without it reconstructions and translations stay blurry.
+    """
+
+    def __init__(self, dim: int, channels: int, norm: str, activ: str, pad_type: str):
+        super().__init__()
+        self.mix = ConvBlock(dim + channels, dim, 3, 1, 1, norm, activ, pad_type)
+        self.out = ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type)
+
+    def forward(self, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if source.shape[-2:] != h.shape[-2:] or source.shape[0] != h.shape[0]:
+            raise ValueError(f"source image {tuple(source.shape)} does not match the decoder's "
+                             f"output {tuple(h.shape[:1])} x {tuple(h.shape[-2:])}")
+        return self.out(self.mix(torch.cat([h, source.to(h)], 1)))
 
 
 class MultiScaleDiscriminator(nn.Module):
@@ -402,7 +428,7 @@ def check_divisible(size: int, n_down: int, what: str = "image size") -> None:
 
 
 __all__ = [
-    "LayerNorm", "InstanceNorm", "Pad", "Conv2d", "ConvBlock", "UpConvBlock", "set_fused_upsample", "set_fast_paths", "ResBlock", "res_blocks", "encoder_front", "decoder_back",
+    "LayerNorm", "InstanceNorm", "Pad", "Conv2d", "ConvBlock", "UpConvBlock", "set_fused_upsample", "set_fast_paths", "ResBlock", "res_blocks", "encoder_front", "decoder_back", "SkipHead",
     "MultiScaleDiscriminator", "init_kaiming", "init_gaussian", "count_params",
     "make_activation", "make_norm", "make_pad", "check_divisible",
 ]

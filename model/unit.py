@@ -26,6 +26,9 @@ from .networks import (ACTIVATIONS, DIS_NORMS, NORMS, PADDINGS, MultiScaleDiscri
                        res_blocks)
 
 
+SKIPS = ("none", "image")
+
+
 @dataclass
 class UNITConfig:
     preset: str = "paper"      # name of the preset these values started from (informational)
@@ -39,6 +42,7 @@ class UNITConfig:
     activ: str = "relu"        # activation of encoders and generators
     pad_type: str = "reflect"  # padding of encoders and generators
     fused_upsample: bool = True  # upsample+conv5x5 as sub-pixel 3x3 convs: same function, fewer FLOPs
+    skip: str = "none"         # "image": each generator's last stage also sees the source image (SkipHead)
     dis_dim: int = 64          # width of the first discriminator conv
     dis_layers: int = 4        # stride-2 convs per discriminator scale
     dis_scales: int = 3        # most scales per discriminator (fewer on small images)
@@ -69,7 +73,7 @@ class UNITConfig:
         for name, allowed in (("norm", NORMS), ("up_norm", NORMS), ("activ", ACTIVATIONS),
                               ("pad_type", PADDINGS), ("dis_norm", DIS_NORMS),
                               ("dis_activ", ACTIVATIONS), ("dis_pad", PADDINGS),
-                              ("gan_type", losses.GAN_TYPES)):
+                              ("gan_type", losses.GAN_TYPES), ("skip", SKIPS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
         for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl"):
@@ -128,12 +132,13 @@ class UNITGenerator(nn.Module):
 
         def back():
             return decoder_back(cfg.channels, latent, cfg.n_down, own, cfg.norm, cfg.up_norm,
-                                cfg.activ, cfg.pad_type, cfg.fused_upsample)
+                                cfg.activ, cfg.pad_type, cfg.fused_upsample, cfg.skip == "image")
 
         self.enc_a, self.enc_b = front(), front()
         self.enc_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_a, self.dec_b = back(), back()
+        self.skip = cfg.skip == "image"
         init_kaiming(self)
 
     def encoder(self, domain: str) -> nn.Sequential:
@@ -153,8 +158,17 @@ class UNITGenerator(nn.Module):
         """mu of q(z | x) for an image of `domain`."""
         return self.enc_shared(self._part("enc", domain)(x))
 
-    def decode(self, z: torch.Tensor, domain: str) -> torch.Tensor:
-        return self._part("dec", domain)(self.dec_shared(z))
+    def decode(self, z: torch.Tensor, domain: str, source: torch.Tensor | None = None) -> torch.Tensor:
+        """G_domain(z); a model built with skip="image" also needs the image z was encoded from."""
+        return self._back(domain, self.dec_shared(z), source)
+
+    def _back(self, domain: str, s: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        part = self._part("dec", domain)
+        if not self.skip:
+            return part(s)
+        if source is None:
+            raise ValueError("this generator was built with skip='image': decode needs the source image")
+        return part[-1](part[:-1](s), source)
 
     def sample(self, mu: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """z = mu + eps, eps ~ N(0, I) in training (torch's global RNG); mu in eval mode.
@@ -180,8 +194,9 @@ class UNITGenerator(nn.Module):
             raise ValueError(f"x_a has batch {n} but x_b has batch {x_b.shape[0]}")
         mu = self.enc_shared(torch.cat([self.enc_a(x_a), self.enc_b(x_b)]))
         s = self.dec_shared(self.sample(mu, n))            # shared G layers once for both uses of z
-        x_aa, x_ba = self.dec_a(s).split(n)
-        x_ab, x_bb = self.dec_b(s).split(n)
+        src = torch.cat([x_a, x_b]) if self.skip else None  # the image each z came from
+        x_aa, x_ba = self._back("a", s, src).split(n)
+        x_ab, x_bb = self._back("b", s, src).split(n)
         # re-encode the translations: x_ba is an "a" image, x_ab a "b" image
         mu2 = self.enc_shared(torch.cat([self.enc_a(x_ba), self.enc_b(x_ab)]))
         s2 = self.dec_shared(self.sample(mu2, n))
@@ -189,7 +204,8 @@ class UNITGenerator(nn.Module):
         mu_a, mu_b = mu.split(n)
         mu_ba, mu_ab = mu2.split(n)
         return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-                "x_aba": self.dec_a(s_ab), "x_bab": self.dec_b(s_ba),
+                "x_aba": self._back("a", s_ab, x_ab if self.skip else None),
+                "x_bab": self._back("b", s_ba, x_ba if self.skip else None),
                 "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
@@ -197,7 +213,7 @@ class UNITGenerator(nn.Module):
         if direction not in ("a2b", "b2a"):
             raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
         src, dst = direction[0], direction[-1]
-        return self.decode(self.encode(x, src), dst)
+        return self.decode(self.encode(x, src), dst, x)
 
     def domain_param_count(self, domain: str) -> int:
         """Parameters of E_domain + G_domain (shared ones included), the official VAEGen's count."""

@@ -13,13 +13,14 @@ from pipeline.tensors import to_tensor, to_uint8
 from model.unit import UNIT
 
 
-def tiny(seed: int) -> UNIT:
+def tiny(seed: int, skip: str = "none") -> UNIT:
     torch.manual_seed(seed)
-    return UNIT.from_config({"preset": "tiny"})
+    return UNIT.from_config({"preset": "tiny", "skip": skip})
 
 
-def test_round_trip_same_translations(tmp_path):
-    unit = tiny(0)
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_round_trip_same_translations(tmp_path, skip):
+    unit = tiny(0, skip)
     out = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=7, ema=True,
                           domains={"a": "aerial", "b": "map"})
     assert is_export_dir(out)
@@ -36,7 +37,7 @@ def test_round_trip_same_translations(tmp_path):
         # float32 tolerance: equal weights, but kernels may take other paths on other buffers
         torch.testing.assert_close(gen.translate(x, d), unit.gen.translate(x, d), rtol=1e-4, atol=1e-4)
     # Every tensor came from the file: another init translates differently.
-    other = tiny(1).gen.eval()
+    other = tiny(1, skip).gen.eval()
     assert not torch.allclose(other.translate(x, "a2b"), gen.translate(x, "a2b"))
 
 
@@ -77,8 +78,9 @@ def test_uint8_tensor_conversions():
         to_tensor(np.zeros((4, 4, 4), np.uint8))
 
 
-def test_translate_uint8_pads_odd_sizes():
-    gen = tiny(0).gen.eval()
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_translate_uint8_pads_odd_sizes(skip):
+    gen = tiny(0, skip).gen.eval()
     rng = np.random.default_rng(0)
     aligned = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = translate_uint8(gen, aligned, "a2b", batch_size=2)

@@ -93,6 +93,18 @@ def test_function_returns_what_it_writes_and_refuses_a_drifting_graph(export_dir
     assert onnx.load(str(out / "translator-b2a.onnx")).opset_import[0].version == 18
 
 
+def test_a_skip_image_model_exports_and_matches(tmp_path):
+    """skip="image" generators take the source image twice (encoder and last stage): one graph input."""
+    torch.manual_seed(0)
+    unit = UNIT.from_config({"preset": "tiny", "skip": "image"})
+    export = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=1, ema=False,
+                             domains={"a": "maps", "b": "photos"})
+    info = export_onnx(export, tmp_path / "onnx", size=16)
+    assert max(info["max_abs_diff"].values()) <= TOL
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / onnx_file("a2b")), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
