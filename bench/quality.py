@@ -23,7 +23,7 @@ Goals printed beside the figures: ours beats the strongest baseline (by >= 0.10 
 a2b >= 0.60 on shift, and ours >= 2x the reference's a2b accuracy.
 
     .venv/bin/python bench/quality.py [--tasks demo,shift] [--out $TMPDIR/unit-quality]
-        [--config configs/demo.yaml] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [key=value ...]
+        [--config CONFIG] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [key=value ...]
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="demo,shift")
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-quality"))
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default=None, help="our trainer's config (default: configs/demo.yaml for "
+                    "demo, configs/photo.yaml for shift)")
     ap.add_argument("--ranks", type=int, default=2, help="CPU ranks of our trainer")
     ap.add_argument("--size", type=int, default=64, help="image side of the corpora and of training")
     ap.add_argument("--steps", type=int, default=None, help="our training steps (default: the config's)")
@@ -140,7 +141,7 @@ def prepare(task: str, out: Path, n_train: int, n_test: int, size: int) -> dict:
             "--max-per-shard", max(16, n_train // 4), "--no-progress"], log=root / "shards.log")
         marker.write_text(json.dumps(want))
     d = root / "data"
-    return {"shards": root / "shards", "test_a": d / "testA", "test_b": d / "testB", "root": root}
+    return {"shards": root / "shards", "test_a": d / "testA", "test_b": d / "testB", "root": root, "task": task}
 
 
 # ---------------------------------------------------------------- the two trainers
@@ -158,12 +159,16 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
     over += list(args.overrides)
     log = corpus["root"] / "ours.log"
     sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", args.ranks, "--master_port", free_port(),
-        "launch/train.py", "--config", args.config, *over], log=log,
+        "launch/train.py", "--config", config_for(args, corpus["task"]), *over], log=log,
        env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     seconds = max(x.get("elapsed_s", 0.0) for x in lines) if lines else float("nan")
     meta = json.loads((run_dir / "export" / "translator.json").read_text())
     return run_dir / "export", seconds, int(meta["step"])
+
+
+def config_for(args, task: str) -> str:
+    return args.config or str(ROOT / "configs" / ("photo.yaml" if task == "shift" else "demo.yaml"))
 
 
 def free_port() -> int:
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
         if task not in GOALS:
             raise SystemExit(f"--tasks: unknown task {task!r} (demo, shift)")
         corpus = prepare(task, out, args.n_train, args.n_test, size)
-        print(f"[{task}] training ours ({args.ranks} CPU ranks, {args.config}) ...", flush=True)
+        print(f"[{task}] training ours ({args.ranks} CPU ranks, {config_for(args, task)}) ...", flush=True)
         export, seconds, steps = run_ours(corpus, args, size)
         print(f"[{task}] ours: {steps} steps in {seconds:.0f} s; reference for the same time ...", flush=True)
         ref_gen, ref_steps = run_reference(corpus, seconds, size, args.ref_threads)

@@ -124,7 +124,8 @@ def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray]:
     gen.eval()
     ab = uint8(gen.translate(tensor(data["testA"]), "a2b"))
     ba = uint8(gen.translate(tensor(data["testB"]), "b2a"))
-    bb = uint8(gen.decode(gen.encode(tensor(data["testB"]), "b"), "b"))
+    x_b = tensor(data["testB"])
+    bb = uint8(gen.decode(gen.encode(x_b, "b"), "b", x_b))
     gen.train()
     return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),
             pixel_accuracy(bb, data["testB"]), ab)

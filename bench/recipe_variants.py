@@ -8,6 +8,10 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                source image added to the translations: x_ab = G_b(z_a) + P_ab(x_a), so a colour
                mapping per pixel (which alone scores ~0.89 a2b on the demo when fitted with pairs)
                bypasses the decoder's blur
+  norm-skip    with model.skip=image: the source image reaches the generators' last stage with each
+               channel's mean and std removed (its structure without its palette)
+  residual-skip  with model.skip=image: the last stage's output is added to the source image, its
+               last convolution zero-initialised (every translation starts as the identity)
 """
 from __future__ import annotations
 
@@ -61,4 +65,37 @@ def pixel_path(unit) -> None:
     g.forward, g.translate = types.MethodType(_forward, g), types.MethodType(_translate, g)
 
 
-VARIANTS = {"pixel-dis": pixel_dis, "pixel-path": pixel_path}
+
+
+
+def _back_norm(g, domain, s, source):
+    from model.unit import UNITGenerator
+    src = None if source is None else torch.nn.functional.instance_norm(source, eps=1e-3)
+    return UNITGenerator._back(g, domain, s, src)
+
+
+def _back_residual(g, domain, s, source):
+    from model.unit import UNITGenerator
+    y = UNITGenerator._back(g, domain, s, source)
+    return y if source is None else (y + source).clamp(-1, 1)
+
+
+def _needs_skip(unit, name):
+    if not unit.gen.skip:
+        raise SystemExit(f"--variant {name} modifies model.skip=image: add it to the overrides")
+
+
+def norm_skip(unit) -> None:
+    _needs_skip(unit, "norm-skip")
+    unit.gen._back = types.MethodType(_back_norm, unit.gen)
+
+
+def residual_skip(unit) -> None:
+    _needs_skip(unit, "residual-skip")
+    for dec in (unit.gen.dec_a, unit.gen.dec_b):  # start from the identity: the head adds a correction
+        nn.init.zeros_(dec[-1].out[1].weight)
+    unit.gen._back = types.MethodType(_back_residual, unit.gen)
+
+
+VARIANTS = {"pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
+            "residual-skip": residual_skip}
