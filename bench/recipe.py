@@ -11,7 +11,7 @@ what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
         [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant pixel-dis|pixel-path]
-        [--swd W [--swd-proj 16]] [model.key=value ...]
+        [--swd W [--swd-proj 16]] [--r1 W] [model.key=value ...]
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def parse_args(argv=None):
                     "translation batch and a real target-domain batch (0: off)")
     ap.add_argument("--swd-proj", type=int, default=16, help="random projection directions of --swd, "
                     "beside the 3 channel axes")
+    ap.add_argument("--r1", type=float, default=0.0, help="weight of an R1 penalty (squared gradient of each "
+                    "discriminator's output on real images, Mescheder et al. 2018) in the D step (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
     ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
@@ -107,6 +109,13 @@ def swd(x, y, k):
     d = torch.randn(3, k)
     d = torch.cat([torch.eye(3), d / d.norm(dim=0, keepdim=True)], 1)
     return ((px @ d).sort(0).values - (py @ d).sort(0).values).abs().mean()
+
+
+def r1(dis, real):
+    """R1: half the mean squared gradient of the discriminator's summed logits on real images."""
+    real = real.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(sum(p.sum() for p in dis(real)), real, create_graph=True)
+    return 0.5 * g.pow(2).sum(dim=(1, 2, 3)).mean()
 
 
 def with_noise(gen, std: float):
@@ -180,6 +189,8 @@ def train(args, data: dict) -> None:
         for _ in range(args.d_steps):
             loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
                                                  unit.cfg)
+            if args.r1:
+                loss_d = loss_d + args.r1 * (r1(unit.dis.dis_a, x_a) + r1(unit.dis.dis_b, x_b))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
