@@ -10,7 +10,7 @@ a per-colour diagnosis of the a2b translations (how much of each map colour it g
 what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
-        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant pixel-dis|pixel-path]
+        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant NAME (bench/recipe_variants.py)]
         [--swd W [--swd-proj 16]] [--r1 W] [model.key=value ...]
 """
 from __future__ import annotations
@@ -131,9 +131,9 @@ def with_noise(gen, std: float):
 @torch.no_grad()
 def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray]:
     gen.eval()
-    ab = uint8(gen.translate(tensor(data["testA"]), "a2b"))
-    ba = uint8(gen.translate(tensor(data["testB"]), "b2a"))
-    x_b = tensor(data["testB"])
+    x_a, x_b = tensor(data["testA"]), tensor(data["testB"])
+    ab = uint8(gen.translate(x_a, "a2b"))
+    ba = uint8(gen.translate(x_b, "b2a"))
     bb = uint8(gen.decode(gen.encode(x_b, "b"), "b", x_b))
     gen.train()
     return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),

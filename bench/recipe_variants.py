@@ -20,6 +20,8 @@ import types
 import torch
 from torch import nn
 
+from model.unit import UNITGenerator  # bench/recipe.py puts the project root on sys.path
+
 WIDTH = 32
 
 
@@ -69,13 +71,11 @@ def pixel_path(unit) -> None:
 
 
 def _back_norm(g, domain, s, source):
-    from model.unit import UNITGenerator
     src = None if source is None else torch.nn.functional.instance_norm(source, eps=1e-3)
     return UNITGenerator._back(g, domain, s, src)
 
 
 def _back_residual(g, domain, s, source):
-    from model.unit import UNITGenerator
     y = UNITGenerator._back(g, domain, s, source)
     return y if source is None else (y + source).clamp(-1, 1)
 

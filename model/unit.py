@@ -130,15 +130,16 @@ class UNITGenerator(nn.Module):
         def front():
             return encoder_front(cfg.channels, cfg.dim, cfg.n_down, own, cfg.norm, cfg.activ, cfg.pad_type)
 
+        self.skip = cfg.skip == "image"
+
         def back():
             return decoder_back(cfg.channels, latent, cfg.n_down, own, cfg.norm, cfg.up_norm,
-                                cfg.activ, cfg.pad_type, cfg.fused_upsample, cfg.skip == "image")
+                                cfg.activ, cfg.pad_type, cfg.fused_upsample, self.skip)
 
         self.enc_a, self.enc_b = front(), front()
         self.enc_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_a, self.dec_b = back(), back()
-        self.skip = cfg.skip == "image"
         init_kaiming(self)
 
     def encoder(self, domain: str) -> nn.Sequential:
@@ -204,8 +205,7 @@ class UNITGenerator(nn.Module):
         mu_a, mu_b = mu.split(n)
         mu_ba, mu_ab = mu2.split(n)
         return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-                "x_aba": self._back("a", s_ab, x_ab if self.skip else None),
-                "x_bab": self._back("b", s_ba, x_ba if self.skip else None),
+                "x_aba": self._back("a", s_ab, x_ab), "x_bab": self._back("b", s_ba, x_ba),
                 "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
