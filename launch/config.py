@@ -584,13 +584,15 @@ def check_init_from(cfg: Config) -> None:
 
 # The UNITConfig fields that shape the generator side: an init_from translator must agree on them.
 GENERATOR_FIELDS = ("channels", "dim", "n_down", "n_res", "n_shared", "norm", "up_norm", "activ", "pad_type",
-                    "fused_upsample", "skip")
+                    "fused_upsample", "skip", "palette_a", "palette_b")
 
 
 def check_same_generator(saved: dict, model: UNITConfig) -> None:
+    """A palette "auto" fits any palette (the colours come with the weights)."""
     theirs = make_config(saved)
     diff = [f"model.{k}: it has {getattr(theirs, k)!r}, the config {getattr(model, k)!r}"
-            for k in GENERATOR_FIELDS if getattr(theirs, k) != getattr(model, k)]
+            for k in GENERATOR_FIELDS
+            if getattr(theirs, k) != getattr(model, k) and getattr(model, k) != "auto"]
     if diff:
         raise ValueError("its generator does not fit the model section (" + "; ".join(diff) + ")")
 
@@ -608,6 +610,8 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
     if cfg.eval.fid_features is not None and not Path(cfg.eval.fid_features).is_file():
         raise ConfigError(f"config key eval.fid_features = {cfg.eval.fid_features!r}: no such file "
                           "(a TorchScript feature extractor; leave it unset to skip FID/KID)")
+    from launch.training.palette import model_with_palettes
+    model_with_palettes(cfg, say=lambda *a: None)  # a palette "auto" on a photographic domain fails here
     import torch
     return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=torch.cuda.is_available(), bf16_ok=native_bf16())
 

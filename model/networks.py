@@ -304,19 +304,58 @@ def set_fast_paths(module: nn.Module, fast: bool) -> None:
 
 def decoder_back(channels: int, dim: int, n_up: int, n_res: int, res_norm: str,
                  up_norm: str, activ: str, pad_type: str, fused_upsample: bool = True,
-                 skip: bool = False) -> nn.Sequential:
+                 skip: bool = False, palette=None) -> nn.Sequential:
     """Domain-specific part of a generator; `dim` is the latent width (dim * 2**n_down). With
-    `skip` its last layer is a SkipHead, called with the source image (UNITGenerator.decode)."""
+    `skip` its last layer is a SkipHead, called with the source image (UNITGenerator.decode).
+    With a `palette` (uint8 colours) the image comes out of a PaletteHead instead of a tanh."""
     layers = [res_blocks(n_res, dim, res_norm, activ, pad_type)]
     for _ in range(n_up):
         # nearest upsample + conv instead of a transposed conv: no checkerboard artefacts
         layers.append(UpConvBlock(dim, dim // 2, up_norm, activ, pad_type, fused_upsample))
         dim //= 2
     if skip:
-        layers.append(SkipHead(dim, channels, up_norm, activ, pad_type))
+        layers.append(SkipHead(dim, channels, up_norm, activ, pad_type, palette))
     else:
-        layers.append(ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type))
+        layers.append(image_head(dim, channels, pad_type, palette))
     return nn.Sequential(*layers)
+
+
+def image_head(dim: int, channels: int, pad_type: str, palette=None) -> nn.Module:
+    """The generator's last layer: conv 7x7 -> tanh, or a PaletteHead when given a palette."""
+    if palette:
+        return PaletteHead(dim, palette, pad_type)
+    return ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type)
+
+
+class PaletteHead(nn.Module):
+    """Conv 7x7 -> one logit per palette colour -> the image, for domains drawn in a few flat
+    colours (maps, label images). Training paints the softmax-weighted mixture of the colours, so
+    every loss has a gradient; eval mode paints the palette colour nearest to that mixture, exactly.
+
+    Why: a tanh head regresses each pixel's colour, and under L1 and a patch GAN it settles on
+    blurred, slightly-off averages of the palette (a map's land a few levels too dark, roads
+    land-coloured), which a pixel-accuracy metric counts as wrong. Choosing among the domain's
+    own colours turns that into a classification that can be exactly right.
+    """
+
+    def __init__(self, dim: int, palette, pad_type: str):
+        super().__init__()
+        colours = torch.tensor(palette, dtype=torch.float32)
+        if colours.ndim != 2 or colours.shape[0] < 2 or colours.shape[1] < 1:
+            raise ValueError(f"palette must hold at least 2 colours of equal length, got {list(colours.shape)}")
+        self.pad = make_pad(pad_type, 3)
+        self.conv = nn.Conv2d(dim, colours.shape[0], 7, 1, 0, bias=True)
+        self.register_buffer("colours", colours / 127.5 - 1)  # [K, C] in [-1, 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.conv(self.pad(x)).float()
+        mix = torch.einsum("bkhw,kc->bhwc", logits.softmax(1), self.colours)
+        if not self.training:
+            # the palette colour nearest to the mixture, not the largest logit: the losses only ever
+            # saw the mixture, and two close colours (a map's land and its white roads) can split
+            # the probability while their mixture sits on one of them
+            mix = self.colours[torch.cdist(mix.flatten(1, 2), self.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+        return mix.permute(0, 3, 1, 2).contiguous()
 
 
 class SkipHead(nn.Module):
@@ -328,10 +367,10 @@ class SkipHead(nn.Module):
     squeeze through the latent: without it reconstructions and translations stay blurry.
     """
 
-    def __init__(self, dim: int, channels: int, norm: str, activ: str, pad_type: str):
+    def __init__(self, dim: int, channels: int, norm: str, activ: str, pad_type: str, palette=None):
         super().__init__()
         self.mix = ConvBlock(dim + channels, dim, 3, 1, 1, norm, activ, pad_type)
-        self.out = ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type)
+        self.out = image_head(dim, channels, pad_type, palette)
 
     def forward(self, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if source.shape[-2:] != h.shape[-2:] or source.shape[0] != h.shape[0]:

@@ -43,6 +43,8 @@ class UNITConfig:
     pad_type: str = "reflect"  # padding of encoders and generators
     fused_upsample: bool = True  # upsample+conv5x5 as sub-pixel 3x3 convs: same function, fewer FLOPs
     skip: str = "none"         # "image": each generator's last stage also sees the source image (SkipHead)
+    palette_a: list | str = dataclasses.field(default_factory=list)  # [[r, g, b], ...]: G_a paints only these (PaletteHead)
+    palette_b: list | str = dataclasses.field(default_factory=list)  # the same for G_b; [] a tanh RGB head; "auto" see check_palette
     dis_dim: int = 64          # width of the first discriminator conv
     dis_layers: int = 4        # stride-2 convs per discriminator scale
     dis_scales: int = 3        # most scales per discriminator (fewer on small images)
@@ -83,8 +85,34 @@ class UNITConfig:
             setattr(self, name, float(v))
         if not isinstance(self.fused_upsample, bool):
             bad("fused_upsample", "must be true or false")
+        for name in ("palette_a", "palette_b"):
+            setattr(self, name, check_palette(name, getattr(self, name), self.channels))
         if self.image_size and self.image_size % (2 ** self.n_down):
             bad("image_size", f"must be divisible by 2**n_down = {2 ** self.n_down}")
+
+
+def check_palette(name: str, palette, channels: int) -> list[list[int]] | str:
+    """A palette as a list of distinct colours, each `channels` integers in 0..255 (or empty), or
+    "auto": to be measured on the domain's training images by whoever builds the model (the
+    trainer does, launch/training/palette.py); a generator cannot be built from "auto"."""
+    if palette is None:
+        return []
+    if palette == "auto":
+        return palette
+    if isinstance(palette, (str, bytes)) or not hasattr(palette, "__iter__"):
+        raise ValueError(f"UNIT config: {name}={palette!r} must be a list of colours [[r, g, b], ...]")
+    out = []
+    for c in palette:
+        c = list(c) if hasattr(c, "__iter__") and not isinstance(c, (str, bytes)) else [c]
+        if len(c) != channels or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                         for v in c):
+            raise ValueError(f"UNIT config: {name} colour {c!r} is not {channels} integers in 0..255")
+        out.append(c)
+    if len(out) == 1 or len(out) > 256:
+        raise ValueError(f"UNIT config: {name} has {len(out)} colours; give 2 to 256 (or none)")
+    if len({tuple(c) for c in out}) != len(out):
+        raise ValueError(f"UNIT config: {name} lists a colour twice")
+    return out
 
 
 # The official code's master defaults (configs/*_folder.yaml): no sharing, LSGAN, weights / 10.
@@ -132,14 +160,19 @@ class UNITGenerator(nn.Module):
 
         self.skip = cfg.skip == "image"
 
-        def back():
+        for name in ("palette_a", "palette_b"):
+            if getattr(cfg, name) == "auto":
+                raise ValueError(f"UNIT config: {name}='auto' must be replaced by the colours measured on "
+                                 "the domain's training images before the model is built")
+
+        def back(palette):
             return decoder_back(cfg.channels, latent, cfg.n_down, own, cfg.norm, cfg.up_norm,
-                                cfg.activ, cfg.pad_type, cfg.fused_upsample, self.skip)
+                                cfg.activ, cfg.pad_type, cfg.fused_upsample, self.skip, palette)
 
         self.enc_a, self.enc_b = front(), front()
         self.enc_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
-        self.dec_a, self.dec_b = back(), back()
+        self.dec_a, self.dec_b = back(cfg.palette_a), back(cfg.palette_b)
         init_kaiming(self)
 
     def encoder(self, domain: str) -> nn.Sequential:

@@ -13,14 +13,20 @@ from pipeline.tensors import to_tensor, to_uint8
 from model.unit import UNIT
 
 
-def tiny(seed: int, skip: str = "none") -> UNIT:
+MAP_PALETTE = [[242, 239, 233], [160, 146, 136], [150, 196, 236], [255, 255, 255]]
+# the plain tanh head, the skip head, and a skip head painting a palette (PaletteHead)
+GENERATORS = {"plain": {"skip": "none"}, "skip": {"skip": "image"},
+              "palette": {"skip": "image", "palette_b": MAP_PALETTE}}
+
+
+def tiny(seed: int, skip: str = "none", **more) -> UNIT:
     torch.manual_seed(seed)
-    return UNIT.from_config({"preset": "tiny", "skip": skip})
+    return UNIT.from_config({"preset": "tiny", "skip": skip, **more})
 
 
-@pytest.mark.parametrize("skip", ["none", "image"])
-def test_round_trip_same_translations(tmp_path, skip):
-    unit = tiny(0, skip)
+@pytest.mark.parametrize("kind", sorted(GENERATORS))
+def test_round_trip_same_translations(tmp_path, kind):
+    unit = tiny(0, **GENERATORS[kind])
     out = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=7, ema=True,
                           domains={"a": "aerial", "b": "map"})
     assert is_export_dir(out)
@@ -37,8 +43,12 @@ def test_round_trip_same_translations(tmp_path, skip):
         # float32 tolerance: equal weights, but kernels may take other paths on other buffers
         torch.testing.assert_close(gen.translate(x, d), unit.gen.translate(x, d), rtol=1e-4, atol=1e-4)
     # Every tensor came from the file: another init translates differently.
-    other = tiny(1, skip).gen.eval()
+    other = tiny(1, **GENERATORS[kind]).gen.eval()
     assert not torch.allclose(other.translate(x, "a2b"), gen.translate(x, "a2b"))
+    if kind == "palette":  # a2b paints the palette's colours exactly; b2a (no palette) does not
+        def colours(d):
+            return {tuple(c) for c in to_uint8(gen.translate(x, d)).reshape(-1, 3).tolist()}
+        assert colours("a2b") <= {tuple(c) for c in MAP_PALETTE} and len(colours("b2a")) > 8
 
 
 def test_mismatched_weights_are_refused(tmp_path):
@@ -78,9 +88,9 @@ def test_uint8_tensor_conversions():
         to_tensor(np.zeros((4, 4, 4), np.uint8))
 
 
-@pytest.mark.parametrize("skip", ["none", "image"])
-def test_translate_uint8_pads_odd_sizes(skip):
-    gen = tiny(0, skip).gen.eval()
+@pytest.mark.parametrize("kind", sorted(GENERATORS))
+def test_translate_uint8_pads_odd_sizes(kind):
+    gen = tiny(0, **GENERATORS[kind]).gen.eval()
     rng = np.random.default_rng(0)
     aligned = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = translate_uint8(gen, aligned, "a2b", batch_size=2)

@@ -285,6 +285,56 @@ def test_skip_image_decoders_see_the_source_at_full_resolution():
     assert unit.gen.dec_a[-1].mix[1].in_channels == 16 + 3
 
 
+PALETTE = [[242, 239, 233], [160, 146, 136], [150, 196, 236]]
+
+
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_palette_head_mixes_in_training_and_paints_the_nearest_colour_in_eval(skip):
+    unit = tiny(skip=skip, palette_b=PALETTE)
+    gen = unit.gen
+    head = gen.dec_b[-1].out if skip == "image" else gen.dec_b[-1]
+    assert head.conv.out_channels == 3 and torch.equal(head.colours, torch.tensor(PALETTE) / 127.5 - 1)
+    x_a, x_b = images(2, 32)
+    out = gen(x_a, x_b)
+    # training: a convex mixture of the palette (inside its per-channel range), not one colour
+    lo, hi = head.colours.min(0).values.view(1, 3, 1, 1), head.colours.max(0).values.view(1, 3, 1, 1)
+    for k in ("x_ab", "x_bb", "x_bab"):
+        assert (out[k] >= lo - 1e-6).all() and (out[k] <= hi + 1e-6).all(), k
+    assert not any(((out["x_ab"] - c.view(1, 3, 1, 1)).abs().amax(1) < 1e-6).all() for c in head.colours)
+    # every loss reaches the logits through the mixture
+    out["x_ab"].mean().backward()
+    assert head.conv.weight.grad.abs().sum() > 0
+    # eval: each pixel is exactly one palette colour, the one with the largest logit
+    gen.eval()
+    with torch.no_grad():
+        y = gen.translate(x_a, "a2b")
+        uint = ((y + 1) * 127.5).round().permute(0, 2, 3, 1).reshape(-1, 3).tolist()
+        assert {tuple(c) for c in uint} <= {tuple(c) for c in PALETTE}
+        feats = gen.dec_b[:-1](gen.dec_shared(gen.encode(x_a, "a")))
+        if skip == "image":
+            feats = gen.dec_b[-1].mix(torch.cat([feats, x_a], 1))
+        # the colour nearest to the training-mode mixture (which the losses saw), per pixel
+        mix = torch.einsum("bkhw,kc->bhwc", head.conv(head.pad(feats)).softmax(1), head.colours)
+        nearest = ((mix.unsqueeze(3) - head.colours).pow(2).sum(-1)).argmin(-1)
+        assert torch.equal(y, head.colours[nearest].permute(0, 3, 1, 2))
+        assert not torch.equal(nearest, head.conv(head.pad(feats)).argmax(1))  # not the largest logit
+        # domain a has no palette: its tanh head paints many colours
+        assert torch.unique(gen.translate(x_b, "b2a")).numel() > 100
+
+
+def test_palette_config_is_checked():
+    assert UNITConfig(palette_b=[(1, 2, 3), (4, 5, 6)]).palette_b == [[1, 2, 3], [4, 5, 6]]
+    assert UNITConfig(palette_b=None).palette_b == [] and UNITConfig().palette_a == []
+    for bad, msg in (([[1, 2, 3]], "2 to 256"), ([[1, 2, 3], [1, 2, 3]], "twice"), ([[1, 2], [3, 4]], "3 integers"),
+                     ([[1, 2, 300], [0, 0, 0]], "0..255"), ([[1.5, 2, 3], [0, 0, 0]], "integers"),
+                     ("red", "list of colours"), ([[True, 2, 3], [0, 0, 0]], "integers")):
+        with pytest.raises(ValueError, match=msg):
+            UNITConfig(palette_b=bad)
+    assert UNITConfig(palette_b="auto").palette_b == "auto"  # measured by the trainer
+    with pytest.raises(ValueError, match="palette_b='auto' must be replaced"):
+        UNIT.from_config({"preset": "tiny", "palette_b": "auto"})
+
+
 @pytest.mark.parametrize("weight", sorted(WEIGHTS))
 def test_zero_weight_removes_its_gradient(weight):
     x_a, x_b = images(2, 32)

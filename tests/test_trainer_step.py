@@ -46,15 +46,15 @@ class PlainEngine:
         return self.accum
 
 
-def make_trainer(corpus, run_dir, accum: int = 1, nan_steps=(), **train) -> T.Trainer:
+def make_trainer(corpus, run_dir, accum: int = 1, nan_steps=(), model=None, **train) -> T.Trainer:
     cfg = load_config(None, base={
         "run_dir": str(run_dir), "data": {"shards": str(corpus / "shards"), "image_size": 32, "batch_size": 2,
                                           "num_workers": 0},
-        "model": {"preset": "tiny"}, "tracking": {"enable": False},
+        "model": model or {"preset": "tiny"}, "tracking": {"enable": False}, "eval": {"baseline_images": 48},
         "train": {"max_steps": 4, "log_every": 2, "sample_every": 3, "ckpt_every": 1000, "ema_decay": 0.5, **train}})
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    unit = UNIT(cfg.model)
+    unit = UNIT(T.model_with_palettes(cfg))  # as trainer.build: palettes "auto" measured on the shards
     ranks = T.Ranks(rank=0, world=1, device=torch.device("cpu"), device_name="cpu", bf16_ok=False)
     eng_g, eng_d = PlainEngine(unit.gen, accum=accum), PlainEngine(unit.dis, accum=accum)
     tr = T.Trainer(cfg=cfg, ranks=ranks, unit=unit, eng_g=eng_g, eng_d=eng_d, ema=EMA(unit.gen, cfg.train.ema_decay),

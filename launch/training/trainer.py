@@ -45,6 +45,7 @@ from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
 from launch.training.engines import (StepResult, build_engines, compile_networks, gan_step, mean_across_ranks,
                                      skipped_steps, step_dtypes)
+from launch.training.palette import model_with_palettes
 from launch.training.samples import held_out_batch, sample_rows, save_grid
 from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
@@ -243,7 +244,8 @@ def build(cfg: Config, ds_json: dict | None) -> Trainer:
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's parameters, not buffers),
     # then a noise stream of its own per rank.
     seed_all(cfg.seed, 0)
-    unit = UNIT(cfg.model)  # model.image_size follows data.image_size: only the scales it uses
+    # model.image_size follows data.image_size: only the scales it uses; palettes "auto" measured
+    unit = UNIT(model_with_palettes(cfg, say=print if ranks.is_main else lambda *a: None))
     if cfg.init_from and resume_from is None:
         init_weights(cfg, unit)
     ds_g, ds_d = (deepspeed_config(cfg, ds_json, lr=lr, on_gpu=ranks.on_gpu, bf16_ok=ranks.bf16_ok)

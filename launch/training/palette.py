@@ -1,0 +1,41 @@
+"""`model.palette_a/b: auto`: the flat colours of a domain, measured on its training shards.
+
+A map, a label image or a flat illustration is drawn in a few colours. A generator that paints
+only those (model.networks.PaletteHead) is exactly right wherever it picks the right colour,
+where a tanh head settles on blurry in-between shades (README, "Translation quality"). The
+palette is the mean colours of the most populated colour bins of up to eval.baseline_images
+training images, read as training reads them; a domain whose frequent colours cover less than
+MIN_COVERAGE of its pixels (photographs) is refused with the figures, before any step.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from launch.config import Config, ConfigError
+from model.unit import UNITConfig
+from pipeline.colour_stats import stats_from_shards
+
+MIN_COVERAGE = 0.8   # share of a domain's pixels its palette colours must hold
+
+
+def model_with_palettes(cfg: Config, say=print) -> UNITConfig:
+    """cfg.model with every palette "auto" replaced by the colours measured on that domain's shards
+    (the same on every rank: the same images in the same order); cfg.model itself when none is."""
+    auto = [d for d in ("a", "b") if getattr(cfg.model, f"palette_{d}") == "auto"]
+    if not auto:
+        return cfg.model
+    shards_a, shards_b = cfg.data.sources()
+    stats = stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
+                              max_images=cfg.eval.baseline_images, seed=cfg.seed)
+    found = {}
+    for d in auto:
+        colours, share = stats[d].palette()
+        if len(colours) < 2 or share < MIN_COVERAGE:
+            raise ConfigError(
+                f"config key model.palette_{d} = 'auto': domain {d.upper()} is not drawn in a few flat colours "
+                f"(its {len(colours)} most frequent colours cover {share:.0%} of the pixels of {stats[d].images} "
+                f"training images; {MIN_COVERAGE:.0%} needed); leave model.palette_{d} out for photographs")
+        found[f"palette_{d}"] = colours.tolist()
+        say(f"model.palette_{d}: {len(colours)} colours holding {share:.1%} of domain {d.upper()}'s pixels "
+            f"({stats[d].images} training images)")
+    return dataclasses.replace(cfg.model, **found)
