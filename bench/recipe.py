@@ -11,7 +11,7 @@ what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
         [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant NAME (bench/recipe_variants.py)]
-        [--swd W [--swd-proj 16]] [--r1 W] [model.key=value ...]
+        [--swd W [--swd-proj 16] [--swd-dirs a2b,b2a]] [--palette-freq W] [--r1 W] [model.key=value ...]
 """
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def parse_args(argv=None):
                     "translation batch and a real target-domain batch (0: off)")
     ap.add_argument("--swd-proj", type=int, default=16, help="random projection directions of --swd, "
                     "beside the 3 channel axes")
+    ap.add_argument("--swd-dirs", default="a2b,b2a", help="the translations --swd applies to")
+    ap.add_argument("--palette-freq", type=float, default=0.0, help="with model.palette_b: weight of a term "
+                    "matching how often the translations and the real maps use each palette colour (0: off)")
     ap.add_argument("--r1", type=float, default=0.0, help="weight of an R1 penalty (squared gradient of each "
                     "discriminator's output on real images, Mescheder et al. 2018) in the D step (0: off)")
     ap.add_argument("--seed", type=int, default=0)
@@ -111,6 +114,22 @@ def swd(x, y, k):
     return ((px @ d).sort(0).values - (py @ d).sort(0).values).abs().mean()
 
 
+def palette_shares(x: torch.Tensor, colours: torch.Tensor, tau: float = 0.01) -> torch.Tensor:
+    """[K]: the share of x's pixels ([B, C, H, W], in [-1, 1]) near each palette colour ([K, C]),
+    softly (softmax of minus the squared distance / tau), so that it has a gradient."""
+    d = (x.unsqueeze(1) - colours.view(1, *colours.shape, 1, 1)).pow(2).sum(2)  # [B, K, H, W]
+    return (-d / tau).softmax(1).mean(dim=(0, 2, 3))
+
+
+def palette_frequency(fake: torch.Tensor, real: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance between how often the translations and the real images of a flat-
+    coloured domain use each palette colour: a translator that paints a map's land in the colour
+    of its roads keeps every other loss happy, but not this one."""
+    with torch.no_grad():
+        want = palette_shares(real, colours)
+    return 0.5 * (palette_shares(fake, colours) - want).abs().sum()
+
+
 def r1(dis, real):
     """R1: half the mean squared gradient of the discriminator's summed logits on real images."""
     real = real.detach().requires_grad_(True)
@@ -129,7 +148,7 @@ def with_noise(gen, std: float):
 
 
 @torch.no_grad()
-def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray]:
+def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray, np.ndarray]:
     gen.eval()
     x_a, x_b = tensor(data["testA"]), tensor(data["testB"])
     ab = uint8(gen.translate(x_a, "a2b"))
@@ -137,20 +156,22 @@ def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray]:
     bb = uint8(gen.decode(gen.encode(x_b, "b"), "b", x_b))
     gen.train()
     return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),
-            pixel_accuracy(bb, data["testB"]), ab)
+            pixel_accuracy(bb, data["testB"]), ab, ba)
 
 
-def per_colour(pred: np.ndarray, truth: np.ndarray, top: int = 8) -> str:
+def per_colour(pred: np.ndarray, truth: np.ndarray, maps: np.ndarray, top: int = 8) -> str:
+    """Accuracy of pred against truth per class, the classes being the colours of the paired maps."""
     ok = pixel_correct(pred, truth)
-    cols, inv = np.unique(truth.reshape(-1, 3), axis=0, return_inverse=True)
+    cols, inv = np.unique(maps.reshape(-1, 3), axis=0, return_inverse=True)
     inv = inv.reshape(ok.shape)
     cnt = np.bincount(inv.ravel())
-    lines = ["| map colour | share of pixels | a2b accuracy there | mean colour painted there |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| map colour | share of pixels | accuracy there | mean colour painted there | mean true colour there |",
+             "| --- | --- | --- | --- | --- |"]
     for k in np.argsort(-cnt)[:top]:
         m = inv == k
         lines.append(f"| {tuple(int(c) for c in cols[k])} | {cnt[k] / inv.size:.3f} | {ok[m].mean():.3f} | "
-                     f"{tuple(int(c) for c in pred[m].mean(0).round())} |")
+                     f"{tuple(int(c) for c in pred[m].mean(0).round())} | "
+                     f"{tuple(int(c) for c in truth[m].mean(0).round())} |")
     return "\n".join(lines)
 
 
@@ -159,10 +180,15 @@ def train(args, data: dict) -> None:
     for kv in args.overrides:
         k, _, v = kv.partition("=")
         model[k.removeprefix("model.")] = yaml.safe_load(v)
+    for d in ("a", "b"):  # as the trainer does for model.palette_x=auto (launch/training/palette.py)
+        if model.get(f"palette_{d}") == "auto":
+            colours, share = DomainStats.empty().add(data[f"train{d.upper()}"]).palette()
+            print(f"palette_{d}: {len(colours)} colours holding {share:.1%} of the pixels", flush=True)
+            model[f"palette_{d}"] = colours.tolist()
     torch.manual_seed(args.seed)
     unit = UNIT.from_config({**model, "image_size": args.size})
     for name in args.variant:
-        VARIANTS[name](unit)
+        VARIANTS[name](unit, data)
     with_noise(unit.gen, args.noise)
     opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
     opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
@@ -181,7 +207,11 @@ def train(args, data: dict) -> None:
         unit.dis.requires_grad_(False)
         loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
         if args.swd:
-            loss_g = loss_g + args.swd * (swd(out["x_ab"], x_b, args.swd_proj) + swd(out["x_ba"], x_a, args.swd_proj))
+            pairs = {"a2b": (out["x_ab"], x_b), "b2a": (out["x_ba"], x_a)}
+            loss_g = loss_g + args.swd * sum(swd(*pairs[d], args.swd_proj) for d in args.swd_dirs.split(","))
+        if args.palette_freq:
+            pal = torch.tensor(model["palette_b"], dtype=torch.float32) / 127.5 - 1
+            loss_g = loss_g + args.palette_freq * palette_frequency(out["x_ab"], x_b, pal)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -210,7 +240,9 @@ def train(args, data: dict) -> None:
           f"{pixel_accuracy(hist, data['testB']):.3f}")
     if args.task == "demo":
         print("EMA a2b per map colour:")
-        print(per_colour(avg[3], data["testB"]))
+        print(per_colour(avg[3], data["testB"], data["testB"]))
+        print("EMA b2a per map colour:")
+        print(per_colour(avg[4], data["testA"], data["testB"]))
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ def _pixel_mlp(cout: int, zero_out: bool) -> nn.Sequential:
     return m
 
 
-def pixel_dis(unit) -> None:
+def pixel_dis(unit, data=None) -> None:
     for msd in (unit.dis.dis_a, unit.dis.dis_b):
         msd.pixel = _pixel_mlp(1, zero_out=False)
         msd.forward = types.MethodType(lambda self, x, f=msd.forward: f(x) + [self.pixel(x)], msd)
@@ -60,7 +60,7 @@ def _translate(g, x, direction):
     return (g.decode(g.encode(x, src), dst) + getattr(g, f"p_{src}{dst}")(x)).clamp(-1, 1)
 
 
-def pixel_path(unit) -> None:
+def pixel_path(unit, data=None) -> None:
     g = unit.gen
     g.p_ab, g.p_ba = _pixel_mlp(3, zero_out=True), _pixel_mlp(3, zero_out=True)
     # Bound methods: copy.deepcopy (the EMA shadow) rebinds them to the copy.
@@ -85,12 +85,12 @@ def _needs_skip(unit, name):
         raise SystemExit(f"--variant {name} modifies model.skip=image: add it to the overrides")
 
 
-def norm_skip(unit) -> None:
+def norm_skip(unit, data=None) -> None:
     _needs_skip(unit, "norm-skip")
     unit.gen._back = types.MethodType(_back_norm, unit.gen)
 
 
-def residual_skip(unit) -> None:
+def residual_skip(unit, data=None) -> None:
     _needs_skip(unit, "residual-skip")
     for dec in (unit.gen.dec_a, unit.gen.dec_b):  # start from the identity: the head adds a correction
         nn.init.zeros_(dec[-1].out[1].weight)
