@@ -12,6 +12,9 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                channel's mean and std removed (its structure without its palette)
   residual-skip  with model.skip=image: the last stage's output is added to the source image, its
                last convolution zero-initialised (every translation starts as the identity)
+  palette-prior  with model.palette_b: the palette head's biases start at the log of each colour's
+               share of the training maps, so every translation starts as the domain's average use
+               of its colours (mostly land) instead of an even mixture
 """
 from __future__ import annotations
 
@@ -97,5 +100,16 @@ def residual_skip(unit, data=None) -> None:
     unit.gen._back = types.MethodType(_back_residual, unit.gen)
 
 
-VARIANTS = {"pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
+def palette_prior(unit, data) -> None:
+    if not unit.cfg.palette_b:
+        raise SystemExit("--variant palette-prior needs model.palette_b=auto")
+    head = unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]
+    maps = torch.from_numpy(data["trainB"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    nearest = torch.cdist(maps.permute(0, 2, 3, 1).reshape(-1, 3), head.colours).argmin(1)
+    share = torch.bincount(nearest, minlength=len(head.colours)).float() / len(nearest)
+    with torch.no_grad():
+        head.conv.bias.copy_(share.clamp_min(1e-4).log())
+
+
+VARIANTS = {"palette-prior": palette_prior, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
