@@ -15,6 +15,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
   palette-prior  with model.palette_b: the palette head's biases start at the log of each colour's
                share of the training maps, so every translation starts as the domain's average use
                of its colours (mostly land) instead of an even mixture
+  palette-torch-init  with model.palette_b: the palette head's convolution with PyTorch's default
+               init (as the first, bench-only version of the head had) instead of Kaiming's
 """
 from __future__ import annotations
 
@@ -111,5 +113,13 @@ def palette_prior(unit, data) -> None:
         head.conv.bias.copy_(share.clamp_min(1e-4).log())
 
 
-VARIANTS = {"palette-prior": palette_prior, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
+def palette_torch_init(unit, data=None) -> None:
+    """The palette head's convolution with PyTorch's default init (uniform, about 2.4x smaller than
+    the generators' Kaiming-normal weights, small uniform biases) instead of init_kaiming's."""
+    if not unit.cfg.palette_b:
+        raise SystemExit("--variant palette-torch-init needs model.palette_b=auto")
+    (unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]).conv.reset_parameters()
+
+
+VARIANTS = {"palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
