@@ -72,9 +72,6 @@ def pixel_path(unit, data=None) -> None:
     g.forward, g.translate = types.MethodType(_forward, g), types.MethodType(_translate, g)
 
 
-
-
-
 def _back_norm(g, domain, s, source):
     src = None if source is None else torch.nn.functional.instance_norm(source, eps=1e-3)
     return UNITGenerator._back(g, domain, s, src)
@@ -102,12 +99,16 @@ def residual_skip(unit, data=None) -> None:
     unit.gen._back = types.MethodType(_back_residual, unit.gen)
 
 
-def palette_prior(unit, data) -> None:
+def _palette_head(unit, name):
     if not unit.cfg.palette_b:
-        raise SystemExit("--variant palette-prior needs model.palette_b=auto")
-    head = unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]
-    maps = torch.from_numpy(data["trainB"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    nearest = torch.cdist(maps.permute(0, 2, 3, 1).reshape(-1, 3), head.colours).argmin(1)
+        raise SystemExit(f"--variant {name} needs model.palette_b=auto")
+    return unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]
+
+
+def palette_prior(unit, data) -> None:
+    head = _palette_head(unit, "palette-prior")
+    pixels = torch.from_numpy(data["trainB"]).reshape(-1, 3).float() / 127.5 - 1
+    nearest = torch.cdist(pixels, head.colours).argmin(1)
     share = torch.bincount(nearest, minlength=len(head.colours)).float() / len(nearest)
     with torch.no_grad():
         head.conv.bias.copy_(share.clamp_min(1e-4).log())
@@ -116,9 +117,7 @@ def palette_prior(unit, data) -> None:
 def palette_torch_init(unit, data=None) -> None:
     """The palette head's convolution with PyTorch's default init (uniform, about 2.4x smaller than
     the generators' Kaiming-normal weights, small uniform biases) instead of init_kaiming's."""
-    if not unit.cfg.palette_b:
-        raise SystemExit("--variant palette-torch-init needs model.palette_b=auto")
-    (unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]).conv.reset_parameters()
+    _palette_head(unit, "palette-torch-init").conv.reset_parameters()
 
 
 VARIANTS = {"palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,

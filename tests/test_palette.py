@@ -67,3 +67,18 @@ def test_a_palette_generator_trains_and_exports_painting_only_its_colours(corpus
     got = {tuple(c) for c in translate_uint8(gen, x, "a2b").reshape(-1, 3).tolist()}
     assert got <= set(MAP_COLOURS.values())
     assert len({tuple(c) for c in translate_uint8(gen, x, "b2a").reshape(-1, 3).tolist()}) > 20
+
+
+def test_a_rank_measures_the_palette_once(corpus, tmp_path, monkeypatch):
+    """launch/train.py validates the config (check) and then builds the model in the same process:
+    the shards are read for the palette once."""
+    import launch.training.palette as P
+
+    calls = []
+    real = P.stats_from_shards
+    monkeypatch.setattr(P, "stats_from_shards", lambda *a, **k: calls.append(1) or real(*a, **k))
+    P.measure.cache_clear()
+    cfg = config(corpus, tmp_path, palette_b="auto")
+    first = model_with_palettes(cfg, say=lambda *a: None)
+    assert model_with_palettes(cfg, say=lambda *a: None) == first and len(calls) == 1
+    assert sorted(map(tuple, first.palette_b)) == sorted(MAP_COLOURS.values())

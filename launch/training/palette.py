@@ -10,6 +10,7 @@ MIN_COVERAGE of its pixels (photographs) is refused with the figures, before any
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from launch.config import Config, ConfigError
 from model.unit import UNITConfig
@@ -18,24 +19,34 @@ from pipeline.colour_stats import stats_from_shards
 MIN_COVERAGE = 0.8   # share of a domain's pixels its palette colours must hold
 
 
+@functools.lru_cache(maxsize=4)
+def measure(shards_a: str, shards_b: str, image_size: int, max_images: int, seed: int) -> dict:
+    """{domain: (colours as nested tuples, their share of the pixels, images read)}. Cached: a rank
+    validates its config (launch.config.check) and then builds the model from the same shards."""
+    stats = stats_from_shards(shards_a, shards_b, image_size=image_size, max_images=max_images, seed=seed)
+    out = {}
+    for d, s in stats.items():
+        colours, share = s.palette()
+        out[d] = (tuple(map(tuple, colours.tolist())), share, s.images)
+    return out
+
+
 def model_with_palettes(cfg: Config, say=print) -> UNITConfig:
     """cfg.model with every palette "auto" replaced by the colours measured on that domain's shards
     (the same on every rank: the same images in the same order); cfg.model itself when none is."""
     auto = [d for d in ("a", "b") if getattr(cfg.model, f"palette_{d}") == "auto"]
     if not auto:
         return cfg.model
-    shards_a, shards_b = cfg.data.sources()
-    stats = stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
-                              max_images=cfg.eval.baseline_images, seed=cfg.seed)
+    measured = measure(*map(str, cfg.data.sources()), cfg.data.image_size, cfg.eval.baseline_images, cfg.seed)
     found = {}
     for d in auto:
-        colours, share = stats[d].palette()
+        colours, share, images = measured[d]
         if len(colours) < 2 or share < MIN_COVERAGE:
             raise ConfigError(
                 f"config key model.palette_{d} = 'auto': domain {d.upper()} is not drawn in a few flat colours "
-                f"(its {len(colours)} most frequent colours cover {share:.0%} of the pixels of {stats[d].images} "
+                f"(its {len(colours)} most frequent colours cover {share:.0%} of the pixels of {images} "
                 f"training images; {MIN_COVERAGE:.0%} needed); leave model.palette_{d} out for photographs")
-        found[f"palette_{d}"] = colours.tolist()
+        found[f"palette_{d}"] = [list(c) for c in colours]
         say(f"model.palette_{d}: {len(colours)} colours holding {share:.1%} of domain {d.upper()}'s pixels "
-            f"({stats[d].images} training images)")
+            f"({images} training images)")
     return dataclasses.replace(cfg.model, **found)
