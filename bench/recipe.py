@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from launch.release.baselines import DomainStats, translators  # noqa: E402
 from launch.release.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
 from model.ema import EMA  # noqa: E402
-from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
+from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
 from recipe_variants import VARIANTS  # noqa: E402
 
 DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 16, "dis_layers": 3,
@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--swd-dirs", default="a2b,b2a", help="the translations --swd applies to")
     ap.add_argument("--palette-freq", type=float, default=0.0, help="with model.palette_b: weight of a term "
                     "matching how often the translations and the real maps use each palette colour (0: off)")
-    ap.add_argument("--r1", type=float, default=0.0, help="weight of an R1 penalty (squared gradient of each "
+    ap.add_argument("--r1", type=float, default=0.0, help="model.w_r1: weight of an R1 penalty (squared gradient of each "
                     "discriminator's output on real images, Mescheder et al. 2018) in the D step (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
@@ -130,13 +130,6 @@ def palette_frequency(fake: torch.Tensor, real: torch.Tensor, colours: torch.Ten
     return 0.5 * (palette_shares(fake, colours) - want).abs().sum()
 
 
-def r1(dis, real):
-    """R1: half the mean squared gradient of the discriminator's summed logits on real images."""
-    real = real.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(sum(p.sum() for p in dis(real)), real, create_graph=True)
-    return 0.5 * g.pow(2).sum(dim=(1, 2, 3)).mean()
-
-
 def with_noise(gen, std: float):
     """Training latent noise of another std than the paper's 1 (0: a plain autoencoder)."""
     def sample(mu, n=None):
@@ -180,6 +173,8 @@ def train(args, data: dict) -> None:
     for kv in args.overrides:
         k, _, v = kv.partition("=")
         model[k.removeprefix("model.")] = yaml.safe_load(v)
+    if args.r1:
+        model["w_r1"] = args.r1
     for d in ("a", "b"):  # as the trainer does for model.palette_x=auto (launch/training/palette.py)
         if model.get(f"palette_{d}") == "auto":
             colours, share = DomainStats.empty().add(data[f"train{d.upper()}"]).palette()
@@ -219,8 +214,9 @@ def train(args, data: dict) -> None:
         for _ in range(args.d_steps):
             loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
                                                  unit.cfg)
-            if args.r1:
-                loss_d = loss_d + args.r1 * (r1(unit.dis.dis_a, x_a) + r1(unit.dis.dis_b, x_b))
+            penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg)
+            if penalty is not None:
+                loss_d = loss_d + penalty
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()

@@ -379,6 +379,27 @@ class SkipHead(nn.Module):
         return self.out(self.mix(torch.cat([h, source.to(h)], 1)))
 
 
+class ColourFeatures(nn.Module):
+    """x -> [x, sin(2^k pi x), cos(2^k pi x) for k < octaves], per channel (Fourier features of
+    each pixel's colour, as in Tancik et al. 2020, applied to the discriminator's input).
+
+    Why: a plain patch discriminator cannot learn in a short run that a colour is a few levels
+    off. On the demo maps it stays at chance for 300 steps against maps with their land painted
+    white (0.1 away in [-1, 1]) or 10 levels darker, so it never tells a generator that its land
+    is the wrong shade. With these features an exact colour is a linear function of the input and
+    the same network separates both in under 50 steps (README "Translation quality").
+    """
+
+    def __init__(self, octaves: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        phase = (x.unsqueeze(1) * self.freqs.view(1, -1, 1, 1, 1).to(x.dtype)).flatten(1, 2)  # [B, K*C, H, W]
+        return torch.cat([x, phase.sin(), phase.cos()], 1)
+
+
 class MultiScaleDiscriminator(nn.Module):
     """Patch discriminators on the image and on 2x, 4x, ... average-pooled copies.
 
@@ -391,10 +412,12 @@ class MultiScaleDiscriminator(nn.Module):
 
     def __init__(self, channels: int, dim: int, n_layers: int, n_scales: int,
                  activ: str = "lrelu", norm: str = "none", pad_type: str = "reflect",
-                 min_size: int = 16):
+                 min_size: int = 16, colour_octaves: int = 0):
         super().__init__()
         if norm not in DIS_NORMS:
             raise ValueError(f"dis_norm {norm!r} is not one of {DIS_NORMS}")
+        self.colour = ColourFeatures(colour_octaves) if colour_octaves else nn.Identity()
+        channels = channels * (1 + 2 * colour_octaves)
         self.min_size = max(int(min_size), 2 ** n_layers)
         self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
         self.nets = nn.ModuleList()
@@ -426,7 +449,7 @@ class MultiScaleDiscriminator(nn.Module):
                              f"least {self.min_size} px on each side")
         outs = []
         for i in range(n):
-            outs.append(self.nets[i](x))
+            outs.append(self.nets[i](self.colour(x)))
             if i + 1 < n:
                 x = self.downsample(x)
         return outs

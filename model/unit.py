@@ -50,6 +50,7 @@ class UNITConfig:
     dis_scales: int = 3        # most scales per discriminator (fewer on small images)
     dis_min_size: int = 16     # a scale runs only while its input is at least this many pixels
     dis_norm: str = "none"     # discriminator conv normalisation: none or sn (spectral norm)
+    dis_colour_octaves: int = 0  # > 0: the discriminators also see sin/cos(2^k pi x), k < this (ColourFeatures)
     dis_activ: str = "lrelu"   # discriminator activation
     dis_pad: str = "reflect"   # discriminator padding
     image_size: int = 0        # if > 0, build only the discriminator scales this size uses (no unused params)
@@ -59,6 +60,7 @@ class UNITConfig:
     w_kl: float = 0.1          # lambda1: KL of the encodings of real images
     w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
+    w_r1: float = 0.0          # R1 penalty in the D step (r1_loss); not in the paper or the official code
 
     def __post_init__(self):
         def bad(name, why):
@@ -67,7 +69,7 @@ class UNITConfig:
         for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
-        for name in ("n_down", "n_shared", "dis_min_size", "image_size"):
+        for name in ("n_down", "n_shared", "dis_min_size", "dis_colour_octaves", "image_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         if self.n_shared > self.n_res:
@@ -78,7 +80,7 @@ class UNITConfig:
                               ("gan_type", losses.GAN_TYPES), ("skip", SKIPS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
-        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl"):
+        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "w_r1"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
@@ -268,7 +270,8 @@ class UNITDiscriminator(nn.Module):
 
         def make():
             return MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, scales,
-                                           cfg.dis_activ, cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size)
+                                           cfg.dis_activ, cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size,
+                                           cfg.dis_colour_octaves)
 
         self.dis_a, self.dis_b = make(), make()
         init_gaussian(self, 0.02)
@@ -333,6 +336,25 @@ def discriminator_loss(preds: dict, cfg: UNITConfig) -> tuple[torch.Tensor, dict
     d_a = losses.gan_d(preds["a_real"], preds["a_fake"], cfg.gan_type)
     d_b = losses.gan_d(preds["b_real"], preds["b_fake"], cfg.gan_type)
     return cfg.w_gan * (d_a + d_b), {"d_a": d_a.detach(), "d_b": d_b.detach()}
+
+
+def r1_penalty(dis: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): half the mean over images of the squared gradient of the
+    discriminator's summed logits (all scales) with respect to real images."""
+    real = real.detach().float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(sum(p.float().sum() for p in dis(real)), real, create_graph=True)
+    return 0.5 * grad.pow(2).sum(dim=(1, 2, 3)).mean()
+
+
+def r1_loss(dis: UNITDiscriminator, x_a: torch.Tensor, x_b: torch.Tensor,
+            cfg: UNITConfig) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """w_r1 * (R1 of D_a on x_a + R1 of D_b on x_b), to add to the D step's loss; (None, {}) when
+    w_r1 is 0. Why: a discriminator that sees exact colours (dis_colour_octaves) grows steep input
+    gradients that swamp the generator's other losses; R1 keeps them flat on real images."""
+    if not cfg.w_r1:
+        return None, {}
+    r_a, r_b = r1_penalty(dis.dis_a, x_a), r1_penalty(dis.dis_b, x_b)
+    return cfg.w_r1 * (r_a + r_b), {"r1_a": r_a.detach(), "r1_b": r_b.detach()}
 
 
 class UNIT(nn.Module):

@@ -135,3 +135,15 @@ def test_train_state_round_trips_through_checkpoint_meta():
     back = ckpt.TrainState(run_uid="u1")
     back.load_state_dict(meta)
     assert back == state
+
+
+def test_colour_discriminator_and_r1_train_through_the_step(corpus, tmp_path):
+    # the recipe options of the palette head: dis_colour_octaves widens D's input, w_r1 adds
+    # the penalty to the D step (logged as d/r1_a, d/r1_b)
+    tr = make_trainer(corpus, tmp_path / "run", model={"preset": "tiny", "skip": "image", "palette_b": "auto",
+                                                       "dis_colour_octaves": 4, "w_r1": 1.0})
+    before = {k: v.clone() for k, v in tr.unit.dis.state_dict().items()}
+    steps(tr, 2)
+    assert any(not torch.equal(before[k], v) for k, v in tr.unit.dis.state_dict().items())
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["d/r1_a"] > 0 and rec["d/r1_b"] > 0
