@@ -120,5 +120,34 @@ def palette_torch_init(unit, data=None) -> None:
     _palette_head(unit, "palette-torch-init").conv.reset_parameters()
 
 
-VARIANTS = {"palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
+def _hard_forward(head, x):
+    logits = head.conv(head.pad(x)).float()
+    mix = torch.einsum("bkhw,kc->bhwc", logits.softmax(1), head.colours)
+    hard = head.colours[torch.cdist(mix.flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+    if head.training:  # straight through: the exact colour forward, the mixture's gradient back
+        hard = mix + (hard - mix).detach()
+    return hard.permute(0, 3, 1, 2).contiguous()
+
+
+def _gumbel_forward(head, x):
+    logits = head.conv(head.pad(x)).float()
+    if not head.training:
+        return type(head).forward(head, x)
+    soft = torch.nn.functional.gumbel_softmax(logits, tau=1.0, hard=True, dim=1)  # a sampled colour, ST gradient
+    return torch.einsum("bkhw,kc->bchw", soft, head.colours).contiguous()
+
+
+def palette_gumbel(unit, data=None) -> None:
+    """Training paints a colour sampled from the head's softmax (Gumbel, straight-through)."""
+    head = _palette_head(unit, "palette-gumbel")
+    head.forward = types.MethodType(_gumbel_forward, head)
+
+
+def palette_st(unit, data=None) -> None:
+    """Training paints the palette colour nearest to the mixture too (straight-through gradient)."""
+    head = _palette_head(unit, "palette-st")
+    head.forward = types.MethodType(_hard_forward, head)
+
+
+VARIANTS = {"palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
