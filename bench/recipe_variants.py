@@ -17,6 +17,10 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                of its colours (mostly land) instead of an even mixture
   palette-torch-init  with model.palette_b: the palette head's convolution with PyTorch's default
                init (as the first, bench-only version of the head had) instead of Kaiming's
+  palette-st   with model.palette_b: training paints the palette colour nearest to the mixture as
+               well (straight-through: the exact colour forward, the mixture's gradient back)
+  palette-gumbel  with model.palette_b: training paints a colour sampled from the head's softmax
+               (Gumbel, straight-through), so that colours a pixel might take get tried
 """
 from __future__ import annotations
 
