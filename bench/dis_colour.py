@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.unit import UNIT  # noqa: E402
+from pipeline.demo import LAND as LAND_CLASS, MAP_COLOURS  # noqa: E402
 from recipe import DEMO_MODEL, corpus, tensor  # noqa: E402
 
-LAND = torch.tensor([242, 239, 233]).view(1, 3, 1, 1) / 127.5 - 1
+LAND = torch.tensor(MAP_COLOURS[LAND_CLASS]).view(1, 3, 1, 1) / 127.5 - 1
 CHECKPOINTS = (25, 50, 100, 200, 300)
 
 

@@ -125,20 +125,18 @@ def palette_torch_init(unit, data=None) -> None:
 
 
 def _hard_forward(head, x):
-    logits = head.conv(head.pad(x)).float()
-    mix = torch.einsum("bkhw,kc->bhwc", logits.softmax(1), head.colours)
-    hard = head.colours[torch.cdist(mix.flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+    mix = head.paint(head.logits(x).softmax(1))
+    hard = head.nearest(mix)
     if head.training:  # straight through: the exact colour forward, the mixture's gradient back
         hard = mix + (hard - mix).detach()
     return hard.permute(0, 3, 1, 2).contiguous()
 
 
 def _gumbel_forward(head, x):
-    logits = head.conv(head.pad(x)).float()
     if not head.training:
         return type(head).forward(head, x)
-    soft = torch.nn.functional.gumbel_softmax(logits, tau=1.0, hard=True, dim=1)  # a sampled colour, ST gradient
-    return torch.einsum("bkhw,kc->bchw", soft, head.colours).contiguous()
+    sample = nn.functional.gumbel_softmax(head.logits(x), tau=1.0, hard=True, dim=1)  # one colour, ST gradient
+    return head.paint(sample).permute(0, 3, 1, 2).contiguous()
 
 
 def palette_gumbel(unit, data=None) -> None:

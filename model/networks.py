@@ -347,14 +347,25 @@ class PaletteHead(nn.Module):
         self.conv = nn.Conv2d(dim, colours.shape[0], 7, 1, 0, bias=True)
         self.register_buffer("colours", colours / 127.5 - 1)  # [K, C] in [-1, 1]
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, K, H, W]: one logit per palette colour, in fp32."""
+        return self.conv(self.pad(x)).float()
+
+    def paint(self, weights: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, C]: the palette colours weighted per pixel by `weights` [B, K, H, W]."""
+        return torch.einsum("bkhw,kc->bhwc", weights, self.colours)
+
+    def nearest(self, mix: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, C]: each pixel of `mix` replaced by the palette colour nearest to it."""
+        return self.colours[torch.cdist(mix.flatten(1, 2), self.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.conv(self.pad(x)).float()
-        mix = torch.einsum("bkhw,kc->bhwc", logits.softmax(1), self.colours)
+        mix = self.paint(self.logits(x).softmax(1))
         if not self.training:
             # the palette colour nearest to the mixture, not the largest logit: the losses only ever
             # saw the mixture, and two close colours (a map's land and its white roads) can split
             # the probability while their mixture sits on one of them
-            mix = self.colours[torch.cdist(mix.flatten(1, 2), self.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+            mix = self.nearest(mix)
         return mix.permute(0, 3, 1, 2).contiguous()
 
 
