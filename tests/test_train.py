@@ -73,6 +73,11 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 KILLED_RUN = {"max_steps": 24, "ckpt_every": 8, "log_every": 2, "ema_decay": 0.9}
 
 
+# configs/demo.yaml's model options, on the ZeRO-1 launch (the demo's stage): a palette measured on
+# the shards, the image skip, colour-sharp discriminators and R1 (a double backward in the D engine).
+DEMO_RECIPE = ("model.skip=image", "model.palette_b=auto", "model.dis_colour_octaves=4", "model.w_r1=1")
+
+
 # The launches of the tests below whose outcome does not depend on timing, in the order the tests
 # use them.
 def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
@@ -83,7 +88,8 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
         cfg = write_config(d / "c.yaml", corpus, d / "run", max_steps=4, ckpt_every=2,
                            evaluation={"c2st_steps": 20 if stage == 0 else 0})
         runs[f"zero{stage}"] = (d, lambda cfg=cfg, stage=stage: launch_cmd(
-            cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json"), None)
+            cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json",
+            *(DEMO_RECIPE if stage == 1 else ())), None)
     # The uninterrupted reference of the SIGKILL test.
     d = mkdir("uninterrupted")
     cfg = write_config(d / "ref.yaml", corpus, d / "run", **KILLED_RUN)
@@ -155,6 +161,14 @@ def test_trains_at_each_zero_stage(background, stage):
             "u=UNIT.from_config(meta['model']); u.gen.load_state_dict(load_file(d+'/translator.safetensors'));"
             "u.eval(); y=u.gen.translate(torch.zeros(1,3,32,32),'a2b'); print(tuple(y.shape))")
     assert run([sys.executable, "-c", code]).stdout.strip() == "(1, 3, 32, 32)"
+    if stage == 1:  # DEMO_RECIPE: R1 logged by the real D engine, the measured palette in the export
+        assert rows[-1]["d/r1_a"] > 0 and rows[-1]["d/r1_b"] > 0
+        from pipeline.demo import MAP_COLOURS
+        meta = json.loads((run_dir / "export" / "translator.json").read_text())
+        assert sorted(map(tuple, meta["model"]["palette_b"])) == sorted(MAP_COLOURS.values())
+        assert meta["model"]["dis_colour_octaves"] == 4 and meta["model"]["w_r1"] == 1.0
+    else:
+        assert "d/r1_a" not in rows[-1]
     assert "pixel acc" in r.stdout and "a2b" in r.stdout
     # The baselines were estimated from the training shards and travel with the export.
     from launch.release import baselines
