@@ -65,6 +65,8 @@ def parse_args(argv=None):
                     "matching how often the translations and the real maps use each palette colour (0: off)")
     ap.add_argument("--r1", type=float, default=0.0, help="model.w_r1: weight of an R1 penalty (squared gradient of each "
                     "discriminator's output on real images, Mescheder et al. 2018) in the D step (0: off)")
+    ap.add_argument("--avg-from", type=int, default=0, help="also score a uniform average of the generator's "
+                    "weights from this step on (Polyak / SWA style; 0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "unit-recipe"))
     ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
@@ -141,12 +143,39 @@ def with_noise(gen, std: float):
 
 
 @torch.no_grad()
+def uniform_average(avg: dict | None, module, k: int) -> dict:
+    """The running mean of module's state over k + 1 updates (floats averaged, the rest copied)."""
+    state = module.state_dict()
+    if avg is None:
+        return {n: v.detach().clone() for n, v in state.items()}
+    for n, v in state.items():
+        if v.is_floating_point():
+            avg[n] += (v.detach() - avg[n]) / (k + 1)
+        else:
+            avg[n].copy_(v)
+    return avg
+
+
+@torch.no_grad()
 def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray, np.ndarray]:
     gen.eval()
     x_a, x_b = tensor(data["testA"]), tensor(data["testB"])
     ab = uint8(gen.translate(x_a, "a2b"))
     ba = uint8(gen.translate(x_b, "b2a"))
     bb = uint8(gen.decode(gen.encode(x_b, "b"), "b", x_b))
+    # diagnostic: b2a averaged over the four flips of the input (flipped back), an estimate of how
+    # much of b2a's error is texture the translator invents rather than a wrong shade
+    flips = [(), (-1,), (-2,), (-2, -1)]
+    tta = torch.stack([gen.translate(x_b.flip(f), "b2a").flip(f) if f else gen.translate(x_b, "b2a")
+                       for f in flips]).mean(0)
+    tta_ab = torch.stack([gen.translate(x_a.flip(f), "a2b").flip(f) if f else gen.translate(x_a, "a2b")
+                          for f in flips]).mean(0)
+    head = gen.dec_b[-1]
+    head = getattr(head, "out", head)
+    if hasattr(head, "nearest"):  # a palette head: the average is put back on the palette
+        tta_ab = head.nearest(tta_ab.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    print(f"    averaged over 4 flips: a2b {pixel_accuracy(uint8(tta_ab), data['testB']):.3f} "
+          f"b2a {pixel_accuracy(uint8(tta), data['testA']):.3f}", flush=True)
     gen.train()
     return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),
             pixel_accuracy(bb, data["testB"]), ab, ba)
@@ -204,6 +233,8 @@ def train(args, data: dict) -> None:
         if args.swd:
             pairs = {"a2b": (out["x_ab"], x_b), "b2a": (out["x_ba"], x_a)}
             loss_g = loss_g + args.swd * sum(swd(*pairs[d], args.swd_proj) for d in args.swd_dirs.split(","))
+        if hasattr(unit.gen, "extra_loss"):  # a variant's own term (bench/recipe_variants.py)
+            loss_g = loss_g + unit.gen.extra_loss(out)
         if args.palette_freq:
             pal = torch.tensor(model["palette_b"], dtype=torch.float32) / 127.5 - 1
             loss_g = loss_g + args.palette_freq * palette_frequency(out["x_ab"], x_b, pal)
@@ -221,6 +252,8 @@ def train(args, data: dict) -> None:
             loss_d.backward()
             opt_d.step()
         ema.update(unit.gen)
+        if args.avg_from and step >= args.avg_from:
+            polyak = uniform_average(polyak if step > args.avg_from else None, unit.gen, step - args.avg_from)
         if step % args.every == 0 or step == args.steps:
             raw = scores(unit.gen, data)
             shadow.load_state_dict(unit.gen.state_dict())
@@ -229,6 +262,11 @@ def train(args, data: dict) -> None:
             print(f"step {step} ({time.perf_counter() - t0:.0f} s): raw a2b {raw[0]:.3f} b2a {raw[1]:.3f} "
                   f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
                   f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
+            if args.avg_from and step >= args.avg_from:
+                shadow.load_state_dict(polyak)
+                avg = scores(shadow, data)
+                print(f"    uniform average from step {args.avg_from}: a2b {avg[0]:.3f} b2a {avg[1]:.3f} "
+                      f"B->B {avg[2]:.3f}", flush=True)
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     trivial = translators(stats)
     const, hist = (trivial[name](data["testA"], "a2b") for name in ("constant", "histmatch"))

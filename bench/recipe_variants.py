@@ -21,6 +21,20 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                well (straight-through: the exact colour forward, the mixture's gradient back)
   palette-gumbel  with model.palette_b: training paints a colour sampled from the head's softmax
                (Gumbel, straight-through), so that colours a pixel might take get tried
+  cycle-noise  the cycle half of the pass (re-encoding and, with skip=image, the cycle decoder's
+               source) sees the translations plus Gaussian noise (std 0.05, 6 levels of 255), so
+               a translation cannot hide its source in colour changes too small to see
+               (steganography: Chu et al. 2017, "CycleGAN, a master of steganography")
+  cycle-noise-hi  the same with std 0.1 (13 levels)
+  skip-a-none, skip-a-norm, skip-a-highpass  with model.skip=image: only the map decoder sees the
+               source image as it is; the aerial decoder sees nothing (none), the source with each
+               channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
+               Why: reconstructing a photo, the aerial decoder learns to copy its source's colours,
+               and in b2a that source is a map, whose land is far brighter than a photo's
+  latent-match, latent-match-hi  an extra generator loss, 10 (hi: 100) x the squared gaps between
+               the per-channel mean and std of the photos' and the maps' latents (mu)
+  cycle-hard   with model.palette_b: the cycle half sees the map translation in its nearest
+               palette colours (straight-through gradient); the losses on x_ab itself see the mixture
 """
 from __future__ import annotations
 
@@ -151,5 +165,91 @@ def palette_st(unit, data=None) -> None:
     head.forward = types.MethodType(_hard_forward, head)
 
 
-VARIANTS = {"palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
+def _cycle_forward(g, x_a, x_b):
+    """UNITGenerator.forward with g.corrupt applied to both translations before the cycle."""
+    n = x_a.shape[0]
+    mu = g.enc_shared(torch.cat([g.enc_a(x_a), g.enc_b(x_b)]))
+    s = g.dec_shared(g.sample(mu, n))
+    src = torch.cat([x_a, x_b]) if g.skip else None
+    x_aa, x_ba = g._back("a", s, src).split(n)
+    x_ab, x_bb = g._back("b", s, src).split(n)
+    c_ba, c_ab = g.corrupt(x_ba, "a"), g.corrupt(x_ab, "b")
+    mu2 = g.enc_shared(torch.cat([g.enc_a(c_ba), g.enc_b(c_ab)]))
+    s_ba, s_ab = g.dec_shared(g.sample(mu2, n)).split(n)
+    (mu_a, mu_b), (mu_ba, mu_ab) = mu.split(n), mu2.split(n)
+    return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
+            "x_aba": g._back("a", s_ab, c_ab), "x_bab": g._back("b", s_ba, c_ba),
+            "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+
+
+def _noise(std):
+    def corrupt(x, domain):
+        return (x + std * torch.randn_like(x)).clamp(-1, 1)
+    return corrupt
+
+
+def cycle_noise(unit, data=None, std=0.05) -> None:
+    unit.gen.corrupt = _noise(std)
+    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+
+
+def cycle_hard(unit, data=None) -> None:
+    head = _palette_head(unit, "cycle-hard")
+
+    def corrupt(x, domain):
+        if domain != "b":
+            return x
+        flat = x.permute(0, 2, 3, 1)
+        return (x + (head.nearest(flat).permute(0, 3, 1, 2) - x).detach())
+    unit.gen.corrupt = corrupt
+    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+
+
+def _a_source(kind):
+    """The aerial decoder's skip source: removed ("none"), its colour statistics removed ("norm")
+    or only its detail above a 5x5 box blur ("highpass"). The map decoder keeps the full image."""
+    def transform(source):
+        if kind == "none":
+            return torch.zeros_like(source)
+        if kind == "norm":
+            return nn.functional.instance_norm(source, eps=1e-3)
+        return source - nn.functional.avg_pool2d(source, 5, 1, 2, count_include_pad=False)
+
+    def back(g, domain, s, source):
+        if source is not None and domain == "a":
+            source = transform(source)
+        return UNITGenerator._back(g, domain, s, source)
+    return back
+
+
+def skip_a(kind):
+    def apply(unit, data=None) -> None:
+        _needs_skip(unit, f"skip-a-{kind}")
+        unit.gen._back = types.MethodType(_a_source(kind), unit.gen)
+    return apply
+
+
+def _moments(mu):
+    """Per latent channel: mean and std over the batch and the positions."""
+    flat = mu.float().transpose(0, 1).flatten(1)
+    return flat.mean(1), flat.std(1)
+
+
+def latent_match(weight):
+    """An extra generator loss: the per-channel mean and std of the photos' and the maps' latents
+    (mu) must agree. UNIT assumes one latent space for both domains; here its marginals are pulled
+    together directly, as a check on whether b2a's misplaced shades come from maps encoding to
+    latents the aerial decoder never saw."""
+    def apply(unit, data=None) -> None:
+        def extra_loss(out):
+            (m_a, s_a), (m_b, s_b) = _moments(out["mu_a"]), _moments(out["mu_b"])
+            return weight * ((m_a - m_b).pow(2).mean() + (s_a - s_b).pow(2).mean())
+        unit.gen.extra_loss = extra_loss
+    return apply
+
+
+VARIANTS = {"latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
+            "skip-a-none": skip_a("none"), "skip-a-norm": skip_a("norm"), "skip-a-highpass": skip_a("highpass"),
+            "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
+            "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
