@@ -33,7 +33,7 @@ from launch.release.baselines import DomainStats, translators  # noqa: E402
 from launch.release.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
 from model.ema import EMA  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
-from recipe_variants import VARIANTS  # noqa: E402
+from recipe_variants import VARIANTS, palette_head  # noqa: E402
 
 DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 16, "dis_layers": 3,
               "dis_scales": 2}
@@ -156,26 +156,28 @@ def uniform_average(avg: dict | None, module, k: int) -> dict:
     return avg
 
 
+def flip_average(gen, x: torch.Tensor, direction: str, unflipped: torch.Tensor) -> torch.Tensor:
+    """gen's translations of x averaged over the four flips of the input, each flipped back;
+    `unflipped` is the translation of x itself, already computed."""
+    flipped = [gen.translate(x.flip(dims), direction).flip(dims) for dims in ((-1,), (-2,), (-2, -1))]
+    return torch.stack([unflipped, *flipped]).mean(0)
+
+
 @torch.no_grad()
 def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray, np.ndarray]:
     gen.eval()
     x_a, x_b = tensor(data["testA"]), tensor(data["testB"])
-    ab = uint8(gen.translate(x_a, "a2b"))
-    ba = uint8(gen.translate(x_b, "b2a"))
+    y_ab, y_ba = gen.translate(x_a, "a2b"), gen.translate(x_b, "b2a")
+    ab, ba = uint8(y_ab), uint8(y_ba)
     bb = uint8(gen.decode(gen.encode(x_b, "b"), "b", x_b))
-    # diagnostic: b2a averaged over the four flips of the input (flipped back), an estimate of how
-    # much of b2a's error is texture the translator invents rather than a wrong shade
-    flips = [(), (-1,), (-2,), (-2, -1)]
-    tta = torch.stack([gen.translate(x_b.flip(f), "b2a").flip(f) if f else gen.translate(x_b, "b2a")
-                       for f in flips]).mean(0)
-    tta_ab = torch.stack([gen.translate(x_a.flip(f), "a2b").flip(f) if f else gen.translate(x_a, "a2b")
-                          for f in flips]).mean(0)
-    head = gen.dec_b[-1]
-    head = getattr(head, "out", head)
-    if hasattr(head, "nearest"):  # a palette head: the average is put back on the palette
-        tta_ab = head.nearest(tta_ab.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    print(f"    averaged over 4 flips: a2b {pixel_accuracy(uint8(tta_ab), data['testB']):.3f} "
-          f"b2a {pixel_accuracy(uint8(tta), data['testA']):.3f}", flush=True)
+    # diagnostic: translations averaged over the four flips of the input, an estimate of how much
+    # of the error is texture the translator invents rather than a wrong shade
+    flip_ab, flip_ba = flip_average(gen, x_a, "a2b", y_ab), flip_average(gen, x_b, "b2a", y_ba)
+    head = palette_head(gen)
+    if head is not None:  # the average is put back on the palette
+        flip_ab = head.nearest(flip_ab.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    print(f"    averaged over 4 flips: a2b {pixel_accuracy(uint8(flip_ab), data['testB']):.3f} "
+          f"b2a {pixel_accuracy(uint8(flip_ba), data['testA']):.3f}", flush=True)
     gen.train()
     return (pixel_accuracy(ab, data["testB"]), pixel_accuracy(ba, data["testA"]),
             pixel_accuracy(bb, data["testB"]), ab, ba)

@@ -29,8 +29,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
   skip-a-none, skip-a-norm, skip-a-highpass  with model.skip=image: only the map decoder sees the
                source image as it is; the aerial decoder sees nothing (none), the source with each
                channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
-               Why: reconstructing a photo, the aerial decoder learns to copy its source's colours,
-               and in b2a that source is a map, whose land is far brighter than a photo's
+               The hypothesis tested (not borne out, README): reconstructing a photo, the aerial
+               decoder learns to copy its source's colours, and in b2a that source is a map
   latent-match, latent-match-hi  an extra generator loss, 10 (hi: 100) x the squared gaps between
                the per-channel mean and std of the photos' and the maps' latents (mu)
   cycle-hard   with model.palette_b: the cycle half sees the map translation in its nearest
@@ -43,7 +43,8 @@ import types
 import torch
 from torch import nn
 
-from model.unit import UNITGenerator  # bench/recipe.py puts the project root on sys.path
+from model.networks import PaletteHead  # bench/recipe.py puts the project root on sys.path
+from model.unit import UNITGenerator
 
 WIDTH = 32
 
@@ -117,10 +118,17 @@ def residual_skip(unit, data=None) -> None:
     unit.gen._back = types.MethodType(_back_residual, unit.gen)
 
 
+def palette_head(gen):
+    """The map generator's PaletteHead, or None when it paints RGB through a tanh."""
+    head = gen.dec_b[-1].out if gen.skip else gen.dec_b[-1]
+    return head if isinstance(head, PaletteHead) else None
+
+
 def _palette_head(unit, name):
-    if not unit.cfg.palette_b:
+    head = palette_head(unit.gen)
+    if head is None:
         raise SystemExit(f"--variant {name} needs model.palette_b=auto")
-    return unit.gen.dec_b[-1].out if unit.gen.skip else unit.gen.dec_b[-1]
+    return head
 
 
 def palette_prior(unit, data) -> None:
