@@ -11,6 +11,8 @@ Every oracle here is fitted on one half of a paired split and scored on the othe
   b2a ideal sampler   the class mean plus the texture (residual from its class mean) of another
                       scene at the same pixels: a translator whose photos are as varied as real
                       ones (light, per-object colour, noise) and otherwise perfect
+  b2a textured mean   the class mean plus only the fine part of that residual (less its 5x5
+                      mean): real-looking noise, but every scene in the average light and colours
 
 A map is a function of the scene, so a2b can in principle be scored near its lookup ceiling. A
 photo is not: its light, object colours and noise are drawn anew per scene, so a translator that
@@ -35,11 +37,12 @@ from launch.release.evaluate import pixel_accuracy  # noqa: E402
 from recipe import corpus  # noqa: E402
 
 
-def box3(x: np.ndarray) -> np.ndarray:
-    """[N, H, W, C] float: the mean over each pixel's 3x3 neighbourhood (edges replicated)."""
-    p = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+def box(x: np.ndarray, k: int = 3) -> np.ndarray:
+    """[N, H, W, C] float: the mean over each pixel's k x k neighbourhood (k odd, edges replicated)."""
+    r = k // 2
+    p = np.pad(x.astype(np.float64), ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
     h, w = x.shape[1:3]
-    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    return sum(p[:, i:i + h, j:j + w] for i in range(k) for j in range(k)) / float(k * k)
 
 
 def lookup(src: np.ndarray, labels: np.ndarray, n_fit: int, levels: int, n_classes: int) -> np.ndarray:
@@ -63,7 +66,7 @@ def oracles(photos: np.ndarray, maps: np.ndarray, levels: int, seed: int = 0) ->
     k = len(colours)
     truth_a, truth_b = photos[n:], maps[n:]
     out = {"a2b pixel lookup": ("a2b", colours[lookup(photos, labels, n, levels, k)]),
-           "a2b 3x3 lookup": ("a2b", colours[lookup(box3(photos), labels, n, levels, k)])}
+           "a2b 3x3 lookup": ("a2b", colours[lookup(box(photos), labels, n, levels, k)])}
     fit = photos[:n].astype(np.float64)
     mean = np.stack([fit[labels[:n] == c].mean(0) for c in range(k)])
     median = np.stack([np.median(fit[labels[:n] == c], 0) for c in range(k)])
@@ -72,6 +75,8 @@ def oracles(photos: np.ndarray, maps: np.ndarray, levels: int, seed: int = 0) ->
     out["b2a class mean"] = ("b2a", mean[labels[n:]])
     out["b2a class median"] = ("b2a", median[labels[n:]])
     out["b2a ideal sampler"] = ("b2a", mean[labels[n:]] + residual[other])
+    # only the fine texture (the residual less its 5x5 mean): every scene in the average light
+    out["b2a textured mean"] = ("b2a", mean[labels[n:]] + (residual - box(residual, 5))[other])
     truth = {"a2b": truth_b, "b2a": truth_a}
     return {name: (d, pixel_accuracy(np.clip(np.rint(p), 0, 255).astype(np.uint8), truth[d]))
             for name, (d, p) in out.items()}

@@ -277,6 +277,16 @@ def train(args, data: dict) -> None:
     if args.task == "demo":
         print("EMA a2b per map colour:")
         print(per_colour(avg[3], data["testB"], data["testB"]))
+        head = palette_head(shadow)
+        if head is not None:  # what training sees: a fields pixel painted as land plus a few levels of
+            # yellow is land at eval, but can still carry the field through the cycle
+            with torch.no_grad():
+                shadow.eval()
+                head.train()
+                mix = uint8(shadow.translate(tensor(data["testA"]), "a2b"))
+                head.eval()
+            print("EMA a2b per map colour, the training-time mixture (before the nearest palette colour):")
+            print(per_colour(mix, data["testB"], data["testB"]))
         print("EMA b2a per map colour:")
         print(per_colour(avg[4], data["testA"], data["testB"]))
 

@@ -21,6 +21,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                well (straight-through: the exact colour forward, the mixture's gradient back)
   palette-gumbel  with model.palette_b: training paints a colour sampled from the head's softmax
                (Gumbel, straight-through), so that colours a pixel might take get tried
+  palette-gumbel-soft  with model.palette_b: training paints the mixture of a Gumbel-perturbed
+               softmax (soft, tau 1), so that colours the head stopped using still get gradient
   cycle-noise  the cycle half of the pass (re-encoding and, with skip=image, the cycle decoder's
                source) sees the translations plus Gaussian noise (std 0.05, 6 levels of 255), so
                a translation cannot hide its source in colour changes too small to see
@@ -33,6 +35,12 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                decoder learns to copy its source's colours, and in b2a that source is a map
   latent-match, latent-match-hi  an extra generator loss, 10 (hi: 100) x the squared gaps between
                the per-channel mean and std of the photos' and the maps' latents (mu)
+  palette-sharp, palette-sharp-lo, palette-sharp-hi  with model.palette_b: an extra generator
+               loss, 100 (lo: 10, hi: 1000) x the mean distance from the map translation's mixture
+               to its nearest palette colour (closes the hidden-code channel of the mixture); palette-sharp-late:
+               weight 100, 0 until step 300, then rising to 100 at step 600
+  tanh-snap    without model.palette_b: the tanh map head in training, the nearest of the maps'
+               frequent colours at eval (no softmax whose unused colours stop getting gradient)
   cycle-hard   with model.palette_b: the cycle half sees the map translation in its nearest
                palette colours (straight-through gradient); the losses on x_ab itself see the mixture
 """
@@ -161,6 +169,22 @@ def _gumbel_forward(head, x):
     return head.paint(sample).permute(0, 3, 1, 2).contiguous()
 
 
+def _gumbel_soft_forward(head, x):
+    if not head.training:
+        return type(head).forward(head, x)
+    soft = nn.functional.gumbel_softmax(head.logits(x), tau=1.0, hard=False, dim=1)
+    return head.paint(soft).permute(0, 3, 1, 2).contiguous()
+
+
+def palette_gumbel_soft(unit, data=None) -> None:
+    """Training paints the mixture of a Gumbel-perturbed softmax (soft, tau 1): colours the head
+    has stopped using still get weight, and so gradient, now and then. A softmax's gradient for a
+    colour scales with its probability, so a colour dropped early (fields painted as land from the
+    first steps) may never come back."""
+    head = _palette_head(unit, "palette-gumbel-soft")
+    head.forward = types.MethodType(_gumbel_soft_forward, head)
+
+
 def palette_gumbel(unit, data=None) -> None:
     """Training paints a colour sampled from the head's softmax (Gumbel, straight-through)."""
     head = _palette_head(unit, "palette-gumbel")
@@ -256,7 +280,55 @@ def latent_match(weight):
     return apply
 
 
-VARIANTS = {"latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
+def palette_sharp(weight, start=0, ramp=1):
+    """An extra generator loss: weight x the mean distance (L2 over the channels) from each pixel of
+    the map translation's training-time mixture to its nearest palette colour. Eval paints the
+    nearest colour, so a field painted as land plus a few levels of yellow is land there, while in
+    training those few levels can carry the field through the cycle (a hidden code the mixture
+    allows). Pushing the mixture onto the palette closes that channel: the cycle then has to be
+    paid for with the field's own colour. The weight is 0 for `start` steps, then rises linearly
+    over `ramp` steps: from step 0 the easiest way to be sharp is land everywhere."""
+    def apply(unit, data=None) -> None:
+        head = _palette_head(unit, "palette-sharp")
+        step = [0]
+
+        def extra_loss(out):
+            step[0] += 1
+            w = weight * min(1.0, max(0, step[0] - start) / ramp)
+            flat = out["x_ab"].permute(0, 2, 3, 1).flatten(1, 2).float()
+            d2 = torch.cdist(flat, head.colours.unsqueeze(0)).pow(2).amin(-1)
+            return w * (d2 + 1e-6).sqrt().mean()
+        unit.gen.extra_loss = extra_loss
+    return apply
+
+
+def _snap_forward(last, palette, *args):
+    y = type(last).forward(last, *args)  # the class's: a captured bound method would survive deepcopy
+    # (the EMA shadow) still bound to the training module
+    if last.training:
+        return y
+    flat = y.permute(0, 2, 3, 1)
+    idx = torch.cdist(flat.flatten(1, 2), palette.unsqueeze(0)).argmin(-1)
+    return palette[idx].view_as(flat).permute(0, 3, 1, 2).contiguous()
+
+
+def tanh_snap(unit, data) -> None:
+    """Without model.palette_b: the map generator keeps its tanh RGB head in training (every
+    colour reachable by a gradient that does not vanish with a colour's probability, as a
+    softmax's does for colours it has stopped using), and eval paints each pixel the nearest of
+    the training maps' frequent colours (measured as palette_b=auto measures them)."""
+    if palette_head(unit.gen) is not None:
+        raise SystemExit("--variant tanh-snap replaces model.palette_b: drop it from the overrides")
+    from launch.release.baselines import DomainStats
+    colours, _ = DomainStats.empty().add(data["trainB"]).palette()
+    palette = torch.as_tensor(colours, dtype=torch.float32) / 127.5 - 1
+    last = unit.gen.dec_b[-1]
+    last.forward = types.MethodType(lambda self, *args: _snap_forward(self, palette, *args), last)
+
+
+VARIANTS = {"tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
+            "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
+            "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
             "skip-a-none": skip_a("none"), "skip-a-norm": skip_a("norm"), "skip-a-highpass": skip_a("highpass"),
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,

@@ -221,9 +221,10 @@ class UNITGenerator(nn.Module):
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """One full pass: encode, reconstruct, translate, re-encode the translations, cycle back.
 
-        Batching trick (exact: every norm here is per sample): the shared layers run once on
-        both domains' batch, and G_a / G_b each run once on [z_a, z_b], giving the
-        reconstruction and the translation together.
+        Batching trick: the shared layers run once on both domains' batch, and G_a / G_b each
+        run once on [z_a, z_b], giving the reconstruction and the translation together. Exact
+        with per-sample norms (in, ln); with norm="bn" the batch statistics of those layers
+        cover both domains' images (and the running statistics used in eval mode too).
         """
         n = x_a.shape[0]
         if x_b.shape[0] != n:

@@ -8,7 +8,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from oracle import box3, oracles  # noqa: E402
+from oracle import box, oracles  # noqa: E402
 
 PALETTE = np.array([[240, 240, 230], [150, 200, 240], [250, 190, 100]], np.uint8)
 PHOTO = np.array([[110, 120, 80], [40, 70, 80], [80, 80, 90]], np.float64)
@@ -23,11 +23,12 @@ def scenes(n=40, size=8, noise=4.0, light=20.0, seed=0):
     return np.clip(np.rint(photos), 0, 255).astype(np.uint8), PALETTE[labels]
 
 
-def test_box3_is_the_neighbourhood_mean():
+def test_box_is_the_neighbourhood_mean():
     x = np.zeros((1, 3, 3, 1))
     x[0, 1, 1, 0] = 9.0
-    assert np.allclose(box3(x)[0, ..., 0], 1.0)  # every 3x3 window (edges replicated) holds the one 9
-    assert box3(np.full((2, 4, 5, 3), 7.0)).shape == (2, 4, 5, 3)
+    assert np.allclose(box(x)[0, ..., 0], 1.0)  # every 3x3 window (edges replicated) holds the one 9
+    assert np.allclose(box(x, 5)[0, ..., 0], 9.0 / 25)
+    assert box(np.full((2, 4, 5, 3), 7.0)).shape == (2, 4, 5, 3)
 
 
 def test_oracles_reach_the_ceiling_where_it_exists_and_the_sampler_pays_for_invented_light():
@@ -37,6 +38,8 @@ def test_oracles_reach_the_ceiling_where_it_exists_and_the_sampler_pays_for_inve
     assert acc["b2a class median"] > 0.6
     # another scene's light (+-20) is a second draw: the sampler misses more pixels than the median
     assert acc["b2a ideal sampler"] < acc["b2a class median"] - 0.2
+    # the fine texture alone (noise std 4) costs little: the scene's light is what the sampler pays for
+    assert acc["b2a textured mean"] > acc["b2a ideal sampler"] + 0.2
 
 
 def test_lookup_falls_back_to_the_most_frequent_label_for_unseen_colours():
