@@ -33,6 +33,9 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
                The hypothesis tested (not borne out, README): reconstructing a photo, the aerial
                decoder learns to copy its source's colours, and in b2a that source is a map
+  skip-b-none, skip-b-norm, skip-b-highpass  the same for the map decoder (the aerial one keeps
+               the full image): reconstructing a map, the map decoder can copy its source through
+               the skip and never learn to read a class from the shared latent, which a2b needs
   latent-match, latent-match-hi  an extra generator loss, 10 (hi: 100) x the squared gaps between
                the per-channel mean and std of the photos' and the maps' latents (mu)
   palette-sharp, palette-sharp-lo, palette-sharp-hi  with model.palette_b: an extra generator
@@ -237,9 +240,10 @@ def cycle_hard(unit, data=None) -> None:
     unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
 
 
-def _a_source(kind):
-    """The aerial decoder's skip source: removed ("none"), its colour statistics removed ("norm")
-    or only its detail above a 5x5 box blur ("highpass"). The map decoder keeps the full image."""
+def _source(kind, domain):
+    """The skip source of `domain`'s decoder: removed ("none"), its colour statistics removed
+    ("norm") or only its detail above a 5x5 box blur ("highpass"). The other decoder keeps the
+    full image."""
     def transform(source):
         if kind == "none":
             return torch.zeros_like(source)
@@ -247,17 +251,17 @@ def _a_source(kind):
             return nn.functional.instance_norm(source, eps=1e-3)
         return source - nn.functional.avg_pool2d(source, 5, 1, 2, count_include_pad=False)
 
-    def back(g, domain, s, source):
-        if source is not None and domain == "a":
+    def back(g, dst, s, source):
+        if source is not None and dst == domain:
             source = transform(source)
-        return UNITGenerator._back(g, domain, s, source)
+        return UNITGenerator._back(g, dst, s, source)
     return back
 
 
-def skip_a(kind):
+def skip_source(kind, domain):
     def apply(unit, data=None) -> None:
-        _needs_skip(unit, f"skip-a-{kind}")
-        unit.gen._back = types.MethodType(_a_source(kind), unit.gen)
+        _needs_skip(unit, f"skip-{domain}-{kind}")
+        unit.gen._back = types.MethodType(_source(kind, domain), unit.gen)
     return apply
 
 
@@ -329,7 +333,7 @@ def tanh_snap(unit, data) -> None:
 VARIANTS = {"tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
             "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
             "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
-            "skip-a-none": skip_a("none"), "skip-a-norm": skip_a("norm"), "skip-a-highpass": skip_a("highpass"),
+            **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
