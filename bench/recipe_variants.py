@@ -36,6 +36,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
   skip-b-none, skip-b-norm, skip-b-highpass  the same for the map decoder (the aerial one keeps
                the full image): reconstructing a map, the map decoder can copy its source through
                the skip and never learn to read a class from the shared latent, which a2b needs
+  skip-b-dropout  in training, half of the maps' own reconstructions get a blank source (the
+               translations and cycles keep theirs): the map decoder must also read the latent
   latent-match, latent-match-hi  an extra generator loss, 10 (hi: 100) x the squared gaps between
                the per-channel mean and std of the photos' and the maps' latents (mu)
   palette-sharp, palette-sharp-lo, palette-sharp-hi  with model.palette_b: an extra generator
@@ -265,6 +267,30 @@ def skip_source(kind, domain):
     return apply
 
 
+def _back_b_dropout(g, dst, s, source):
+    # the first map decode of a forward() is [z_a, z_b] with the sources [x_a, x_b]: in training,
+    # half of the maps' own reconstructions (its second half) lose their source; the translations
+    # and the later cycle decode keep theirs
+    if g.training and dst == "b" and source is not None and g.drop_next:
+        g.drop_next = False
+        n = source.shape[0] // 2
+        keep = (torch.rand(n, 1, 1, 1, device=source.device) < 0.5).to(source.dtype)
+        source = torch.cat([source[:n], source[n:] * keep])
+    return UNITGenerator._back(g, dst, s, source)
+
+
+def _forward_b_dropout(g, x_a, x_b):
+    g.drop_next = True
+    return UNITGenerator.forward(g, x_a, x_b)
+
+
+def skip_b_dropout(unit, data=None) -> None:
+    _needs_skip(unit, "skip-b-dropout")
+    unit.gen.drop_next = False
+    unit.gen._back = types.MethodType(_back_b_dropout, unit.gen)
+    unit.gen.forward = types.MethodType(_forward_b_dropout, unit.gen)
+
+
 def _moments(mu):
     """Per latent channel: mean and std over the batch and the positions."""
     flat = mu.float().transpose(0, 1).flatten(1)
@@ -330,7 +356,7 @@ def tanh_snap(unit, data) -> None:
     last.forward = types.MethodType(lambda self, *args: _snap_forward(self, palette, *args), last)
 
 
-VARIANTS = {"tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
+VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
             "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
             "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
