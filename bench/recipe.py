@@ -199,18 +199,26 @@ def per_colour(pred: np.ndarray, truth: np.ndarray, maps: np.ndarray, top: int =
     return "\n".join(lines)
 
 
-def train(args, data: dict) -> None:
-    model = dict(DEMO_MODEL)
-    for kv in args.overrides:
+def model_config(base: dict, overrides, stats: dict[str, DomainStats]) -> dict:
+    """`base` plus `model.key=value` overrides (values read as YAML), with model.palette_x=auto
+    measured on domain x's training `stats`, as the trainer does (launch/training/palette.py)."""
+    model = dict(base)
+    for kv in overrides:
         k, _, v = kv.partition("=")
         model[k.removeprefix("model.")] = yaml.safe_load(v)
-    if args.r1:
-        model["w_r1"] = args.r1
-    for d in ("a", "b"):  # as the trainer does for model.palette_x=auto (launch/training/palette.py)
+    for d in ("a", "b"):
         if model.get(f"palette_{d}") == "auto":
-            colours, share = DomainStats.empty().add(data[f"train{d.upper()}"]).palette()
+            colours, share = stats[d].palette()
             print(f"palette_{d}: {len(colours)} colours holding {share:.1%} of the pixels", flush=True)
             model[f"palette_{d}"] = colours.tolist()
+    return model
+
+
+def train(args, data: dict) -> None:
+    stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
+    model = model_config(DEMO_MODEL, args.overrides, stats)
+    if args.r1:
+        model["w_r1"] = args.r1
     torch.manual_seed(args.seed)
     unit = UNIT.from_config({**model, "image_size": args.size})
     for name in args.variant:
@@ -269,7 +277,6 @@ def train(args, data: dict) -> None:
                 avg = scores(shadow, data)
                 print(f"    uniform average from step {args.avg_from}: a2b {avg[0]:.3f} b2a {avg[1]:.3f} "
                       f"B->B {avg[2]:.3f}", flush=True)
-    stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     trivial = translators(stats)
     const, hist = (trivial[name](data["testA"], "a2b") for name in ("constant", "histmatch"))
     print(f"\nbaselines: constant a2b {pixel_accuracy(const, data['testB']):.3f}, histogram matching a2b "

@@ -56,7 +56,7 @@ import types
 import torch
 from torch import nn
 
-from model.networks import PaletteHead  # bench/recipe.py puts the project root on sys.path
+from model.networks import PaletteHead, nearest_colour  # bench/recipe.py puts the project root on sys.path
 from model.unit import UNITGenerator
 
 WIDTH = 32
@@ -337,9 +337,7 @@ def _snap_forward(last, palette, *args):
     # (the EMA shadow) still bound to the training module
     if last.training:
         return y
-    flat = y.permute(0, 2, 3, 1)
-    idx = torch.cdist(flat.flatten(1, 2), palette.unsqueeze(0)).argmin(-1)
-    return palette[idx].view_as(flat).permute(0, 3, 1, 2).contiguous()
+    return nearest_colour(y.permute(0, 2, 3, 1), palette).permute(0, 3, 1, 2).contiguous()
 
 
 def tanh_snap(unit, data) -> None:

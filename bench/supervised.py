@@ -13,15 +13,15 @@ and the step budget are not what holds a2b back; the unpaired objective is.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from recipe import DEMO_MODEL, corpus, tensor, uint8  # recipe.py puts the project root on sys.path
+from recipe import DEMO_MODEL, corpus, model_config, tensor, uint8  # recipe.py puts the project root on sys.path
 from launch.release.baselines import DomainStats, translators
 from launch.release.evaluate import pixel_accuracy
 from model.ema import EMA
@@ -57,16 +57,13 @@ def main(argv=None) -> int:
     data = corpus(Path(args.out), 10, args.n_test + args.n_pairs, args.size)
     test_a, test_b = data["testA"][:args.n_test], data["testB"][:args.n_test]
     train_a, train_b = tensor(data["testA"][args.n_test:]), tensor(data["testB"][args.n_test:])
-    model = {**DEMO_MODEL, **RECIPE}
-    for kv in args.overrides:
-        k, _, v = kv.partition("=")
-        model[k.removeprefix("model.")] = yaml.safe_load(v)
-    if model.get("palette_b") == "auto":
-        model["palette_b"] = DomainStats.empty().add(data["testB"][args.n_test:]).palette()[0].tolist()
+    stats = {"a": DomainStats.empty().add(data["testA"][args.n_test:]),
+             "b": DomainStats.empty().add(data["testB"][args.n_test:])}
+    model = model_config({**DEMO_MODEL, **RECIPE}, args.overrides, stats)
     torch.manual_seed(args.seed)
     gen = UNIT.from_config({**model, "image_size": args.size}).gen
     opt = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
-    ema, shadow = EMA(gen, 0.995), UNIT.from_config({**model, "image_size": args.size}).gen
+    ema, shadow = EMA(gen, 0.995), copy.deepcopy(gen)
     rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
     print(f"a2b fitted with {len(train_a)} pairs, model {model}, lr {args.lr}, batch {args.batch}", flush=True)
     for step in range(1, args.steps + 1):
@@ -85,7 +82,6 @@ def main(argv=None) -> int:
             ema.copy_to(shadow)
             print(f"step {step} ({time.perf_counter() - t0:.0f} s): L1 {loss.item():.4f} | a2b raw "
                   f"{a2b_accuracy(gen, test_a, test_b):.3f} EMA {a2b_accuracy(shadow, test_a, test_b):.3f}", flush=True)
-    stats = {"a": DomainStats.empty().add(data["testA"][args.n_test:]), "b": DomainStats.empty().add(data["testB"][args.n_test:])}
     const = translators(stats)["constant"](test_a, "a2b")
     print(f"constant a2b {pixel_accuracy(const, test_b):.3f}")
     return 0

@@ -327,6 +327,11 @@ def image_head(dim: int, channels: int, pad_type: str, palette=None) -> nn.Modul
     return ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type)
 
 
+def nearest_colour(x: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C]: each pixel of channels-last `x` replaced by the nearest row of `colours` [K, C]."""
+    return colours[torch.cdist(x.flatten(1, 2), colours.unsqueeze(0)).argmin(-1)].view_as(x)
+
+
 class PaletteHead(nn.Module):
     """Conv 7x7 -> one logit per palette colour -> the image, for domains drawn in a few flat
     colours (maps, label images). Training paints the softmax-weighted mixture of the colours, so
@@ -357,7 +362,7 @@ class PaletteHead(nn.Module):
 
     def nearest(self, mix: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C]: each pixel of `mix` replaced by the palette colour nearest to it."""
-        return self.colours[torch.cdist(mix.flatten(1, 2), self.colours.unsqueeze(0)).argmin(-1)].view_as(mix)
+        return nearest_colour(mix, self.colours)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mix = self.paint(self.logits(x).softmax(1))
