@@ -48,6 +48,17 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                frequent colours at eval (no softmax whose unused colours stop getting gradient)
   cycle-hard   with model.palette_b: the cycle half sees the map translation in its nearest
                palette colours (straight-through gradient); the losses on x_ab itself see the mixture
+  texture-a    the photo translations the aerial discriminator sees in training are x_ba + T, T a
+               texture drawn anew each step (per-pixel Gaussian noise scaled by a learned map of
+               x_ba, then a 3x3 convolution: zero mean); reconstructions, the cycle and eval use x_ba
+               itself. The aerial decoder can leave the invented texture to T and paint the
+               expected photo under a map, which is what pixel accuracy rewards (README, Ceilings)
+  texture-a-hi the same with the noise scale starting 14x higher (softplus(0) against softplus(-3))
+  latent-nce, latent-nce-hi  an extra generator loss, 1 (hi: 10) x a patchwise contrastive
+               (InfoNCE) loss between each latent position of a source and the same position of
+               its translation re-encoded (mu_a against mu_ab, mu_b against mu_ba; through a small
+               projection, temperature 0.07; Park et al. 2020, CUT): a field painted as land
+               re-encodes like the land beside it, so the translation must keep them apart
 """
 from __future__ import annotations
 
@@ -310,6 +321,62 @@ def latent_match(weight):
     return apply
 
 
+class Texture(nn.Module):
+    """T(x, eps) = conv3x3(softplus(conv3x3(x) + offset) * eps): noise shaped by the image it is
+    added to, zero-mean (no bias after the noise)."""
+
+    def __init__(self, channels: int = 3, width: int = 8, offset: float = -3.0):
+        super().__init__()
+        self.offset = offset
+        self.scale = nn.Conv2d(channels, width, 3, 1, 1)
+        self.mix = nn.Conv2d(width, channels, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.softplus(self.scale(x) + self.offset)
+        return self.mix(s * torch.randn(s.shape))
+
+
+def texture_a(offset):
+    def apply(unit, data=None) -> None:
+        unit.gen.texture_a = Texture(offset=offset)
+        plain, calls = unit.gen.forward, [0]
+
+        def forward(self, x_a, x_b):
+            out = plain(x_a, x_b)
+            t = self.texture_a(out["x_ba"])
+            calls[0] += 1
+            if calls[0] % 300 == 0:  # is the texture path used? (std in 255 levels)
+                print(f"    texture-a: std of T {float(t.detach().std()) * 127.5:.1f} levels", flush=True)
+            return {**out, "x_ba": out["x_ba"] + t}
+        unit.gen.forward = types.MethodType(forward, unit.gen)
+    return apply
+
+
+def _patch_nce(src, trans, proj, tau=0.07):
+    """InfoNCE over the positions of each image: position i of `trans` must pick position i of `src`
+    out of all of src's positions in the same image."""
+    q = nn.functional.normalize(proj(trans.float().flatten(2).transpose(1, 2)), dim=-1)  # [n, hw, c]
+    k = nn.functional.normalize(proj(src.float().flatten(2).transpose(1, 2)), dim=-1)
+    logits = q @ k.transpose(1, 2) / tau  # [n, hw, hw]
+    target = torch.arange(logits.shape[1]).expand(logits.shape[0], -1)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def latent_nce(weight):
+    """An extra generator loss: patchwise contrastive loss between the latents of the sources and of
+    their translations (both directions), through a 2-layer projection trained with the generators."""
+    def apply(unit, data=None) -> None:
+        with torch.no_grad():
+            width = unit.gen.encode(torch.zeros(1, 3, 32, 32), "a").shape[1]
+        unit.gen.nce_proj = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 64))
+
+        def extra_loss(out):
+            proj = unit.gen.nce_proj
+            return weight * (_patch_nce(out["mu_a"], out["mu_ab"], proj) + _patch_nce(out["mu_b"], out["mu_ba"], proj))
+        unit.gen.extra_loss = extra_loss
+    return apply
+
+
 def palette_sharp(weight, start=0, ramp=1):
     """An extra generator loss: weight x the mean distance (L2 over the channels) from each pixel of
     the map translation's training-time mixture to its nearest palette colour. Eval paints the
@@ -356,7 +423,7 @@ def tanh_snap(unit, data) -> None:
 
 VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
             "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
-            "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
+            "latent-match": latent_match(10.0), "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0), "latent-match-hi": latent_match(100.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
