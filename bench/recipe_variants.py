@@ -54,6 +54,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                itself. The aerial decoder can leave the invented texture to T and paint the
                expected photo under a map, which is what pixel accuracy rewards (README, Ceilings)
   texture-a-hi the same with the noise scale starting 14x higher (softplus(0) against softplus(-3))
+  dis-a-plain  with model.dis_colour_octaves: the photo discriminator without the colour features
+               (the map one keeps them): photos are textured, their exact pixel colours say little
   latent-nce, latent-nce-hi  an extra generator loss, 1 (hi: 10) x a patchwise contrastive
                (InfoNCE) loss between each latent position of a source and the same position of
                its translation re-encoded (mu_a against mu_ab, mu_b against mu_ba; through a small
@@ -321,6 +323,14 @@ def latent_match(weight):
     return apply
 
 
+def dis_a_plain(unit, data=None) -> None:
+    from model.networks import MultiScaleDiscriminator, init_gaussian
+    cfg, old = unit.cfg, unit.dis.dis_a
+    unit.dis.dis_a = MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, len(old.nets), cfg.dis_activ,
+                                             cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size, 0)
+    init_gaussian(unit.dis.dis_a, 0.02)
+
+
 class Texture(nn.Module):
     """T(x, eps) = conv3x3(softplus(conv3x3(x) + offset) * eps): noise shaped by the image it is
     added to, zero-mean (no bias after the noise)."""
@@ -423,7 +433,7 @@ def tanh_snap(unit, data) -> None:
 
 VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
             "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
-            "latent-match": latent_match(10.0), "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0), "latent-match-hi": latent_match(100.0),
+            "latent-match": latent_match(10.0), "dis-a-plain": dis_a_plain, "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0), "latent-match-hi": latent_match(100.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
