@@ -433,7 +433,9 @@ def tanh_snap(unit, data) -> None:
 
 VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-gumbel-soft": palette_gumbel_soft, "palette-sharp": palette_sharp(100.0), "palette-sharp-hi": palette_sharp(1000.0),
             "palette-sharp-lo": palette_sharp(10.0), "palette-sharp-late": palette_sharp(100.0, 300, 300),
-            "latent-match": latent_match(10.0), "dis-a-plain": dis_a_plain, "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0), "latent-match-hi": latent_match(100.0),
+            "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
+            "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0),
+            "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
