@@ -10,7 +10,7 @@ a per-colour diagnosis of the a2b translations (how much of each map colour it g
 what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
-        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--variant NAME (bench/recipe_variants.py)]
+        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--no-flip] [--variant NAME (bench/recipe_variants.py)]
         [--swd W [--swd-proj 16] [--swd-dirs a2b,b2a]] [--palette-freq W] [--r1 W] [model.key=value ...]
 """
 from __future__ import annotations
@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--noise", type=float, default=1.0, help="std of the latent noise in training (paper: 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-flip", dest="flip", action="store_false",
+                    help="no horizontal flips in training (the photos' shadows fall to the lower right)")
     ap.add_argument("--swd", type=float, default=0.0, help="weight of a sliced Wasserstein-1 term between the pixel colours of each "
                     "translation batch and a real target-domain batch (0: off)")
     ap.add_argument("--swd-proj", type=int, default=16, help="random projection directions of --swd, "
@@ -189,12 +191,16 @@ def per_colour(pred: np.ndarray, truth: np.ndarray, maps: np.ndarray, top: int =
     cols, inv = np.unique(maps.reshape(-1, 3), axis=0, return_inverse=True)
     inv = inv.reshape(ok.shape)
     cnt = np.bincount(inv.ravel())
-    lines = ["| map colour | share of pixels | accuracy there | mean colour painted there | mean true colour there |",
-             "| --- | --- | --- | --- | --- |"]
+    # "flat": the class's pixels all painted its mean painted colour, so that accuracy minus the
+    # translator's is what the texture it invents there costs (a sampler pays it; a blur does not)
+    lines = ["| map colour | share of pixels | accuracy there | flat at the painted mean | mean colour painted there "
+             "| mean true colour there |", "| --- | --- | --- | --- | --- | --- |"]
     for k in np.argsort(-cnt)[:top]:
         m = inv == k
+        painted = pred[m].mean(0).round()
+        flat = pixel_correct(np.broadcast_to(painted, truth[m][None].shape), truth[m][None]).mean()
         lines.append(f"| {tuple(int(c) for c in cols[k])} | {cnt[k] / inv.size:.3f} | {ok[m].mean():.3f} | "
-                     f"{tuple(int(c) for c in pred[m].mean(0).round())} | "
+                     f"{flat:.3f} | {tuple(int(c) for c in painted)} | "
                      f"{tuple(int(c) for c in truth[m].mean(0).round())} |")
     return "\n".join(lines)
 
@@ -236,7 +242,8 @@ def train(args, data: dict) -> None:
           f"latent noise {args.noise}, {args.size}px", flush=True)
     for step in range(1, args.steps + 1):
         x_a, x_b = a[rng.integers(len(a), size=args.batch)], b[rng.integers(len(b), size=args.batch)]
-        x_a, x_b = (x.flip(-1) if rng.random() < 0.5 else x for x in (x_a, x_b))
+        # (the draws happen with --no-flip too: the same batches as the flipped run)
+        x_a, x_b = (x.flip(-1) if rng.random() < 0.5 and args.flip else x for x in (x_a, x_b))
         out = unit.gen(x_a, x_b)
         unit.dis.requires_grad_(False)
         loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
@@ -244,7 +251,7 @@ def train(args, data: dict) -> None:
             pairs = {"a2b": (out["x_ab"], x_b), "b2a": (out["x_ba"], x_a)}
             loss_g = loss_g + args.swd * sum(swd(*pairs[d], args.swd_proj) for d in args.swd_dirs.split(","))
         if hasattr(unit.gen, "extra_loss"):  # a variant's own term (bench/recipe_variants.py)
-            loss_g = loss_g + unit.gen.extra_loss(out)
+            loss_g = loss_g + unit.gen.extra_loss(out, x_a, x_b)
         if args.palette_freq:
             pal = torch.tensor(model["palette_b"], dtype=torch.float32) / 127.5 - 1
             loss_g = loss_g + args.palette_freq * palette_frequency(out["x_ab"], x_b, pal)
@@ -258,6 +265,8 @@ def train(args, data: dict) -> None:
             penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg)
             if penalty is not None:
                 loss_d = loss_d + penalty
+            if hasattr(unit.dis, "extra_loss"):  # a variant's own discriminator (bench/recipe_variants.py)
+                loss_d = loss_d + unit.dis.extra_loss(out, x_a, x_b)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()

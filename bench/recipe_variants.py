@@ -61,6 +61,22 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                its translation re-encoded (mu_a against mu_ab, mu_b against mu_ba; through a small
                projection, temperature 0.07; Park et al. 2020, CUT): a field painted as land
                re-encodes like the land beside it, so the translation must keep them apart
+  pack-b, pack  PacGAN (Lin et al. 2018) with 2 images per packet: the map discriminator (pack:
+               both) judges two images of the same kind stacked on the channels, so a generator
+               that drops a mode (fields painted as land: each patch alone is a realistic land
+               patch) is told apart by the missing variety within a packet
+  cyc-a-hi     the photos' cycle (a -> b -> a) at 3x the paper's weight, the maps' at 1x: a field
+               painted as land in x_ab cannot come back as a field, so only that cycle pays for it
+               (model.w_cyc=300, both cycles, collapses: README)
+  expected-a, expected-b, expected  model.expected=a / b / ab (an expected decoder per domain,
+               trained by L1 on pseudo-pairs made by the other direction; UNITGenerator._expected),
+               with the GAN model training on the same random numbers as without it
+  joint        a third discriminator on (photo, map) pairs stacked on the channels: (x_a, x_ab)
+               against (x_ba, x_b), both generators trained to swap its verdicts (joint-distribution
+               matching as in ALI / ALICE, Dumoulin et al. 2017, Li et al. 2017). D_a and D_b match
+               each domain's marginal only, so a photo generator may paint the maps' buildings in
+               any realistic shade and the map generator may paint the photos' fields as land; the
+               joint D sees which photo content goes with which map colour in both directions
 """
 from __future__ import annotations
 
@@ -316,7 +332,7 @@ def latent_match(weight):
     together directly, as a check on whether b2a's misplaced shades come from maps encoding to
     latents the aerial decoder never saw."""
     def apply(unit, data=None) -> None:
-        def extra_loss(out):
+        def extra_loss(out, *_):
             (m_a, s_a), (m_b, s_b) = _moments(out["mu_a"]), _moments(out["mu_b"])
             return weight * ((m_a - m_b).pow(2).mean() + (s_a - s_b).pow(2).mean())
         unit.gen.extra_loss = extra_loss
@@ -329,6 +345,88 @@ def dis_a_plain(unit, data=None) -> None:
     unit.dis.dis_a = MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, len(old.nets), cfg.dis_activ,
                                              cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size, 0)
     init_gaussian(unit.dis.dis_a, 0.02)
+
+
+class Packed(nn.Module):
+    """A MultiScaleDiscriminator over packets of `pack` consecutive images stacked on the channels.
+    Each packet's logits are repeated for its images, so callers that split real from fake by
+    batch index (UNITDiscriminator.forward) and average the losses see the shapes they expect."""
+
+    def __init__(self, cfg, scales: int, pack: int = 2):
+        super().__init__()
+        from model.networks import MultiScaleDiscriminator
+        self.pack = pack
+        self.inner = MultiScaleDiscriminator(cfg.channels * pack, cfg.dis_dim, cfg.dis_layers, scales, cfg.dis_activ,
+                                             cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size, cfg.dis_colour_octaves)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n, c, h, w = x.shape
+        if n % self.pack:  # (only recipe.py's one-image probe of the scale count) packed with itself
+            x = torch.cat([x, x[-1:].expand(self.pack - n % self.pack, -1, -1, -1)])
+        preds = self.inner(x.reshape(-1, c * self.pack, h, w))
+        return [p.repeat_interleave(self.pack, 0)[:n] for p in preds]
+
+
+def pack_dis(domains):
+    def apply(unit, data=None) -> None:
+        from model.networks import init_gaussian
+        for d in domains:
+            old = getattr(unit.dis, f"dis_{d}")
+            setattr(unit.dis, f"dis_{d}", Packed(unit.cfg, len(old.nets)))
+            init_gaussian(getattr(unit.dis, f"dis_{d}"), 0.02)
+    return apply
+
+
+def joint_dis(weight: float = 1.0):
+    def apply(unit, data=None) -> None:
+        from model.losses import gan_d
+        from model.networks import MultiScaleDiscriminator, init_gaussian
+        from model.unit import r1_penalty
+        cfg = unit.cfg
+        dis_j = MultiScaleDiscriminator(2 * cfg.channels, cfg.dis_dim, cfg.dis_layers, len(unit.dis.dis_a.nets),
+                                        cfg.dis_activ, cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size,
+                                        cfg.dis_colour_octaves)
+        init_gaussian(dis_j, 0.02)
+        unit.dis.dis_j = dis_j  # a submodule: the D optimiser owns it, requires_grad_ freezes it
+
+        def sides(out, x_a, x_b, detach):
+            x_ab, x_ba = (out["x_ab"].detach(), out["x_ba"].detach()) if detach else (out["x_ab"], out["x_ba"])
+            return torch.cat([x_a, x_ab], 1), torch.cat([x_ba, x_b], 1)
+
+        def g_loss(out, x_a, x_b):  # each side must be called the other
+            s1, s2 = sides(out, x_a, x_b, False)
+            return weight * cfg.w_gan * gan_d(dis_j(s2), dis_j(s1), cfg.gan_type)
+
+        def d_loss(out, x_a, x_b):
+            s1, s2 = sides(out, x_a, x_b, True)
+            loss = weight * cfg.w_gan * gan_d(dis_j(s1), dis_j(s2), cfg.gan_type)
+            return loss + cfg.w_r1 * r1_penalty(dis_j, s1) if cfg.w_r1 else loss
+        unit.gen.extra_loss, unit.dis.extra_loss = g_loss, d_loss
+    return apply
+
+
+def cycle_a_extra(extra: float):
+    def apply(unit, data=None) -> None:
+        from model.losses import l1
+        unit.gen.extra_loss = lambda out, x_a, x_b: extra * l1(out["x_aba"], x_a)
+    return apply
+
+
+def expected(domains: str):
+    """model.expected (UNITGenerator._expected) added to a built model, the new decoders' init drawn
+    from a forked RNG: the GAN model then trains on exactly the random numbers of the run without
+    them (with model.expected=... the discriminators' init draws later in the stream), so the rows
+    with and without differ only by what the expected decoders paint."""
+    def apply(unit, data=None) -> None:
+        import copy
+        from model.networks import init_kaiming
+        g = unit.gen
+        for d in domains:
+            setattr(g, f"exp_{d}", copy.deepcopy(getattr(g, f"dec_{d}")))
+            with torch.random.fork_rng():
+                init_kaiming(getattr(g, f"exp_{d}"))
+        g.expected = unit.cfg.expected = domains
+    return apply
 
 
 class Texture(nn.Module):
@@ -380,7 +478,7 @@ def latent_nce(weight):
             width = unit.gen.encode(torch.zeros(1, 3, 32, 32), "a").shape[1]
         unit.gen.nce_proj = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 64))
 
-        def extra_loss(out):
+        def extra_loss(out, *_):
             proj = unit.gen.nce_proj
             return weight * (_patch_nce(out["mu_a"], out["mu_ab"], proj) + _patch_nce(out["mu_b"], out["mu_ba"], proj))
         unit.gen.extra_loss = extra_loss
@@ -399,7 +497,7 @@ def palette_sharp(weight, start=0, ramp=1):
         head = _palette_head(unit, "palette-sharp")
         step = [0]
 
-        def extra_loss(out):
+        def extra_loss(out, *_):
             step[0] += 1
             w = weight * min(1.0, max(0, step[0] - start) / ramp)
             flat = out["x_ab"].permute(0, 2, 3, 1).flatten(1, 2).float()
@@ -436,6 +534,8 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "latent-match": latent_match(10.0), "latent-match-hi": latent_match(100.0),
             "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0),
             "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
+            "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
+            "cyc-a-hi": cycle_a_extra(200.0), "expected-a": expected("a"), "expected-b": expected("b"), "expected": expected("ab"),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
