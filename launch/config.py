@@ -584,7 +584,7 @@ def check_init_from(cfg: Config) -> None:
 
 # The UNITConfig fields that shape the generator side: an init_from translator must agree on them.
 GENERATOR_FIELDS = ("channels", "dim", "n_down", "n_res", "n_shared", "norm", "up_norm", "activ", "pad_type",
-                    "fused_upsample", "skip", "palette_a", "palette_b")
+                    "fused_upsample", "skip", "palette_a", "palette_b", "expected")
 
 
 def check_same_generator(saved: dict, model: UNITConfig) -> None:

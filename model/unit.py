@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import losses
 from .networks import (ACTIVATIONS, DIS_NORMS, NORMS, PADDINGS, MultiScaleDiscriminator,
-                       count_params, decoder_back, encoder_front, init_gaussian, init_kaiming,
+                       PaletteHead, count_params, decoder_back, encoder_front, init_gaussian, init_kaiming,
                        res_blocks)
 
 
@@ -61,6 +61,7 @@ class UNITConfig:
     w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
     w_r1: float = 0.0          # R1 penalty in the D step (r1_loss); not in the paper or the official code
+    expected: str = ""         # domains ("a", "b", "ab") whose translations an expected decoder paints (UNITGenerator._expected)
 
     def __post_init__(self):
         def bad(name, why):
@@ -85,6 +86,11 @@ class UNITConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
             setattr(self, name, float(v))
+        if self.expected is None:  # `model.expected=` on the command line
+            self.expected = ""
+        if not isinstance(self.expected, str) or len(set(self.expected)) != len(self.expected) \
+                or not set(self.expected) <= {"a", "b"}:
+            bad("expected", 'must be "", "a", "b" or "ab"')
         if not isinstance(self.fused_upsample, bool):
             bad("fused_upsample", "must be true or false")
         for name in ("palette_a", "palette_b"):
@@ -176,6 +182,13 @@ class UNITGenerator(nn.Module):
         self.dec_shared = res_blocks(cfg.n_shared, latent, cfg.norm, cfg.activ, cfg.pad_type)
         self.dec_a, self.dec_b = back(cfg.palette_a), back(cfg.palette_b)
         init_kaiming(self)
+        # Expected decoders (why and how: _expected), built and initialised on a fork of the RNG:
+        # the GAN model then starts from, and trains on, the same random numbers as without them
+        self.expected = "".join(sorted(cfg.expected))
+        with torch.random.fork_rng(devices=[]):
+            for d in self.expected:
+                setattr(self, f"exp_{d}", back(getattr(cfg, f"palette_{d}")))
+                init_kaiming(getattr(self, f"exp_{d}"))
 
     def encoder(self, domain: str) -> nn.Sequential:
         """E_domain as one module: its own layers, then the shared ones (the same object for a and b)."""
@@ -190,6 +203,11 @@ class UNITGenerator(nn.Module):
             raise ValueError(f"domain {domain!r} is not 'a' or 'b'")
         return getattr(self, f"{kind}_{domain}")
 
+    def _head(self, domain: str) -> nn.Module:
+        """The last layer that paints `domain`'s images (a PaletteHead, or the tanh RGB head)."""
+        last = self._part("dec", domain)[-1]
+        return last.out if self.skip else last
+
     def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         """mu of q(z | x) for an image of `domain`."""
         return self.enc_shared(self._part("enc", domain)(x))
@@ -198,8 +216,8 @@ class UNITGenerator(nn.Module):
         """G_domain(z); a model built with skip="image" also needs the image z was encoded from."""
         return self._back(domain, self.dec_shared(z), source)
 
-    def _back(self, domain: str, s: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        part = self._part("dec", domain)
+    def _back(self, domain: str, s: torch.Tensor, source: torch.Tensor | None, kind: str = "dec") -> torch.Tensor:
+        part = self._part(kind, domain)
         if not self.skip:
             return part(s)
         if source is None:
@@ -240,16 +258,42 @@ class UNITGenerator(nn.Module):
         s_ba, s_ab = s2.split(n)
         mu_a, mu_b = mu.split(n)
         mu_ba, mu_ab = mu2.split(n)
-        return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-                "x_aba": self._back("a", s_ab, x_ab), "x_bab": self._back("b", s_ba, x_ba),
-                "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+        out = {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
+               "x_aba": self._back("a", s_ab, x_ab), "x_bab": self._back("b", s_ba, x_ba),
+               "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+        for d in self.expected:
+            out[f"exp_{d}"] = self._expected(d, out[f"x_{d}{'b' if d == 'a' else 'a'}"])
+        return out
+
+    def _expected(self, domain: str, translation: torch.Tensor) -> torch.Tensor:
+        """The expected decoder of `domain` on a pseudo-pair: it repaints the real image x_d from its
+        own translation into the other domain (x_ab for d = a), as eval would paint that
+        translation; generator_loss pulls the result to x_d by L1 (weight w_recon).
+
+        Why: the GAN decoder paints a realistic sample, with texture (noise, shadows, stripes)
+        that the source does not determine, so it loses pixels to a flat guess; the L1-optimal
+        image under a source is the per-pixel median over the images that source could come from,
+        which pixel accuracy rewards (README "Translation quality"). Unpaired data has no such
+        pairs, but the other direction makes them. Everything upstream is detached: the expected
+        decoder learns from the GAN model and never changes it.
+        """
+        other = "b" if domain == "a" else "a"
+        with torch.no_grad():
+            src = translation
+            head = self._head(other)
+            if isinstance(head, PaletteHead):  # eval paints a palette domain in exact colours
+                src = head.nearest(src.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            s = self.dec_shared(self.encode(src, other))
+        return self._back(domain, s, src if self.skip else None, "exp")
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
-        """a2b: G_b(mu_a(x)); b2a: G_a(mu_b(x)). No noise, so deterministic in eval mode."""
+        """a2b: G_b(mu_a(x)); b2a: G_a(mu_b(x)), or the expected decoder of the target domain
+        where the model has one (cfg.expected). No noise, so deterministic in eval mode."""
         if direction not in ("a2b", "b2a"):
             raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
         src, dst = direction[0], direction[-1]
-        return self.decode(self.encode(x, src), dst, x)
+        kind = "exp" if dst in self.expected else "dec"
+        return self._back(dst, self.dec_shared(self.encode(x, src)), x, kind)
 
     def domain_param_count(self, domain: str) -> int:
         """Parameters of E_domain + G_domain (shared ones included), the official VAEGen's count."""
@@ -321,6 +365,9 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
         "cyc_b": (cfg.w_cyc, losses.l1, out["x_bab"], x_b),
         "cyc_kl_a": (cfg.w_cyc_kl, losses.kl, out["mu_ab"]),
         "cyc_kl_b": (cfg.w_cyc_kl, losses.kl, out["mu_ba"]),
+        # the expected decoders on their pseudo-pairs (UNITGenerator._expected)
+        **{f"exp_{d}": (cfg.w_recon, losses.l1, out[f"exp_{d}"], x) for d, x in (("a", x_a), ("b", x_b))
+           if d in cfg.expected},
     }
     terms, total = {}, None
     for name, (w, fn, *args) in specs.items():

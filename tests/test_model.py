@@ -337,6 +337,73 @@ def test_palette_config_is_checked():
         UNIT.from_config({"preset": "tiny", "palette_b": "auto"})
 
 
+def test_expected_config_is_checked():
+    assert UNITConfig().expected == "" == UNITConfig(expected=None).expected and UNITConfig(expected="ba").expected == "ba"
+    for bad in ("c", "aa", "a,b", 1, ["a"]):
+        with pytest.raises(ValueError, match="expected"):
+            UNITConfig(expected=bad)
+
+
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_expected_decoder_learns_from_pseudo_pairs_and_never_changes_the_model(skip):
+    unit = tiny(skip=skip, palette_b=PALETTE, expected="a")
+    gen = unit.gen
+    assert gen.expected == "a" and hasattr(gen, "exp_a") and not hasattr(gen, "exp_b")
+    x_a, x_b = images(2, 32)
+    out = gen(x_a, x_b)
+    # the pseudo-pair by hand: x_ab as eval paints it (exact palette colours), its latent, exp_a
+    head = gen.dec_b[-1].out if skip == "image" else gen.dec_b[-1]
+    src = head.nearest(out["x_ab"].detach().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    feats = gen.exp_a[:-1](gen.dec_shared(gen.encode(src, "b")))
+    want = gen.exp_a[-1](feats, src) if skip == "image" else gen.exp_a[-1](feats)
+    assert torch.allclose(out["exp_a"], want, atol=1e-5)  # (float32 rounding: another memory layout)
+    # its loss term is w_recon * L1 to the real photo, and trains the expected decoder only
+    unit.dis.requires_grad_(False)
+    _, terms = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    assert torch.allclose(terms["exp_a"], (out["exp_a"] - x_a).abs().mean()) and "exp_b" not in terms
+    gen.zero_grad()
+    (out["exp_a"] - x_a).abs().mean().backward()
+    g = {k: p.grad for k, p in gen.named_parameters()}
+    assert all(v is not None and v.abs().sum() > 0 for k, v in g.items() if k.startswith("exp_a.") and "norm" not in k)
+    assert all(v is None for k, v in g.items() if not k.startswith("exp_a."))
+    # translations into a use it; into b they do not
+    gen.eval()
+    with torch.no_grad():
+        ba, ab = gen.translate(x_b, "b2a"), gen.translate(x_a, "a2b")
+        s = gen.dec_shared(gen.encode(x_b, "b"))
+        exp = gen.exp_a[-1](gen.exp_a[:-1](s), x_b) if skip == "image" else gen.exp_a[-1](gen.exp_a[:-1](s))
+        assert torch.equal(ba, exp) and not torch.allclose(ba, gen.decode(gen.encode(x_b, "b"), "a", x_b))
+        assert torch.equal(ab, gen.decode(gen.encode(x_a, "a"), "b", x_a))
+
+
+def test_expected_decoders_leave_the_gan_model_and_its_random_numbers_as_without_them():
+    plain, both = tiny(), tiny(expected="ab")
+    mine = both.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in plain.state_dict().items())  # same init, D included
+    tiny()
+    after_plain = torch.randn(4)
+    tiny(expected="ab")
+    assert torch.equal(torch.randn(4), after_plain)  # the random stream after building: the same
+    x_a, x_b = images(2, 32)
+    torch.manual_seed(1)
+    out = plain.gen(x_a, x_b)
+    torch.manual_seed(1)
+    out2 = both.gen(x_a, x_b)
+    assert all(torch.allclose(out[k], out2[k], atol=1e-6) for k in out)  # the latent noise too
+
+
+def test_expected_decoders_round_trip_through_config_and_state():
+    unit = tiny(expected="ab")
+    twin = UNIT.from_config(unit.config())
+    twin.load_state_dict(unit.state_dict())
+    x_a, x_b = images(2, 32)
+    unit.eval(), twin.eval()
+    with torch.no_grad():
+        for x, d in ((x_a, "a2b"), (x_b, "b2a")):
+            assert torch.equal(unit.translate(x, d), twin.translate(x, d))
+    assert {k.split(".")[0] for k in unit.gen.state_dict()} >= {"exp_a", "exp_b"}
+
+
 @pytest.mark.parametrize("weight", sorted(WEIGHTS))
 def test_zero_weight_removes_its_gradient(weight):
     x_a, x_b = images(2, 32)

@@ -24,13 +24,16 @@ def held_out_batch(test_a: str | None, test_b: str | None, image_size: int, n: i
 
 @torch.no_grad()
 def sample_rows(gen, x_a, x_b) -> list:
-    """Per held-out image: input | reconstruction | translation | cycle, for a then b."""
+    """Per held-out image: input | reconstruction | translation | cycle, for a then b. The
+    translation is what the registered translator paints (gen.translate: the expected decoder
+    where the model has one); the cycle is that of the GAN translation, the one training sees."""
     was_training = gen.training
     gen.eval()
     out = gen(x_a, x_b)
+    y_ab, y_ba = gen.translate(x_a, "a2b"), gen.translate(x_b, "b2a")
     gen.train(was_training)
-    rows = [[x_a[i], out["x_aa"][i], out["x_ab"][i], out["x_aba"][i]] for i in range(x_a.shape[0])]
-    rows += [[x_b[i], out["x_bb"][i], out["x_ba"][i], out["x_bab"][i]] for i in range(x_b.shape[0])]
+    rows = [[x_a[i], out["x_aa"][i], y_ab[i], out["x_aba"][i]] for i in range(x_a.shape[0])]
+    rows += [[x_b[i], out["x_bb"][i], y_ba[i], out["x_bab"][i]] for i in range(x_b.shape[0])]
     return rows
 
 
