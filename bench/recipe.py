@@ -197,11 +197,11 @@ def per_colour(pred: np.ndarray, truth: np.ndarray, maps: np.ndarray, top: int =
              "| mean true colour there |", "| --- | --- | --- | --- | --- | --- |"]
     for k in np.argsort(-cnt)[:top]:
         m = inv == k
-        painted = pred[m].mean(0).round()
-        flat = pixel_correct(np.broadcast_to(painted, truth[m][None].shape), truth[m][None]).mean()
+        painted, there = pred[m].mean(0).round(), truth[m][None]  # [1, N, 3]: pixel_correct's [..., H, W, 3]
+        flat = pixel_correct(np.broadcast_to(painted, there.shape), there).mean()
         lines.append(f"| {tuple(int(c) for c in cols[k])} | {cnt[k] / inv.size:.3f} | {ok[m].mean():.3f} | "
                      f"{flat:.3f} | {tuple(int(c) for c in painted)} | "
-                     f"{tuple(int(c) for c in truth[m].mean(0).round())} |")
+                     f"{tuple(int(c) for c in there[0].mean(0).round())} |")
     return "\n".join(lines)
 
 

@@ -68,9 +68,6 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
   cyc-a-hi     the photos' cycle (a -> b -> a) at 3x the paper's weight, the maps' at 1x: a field
                painted as land in x_ab cannot come back as a field, so only that cycle pays for it
                (model.w_cyc=300, both cycles, collapses: README)
-  expected-a, expected-b, expected  model.expected=a / b / ab (an expected decoder per domain,
-               trained by L1 on pseudo-pairs made by the other direction; UNITGenerator._expected),
-               with the GAN model training on the same random numbers as without it
   joint        a third discriminator on (photo, map) pairs stacked on the channels: (x_a, x_ab)
                against (x_ba, x_b), both generators trained to swap its verdicts (joint-distribution
                matching as in ALI / ALICE, Dumoulin et al. 2017, Li et al. 2017). D_a and D_b match
@@ -162,7 +159,7 @@ def residual_skip(unit, data=None) -> None:
 
 def palette_head(gen):
     """The map generator's PaletteHead, or None when it paints RGB through a tanh."""
-    head = gen.dec_b[-1].out if gen.skip else gen.dec_b[-1]
+    head = gen.head("b")
     return head if isinstance(head, PaletteHead) else None
 
 
@@ -339,11 +336,17 @@ def latent_match(weight):
     return apply
 
 
+def _dis(cfg, scales: int, channels: int, octaves: int):
+    """A discriminator like the model's (cfg), with `scales` scales, on `channels` input channels,
+    with `octaves` colour octaves."""
+    from model.networks import MultiScaleDiscriminator
+    return MultiScaleDiscriminator(channels, cfg.dis_dim, cfg.dis_layers, scales, cfg.dis_activ, cfg.dis_norm,
+                                   cfg.dis_pad, cfg.dis_min_size, octaves)
+
+
 def dis_a_plain(unit, data=None) -> None:
-    from model.networks import MultiScaleDiscriminator, init_gaussian
-    cfg, old = unit.cfg, unit.dis.dis_a
-    unit.dis.dis_a = MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, len(old.nets), cfg.dis_activ,
-                                             cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size, 0)
+    from model.networks import init_gaussian
+    unit.dis.dis_a = _dis(unit.cfg, len(unit.dis.dis_a.nets), unit.cfg.channels, 0)
     init_gaussian(unit.dis.dis_a, 0.02)
 
 
@@ -352,12 +355,9 @@ class Packed(nn.Module):
     Each packet's logits are repeated for its images, so callers that split real from fake by
     batch index (UNITDiscriminator.forward) and average the losses see the shapes they expect."""
 
-    def __init__(self, cfg, scales: int, pack: int = 2):
+    def __init__(self, inner: nn.Module, pack: int = 2):
         super().__init__()
-        from model.networks import MultiScaleDiscriminator
-        self.pack = pack
-        self.inner = MultiScaleDiscriminator(cfg.channels * pack, cfg.dis_dim, cfg.dis_layers, scales, cfg.dis_activ,
-                                             cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size, cfg.dis_colour_octaves)
+        self.pack, self.inner = pack, inner
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         n, c, h, w = x.shape
@@ -370,22 +370,21 @@ class Packed(nn.Module):
 def pack_dis(domains):
     def apply(unit, data=None) -> None:
         from model.networks import init_gaussian
+        cfg, scales = unit.cfg, len(unit.dis.dis_a.nets)
         for d in domains:
-            old = getattr(unit.dis, f"dis_{d}")
-            setattr(unit.dis, f"dis_{d}", Packed(unit.cfg, len(old.nets)))
-            init_gaussian(getattr(unit.dis, f"dis_{d}"), 0.02)
+            packed = Packed(_dis(cfg, scales, 2 * cfg.channels, cfg.dis_colour_octaves), pack=2)
+            init_gaussian(packed, 0.02)
+            setattr(unit.dis, f"dis_{d}", packed)
     return apply
 
 
 def joint_dis(weight: float = 1.0):
     def apply(unit, data=None) -> None:
         from model.losses import gan_d
-        from model.networks import MultiScaleDiscriminator, init_gaussian
+        from model.networks import init_gaussian
         from model.unit import r1_penalty
         cfg = unit.cfg
-        dis_j = MultiScaleDiscriminator(2 * cfg.channels, cfg.dis_dim, cfg.dis_layers, len(unit.dis.dis_a.nets),
-                                        cfg.dis_activ, cfg.dis_norm, cfg.dis_pad, cfg.dis_min_size,
-                                        cfg.dis_colour_octaves)
+        dis_j = _dis(cfg, len(unit.dis.dis_a.nets), 2 * cfg.channels, cfg.dis_colour_octaves)
         init_gaussian(dis_j, 0.02)
         unit.dis.dis_j = dis_j  # a submodule: the D optimiser owns it, requires_grad_ freezes it
 
@@ -409,23 +408,6 @@ def cycle_a_extra(extra: float):
     def apply(unit, data=None) -> None:
         from model.losses import l1
         unit.gen.extra_loss = lambda out, x_a, x_b: extra * l1(out["x_aba"], x_a)
-    return apply
-
-
-def expected(domains: str):
-    """model.expected (UNITGenerator._expected) added to a built model, the new decoders' init drawn
-    from a forked RNG: the GAN model then trains on exactly the random numbers of the run without
-    them (with model.expected=... the discriminators' init draws later in the stream), so the rows
-    with and without differ only by what the expected decoders paint."""
-    def apply(unit, data=None) -> None:
-        import copy
-        from model.networks import init_kaiming
-        g = unit.gen
-        for d in domains:
-            setattr(g, f"exp_{d}", copy.deepcopy(getattr(g, f"dec_{d}")))
-            with torch.random.fork_rng():
-                init_kaiming(getattr(g, f"exp_{d}"))
-        g.expected = unit.cfg.expected = domains
     return apply
 
 
@@ -535,7 +517,7 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "latent-nce": latent_nce(1.0), "latent-nce-hi": latent_nce(10.0),
             "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
             "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
-            "cyc-a-hi": cycle_a_extra(200.0), "expected-a": expected("a"), "expected-b": expected("b"), "expected": expected("ab"),
+            "cyc-a-hi": cycle_a_extra(200.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,

@@ -203,7 +203,7 @@ class UNITGenerator(nn.Module):
             raise ValueError(f"domain {domain!r} is not 'a' or 'b'")
         return getattr(self, f"{kind}_{domain}")
 
-    def _head(self, domain: str) -> nn.Module:
+    def head(self, domain: str) -> nn.Module:
         """The last layer that paints `domain`'s images (a PaletteHead, or the tanh RGB head)."""
         last = self._part("dec", domain)[-1]
         return last.out if self.skip else last
@@ -262,12 +262,12 @@ class UNITGenerator(nn.Module):
                "x_aba": self._back("a", s_ab, x_ab), "x_bab": self._back("b", s_ba, x_ba),
                "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
         for d in self.expected:
-            out[f"exp_{d}"] = self._expected(d, out[f"x_{d}{'b' if d == 'a' else 'a'}"])
+            out[f"exp_{d}"] = self._expected(d, out)
         return out
 
-    def _expected(self, domain: str, translation: torch.Tensor) -> torch.Tensor:
+    def _expected(self, domain: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The expected decoder of `domain` on a pseudo-pair: it repaints the real image x_d from its
-        own translation into the other domain (x_ab for d = a), as eval would paint that
+        own translation into the other domain (out["x_ab"] for d = a), as eval would paint that
         translation; generator_loss pulls the result to x_d by L1 (weight w_recon).
 
         Why: the GAN decoder paints a realistic sample, with texture (noise, shadows, stripes)
@@ -279,12 +279,12 @@ class UNITGenerator(nn.Module):
         """
         other = "b" if domain == "a" else "a"
         with torch.no_grad():
-            src = translation
-            head = self._head(other)
+            src = out[f"x_{domain}{other}"]
+            head = self.head(other)
             if isinstance(head, PaletteHead):  # eval paints a palette domain in exact colours
                 src = head.nearest(src.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
             s = self.dec_shared(self.encode(src, other))
-        return self._back(domain, s, src if self.skip else None, "exp")
+        return self._back(domain, s, src, "exp")
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """a2b: G_b(mu_a(x)); b2a: G_a(mu_b(x)), or the expected decoder of the target domain
