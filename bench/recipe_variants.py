@@ -74,6 +74,12 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                each domain's marginal only, so a photo generator may paint the maps' buildings in
                any realistic shade and the map generator may paint the photos' fields as land; the
                joint D sees which photo content goes with which map colour in both directions
+  exp-cycle, exp-cycle-hi  with model.expected=a: an extra generator loss, 10 (hi: 30) x L1 between
+               each real photo and the expected decoder's photo painted from its map translation
+               snapped to the palette (straight through), every generator weight frozen for it:
+               a cycle that can only be paid through the colours a map shows (from step 300)
+  dis-snap-b   the map discriminator judges the map translations snapped to the palette (straight
+               through), as eval paints them; the cycle and reconstructions keep the mixture
 """
 from __future__ import annotations
 
@@ -489,6 +495,59 @@ def palette_sharp(weight, start=0, ramp=1):
     return apply
 
 
+def dis_snap_b(unit, data=None) -> None:
+    """The map translation as the losses on x_ab see it (the map discriminator's, in both steps) is
+    the palette colour nearest to the mixture, straight through; reconstructions and the cycle keep
+    the mixture. The colour-sharp discriminator punishes every in-between colour, so a pixel moving
+    from land to the field colour crosses a band of mixtures it loses on: a class dropped early can
+    never come back. Judged snapped, as eval paints it, the discriminator sees classes, not mixtures.
+    Apply after variants that replace the generator's forward (cycle-noise): it wraps the current one."""
+    head = _palette_head(unit, "dis-snap-b")
+    inner = unit.gen.forward
+
+    def forward(x_a, x_b):
+        out = inner(x_a, x_b)
+        mix = out["x_ab"]
+        hard = head.nearest(mix.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return {**out, "x_ab": mix + (hard - mix).detach()}
+    unit.gen.forward = forward
+
+
+def expected_cycle(weight, start=300, ramp=300):
+    """With model.expected=a: an extra generator loss, weight x L1 between each real photo and the
+    expected decoder's photo painted from its map translation in exact palette colours (straight
+    through: the snapped map forward, the mixture's gradient back), every weight of the generator
+    frozen for it, so only the map translation x_ab moves. The GAN cycle can be paid through the
+    latent and the mixture; this one only through the colours a map shows: a field painted as land
+    comes back as land, and the loss then asks for a colour the expected decoder paints as a field.
+    0 for `start` steps (the expected decoder starts random), then rising over `ramp` steps."""
+    def apply(unit, data=None) -> None:
+        gen, head = unit.gen, _palette_head(unit, "exp-cycle")
+        if "a" not in gen.expected:
+            raise SystemExit("--variant exp-cycle needs model.expected=a")
+        step = [0]
+
+        def extra_loss(out, x_a, x_b):
+            step[0] += 1
+            w = weight * min(1.0, max(0, step[0] - start) / ramp)
+            if w == 0:
+                return out["x_ab"].new_zeros(())
+            mix = out["x_ab"]
+            hard = head.nearest(mix.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            src = mix + (hard - mix).detach()
+            params = [p for p in gen.parameters() if p.requires_grad]
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                y = gen._back("a", gen.dec_shared(gen.encode(src, "b")), src, "exp")
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+            return w * (y - x_a).abs().mean()
+        unit.gen.extra_loss = extra_loss
+    return apply
+
+
 def _snap_forward(last, palette, *args):
     y = type(last).forward(last, *args)  # the class's: a captured bound method would survive deepcopy
     # (the EMA shadow) still bound to the training module
@@ -518,6 +577,7 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
             "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
             "cyc-a-hi": cycle_a_extra(200.0),
+            "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b, "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,

@@ -1,6 +1,6 @@
 """Time one full UNIT iteration (G step + D step, forward, backward, Adam) and count its work.
 
-CPU (default): the `official` preset at 64x64, width 32, batch 8, 2 threads. Four loops on the
+CPU (default): the `official` preset at 64x64, width 32, batch 8, 2 threads. Four loops (five) on the
 same weights and data, their iterations interleaved so that load changes hit them alike:
 
   reference        written like the official code (trainer.py of mingyuliutw/UNIT): dis_update
@@ -14,6 +14,8 @@ same weights and data, their iterations interleaved so that load changes hit the
   ours             + the training-time rewrites of model/kernels.py: channels-last activations,
                    closed-form norm and pad backward passes, space-to-depth and patch convolutions
                    for the shapes oneDNN runs slowly (this is what the trainer runs on CPU ranks)
+  ours, bf16 autocast  only on CPUs with native bf16 (AMX-BF16 or AVX512-BF16): ours under
+                   train.precision: bf16. Other numerics, so printed beside the goal, never as it
 
 First it checks that the losses of ours and of the reference agree from one seed. Then, per loop:
 median wall and CPU time, and the median over rounds of (loop / reference in the same round; the
@@ -213,14 +215,34 @@ def gpu_peak(name: str) -> float | None:
 
 
 # ---------------------------------------------------------------- CPU comparison
-def cpu_loops(base):
-    """name -> (step fn, model copy, G optimizer, D optimizer); the reference first."""
-    units = official_layers(base), stock_layers(base), stock_layers(base), copy.deepcopy(base)
-    return {"reference (official-style)": (step_ref, units[0], adam(units[0].gen), adam(units[0].dis)),
-            "ours, before issue 16": (step_ours, units[1], adam(units[1].gen), adam(units[1].dis)),
-            "+ fused Adam": (step_ours, units[2], adam(units[2].gen, True), adam(units[2].dis, True)),
-            "ours (+ model/kernels.py rewrites)": (step_ours, units[3], adam(units[3].gen, True),
-                                                   adam(units[3].dis, True))}
+REF, OURS, BF16 = "reference (official-style)", "ours (+ model/kernels.py rewrites)", "ours, bf16 autocast"
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 instructions (AMX-BF16, AVX512-BF16) as /proc/cpuinfo lists them, or None."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or None
+
+
+def step_bf16(unit, opt_g, opt_d, x_a, x_b):
+    """Ours under train.precision: bf16 (autocast; stock layers, fp32 weights and loss reductions)."""
+    return step_ours(unit, opt_g, opt_d, x_a, x_b, amp=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+
+def cpu_loops(base, bf16: bool = False):
+    """name -> (step fn, model copy, G optimizer, D optimizer); the reference first, ours last but the
+    bf16 row (not a rewrite: other numerics, so never the goal's figure)."""
+    units = official_layers(base), stock_layers(base), stock_layers(base), copy.deepcopy(base), copy.deepcopy(base)
+    loops = {REF: (step_ref, units[0], adam(units[0].gen), adam(units[0].dis)),
+             "ours, before issue 16": (step_ours, units[1], adam(units[1].gen), adam(units[1].dis)),
+             "+ fused Adam": (step_ours, units[2], adam(units[2].gen, True), adam(units[2].dis, True)),
+             OURS: (step_ours, units[3], adam(units[3].gen, True), adam(units[3].dis, True))}
+    if bf16:
+        loops[BF16] = (step_bf16, units[4], adam(units[4].gen, True), adam(units[4].dis, True))
+    return loops
 
 
 def time_interleaved(loops, x_a, x_b, repeats, warmup):
@@ -248,7 +270,7 @@ def median_ratios(times, ref):
 
 
 def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
-    ref, ours = list(times)[0], list(times)[-1]
+    ref, ours = REF, OURS
     print(f"\nUNIT iteration (G step + D step), preset {args.preset}, {args.size}x{args.size}, dim {args.dim}, "
           f"batch {args.batch}, CPU threads {args.threads}, {args.repeats} rounds after {args.warmup} warm-up, "
           f"load average {_load()}")
@@ -272,6 +294,9 @@ def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
     print(f"| achieved, ours | {achieved / 1e9:.1f} GFLOP/s | - |")
     print(f"| machine peak, {args.threads} thread(s), same run | {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}) | - |")
     print(f"| MFU, ours (achieved / peak) | {achieved / peak[0]:.2f} | - |")
+    if BF16 in times:
+        print(f"| ours in bf16 autocast / reference in fp32, wall (other numerics: not the goal's figure) | "
+              f"{ratios[BF16][0]:.2f}x ({ratios[BF16][0] / ratios[ours][0]:.2f}x ours in fp32) | - |")
     print(f"\nSummary ({elapsed:.0f} s): ours takes {wall_ours:.3f} s per iteration against "
           f"{statistics.median(times[ref][0]):.3f} s for the official-style loop, {ratios[ours][0]:.2f}x wall "
           f"(goal <= {GOAL_RATIO}x: {'met' if ok else 'missed'}), {ratios[ours][1]:.2f}x CPU time; "
@@ -337,10 +362,12 @@ def cpu_main(args) -> float:
     if rel > 1e-4:
         raise SystemExit("ours and the reference disagree; timings would not be comparable")
     peak = max(cpu_peak(), cpu_peak(), key=lambda p: p[0])
-    loops = cpu_loops(base)
+    bf16 = cpu_bf16()
+    print(f"bf16 row: {'yes, the CPU has ' + bf16 if bf16 else 'no (no AMX-BF16 or AVX512-BF16 on this CPU)'}")
+    loops = cpu_loops(base, bf16=bool(bf16))
     times = time_interleaved(loops, x_a, x_b, args.repeats, args.warmup)
     peak = max(peak, cpu_peak(), key=lambda p: p[0])
-    ref, ours = list(loops)[0], list(loops)[-1]
+    ref, ours = REF, OURS
     flops = {k: count_flops(loops[k][0], loops[k][1], x_a, x_b) for k in (ref, ours)}
     ratio = print_cpu_tables(args, times, median_ratios(times, ref), flops, peak, rel, time.perf_counter() - t_start)
     if args.profile:
