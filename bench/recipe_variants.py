@@ -78,6 +78,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                each real photo and the expected decoder's photo painted from its map translation
                snapped to the palette (straight through), every generator weight frozen for it:
                a cycle that can only be paid through the colours a map shows (from step 300)
+  mbstd-b, mbstd  ProGAN's minibatch standard deviation before the last layer of every scale of the
+               map discriminator (mbstd: both), groups of 4 images: missing variety becomes visible
   dis-snap-b   the map discriminator judges the map translations snapped to the palette (straight
                through), as eval paints them; the cycle and reconstructions keep the mixture
 """
@@ -513,6 +515,40 @@ def dis_snap_b(unit, data=None) -> None:
     unit.gen.forward = forward
 
 
+class MinibatchStd(nn.Module):
+    """ProGAN's minibatch standard deviation (Karras et al. 2018): one more channel holding, for each
+    group of `group` consecutive images, the std of every feature across the group, averaged to one
+    number. UNITDiscriminator.forward batches reals then fakes, so groups that divide the batch
+    never mix the two."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.group if n % self.group == 0 else 1  # (recipe.py's one-image probe: a zero channel)
+        std = x.reshape(n // g, g, c, h, w).std(1, unbiased=False) if g > 1 else x.new_zeros(n, c, h, w)
+        extra = std.mean((1, 2, 3)).repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w)
+        return torch.cat([x, extra], 1)
+
+
+def minibatch_std(domains, group=4):
+    """Each scale of the listed domains' discriminators gets a MinibatchStd before its last 1x1
+    convolution: a translator whose maps lack a class has less variety across a group than real
+    maps, which no single patch shows (mode dropping: fields painted as land)."""
+    def apply(unit, data=None) -> None:
+        from model.networks import init_gaussian
+        for d in domains:
+            msd = getattr(unit.dis, f"dis_{d}")
+            for i, net in enumerate(msd.nets):
+                last = net[-1]
+                conv = nn.Conv2d(last.in_channels + 1, 1, 1)
+                init_gaussian(conv, 0.02)
+                msd.nets[i] = nn.Sequential(*net[:-1], MinibatchStd(group), conv)
+    return apply
+
+
 def expected_cycle(weight, start=300, ramp=300):
     """With model.expected=a: an extra generator loss, weight x L1 between each real photo and the
     expected decoder's photo painted from its map translation in exact palette colours (straight
@@ -577,7 +613,8 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
             "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
             "cyc-a-hi": cycle_a_extra(200.0),
-            "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b, "exp-cycle-hi": expected_cycle(30.0),
+            "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b,
+            "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
