@@ -1,7 +1,8 @@
 """Time one full UNIT iteration (G step + D step, forward, backward, Adam) and count its work.
 
-CPU (default): the `official` preset at 64x64, width 32, batch 8, 2 threads. Four loops (five) on the
-same weights and data, their iterations interleaved so that load changes hit them alike:
+CPU (default): the `official` preset at 64x64, width 32, batch 8, 2 threads. Four loops (five on
+CPUs with native bf16) on the same weights and data, their iterations interleaved so that load
+changes hit them alike:
 
   reference        written like the official code (trainer.py of mingyuliutw/UNIT): dis_update
                    runs its own encode/decode pass; gen_update calls every encoder and decoder once

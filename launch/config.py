@@ -453,7 +453,7 @@ def resolve_precision(requested: str, cuda: bool, bf16_ok: bool) -> str:
     auto: bf16 where the GPU has it natively (Ampere and later), fp16 on older GPUs (V100, T4:
     bf16 there is emulated, slower than fp32), fp32 on CPU: there bf16 is slower than fp32 without
     native bf16 instructions, and with them (AMX, AVX512-BF16) it changes the numerics the CPU
-    recipes were tuned in, for 0.69x fp32's time at the official preset and 0.87x at the demo's
+    recipes were tuned in, for 0.69-0.74x fp32's time at the official preset and 0.87x at the demo's
     width (bench/step.py, README). An explicit bf16 is honoured on CPU but refused on a GPU
     without native bf16; fp16 needs a GPU (DeepSpeed's CPU accelerator
     refuses it). Both refusals are ConfigErrors that name the key, before any engine is built."""
