@@ -177,7 +177,7 @@ def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray, np.ndarray
     flip_ab, flip_ba = flip_average(gen, x_a, "a2b", y_ab), flip_average(gen, x_b, "b2a", y_ba)
     head = palette_head(gen)
     if head is not None:  # the average is put back on the palette
-        flip_ab = head.nearest(flip_ab.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        flip_ab = head.snap(flip_ab)
     print(f"    averaged over 4 flips: a2b {pixel_accuracy(uint8(flip_ab), data['testB']):.3f} "
           f"b2a {pixel_accuracy(uint8(flip_ba), data['testA']):.3f}", flush=True)
     gen.train()

@@ -264,14 +264,16 @@ def cycle_noise(unit, data=None, std=0.05) -> None:
     unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
 
 
+def _snap_through(head, x):
+    """x in its nearest palette colours forward, x's own gradient back (straight through)."""
+    return x + (head.snap(x) - x).detach()
+
+
 def cycle_hard(unit, data=None) -> None:
     head = _palette_head(unit, "cycle-hard")
 
     def corrupt(x, domain):
-        if domain != "b":
-            return x
-        flat = x.permute(0, 2, 3, 1)
-        return (x + (head.nearest(flat).permute(0, 3, 1, 2) - x).detach())
+        return _snap_through(head, x) if domain == "b" else x
     unit.gen.corrupt = corrupt
     unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
 
@@ -509,9 +511,7 @@ def dis_snap_b(unit, data=None) -> None:
 
     def forward(x_a, x_b):
         out = inner(x_a, x_b)
-        mix = out["x_ab"]
-        hard = head.nearest(mix.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return {**out, "x_ab": mix + (hard - mix).detach()}
+        return {**out, "x_ab": _snap_through(head, out["x_ab"])}
     unit.gen.forward = forward
 
 
@@ -568,9 +568,7 @@ def expected_cycle(weight, start=300, ramp=300):
             w = weight * min(1.0, max(0, step[0] - start) / ramp)
             if w == 0:
                 return out["x_ab"].new_zeros(())
-            mix = out["x_ab"]
-            hard = head.nearest(mix.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            src = mix + (hard - mix).detach()
+            src = _snap_through(head, out["x_ab"])
             params = [p for p in gen.parameters() if p.requires_grad]
             for p in params:
                 p.requires_grad_(False)

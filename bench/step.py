@@ -236,13 +236,14 @@ def step_bf16(unit, opt_g, opt_d, x_a, x_b):
 def cpu_loops(base, bf16: bool = False):
     """name -> (step fn, model copy, G optimizer, D optimizer); the reference first, ours last but the
     bf16 row (not a rewrite: other numerics, so never the goal's figure)."""
-    units = official_layers(base), stock_layers(base), stock_layers(base), copy.deepcopy(base), copy.deepcopy(base)
+    units = official_layers(base), stock_layers(base), stock_layers(base), copy.deepcopy(base)
     loops = {REF: (step_ref, units[0], adam(units[0].gen), adam(units[0].dis)),
              "ours, before issue 16": (step_ours, units[1], adam(units[1].gen), adam(units[1].dis)),
              "+ fused Adam": (step_ours, units[2], adam(units[2].gen, True), adam(units[2].dis, True)),
              OURS: (step_ours, units[3], adam(units[3].gen, True), adam(units[3].dis, True))}
     if bf16:
-        loops[BF16] = (step_bf16, units[4], adam(units[4].gen, True), adam(units[4].dis, True))
+        unit = copy.deepcopy(base)
+        loops[BF16] = (step_bf16, unit, adam(unit.gen, True), adam(unit.dis, True))
     return loops
 
 

@@ -364,6 +364,10 @@ class PaletteHead(nn.Module):
         """[B, H, W, C]: each pixel of `mix` replaced by the palette colour nearest to it."""
         return nearest_colour(mix, self.colours)
 
+    def snap(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W]: an image (the layout this head paints in) in its nearest palette colours."""
+        return self.nearest(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mix = self.paint(self.logits(x).softmax(1))
         if not self.training:

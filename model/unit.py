@@ -282,7 +282,7 @@ class UNITGenerator(nn.Module):
             src = out[f"x_{domain}{other}"]
             head = self.head(other)
             if isinstance(head, PaletteHead):  # eval paints a palette domain in exact colours
-                src = head.nearest(src.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+                src = head.snap(src)
             s = self.dec_shared(self.encode(src, other))
         return self._back(domain, s, src, "exp")
 

@@ -319,6 +319,7 @@ def test_palette_head_mixes_in_training_and_paints_the_nearest_colour_in_eval(sk
         mix = torch.einsum("bkhw,kc->bhwc", head.conv(head.pad(feats)).softmax(1), head.colours)
         nearest = ((mix.unsqueeze(3) - head.colours).pow(2).sum(-1)).argmin(-1)
         assert torch.equal(y, head.colours[nearest].permute(0, 3, 1, 2))
+        assert torch.equal(head.snap(mix.permute(0, 3, 1, 2)), y)  # the same rule on an NCHW image
         assert not torch.equal(nearest, head.conv(head.pad(feats)).argmax(1))  # not the largest logit
         # domain a has no palette: its tanh head paints many colours
         assert torch.unique(gen.translate(x_b, "b2a")).numel() > 100
