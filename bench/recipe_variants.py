@@ -28,6 +28,8 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                a translation cannot hide its source in colour changes too small to see
                (steganography: Chu et al. 2017, "CycleGAN, a master of steganography")
   cycle-noise-hi  the same with std 0.1 (13 levels)
+  detach-ba, detach-ab  the cycle half sees the photo translations (x_ba) or the map translations
+               (x_ab) detached: model.cycle_detach (both) on one side only
   skip-a-none, skip-a-norm, skip-a-highpass  with model.skip=image: only the map decoder sees the
                source image as it is; the aerial decoder sees nothing (none), the source with each
                channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
@@ -262,6 +264,15 @@ def _noise(std):
 def cycle_noise(unit, data=None, std=0.05) -> None:
     unit.gen.corrupt = _noise(std)
     unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+
+
+def cycle_detach(domains):
+    """model.cycle_detach (back-translation) for the listed domains' translations only (x_ba for
+    "a", x_ab for "b")."""
+    def apply(unit, data=None) -> None:
+        unit.gen.corrupt = lambda x, domain: x.detach() if domain in domains else x
+        unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+    return apply
 
 
 def _snap_through(head, x):
@@ -615,5 +626,6 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
+            "detach-ba": cycle_detach("a"), "detach-ab": cycle_detach("b"),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}

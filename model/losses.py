@@ -25,6 +25,28 @@ def kl(mu: torch.Tensor) -> torch.Tensor:
     return mu.float().pow(2).mean()
 
 
+def _opponent(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H*W]: each pixel's opponent colours (R - G, (R + G) / 2 - B), less the image's mean."""
+    r, g, b = x.float().flatten(2).unbind(1)
+    o = torch.stack([r - g, (r + g) / 2 - b], 1)
+    return o - o.mean(-1, keepdim=True)
+
+
+def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """1 - the Pearson correlation, over each image's pixels, between the opponent colours of a
+    source and of its translation (RGB, [B, 3, H, W]; per axis, averaged over axes and images):
+    0 when the translation's hue changes where and as its source's does, 2 when opposite.
+
+    Why: the unpaired objective leaves free which source colour goes to which target colour, and
+    a translator can settle on an order by brightness (a photo's dark parks and water painted in
+    a map's dark outline colour); where classes keep their hue across domains (green parks, blue
+    water) this prior breaks that tie. Invariant to each image's colour offset and scale.
+    """
+    s, d = _opponent(src), _opponent(dst)
+    corr = (s * d).sum(-1) / ((s.pow(2).sum(-1) + eps).sqrt() * (d.pow(2).sum(-1) + eps).sqrt())
+    return 1 - corr.mean()
+
+
 def _check(gan_type: str) -> None:
     if gan_type not in GAN_TYPES:
         raise ValueError(f"gan_type {gan_type!r} is not one of {GAN_TYPES}")

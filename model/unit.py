@@ -62,6 +62,8 @@ class UNITConfig:
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
     w_r1: float = 0.0          # R1 penalty in the D step (r1_loss); not in the paper or the official code
     expected: str = ""         # domains ("a", "b", "ab") whose translations an expected decoder paints (UNITGenerator._expected)
+    cycle_detach: bool = False  # the cycle half sees the translations detached: back-translation (UNITGenerator.forward)
+    w_hue: float = 0.0         # translations keep their source's hue where it changes (losses.hue_corr)
 
     def __post_init__(self):
         def bad(name, why):
@@ -81,7 +83,7 @@ class UNITConfig:
                               ("gan_type", losses.GAN_TYPES), ("skip", SKIPS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
-        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "w_r1"):
+        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "w_r1", "w_hue"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
@@ -91,8 +93,9 @@ class UNITConfig:
         if not isinstance(self.expected, str) or len(set(self.expected)) != len(self.expected) \
                 or not set(self.expected) <= {"a", "b"}:
             bad("expected", 'must be "", "a", "b" or "ab"')
-        if not isinstance(self.fused_upsample, bool):
-            bad("fused_upsample", "must be true or false")
+        for name in ("fused_upsample", "cycle_detach"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         for name in ("palette_a", "palette_b"):
             setattr(self, name, check_palette(name, getattr(self, name), self.channels))
         if self.image_size and self.image_size % (2 ** self.n_down):
@@ -167,6 +170,7 @@ class UNITGenerator(nn.Module):
             return encoder_front(cfg.channels, cfg.dim, cfg.n_down, own, cfg.norm, cfg.activ, cfg.pad_type)
 
         self.skip = cfg.skip == "image"
+        self.cycle_detach = cfg.cycle_detach
 
         for name in ("palette_a", "palette_b"):
             if getattr(cfg, name) == "auto":
@@ -252,14 +256,18 @@ class UNITGenerator(nn.Module):
         src = torch.cat([x_a, x_b]) if self.skip else None  # the image each z came from
         x_aa, x_ba = self._back("a", s, src).split(n)
         x_ab, x_bb = self._back("b", s, src).split(n)
+        # Back-translation (cycle_detach): the cycle then trains the generator that translates
+        # back on pseudo-pairs (x_ba, x_b) and (x_ab, x_a) and gives the one that translated no
+        # gradient, so that one cannot bend its translations to be easy to read back
+        c_ba, c_ab = (x_ba.detach(), x_ab.detach()) if self.cycle_detach else (x_ba, x_ab)
         # re-encode the translations: x_ba is an "a" image, x_ab a "b" image
-        mu2 = self.enc_shared(torch.cat([self.enc_a(x_ba), self.enc_b(x_ab)]))
+        mu2 = self.enc_shared(torch.cat([self.enc_a(c_ba), self.enc_b(c_ab)]))
         s2 = self.dec_shared(self.sample(mu2, n))
         s_ba, s_ab = s2.split(n)
         mu_a, mu_b = mu.split(n)
         mu_ba, mu_ab = mu2.split(n)
         out = {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-               "x_aba": self._back("a", s_ab, x_ab), "x_bab": self._back("b", s_ba, x_ba),
+               "x_aba": self._back("a", s_ab, c_ab), "x_bab": self._back("b", s_ba, c_ba),
                "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
         for d in self.expected:
             out[f"exp_{d}"] = self._expected(d, out)
@@ -368,6 +376,9 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
         # the expected decoders on their pseudo-pairs (UNITGenerator._expected)
         **{f"exp_{d}": (cfg.w_recon, losses.l1, out[f"exp_{d}"], x) for d, x in (("a", x_a), ("b", x_b))
            if d in cfg.expected},
+        # hue_a: the translation into a (x_ba) against its source x_b; only where asked for
+        **({"hue_a": (cfg.w_hue, losses.hue_corr, x_b, out["x_ba"]),
+            "hue_b": (cfg.w_hue, losses.hue_corr, x_a, out["x_ab"])} if cfg.w_hue else {}),
     }
     terms, total = {}, None
     for name, (w, fn, *args) in specs.items():

@@ -636,3 +636,67 @@ def test_r1_penalty_is_half_the_squared_input_gradient_on_real_images():
     total.backward()  # a double backward: it reaches the discriminators' weights, not the images
     assert all(p.grad is not None for p in unit.dis.parameters() if p.ndim == 4)
     assert r1_loss(unit.dis, x_a, x_b, tiny().cfg) == (None, {})
+
+
+# ---------------------------------------------------------------- back-translation and the hue prior
+def test_hue_corr_is_zero_for_the_same_hue_changes_and_two_for_opposite_ones():
+    x, _ = images(2, 16)
+    # each image's own colour offset and scale do not count: only where and how its hue changes
+    shifted = x * torch.tensor([0.3, 2.0]).view(2, 1, 1, 1) + torch.tensor([0.5, -0.2]).view(2, 1, 1, 1)
+    assert losses.hue_corr(x, x).item() == pytest.approx(0, abs=1e-5)
+    assert losses.hue_corr(x, shifted).item() == pytest.approx(0, abs=1e-5)
+    assert losses.hue_corr(x, -x).item() == pytest.approx(2, abs=1e-5)
+    # a grey translation (no hue at all) and an unrelated one sit in between
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    assert losses.hue_corr(x, grey).item() == pytest.approx(1, abs=1e-3)
+    assert 0.5 < losses.hue_corr(x, images(2, 16, seed=1)[0]).item() < 1.5
+    # by hand, one image of two pixels: opponent axes (R - G, (R + G) / 2 - B) less their mean
+    a = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]).view(1, 3, 1, 2)    # black, red
+    b = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).view(1, 3, 1, 2)    # black, green
+    # R - G: +1 against -1 (correlation -1); (R + G) / 2 - B: +0.5 against +0.5 (correlation +1)
+    assert losses.hue_corr(a, b).item() == pytest.approx(1, abs=1e-3)
+
+
+def test_w_hue_adds_its_terms_only_when_asked_for():
+    x_a, x_b = images(2, 32)
+    unit = tiny()
+    unit.dis.requires_grad_(False)
+    torch.manual_seed(1)
+    out = unit.gen(x_a, x_b)
+    base, terms = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    assert "hue_a" not in terms and "hue_b" not in terms
+    hue = UNITConfig(**{**unit.config(), "w_hue": 3.0})
+    loss, terms = generator_loss(out, x_a, x_b, unit.dis, hue)
+    want = losses.hue_corr(x_b, out["x_ba"]), losses.hue_corr(x_a, out["x_ab"])  # (source, translation)
+    assert terms["hue_a"].item() == pytest.approx(want[0].item()) and terms["hue_b"].item() == pytest.approx(want[1].item())
+    assert loss.item() == pytest.approx(base.item() + 3.0 * (want[0] + want[1]).item(), rel=1e-5)
+    for bad in (-1, "x", True):
+        with pytest.raises(ValueError, match="w_hue"):
+            UNITConfig(w_hue=bad)
+
+
+@pytest.mark.parametrize("skip", ["none", "image"])
+def test_cycle_detach_gives_the_translating_generator_no_cycle_gradient(skip):
+    """Back-translation: the same pass, but the cycle terms train only the generator that
+    translates back (and the shared layers through it); the one whose translation it reads gets
+    nothing from them, where without cycle_detach it does."""
+    x_a, x_b = images(2, 32)
+    got = {}
+    for detach in (False, True):
+        unit = tiny(skip=skip, cycle_detach=detach)
+        torch.manual_seed(1)
+        out = unit.gen(x_a, x_b)
+        got[detach] = {k: v.detach() for k, v in out.items()}
+        losses.l1(out["x_aba"], x_a).backward()  # the photos' cycle: x_a -> G_b -> x_ab -> G_a
+        g = grads(unit.gen)
+        dec_a = [v for k, v in g.items() if k.startswith("dec_a.")]
+        dec_b = [v for k, v in g.items() if k.startswith("dec_b.")]
+        assert all(v is not None and v.abs().sum() > 0 for v in dec_a)
+        if detach:
+            assert all(v is None or v.abs().sum() == 0 for v in dec_b)
+        else:
+            assert any(v is not None and v.abs().sum() > 0 for v in dec_b)
+    for k in got[False]:  # the forward values are the same
+        assert torch.equal(got[False][k], got[True][k]), k
+    with pytest.raises(ValueError, match="cycle_detach"):
+        UNITConfig(cycle_detach="yes")
