@@ -15,6 +15,13 @@ PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed
 EXTRAS      ?= test,onnx,s3,gcs
 INSTALLER   ?= uv
+# DeepSpeed's CPU ranks load a shared-memory all-reduce op it compiles on first use (about a
+# minute on 2 cores). Its build names the virtualenv's paths, so it lives in the virtualenv:
+# setup builds it once, and no launch (make demo, make test, make train) pays for it again.
+# The virtualenv's bin first on PATH for the build and the launches: ninja reads only its own
+# build log, so a build by another ninja (a system one) would be rebuilt by the next launch.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+VENV_PATH   := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 # make shards
 DEMO_DIR    ?= data/demo
@@ -55,6 +62,7 @@ $(STAMP): pyproject.toml
 	if [ "$(INSTALLER)" = uv ] && $(PIP) install --quiet uv \
 	   && $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode -e '.[$(EXTRAS)]'; then :; \
 	else $(PIP) install --quiet -e '.[$(EXTRAS)]'; fi
+	$(VENV_PATH) $(PY) -m launch.training.ops
 	touch $@
 
 demo-data: $(STAMP)
@@ -71,7 +79,7 @@ verify: $(STAMP)
 # Validate the config before any rank starts, then hand over to the DeepSpeed launcher.
 train: $(STAMP)
 	$(PY) -m launch.config $(CONFIG) $(ARGS) > /dev/null
-	$(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config $(CONFIG) $(ARGS)
+	$(VENV_PATH) $(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config $(CONFIG) $(ARGS)
 
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-data

@@ -8,7 +8,6 @@ and bring it back on the same port and store mid-run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -28,13 +27,13 @@ PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 #   alternating between them rebuilt the op on every other launch: every process the suite starts
 #   finds the virtualenv's tools first, whether or not `make test` runs with it activated.
 # - The compile command names the virtualenv's paths, so two checkouts (or a fresh clone) sharing
-#   ~/.cache/torch_extensions rebuilt it for each other: each virtualenv gets its own folder there
-#   (unless TORCH_EXTENSIONS_DIR is set already).
+#   ~/.cache/torch_extensions rebuilt it for each other: each virtualenv has its own folder, inside
+#   it, where `make setup` builds the op (launch/training/ops.py) and the Makefile points
+#   TORCH_EXTENSIONS_DIR (kept when set already).
 _BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = os.pathsep.join([_BIN, *filter(None, [os.environ.get("PATH")])])
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
-    Path.home() / ".cache" / "torch_extensions" / f"venv-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from trainutil import free_port, remove_deepspeed_shm  # noqa: E402  (after PATH; tests import it from here too)
 
