@@ -51,6 +51,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lr-d", type=float, default=None, help="default: --lr")
+    ap.add_argument("--schedule", choices=("constant", "warmup_decay"), default="constant",
+                    help="both learning rates as optim.schedule sets them in the trainer: warmup_decay rises "
+                         "linearly over --warmup steps, then falls linearly to 0 at the last step")
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps of --schedule warmup_decay")
     ap.add_argument("--d-steps", type=int, default=1, help="discriminator updates per generator update "
                                                           "(on the same iteration's fakes)")
     ap.add_argument("--ema", type=float, default=0.995)
@@ -220,6 +224,17 @@ def model_config(base: dict, overrides, stats: dict[str, DomainStats]) -> dict:
     return model
 
 
+def lr_factor(args, i: int) -> float:
+    """The learning rate's factor after `i` optimizer steps (DeepSpeed's WarmupDecayLR with a
+    linear warm-up, as launch/config.py asks for it)."""
+    if args.schedule == "constant":
+        return 1.0
+    warmup = max(1, args.warmup)  # as launch/config.py sets warmup_num_steps: the first step has lr 0
+    if i < warmup:
+        return i / warmup
+    return max(0.0, (args.steps - i) / max(1, args.steps - warmup))
+
+
 def train(args, data: dict) -> None:
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     model = model_config(DEMO_MODEL, args.overrides, stats)
@@ -233,13 +248,14 @@ def train(args, data: dict) -> None:
     opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
     opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
     ema, shadow = EMA(unit.gen, args.ema), copy.deepcopy(unit.gen)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(args, i)) for o in (opt_g, opt_d)]
     a, b = tensor(data["trainA"]), tensor(data["trainB"])
     rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
     # D loss of a discriminator that cannot tell: per scale 0.25 + 0.25 (LSGAN at 0.5), 2 ln 2 (NSGAN), 2 (hinge)
     per_scale = {"lsgan": 0.5, "nsgan": 2 * float(np.log(2)), "hinge": 2.0}[unit.cfg.gan_type]
     chance = per_scale * len(unit.dis.dis_a(a[:1]))
     print(f"model {model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
-          f"latent noise {args.noise}, {args.size}px", flush=True)
+          f"latent noise {args.noise}, {args.size}px, schedule {args.schedule} (warm-up {args.warmup})", flush=True)
     for step in range(1, args.steps + 1):
         x_a, x_b = a[rng.integers(len(a), size=args.batch)], b[rng.integers(len(b), size=args.batch)]
         # (the draws happen with --no-flip too: the same batches as the flipped run)
@@ -262,7 +278,7 @@ def train(args, data: dict) -> None:
         for _ in range(args.d_steps):
             loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
                                                  unit.cfg)
-            penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg)
+            penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg, step)
             if penalty is not None:
                 loss_d = loss_d + penalty
             if hasattr(unit.dis, "extra_loss"):  # a variant's own discriminator (bench/recipe_variants.py)
@@ -270,6 +286,8 @@ def train(args, data: dict) -> None:
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
+        for sched in scheds:
+            sched.step()
         ema.update(unit.gen)
         if args.avg_from and step >= args.avg_from:
             polyak = uniform_average(polyak if step > args.avg_from else None, unit.gen, step - args.avg_from)

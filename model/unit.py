@@ -61,6 +61,7 @@ class UNITConfig:
     w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
     w_r1: float = 0.0          # R1 penalty in the D step (r1_loss); not in the paper or the official code
+    r1_every: int = 1          # lazy R1 (StyleGAN2): the penalty in every r1_every-th D step only, weighted by it
     expected: str = ""         # domains ("a", "b", "ab") whose translations an expected decoder paints (UNITGenerator._expected)
     cycle_detach: bool = False  # the cycle half sees the translations detached: back-translation (UNITGenerator.forward)
     w_hue: float = 0.0         # translations keep their source's hue where it changes (losses.hue_corr)
@@ -69,7 +70,7 @@ class UNITConfig:
         def bad(name, why):
             raise ValueError(f"UNIT config: {name}={getattr(self, name)!r} {why}")
 
-        for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales"):
+        for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales", "r1_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("n_down", "n_shared", "dis_min_size", "dis_colour_octaves", "image_size"):
@@ -406,14 +407,16 @@ def r1_penalty(dis: nn.Module, real: torch.Tensor) -> torch.Tensor:
 
 
 def r1_loss(dis: UNITDiscriminator, x_a: torch.Tensor, x_b: torch.Tensor,
-            cfg: UNITConfig) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """w_r1 * (R1 of D_a on x_a + R1 of D_b on x_b), to add to the D step's loss; (None, {}) when
-    w_r1 is 0. Why: a discriminator that sees exact colours (dis_colour_octaves) grows steep input
-    gradients that swamp the generator's other losses; R1 keeps them flat on real images."""
-    if not cfg.w_r1:
+            cfg: UNITConfig, step: int = 1) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """w_r1 * r1_every * (R1 of D_a on x_a + R1 of D_b on x_b), to add to the D step's loss at the
+    1-based optimizer `step`; (None, {}) when w_r1 is 0 or `step` is not a multiple of r1_every.
+    Why: a discriminator that sees exact colours (dis_colour_octaves) grows steep input gradients
+    that swamp the generator's other losses; R1 keeps them flat on real images. Lazily (StyleGAN2,
+    Karras et al. 2020) it costs 1/r1_every of its double backward, the same penalty on average."""
+    if not cfg.w_r1 or step % cfg.r1_every:
         return None, {}
     r_a, r_b = r1_penalty(dis.dis_a, x_a), r1_penalty(dis.dis_b, x_b)
-    return cfg.w_r1 * (r_a + r_b), {"r1_a": r_a.detach(), "r1_b": r_b.detach()}
+    return cfg.w_r1 * cfg.r1_every * (r_a + r_b), {"r1_a": r_a.detach(), "r1_b": r_b.detach()}
 
 
 class UNIT(nn.Module):

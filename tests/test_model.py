@@ -638,6 +638,20 @@ def test_r1_penalty_is_half_the_squared_input_gradient_on_real_images():
     assert r1_loss(unit.dis, x_a, x_b, tiny().cfg) == (None, {})
 
 
+def test_lazy_r1_runs_every_kth_step_weighted_by_k():
+    from model.unit import r1_loss
+    unit, lazy = tiny(w_r1=2.0), tiny(w_r1=2.0, r1_every=4)
+    lazy.dis.load_state_dict(unit.dis.state_dict())
+    x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    every, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg, step=3)
+    assert [r1_loss(lazy.dis, x_a, x_b, lazy.cfg, step=s) for s in (1, 2, 3, 5)] == [(None, {})] * 4
+    on_4, _ = r1_loss(lazy.dis, x_a, x_b, lazy.cfg, step=4)
+    on_8, _ = r1_loss(lazy.dis, x_a, x_b, lazy.cfg, step=8)
+    assert torch.allclose(on_4, 4 * every) and torch.allclose(on_8, on_4) and float(every) > 0
+    with pytest.raises(ValueError, match="r1_every"):
+        tiny(r1_every=0)
+
+
 # ---------------------------------------------------------------- back-translation and the hue prior
 def test_hue_corr_is_zero_for_the_same_hue_changes_and_two_for_opposite_ones():
     x, _ = images(2, 16)

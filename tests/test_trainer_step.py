@@ -147,3 +147,12 @@ def test_colour_discriminator_and_r1_train_through_the_step(corpus, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in tr.unit.dis.state_dict().items())
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["d/r1_a"] > 0 and rec["d/r1_b"] > 0
+
+
+def test_lazy_r1_enters_the_d_step_on_every_kth_optimizer_step(corpus, tmp_path):
+    tr = make_trainer(corpus, tmp_path / "run", model={"preset": "tiny", "dis_colour_octaves": 4, "w_r1": 1.0,
+                                                       "r1_every": 4})
+    steps(tr, 4)  # metric lines at steps 2 and 4 (log_every 2)
+    rec2, rec4 = (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert (rec2["step"], rec4["step"]) == (2, 4)
+    assert "d/r1_a" not in rec2 and rec4["d/r1_a"] > 0 and rec4["d/r1_b"] > 0

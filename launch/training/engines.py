@@ -68,10 +68,11 @@ def all_finite(values, device) -> bool:
 
 
 def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | None = None,
-             poison: bool = False) -> StepResult | None:
+             poison: bool = False, step: int = 1) -> StepResult | None:
     """One UNIT iteration on one micro-batch; None when a loss was non-finite on any rank (nothing updated
     by that half of the step, and every rank made the same decision). `autocast`: the dtype the forward
-    passes run in (bf16), None for none; backward runs outside it, as torch.autocast asks."""
+    passes run in (bf16), None for none; backward runs outside it, as torch.autocast asks. `step`: the
+    1-based optimizer step this micro-batch belongs to (lazy R1 decides by it)."""
     from model.unit import discriminator_loss, generator_loss, r1_loss
 
     def amp():
@@ -98,7 +99,7 @@ def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | No
         preds = eng_d(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
         loss_d, terms_d = discriminator_loss(preds, ucfg)
     # R1 outside autocast: a double backward through the discriminators, in fp32
-    penalty, terms_r1 = r1_loss(dis, x_a, x_b, ucfg)
+    penalty, terms_r1 = r1_loss(dis, x_a, x_b, ucfg, step)
     if penalty is not None:
         loss_d, terms_d = loss_d + penalty, {**terms_d, **terms_r1}
     if not all_finite([loss_d], device):

@@ -323,7 +323,7 @@ def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> Ste
         x_a = normalize(batch["a"].to(tr.ranks.device, non_blocking=True), tr.dtype)
         x_b = normalize(batch["b"].to(tr.ranks.device, non_blocking=True), tr.dtype)
         result = gan_step(tr.eng_g, tr.eng_d, x_a, x_b, tr.unit.cfg, tr.ranks.device, autocast=tr.autocast,
-                          poison=tr.state.step + 1 in tr.nan_steps)
+                          poison=tr.state.step + 1 in tr.nan_steps, step=tr.state.step + 1)
         if result is None:
             return None
         meter.images += x_a.shape[0] + x_b.shape[0]
