@@ -10,6 +10,7 @@ a per-colour diagnosis of the a2b translations (how much of each map colour it g
 what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
+        [--schedule constant|warmup_decay [--warmup N]]
         [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--no-flip] [--variant NAME (bench/recipe_variants.py)]
         [--swd W [--swd-proj 16] [--swd-dirs a2b,b2a]] [--palette-freq W] [--r1 W] [model.key=value ...]
 """
