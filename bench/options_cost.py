@@ -1,8 +1,8 @@
 """What each model option costs per step: the demo model (configs/demo.yaml) against copies with one
 option changed, iterations interleaved in one process so load changes hit them alike.
 
-One iteration is the trainer's (G step on frozen discriminators, D step on the same fakes, R1 when
-due, fused Adam) on a batch of the demo corpus; the order of the variants rotates each round.
+One iteration is the trainer's (bench/step.py's step_ours: G step on frozen discriminators, D step on
+the same fakes, R1 when due; fused Adam) on a batch of the demo corpus; the order of the variants rotates each round.
 Prints ms per iteration (the median over blocks of 4 rounds of their mean: lazy R1 runs in one round
 of 4) and its ratio to the demo config's in the same rounds.
 
@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from launch.release.baselines import DomainStats  # noqa: E402
-from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
+from model.unit import UNIT  # noqa: E402
 from recipe import corpus, model_config, tensor  # noqa: E402
+from step import adam, step_ours  # noqa: E402
 
 DEFAULT_VARIANTS = ("no back-translation, no hue prior=cycle_detach:false,w_hue:0", "R1 every step=r1_every:1",
                     "no R1=w_r1:0", "no colour octaves=dis_colour_octaves:0", "1 residual block=n_res:1")
@@ -40,28 +41,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {k: yaml.safe_load(v) for k, v in (p.split(":", 1) for p in pairs.split(","))}
 
 
-def build(model: dict, size: int, lr: float):
+def build(model: dict, size: int):
     torch.manual_seed(0)
     unit = UNIT.from_config({**model, "image_size": size})
-    opt = lambda m: torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.999), fused=True)  # noqa: E731
-    return unit, opt(unit.gen), opt(unit.dis)
-
-
-def iteration(unit, opt_g, opt_d, x_a, x_b, step: int) -> None:
-    out = unit.gen(x_a, x_b)
-    unit.dis.requires_grad_(False)
-    loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    unit.dis.requires_grad_(True)
-    loss_d, _ = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()), unit.cfg)
-    penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg, step)
-    if penalty is not None:
-        loss_d = loss_d + penalty
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    return unit, adam(unit.gen, fused=True), adam(unit.dis, fused=True)
 
 
 def main(argv=None) -> int:
@@ -79,7 +62,7 @@ def main(argv=None) -> int:
     data = corpus(Path("/tmp/unit-recipe"), 1000, 100, size)
     stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
     variants = {"the config": {}} | dict(parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS))
-    runs = {name: build(model_config({**cfg["model"], **extra}, [], stats), size, cfg["optim"]["lr_g"])
+    runs = {name: build(model_config({**cfg["model"], **extra}, [], stats), size)
             for name, extra in variants.items()}
     a, b = tensor(data["trainA"]), tensor(data["trainB"])
     rng, times = np.random.default_rng(0), {name: [] for name in runs}
@@ -88,7 +71,7 @@ def main(argv=None) -> int:
         names = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
         for name in names:
             t0 = time.perf_counter()
-            iteration(*runs[name], x_a, x_b, step=r + 1)
+            step_ours(*runs[name], x_a, x_b, step=r + 1)
             times[name].append(time.perf_counter() - t0)
     def per_iteration(ts: list[float]) -> float:
         # lazy R1 runs in every 4th round: the median of 4-round means counts its share exactly

@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.networks import set_fast_paths, set_fused_upsample  # noqa: E402
-from model.unit import UNIT, discriminator_loss, generator_loss  # noqa: E402
+from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
 
 GOAL_RATIO = 0.6  # ours / reference, time per iteration (issue 16)
 # Dense bf16 tensor-core peaks, TFLOP/s (vendors' datasheets, no sparsity); first match wins.
@@ -78,9 +78,10 @@ def _update(loss, opt, scaler):
         scaler.update()
 
 
-def step_ours(unit, opt_g, opt_d, x_a, x_b, amp=contextlib.nullcontext, scalers=(None, None)):
+def step_ours(unit, opt_g, opt_d, x_a, x_b, amp=contextlib.nullcontext, scalers=(None, None), step: int = 1):
     """launch/training/engines.py's gan_step without DeepSpeed: the G step (discriminators frozen),
-    then the D step on the same iteration's detached translations."""
+    then the D step on the same iteration's detached translations, with R1 (outside autocast) at
+    the 1-based optimizer `step`s the config asks for."""
     cfg = unit.cfg
     unit.dis.requires_grad_(False)
     with amp():
@@ -91,6 +92,9 @@ def step_ours(unit, opt_g, opt_d, x_a, x_b, amp=contextlib.nullcontext, scalers=
     with amp():
         preds = unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
         loss_d, _ = discriminator_loss(preds, cfg)
+    penalty, _ = r1_loss(unit.dis, x_a, x_b, cfg, step)
+    if penalty is not None:
+        loss_d = loss_d + penalty
     _update(loss_d, opt_d, scalers[1])
     return loss_g.detach(), loss_d.detach()
 
