@@ -18,11 +18,13 @@ OUT/results/<run>.json; a rerun skips those (same steps), so an interrupted abla
 where it stopped.
 
     .venv/bin/python bench/ablation.py [--out $TMPDIR/unit-ablation] [--steps 200] [--seeds 3]
-        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--c2st-steps 200] [--report-only]
+        [--sweep-seeds 1] [--n-train 1000] [--n-test 100] [--threads 1] [--jobs 1] [--c2st-steps 200]
+        [--report-only]
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--n-test", type=int, default=100, help="paired demo test scenes")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training rank (shared machines: 1)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once, each its own one-rank launch (e.g. 2 on 2 cores with --threads 1)")
     ap.add_argument("--c2st-steps", type=int, default=200,
                     help="classifier steps of the two-sample test per translator and direction (0: off)")
     ap.add_argument("--report-only", action="store_true",
@@ -212,50 +216,72 @@ def tables(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def train_all(todo: list[dict], out: Path, args, steps: int, corpus: dict) -> list[dict]:
+    """Train and evaluate every run in todo, args.jobs at a time; each result cached as it finishes."""
+    from tqdm import tqdm
+
+    def one(run: dict) -> dict:
+        r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides, args.c2st_steps)
+        cached = out / "results" / f"{run['id']}.json"
+        tmp = cached.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        os.replace(tmp, cached)
+        return r
+
+    done = []
+    bar = tqdm(total=len(todo), desc="ablation", unit="run")
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(one, run) for run in todo]):
+            r = fut.result()
+            done.append(r)
+            bar.update(1)
+            ev = r["evaluation"]
+            tqdm.write(f"{r['id']}: a2b {ev['a2b']['pixel_acc']:.3f} (strongest baseline "
+                       f"{ev['a2b']['best_baseline']} {ev['a2b']['best_baseline_pixel_acc']:.3f}) "
+                       f"b2a {ev['b2a']['pixel_acc']:.3f} ({r['seconds']:.0f} s)")
+    bar.close()
+    return done
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.c2st_steps < 0:
         raise SystemExit("--c2st-steps must be >= 0")
-    from tqdm import tqdm
-
     import yaml
     out = Path(args.out).resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(args.config).read_text())
     steps = args.steps or cfg["train"]["max_steps"]
     t_start = time.perf_counter()
-    corpus = None  # made on the first run that needs training (--report-only needs none)
     runs = plan(args.seeds, args.sweep_seeds)
     m = cfg["model"]
+    # what the printed budget names, as the key=value overrides leave it
+    batch = cfg["data"]["batch_size"]
+    for o in args.overrides:
+        key, _, val = o.partition("=")
+        if key == "data.batch_size":
+            batch = val
+        elif key.startswith("model.") and key[6:] in ("dim", "n_res"):
+            m = {**m, key[6:]: val}
     per_run = steps / 1.7 + 25  # measured on one free core of the 2-core dev box at this size, plus launch/eval
-    print(f"budget: {len(runs)} runs x {steps} steps (batch {cfg['data']['batch_size']}, {args.size}x{args.size}, "
+    print(f"budget: {len(runs)} runs x {steps} steps (batch {batch}, {args.size}x{args.size}, "
           f"dim {m['dim']}, n_res {m['n_res']}, 1 CPU rank x {args.threads} thread(s)); about {per_run / 60:.1f} min "
-          f"a run on one free core (~1.7 steps/s + launch), so about {len(runs) * per_run / 60:.0f} min in all "
+          f"a run on one free core (~1.7 steps/s + launch), so about "
+          f"{len(runs) * per_run / 60 / max(1, args.jobs):.0f} min in all with {max(1, args.jobs)} at once "
           f"(more on a busy machine). Corpus: {args.n_train} train images per domain, {args.n_test} paired test "
           f"scenes. Output: {out}", flush=True)
-    results, ran = [], 0
-    bar = tqdm(runs, desc="ablation", unit="run")
-    for run in bar:
-        bar.set_postfix_str(run["id"])
+    results, todo = [], []
+    for run in runs:
         cached = out / "results" / f"{run['id']}.json"
-        if cached.is_file():
-            r = json.loads(cached.read_text())
-            if r.get("steps") == steps and r.get("model") == run["model"]:
-                results.append(r)
-                continue
-        if args.report_only:
-            continue
-        corpus = corpus or prepare_corpus(out, args.n_train, args.n_test, args.size)
-        r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides, args.c2st_steps)
-        tmp = cached.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(r, indent=1))
-        os.replace(tmp, cached)
-        results.append(r)
-        ran += 1
-        ev = r["evaluation"]
-        tqdm.write(f"{run['id']}: a2b {ev['a2b']['pixel_acc']:.3f} (strongest baseline {ev['a2b']['best_baseline']} "
-                   f"{ev['a2b']['best_baseline_pixel_acc']:.3f}) b2a {ev['b2a']['pixel_acc']:.3f} "
-                   f"({r['seconds']:.0f} s)")
+        r = json.loads(cached.read_text()) if cached.is_file() else None
+        if r is not None and r.get("steps") == steps and r.get("model") == run["model"]:
+            results.append(r)
+        elif not args.report_only:
+            todo.append(run)
+    if todo:
+        corpus = prepare_corpus(out, args.n_train, args.n_test, args.size)
+        results += train_all(todo, out, args, steps, corpus)
+    ran = len(todo)
     if not results:
         print(f"no finished runs in {out / 'results'} for {steps} steps")
         return 1
