@@ -230,9 +230,17 @@ def train_all(todo: list[dict], out: Path, args, steps: int, corpus: dict) -> li
 
     done = []
     bar = tqdm(total=len(todo), desc="ablation", unit="run")
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for fut in concurrent.futures.as_completed([pool.submit(one, run) for run in todo]):
-            r = fut.result()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one, run) for run in todo]
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                r = fut.result()
+            except BaseException:
+                # a failed run stops the ablation: the runs not yet started are dropped (the ones
+                # running finish and are cached), as the sequential loop stopped at the first failure
+                for f in futures:
+                    f.cancel()
+                raise
             done.append(r)
             bar.update(1)
             ev = r["evaluation"]
@@ -247,6 +255,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.c2st_steps < 0:
         raise SystemExit("--c2st-steps must be >= 0")
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
     import yaml
     out = Path(args.out).resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -267,7 +277,7 @@ def main(argv=None) -> int:
     print(f"budget: {len(runs)} runs x {steps} steps (batch {batch}, {args.size}x{args.size}, "
           f"dim {m['dim']}, n_res {m['n_res']}, 1 CPU rank x {args.threads} thread(s)); about {per_run / 60:.1f} min "
           f"a run on one free core (~1.7 steps/s + launch), so about "
-          f"{len(runs) * per_run / 60 / max(1, args.jobs):.0f} min in all with {max(1, args.jobs)} at once "
+          f"{len(runs) * per_run / 60 / args.jobs:.0f} min in all with {args.jobs} at once "
           f"(more on a busy machine). Corpus: {args.n_train} train images per domain, {args.n_test} paired test "
           f"scenes. Output: {out}", flush=True)
     results, todo = [], []
