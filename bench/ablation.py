@@ -220,12 +220,11 @@ def train_all(todo: list[dict], out: Path, args, steps: int, corpus: dict) -> li
     """Train and evaluate every run in todo, args.jobs at a time; each result cached as it finishes."""
     from tqdm import tqdm
 
+    from pipeline.atomic import write_json
+
     def one(run: dict) -> dict:
         r = train_and_evaluate(run, out, args.config, steps, corpus, args.threads, args.overrides, args.c2st_steps)
-        cached = out / "results" / f"{run['id']}.json"
-        tmp = cached.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(r, indent=1))
-        os.replace(tmp, cached)
+        write_json(out / "results" / f"{run['id']}.json", r)
         return r
 
     done = []
@@ -258,23 +257,21 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
     import yaml
+
+    from launch.config import ConfigError, apply_overrides
     out = Path(args.out).resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    # the config every run trains: the file with the key=value overrides on top, as the trainer reads it
+    try:
+        cfg = apply_overrides(yaml.safe_load(Path(args.config).read_text()), args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"{args.config}: {e}") from None
     steps = args.steps or cfg["train"]["max_steps"]
     t_start = time.perf_counter()
     runs = plan(args.seeds, args.sweep_seeds)
     m = cfg["model"]
-    # what the printed budget names, as the key=value overrides leave it
-    batch = cfg["data"]["batch_size"]
-    for o in args.overrides:
-        key, _, val = o.partition("=")
-        if key == "data.batch_size":
-            batch = val
-        elif key.startswith("model.") and key[6:] in ("dim", "n_res"):
-            m = {**m, key[6:]: val}
     per_run = steps / 1.7 + 25  # measured on one free core of the 2-core dev box at this size, plus launch/eval
-    print(f"budget: {len(runs)} runs x {steps} steps (batch {batch}, {args.size}x{args.size}, "
+    print(f"budget: {len(runs)} runs x {steps} steps (batch {cfg['data']['batch_size']}, {args.size}x{args.size}, "
           f"dim {m['dim']}, n_res {m['n_res']}, 1 CPU rank x {args.threads} thread(s)); about {per_run / 60:.1f} min "
           f"a run on one free core (~1.7 steps/s + launch), so about "
           f"{len(runs) * per_run / 60 / args.jobs:.0f} min in all with {args.jobs} at once "
