@@ -63,6 +63,14 @@ def test_deepspeed_config_takes_optimizer_and_batch_from_yaml():
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}
 
 
+def test_betas_override_reaches_the_optimizers():
+    # the README's tuning commands pass betas on the command line (optim.betas=[0.5,0.97])
+    cfg = load_config(None, ["optim.betas=[0.5,0.97]"], base=BASE)
+    assert _ds(cfg, {})["optimizer"]["params"]["betas"] == [0.5, 0.97]
+    with pytest.raises(ConfigError, match="betas"):
+        load_config(None, ["optim.betas=[0.5,1.0]"], base=BASE)
+
+
 @pytest.mark.parametrize("ds_json, named", [
     ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
