@@ -40,8 +40,8 @@ def parse_args(argv=None):
 
 
 def raw_weights(ckpt: Path) -> dict:
-    # DeepSpeed's public deepspeed.utils.zero_to_fp32 reads the same weights, but with
-    # torch.load(weights_only=False); this project loads tensors only
+    # DeepSpeed's public deepspeed.utils.zero_to_fp32 reads the same weights, but unpickles
+    # whole Python objects to do it; this project loads tensors only (weights_only=True below)
     return torch.load(ckpt / "G" / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
 
 
