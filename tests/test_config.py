@@ -54,20 +54,16 @@ def _ds(cfg, ds_json):
     return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=False, bf16_ok=False)
 
 
-def test_deepspeed_config_takes_optimizer_and_batch_from_yaml():
-    cfg = load_config(None, ["data.batch_size=6", "optim.lr_g=2e-4"], base=BASE)
+# no betas given: the paper's; given on the command line, as the README's tuning commands do: those
+@pytest.mark.parametrize("betas_override, betas", [([], [0.5, 0.999]), (["optim.betas=[0.5,0.97]"], [0.5, 0.97])])
+def test_deepspeed_config_takes_optimizer_and_batch_from_yaml(betas_override, betas):
+    cfg = load_config(None, ["data.batch_size=6", "optim.lr_g=2e-4", *betas_override], base=BASE)
     ds = _ds(cfg, {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0})
     assert ds["train_micro_batch_size_per_gpu"] == 6
     assert ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["optimizer"]["params"]["adam_w_mode"] is False  # "Adam" alone would mean AdamW
-    assert ds["optimizer"]["params"]["betas"] == [0.5, 0.999]
+    assert ds["optimizer"]["params"]["betas"] == betas
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}
-
-
-def test_betas_override_reaches_the_optimizers():
-    # the README's tuning commands pass betas on the command line (optim.betas=[0.5,0.97])
-    cfg = load_config(None, ["optim.betas=[0.5,0.97]"], base=BASE)
-    assert _ds(cfg, {})["optimizer"]["params"]["betas"] == [0.5, 0.97]
 
 
 @pytest.mark.parametrize("ds_json, named", [
