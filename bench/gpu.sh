@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One command for a GPU (make bench-gpu), a few minutes on one device:
-#   1. bench/step.py --gpu-matrix: one UNIT iteration (official preset, batch 8 per domain) in
+#   1. a 300-step training run per precision in TRAIN_PRECISIONS (default bf16) through the real
+#      launcher (deepspeed launch/train.py with train.precision=...) on a generated 128 px corpus,
+#      which must end with finite losses; first, as the pass/fail check of the GPU path;
+#   2. bench/step.py --gpu-matrix: one UNIT iteration (official preset, batch 8 per domain) in
 #      fp32 / bf16 / fp16 x torch.compile off / on, at 128 and 256 px: one table of images/s,
-#      ms/iteration, MFU (against the device's dense bf16 peak) and peak memory;
-#   2. a 300-step bf16 training run through the real launcher (deepspeed launch/train.py with
-#      train.precision=bf16) on a generated 128 px corpus, which must end with finite losses.
+#      ms/iteration, MFU (against the device's dense bf16 peak) and peak memory. Eager cases run
+#      first; with BUDGET_S, no case starts after that many seconds of the table (a compiled case
+#      spends tens of seconds compiling), and the cases left out are rows that say so.
 #
 #   bench/gpu.sh                      # PY=/path/to/python to use another interpreter
 #   SIZES="128" STEPS=100 bench/gpu.sh
+#   TRAIN_PRECISIONS="bf16 fp16" PRECISIONS="bf16 fp32 fp16" BUDGET_S=240 LOG_DIR=logs bench/gpu.sh
 #
 # Exit status: 0 all good; 1 a benchmark case failed or the training run did not reach a finite
 # loss; 2 no CUDA GPU (or no torch) here, said at once.
@@ -16,6 +20,10 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 SIZES="${SIZES:-128 256}"
 STEPS="${STEPS:-300}"
+TRAIN_PRECISIONS="${TRAIN_PRECISIONS:-bf16}"
+PRECISIONS="${PRECISIONS:-fp32 bf16 fp16}"
+BUDGET_S="${BUDGET_S:-0}"
+LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: removed with the work folder)
 
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "bench/gpu.sh: no Python at $PY (run make setup, or set PY=...)" >&2
@@ -41,51 +49,59 @@ echo "bench/gpu.sh on $gpu"
 status=0
 start=$SECONDS
 
-# ---------------------------------------------------------------- 1. precision x compile table
-# shellcheck disable=SC2086  # SIZES is a list of numbers
-"$PY" bench/step.py --gpu-matrix --sizes $SIZES || status=1
-
-# ---------------------------------------------------------------- 2. bf16 training, real launcher
+# ---------------------------------------------------------------- 1. training through the real launcher (first: the pass/fail check)
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo
-echo "bf16 training: $STEPS steps, official preset, 128 px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
+echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS), official preset, 128 px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
 "$PY" -m pipeline.demo --out "$work/demo" --n-train 512 --n-test 8 --size 128 --seed 0 >/dev/null
 "$PY" -m pipeline.shards --src-a "$work/demo/trainA" --src-b "$work/demo/trainB" --out "$work/shards" \
     --workers 4 --no-progress >/dev/null || [ $? -eq 3 ]
-cat >"$work/gpu.yaml" <<EOF
-run_dir: $work/run
+echo "| run | step reached | G loss | D loss | images/s (median of intervals) | non-finite steps | loss-scale skips G/D | data wait (median) | wall s (launch to exit) | finite loss |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+for precision in $TRAIN_PRECISIONS; do
+    cat >"$work/$precision.yaml" <<EOF
+run_dir: $work/run-$precision
 seed: 0
 data: {shards: $work/shards, image_size: 128, batch_size: 8, num_workers: 4}
 model: {preset: official}
-train: {max_steps: $STEPS, precision: bf16, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
+train: {max_steps: $STEPS, precision: $precision, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
 tracking: {enable: false}
 registry: {enable: false}
 EOF
-train_start=$SECONDS
-if ! "$PY" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config "$work/gpu.yaml" >"$work/train.log" 2>&1; then
-    echo "the training run failed; the end of its log:" >&2
-    tail -n 30 "$work/train.log" >&2
-    status=1
-fi
-train_s=$((SECONDS - train_start))
-"$PY" - "$work/run/metrics.jsonl" "$STEPS" "$train_s" <<'EOF' || status=1
+    train_start=$SECONDS
+    # the first launch on a machine also JIT-builds DeepSpeed's fused Adam (counted in its wall time)
+    if ! "$PY" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config "$work/$precision.yaml" \
+            >"$work/train-$precision.log" 2>&1; then
+        echo "the $precision training run failed; the end of its log:" >&2
+        tail -n 30 "$work/train-$precision.log" >&2
+        status=1
+    fi
+    if [ -n "$LOG_DIR" ]; then cp "$work/train-$precision.log" "$LOG_DIR/"; fi
+    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" <<'EOF' || status=1
 import json, math, sys
-path, steps, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, steps, seconds, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 try:
     rows = [json.loads(line) for line in open(path)]
 except OSError as e:
-    sys.exit(f"no metrics from the training run ({e})")
+    sys.exit(f"no metrics from the {precision} training run ({e})")
 last = rows[-1]
 losses = {k: last[k] for k in ("g/total", "d/total")}
 ok = last["step"] >= steps and all(math.isfinite(v) for v in losses.values())
-speed = sorted(r["images_per_s"] for r in rows[1:] or rows)[len(rows[1:] or rows) // 2]
-print(f"| run | step reached | G loss | D loss | images/s (median of intervals) | non-finite steps | wall s (launch to exit) | finite loss |")
-print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
-print(f"| bf16, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} | {losses['d/total']:.3f} "
-      f"| {speed:.0f} | {last.get('nonfinite_total', 0)} | {seconds} | {'yes' if ok else 'NO'} |")
+timed = rows[1:] or rows  # the first interval holds the start-up (and the first fused-Adam build)
+speed = sorted(r["images_per_s"] for r in timed)[len(timed) // 2]
+wait = sorted(r["data_wait_frac"] for r in timed)[len(timed) // 2]
+print(f"| {precision}, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
+      f"| {losses['d/total']:.3f} | {speed:.0f} | {last.get('nonfinite_total', 0)} "
+      f"| {last.get('skipped_steps_g', 0)}/{last.get('skipped_steps_d', 0)} | {100 * wait:.1f}% | {seconds} | {'yes' if ok else 'NO'} |")
 sys.exit(0 if ok else 1)
 EOF
+done
+
+echo
+# ---------------------------------------------------------------- 2. precision x compile table
+# shellcheck disable=SC2086  # SIZES is a list of numbers
+"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --budget-s "$BUDGET_S" || status=1
 
 echo
 echo "bench/gpu.sh: $((SECONDS - start)) s on $gpu; exit status $status (0: every case ran and the training loss is finite)"

@@ -28,12 +28,14 @@ of one iteration of ours goes (torch.profiler, self CPU time by kind of operatio
 
     .venv/bin/python bench/step.py [--preset official] [--size 64] [--dim 32] [--batch 8]
                                    [--threads 2] [--repeats 7] [--warmup 2] [--profile]
-    .venv/bin/python bench/step.py --gpu-matrix [--sizes 128 256] [--batch 8] [--dim 64]
+    .venv/bin/python bench/step.py --gpu-matrix [--sizes 128 256] [--batch 8] [--dim 64] [--budget-s 200]
 
 --gpu-matrix (bench/gpu.sh) runs ours on one CUDA GPU in fp32 / bf16 (autocast) / fp16 (autocast
 and a gradient scaler per optimizer), torch.compile off and on, at each size, and prints one
 table: images/s (both domains), ms/iteration, MFU (achieved FLOP/s over the device's dense bf16
-peak, from a small table of known devices) and peak memory.
+peak, from a small table of known devices) and peak memory. Eager cases run first; --budget-s
+starts no case after that many seconds (one compiled case took 208 s to compile on an H200's
+16-core host) and reports the cases it left out as rows that say so.
 """
 from __future__ import annotations
 
@@ -428,24 +430,38 @@ def gpu_main(args) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (a dry run of the GPU table)"
     peak = gpu_peak(name) if dev.type == "cuda" else None
     torch.manual_seed(0)
-    rows = []
+    bases, flops, results = {}, {}, {}
     for size in args.sizes:
-        base = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
+        bases[size] = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
         x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
-        flops = count_flops(step_ours, copy.deepcopy(base).to(dev), *x)
-        for precision in args.precisions:
-            for compiled in args.compile:
-                try:
-                    r = gpu_case(base, dev, size, args.batch, precision, compiled, args.repeats, args.warmup)
-                except Exception as e:  # one failing case (a compile error, out of memory) is a row, not the end
-                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
-                rows.append((size, precision, compiled, flops, r))
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                print(f"  {size} px {precision} compile={'on' if compiled else 'off'}: "
-                      + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r["error"]), flush=True)
+        flops[size] = count_flops(step_ours, copy.deepcopy(bases[size]).to(dev), *x)
+    # Every eager case first, then the compiled ones: the eager rows take seconds, a compiled row
+    # its compilation (tens of seconds), so a --budget-s cut leaves the cheap rows measured.
+    cases = [(size, precision, compiled) for compiled in args.compile
+             for size in args.sizes for precision in args.precisions]
+    t_start = time.perf_counter()
+    for size, precision, compiled in cases:
+        spent = time.perf_counter() - t_start
+        if args.budget_s and spent > args.budget_s:
+            r = {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
+        else:
+            try:
+                r = gpu_case(bases[size], dev, size, args.batch, precision, compiled, args.repeats, args.warmup)
+            except Exception as e:  # one failing case (a compile error, out of memory) is a row, not the end
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        results[size, precision, compiled] = r
+        print(f"  {size} px {precision} compile={'on' if compiled else 'off'}: "
+              + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r.get("error") or r["skipped"]), flush=True)
+    rows = [(size, precision, compiled, flops[size], results[size, precision, compiled])
+            for size in args.sizes for precision in args.precisions for compiled in args.compile]
     print_gpu_table(args, name, peak, rows)
-    return 0 if all("s" in r and r["finite"] for *_, r in rows) else 1
+    skipped = sum("skipped" in r for *_, r in rows)
+    if skipped:
+        print(f"{skipped} of {len(rows)} cases not run: over --budget-s {args.budget_s:.0f}")
+    # a case cut by the budget is reported, not failed; one that ran must have finite losses
+    return 0 if all("skipped" in r or ("s" in r and r["finite"]) for *_, r in rows) else 1
 
 
 def print_gpu_table(args, name, peak, rows):
@@ -459,8 +475,8 @@ def print_gpu_table(args, name, peak, rows):
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, precision, compiled, flops, r in rows:
         head = f"| {size} | {precision} | {'on' if compiled else 'off'} "
-        if "error" in r:
-            print(head + f"| failed: {r['error']} | | | | | | |")
+        if "error" in r or "skipped" in r:
+            print(head + f"| {'failed: ' + r['error'] if 'error' in r else r['skipped']} | | | | | | |")
             continue
         tflops = flops / r["s"] / 1e12
         mfu = f"{tflops * 1e12 / peak:.3f}" if peak else "n/a (unknown device)"
@@ -484,6 +500,8 @@ def main(argv=None):
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", nargs="+", type=lambda v: {"off": False, "on": True}[v], default=[False, True],
                     metavar="{off,on}", help="torch.compile settings of --gpu-matrix")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="--gpu-matrix: start no case after this many seconds (0: no limit); eager cases run first")
     ap.add_argument("--device", default="cuda", help="--gpu-matrix's device (cpu: a dry run of the code)")
     args = ap.parse_args(argv)
     gpu = args.gpu_matrix

@@ -6,17 +6,23 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import random
 from dataclasses import dataclass
 
-import albumentations as A
-import albumentations.augmentations.crops.functional as FC
-import albumentations.augmentations.geometric.functional as FG
-import cv2
-import numpy as np
-from PIL import Image
+# albumentations asks PyPI for a newer version when imported, from every rank and loader worker;
+# training nodes are often offline (an H200 node here printed "urlopen error ... name resolution"
+# from each rank). A user who wants the check sets the variable to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.images import MAX_PIXELS  # default decode cap: what `make shards --max-pixels` accepts
+import albumentations as A  # noqa: E402
+import albumentations.augmentations.crops.functional as FC  # noqa: E402
+import albumentations.augmentations.geometric.functional as FG  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.images import MAX_PIXELS  # noqa: E402  # default decode cap: what `make shards --max-pixels` accepts
 
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 

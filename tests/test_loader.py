@@ -287,3 +287,26 @@ def test_shard_larger_than_the_cache_is_not_cached(out, tmp_path):
     assert state["stats"]["retries"] == 0 and small.stats["retries"] == 0
     with pytest.raises(ValueError, match="cache_bytes"):
         UnpairedLoader(local, out, cache_dir=str(cache), cache_bytes=0, **kw)
+
+
+def test_importing_the_augmentations_asks_no_server_for_albumentations_updates():
+    # albumentations looks up its latest version on PyPI at import, from every rank and loader
+    # worker; offline nodes (an H200 node here) printed a name-resolution error from each rank
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import urllib.request as r\n"
+             "calls = []\n"
+             "r.build_opener = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
+             "import pipeline.augment, os\n"
+             "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1"], out.stdout
+    # a user who wants the check still gets it
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env={**env, "NO_ALBUMENTATIONS_UPDATE": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "0"], out.stdout + out.stderr

@@ -1,8 +1,13 @@
-"""launch/training/ops.py: `make setup` builds DeepSpeed's CPU op where the launches load it."""
+"""launch/training/ops.py: `make setup` builds DeepSpeed's CPU op where the launches load it; GPU ranks
+hand DeepSpeed's fused-Adam build an architecture list it can parse."""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from launch.training.ops import deepspeed_arch_list, fix_cuda_arch_list
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,3 +21,32 @@ def test_prebuild_puts_the_shm_op_where_launches_look():
     assert out.returncode == 0, out.stderr
     assert f"deepspeed_shm_comm ready in {where}" in out.stdout, out.stdout + out.stderr
     assert (where / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+
+
+@pytest.mark.parametrize("given, wanted", [
+    ("9.0a", "9.0"),                                  # the H200 image's value that broke every GPU rank
+    ("8.0;9.0a 10.0f+PTX", "8.0;9.0;10.0+PTX"),       # both separators; +PTX kept
+    ("9.0 9.0a", "9.0"),                              # duplicates once rewritten
+    ("8.6", "8.6"),
+])
+def test_arch_list_becomes_one_deepspeeds_builder_parses(given, wanted, monkeypatch):
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, importable on CPU
+
+    assert deepspeed_arch_list(given) == wanted
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True  # what a launch does: the arch list comes from TORCH_CUDA_ARCH_LIST
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", wanted)
+    builder.compute_capability_args()  # raised ValueError("... '0a'") on the unfixed H200 value
+    if wanted != given.replace(" ", ";"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+        with pytest.raises(ValueError):
+            builder.compute_capability_args()
+
+
+def test_fix_cuda_arch_list_rewrites_only_what_deepspeed_cannot_read():
+    env = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
+    note = fix_cuda_arch_list(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and "'9.0a' -> '9.0'" in note
+    for untouched in ({"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}, {"TORCH_CUDA_ARCH_LIST": "8.0 9.0"}, {}):
+        before = dict(untouched)
+        assert fix_cuda_arch_list(untouched) is None and untouched == before

@@ -5,13 +5,47 @@ starts (about a minute on 2 cores), and caches it under TORCH_EXTENSIONS_DIR. `m
 this module so that cost is paid once, at setup, and not by the first `make demo` or test launch;
 the Makefile points TORCH_EXTENSIONS_DIR into the virtualenv, whose paths the build names.
 
+On GPU ranks DeepSpeed JIT-builds its fused Adam at the first launch. Its builder (0.19) parses
+TORCH_CUDA_ARCH_LIST as plain numbers and fails on the architecture-specific suffixes CUDA images
+set (seen on an H200 image: TORCH_CUDA_ARCH_LIST=9.0a ended every rank with "invalid literal for
+int() with base 10: '0a'"); `deepspeed_arch_list` gives the list DeepSpeed can read.
+
     python -m launch.training.ops
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
+
+# "9.0", "9.0a", "10.0f", "9.0a+PTX": major.minor, an optional family/arch-specific letter, +PTX
+_ARCH = re.compile(r"^(\d+)\.(\d+)[a-z]?(\+PTX)?$", re.IGNORECASE)
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's op builder can parse it: each "9.0a" / "10.0f" becomes
+    "9.0" / "10.0" (+PTX kept), duplicates dropped, order kept. Entries it cannot read (names such
+    as "Hopper") stay as they are, for DeepSpeed to report. The ops it builds (fused Adam) use no
+    architecture-specific instructions, so the plain targets lose nothing."""
+    out: list[str] = []
+    for entry in value.replace(";", " ").split():
+        m = _ARCH.match(entry)
+        fixed = f"{m.group(1)}.{m.group(2)}{'+PTX' if m.group(3) else ''}" if m else entry
+        if fixed not in out:
+            out.append(fixed)
+    return ";".join(out)
+
+
+def fix_cuda_arch_list(environ=os.environ) -> str | None:
+    """Rewrite TORCH_CUDA_ARCH_LIST in `environ` for DeepSpeed's JIT builds (see the module
+    docstring); a line saying what changed, or None when nothing did."""
+    given = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not given or deepspeed_arch_list(given) == given.replace(" ", ";"):
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(given)
+    return (f"TORCH_CUDA_ARCH_LIST={given!r} -> {environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's JIT-built "
+            "fused Adam (its builder cannot parse architecture suffixes)")
 
 
 def prebuild() -> str:

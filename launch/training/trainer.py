@@ -45,6 +45,7 @@ from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
 from launch.training.engines import (StepResult, build_engines, compile_networks, gan_step, mean_across_ranks,
                                      skipped_steps, step_dtypes)
+from launch.training.ops import fix_cuda_arch_list
 from launch.training.palette import model_with_palettes
 from launch.training.samples import held_out_batch, sample_rows, save_grid
 from launch.training.watchdog import StallWatchdog
@@ -180,6 +181,9 @@ def init_ranks(cfg: Config) -> Ranks:
     accel = get_accelerator()
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        note = fix_cuda_arch_list()  # before the engines JIT-build DeepSpeed's fused Adam
+        if note and dist.get_rank() == 0:
+            print(note, flush=True)
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), device=torch.device(accel.current_device_name()),
                  device_name=accel.device_name(), bf16_ok=accel.device_name() == "cuda" and native_bf16())
 

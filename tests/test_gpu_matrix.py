@@ -1,0 +1,30 @@
+"""bench/step.py --gpu-matrix, run as its CPU dry run (--device cpu): the table bench/gpu.sh prints,
+and --budget-s, which leaves out the cases that would start too late and says so in their rows."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "off",
+         "--repeats", "1", "--warmup", "0"]
+
+
+def matrix(*extra):
+    out = subprocess.run([sys.executable, "bench/step.py", "--gpu-matrix", *SMALL, *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 |")]
+    return out, rows
+
+
+def test_every_case_is_a_measured_row_without_a_budget():
+    out, rows = matrix()
+    assert out.returncode == 0, out.stderr
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "bf16"]
+    assert all(r.rstrip().endswith("| yes |") for r in rows), rows  # losses finite
+
+
+def test_cases_past_the_budget_are_rows_that_say_so_and_do_not_fail_the_run():
+    out, rows = matrix("--budget-s", "1e-9")  # spent before the first case already
+    assert out.returncode == 0, out.stderr
+    assert len(rows) == 2 and all("not run:" in r and "over --budget-s" in r for r in rows), rows
+    assert "2 of 2 cases not run" in out.stdout
