@@ -8,6 +8,9 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,10 +295,6 @@ def test_shard_larger_than_the_cache_is_not_cached(out, tmp_path):
 def test_importing_the_augmentations_asks_no_server_for_albumentations_updates():
     # albumentations looks up its latest version on PyPI at import, from every rank and loader
     # worker; offline nodes (an H200 node here) printed a name-resolution error from each rank
-    import subprocess
-    import sys
-    from pathlib import Path
-
     probe = ("import urllib.request as r\n"
              "calls = []\n"
              "r.build_opener = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
