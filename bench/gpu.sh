@@ -7,7 +7,9 @@
 #      fp32 / bf16 / fp16 x torch.compile off / on, at 128 and 256 px: one table of images/s,
 #      ms/iteration, MFU (against the device's dense bf16 peak) and peak memory. Eager cases run
 #      first; with BUDGET_S, no case starts after that many seconds of the table (a compiled case
-#      spends tens of seconds compiling), and the cases left out are rows that say so.
+#      spends minutes compiling), and the cases left out are rows that say so. Then where an eager
+#      bf16 iteration goes (kernel launches, CPU against GPU time: torch.profiler) and eager
+#      channels-last / cudnn.benchmark variants.
 #
 #   bench/gpu.sh                      # PY=/path/to/python to use another interpreter
 #   SIZES="128" STEPS=100 bench/gpu.sh
@@ -101,7 +103,8 @@ done
 echo
 # ---------------------------------------------------------------- 2. precision x compile table
 # shellcheck disable=SC2086  # SIZES is a list of numbers
-"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --budget-s "$BUDGET_S" || status=1
+"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --budget-s "$BUDGET_S" --profile --layouts \
+    || status=1
 
 echo
 echo "bench/gpu.sh: $((SECONDS - start)) s on $gpu; exit status $status (0: every case ran and the training loss is finite)"

@@ -389,22 +389,31 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def gpu_case(base, dev, size, batch, precision, compiled, iters, warmup):
-    """One row of the GPU table: ms/iter (median), peak memory, warm-up seconds (compilation included)."""
+def gpu_setup(base, dev, size, batch, precision, channels_last=False):
+    """A copy of `base` on `dev` with its Adams, autocast, loss scalers and one batch per domain."""
     unit = copy.deepcopy(base).to(dev)
-    if compiled:
-        unit.gen.compile()
-        for child in unit.dis.children():
-            child.compile()
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     def amp():
         return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
 
     scalers = (torch.amp.GradScaler(dev.type), torch.amp.GradScaler(dev.type)) if precision == "fp16" else (None, None)
-    og, od = adam(unit.gen, True), adam(unit.dis, True)
     g = torch.Generator(device=dev).manual_seed(0)
     x_a, x_b = (torch.rand(batch, 3, size, size, device=dev, generator=g) * 2 - 1 for _ in range(2))
+    if channels_last:
+        unit = unit.to(memory_format=torch.channels_last)
+        x_a, x_b = (t.contiguous(memory_format=torch.channels_last) for t in (x_a, x_b))
+    return unit, amp, scalers, x_a, x_b
+
+
+def gpu_case(base, dev, size, batch, precision, compiled, iters, warmup, channels_last=False):
+    """One row of the GPU table: ms/iter (median), peak memory, warm-up seconds (compilation included)."""
+    unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision, channels_last)
+    if compiled:
+        unit.gen.compile()
+        for child in unit.dis.children():
+            child.compile()
+    og, od = adam(unit.gen, True), adam(unit.dis, True)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -457,11 +466,68 @@ def gpu_main(args) -> int:
     rows = [(size, precision, compiled, flops[size], results[size, precision, compiled])
             for size in args.sizes for precision in args.precisions for compiled in args.compile]
     print_gpu_table(args, name, peak, rows)
+    if args.profile:
+        gpu_profile(bases[args.sizes[0]], dev, args.sizes[0], args.batch, "bf16")
+    if args.layouts:
+        gpu_layouts(args, dev)
     skipped = sum("skipped" in r for *_, r in rows)
     if skipped:
         print(f"{skipped} of {len(rows)} cases not run: over --budget-s {args.budget_s:.0f}")
     # a case cut by the budget is reported, not failed; one that ran must have finite losses
     return 0 if all("skipped" in r or ("s" in r and r["finite"]) for *_, r in rows) else 1
+
+
+def gpu_profile(base, dev, size, batch, precision, steps=3):
+    """Is the eager step bound by the GPU or by the CPU that launches its kernels? torch.profiler
+    over `steps` iterations: kernel launches, CPU and device time per iteration, top operations."""
+    from torch.profiler import ProfilerActivity, profile
+    unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision)
+    og, od = adam(unit.gen, True), adam(unit.dis, True)
+    for _ in range(2):
+        step_ours(unit, og, od, x_a, x_b, amp, scalers)
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step_ours(unit, og, od, x_a, x_b, amp, scalers)
+        _sync(dev)
+    events = prof.key_averages()
+
+    def dev_time(e):  # self_device_time_total in newer torch, self_cuda_time_total before
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
+    cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    dev_ms = sum(dev_time(e) for e in events) / steps / 1e3
+    print(f"\nWhere one eager iteration goes ({size} px, {precision}; torch.profiler over {steps} iterations): "
+          f"{launches / steps:.0f} kernel launches, {cpu_ms:.0f} ms of CPU time and {dev_ms:.0f} ms of "
+          f"{dev.type} kernel time per iteration ("
+          + ("a CPU dry run: no device time" if dev.type == "cpu" else
+             "bound by the CPU that launches the kernels" if cpu_ms > dev_ms else "bound by the device") + ")")
+    print("| operation | calls per iteration | device ms per iteration | CPU ms per iteration |\n| --- | --- | --- | --- |")
+    for e in sorted(events, key=lambda e: -(dev_time(e) or e.self_cpu_time_total))[:10]:
+        print(f"| {e.key[:70]} | {e.count / steps:.0f} | {dev_time(e) / steps / 1e3:.1f} | "
+              f"{e.self_cpu_time_total / steps / 1e3:.1f} |")
+
+
+def gpu_layouts(args, dev):
+    """Eager bf16 and fp32 with channels-last weights and inputs and with cudnn.benchmark, each
+    against the plain case in the same loop: does either cut the launch-bound step?"""
+    print(f"\nEager layouts (median of {args.repeats} after {args.warmup} warm-up)\n"
+          "| px | precision | channels-last | cudnn.benchmark | ms/iter |\n| --- | --- | --- | --- | --- |")
+    before = torch.backends.cudnn.benchmark
+    try:
+        for size in args.sizes:
+            base = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
+            for precision in ("bf16", "fp32"):
+                for cl in (False, True):
+                    for bench in (False, True):
+                        torch.backends.cudnn.benchmark = bench
+                        r = gpu_case(base, dev, size, args.batch, precision, False, args.repeats, args.warmup, cl)
+                        print(f"| {size} | {precision} | {'yes' if cl else 'no'} | {'on' if bench else 'off'} "
+                              f"| {r['s'] * 1e3:.1f} |", flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def print_gpu_table(args, name, peak, rows):
@@ -494,7 +560,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 on CPU, 20 on GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2 on CPU, 3 on GPU)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--profile", action="store_true", help="also: where one iteration of ours spends its time")
+    ap.add_argument("--profile", action="store_true", help="also: where one iteration of ours spends its time "
+                    "(with --gpu-matrix: kernel launches, CPU and device time of an eager bf16 iteration)")
+    ap.add_argument("--layouts", action="store_true", help="--gpu-matrix: also eager bf16/fp32 with channels-last "
+                    "and cudnn.benchmark")
     ap.add_argument("--gpu-matrix", action="store_true", help="the fp32/bf16/fp16 x compile table on a CUDA GPU")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes of --gpu-matrix")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])

@@ -28,3 +28,13 @@ def test_cases_past_the_budget_are_rows_that_say_so_and_do_not_fail_the_run():
     assert out.returncode == 0, out.stderr
     assert len(rows) == 2 and all("not run:" in r and "over --budget-s" in r for r in rows), rows
     assert "2 of 2 cases not run" in out.stdout
+
+
+def test_profile_and_layouts_print_their_tables():
+    out, _ = matrix("--profile", "--layouts")
+    assert out.returncode == 0, out.stderr
+    assert "Where one eager iteration goes (16 px, bf16" in out.stdout and "a CPU dry run" in out.stdout
+    assert "| aten::convolution_backward |" in out.stdout  # the top operations, by time
+    layout_rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 | bf16 | ") or
+                   line.startswith("| 16 | fp32 | ")]
+    assert len(layout_rows) == 2 + 8  # the matrix's two rows, then 2 precisions x 2 layouts x 2 cudnn settings
