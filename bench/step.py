@@ -390,7 +390,8 @@ def _sync(dev: torch.device) -> None:
 
 
 def gpu_setup(base, dev, size, batch, precision, channels_last=False):
-    """A copy of `base` on `dev` with its Adams, autocast, loss scalers and one batch per domain."""
+    """A copy of `base` on `dev`, its autocast and fp16 loss scalers, and one batch per domain
+    (weights and inputs channels-last if asked)."""
     unit = copy.deepcopy(base).to(dev)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
