@@ -14,6 +14,7 @@
 #   bench/gpu.sh                      # PY=/path/to/python to use another interpreter
 #   SIZES="128" STEPS=100 bench/gpu.sh
 #   TRAIN_PRECISIONS="bf16 fp16" PRECISIONS="bf16 fp32 fp16" BUDGET_S=240 LOG_DIR=logs bench/gpu.sh
+#   TRAIN_COMPILE=true TRAIN_PRECISIONS=bf16 SIZES=128 PRECISIONS=bf16 BUDGET_S=1 bench/gpu.sh
 #
 # Exit status: 0 all good; 1 a benchmark case failed or the training run did not reach a finite
 # loss; 2 no CUDA GPU (or no torch) here, said at once.
@@ -25,6 +26,7 @@ STEPS="${STEPS:-300}"
 TRAIN_PRECISIONS="${TRAIN_PRECISIONS:-bf16}"
 PRECISIONS="${PRECISIONS:-fp32 bf16 fp16}"
 BUDGET_S="${BUDGET_S:-0}"
+TRAIN_COMPILE="${TRAIN_COMPILE:-false}"   # true: the training runs use train.compile (minutes of compile first)
 LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: removed with the work folder)
 
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -55,7 +57,7 @@ start=$SECONDS
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo
-echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS), official preset, 128 px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
+echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset, 128 px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
 "$PY" -m pipeline.demo --out "$work/demo" --n-train 512 --n-test 8 --size 128 --seed 0 >/dev/null
 "$PY" -m pipeline.shards --src-a "$work/demo/trainA" --src-b "$work/demo/trainB" --out "$work/shards" \
     --workers 4 --no-progress >/dev/null || [ $? -eq 3 ]
@@ -67,7 +69,7 @@ run_dir: $work/run-$precision
 seed: 0
 data: {shards: $work/shards, image_size: 128, batch_size: 8, num_workers: 4}
 model: {preset: official}
-train: {max_steps: $STEPS, precision: $precision, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
+train: {max_steps: $STEPS, precision: $precision, compile: $TRAIN_COMPILE, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
 tracking: {enable: false}
 registry: {enable: false}
 EOF
@@ -80,9 +82,11 @@ EOF
         status=1
     fi
     if [ -n "$LOG_DIR" ]; then cp "$work/train-$precision.log" "$LOG_DIR/"; fi
-    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" <<'EOF' || status=1
+    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" \
+        <<'EOF' || status=1
 import json, math, sys
 path, steps, seconds, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+run = precision + (", train.compile" if sys.argv[5] == "true" else "")
 try:
     rows = [json.loads(line) for line in open(path)]
 except OSError as e:
@@ -93,7 +97,7 @@ ok = last["step"] >= steps and all(math.isfinite(v) for v in losses.values())
 timed = rows[1:] or rows  # the first interval holds the start-up (and the first fused-Adam build)
 speed = sorted(r["images_per_s"] for r in timed)[len(timed) // 2]
 wait = sorted(r["data_wait_frac"] for r in timed)[len(timed) // 2]
-print(f"| {precision}, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
+print(f"| {run}, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
       f"| {losses['d/total']:.3f} | {speed:.0f} | {last.get('nonfinite_total', 0)} "
       f"| {last.get('skipped_steps_g', 0)}/{last.get('skipped_steps_d', 0)} | {100 * wait:.1f}% | {seconds} | {'yes' if ok else 'NO'} |")
 sys.exit(0 if ok else 1)
