@@ -446,7 +446,7 @@ def gpu_main(args) -> int:
         x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
         flops[size] = count_flops(step_ours, copy.deepcopy(bases[size]).to(dev), *x)
     # Every eager case first, then the compiled ones: the eager rows take seconds, a compiled row
-    # its compilation (tens of seconds), so a --budget-s cut leaves the cheap rows measured.
+    # its compilation (208 s for one on an H200's host), so a --budget-s cut leaves the cheap rows.
     cases = [(size, precision, compiled) for compiled in args.compile
              for size in args.sizes for precision in args.precisions]
     t_start = time.perf_counter()
@@ -470,7 +470,7 @@ def gpu_main(args) -> int:
     if args.profile:
         gpu_profile(bases[args.sizes[0]], dev, args.sizes[0], args.batch, "bf16")
     if args.layouts:
-        gpu_layouts(args, dev)
+        gpu_layouts(args, dev, bases)
     skipped = sum("skipped" in r for *_, r in rows)
     if skipped:
         print(f"{skipped} of {len(rows)} cases not run: over --budget-s {args.budget_s:.0f}")
@@ -494,8 +494,8 @@ def gpu_profile(base, dev, size, batch, precision, steps=3):
         _sync(dev)
     events = prof.key_averages()
 
-    def dev_time(e):  # self_device_time_total in newer torch, self_cuda_time_total before
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    def dev_time(e):
+        return e.self_device_time_total  # 0 for operations that run no kernel (and on CPU)
 
     launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
@@ -511,15 +511,14 @@ def gpu_profile(base, dev, size, batch, precision, steps=3):
               f"{e.self_cpu_time_total / steps / 1e3:.1f} |")
 
 
-def gpu_layouts(args, dev):
+def gpu_layouts(args, dev, bases):
     """Eager bf16 and fp32 with channels-last weights and inputs and with cudnn.benchmark, each
     against the plain case in the same loop: does either cut the launch-bound step?"""
     print(f"\nEager layouts (median of {args.repeats} after {args.warmup} warm-up)\n"
           "| px | precision | channels-last | cudnn.benchmark | ms/iter |\n| --- | --- | --- | --- | --- |")
     before = torch.backends.cudnn.benchmark
     try:
-        for size in args.sizes:
-            base = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
+        for size, base in bases.items():
             for precision in ("bf16", "fp32"):
                 for cl in (False, True):
                     for bench in (False, True):

@@ -41,11 +41,12 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
     """Rewrite TORCH_CUDA_ARCH_LIST in `environ` for DeepSpeed's JIT builds (see the module
     docstring); a line saying what changed, or None when nothing did."""
     given = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if not given or deepspeed_arch_list(given) == given.replace(" ", ";"):
+    fixed = deepspeed_arch_list(given)
+    if not given or fixed == given.replace(" ", ";"):
         return None
-    environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(given)
-    return (f"TORCH_CUDA_ARCH_LIST={given!r} -> {environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's JIT-built "
-            "fused Adam (its builder cannot parse architecture suffixes)")
+    environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    return (f"TORCH_CUDA_ARCH_LIST={given!r} -> {fixed!r} for DeepSpeed's JIT-built fused Adam (its builder "
+            "cannot parse architecture suffixes)")
 
 
 def prebuild() -> str:
