@@ -468,7 +468,10 @@ def gpu_main(args) -> int:
             for size in args.sizes for precision in args.precisions for compiled in args.compile]
     print_gpu_table(args, name, peak, rows)
     if args.profile:
-        gpu_profile(bases[args.sizes[0]], dev, args.sizes[0], args.batch, "bf16")
+        gpu_profile(bases[args.sizes[0]], dev, args.sizes[0], args.batch, "bf16", label=", fused upsampling")
+        # the plain upsampling block: 2.8x the multiply-adds of its convolution, a third of the operations
+        gpu_profile(plain_upsampling(bases[args.sizes[0]]), dev, args.sizes[0], args.batch, "bf16",
+                    label=", plain upsampling", top=0)
     if args.layouts:
         gpu_layouts(args, dev, bases)
     skipped = sum("skipped" in r for *_, r in rows)
@@ -478,9 +481,10 @@ def gpu_main(args) -> int:
     return 0 if all("skipped" in r or ("s" in r and r["finite"]) for *_, r in rows) else 1
 
 
-def gpu_profile(base, dev, size, batch, precision, steps=3):
+def gpu_profile(base, dev, size, batch, precision, steps=3, label="", top=10):
     """Is the eager step bound by the GPU or by the CPU that launches its kernels? torch.profiler
-    over `steps` iterations: kernel launches, CPU and device time per iteration, top operations."""
+    over `steps` iterations: operations dispatched, kernel launches, CPU and device time per
+    iteration, the `top` operations."""
     from torch.profiler import ProfilerActivity, profile
     unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision)
     og, od = adam(unit.gen, True), adam(unit.dis, True)
@@ -498,34 +502,53 @@ def gpu_profile(base, dev, size, batch, precision, steps=3):
         return e.self_device_time_total  # 0 for operations that run no kernel (and on CPU)
 
     launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
+    # every aten operation the profiler saw, nested ones included: on a GPU each costs the
+    # launching CPU its dispatch, so this counts what a launch-bound step pays for on any device
+    dispatched = sum(e.count for e in events if e.key.startswith("aten::"))
+    flops = count_flops(step_ours, unit, x_a, x_b)
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     dev_ms = sum(dev_time(e) for e in events) / steps / 1e3
-    print(f"\nWhere one eager iteration goes ({size} px, {precision}; torch.profiler over {steps} iterations): "
+    print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {steps} iterations): "
+          f"{dispatched / steps:.0f} aten operations, {flops / 1e9:.0f} GFLOP, "
           f"{launches / steps:.0f} kernel launches, {cpu_ms:.0f} ms of CPU time and {dev_ms:.0f} ms of "
           f"{dev.type} kernel time per iteration ("
           + ("a CPU dry run: no device time" if dev.type == "cpu" else
              "bound by the CPU that launches the kernels" if cpu_ms > dev_ms else "bound by the device") + ")")
+    if not top:
+        return
     print("| operation | calls per iteration | device ms per iteration | CPU ms per iteration |\n| --- | --- | --- | --- |")
-    for e in sorted(events, key=lambda e: -(dev_time(e) or e.self_cpu_time_total))[:10]:
+    for e in sorted(events, key=lambda e: -(dev_time(e) or e.self_cpu_time_total))[:top]:
         print(f"| {e.key[:70]} | {e.count / steps:.0f} | {dev_time(e) / steps / 1e3:.1f} | "
               f"{e.self_cpu_time_total / steps / 1e3:.1f} |")
 
 
+def plain_upsampling(base):
+    """A copy of `base` whose upsampling blocks run nearest upsample, pad and 5x5 conv as written
+    (model.fused_upsample: false), the same weights."""
+    unit = copy.deepcopy(base)
+    set_fused_upsample(unit, False)
+    return unit
+
+
 def gpu_layouts(args, dev, bases):
-    """Eager bf16 and fp32 with channels-last weights and inputs and with cudnn.benchmark, each
-    against the plain case in the same loop: does either cut the launch-bound step?"""
+    """Eager bf16 and fp32 with channels-last weights and inputs, with cudnn.benchmark, and with
+    the plain upsampling block (fewer, larger operations), each against the default case in the
+    same loop: does any of them cut the launch-bound step?"""
     print(f"\nEager layouts (median of {args.repeats} after {args.warmup} warm-up)\n"
-          "| px | precision | channels-last | cudnn.benchmark | ms/iter |\n| --- | --- | --- | --- | --- |")
+          "| px | precision | channels-last | cudnn.benchmark | upsampling | ms/iter |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    variants = [(cl, bench, True) for cl in (False, True) for bench in (False, True)] + [(False, False, False)]
     before = torch.backends.cudnn.benchmark
     try:
         for size, base in bases.items():
+            plain = plain_upsampling(base)
             for precision in ("bf16", "fp32"):
-                for cl in (False, True):
-                    for bench in (False, True):
-                        torch.backends.cudnn.benchmark = bench
-                        r = gpu_case(base, dev, size, args.batch, precision, False, args.repeats, args.warmup, cl)
-                        print(f"| {size} | {precision} | {'yes' if cl else 'no'} | {'on' if bench else 'off'} "
-                              f"| {r['s'] * 1e3:.1f} |", flush=True)
+                for cl, bench, fused in variants:
+                    torch.backends.cudnn.benchmark = bench
+                    r = gpu_case(base if fused else plain, dev, size, args.batch, precision, False,
+                                 args.repeats, args.warmup, cl)
+                    print(f"| {size} | {precision} | {'yes' if cl else 'no'} | {'on' if bench else 'off'} "
+                          f"| {'fused' if fused else 'plain'} | {r['s'] * 1e3:.1f} |", flush=True)
     finally:
         torch.backends.cudnn.benchmark = before
 
@@ -562,8 +585,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="also: where one iteration of ours spends its time "
                     "(with --gpu-matrix: kernel launches, CPU and device time of an eager bf16 iteration)")
-    ap.add_argument("--layouts", action="store_true", help="--gpu-matrix: also eager bf16/fp32 with channels-last "
-                    "and cudnn.benchmark")
+    ap.add_argument("--layouts", action="store_true", help="--gpu-matrix: also eager bf16/fp32 with channels-last, "
+                    "cudnn.benchmark and the plain upsampling block")
     ap.add_argument("--gpu-matrix", action="store_true", help="the fp32/bf16/fp16 x compile table on a CUDA GPU")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes of --gpu-matrix")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])

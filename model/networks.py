@@ -230,6 +230,10 @@ class UpConvBlock(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 5, 1, 0, bias=True)
         self.norm = make_norm(norm, cout)
         self.activ = make_activation(activ)
+        # A buffer, so it moves with the module: read from the CPU constant, every forward on a
+        # GPU would copy it from pageable host memory, which waits for the whole stream (a sync).
+        # Not persistent: checkpoints and exports keep the plain block's state_dict.
+        self.register_buffer("phase", _PHASE.clone(), persistent=False)
 
     def _pad(self, x, pad, fast):
         if fast and self.pad_type == "reflect":
@@ -245,7 +249,7 @@ class UpConvBlock(nn.Module):
     def _fused(self, x, fast=False):
         w, b = self.conv.weight, self.conv.bias
         o, i = w.shape[:2]
-        a = _PHASE.to(w)
+        a = self.phase.to(w)
         k = torch.einsum("ryk,oikl,cxl->orciyx", a, w, a).reshape(o * 4, i, 3, 3)
         y = F.pixel_shuffle(F.conv2d(self._pad(x, 1, fast), k, b.repeat_interleave(4)), 2)
         if self.pad_type != "reflect":

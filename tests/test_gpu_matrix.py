@@ -28,6 +28,14 @@ def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
     assert out.returncode == 0, out.stderr
     assert [r.split("|")[2].strip() for r in rows[:2]] == ["fp32", "bf16"]
     assert all(r.rstrip().endswith("| yes |") for r in rows[:2]), rows  # losses finite
-    assert "Where one eager iteration goes (16 px, bf16" in out.stdout and "a CPU dry run" in out.stdout
+    assert "Where one eager iteration goes (16 px, bf16, fused upsampling" in out.stdout and "a CPU dry run" in out.stdout
     assert "| aten::convolution_backward |" in out.stdout  # the top operations, by time
-    assert len(rows) == 2 + 8  # the matrix's two rows, then 2 precisions x 2 layouts x 2 cudnn settings
+    # the plain upsampling block dispatches fewer operations than the fused one with its border fixes
+    ops = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("Where one eager iteration goes"):
+            ops[line.split(", ")[2].split(";")[0]] = int(line.split("iterations): ")[1].split(" aten")[0])
+    assert set(ops) == {"fused upsampling", "plain upsampling"} and ops["plain upsampling"] < ops["fused upsampling"]
+    # the matrix's two rows, then per precision: 2 layouts x 2 cudnn settings, and the plain upsampling
+    assert len(rows) == 2 + 10
+    assert [r.split("|")[5].strip() for r in rows[2:7]] == ["fused"] * 4 + ["plain"]

@@ -187,6 +187,18 @@ def test_fused_upsample_is_a_switch_with_the_same_weights():
     assert torch.allclose(unit.translate(x_a, "a2b"), y, atol=1e-5)
 
 
+def test_fused_upsample_phases_move_with_the_block_and_stay_out_of_its_state_dict():
+    # on a GPU a constant read from host memory would be copied (and waited for) in every forward
+    block = UpConvBlock(4, 2, "ln", "relu", "reflect")
+    assert set(block.state_dict()) == {"conv.weight", "conv.bias", "norm.gamma", "norm.beta"}
+    block = block.to(torch.float64)
+    assert block.phase.dtype == torch.float64
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    y = block(x)
+    block.fused = False
+    assert y.dtype == torch.float64 and torch.allclose(y, block(x), atol=1e-12)
+
+
 # ---------------------------------------------------------------- losses
 def test_loss_primitives_by_hand():
     a = torch.tensor([[0.5, -1.0], [2.0, 0.0]])

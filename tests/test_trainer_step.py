@@ -111,6 +111,14 @@ def test_nonfinite_steps_are_counted_and_stop_the_run(corpus, tmp_path):
         steps(tr, 2)
 
 
+
+def test_all_finite_is_false_when_any_value_is_nan_or_infinite():
+    from launch.training.engines import all_finite
+    cpu = torch.device("cpu")
+    assert all_finite([torch.tensor(1.5), torch.zeros(3)], cpu)
+    assert not all_finite([torch.tensor(1.5), torch.tensor([0.0, float("nan")])], cpu)
+    assert not all_finite([torch.tensor(-float("inf")), torch.tensor(2.0)], cpu)
+
 def test_accumulation_draws_one_batch_per_micro_step(corpus, tmp_path):
     tr = make_trainer(corpus, tmp_path / "run", accum=2)
     counted: list = []
