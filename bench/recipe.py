@@ -21,6 +21,7 @@ import copy
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +237,21 @@ def lr_factor(args, i: int) -> float:
     return max(0.0, (args.steps - i) / max(1, args.steps - warmup))
 
 
-def train(args, data: dict) -> None:
-    stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
+@dataclass
+class Sweep:
+    """One variant's training state: the model, its optimizers and schedules, the EMA and the
+    generator copy the EMA (or a uniform average) is scored in."""
+    model: dict
+    unit: UNIT
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scheds: list
+    ema: EMA
+    shadow: torch.nn.Module
+    polyak: dict | None = None
+
+
+def build(args, stats: dict[str, DomainStats], data: dict) -> Sweep:
     model = model_config(DEMO_MODEL, args.overrides, stats)
     if args.r1:
         model["w_r1"] = args.r1
@@ -248,83 +262,115 @@ def train(args, data: dict) -> None:
     with_noise(unit.gen, args.noise)
     opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
     opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
-    ema, shadow = EMA(unit.gen, args.ema), copy.deepcopy(unit.gen)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(args, i)) for o in (opt_g, opt_d)]
+    return Sweep(model, unit, opt_g, opt_d, scheds, EMA(unit.gen, args.ema), copy.deepcopy(unit.gen))
+
+
+def generator_step(args, sw: Sweep, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+    """The G step on the frozen discriminators, with the sweep's extra terms; the pass's outputs."""
+    unit = sw.unit
+    out = unit.gen(x_a, x_b)
+    unit.dis.requires_grad_(False)
+    loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    if args.swd:
+        pairs = {"a2b": (out["x_ab"], x_b), "b2a": (out["x_ba"], x_a)}
+        loss_g = loss_g + args.swd * sum(swd(*pairs[d], args.swd_proj) for d in args.swd_dirs.split(","))
+    if hasattr(unit.gen, "extra_loss"):  # a variant's own term (bench/recipe_variants.py)
+        loss_g = loss_g + unit.gen.extra_loss(out, x_a, x_b)
+    if args.palette_freq:
+        pal = torch.tensor(sw.model["palette_b"], dtype=torch.float32) / 127.5 - 1
+        loss_g = loss_g + args.palette_freq * palette_frequency(out["x_ab"], x_b, pal)
+    sw.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    sw.opt_g.step()
+    unit.dis.requires_grad_(True)
+    return out
+
+
+def discriminator_steps(args, sw: Sweep, out: dict, x_a: torch.Tensor, x_b: torch.Tensor, step: int) -> dict:
+    """`args.d_steps` D steps on the same iteration's fakes; the last one's terms."""
+    unit = sw.unit
+    for _ in range(args.d_steps):
+        loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
+                                             unit.cfg)
+        penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg, step)
+        if penalty is not None:
+            loss_d = loss_d + penalty
+        if hasattr(unit.dis, "extra_loss"):  # a variant's own discriminator (bench/recipe_variants.py)
+            loss_d = loss_d + unit.dis.extra_loss(out, x_a, x_b)
+        sw.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        sw.opt_d.step()
+    return terms_d
+
+
+def report(args, sw: Sweep, data: dict, step: int, seconds: float, terms_d: dict, chance: float):
+    """Scores of the raw, the EMA and (from --avg-from) the uniformly averaged weights; the EMA's."""
+    raw = scores(sw.unit.gen, data)
+    sw.shadow.load_state_dict(sw.unit.gen.state_dict())
+    sw.ema.copy_to(sw.shadow)
+    avg = scores(sw.shadow, data)
+    print(f"step {step} ({seconds:.0f} s): raw a2b {raw[0]:.3f} b2a {raw[1]:.3f} "
+          f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
+          f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
+    if args.avg_from and step >= args.avg_from:
+        sw.shadow.load_state_dict(sw.polyak)
+        uni = scores(sw.shadow, data)
+        print(f"    uniform average from step {args.avg_from}: a2b {uni[0]:.3f} b2a {uni[1]:.3f} "
+              f"B->B {uni[2]:.3f}", flush=True)
+        sw.shadow.load_state_dict(sw.unit.gen.state_dict())
+        sw.ema.copy_to(sw.shadow)  # the EMA weights again, for the per-colour diagnosis
+    return avg
+
+
+def report_end(args, sw: Sweep, data: dict, stats: dict[str, DomainStats], avg) -> None:
+    """The trivial baselines, and on the demo task the EMA's a2b / b2a per map colour."""
+    trivial = translators(stats)
+    const, hist = (trivial[name](data["testA"], "a2b") for name in ("constant", "histmatch"))
+    print(f"\nbaselines: constant a2b {pixel_accuracy(const, data['testB']):.3f}, histogram matching a2b "
+          f"{pixel_accuracy(hist, data['testB']):.3f}")
+    if args.task != "demo":
+        return
+    print("EMA a2b per map colour:")
+    print(per_colour(avg[3], data["testB"], data["testB"]))
+    head = palette_head(sw.shadow)
+    if head is not None:  # what training sees: a fields pixel painted as land plus a few levels of
+        # yellow is land at eval, but can still carry the field through the cycle
+        with torch.no_grad():
+            sw.shadow.eval()
+            head.train()
+            mix = uint8(sw.shadow.translate(tensor(data["testA"]), "a2b"))
+            head.eval()
+        print("EMA a2b per map colour, the training-time mixture (before the nearest palette colour):")
+        print(per_colour(mix, data["testB"], data["testB"]))
+    print("EMA b2a per map colour:")
+    print(per_colour(avg[4], data["testA"], data["testB"]))
+
+
+def train(args, data: dict) -> None:
+    stats = {"a": DomainStats.empty().add(data["trainA"]), "b": DomainStats.empty().add(data["trainB"])}
+    sw = build(args, stats, data)
     a, b = tensor(data["trainA"]), tensor(data["trainB"])
     rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
     # D loss of a discriminator that cannot tell: per scale 0.25 + 0.25 (LSGAN at 0.5), 2 ln 2 (NSGAN), 2 (hinge)
-    per_scale = {"lsgan": 0.5, "nsgan": 2 * float(np.log(2)), "hinge": 2.0}[unit.cfg.gan_type]
-    chance = per_scale * len(unit.dis.dis_a(a[:1]))
-    print(f"model {model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
+    per_scale = {"lsgan": 0.5, "nsgan": 2 * float(np.log(2)), "hinge": 2.0}[sw.unit.cfg.gan_type]
+    chance = per_scale * len(sw.unit.dis.dis_a(a[:1]))
+    print(f"model {sw.model}, lr {args.lr}/{args.lr_d or args.lr}, batch {args.batch}, EMA {args.ema}, "
           f"latent noise {args.noise}, {args.size}px, schedule {args.schedule} (warm-up {args.warmup})", flush=True)
     for step in range(1, args.steps + 1):
         x_a, x_b = a[rng.integers(len(a), size=args.batch)], b[rng.integers(len(b), size=args.batch)]
         # (the draws happen with --no-flip too: the same batches as the flipped run)
         x_a, x_b = (x.flip(-1) if rng.random() < 0.5 and args.flip else x for x in (x_a, x_b))
-        out = unit.gen(x_a, x_b)
-        unit.dis.requires_grad_(False)
-        loss_g, _ = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
-        if args.swd:
-            pairs = {"a2b": (out["x_ab"], x_b), "b2a": (out["x_ba"], x_a)}
-            loss_g = loss_g + args.swd * sum(swd(*pairs[d], args.swd_proj) for d in args.swd_dirs.split(","))
-        if hasattr(unit.gen, "extra_loss"):  # a variant's own term (bench/recipe_variants.py)
-            loss_g = loss_g + unit.gen.extra_loss(out, x_a, x_b)
-        if args.palette_freq:
-            pal = torch.tensor(model["palette_b"], dtype=torch.float32) / 127.5 - 1
-            loss_g = loss_g + args.palette_freq * palette_frequency(out["x_ab"], x_b, pal)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        unit.dis.requires_grad_(True)
-        for _ in range(args.d_steps):
-            loss_d, terms_d = discriminator_loss(unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach()),
-                                                 unit.cfg)
-            penalty, _ = r1_loss(unit.dis, x_a, x_b, unit.cfg, step)
-            if penalty is not None:
-                loss_d = loss_d + penalty
-            if hasattr(unit.dis, "extra_loss"):  # a variant's own discriminator (bench/recipe_variants.py)
-                loss_d = loss_d + unit.dis.extra_loss(out, x_a, x_b)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        for sched in scheds:
+        out = generator_step(args, sw, x_a, x_b)
+        terms_d = discriminator_steps(args, sw, out, x_a, x_b, step)
+        for sched in sw.scheds:
             sched.step()
-        ema.update(unit.gen)
+        sw.ema.update(sw.unit.gen)
         if args.avg_from and step >= args.avg_from:
-            polyak = uniform_average(polyak if step > args.avg_from else None, unit.gen, step - args.avg_from)
+            sw.polyak = uniform_average(sw.polyak if step > args.avg_from else None, sw.unit.gen, step - args.avg_from)
         if step % args.every == 0 or step == args.steps:
-            raw = scores(unit.gen, data)
-            shadow.load_state_dict(unit.gen.state_dict())
-            ema.copy_to(shadow)
-            avg = scores(shadow, data)
-            print(f"step {step} ({time.perf_counter() - t0:.0f} s): raw a2b {raw[0]:.3f} b2a {raw[1]:.3f} "
-                  f"B->B {raw[2]:.3f} | EMA a2b {avg[0]:.3f} b2a {avg[1]:.3f} B->B {avg[2]:.3f} | "
-                  f"D loss a {float(terms_d['d_a']):.3f} b {float(terms_d['d_b']):.3f} (chance {chance:.1f})", flush=True)
-            if args.avg_from and step >= args.avg_from:
-                shadow.load_state_dict(polyak)
-                avg = scores(shadow, data)
-                print(f"    uniform average from step {args.avg_from}: a2b {avg[0]:.3f} b2a {avg[1]:.3f} "
-                      f"B->B {avg[2]:.3f}", flush=True)
-    trivial = translators(stats)
-    const, hist = (trivial[name](data["testA"], "a2b") for name in ("constant", "histmatch"))
-    print(f"\nbaselines: constant a2b {pixel_accuracy(const, data['testB']):.3f}, histogram matching a2b "
-          f"{pixel_accuracy(hist, data['testB']):.3f}")
-    if args.task == "demo":
-        print("EMA a2b per map colour:")
-        print(per_colour(avg[3], data["testB"], data["testB"]))
-        head = palette_head(shadow)
-        if head is not None:  # what training sees: a fields pixel painted as land plus a few levels of
-            # yellow is land at eval, but can still carry the field through the cycle
-            with torch.no_grad():
-                shadow.eval()
-                head.train()
-                mix = uint8(shadow.translate(tensor(data["testA"]), "a2b"))
-                head.eval()
-            print("EMA a2b per map colour, the training-time mixture (before the nearest palette colour):")
-            print(per_colour(mix, data["testB"], data["testB"]))
-        print("EMA b2a per map colour:")
-        print(per_colour(avg[4], data["testA"], data["testB"]))
-
+            avg = report(args, sw, data, step, time.perf_counter() - t0, terms_d, chance)
+    report_end(args, sw, data, stats, avg)
 
 def main(argv=None) -> int:
     args = parse_args(argv)

@@ -68,7 +68,7 @@ def one_run(work: Path, ranks: int, args, tag: str, steps: int | None = None) ->
             "load": os.getloadavg()[0]}  # 1-minute load average at the end: other jobs' share of the CPUs
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="per-rank micro-batch (per domain)")
@@ -85,8 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-efficiency", action="store_true",
                     help="also run each case with a quarter of the steps: the CPU seconds per image in the "
                          "steps between (start-up cancels out) give an efficiency other jobs hardly move")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def run_cases(args) -> dict[int, list[dict]]:
+    """1 and 2 ranks alternating, `args.repeats` times, on one generated corpus: each run's figures."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         sh([PY, "-m", "pipeline.demo", "--out", work / "demo", "--n-train", args.images, "--n-test", 4,
@@ -105,7 +108,10 @@ def main(argv=None) -> int:
                 print(f"repeat {rep + 1}/{args.repeats}, {ranks} rank(s): {r['img_s_rank']:.1f} img/s per rank, "
                       f"data wait {100 * r['wait']:.1f}%, {r['wall']:.0f} s wall, load average {r['load']:.1f}",
                       flush=True)
+    return results
 
+
+def print_tables(args, results: dict[int, list[dict]]) -> None:
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("img_s_rank", "wait")} for k, v in results.items()}
     effs = [two["img_s_rank"] / one["img_s_rank"] for one, two in zip(results[1], results[2])]
     eff = statistics.median(effs)
@@ -121,9 +127,6 @@ def main(argv=None) -> int:
         print(f"| {k} | {med[k]['img_s_rank']:.1f} | {med[k]['img_s_rank'] * k:.1f} | "
               f"{100 * med[k]['wait']:.1f}% | {e} |")
     wait = max(m["wait"] for m in med.values())
-    if args.cpu_efficiency:
-        cpu_effs = [one["cpu_per_img"] / two["cpu_per_img"] for one, two in zip(results[1], results[2])]
-        cpu_ms = {k: 1e3 * statistics.median(r["cpu_per_img"] for r in v) for k, v in results.items()}
     print("\n| figure | value | goal |\n| --- | --- | --- |")
     print(f"| 2-rank weak-scaling efficiency (median of {args.repeats} paired repeats: "
           f"{', '.join(f'{e:.2f}' for e in effs)}) | {eff:.2f} | >= {GOAL_EFFICIENCY} "
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
     print(f"| data wait, larger of 1 and 2 ranks | {100 * wait:.1f}% | < {100 * GOAL_WAIT:.0f}% "
           f"({'met' if wait < GOAL_WAIT else 'MISSED'}) |")
     if args.cpu_efficiency:
+        cpu_effs = [one["cpu_per_img"] / two["cpu_per_img"] for one, two in zip(results[1], results[2])]
+        cpu_ms = {k: 1e3 * statistics.median(r["cpu_per_img"] for r in v) for k, v in results.items()}
         print(f"| CPU ms per image, 1 rank / 2 ranks (steady state, loader workers included) | "
               f"{cpu_ms[1]:.1f} / {cpu_ms[2]:.1f} | - |")
         print(f"| 2-rank efficiency in CPU time (median of paired repeats: {', '.join(f'{e:.2f}' for e in cpu_effs)}) "
@@ -139,8 +144,12 @@ def main(argv=None) -> int:
           f"{args.workers} loader worker(s) each) on {os.cpu_count()} CPUs; 1 rank leaves a CPU to spare. Other jobs "
           f"(the load averages above) take their share from the 2-rank runs first, so on a shared machine the "
           f"efficiency measures the machine as much as the trainer.")
-    return 0
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print_tables(args, run_cases(args))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
