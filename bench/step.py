@@ -483,12 +483,13 @@ def gpu_main(args) -> int:
 
 def gpu_profile(base, dev, size, batch, precision, steps=3, label="", top=10):
     """Is the eager step bound by the GPU or by the CPU that launches its kernels? torch.profiler
-    over `steps` iterations: operations dispatched, kernel launches, CPU and device time per
-    iteration, the `top` operations."""
+    over `steps` iterations (one in a CPU dry run, which checks the code): operations dispatched,
+    kernel launches, CPU and device time per iteration, the `top` operations."""
     from torch.profiler import ProfilerActivity, profile
     unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision)
     og, od = adam(unit.gen, True), adam(unit.dis, True)
-    for _ in range(2):
+    steps = steps if dev.type == "cuda" else 1
+    for _ in range(2 if dev.type == "cuda" else 1):
         step_ours(unit, og, od, x_a, x_b, amp, scalers)
     _sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -508,7 +509,7 @@ def gpu_profile(base, dev, size, batch, precision, steps=3, label="", top=10):
     flops = count_flops(step_ours, unit, x_a, x_b)
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     dev_ms = sum(dev_time(e) for e in events) / steps / 1e3
-    print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {steps} iterations): "
+    print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {steps} iteration{'s' if steps > 1 else ''}): "
           f"{dispatched / steps:.0f} aten operations, {flops / 1e9:.0f} GFLOP, "
           f"{launches / steps:.0f} kernel launches, {cpu_ms:.0f} ms of CPU time and {dev_ms:.0f} ms of "
           f"{dev.type} kernel time per iteration ("

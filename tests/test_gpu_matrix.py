@@ -1,5 +1,6 @@
 """bench/step.py --gpu-matrix, run as its CPU dry run (--device cpu): the table bench/gpu.sh prints,
 and --budget-s, which leaves out the cases that would start too late and says so in their rows."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
     ops = {}
     for line in out.stdout.splitlines():
         if line.startswith("Where one eager iteration goes"):
-            ops[line.split(", ")[2].split(";")[0]] = int(line.split("iterations): ")[1].split(" aten")[0])
+            ops[line.split(", ")[2].split(";")[0]] = int(re.search(r"(\d+) aten operations", line)[1])
     assert set(ops) == {"fused upsampling", "plain upsampling"} and ops["plain upsampling"] < ops["fused upsampling"]
     # the matrix's two rows, then per precision: 2 layouts x 2 cudnn settings, and the plain upsampling
     assert len(rows) == 2 + 10
