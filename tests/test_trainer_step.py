@@ -13,6 +13,7 @@ from launch.config import load_config
 from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
 from launch.training import trainer as T
+from launch.training.engines import all_finite
 from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
 from model.unit import UNIT
@@ -111,13 +112,12 @@ def test_nonfinite_steps_are_counted_and_stop_the_run(corpus, tmp_path):
         steps(tr, 2)
 
 
-
 def test_all_finite_is_false_when_any_value_is_nan_or_infinite():
-    from launch.training.engines import all_finite
     cpu = torch.device("cpu")
     assert all_finite([torch.tensor(1.5), torch.zeros(3)], cpu)
     assert not all_finite([torch.tensor(1.5), torch.tensor([0.0, float("nan")])], cpu)
     assert not all_finite([torch.tensor(-float("inf")), torch.tensor(2.0)], cpu)
+
 
 def test_accumulation_draws_one_batch_per_micro_step(corpus, tmp_path):
     tr = make_trainer(corpus, tmp_path / "run", accum=2)
