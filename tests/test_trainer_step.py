@@ -117,6 +117,7 @@ def test_all_finite_is_false_when_any_value_is_nan_or_infinite():
     assert all_finite([torch.tensor(1.5), torch.zeros(3)], cpu)
     assert not all_finite([torch.tensor(1.5), torch.tensor([0.0, float("nan")])], cpu)
     assert not all_finite([torch.tensor(-float("inf")), torch.tensor(2.0)], cpu)
+    assert all_finite([], cpu)  # nothing to check: every rank goes on
 
 
 def test_accumulation_draws_one_batch_per_micro_step(corpus, tmp_path):

@@ -63,7 +63,8 @@ def all_finite(values, device) -> bool:
     """True on every rank only when every rank's values are finite, so all ranks skip together."""
     # Decided on the device and read once: a bool() per value, or a tensor built from a Python
     # float, would each wait for the GPU's whole queue (one sync per check, not three).
-    ok = torch.stack([torch.isfinite(v).all() for v in values]).all().to(device, torch.float32).reshape(1)
+    flags = [torch.isfinite(v).all() for v in values]
+    ok = (torch.stack(flags).all() if flags else torch.tensor(True)).to(device, torch.float32).reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0.5)
