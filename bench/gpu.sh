@@ -85,6 +85,7 @@ EOF
     "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" \
         <<'EOF' || status=1
 import json, math, sys
+from statistics import median_high
 path, steps, seconds, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 run = precision + (", train.compile" if sys.argv[5] == "true" else "")
 try:
@@ -95,8 +96,8 @@ last = rows[-1]
 losses = {k: last[k] for k in ("g/total", "d/total")}
 ok = last["step"] >= steps and all(math.isfinite(v) for v in losses.values())
 timed = rows[1:] or rows  # the first interval holds the start-up (and the first fused-Adam build)
-speed = sorted(r["images_per_s"] for r in timed)[len(timed) // 2]
-wait = sorted(r["data_wait_frac"] for r in timed)[len(timed) // 2]
+speed = median_high(r["images_per_s"] for r in timed)
+wait = median_high(r["data_wait_frac"] for r in timed)
 print(f"| {run}, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
       f"| {losses['d/total']:.3f} | {speed:.0f} | {last.get('nonfinite_total', 0)} "
       f"| {last.get('skipped_steps_g', 0)}/{last.get('skipped_steps_d', 0)} | {100 * wait:.1f}% | {seconds} | {'yes' if ok else 'NO'} |")

@@ -468,9 +468,12 @@ def gpu_main(args) -> int:
             for size in args.sizes for precision in args.precisions for compiled in args.compile]
     print_gpu_table(args, name, peak, rows)
     if args.profile:
-        gpu_profile(bases[args.sizes[0]], dev, args.sizes[0], args.batch, "bf16", label=", fused upsampling")
+        size = args.sizes[0]
+        gpu_profile(bases[size], dev, size, args.batch, "bf16", flops[size], label=", fused upsampling")
         # the plain upsampling block: no border fix, so fewer operations, for 2.8x its convolution's multiply-adds
-        gpu_profile(plain_upsampling(bases[args.sizes[0]]), dev, args.sizes[0], args.batch, "bf16",
+        plain = plain_upsampling(bases[size])
+        x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
+        gpu_profile(plain, dev, size, args.batch, "bf16", count_flops(step_ours, copy.deepcopy(plain).to(dev), *x),
                     label=", plain upsampling", top=0)
     if args.layouts:
         gpu_layouts(args, dev, bases)
@@ -481,10 +484,11 @@ def gpu_main(args) -> int:
     return 0 if all("skipped" in r or ("s" in r and r["finite"]) for *_, r in rows) else 1
 
 
-def gpu_profile(base, dev, size, batch, precision, steps=3, label="", top=10):
+def gpu_profile(base, dev, size, batch, precision, flops, steps=3, label="", top=10):
     """Is the eager step bound by the GPU or by the CPU that launches its kernels? torch.profiler
     over `steps` iterations (one in a CPU dry run, which checks the code): operations dispatched,
-    kernel launches, CPU and device time per iteration, the `top` operations."""
+    kernel launches, CPU and device time per iteration, the `top` operations; `flops` (one
+    iteration's, counted by the caller) printed beside them."""
     from torch.profiler import ProfilerActivity, profile
     unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision)
     og, od = adam(unit.gen, True), adam(unit.dis, True)
@@ -506,7 +510,6 @@ def gpu_profile(base, dev, size, batch, precision, steps=3, label="", top=10):
     # every aten operation the profiler saw, nested ones included: on a GPU each costs the
     # launching CPU its dispatch, so this counts what a launch-bound step pays for on any device
     dispatched = sum(e.count for e in events if e.key.startswith("aten::"))
-    flops = count_flops(step_ours, unit, x_a, x_b)
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     dev_ms = sum(dev_time(e) for e in events) / steps / 1e3
     print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {steps} iteration{'s' if steps > 1 else ''}): "

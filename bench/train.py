@@ -151,5 +151,6 @@ def main(argv=None) -> int:
     print_tables(args, run_cases(args))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
