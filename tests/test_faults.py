@@ -44,44 +44,8 @@ def test_rank_killed_then_node_frozen_on_two_nodes_each_ends_the_job_then_resume
     try:
         run_dir = tmp_path / "run"
         cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=400, ckpt_every=3, stall_timeout_s=10)
-
-        # 1. A rank dies on node 1.
-        procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
-        wait_for(lambda: marked(run_dir) and last_step(run_dir) >= 5, 240, procs, "a checkpoint and step 5")
-        victims = rank_processes(procs[1])
-        assert len(victims) == 1
-        victims[0].send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
-        outs = finish_nodes(procs, timeout=120)
-        took = time.monotonic() - t_kill
-        # Both launchers fail, node 0's too: its rank sees the peer's connection drop and exits.
-        assert procs[0].returncode != 0 and procs[1].returncode != 0, outs[0][-3000:]
-        assert "no training step finished in" not in outs[0], outs[0][-3000:]  # not the watchdog's doing
-        assert took < 60, f"launchers took {took:.0f} s to exit after the kill"
-        killed_at, last_marked = last_step(run_dir), marked(run_dir)[-1]
-        assert killed_at < 400
-        logged = len(metrics(run_dir))
-        print(f"rank 1 killed at step {killed_at}; both launchers exited {took:.1f} s later")
-
-        # 2. The relaunch of both nodes resumes from the last complete checkpoint and writes one of
-        # its own; then node 1 freezes.
-        procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
-        # (Checkpoints are written after their step's metric line: launch 1's are all <= killed_at.)
-        wait_for(lambda: marked(run_dir)[-1] > killed_at, 240, procs, "a checkpoint of the resumed run")
-        frozen = rank_processes(procs[1])
-        assert len(frozen) == 1
-        frozen[0].send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        out, _ = procs[0].communicate(timeout=120)
-        took = time.monotonic() - t0
-        assert procs[0].returncode != 0
-        assert resumed_step(out) == last_marked
-        assert "no training step finished in" in out and "train.stall_timeout_s=10" in out, out[-3000:]
-        assert took < 60, f"node 0 took {took:.0f} s to give up on the frozen node"
-        kill_group(procs[1])
-        resumed = [m["step"] for m in metrics(run_dir)[logged:]]
-        assert resumed == list(range(last_marked + 1, last_marked + 1 + len(resumed))), resumed  # numbering continues
-        last_marked = marked(run_dir)[-1]
+        killed_at, last_marked, logged = kill_a_rank_on_node_1(nodes, cfg, run_dir, tmp_path)
+        last_marked = resume_then_freeze_node_1(nodes, cfg, run_dir, tmp_path, killed_at, last_marked, logged)
 
         # 3. The relaunch resumes from the last complete checkpoint and finishes.
         procs = start_nodes(nodes, cfg, f"train.max_steps={last_marked + 2}", port=free_port(), tmp=tmp_path)
@@ -93,6 +57,57 @@ def test_rank_killed_then_node_frozen_on_two_nodes_each_ends_the_job_then_resume
         for p in procs:
             kill_group(p)
         delete_namespaces(nodes.namespaces)
+
+
+def kill_a_rank_on_node_1(nodes, cfg: Path, run_dir: Path, tmp_path: Path) -> tuple[int, int, int]:
+    """1. Node 1's rank is killed after a checkpoint and step 5: both launchers end, node 0's too.
+    Returns (the step reached, the last complete checkpoint's step, metric lines logged)."""
+    procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
+    try:
+        wait_for(lambda: marked(run_dir) and last_step(run_dir) >= 5, 240, procs, "a checkpoint and step 5")
+        victims = rank_processes(procs[1])
+        assert len(victims) == 1
+        victims[0].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        outs = finish_nodes(procs, timeout=120)
+        took = time.monotonic() - t_kill
+    finally:
+        for p in procs:
+            kill_group(p)
+    # Both launchers fail, node 0's too: its rank sees the peer's connection drop and exits.
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs[0][-3000:]
+    assert "no training step finished in" not in outs[0], outs[0][-3000:]  # not the watchdog's doing
+    assert took < 60, f"launchers took {took:.0f} s to exit after the kill"
+    killed_at = last_step(run_dir)
+    assert killed_at < 400
+    print(f"rank 1 killed at step {killed_at}; both launchers exited {took:.1f} s later")
+    return killed_at, marked(run_dir)[-1], len(metrics(run_dir))
+
+
+def resume_then_freeze_node_1(nodes, cfg: Path, run_dir: Path, tmp_path: Path, killed_at: int,
+                              last_marked: int, logged: int) -> int:
+    """2. The relaunch of both nodes resumes from the last complete checkpoint and writes one of its
+    own; then node 1 freezes and node 0's watchdog ends the job. Returns the new last checkpoint."""
+    procs = start_nodes(nodes, cfg, port=free_port(), tmp=tmp_path)
+    try:
+        # (Checkpoints are written after their step's metric line: launch 1's are all <= killed_at.)
+        wait_for(lambda: marked(run_dir)[-1] > killed_at, 240, procs, "a checkpoint of the resumed run")
+        frozen = rank_processes(procs[1])
+        assert len(frozen) == 1
+        frozen[0].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = procs[0].communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            kill_group(p)
+    assert procs[0].returncode != 0
+    assert resumed_step(out) == last_marked
+    assert "no training step finished in" in out and "train.stall_timeout_s=10" in out, out[-3000:]
+    assert took < 60, f"node 0 took {took:.0f} s to give up on the frozen node"
+    resumed = [m["step"] for m in metrics(run_dir)[logged:]]
+    assert resumed == list(range(last_marked + 1, last_marked + 1 + len(resumed))), resumed  # numbering continues
+    return marked(run_dir)[-1]
 
 
 # ---------------------------------------------------------------- killed while writing a checkpoint

@@ -214,6 +214,14 @@ def test_gate_needs_the_strongest_baseline_then_the_champion(tmp_path, split, mo
 @pytest.mark.slow
 def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     uri, name = server_up.uri, f"unit-{uuid.uuid4().hex[:8]}"
+    r2 = check_gate_on_server(uri, name, tmp_path, split)
+    check_version_tags_and_artifacts(uri, name, r2, tmp_path)
+    check_three_consumers(uri, name, tmp_path, split)
+
+
+def check_gate_on_server(uri: str, name: str, tmp_path: Path, split: dict) -> dict:
+    """Three registrations on the server: candidate only, champion, then worse than the champion
+    (through the CLI). Returns the champion's registration."""
     shards = make_shards_meta(tmp_path / "shards")
     bad = trained_run(tmp_path / "bad", 1, uri, shards, unit=near(0))   # beats identity, not seed 0
     good = trained_run(tmp_path / "good", 0, uri, shards)
@@ -242,8 +250,12 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     assert r3["reason"].startswith("champion rule")
     assert str(c.get_model_version_by_alias(name, "candidate").version) == "3"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
+    return r2
 
-    # Version tags: lineage, config hash, metrics, source run.
+
+def check_version_tags_and_artifacts(uri: str, name: str, r2: dict, tmp_path: Path) -> None:
+    """Version 2's tags (lineage, config hash, metrics, source run) and its pickle-free artifacts."""
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = c.get_model_version(name, "2")
     run = c.get_run(r2["run_id"])
     digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
@@ -266,19 +278,17 @@ def test_server_gate_artifacts_and_consumers(server_up, tmp_path, split):
     sig = yaml.safe_load((local / "MLmodel").read_text())["signature"]
     assert "direction" in sig["params"] and "uint8" in sig["inputs"]
 
+
+def check_three_consumers(uri: str, name: str, tmp_path: Path, split: dict) -> None:
+    """pyfunc in a fresh process, the translate CLI on a folder and `mlflow models serve` all give
+    the champion's (seed 0's) translations."""
     expected = translate_uint8(tiny(0).gen.eval(), split["xa"], "a2b")
     env = consumer_env(uri)
-    import requests
     from conftest import free_port, stop_group, wait_http
 
     # The three consumers are separate processes that only read the registry: they start together
     # (each spends most of its time importing) and are checked one after the other.
-    np.save(tmp_path / "x.npy", split["xa"])
-    src = tmp_path / "in"
-    (src / "sub").mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(split["xa"][i]).save((src / "sub" if i == 2 else src) / f"tile {i}.png")
-    (src / "readme.txt").write_text("not an image")
+    src = consumer_inputs(tmp_path, split["xa"])
     port = free_port()
     log = tmp_path / "serve.log"
     procs = []
@@ -319,16 +329,32 @@ np.save(r"{tmp_path / 'y.npy'}", y)
         assert not (tmp_path / "out" / "readme.txt").exists()
 
         wait_http(f"http://127.0.0.1:{port}/ping", 120, serve, log)
-        resp = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
-                             json={"inputs": split["xa"][:2].tolist(), "params": {"direction": "a2b"}})
-        assert resp.status_code == 200, resp.text[:2000]
-        pred = np.asarray(resp.json()["predictions"])
-        assert pred.shape == (2, 32, 32, 3) and same_image(pred, expected[:2])
-        resp = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
-                             json={"inputs": split["xa"][:1].tolist(), "params": {"direction": "b2a"}})
-        assert resp.status_code == 200
-        b2a = translate_uint8(tiny(0).gen.eval(), split["xa"][:1], "b2a")
-        assert same_image(resp.json()["predictions"], b2a)
+        check_served(f"http://127.0.0.1:{port}/invocations", split["xa"], expected)
     finally:
         for proc in procs:
             stop_group(proc)
+
+
+def consumer_inputs(tmp_path: Path, xa: np.ndarray) -> Path:
+    """x.npy for the pyfunc consumer; a folder for the CLI: two images, one in a sub-folder, and a
+    file that is not an image. Returns the folder."""
+    np.save(tmp_path / "x.npy", xa)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(xa[i]).save((src / "sub" if i == 2 else src) / f"tile {i}.png")
+    (src / "readme.txt").write_text("not an image")
+    return src
+
+
+def check_served(url: str, xa: np.ndarray, expected: np.ndarray) -> None:
+    """The served model answers both directions as seed 0's generator translates."""
+    import requests
+    resp = requests.post(url, timeout=60, json={"inputs": xa[:2].tolist(), "params": {"direction": "a2b"}})
+    assert resp.status_code == 200, resp.text[:2000]
+    pred = np.asarray(resp.json()["predictions"])
+    assert pred.shape == (2, 32, 32, 3) and same_image(pred, expected[:2])
+    resp = requests.post(url, timeout=60, json={"inputs": xa[:1].tolist(), "params": {"direction": "b2a"}})
+    assert resp.status_code == 200
+    b2a = translate_uint8(tiny(0).gen.eval(), xa[:1], "b2a")
+    assert same_image(resp.json()["predictions"], b2a)

@@ -70,64 +70,73 @@ def run_stage(stage: int) -> dict | None:
         assert gan_step(eng_g, eng_d, x_a, x_b, unit.cfg, torch.device("cpu")) is not None
         if step in (0, STEPS - 1):
             trained.append(both(eng_g.module, eng_d.module))
-
+    result = None
     if rank == 0:
-        ref = UNIT.from_config(model_cfg)
-        ref.load_state_dict(init)
-        opt_g = torch.optim.Adam(ref.gen.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
-        opt_d = torch.optim.Adam(ref.dis.parameters(), lr=2e-3, betas=(0.5, 0.999), weight_decay=1e-4)
-        rng, gmax, expect = {}, {}, []
-        for r in range(world):
-            torch.manual_seed(noise_seed(r))
-            rng[r] = torch.get_rng_state()
-        for step in range(STEPS):
-            outs, loss_g = {}, 0.0
-            ref.dis.requires_grad_(False)
-            for r in range(world):  # DeepSpeed averages gradients: the mean of the ranks' losses
-                torch.set_rng_state(rng[r])
-                x_a, x_b = data(r, step)
-                outs[r] = ref.gen(x_a, x_b)
-                rng[r] = torch.get_rng_state()
-                loss_g = loss_g + generator_loss(outs[r], x_a, x_b, ref.dis, ref.cfg)[0] / world
-            opt_g.zero_grad()
-            loss_g.backward()
-            for k, p in ref.gen.named_parameters():
-                gmax[f"gen.{k}"] = max(gmax.get(f"gen.{k}", 0.0), float(p.grad.abs().max()))
-            opt_g.step()
-            ref.dis.requires_grad_(True)
-            loss_d = 0.0
-            for r in range(world):
-                x_a, x_b = data(r, step)
-                preds = ref.dis(x_a, x_b, outs[r]["x_ba"].detach(), outs[r]["x_ab"].detach())
-                loss_d = loss_d + discriminator_loss(preds, ref.cfg)[0] / world
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-            if step in (0, STEPS - 1):
-                expect.append(both(ref.gen, ref.dis))
-        # A conv bias that feeds an instance norm has a true gradient of 0: what it gets is rounding
-        # noise, which Adam scales up to +-lr steps whose sign depends on the order of the all-reduce.
-        # Those tensors are reported, not compared.
-        noise = sorted(k for k, g in gmax.items() if g < 1e-5)
-        compared = [k for k in expect[-1] if k not in noise]
-        moved = max(float((expect[-1][k].float() - init[k].float()).abs().max()) for k in compared
-                    if expect[-1][k].is_floating_point())
-        first, last = (torch.cat([(e[k].float() - t[k].float()).abs().flatten() for k in compared])
-                       for e, t in zip(expect, trained))
-        # After one step the two loops agree to rounding (1e-8). From then on the GAN amplifies
-        # rounding: on an AVX-512 machine a few elements per tensor were 1e-3 apart after the second
-        # step (0.06 %), 2 % of them after the third; on an AVX2 machine none were. So the second
-        # step is compared elementwise: stale or leaked gradients between the two engines would
-        # move most elements, not a few.
-        result = {"first_step_max_abs_diff": float(first.max()), "max_abs_diff": float(last.max()),
-                  "frac_off": float((last > 1e-4).float().mean()), "median_abs_diff": float(last.median()),
-                  "max_abs_update": moved, "n_compared": len(compared),
-                  "zero_grad_tensors": noise, "zero_stage": [eng_g.zero_optimization_stage(),
-                                                             eng_d.zero_optimization_stage()]}
-    else:
-        result = None
+        expect, gmax = replay(model_cfg, init, world)
+        result = compare(init, trained, expect, gmax)
+        result["zero_stage"] = [eng_g.zero_optimization_stage(), eng_d.zero_optimization_stage()]
     dist.barrier()
     return result
+
+
+def replay(model_cfg: dict, init: dict, world: int) -> tuple[list[dict], dict]:
+    """The same STEPS in one process with plain Adam over every rank's data: the parameters after the
+    first and the last step, and each generator tensor's largest gradient."""
+    ref = UNIT.from_config(model_cfg)
+    ref.load_state_dict(init)
+    opt_g = torch.optim.Adam(ref.gen.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+    opt_d = torch.optim.Adam(ref.dis.parameters(), lr=2e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+    rng, gmax, expect = {}, {}, []
+    for r in range(world):
+        torch.manual_seed(noise_seed(r))
+        rng[r] = torch.get_rng_state()
+    for step in range(STEPS):
+        outs, loss_g = {}, 0.0
+        ref.dis.requires_grad_(False)
+        for r in range(world):  # DeepSpeed averages gradients: the mean of the ranks' losses
+            torch.set_rng_state(rng[r])
+            x_a, x_b = data(r, step)
+            outs[r] = ref.gen(x_a, x_b)
+            rng[r] = torch.get_rng_state()
+            loss_g = loss_g + generator_loss(outs[r], x_a, x_b, ref.dis, ref.cfg)[0] / world
+        opt_g.zero_grad()
+        loss_g.backward()
+        for k, p in ref.gen.named_parameters():
+            gmax[f"gen.{k}"] = max(gmax.get(f"gen.{k}", 0.0), float(p.grad.abs().max()))
+        opt_g.step()
+        ref.dis.requires_grad_(True)
+        loss_d = 0.0
+        for r in range(world):
+            x_a, x_b = data(r, step)
+            preds = ref.dis(x_a, x_b, outs[r]["x_ba"].detach(), outs[r]["x_ab"].detach())
+            loss_d = loss_d + discriminator_loss(preds, ref.cfg)[0] / world
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        if step in (0, STEPS - 1):
+            expect.append(both(ref.gen, ref.dis))
+    return expect, gmax
+
+
+def compare(init: dict, trained: list[dict], expect: list[dict], gmax: dict) -> dict:
+    """The engines' parameters against the replay's, after the first and the last step."""
+    # A conv bias that feeds an instance norm has a true gradient of 0: what it gets is rounding
+    # noise, which Adam scales up to +-lr steps whose sign depends on the order of the all-reduce.
+    # Those tensors are reported, not compared.
+    noise = sorted(k for k, g in gmax.items() if g < 1e-5)
+    compared = [k for k in expect[-1] if k not in noise]
+    moved = max(float((expect[-1][k].float() - init[k].float()).abs().max()) for k in compared
+                if expect[-1][k].is_floating_point())
+    first, last = (torch.cat([(e[k].float() - t[k].float()).abs().flatten() for k in compared])
+                   for e, t in zip(expect, trained))
+    # After one step the two loops agree to rounding (1e-8). From then on the GAN amplifies
+    # rounding: on an AVX-512 machine a few elements per tensor were 1e-3 apart after the second
+    # step (0.06 %), 2 % of them after the third; on an AVX2 machine none were. So the second
+    # step is compared elementwise: stale or leaked gradients between the two engines would
+    # move most elements, not a few.
+    return {"first_step_max_abs_diff": float(first.max()), "max_abs_diff": float(last.max()),
+            "frac_off": float((last > 1e-4).float().mean()), "median_abs_diff": float(last.median()),
+            "max_abs_update": moved, "n_compared": len(compared), "zero_grad_tensors": noise}
 
 
 if __name__ == "__main__":
