@@ -23,7 +23,13 @@ Goals printed beside the figures: ours beats the strongest baseline (by >= 0.10 
 a2b >= 0.60 on shift, and ours >= 2x the reference's a2b accuracy.
 
     .venv/bin/python bench/quality.py [--tasks demo,shift] [--out $TMPDIR/unit-quality]
-        [--config CONFIG] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [key=value ...]
+        [--config CONFIG] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [--ref-seeds 0,1,2]
+        [--reuse-ours] [key=value ...]
+
+The reference is one GAN run per seed and moves between seeds as much as ours does: --ref-seeds
+trains it once per seed, each for ours' wall time, and the ratio is taken against their mean (and,
+stricter, their best). --reuse-ours scores another set of reference seeds against the run of ours
+already under --out (the same corpus and settings) instead of training ours again.
 """
 from __future__ import annotations
 
@@ -59,6 +65,10 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=64, help="image side of the corpora and of training")
     ap.add_argument("--steps", type=int, default=None, help="our training steps (default: the config's)")
     ap.add_argument("--ref-threads", type=int, default=2, help="torch threads of the reference loop")
+    ap.add_argument("--ref-seeds", default="0", help="comma-separated seeds: one reference run each, "
+                    "each for ours' wall time")
+    ap.add_argument("--reuse-ours", action="store_true", help="take ours from the run already under --out "
+                    "(same corpus; refused where there is none) instead of training it again")
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--c2st-steps", type=int, default=200)
@@ -148,8 +158,18 @@ def prepare(task: str, out: Path, n_train: int, n_test: int, size: int) -> dict:
 
 
 def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
-    """(export dir, training seconds, steps) of the real trainer on `corpus`."""
+    """(export dir, training seconds, steps) of the real trainer on `corpus`; with --reuse-ours, of
+    the run already there when it was trained with the same settings."""
     run_dir = corpus["root"] / "ours"
+    settings = {"config": config_for(args, corpus["task"]), "steps": args.steps, "ranks": args.ranks,
+                "overrides": list(args.overrides)}
+    marker = run_dir / "bench.json"
+    if args.reuse_ours:
+        found = json.loads(marker.read_text()) if marker.is_file() else None
+        if found != settings:
+            raise SystemExit(f"--reuse-ours: no finished run of ours with these settings under {run_dir} "
+                             f"(found {found}, want {settings}); run once without --reuse-ours")
+        return ours_result(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     over = [f"run_dir={run_dir}", f"data.shards={corpus['shards']}", f"data.test_a={corpus['test_a']}",
             f"data.test_b={corpus['test_b']}", f"data.image_size={size}", f"data.augment.resize={size}",
@@ -159,8 +179,13 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
     over += list(args.overrides)
     log = corpus["root"] / "ours.log"
     sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", args.ranks, "--master_port", free_port(),
-        "launch/train.py", "--config", config_for(args, corpus["task"]), *over], log=log,
+        "launch/train.py", "--config", settings["config"], *over], log=log,
        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    marker.write_text(json.dumps(settings))
+    return ours_result(run_dir)
+
+
+def ours_result(run_dir: Path) -> tuple[Path, float, int]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     seconds = max(x.get("elapsed_s", 0.0) for x in lines) if lines else float("nan")
     meta = json.loads((run_dir / "export" / "translator.json").read_text())
@@ -219,9 +244,9 @@ def evaluate(model, corpus: dict, stats, c2st_steps: int) -> dict:
                                opts=EvalOptions(baselines=stats, c2st_steps=c2st_steps))
 
 
-def table(task: str, rows: dict, seconds: dict, steps: dict) -> str:
-    ours, ref = rows["ours"], rows["reference"]
-    lines = [f"### {task}: same wall time ({seconds['ours']:.0f} s of training each)", "",
+def table(task: str, ours: dict, refs: dict[int, dict], seconds: float, steps: dict) -> str:
+    """`ours`: its evaluation; `refs`: seed -> the reference's; `steps`: "ours" and each seed -> steps."""
+    lines = [f"### {task}: same wall time ({seconds:.0f} s of training each)", "",
              "| translator | steps | a2b pixel acc | b2a pixel acc | a2b MAE | a2b C2ST | b2a C2ST |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -231,13 +256,19 @@ def table(task: str, rows: dict, seconds: dict, steps: dict) -> str:
                      f"{g('a2b', 'mae'):.1f} | {g('a2b', 'c2st'):.3f} | {g('b2a', 'c2st'):.3f} |")
 
     row("ours", ours, n=steps["ours"])
-    row("reference (official recipe)", ref, n=steps["reference"])
+    for seed, m in refs.items():
+        row(f"reference (official recipe, seed {seed})", m, n=steps[seed])
     for b in ("identity", "constant", "histmatch"):
         row(f"baseline: {b}", ours, prefix=f"{b}_")
     margin = {d: ours[d]["margin"] for d in ("a2b", "b2a")}
-    ratio = ours["a2b"]["pixel_acc"] / max(ref["a2b"]["pixel_acc"], 1e-9)
+    ref_acc = [m["a2b"]["pixel_acc"] for m in refs.values()]
+    mean = sum(ref_acc) / len(ref_acc)
+    ratio = ours["a2b"]["pixel_acc"] / max(mean, 1e-9)
+    against = (f"{ratio:.2f}x the reference's mean a2b ({mean:.3f} over {len(ref_acc)} seeds), "
+               f"{ours['a2b']['pixel_acc'] / max(max(ref_acc), 1e-9):.2f}x its best ({max(ref_acc):.3f})"
+               if len(ref_acc) > 1 else f"ours / reference a2b: {ratio:.2f}x")
     lines += ["", f"ours - strongest baseline: a2b {margin['a2b']:+.3f} ({ours['a2b']['best_baseline']}), "
-                  f"b2a {margin['b2a']:+.3f} ({ours['b2a']['best_baseline']}); ours / reference a2b: {ratio:.2f}x. "
+                  f"b2a {margin['b2a']:+.3f} ({ours['b2a']['best_baseline']}); {against}. "
                   f"Goal: {GOALS[task]}."]
     return "\n".join(lines)
 
@@ -250,20 +281,31 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     size = args.size
     t_start, report = time.perf_counter(), []
+    try:
+        seeds = [int(x) for x in args.ref_seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--ref-seeds {args.ref_seeds!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise SystemExit("--ref-seeds: at least one seed")
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         if task not in GOALS:
             raise SystemExit(f"--tasks: unknown task {task!r} (demo, shift)")
         corpus = prepare(task, out, args.n_train, args.n_test, size)
-        print(f"[{task}] training ours ({args.ranks} CPU ranks, {config_for(args, task)}) ...", flush=True)
+        doing = "taking the run of" if args.reuse_ours else "training"
+        print(f"[{task}] {doing} ours ({args.ranks} CPU ranks, {config_for(args, task)}) ...", flush=True)
         export, seconds, steps = run_ours(corpus, args, size)
-        print(f"[{task}] ours: {steps} steps in {seconds:.0f} s; reference for the same time ...", flush=True)
-        ref_gen, ref_steps = run_reference(corpus, seconds, size, args.ref_threads)
         stats = baselines.load(export / baselines.FILE_NAME)
         gen, _ = load_translator(export)
-        rows = {"ours": evaluate(gen, corpus, stats, args.c2st_steps),
-                "reference": evaluate(ref_gen, corpus, stats, args.c2st_steps)}
-        (corpus["root"] / "result.json").write_text(json.dumps(rows, indent=1))
-        report.append(table(task, rows, {"ours": seconds}, {"ours": steps, "reference": ref_steps}))
+        ours, refs, counts = evaluate(gen, corpus, stats, args.c2st_steps), {}, {"ours": steps}
+        for seed in seeds:
+            print(f"[{task}] ours: {steps} steps in {seconds:.0f} s; reference (seed {seed}) for the same time ...",
+                  flush=True)
+            ref_gen, counts[seed] = run_reference(corpus, seconds, size, args.ref_threads, seed=seed)
+            refs[seed] = evaluate(ref_gen, corpus, stats, args.c2st_steps)
+        result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,
+                  "steps": {str(k): v for k, v in counts.items()}}
+        (corpus["root"] / "result.json").write_text(json.dumps(result, indent=1))
+        report.append(table(task, ours, refs, seconds, counts))
         print("\n" + report[-1] + "\n", flush=True)
     print("\n\n".join(report))
     print(f"\nbench/quality.py: {(time.perf_counter() - t_start) / 60:.1f} min in all; outputs under {out}")
