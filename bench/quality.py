@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     size = args.size
     t_start, report = time.perf_counter(), []
     try:
-        seeds = [int(x) for x in args.ref_seeds.split(",") if x.strip()]
+        seeds = list(dict.fromkeys(int(x) for x in args.ref_seeds.split(",") if x.strip()))  # each once
     except ValueError:
         raise SystemExit(f"--ref-seeds {args.ref_seeds!r}: expected comma-separated integers") from None
     if not seeds:
