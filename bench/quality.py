@@ -297,9 +297,9 @@ def main(argv=None) -> int:
         stats = baselines.load(export / baselines.FILE_NAME)
         gen, _ = load_translator(export)
         ours, refs, counts = evaluate(gen, corpus, stats, args.c2st_steps), {}, {"ours": steps}
+        print(f"[{task}] ours: {steps} steps in {seconds:.0f} s", flush=True)
         for seed in seeds:
-            print(f"[{task}] ours: {steps} steps in {seconds:.0f} s; reference (seed {seed}) for the same time ...",
-                  flush=True)
+            print(f"[{task}] reference (seed {seed}) for the same {seconds:.0f} s ...", flush=True)
             ref_gen, counts[seed] = run_reference(corpus, seconds, size, args.ref_threads, seed=seed)
             refs[seed] = evaluate(ref_gen, corpus, stats, args.c2st_steps)
         result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,

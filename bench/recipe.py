@@ -372,6 +372,7 @@ def train(args, data: dict) -> None:
             avg = report(args, sw, data, step, time.perf_counter() - t0, terms_d, chance)
     report_end(args, sw, data, stats, avg)
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

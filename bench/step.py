@@ -512,7 +512,8 @@ def gpu_profile(base, dev, size, batch, precision, flops, steps=3, label="", top
     dispatched = sum(e.count for e in events if e.key.startswith("aten::"))
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     dev_ms = sum(dev_time(e) for e in events) / steps / 1e3
-    print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {steps} iteration{'s' if steps > 1 else ''}): "
+    over = f"{steps} iteration{'s' if steps > 1 else ''}"
+    print(f"\nWhere one eager iteration goes ({size} px, {precision}{label}; torch.profiler over {over}): "
           f"{dispatched / steps:.0f} aten operations, {flops / 1e9:.0f} GFLOP, "
           f"{launches / steps:.0f} kernel launches, {cpu_ms:.0f} ms of CPU time and {dev_ms:.0f} ms of "
           f"{dev.type} kernel time per iteration ("
