@@ -8,8 +8,8 @@ costs a copy and a slower convolution. So:
 
 - `channels_last(x)`: x in channels-last, and its gradient converted to channels-last too (a
   no-op when it already is);
-- `reflect_pad(x, p)`: F.pad's forward in channels-last, and a backward made of slices that keeps
-  the layout (the stock one makes its gradient contiguous NCHW);
+- `reflect_pad(x, p)` and `replicate_pad(x, p)`: F.pad's forward in channels-last, and a backward
+  made of slices that keeps the layout (the stock ones make their gradient contiguous NCHW);
 - `instance_norm(x, eps, relu)` and `layer_norm(x, gamma, beta, eps)` (the official UNIT layer
   norm: unbiased std, eps added to the std): closed-form backward passes, layout kept, several
   times fewer passes over memory than autograd through the composite ops; the ReLU after an
@@ -93,22 +93,51 @@ def reflect_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     return _ReflectPad.apply(x, p)
 
 
+class _ReplicatePad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.p = p
+        return F.pad(x.contiguous(memory_format=CHANNELS_LAST), (p, p, p, p), mode="replicate")
+
+    @staticmethod
+    def backward(ctx, g):
+        # Every padded pixel copies its nearest edge pixel: the border columns' gradients fold onto
+        # the edge columns, the border rows' (corners first folded along the row) onto the edge rows.
+        p = ctx.p
+        grad = g[:, :, p:-p, p:-p].contiguous(memory_format=CHANNELS_LAST)
+        grad[..., 0] += g[:, :, p:-p, :p].sum(-1)
+        grad[..., -1] += g[:, :, p:-p, -p:].sum(-1)
+        for edge, strip in ((0, g[:, :, :p].sum(2)), (-1, g[:, :, -p:].sum(2))):
+            row = strip[..., p:-p].clone()
+            row[..., 0] += strip[..., :p].sum(-1)
+            row[..., -1] += strip[..., -p:].sum(-1)
+            grad[:, :, edge] += row
+        return grad, None
+
+
+def replicate_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """F.pad(x, (p,) * 4, mode="replicate") in channels-last, its gradient in channels-last too."""
+    return _ReplicatePad.apply(x, p)
+
+
 class _AddBorders(torch.autograd.Function):
-    """y with top/bottom added to its first/last two rows and left/right to its first/last two
-    columns, in place; the backward hands y's gradient through without copying it."""
+    """y with top/bottom added to its first/last rows and left/right to its first/last columns (as
+    many as the strips hold), in place; the backward hands y's gradient through without copying it."""
 
     @staticmethod
     def forward(ctx, y, top, bottom, left, right):
         ctx.mark_dirty(y)
-        y[:, :, :2] += top
-        y[:, :, -2:] += bottom
-        y[..., :2] += left
-        y[..., -2:] += right
+        ctx.rows, ctx.cols = top.shape[-2], left.shape[-1]
+        y[:, :, :ctx.rows] += top
+        y[:, :, -ctx.rows:] += bottom
+        y[..., :ctx.cols] += left
+        y[..., -ctx.cols:] += right
         return y
 
     @staticmethod
     def backward(ctx, g):
-        return g, g[:, :, :2].clone(), g[:, :, -2:].clone(), g[..., :2].clone(), g[..., -2:].clone()
+        r, c = ctx.rows, ctx.cols
+        return g, g[:, :, :r].clone(), g[:, :, -r:].clone(), g[..., :c].clone(), g[..., -c:].clone()
 
 
 def add_borders(y, top, bottom, left, right):
@@ -225,5 +254,5 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: fl
     return _LayerNorm.apply(x, gamma, beta, eps)
 
 
-__all__ = ["use_fast", "channels_last", "reflect_pad", "add_borders", "space_to_depth_conv", "patch_conv", "instance_norm",
-           "layer_norm", "CHANNELS_LAST"]
+__all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "add_borders", "space_to_depth_conv",
+           "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]

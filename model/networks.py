@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import (add_borders, channels_last, instance_norm, layer_norm, patch_conv, reflect_pad,
-                      space_to_depth_conv, use_fast)
+                      replicate_pad, space_to_depth_conv, use_fast)
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -216,8 +216,8 @@ class UpConvBlock(nn.Module):
     With `fused` (default) the upsample + conv runs as one 3x3 conv with 4x the output
     channels on the low-res input followed by a pixel shuffle: the same function with 36/100
     of the multiply-adds. Zero and replicate padding commute with the upsampling; reflect
-    padding does not, so there the 2-pixel output border gets an exact correction from
-    one-pixel-wide difference rows. Parameters and state_dict are those of the plain block.
+    padding does not, so there the outermost output rows and columns get an exact correction
+    from one-pixel-wide difference rows. Parameters and state_dict are those of the plain block.
     """
 
     fast = True
@@ -235,53 +235,46 @@ class UpConvBlock(nn.Module):
         # Not persistent: checkpoints and exports keep the plain block's state_dict.
         self.register_buffer("phase", _PHASE.clone(), persistent=False)
 
-    def _pad(self, x, pad, fast):
-        if fast and self.pad_type == "reflect":
+    @staticmethod
+    def _pad(x, pad, fast, mode):
+        if fast and mode == "reflect":
             return reflect_pad(x, pad)
+        if fast and mode == "replicate":
+            return replicate_pad(x, pad)
         x = channels_last(x) if fast else x
-        mode = "constant" if self.pad_type == "zero" else self.pad_type
-        return F.pad(x, (pad,) * 4, mode=mode)
+        return F.pad(x, (pad,) * 4, mode="constant" if mode == "zero" else mode)
 
     def _plain(self, x, fast=False):
         up = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(self._pad(up, 2, fast))
+        return self.conv(self._pad(up, 2, fast, self.pad_type))
 
     def _fused(self, x, fast=False):
         w, b = self.conv.weight, self.conv.bias
         o, i = w.shape[:2]
         a = self.phase.to(w)
         k = torch.einsum("ryk,oikl,cxl->orciyx", a, w, a).reshape(o * 4, i, 3, 3)
-        y = F.pixel_shuffle(F.conv2d(self._pad(x, 1, fast), k, b.repeat_interleave(4)), 2)
+        mode = "zero" if self.pad_type == "zero" else "replicate"
+        y = F.pixel_shuffle(F.conv2d(self._pad(x, 1, fast, mode), k, b.repeat_interleave(4)), 2)
         if self.pad_type != "reflect":
             return y  # zero and replicate padding commute with nearest upsampling
-        # Reflect padding: pad2(up(x)) differs from up(pad1(x)) (what y used) only in padded
-        # row 1 (x[0] instead of x[1]) and row 2H+2 (x[H-1] instead of x[H-2]), and the same
-        # for columns. conv(P) = conv(Q) + conv(row difference) + conv(column difference); the
-        # difference rows reach output rows 0, 1 and 2H-2, 2H-1 through single kernel rows.
-        def rows(d, k1, k2):  # d: [B, C, 1, 2W+4] -> correction of two output rows
-            out = F.conv2d(d, torch.cat([w[:, :, k1:k1 + 1], w[:, :, k2:k2 + 1]]))
-            return out.view(out.shape[0], 2, o, -1).transpose(1, 2)
-
-        def cols(d, k1, k2):  # d: [B, C, 2H+4, 1] -> correction of two output columns
-            out = F.conv2d(d, torch.cat([w[..., k1:k1 + 1], w[..., k2:k2 + 1]]))
-            return out.view(out.shape[0], 2, o, -1).permute(0, 2, 3, 1)
-
-        # row differences follow the reflect-padded upsampled width (P's columns) ...
-        def widen(d):
+        # Reflect padding: P = pad2(up(x)) differs from Q = up(replicate-pad1(x)) (what y used)
+        # only in padded row 0 (x[1] instead of x[0]) and row 2H+3 (x[H-2] instead of x[H-1]), and
+        # the same for columns. conv(P) = conv(Q) + conv(row difference) + conv(column difference);
+        # each difference row reaches one output row (0 or 2H-1) through one kernel row (0 or 4).
+        def widen(d):  # row differences follow P's columns: upsampled, reflect-padded by 2
             return F.pad(d.repeat_interleave(2, dim=3), (2, 2, 0, 0), mode="reflect")
 
-        # ... column differences the upsampled reflect-padded height (Q's rows)
-        def heighten(d):
-            return F.pad(d, (0, 0, 1, 1), mode="reflect").repeat_interleave(2, dim=2)
+        def heighten(d):  # column differences follow Q's rows: replicate-padded by 1, upsampled
+            return F.pad(d, (0, 0, 1, 1), mode="replicate").repeat_interleave(2, dim=2)
 
-        top = rows(widen(x[:, :, :1] - x[:, :, 1:2]), 1, 0)
-        bottom = rows(widen(x[:, :, -1:] - x[:, :, -2:-1]), 4, 3)
-        left = cols(heighten(x[..., :1] - x[..., 1:2]), 1, 0)
-        right = cols(heighten(x[..., -1:] - x[..., -2:-1]), 4, 3)
+        top = F.conv2d(widen(x[:, :, 1:2] - x[:, :, :1]), w[:, :, :1])
+        bottom = F.conv2d(widen(x[:, :, -2:-1] - x[:, :, -1:]), w[:, :, 4:])
+        left = F.conv2d(heighten(x[..., 1:2] - x[..., :1]), w[..., :1])
+        right = F.conv2d(heighten(x[..., -2:-1] - x[..., -1:]), w[..., 4:])
         if fast:  # in place, y's gradient passed through whole (no full-size copies)
             return add_borders(y, top, bottom, left, right)
-        y = torch.cat([y[:, :, :2] + top, y[:, :, 2:-2], y[:, :, -2:] + bottom], dim=2)
-        return torch.cat([y[..., :2] + left, y[..., 2:-2], y[..., -2:] + right], dim=3)
+        y = torch.cat([y[:, :, :1] + top, y[:, :, 1:-1], y[:, :, -1:] + bottom], dim=2)
+        return torch.cat([y[..., :1] + left, y[..., 1:-1], y[..., -1:] + right], dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = use_fast(self.fast, x)

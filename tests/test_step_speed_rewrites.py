@@ -44,12 +44,13 @@ def close(a, b, rel=1e-5):
     return (a - b).abs().max().item() <= rel * scale
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
 @pytest.mark.parametrize("p", [1, 2, 3])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
-def test_reflect_pad_forward_is_f_pad_and_backward_matches(p, layout):
+def test_pad_forward_is_f_pad_and_backward_matches(mode, p, layout):
     x = rand(2, 5, 9, 11, layout=layout)
-    want, want_g = grads_of(lambda t: F.pad(t, (p,) * 4, mode="reflect"), x)
-    got, got_g = grads_of(lambda t: kernels.reflect_pad(t, p), x)
+    want, want_g = grads_of(lambda t: F.pad(t, (p,) * 4, mode=mode), x)
+    got, got_g = grads_of(lambda t: getattr(kernels, f"{mode}_pad")(t, p), x)
     assert torch.equal(got, want)
     assert close(got_g[0], want_g[0], 1e-6)
     assert got.is_contiguous(memory_format=CL) and got_g[0].is_contiguous(memory_format=CL)
@@ -85,9 +86,10 @@ def test_layer_norm_matches_the_official_formula(layout):
         assert close(a, b)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("k,size,cout", [(7, 20, 3), (5, 13, 2), (3, 9, 1), (7, 15, 4)])
-def test_space_to_depth_conv_matches_conv2d(k, size, cout):
-    x, w, b = rand(2, 5, size, size + 2, layout=CL), rand(cout, 5, k, k, seed=2), rand(cout, seed=3)
+def test_space_to_depth_conv_matches_conv2d(k, size, cout, layout):
+    x, w, b = rand(2, 5, size, size + 2, layout=layout), rand(cout, 5, k, k, seed=2), rand(cout, seed=3)
     want, want_g = grads_of(F.conv2d, x, w, b)
     got, got_g = grads_of(kernels.space_to_depth_conv, x, w, b)
     assert got.shape == want.shape and close(got, want)
