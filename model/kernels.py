@@ -93,11 +93,18 @@ def reflect_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     return _ReflectPad.apply(x, p)
 
 
+def replicate_edges(x: torch.Tensor, p: int) -> torch.Tensor:
+    """F.pad(x, (p,) * 4, mode="replicate") as copies of the edge rows and columns, the layout kept.
+    Why not F.pad: torch.compile (torch 2.13) fails on its backward with a stride assertion."""
+    x = torch.cat([x[:, :, :1]] * p + [x] + [x[:, :, -1:]] * p, dim=2)
+    return torch.cat([x[..., :1]] * p + [x] + [x[..., -1:]] * p, dim=3)
+
+
 class _ReplicatePad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
         ctx.p = p
-        return F.pad(x.contiguous(memory_format=CHANNELS_LAST), (p, p, p, p), mode="replicate")
+        return replicate_edges(x.contiguous(memory_format=CHANNELS_LAST), p)
 
     @staticmethod
     def backward(ctx, g):
@@ -254,5 +261,5 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: fl
     return _LayerNorm.apply(x, gamma, beta, eps)
 
 
-__all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "add_borders", "space_to_depth_conv",
+__all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "replicate_edges", "add_borders", "space_to_depth_conv",
            "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import (add_borders, channels_last, instance_norm, layer_norm, patch_conv, reflect_pad,
-                      replicate_pad, space_to_depth_conv, use_fast)
+                      replicate_edges, replicate_pad, space_to_depth_conv, use_fast)
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -241,6 +241,8 @@ class UpConvBlock(nn.Module):
             return reflect_pad(x, pad)
         if fast and mode == "replicate":
             return replicate_pad(x, pad)
+        if mode == "replicate":
+            return replicate_edges(x, pad)
         x = channels_last(x) if fast else x
         return F.pad(x, (pad,) * 4, mode="constant" if mode == "zero" else mode)
 
@@ -265,7 +267,7 @@ class UpConvBlock(nn.Module):
             return F.pad(d.repeat_interleave(2, dim=3), (2, 2, 0, 0), mode="reflect")
 
         def heighten(d):  # column differences follow Q's rows: replicate-padded by 1, upsampled
-            return F.pad(d, (0, 0, 1, 1), mode="replicate").repeat_interleave(2, dim=2)
+            return torch.cat([d[:, :, :1], d, d[:, :, -1:]], dim=2).repeat_interleave(2, dim=2)
 
         top = F.conv2d(widen(x[:, :, 1:2] - x[:, :, :1]), w[:, :, :1])
         bottom = F.conv2d(widen(x[:, :, -2:-1] - x[:, :, -1:]), w[:, :, 4:])
