@@ -8,8 +8,9 @@ costs a copy and a slower convolution. So:
 
 - `channels_last(x)`: x in channels-last, and its gradient converted to channels-last too (a
   no-op when it already is);
-- `reflect_pad(x, p)` and `replicate_pad(x, p)`: F.pad's forward in channels-last, and a backward
-  made of slices that keeps the layout (the stock ones make their gradient contiguous NCHW);
+- `reflect_pad(x, p)` and `replicate_pad(x, p)`: F.pad's function in channels-last, and a
+  backward made of slices that keeps the layout (the stock ones make their gradient contiguous
+  NCHW);
 - `instance_norm(x, eps, relu)` and `layer_norm(x, gamma, beta, eps)` (the official UNIT layer
   norm: unbiased std, eps added to the std): closed-form backward passes, layout kept, several
   times fewer passes over memory than autograd through the composite ops; the ReLU after an
@@ -261,5 +262,5 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: fl
     return _LayerNorm.apply(x, gamma, beta, eps)
 
 
-__all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "replicate_edges", "add_borders", "space_to_depth_conv",
-           "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]
+__all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "replicate_edges", "add_borders",
+           "space_to_depth_conv", "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]
