@@ -76,6 +76,18 @@ class InstanceNorm(nn.Module):
         return F.relu(y, inplace=True) if relu else y
 
 
+def pad2d(x: torch.Tensor, pad: int, pad_type: str, fast: bool) -> torch.Tensor:
+    """F.pad(x, (pad,) * 4) in `pad_type` ("zero", "reflect" or "replicate"); with `fast` in
+    channels-last, forward and backward (model/kernels.py). Replicate padding is built from edge
+    copies: torch.compile (torch 2.13) fails on F.pad's replicate backward."""
+    if fast and pad_type == "reflect":
+        return reflect_pad(x, pad)
+    if pad_type == "replicate":
+        return replicate_pad(x, pad) if fast else replicate_edges(x, pad)
+    x = channels_last(x) if fast else x
+    return F.pad(x, (pad,) * 4, mode="constant" if pad_type == "zero" else pad_type)
+
+
 class Pad(nn.Module):
     """Reflect, zero or replicate padding by `pad` pixels on each side. In training (`fast`,
     float32 on the CPU) it also moves the activations to channels-last, forward and backward,
@@ -86,15 +98,12 @@ class Pad(nn.Module):
 
     def __init__(self, pad_type: str, pad: int, channels_last: bool = True):
         super().__init__()
-        self.mode = {"zero": "constant", "reflect": "reflect", "replicate": "replicate"}[pad_type]
-        self.pad, self.channels_last = pad, channels_last
+        if pad_type not in PADDINGS:
+            raise KeyError(pad_type)
+        self.pad_type, self.pad, self.channels_last = pad_type, pad, channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and use_fast(self.fast, x):
-            if self.mode == "reflect":
-                return reflect_pad(x, self.pad)
-            x = channels_last(x)
-        return F.pad(x, (self.pad,) * 4, mode=self.mode)
+        return pad2d(x, self.pad, self.pad_type, self.channels_last and use_fast(self.fast, x))
 
 
 def make_activation(name: str) -> nn.Module:
@@ -235,20 +244,9 @@ class UpConvBlock(nn.Module):
         # Not persistent: checkpoints and exports keep the plain block's state_dict.
         self.register_buffer("phase", _PHASE.clone(), persistent=False)
 
-    @staticmethod
-    def _pad(x, pad, fast, mode):
-        if fast and mode == "reflect":
-            return reflect_pad(x, pad)
-        if fast and mode == "replicate":
-            return replicate_pad(x, pad)
-        if mode == "replicate":
-            return replicate_edges(x, pad)
-        x = channels_last(x) if fast else x
-        return F.pad(x, (pad,) * 4, mode="constant" if mode == "zero" else mode)
-
     def _plain(self, x, fast=False):
         up = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(self._pad(up, 2, fast, self.pad_type))
+        return self.conv(pad2d(up, 2, self.pad_type, fast))
 
     def _fused(self, x, fast=False):
         w, b = self.conv.weight, self.conv.bias
@@ -256,7 +254,7 @@ class UpConvBlock(nn.Module):
         a = self.phase.to(w)
         k = torch.einsum("ryk,oikl,cxl->orciyx", a, w, a).reshape(o * 4, i, 3, 3)
         mode = "zero" if self.pad_type == "zero" else "replicate"
-        y = F.pixel_shuffle(F.conv2d(self._pad(x, 1, fast, mode), k, b.repeat_interleave(4)), 2)
+        y = F.pixel_shuffle(F.conv2d(pad2d(x, 1, mode, fast), k, b.repeat_interleave(4)), 2)
         if self.pad_type != "reflect":
             return y  # zero and replicate padding commute with nearest upsampling
         # Reflect padding: P = pad2(up(x)) differs from Q = up(replicate-pad1(x)) (what y used)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from model import losses
 from model.ema import EMA
-from model.networks import LayerNorm, UpConvBlock, count_params, set_fused_upsample
+from model.networks import LayerNorm, Pad, UpConvBlock, count_params, set_fused_upsample
 from model.unit import PRESETS, UNIT, UNITConfig, discriminator_loss, generator_loss
 
 torch.set_num_threads(1)
@@ -730,16 +730,17 @@ def test_cycle_detach_gives_the_translating_generator_no_cycle_gradient(skip):
 
 def test_fused_upsampling_compiles_with_inductor_forward_and_backward():
     """torch.compile's default backend on the stock path a GPU runs (bf16 autocast), forward and
-    backward: F.pad's replicate backward fails there with a stride assertion (torch 2.13), so the
-    fused block builds its replicate padding from edge copies."""
+    backward: F.pad's replicate backward fails there with a stride assertion (torch 2.13), so
+    replicate padding (the fused block's, and a pad_type: replicate layer's) is built from edge
+    copies."""
     torch.manual_seed(0)
-    block = UpConvBlock(8, 4, "ln", "relu", "reflect")
+    block = torch.nn.Sequential(Pad("replicate", 1), UpConvBlock(8, 4, "ln", "relu", "reflect"))
     x = torch.randn(2, 8, 6, 6)
     grads = []
     for fn in (block, torch.compile(block)):
         xr = x.clone().requires_grad_(True)
         with torch.autocast("cpu", torch.bfloat16):
             y = fn(xr)
-        grads.append((y.float(), *torch.autograd.grad(y.float().pow(2).sum(), [xr, block.conv.weight])))
+        grads.append((y.float(), *torch.autograd.grad(y.float().pow(2).sum(), [xr, block[1].conv.weight])))
     for eager, compiled in zip(*grads):
         assert torch.allclose(compiled, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())
