@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pipeline import atomic  # noqa: E402  (after the path: bench/ runs as a script)
+
 GOALS = {"demo": "ours - strongest baseline >= 0.10 (a2b), > 0 (b2a); ours >= 2x reference",
          "shift": "ours a2b >= 0.60; ours >= 2x reference"}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -149,7 +151,7 @@ def prepare(task: str, out: Path, n_train: int, n_test: int, size: int) -> dict:
         sh([sys.executable, "-m", "pipeline.shards", "--src-a", root / "data" / "trainA", "--src-b",
             root / "data" / "trainB", "--out", root / "shards", "--workers", 2,
             "--max-per-shard", max(16, n_train // 4), "--no-progress"], log=root / "shards.log")
-        marker.write_text(json.dumps(want))
+        atomic.write_json(marker, want)
     d = root / "data"
     return {"shards": root / "shards", "test_a": d / "testA", "test_b": d / "testB", "root": root, "task": task}
 
@@ -181,7 +183,7 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
     sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", args.ranks, "--master_port", free_port(),
         "launch/train.py", "--config", settings["config"], *over], log=log,
        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    marker.write_text(json.dumps(settings))
+    atomic.write_json(marker, settings)
     return ours_result(run_dir)
 
 
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
             refs[seed] = evaluate(ref_gen, corpus, stats, args.c2st_steps)
         result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,
                   "steps": {str(k): v for k, v in counts.items()}}
-        (corpus["root"] / "result.json").write_text(json.dumps(result, indent=1))
+        atomic.write_json(corpus["root"] / "result.json", result)
         report.append(table(task, ours, refs, seconds, counts))
         print("\n" + report[-1] + "\n", flush=True)
     print("\n\n".join(report))
