@@ -89,6 +89,13 @@ class DataSection(_Strict):
     test_a: Optional[str] = Field(None, description="paired test split, domain A images (for evaluation)")
     test_b: Optional[str] = Field(None, description="paired test split, domain B images, same stems as test_a")
 
+    def scale(self) -> int:
+        """The side the training images are resized to before the crop (augment.resize, else the crop
+        size): the scale the translator learns. Evaluation, the baselines, the palette, the sample
+        grids and the export use it, so a run on 32 px crops of images resized to 64 (image_size 32,
+        augment.resize 64) is scored on whole 64 px test images."""
+        return self.augment.resize or self.image_size
+
     def test_split(self) -> dict:
         """The paired test split as evaluation and registration take it (empty when not set):
         domain A inputs are domain B's truth's pairs and the other way round."""

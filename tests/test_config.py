@@ -40,6 +40,14 @@ def test_bad_values_name_the_key(override, named):
     assert named in str(e.value)
 
 
+def test_scale_is_the_resize_before_the_crop():
+    # What evaluation, baselines, grids and export use: the side the crops are cut from.
+    cfg = load_config(None, ["data.image_size=32"], base=BASE)
+    assert (cfg.data.scale(), cfg.model.image_size) == (32, 32)
+    cfg = load_config(None, ["data.image_size=32", "data.augment.resize=64"], base=BASE)
+    assert (cfg.data.scale(), cfg.model.image_size) == (64, 32)
+
+
 def test_missing_shards_is_explained():
     with pytest.raises(ConfigError, match="data.shards"):
         load_config(None, [], base={"data": {}})

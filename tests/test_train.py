@@ -80,6 +80,11 @@ DEMO_RECIPE = ("model.skip=image", "model.palette_b=auto", "model.dis_colour_oct
                "model.r1_every=2", "model.cycle_detach=true", "model.w_hue=1")
 
 
+# On the ZeRO-2 launch: 16 px crops of the corpus's 32 px images. The translator learns the 32 px
+# scale, so its evaluation, baselines, sample grids and export are at 32 (Config.data.scale()).
+CROPS = ("data.image_size=16", "data.augment.resize=32")
+
+
 # The launches of the tests below whose outcome does not depend on timing, in the order the tests
 # use them.
 def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
@@ -91,7 +96,7 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
                            evaluation={"c2st_steps": 20 if stage == 0 else 0})
         runs[f"zero{stage}"] = (d, lambda cfg=cfg, stage=stage: launch_cmd(
             cfg, "--deepspeed_config", ROOT / "configs" / "ds" / f"zero{stage}.json",
-            *(DEMO_RECIPE if stage == 1 else ())), None)
+            *(DEMO_RECIPE if stage == 1 else CROPS if stage == 2 else ())), None)
     # The uninterrupted reference of the SIGKILL test.
     d = mkdir("uninterrupted")
     cfg = write_config(d / "ref.yaml", corpus, d / "run", **KILLED_RUN)
@@ -157,6 +162,12 @@ def test_trains_at_each_zero_stage(background, stage):
         assert key in rows[-1], key
     assert rows[-1]["g/recon_a"] < rows[0]["g/recon_a"]  # it learns something even in 4 steps
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-00000003.png", "step-00000004.png"]
+    # Sample grids of 2x-scaled held-out images at the trained scale, 32 px, whatever the crop.
+    from PIL import Image
+    grid = Image.open(run_dir / "samples" / "step-00000004.png")
+    assert grid.width == 2 * (4 * 32 + 3 * 2) and (grid.height // 2 + 2) % (32 + 2) == 0  # 2 px gaps, then 2x
+    meta = json.loads((run_dir / "export" / "translator.json").read_text())
+    assert meta["image_size"] == 32 and meta["model"]["image_size"] == (16 if stage == 2 else 32)
     # The exported translator loads with model/ + safetensors alone and translates.
     code = ("import json,torch,sys; from safetensors.torch import load_file; from model.unit import UNIT;"
             f"d='{run_dir / 'export'}'; meta=json.load(open(d+'/translator.json'));"

@@ -29,12 +29,12 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
     """Returns {"evaluation": ..., "registry": ...} (each when it happened)."""
     run_dir, export_dir, out = Path(cfg.run_dir), Path(export_dir), {}
     shards_a, shards_b = cfg.data.sources()
-    stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.image_size,
+    stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.scale(),
                                         max_images=cfg.eval.baseline_images, seed=cfg.seed)
     baselines.save(export_dir / baselines.FILE_NAME, stats)
     res, split = None, cfg.data.test_split()
     if split:
-        res = evaluate_export(export_dir, **split, size=cfg.data.image_size, opts=eval_options(cfg, stats))
+        res = evaluate_export(export_dir, **split, size=cfg.data.scale(), opts=eval_options(cfg, stats))
         out["evaluation"] = res
     if not cfg.tracking.enable:
         return out
@@ -45,7 +45,7 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
     from launch.release.registry import register_run
     try:
         out["registry"] = register_run(run_dir, name=cfg.registry.name, **split, min_accuracy=cfg.registry.min_accuracy,
-                                       image_size=cfg.data.image_size, export_dir=export_dir, evaluation=res)
+                                       image_size=cfg.data.scale(), export_dir=export_dir, evaluation=res)
     except Exception as e:  # the weights are exported; registering again is one command
         print(f"warning: registering the model failed ({type(e).__name__}: {e}); retry with "
               f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)

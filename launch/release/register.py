@@ -3,7 +3,7 @@
 
 Registers RUN_DIR/export in the MLflow model registry (see launch/release/registry.py). Test folders and
 the gate default to the run's config.yaml (data.test_a / data.test_b, registry.name,
-registry.min_accuracy, data.image_size) when the flags are not given.
+registry.min_accuracy, and the size: data.augment.resize, else data.image_size) when the flags are not given.
 Exit status: 0 registered (whether or not promoted), 2 bad input, 1 MLflow failure.
 """
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--test-b", default=None)
     p.add_argument("--truth-a", default=None)
     p.add_argument("--min-accuracy", type=float, default=None, help="gate threshold on test/pixel_acc_a2b")
-    p.add_argument("--size", type=int, default=None, help="evaluate at N x N (default: config data.image_size)")
+    p.add_argument("--size", type=int, default=None, help="evaluate at N x N (default: the config's data.augment.resize, else data.image_size)")
     p.add_argument("--tracking-uri", default=None, help="default: the one in RUN_DIR/tracking.json")
     p.add_argument("--export-dir", default=None, help="default: RUN_DIR/export")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             res = register_run(run_dir, name=a.name or (cfg.registry.name if cfg else "unit-translator"), **split,
                                min_accuracy=a.min_accuracy if a.min_accuracy is not None
                                else (cfg.registry.min_accuracy if cfg else 0.0),
-                               image_size=a.size or (cfg.data.image_size if cfg else None),
+                               image_size=a.size or (cfg.data.scale() if cfg else None),
                                tracking_uri=a.tracking_uri, export_dir=a.export_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

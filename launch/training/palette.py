@@ -37,7 +37,7 @@ def model_with_palettes(cfg: Config, say=print) -> UNITConfig:
     auto = [d for d in ("a", "b") if getattr(cfg.model, f"palette_{d}") == "auto"]
     if not auto:
         return cfg.model
-    measured = measure(*map(str, cfg.data.sources()), cfg.data.image_size, cfg.eval.baseline_images, cfg.seed)
+    measured = measure(*map(str, cfg.data.sources()), cfg.data.scale(), cfg.eval.baseline_images, cfg.seed)
     found = {}
     for d in auto:
         colours, share, images = measured[d]

@@ -305,10 +305,10 @@ def start_tracking(tr: Trainer) -> None:
     shards_a, shards_b = cfg.data.sources()
 
     def side_stream():
-        return UnpairedLoader(shards_a, shards_b, batch_size=cfg.train.sample_count, image_size=cfg.data.image_size,
+        return UnpairedLoader(shards_a, shards_b, batch_size=cfg.train.sample_count, image_size=cfg.data.scale(),
                               seed=cfg.seed + 1_000_003, num_workers=0, augment={"train": False}, rank=0, world_size=1)
 
-    x_a, x_b = held_out_batch(cfg.data.test_a, cfg.data.test_b, cfg.data.image_size, cfg.train.sample_count,
+    x_a, x_b = held_out_batch(cfg.data.test_a, cfg.data.test_b, cfg.data.scale(), cfg.train.sample_count,
                               side_stream)
     tr.samples = (x_a.to(tr.ranks.device, tr.dtype), x_b.to(tr.ranks.device, tr.dtype))
 
@@ -404,7 +404,7 @@ def log_step(tr: Trainer, result: StepResult, meter: Meter) -> None:
 def write_samples(tr: Trainer) -> None:
     path = tr.run_dir / rundir.SAMPLES_DIR / f"step-{tr.state.step:08d}.png"
     with ema_weights(tr.ema, tr.eng_g.module) as gen:
-        save_grid(path, sample_rows(gen, *tr.samples), scale=2 if tr.cfg.data.image_size <= 64 else 1)
+        save_grid(path, sample_rows(gen, *tr.samples), scale=2 if tr.cfg.data.scale() <= 64 else 1)
     tr.tracker.log_image(path, tr.state.step)
 
 
@@ -428,7 +428,7 @@ def save_checkpoint(tr: Trainer) -> Path:
 def export(tr: Trainer) -> Path:
     """Rank 0: the generator side (EMA weights) as safetensors + JSON for release."""
     out = tr.run_dir / rundir.EXPORT_DIR
-    save_translator(out, float32_generator(tr), tr.unit.config(), image_size=tr.cfg.data.image_size,
+    save_translator(out, float32_generator(tr), tr.unit.config(), image_size=tr.cfg.data.scale(),
                     step=tr.state.step, ema=tr.cfg.train.ema_decay > 0, domains={"a": "A", "b": "B"},
                     discriminator=tr.eng_d.module)
     return out
