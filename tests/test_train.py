@@ -73,7 +73,7 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 KILLED_RUN = {"max_steps": 24, "ckpt_every": 8, "log_every": 2, "ema_decay": 0.9}
 
 
-# configs/demo.yaml's model options, on the ZeRO-1 launch (the demo's stage): a palette measured on
+# configs/demo.yaml's model options, on the ZeRO-1 launch (the demo runs ZeRO 0): a palette measured on
 # the shards, the image skip, colour-sharp discriminators and R1 (a double backward in the D engine),
 # back-translation and the hue prior; R1 lazily, in every 2nd step here (the demo: every 4th).
 DEMO_RECIPE = ("model.skip=image", "model.palette_b=auto", "model.dis_colour_octaves=4", "model.w_r1=1",
