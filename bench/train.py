@@ -51,11 +51,10 @@ def children_cpu_s() -> float:
 
 def one_run(work: Path, ranks: int, args, tag: str, steps: int | None = None, zero: int = 1) -> dict:
     run_dir = work / f"run-{tag}"
-    model = yaml.safe_load(Path(args.model_from).read_text())["model"] if args.model_from else {"preset": args.preset}
     cfg = {"run_dir": str(run_dir), "seed": 0,
            "data": {"shards": str(work / "shards"), "image_size": args.size, "batch_size": args.batch,
                     "num_workers": args.workers},
-           "model": model,
+           "model": args.model,
            "train": {"max_steps": steps or args.steps, "log_every": args.log_every, "sample_every": 10 ** 6,
                      "ckpt_every": 10 ** 6, "threads": args.threads, "precision": args.precision, "zero_stage": zero},
            "tracking": {"enable": False}, "registry": {"enable": False}}
@@ -94,7 +93,10 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-efficiency", action="store_true",
                     help="also run each case with a quarter of the steps: the CPU seconds per image in the "
                          "steps between (start-up cancels out) give an efficiency other jobs hardly move")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # The model section every run trains, read once.
+    args.model = yaml.safe_load(Path(args.model_from).read_text())["model"] if args.model_from else {"preset": args.preset}
+    return args
 
 
 def run_cases(args) -> dict[tuple[int, int], list[dict]]:
@@ -131,9 +133,9 @@ def print_tables(args, results: dict[tuple[int, int], list[dict]]) -> None:
           f"median of {args.repeats}; load average {load:.1f} on {os.cpu_count()} CPUs")
     print("| ZeRO | ranks | images/s per rank | images/s total | s/step | data wait (share of step time) | scaling efficiency |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    stages = {zero: {k: results[zero, k] for k in (1, 2)} for zero in args.zero}
     effs, waits = {}, []
-    for zero in args.zero:
-        runs = {k: results[zero, k] for k in (1, 2)}
+    for zero, runs in stages.items():
         med = {k: {f: statistics.median(r[f] for r in v) for f in ("img_s_rank", "s_step", "wait")}
                for k, v in runs.items()}
         effs[zero] = [two["img_s_rank"] / one["img_s_rank"] for one, two in zip(runs[1], runs[2])]
@@ -152,8 +154,7 @@ def print_tables(args, results: dict[tuple[int, int], list[dict]]) -> None:
     print(f"| data wait, largest of the cases | {100 * wait:.1f}% | < {100 * GOAL_WAIT:.0f}% "
           f"({'met' if wait < GOAL_WAIT else 'MISSED'}) |")
     if args.cpu_efficiency:
-        for zero in args.zero:
-            runs = {k: results[zero, k] for k in (1, 2)}
+        for zero, runs in stages.items():
             cpu_effs = [one["cpu_per_img"] / two["cpu_per_img"] for one, two in zip(runs[1], runs[2])]
             cpu_ms = {k: 1e3 * statistics.median(r["cpu_per_img"] for r in v) for k, v in runs.items()}
             print(f"| ZeRO {zero}: CPU ms per image, 1 rank / 2 ranks (steady state, loader workers included) | "

@@ -179,7 +179,6 @@ def test_trains_at_each_zero_stage(background, stage):
         assert [("d/r1_a" in m) for m in rows] == [False, True, False, True]  # lazy R1: steps 2 and 4
         assert 0 < rows[-1]["g/hue_a"] < 2 and 0 < rows[-1]["g/hue_b"] < 2
         from pipeline.demo import MAP_COLOURS
-        meta = json.loads((run_dir / "export" / "translator.json").read_text())
         assert sorted(map(tuple, meta["model"]["palette_b"])) == sorted(MAP_COLOURS.values())
         assert meta["model"]["dis_colour_octaves"] == 4 and meta["model"]["w_r1"] == 1.0
         assert meta["model"]["cycle_detach"] is True and meta["model"]["w_hue"] == 1.0
