@@ -24,16 +24,22 @@ a2b >= 0.60 on shift, and ours >= 2x the reference's a2b accuracy.
 
     .venv/bin/python bench/quality.py [--tasks demo,shift] [--out $TMPDIR/unit-quality]
         [--config CONFIG] [--size 64] [--ranks 2] [--steps N] [--ref-threads 2] [--ref-seeds 0,1,2]
-        [--reuse-ours] [key=value ...]
+        [--curve K] [--reuse-ours] [key=value ...]
 
 The reference is one GAN run per seed and moves between seeds as much as ours does: --ref-seeds
 trains it once per seed, each for ours' wall time, and the ratio is taken against their mean (and,
 stricter, their best). --reuse-ours scores another set of reference seeds against the run of ours
 already under --out (the same corpus and settings) instead of training ours again.
+
+"Per minute" depends on how many minutes: --curve K also scores both at K-1 earlier points of the
+same runs (ours: the EMA generator of a checkpoint every 1/K of its steps; the reference: its
+generator when its clock passes the second at which ours wrote that checkpoint), and prints the
+ratio at each budget (a2b and b2a, without C2ST), so one run shows where the ratio moves.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -69,6 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--ref-threads", type=int, default=2, help="torch threads of the reference loop")
     ap.add_argument("--ref-seeds", default="0", help="comma-separated seeds: one reference run each, "
                     "each for ours' wall time")
+    ap.add_argument("--curve", type=int, default=0, metavar="K", help="also score both at every 1/K of "
+                    "ours' steps (its checkpoints) and the same seconds of the reference (0: off)")
     ap.add_argument("--reuse-ours", action="store_true", help="take ours from the run already under --out "
                     "(same corpus; refused where there is none) instead of training it again")
     ap.add_argument("--n-train", type=int, default=1000)
@@ -164,7 +172,7 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
     the run already there when it was trained with the same settings."""
     run_dir = corpus["root"] / "ours"
     settings = {"config": config_for(args, corpus["task"]), "steps": args.steps, "ranks": args.ranks,
-                "overrides": list(args.overrides)}
+                "overrides": list(args.overrides), **({"curve": args.curve} if args.curve else {})}
     marker = run_dir / "bench.json"
     if args.reuse_ours:
         found = json.loads(marker.read_text()) if marker.is_file() else None
@@ -178,7 +186,7 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
             "tracking.enable=false", "registry.enable=false", "eval.c2st_steps=0"]
     if args.steps:
         over.append(f"train.max_steps={args.steps}")
-    over += list(args.overrides)
+    over += curve_overrides(args, settings["config"]) + list(args.overrides)
     log = corpus["root"] / "ours.log"
     sh([Path(sys.executable).parent / "deepspeed", "--num_gpus", args.ranks, "--master_port", free_port(),
         "launch/train.py", "--config", settings["config"], *over], log=log,
@@ -188,10 +196,44 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
 
 
 def ours_result(run_dir: Path) -> tuple[Path, float, int]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = metric_rows(run_dir)
     seconds = max(x.get("elapsed_s", 0.0) for x in lines) if lines else float("nan")
     meta = json.loads((run_dir / "export" / "translator.json").read_text())
     return run_dir / "export", seconds, int(meta["step"])
+
+
+def curve_overrides(args, config: str) -> list[str]:
+    """--curve K: a checkpoint every 1/K of ours' steps, all of them kept."""
+    if not args.curve:
+        return []
+    import yaml
+    steps = args.steps or yaml.safe_load(Path(config).read_text())["train"]["max_steps"]
+    if steps < args.curve:
+        raise SystemExit(f"--curve {args.curve}: more points than ours' {steps} steps")
+    return [f"train.ckpt_every={steps // args.curve}", f"train.keep_ckpts={args.curve}"]
+
+
+def ours_points(run_dir: Path, export: Path, before: int) -> list[tuple[int, float, object]]:
+    """(step, training seconds, EMA generator) at each checkpoint of ours before step `before` (the
+    final one is the export), oldest first; the seconds interpolated between the trainer's logged
+    (step, elapsed_s) records."""
+    from launch.release.export import load_translator
+    from launch.training import checkpoint as ckpt
+    logged = sorted((r["step"], r["elapsed_s"]) for r in metric_rows(run_dir) if "elapsed_s" in r and "step" in r)
+    points = []
+    for path in ckpt.complete_checkpoints(run_dir):
+        step = ckpt.step_of(path)
+        if step >= before:
+            continue
+        gen, _ = load_translator(export)  # the export's model and buffers; the weights from the checkpoint
+        gen.load_state_dict({**gen.state_dict(), **ckpt.load_ema(path / "ema.safetensors")["shadow"]})
+        seconds = float(np.interp(step, [s for s, _ in logged], [t for _, t in logged]))
+        points.append((step, seconds, gen.eval()))
+    return points
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def config_for(args, task: str) -> str:
@@ -212,8 +254,10 @@ def load_train(folder: Path):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: int = 0):
-    """The official-style loop for `seconds` of wall time; returns (generator in eval mode, steps)."""
+def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: int = 0, marks=()):
+    """The official-style loop for `seconds` of wall time; returns (generator in eval mode, steps,
+    [(steps, generator)] copied when its clock first passes each of `marks` (seconds); copying
+    is not charged to its clock)."""
     import torch
     from step import adam, plain, step_ref
 
@@ -225,7 +269,7 @@ def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: i
     data = corpus["shards"].parent / "data"
     a, b = load_train(data / "trainA"), load_train(data / "trainB")
     rng = np.random.default_rng(seed)
-    t0, steps = time.perf_counter(), 0
+    t0, steps, pending, snaps = time.perf_counter(), 0, sorted(marks), []
     while time.perf_counter() - t0 < seconds:
         x_a, x_b = a[rng.integers(len(a))][None], b[rng.integers(len(b))][None]
         if rng.random() < 0.5:
@@ -234,7 +278,12 @@ def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: i
             x_b = x_b.flip(-1)
         step_ref(unit, og, od, x_a, x_b)
         steps += 1
-    return unit.gen.eval(), steps
+        while pending and time.perf_counter() - t0 >= pending[0]:
+            t_copy = time.perf_counter()
+            snaps.append((steps, copy.deepcopy(unit.gen).eval()))
+            pending.pop(0)
+            t0 += time.perf_counter() - t_copy
+    return unit.gen.eval(), steps, snaps
 
 
 # ---------------------------------------------------------------- evaluation and tables
@@ -275,13 +324,59 @@ def table(task: str, ours: dict, refs: dict[int, dict], seconds: float, steps: d
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def score_task(task: str, args, out: Path, seeds: list[int]) -> str:
+    """Train and score ours and the reference seeds on one task; returns its table(s)."""
     from launch.release import baselines
     from launch.release.export import load_translator
+    corpus = prepare(task, out, args.n_train, args.n_test, args.size)
+    doing = "taking the run of" if args.reuse_ours else "training"
+    print(f"[{task}] {doing} ours ({args.ranks} CPU ranks, {config_for(args, task)}) ...", flush=True)
+    export, seconds, steps = run_ours(corpus, args, args.size)
+    stats = baselines.load(export / baselines.FILE_NAME)
+    gen, _ = load_translator(export)
+    ours, refs, counts = evaluate(gen, corpus, stats, args.c2st_steps), {}, {"ours": steps}
+    points = ours_points(corpus["root"] / "ours", export, before=steps) if args.curve else []
+    print(f"[{task}] ours: {steps} steps in {seconds:.0f} s", flush=True)
+    curve = [{"seconds": t, "steps": {"ours": n}, "ours": evaluate(g, corpus, stats, 0), "reference": {}}
+             for n, t, g in points]
+    for seed in seeds:
+        print(f"[{task}] reference (seed {seed}) for the same {seconds:.0f} s ...", flush=True)
+        ref_gen, counts[seed], snaps = run_reference(corpus, seconds, args.size, args.ref_threads, seed=seed,
+                                                     marks=[c["seconds"] for c in curve])
+        refs[seed] = evaluate(ref_gen, corpus, stats, args.c2st_steps)
+        for c, (n, g) in zip(curve, snaps):
+            c["steps"][seed], c["reference"][seed] = n, evaluate(g, corpus, stats, 0)
+    curve.append({"seconds": seconds, "steps": counts, "ours": ours, "reference": refs})
+    result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,
+              "steps": {str(k): v for k, v in counts.items()},
+              "curve": [{**c, "reference": {str(k): v for k, v in c["reference"].items()},
+                         "steps": {str(k): v for k, v in c["steps"].items()}} for c in curve]}
+    atomic.write_json(corpus["root"] / "result.json", result)
+    text = table(task, ours, refs, seconds, counts)
+    return text + ("\n\n" + curve_table(task, curve, seeds) if args.curve else "")
+
+
+def curve_table(task: str, curve: list[dict], seeds: list[int]) -> str:
+    """Per budget: ours and the reference seeds, a2b and b2a, and ours over the reference's mean."""
+    lines = [f"### {task}: the same runs at every budget (--curve; a2b / b2a pixel accuracy)", "",
+             "| training s | ours steps | ours a2b | ours b2a | reference steps | reference a2b "
+             f"(seed {', '.join(map(str, seeds))}) | reference b2a (mean) | ours / reference a2b (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in curve:
+        got = [s for s in seeds if s in c["reference"]]
+        acc = {d: [c["reference"][s][d]["pixel_acc"] for s in got] for d in ("a2b", "b2a")}
+        mean = {d: sum(v) / len(v) if v else float("nan") for d, v in acc.items()}
+        lines.append(f"| {c['seconds']:.0f} | {c['steps']['ours']} | {c['ours']['a2b']['pixel_acc']:.3f} | "
+                     f"{c['ours']['b2a']['pixel_acc']:.3f} | {' / '.join(str(c['steps'][s]) for s in got)} | "
+                     f"{' / '.join(f'{a:.3f}' for a in acc['a2b'])} (mean {mean['a2b']:.3f}) | {mean['b2a']:.3f} | "
+                     f"{c['ours']['a2b']['pixel_acc'] / max(mean['a2b'], 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    size = args.size
     t_start, report = time.perf_counter(), []
     try:
         seeds = list(dict.fromkeys(int(x) for x in args.ref_seeds.split(",") if x.strip()))  # each once
@@ -289,25 +384,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--ref-seeds {args.ref_seeds!r}: expected comma-separated integers") from None
     if not seeds:
         raise SystemExit("--ref-seeds: at least one seed")
+    if args.curve == 1 or args.curve < 0:
+        raise SystemExit(f"--curve {args.curve}: 0 (off) or at least 2 points")
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         if task not in GOALS:
             raise SystemExit(f"--tasks: unknown task {task!r} (demo, shift)")
-        corpus = prepare(task, out, args.n_train, args.n_test, size)
-        doing = "taking the run of" if args.reuse_ours else "training"
-        print(f"[{task}] {doing} ours ({args.ranks} CPU ranks, {config_for(args, task)}) ...", flush=True)
-        export, seconds, steps = run_ours(corpus, args, size)
-        stats = baselines.load(export / baselines.FILE_NAME)
-        gen, _ = load_translator(export)
-        ours, refs, counts = evaluate(gen, corpus, stats, args.c2st_steps), {}, {"ours": steps}
-        print(f"[{task}] ours: {steps} steps in {seconds:.0f} s", flush=True)
-        for seed in seeds:
-            print(f"[{task}] reference (seed {seed}) for the same {seconds:.0f} s ...", flush=True)
-            ref_gen, counts[seed] = run_reference(corpus, seconds, size, args.ref_threads, seed=seed)
-            refs[seed] = evaluate(ref_gen, corpus, stats, args.c2st_steps)
-        result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,
-                  "steps": {str(k): v for k, v in counts.items()}}
-        atomic.write_json(corpus["root"] / "result.json", result)
-        report.append(table(task, ours, refs, seconds, counts))
+        report.append(score_task(task, args, out, seeds))
         print("\n" + report[-1] + "\n", flush=True)
     print("\n\n".join(report))
     print(f"\nbench/quality.py: {(time.perf_counter() - t_start) / 60:.1f} min in all; outputs under {out}")
