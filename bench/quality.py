@@ -213,11 +213,10 @@ def curve_overrides(args, config: str) -> list[str]:
     return [f"train.ckpt_every={steps // args.curve}", f"train.keep_ckpts={args.curve}"]
 
 
-def ours_points(run_dir: Path, export: Path, before: int) -> list[tuple[int, float, object]]:
+def ours_points(run_dir: Path, final, before: int) -> list[tuple[int, float, object]]:
     """(step, training seconds, EMA generator) at each checkpoint of ours before step `before` (the
-    final one is the export), oldest first; the seconds interpolated between the trainer's logged
-    (step, elapsed_s) records."""
-    from launch.release.export import load_translator
+    final one is the export, loaded as `final`), oldest first; the seconds interpolated between the
+    trainer's logged (step, elapsed_s) records."""
     from launch.training import checkpoint as ckpt
     logged = sorted((r["step"], r["elapsed_s"]) for r in metric_rows(run_dir) if "elapsed_s" in r and "step" in r)
     points = []
@@ -225,7 +224,7 @@ def ours_points(run_dir: Path, export: Path, before: int) -> list[tuple[int, flo
         step = ckpt.step_of(path)
         if step >= before:
             continue
-        gen, _ = load_translator(export)  # the export's model and buffers; the weights from the checkpoint
+        gen = copy.deepcopy(final)  # the export's model and buffers; the weights from the checkpoint
         gen.load_state_dict({**gen.state_dict(), **ckpt.load_ema(path / "ema.safetensors")["shadow"]})
         seconds = float(np.interp(step, [s for s, _ in logged], [t for _, t in logged]))
         points.append((step, seconds, gen.eval()))
@@ -335,7 +334,7 @@ def score_task(task: str, args, out: Path, seeds: list[int]) -> str:
     stats = baselines.load(export / baselines.FILE_NAME)
     gen, _ = load_translator(export)
     ours, refs, counts = evaluate(gen, corpus, stats, args.c2st_steps), {}, {"ours": steps}
-    points = ours_points(corpus["root"] / "ours", export, before=steps) if args.curve else []
+    points = ours_points(corpus["root"] / "ours", gen, before=steps) if args.curve else []
     print(f"[{task}] ours: {steps} steps in {seconds:.0f} s", flush=True)
     curve = [{"seconds": t, "steps": {"ours": n}, "ours": evaluate(g, corpus, stats, 0), "reference": {}}
              for n, t, g in points]
@@ -347,13 +346,16 @@ def score_task(task: str, args, out: Path, seeds: list[int]) -> str:
         for c, (n, g) in zip(curve, snaps):
             c["steps"][seed], c["reference"][seed] = n, evaluate(g, corpus, stats, 0)
     curve.append({"seconds": seconds, "steps": counts, "ours": ours, "reference": refs})
-    result = {"ours": ours, "reference": {str(k): v for k, v in refs.items()}, "seconds": seconds,
-              "steps": {str(k): v for k, v in counts.items()},
-              "curve": [{**c, "reference": {str(k): v for k, v in c["reference"].items()},
-                         "steps": {str(k): v for k, v in c["steps"].items()}} for c in curve]}
+    result = {"ours": ours, "reference": str_keys(refs), "seconds": seconds, "steps": str_keys(counts),
+              "curve": [{**c, "reference": str_keys(c["reference"]), "steps": str_keys(c["steps"])} for c in curve]}
     atomic.write_json(corpus["root"] / "result.json", result)
     text = table(task, ours, refs, seconds, counts)
     return text + ("\n\n" + curve_table(task, curve, seeds) if args.curve else "")
+
+
+def str_keys(d: dict) -> dict:
+    """JSON keys: the seeds' ints as strings."""
+    return {str(k): v for k, v in d.items()}
 
 
 def curve_table(task: str, curve: list[dict], seeds: list[int]) -> str:
