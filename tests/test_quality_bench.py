@@ -22,7 +22,9 @@ def test_reference_copies_are_taken_at_the_marks_and_keep_their_weights(tmp_path
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / d / f"{i}.png")
     corpus = {"shards": tmp_path / "shards"}
-    gen, steps, snaps = run_reference(corpus, seconds=2.0, size=32, threads=1, seed=0, marks=[1.2, 0.4])
+    # The first iteration alone can take over a second (oneDNN's first calls), so the marks lie
+    # seconds apart: the later one always has several steps between it and the first.
+    gen, steps, snaps = run_reference(corpus, seconds=5.0, size=32, threads=1, seed=0, marks=[3.0, 1.0])
     assert len(snaps) == 2
     (n1, g1), (n2, g2) = snaps
     assert 0 < n1 < n2 <= steps  # the earlier mark first, whatever order they were given in
