@@ -25,6 +25,9 @@ def kl(mu: torch.Tensor) -> torch.Tensor:
     return mu.float().pow(2).mean()
 
 
+HUE_AXES = ("both", "rg")
+
+
 def _opponent(x: torch.Tensor) -> torch.Tensor:
     """[B, 2, H*W]: each pixel's opponent colours (R - G, (R + G) / 2 - B), less the image's mean."""
     r, g, b = x.float().flatten(2).unbind(1)
@@ -32,7 +35,7 @@ def _opponent(x: torch.Tensor) -> torch.Tensor:
     return o - o.mean(-1, keepdim=True)
 
 
-def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4, axes: str = "both") -> torch.Tensor:
     """1 - the Pearson correlation, over each image's pixels, between the opponent colours of a
     source and of its translation (RGB, [B, 3, H, W]; per axis, averaged over axes and images):
     0 when the translation's hue changes where and as its source's does, 2 when opposite.
@@ -41,8 +44,17 @@ def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4) -> torch.T
     a translator can settle on an order by brightness (a photo's dark parks and water painted in
     a map's dark outline colour); where classes keep their hue across domains (green parks, blue
     water) this prior breaks that tie. Invariant to each image's colour offset and scale.
+
+    axes="rg" keeps only the red-green axis. On the demo corpus the yellow-blue one disagrees
+    between the domains where the right colours lie: the photos' dark parks are less yellow than
+    their olive land, the maps' light green parks more yellow than the maps' white land; grey
+    major roads become orange. Red-green keeps its sign for parks, water and major roads.
     """
+    if axes not in HUE_AXES:
+        raise ValueError(f"hue axes {axes!r} is not one of {HUE_AXES}")
     s, d = _opponent(src), _opponent(dst)
+    if axes == "rg":
+        s, d = s[:, :1], d[:, :1]
     corr = (s * d).sum(-1) / ((s.pow(2).sum(-1) + eps).sqrt() * (d.pow(2).sum(-1) + eps).sqrt())
     return 1 - corr.mean()
 

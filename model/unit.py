@@ -15,6 +15,7 @@ official code runs a second encode/decode pass for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class UNITConfig:
     expected: str = ""         # domains ("a", "b", "ab") whose translations an expected decoder paints (UNITGenerator._expected)
     cycle_detach: bool = False  # the cycle half sees the translations detached: back-translation (UNITGenerator.forward)
     w_hue: float = 0.0         # translations keep their source's hue where it changes (losses.hue_corr)
+    hue_axes: str = "both"     # the opponent axes w_hue compares: both, or "rg" (red-green) only
 
     def __post_init__(self):
         def bad(name, why):
@@ -81,7 +83,7 @@ class UNITConfig:
         for name, allowed in (("norm", NORMS), ("up_norm", NORMS), ("activ", ACTIVATIONS),
                               ("pad_type", PADDINGS), ("dis_norm", DIS_NORMS),
                               ("dis_activ", ACTIVATIONS), ("dis_pad", PADDINGS),
-                              ("gan_type", losses.GAN_TYPES), ("skip", SKIPS)):
+                              ("gan_type", losses.GAN_TYPES), ("skip", SKIPS), ("hue_axes", losses.HUE_AXES)):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
         for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "w_r1", "w_hue"):
@@ -362,6 +364,7 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
     which is already in L_VAE; like the official code it is not counted twice).
     """
     gt = cfg.gan_type
+    hue = functools.partial(losses.hue_corr, axes=cfg.hue_axes)
     specs = {
         "recon_a": (cfg.w_recon, losses.l1, out["x_aa"], x_a),
         "recon_b": (cfg.w_recon, losses.l1, out["x_bb"], x_b),
@@ -378,8 +381,8 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
         **{f"exp_{d}": (cfg.w_recon, losses.l1, out[f"exp_{d}"], x) for d, x in (("a", x_a), ("b", x_b))
            if d in cfg.expected},
         # hue_a: the translation into a (x_ba) against its source x_b; only where asked for
-        **({"hue_a": (cfg.w_hue, losses.hue_corr, x_b, out["x_ba"]),
-            "hue_b": (cfg.w_hue, losses.hue_corr, x_a, out["x_ab"])} if cfg.w_hue else {}),
+        **({"hue_a": (cfg.w_hue, hue, x_b, out["x_ba"]),
+            "hue_b": (cfg.w_hue, hue, x_a, out["x_ab"])} if cfg.w_hue else {}),
     }
     terms, total = {}, None
     for name, (w, fn, *args) in specs.items():

@@ -681,6 +681,22 @@ def test_hue_corr_is_zero_for_the_same_hue_changes_and_two_for_opposite_ones():
     b = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).view(1, 3, 1, 2)    # black, green
     # R - G: +1 against -1 (correlation -1); (R + G) / 2 - B: +0.5 against +0.5 (correlation +1)
     assert losses.hue_corr(a, b).item() == pytest.approx(1, abs=1e-3)
+    # red-green only: the same pair's R - G is opposite and nothing else counts
+    assert losses.hue_corr(a, b, axes="rg").item() == pytest.approx(2, abs=1e-3)
+    with pytest.raises(ValueError, match="hue axes"):
+        losses.hue_corr(a, b, axes="yb")
+
+
+def test_hue_axes_rg_ignores_the_yellow_blue_axis():
+    x, _ = images(2, 16)
+    # swap R and G: R - G flips sign, (R + G) / 2 - B stays; then only the yellow-blue axis agrees
+    swapped = x[:, [1, 0, 2]]
+    assert losses.hue_corr(x, swapped, axes="rg").item() == pytest.approx(2, abs=1e-4)
+    assert losses.hue_corr(x, swapped).item() == pytest.approx(1, abs=1e-4)
+    # B alone changed: R - G the same (0 with rg only), the yellow-blue axis disturbed (both > 0)
+    blue = torch.cat([x[:, :2], images(2, 16, seed=3)[0][:, 2:]], 1)
+    assert losses.hue_corr(x, blue, axes="rg").item() == pytest.approx(0, abs=1e-5)
+    assert losses.hue_corr(x, blue).item() > 0.1
 
 
 def test_w_hue_adds_its_terms_only_when_asked_for():
@@ -696,9 +712,15 @@ def test_w_hue_adds_its_terms_only_when_asked_for():
     want = losses.hue_corr(x_b, out["x_ba"]), losses.hue_corr(x_a, out["x_ab"])  # (source, translation)
     assert terms["hue_a"].item() == pytest.approx(want[0].item()) and terms["hue_b"].item() == pytest.approx(want[1].item())
     assert loss.item() == pytest.approx(base.item() + 3.0 * (want[0] + want[1]).item(), rel=1e-5)
+    rg = UNITConfig(**{**unit.config(), "w_hue": 3.0, "hue_axes": "rg"})
+    _, terms = generator_loss(out, x_a, x_b, unit.dis, rg)
+    assert terms["hue_b"].item() == pytest.approx(losses.hue_corr(x_a, out["x_ab"], axes="rg").item())
+    assert terms["hue_b"].item() != pytest.approx(want[1].item())
     for bad in (-1, "x", True):
         with pytest.raises(ValueError, match="w_hue"):
             UNITConfig(w_hue=bad)
+    with pytest.raises(ValueError, match="hue_axes"):
+        UNITConfig(hue_axes="yb")
 
 
 @pytest.mark.parametrize("skip", ["none", "image"])
