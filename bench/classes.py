@@ -1,0 +1,82 @@
+"""Where a translator's a2b pixel accuracy is lost: its accuracy per map colour (class).
+
+Translates a paired test split's photos with one or more exported translators (a run's
+`export/` folder) and prints, per map colour of the truth, the share of pixels it holds and each
+translator's accuracy there, with the demo corpus's class names; then what the first translator
+paints there on average (bench/recipe.py's per-colour table). Reading: a class's share times
+what it misses is what it costs the overall figure.
+
+    .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch.release.evaluate import load_pairs, pixel_accuracy, pixel_correct  # noqa: E402
+from launch.release.export import load_translator, translate_uint8  # noqa: E402
+from pipeline.demo import MAP_COLOURS  # noqa: E402
+
+NAMES = {0: "land", 1: "fields", 2: "parks", 3: "water", 4: "buildings", 5: "white roads",
+         6: "major roads", 7: "outlines"}  # pipeline.demo's label ids
+CLASS_OF = {rgb: NAMES[k] for k, rgb in MAP_COLOURS.items()}
+
+
+def class_table(preds: dict[str, np.ndarray], truth: np.ndarray, top: int = 8) -> str:
+    """One row per truth colour (most pixels first): its share and each translator's accuracy."""
+    cols, inv = np.unique(truth.reshape(-1, 3), axis=0, return_inverse=True)
+    inv = inv.reshape(truth.shape[:-1])
+    cnt = np.bincount(inv.ravel())
+    ok = {name: pixel_correct(p, truth) for name, p in preds.items()}
+    lines = ["| map colour | class | share of pixels | " + " | ".join(preds) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in preds) + " |"]
+    for k in np.argsort(-cnt)[:top]:
+        rgb = tuple(int(c) for c in cols[k])
+        lines.append(f"| {rgb} | {CLASS_OF.get(rgb, '?')} | {cnt[k] / inv.size:.3f} | "
+                     + " | ".join(f"{o[inv == k].mean():.3f}" for o in ok.values()) + " |")
+    lines.append("| all | all classes | 1.000 | " + " | ".join(f"**{pixel_accuracy(p, truth):.3f}**" for p in preds.values()) + " |")
+    return "\n".join(lines)
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3) -> str:
+    """Per truth class: the classes its pixels are painted as (nearest map colour), largest first."""
+    palette = np.array(list(MAP_COLOURS.values()), np.int32)
+    names = [NAMES[k] for k in MAP_COLOURS]
+    painted = np.abs(pred.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
+    true = np.abs(truth.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
+    lines = ["| class | painted as (share of its pixels) |", "| --- | --- |"]
+    for k in np.argsort(-np.bincount(true, minlength=len(palette)))[:top]:
+        got = np.bincount(painted[true == k], minlength=len(palette)) / max(1, (true == k).sum())
+        lines.append(f"| {names[k]} | " + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("exports", nargs="+", help="exported translators (a run's export/ folder)")
+    ap.add_argument("--test-a", required=True, help="the paired split's photos (testA)")
+    ap.add_argument("--test-b", required=True, help="the paired split's maps (testB), the truth")
+    ap.add_argument("--top", type=int, default=8, help="classes shown, most pixels first")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    _, x, y = load_pairs(args.test_a, args.test_b)
+    preds = {}
+    for path in args.exports:
+        gen, _ = load_translator(path)
+        preds[Path(path).resolve().parent.name] = translate_uint8(gen, x, "a2b")
+    print(class_table(preds, y, args.top))
+    first = next(iter(preds))
+    print(f"\nwhat {first} paints there:\n")
+    print(confusion(preds[first], y, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

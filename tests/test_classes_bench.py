@@ -1,0 +1,44 @@
+"""bench/classes.py: per-class accuracy and what each class is painted as."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from classes import class_table, confusion  # noqa: E402
+from pipeline.demo import MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
+
+
+def maps():
+    """One 4x4 map: 12 land pixels, 3 major-road pixels, 1 white-road pixel."""
+    y = np.empty((1, 4, 4, 3), np.uint8)
+    y[:] = MAP_COLOURS[LAND]
+    y[0, 0, :3] = MAP_COLOURS[MAJOR_ROAD]
+    y[0, 3, 3] = MAP_COLOURS[ROAD]
+    return y
+
+
+def test_class_table_scores_each_truth_colour_for_each_translator():
+    y = maps()
+    right = y.copy()
+    wrong = y.copy()
+    wrong[0, 0, :2] = MAP_COLOURS[LAND]  # 2 of the 3 major-road pixels painted land
+    rows = class_table({"right": right, "wrong": wrong}, y).splitlines()
+    by_class = {r.split(" | ")[1]: r for r in rows[2:]}
+    assert list(by_class) == ["land", "major roads", "white roads", "all classes"]  # most pixels first, then all
+    assert by_class["land"].endswith("| 0.750 | 1.000 | 1.000 |")
+    assert by_class["major roads"].endswith("| 0.188 | 1.000 | 0.333 |")
+    assert by_class["all classes"].endswith("| **1.000** | **0.875** |")  # 14 of 16 pixels
+
+
+def test_confusion_reads_painted_pixels_as_the_nearest_map_colour():
+    y = maps()
+    pred = y.copy()
+    # major roads painted near-land (off by a few levels: still read as land), one of them orange
+    pred[0, 0, :2] = np.array(MAP_COLOURS[LAND]) - 5
+    rows = {r.split(" | ")[0].strip("| "): r for r in confusion(pred, y).splitlines()[2:]}
+    assert "major roads | land 0.67, major roads 0.33" in rows["major roads"]
+    assert "land 1.00" in rows["land"]
