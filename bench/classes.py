@@ -2,9 +2,9 @@
 
 Translates a paired test split's photos with one or more exported translators (a run's
 `export/` folder) and prints, per map colour of the truth, the share of pixels it holds and each
-translator's accuracy there, with the demo corpus's class names; then what the first translator
-paints there on average (bench/recipe.py's per-colour table). Reading: a class's share times
-what it misses is what it costs the overall figure.
+translator's accuracy there, with the demo corpus's class names; then, for the first
+translator, which classes it paints there (each painted pixel read as the nearest map colour).
+Reading: a class's share times what it misses is what it costs the overall figure.
 
     .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
 """
@@ -22,10 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from launch.release.evaluate import load_pairs, pixel_accuracy, pixel_correct  # noqa: E402
 from launch.release.export import load_translator, translate_uint8  # noqa: E402
-from pipeline.demo import MAP_COLOURS  # noqa: E402
+from pipeline.demo import (BUILDING, EDGE, FIELD, LAND, MAJOR_ROAD, MAP_COLOURS, PARK, ROAD,  # noqa: E402
+                           WATER)
 
-NAMES = {0: "land", 1: "fields", 2: "parks", 3: "water", 4: "buildings", 5: "white roads",
-         6: "major roads", 7: "outlines"}  # pipeline.demo's label ids
+NAMES = {LAND: "land", FIELD: "fields", PARK: "parks", WATER: "water", BUILDING: "buildings",
+         ROAD: "white roads", MAJOR_ROAD: "major roads", EDGE: "outlines"}
 CLASS_OF = {rgb: NAMES[k] for k, rgb in MAP_COLOURS.items()}
 
 
