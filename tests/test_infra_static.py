@@ -389,10 +389,9 @@ def test_embedded_scripts_are_clean(where, script):
 
 
 def test_hostfile_example_parses_with_deepspeed():
-    from deepspeed.launcher.runner import _parse_hostfile
+    from deepspeed.launcher.runner import fetch_hostfile
 
-    lines = (INFRA / "hostfile.example").read_text().splitlines(keepends=True)
-    pool = _parse_hostfile(lines)
+    pool = fetch_hostfile(str(INFRA / "hostfile.example"))
     assert len(pool) >= 2 and all(slots >= 1 for slots in pool.values()), pool
 
 
@@ -472,13 +471,15 @@ def node_dry_run(**env):
     return run_bash(["infra/launch/node.sh", "data.cache_dir=/tmp/c d"], env=base)
 
 
-def test_node_launcher_builds_hostfile_and_command():
-    from deepspeed.launcher.runner import _parse_hostfile
+def test_node_launcher_builds_hostfile_and_command(tmp_path):
+    from deepspeed.launcher.runner import fetch_hostfile
 
     proc = node_dry_run(NODE_RANK="1", NODE_NAMES="gpu-a gpu-b", CONFIG="configs/x.yaml")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    pool = _parse_hostfile([line + "\n" for line in lines[:2]])
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(line + "\n" for line in lines[:2]))
+    pool = fetch_hostfile(str(hostfile))
     assert dict(pool) == {"gpu-a": 4, "gpu-b": 4}
     command = lines[2]
     assert command.startswith("deepspeed --no_ssh --node_rank 1 --hostfile ")
