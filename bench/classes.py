@@ -30,18 +30,23 @@ NAMES = {LAND: "land", FIELD: "fields", PARK: "parks", WATER: "water", BUILDING:
 CLASS_OF = {rgb: NAMES[k] for k, rgb in MAP_COLOURS.items()}
 
 
+def colour_classes(maps: np.ndarray, top: int = 8) -> list[tuple[tuple[int, ...], np.ndarray, float]]:
+    """The `top` colours of uint8 maps [..., H, W, 3], most pixels first, each as (colour, its
+    pixels' mask [..., H, W], its share of the pixels): a flat-coloured map's classes."""
+    cols, inv = np.unique(maps.reshape(-1, 3), axis=0, return_inverse=True)
+    inv = inv.reshape(maps.shape[:-1])
+    cnt = np.bincount(inv.ravel())
+    return [(tuple(int(c) for c in cols[k]), inv == k, cnt[k] / inv.size) for k in np.argsort(-cnt)[:top]]
+
+
 def class_table(preds: dict[str, np.ndarray], truth: np.ndarray, top: int = 8) -> str:
     """One row per truth colour (most pixels first): its share and each translator's accuracy."""
-    cols, inv = np.unique(truth.reshape(-1, 3), axis=0, return_inverse=True)
-    inv = inv.reshape(truth.shape[:-1])
-    cnt = np.bincount(inv.ravel())
     ok = {name: pixel_correct(p, truth) for name, p in preds.items()}
     lines = ["| map colour | class | share of pixels | " + " | ".join(preds) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in preds) + " |"]
-    for k in np.argsort(-cnt)[:top]:
-        rgb = tuple(int(c) for c in cols[k])
-        lines.append(f"| {rgb} | {CLASS_OF.get(rgb, '?')} | {cnt[k] / inv.size:.3f} | "
-                     + " | ".join(f"{o[inv == k].mean():.3f}" for o in ok.values()) + " |")
+    for rgb, m, share in colour_classes(truth, top):
+        lines.append(f"| {rgb} | {CLASS_OF.get(rgb, '?')} | {share:.3f} | "
+                     + " | ".join(f"{o[m].mean():.3f}" for o in ok.values()) + " |")
     lines.append("| all | all classes | 1.000 | " + " | ".join(f"**{o.mean():.3f}**" for o in ok.values()) + " |")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ from launch.release.baselines import DomainStats, translators  # noqa: E402
 from launch.release.evaluate import pixel_accuracy, pixel_correct  # noqa: E402
 from model.ema import EMA  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
+from classes import colour_classes  # noqa: E402
 from recipe_variants import VARIANTS, palette_head  # noqa: E402
 
 DEMO_MODEL = {"preset": "paper", "dim": 16, "n_down": 2, "n_res": 2, "dis_dim": 16, "dis_layers": 3,
@@ -194,18 +195,14 @@ def scores(gen, data: dict) -> tuple[float, float, float, np.ndarray, np.ndarray
 def per_colour(pred: np.ndarray, truth: np.ndarray, maps: np.ndarray, top: int = 8) -> str:
     """Accuracy of pred against truth per class, the classes being the colours of the paired maps."""
     ok = pixel_correct(pred, truth)
-    cols, inv = np.unique(maps.reshape(-1, 3), axis=0, return_inverse=True)
-    inv = inv.reshape(ok.shape)
-    cnt = np.bincount(inv.ravel())
     # "flat": the class's pixels all painted its mean painted colour, so that accuracy minus the
     # translator's is what the texture it invents there costs (a sampler pays it; a blur does not)
     lines = ["| map colour | share of pixels | accuracy there | flat at the painted mean | mean colour painted there "
              "| mean true colour there |", "| --- | --- | --- | --- | --- | --- |"]
-    for k in np.argsort(-cnt)[:top]:
-        m = inv == k
+    for rgb, m, share in colour_classes(maps, top):
         painted, there = pred[m].mean(0).round(), truth[m][None]  # [1, N, 3]: pixel_correct's [..., H, W, 3]
         flat = pixel_correct(np.broadcast_to(painted, there.shape), there).mean()
-        lines.append(f"| {tuple(int(c) for c in cols[k])} | {cnt[k] / inv.size:.3f} | {ok[m].mean():.3f} | "
+        lines.append(f"| {rgb} | {share:.3f} | {ok[m].mean():.3f} | "
                      f"{flat:.3f} | {tuple(int(c) for c in painted)} | "
                      f"{tuple(int(c) for c in there[0].mean(0).round())} |")
     return "\n".join(lines)
