@@ -52,17 +52,24 @@ def class_table(preds: dict[str, np.ndarray], truth: np.ndarray, top: int = 8) -
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3) -> str:
-    """Per truth class: the classes its pixels are painted as (nearest map colour), largest first."""
+    """Per truth class: its share of the truth's pixels and of the painted ones, and the classes its
+    pixels are painted as (nearest map colour), largest first."""
     palette = np.array(list(MAP_COLOURS.values()), np.int32)
     names = [NAMES[k] for k in MAP_COLOURS]
     def nearest(img):
         return np.abs(img.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
 
     painted, true = nearest(pred), nearest(truth)
-    lines = ["| class | painted as (share of its pixels) |", "| --- | --- |"]
-    for k in np.argsort(-np.bincount(true, minlength=len(palette)))[:top]:
+    # the two shares tell a placement error (a class painted as often as it occurs, elsewhere)
+    # from a frequency error (a class painted too rarely or too often)
+    true_share = np.bincount(true, minlength=len(palette)) / true.size
+    painted_share = np.bincount(painted, minlength=len(palette)) / painted.size
+    lines = ["| class | share of the truth | share painted | painted as (share of its pixels) |",
+             "| --- | --- | --- | --- |"]
+    for k in np.argsort(-true_share)[:top]:
         got = np.bincount(painted[true == k], minlength=len(palette)) / max(1, (true == k).sum())
-        lines.append(f"| {names[k]} | " + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
+        lines.append(f"| {names[k]} | {true_share[k]:.3f} | {painted_share[k]:.3f} | "
+                     + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
     return "\n".join(lines)
 
 
