@@ -3,7 +3,9 @@
 Translates a paired test split's photos with one or more exported translators (a run's
 `export/` folder) and prints, per map colour of the truth, the share of pixels it holds and each
 translator's accuracy there, with the demo corpus's class names; then, for the first
-translator, which classes it paints there (each painted pixel read as the nearest map colour).
+translator, which classes it paints there (each painted pixel read as the nearest map colour),
+each class's share of the truth and of the painted pixels, and the mean photo colour its b2a
+decoders paint on each map class beside the real photos'.
 Reading: a class's share times what it misses is what it costs the overall figure.
 
     .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
@@ -73,6 +75,43 @@ def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3)
     return "\n".join(lines)
 
 
+def photo_colours(maps: np.ndarray, photos: dict[str, np.ndarray], top: int = 8) -> str:
+    """Per map class of `maps` (uint8 [N, H, W, 3], most pixels first): the mean colour of each of
+    `photos` (same shape; the real paired photos, and b2a translations of `maps`) on its pixels."""
+    palette = np.array(list(MAP_COLOURS.values()), np.int32)
+    names = [NAMES[k] for k in MAP_COLOURS]
+    true = np.abs(maps.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
+    flat = {name: p.reshape(-1, 3).astype(np.float64) for name, p in photos.items()}
+    lines = ["| map class | " + " | ".join(photos) + " |", "| --- | " + " | ".join("---" for _ in photos) + " |"]
+    for k in np.argsort(-np.bincount(true, minlength=len(palette)))[:top]:
+        if (true == k).any():
+            lines.append(f"| {names[k]} | " + " | ".join(
+                "(%d, %d, %d)" % tuple(p[true == k].mean(0).round()) for p in flat.values()) + " |")
+    return "\n".join(lines)
+
+
+class GanDecoder(torch.nn.Module):
+    """A translator's GAN decoders, where `translate` would use an expected decoder (cfg.expected)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+
+    def translate(self, x, direction):
+        src, dst = direction[0], direction[-1]
+        return self.gen.decode(self.gen.encode(x, src), dst, x)
+
+
+def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8) -> str:
+    """What the photo decoders paint for each map class of the paired maps `y`, beside the real
+    photos `x`: the GAN decoder (the one training pits against D_a) and, where the model has one,
+    the expected decoder that b2a translations come from."""
+    photos = {"real photo": x, "GAN decoder": translate_uint8(GanDecoder(gen), y, "b2a")}
+    if "a" in getattr(gen, "expected", ""):
+        photos["expected decoder"] = translate_uint8(gen, y, "b2a")
+    return photo_colours(y, photos, top)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("exports", nargs="+", help="exported translators (a run's export/ folder)")
@@ -82,14 +121,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     _, x, y = load_pairs(args.test_a, args.test_b)
-    preds = {}
-    for path in args.exports:
-        gen, _ = load_translator(path)
-        preds[Path(path).resolve().parent.name] = translate_uint8(gen, x, "a2b")
+    gens = {Path(path).resolve().parent.name: load_translator(path)[0] for path in args.exports}
+    preds = {name: translate_uint8(gen, x, "a2b") for name, gen in gens.items()}
     print(class_table(preds, y, args.top))
     first = next(iter(preds))
     print(f"\nwhat {first} paints there:\n")
     print(confusion(preds[first], y, args.top))
+    print(f"\nthe mean photo colour {first} paints b2a on each map class (with back-translation, a2b "
+          "trains on these photos paired with the maps they came from):\n")
+    print(b2a_table(gens[first], x, y, args.top))
     return 0
 
 

@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from classes import class_table, confusion  # noqa: E402
+from classes import GanDecoder, b2a_table, class_table, confusion, photo_colours  # noqa: E402
+from model.unit import UNIT  # noqa: E402
 from pipeline.demo import MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
 
 
@@ -42,3 +44,33 @@ def test_confusion_reads_painted_pixels_as_the_nearest_map_colour():
     rows = {r.split(" | ")[0].strip("| "): r for r in confusion(pred, y).splitlines()[2:]}
     assert "| 0.188 | 0.062 | land 0.67, major roads 0.33" in rows["major roads"]  # 3 true, 1 painted
     assert "| 0.750 | 0.875 | land 1.00" in rows["land"]
+
+
+def test_photo_colours_averages_each_photo_over_each_map_class():
+    y = maps()
+    real = np.zeros_like(y)
+    real[0, 0, :3] = (78, 78, 84)        # the major roads' pixels: dark grey
+    real[0, 0, 0] = (81, 81, 87)
+    fake = np.full_like(y, 120)
+    fake[0, 0, :3] = (150, 116, 75)     # painted warm
+    rows = {r.split(" | ")[0].strip("| "): r for r in photo_colours(y, {"real": real, "fake": fake}).splitlines()[2:]}
+    assert rows["major roads"] == "| major roads | (79, 79, 85) | (150, 116, 75) |"
+    assert rows["land"] == "| land | (0, 0, 0) | (120, 120, 120) |"  # land includes none of the road pixels
+    assert set(rows) == {"land", "major roads", "white roads"}  # classes absent from the maps are left out
+
+
+def test_b2a_table_shows_the_gan_decoder_beside_the_expected_one():
+    torch.manual_seed(0)
+    cfg = {"preset": "paper", "dim": 8, "n_res": 1, "image_size": 16, "expected": "a"}
+    gen = UNIT.from_config(cfg).gen.eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        gan = GanDecoder(gen).translate(x, "b2a")
+        assert torch.equal(gan, gen.decode(gen.encode(x, "b"), "a", x))
+        assert not torch.allclose(gan, gen.translate(x, "b2a"))  # translate uses the expected decoder
+    rng = np.random.default_rng(0)
+    photos, y = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8), np.tile(maps(), (2, 4, 4, 1))
+    header = b2a_table(gen, photos, y).splitlines()[0]
+    assert header == "| map class | real photo | GAN decoder | expected decoder |"
+    plain = UNIT.from_config({**cfg, "expected": ""}).gen.eval()
+    assert b2a_table(plain, photos, y).splitlines()[0] == "| map class | real photo | GAN decoder |"
