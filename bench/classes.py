@@ -30,6 +30,13 @@ from pipeline.demo import (BUILDING, EDGE, FIELD, LAND, MAJOR_ROAD, MAP_COLOURS,
 NAMES = {LAND: "land", FIELD: "fields", PARK: "parks", WATER: "water", BUILDING: "buildings",
          ROAD: "white roads", MAJOR_ROAD: "major roads", EDGE: "outlines"}
 CLASS_OF = {rgb: NAMES[k] for k, rgb in MAP_COLOURS.items()}
+PALETTE = np.array(list(MAP_COLOURS.values()), np.int32)
+PALETTE_NAMES = [NAMES[k] for k in MAP_COLOURS]
+
+
+def nearest_class(img: np.ndarray) -> np.ndarray:
+    """Each pixel of uint8 images [..., 3] as the index (into PALETTE) of its nearest map colour, flat."""
+    return np.abs(img.reshape(-1, 1, 3).astype(np.int32) - PALETTE).sum(-1).argmin(-1)
 
 
 def colour_classes(maps: np.ndarray, top: int = 8) -> list[tuple[tuple[int, ...], np.ndarray, float]]:
@@ -56,20 +63,16 @@ def class_table(preds: dict[str, np.ndarray], truth: np.ndarray, top: int = 8) -
 def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3) -> str:
     """Per truth class: its share of the truth's pixels and of the painted ones, and the classes its
     pixels are painted as (nearest map colour), largest first."""
-    palette = np.array(list(MAP_COLOURS.values()), np.int32)
-    names = [NAMES[k] for k in MAP_COLOURS]
-    def nearest(img):
-        return np.abs(img.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
-
-    painted, true = nearest(pred), nearest(truth)
+    names, k_all = PALETTE_NAMES, len(PALETTE)
+    painted, true = nearest_class(pred), nearest_class(truth)
     # the two shares tell a placement error (a class painted as often as it occurs, elsewhere)
     # from a frequency error (a class painted too rarely or too often)
-    true_share = np.bincount(true, minlength=len(palette)) / true.size
-    painted_share = np.bincount(painted, minlength=len(palette)) / painted.size
+    true_share = np.bincount(true, minlength=k_all) / true.size
+    painted_share = np.bincount(painted, minlength=k_all) / painted.size
     lines = ["| class | share of the truth | share painted | painted as (share of its pixels) |",
              "| --- | --- | --- | --- |"]
     for k in np.argsort(-true_share)[:top]:
-        got = np.bincount(painted[true == k], minlength=len(palette)) / max(1, (true == k).sum())
+        got = np.bincount(painted[true == k], minlength=k_all) / max(1, (true == k).sum())
         lines.append(f"| {names[k]} | {true_share[k]:.3f} | {painted_share[k]:.3f} | "
                      + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
     return "\n".join(lines)
@@ -78,14 +81,12 @@ def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3)
 def photo_colours(maps: np.ndarray, photos: dict[str, np.ndarray], top: int = 8) -> str:
     """Per map class of `maps` (uint8 [N, H, W, 3], most pixels first): the mean colour of each of
     `photos` (same shape; the real paired photos, and b2a translations of `maps`) on its pixels."""
-    palette = np.array(list(MAP_COLOURS.values()), np.int32)
-    names = [NAMES[k] for k in MAP_COLOURS]
-    true = np.abs(maps.reshape(-1, 1, 3).astype(np.int32) - palette).sum(-1).argmin(-1)
+    true = nearest_class(maps)
     flat = {name: p.reshape(-1, 3).astype(np.float64) for name, p in photos.items()}
     lines = ["| map class | " + " | ".join(photos) + " |", "| --- | " + " | ".join("---" for _ in photos) + " |"]
-    for k in np.argsort(-np.bincount(true, minlength=len(palette)))[:top]:
+    for k in np.argsort(-np.bincount(true, minlength=len(PALETTE)))[:top]:
         if (true == k).any():
-            lines.append(f"| {names[k]} | " + " | ".join(
+            lines.append(f"| {PALETTE_NAMES[k]} | " + " | ".join(
                 "(%d, %d, %d)" % tuple(p[true == k].mean(0).round()) for p in flat.values()) + " |")
     return "\n".join(lines)
 
