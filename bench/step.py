@@ -27,7 +27,7 @@ convolution and a large 3x3 channels-last convolution (oneDNN). --profile adds w
 of one iteration of ours goes (torch.profiler, self CPU time by kind of operation).
 
     .venv/bin/python bench/step.py [--preset official] [--size 64] [--dim 32] [--batch 8]
-                                   [--threads 2] [--repeats 7] [--warmup 2] [--profile]
+                                   [--threads 2] [--repeats 7] [--warmup 2] [--profile] [--steady-heap]
     .venv/bin/python bench/step.py --gpu-matrix [--sizes 128 256] [--batch 8] [--dim 64] [--budget-s 200]
 
 --gpu-matrix (bench/gpu.sh) runs ours on one CUDA GPU in fp32 / bf16 (autocast) / fp16 (autocast
@@ -43,6 +43,8 @@ import argparse
 import collections
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import os
 import statistics
 import sys
@@ -281,7 +283,7 @@ def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
     ref, ours = REF, OURS
     print(f"\nUNIT iteration (G step + D step), preset {args.preset}, {args.size}x{args.size}, dim {args.dim}, "
           f"batch {args.batch}, CPU threads {args.threads}, {args.repeats} rounds after {args.warmup} warm-up, "
-          f"load average {_load()}")
+          f"load average {_load()}, heap: {args.heap}")
     print("| loop | wall s/iter (median) | CPU s/iter (median) | wall / reference (median of rounds) "
           "| CPU / reference (median of rounds) |")
     print("| --- | --- | --- | --- | --- |")
@@ -311,6 +313,30 @@ def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
           f"{flops[ours] / 1e9:.0f} GFLOP per iteration at {achieved / 1e9:.0f} GFLOP/s, "
           f"{achieved / peak[0]:.2f} of the peak measured here. Losses agree to {rel:.1e} relative.")
     return ratios[ours][0]
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's largest on 64-bit: 32 MB
+
+
+def steady_heap() -> str:
+    """Make glibc keep and reuse what the process frees (blocks up to 32 MB from the heap, never
+    trimmed, grown 1 GB at a time), so no loop pays page faults for memory another one handed back.
+
+    Why: the reference touches ~90 MB of fresh pages an iteration and ours ~8 MB, so with glibc's
+    defaults each loop's time depends on what the allocator kept from the loops around it: the same
+    two loops measured 0.53x beside other neighbours and 0.62x here (README, "One UNIT iteration").
+    """
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:
+        raise SystemExit("--steady-heap needs glibc's mallopt; this C library has none")
+    for param, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 2 ** 31 - 1),
+                         (M_TOP_PAD, 1 << 30)):
+        if mallopt(param, value) != 1:
+            raise SystemExit(f"--steady-heap: glibc refused mallopt({param}, {value})")
+    return f"steady (glibc keeps freed memory: blocks up to {MMAP_THRESHOLD_MAX >> 20} MB reused, never trimmed)"
 
 
 def _load() -> str:
@@ -600,7 +626,10 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=0,
                     help="--gpu-matrix: start no case after this many seconds (0: no limit); eager cases run first")
     ap.add_argument("--device", default="cuda", help="--gpu-matrix's device (cpu: a dry run of the code)")
+    ap.add_argument("--steady-heap", action="store_true", help="CPU: glibc keeps and reuses freed memory, so "
+                    "no loop's time depends on what the allocator kept from the others (see steady_heap)")
     args = ap.parse_args(argv)
+    args.heap = steady_heap() if args.steady_heap else "glibc's defaults"
     gpu = args.gpu_matrix
     args.repeats = args.repeats or (20 if gpu else 7)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
