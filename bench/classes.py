@@ -39,6 +39,11 @@ def nearest_class(img: np.ndarray) -> np.ndarray:
     return np.abs(img.reshape(-1, 1, 3).astype(np.int32) - PALETTE).sum(-1).argmin(-1)
 
 
+def class_shares(classes: np.ndarray) -> np.ndarray:
+    """Each PALETTE class's share of `classes` (nearest_class's flat indices)."""
+    return np.bincount(classes, minlength=len(PALETTE)) / classes.size
+
+
 def colour_classes(maps: np.ndarray, top: int = 8) -> list[tuple[tuple[int, ...], np.ndarray, float]]:
     """The `top` colours of uint8 maps [..., H, W, 3], most pixels first, each as (colour, its
     pixels' mask [..., H, W], its share of the pixels): a flat-coloured map's classes."""
@@ -63,16 +68,15 @@ def class_table(preds: dict[str, np.ndarray], truth: np.ndarray, top: int = 8) -
 def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3) -> str:
     """Per truth class: its share of the truth's pixels and of the painted ones, and the classes its
     pixels are painted as (nearest map colour), largest first."""
-    names, k_all = PALETTE_NAMES, len(PALETTE)
+    names = PALETTE_NAMES
     painted, true = nearest_class(pred), nearest_class(truth)
     # the two shares tell a placement error (a class painted as often as it occurs, elsewhere)
     # from a frequency error (a class painted too rarely or too often)
-    true_share = np.bincount(true, minlength=k_all) / true.size
-    painted_share = np.bincount(painted, minlength=k_all) / painted.size
+    true_share, painted_share = class_shares(true), class_shares(painted)
     lines = ["| class | share of the truth | share painted | painted as (share of its pixels) |",
              "| --- | --- | --- | --- |"]
     for k in np.argsort(-true_share)[:top]:
-        got = np.bincount(painted[true == k], minlength=k_all) / max(1, (true == k).sum())
+        got = np.bincount(painted[true == k], minlength=len(PALETTE)) / max(1, (true == k).sum())
         lines.append(f"| {names[k]} | {true_share[k]:.3f} | {painted_share[k]:.3f} | "
                      + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
     return "\n".join(lines)
@@ -82,10 +86,11 @@ def photo_colours(maps: np.ndarray, photos: dict[str, np.ndarray], top: int = 8)
     """Per map class of `maps` (uint8 [N, H, W, 3], most pixels first): the mean colour of each of
     `photos` (same shape; the real paired photos, and b2a translations of `maps`) on its pixels."""
     true = nearest_class(maps)
+    share = class_shares(true)
     flat = {name: p.reshape(-1, 3).astype(np.float64) for name, p in photos.items()}
     lines = ["| map class | " + " | ".join(photos) + " |", "| --- | " + " | ".join("---" for _ in photos) + " |"]
-    for k in np.argsort(-np.bincount(true, minlength=len(PALETTE)))[:top]:
-        if (true == k).any():
+    for k in np.argsort(-share)[:top]:
+        if share[k] > 0:
             lines.append(f"| {PALETTE_NAMES[k]} | " + " | ".join(
                 "(%d, %d, %d)" % tuple(p[true == k].mean(0).round()) for p in flat.values()) + " |")
     return "\n".join(lines)
