@@ -104,8 +104,7 @@ class GanDecoder(torch.nn.Module):
         self.gen = gen
 
     def translate(self, x, direction):
-        src, dst = direction[0], direction[-1]
-        return self.gen.decode(self.gen.encode(x, src), dst, x)
+        return self.gen.translate(x, direction, decoder="gan")
 
 
 def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8) -> str:

@@ -297,13 +297,16 @@ class UNITGenerator(nn.Module):
             s = self.dec_shared(self.encode(src, other))
         return self._back(domain, s, src, "exp")
 
-    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+    def translate(self, x: torch.Tensor, direction: str, decoder: str = "auto") -> torch.Tensor:
         """a2b: G_b(mu_a(x)); b2a: G_a(mu_b(x)), or the expected decoder of the target domain
-        where the model has one (cfg.expected). No noise, so deterministic in eval mode."""
+        where the model has one (cfg.expected). No noise, so deterministic in eval mode.
+        `decoder="gan"` uses the GAN decoder (the one the discriminator trains) even then."""
         if direction not in ("a2b", "b2a"):
             raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
+        if decoder not in ("auto", "gan"):
+            raise ValueError(f"decoder {decoder!r} is not 'auto' or 'gan'")
         src, dst = direction[0], direction[-1]
-        kind = "exp" if dst in self.expected else "dec"
+        kind = "exp" if dst in self.expected and decoder == "auto" else "dec"
         return self._back(dst, self.dec_shared(self.encode(x, src)), x, kind)
 
     def domain_param_count(self, domain: str) -> int:

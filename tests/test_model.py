@@ -387,6 +387,11 @@ def test_expected_decoder_learns_from_pseudo_pairs_and_never_changes_the_model(s
         exp = gen.exp_a[-1](gen.exp_a[:-1](s), x_b) if skip == "image" else gen.exp_a[-1](gen.exp_a[:-1](s))
         assert torch.equal(ba, exp) and not torch.allclose(ba, gen.decode(gen.encode(x_b, "b"), "a", x_b))
         assert torch.equal(ab, gen.decode(gen.encode(x_a, "a"), "b", x_a))
+        # decoder="gan" asks for the GAN decoder (the one D_a trains) where an expected one exists
+        assert torch.equal(gen.translate(x_b, "b2a", decoder="gan"), gen.decode(gen.encode(x_b, "b"), "a", x_b))
+        assert torch.equal(gen.translate(x_a, "a2b", decoder="gan"), ab)
+    with pytest.raises(ValueError, match="decoder 'exp'"):
+        gen.translate(x_a, "a2b", decoder="exp")
 
 
 def test_expected_decoders_leave_the_gan_model_and_its_random_numbers_as_without_them():
