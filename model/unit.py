@@ -444,8 +444,8 @@ class UNIT(nn.Module):
         """All fields plus the preset name; `UNIT.from_config(unit.config())` rebuilds the same model."""
         return dataclasses.asdict(self.cfg)
 
-    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
-        return self.gen.translate(x, direction)
+    def translate(self, x: torch.Tensor, direction: str, decoder: str = "auto") -> torch.Tensor:
+        return self.gen.translate(x, direction, decoder)
 
 
 __all__ = ["UNIT", "UNITConfig", "UNITGenerator", "UNITDiscriminator", "PRESETS", "make_config",
