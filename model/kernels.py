@@ -16,9 +16,10 @@ costs a copy and a slower convolution. So:
   times fewer passes over memory than autograd through the composite ops; the ReLU after an
   instance norm folded in;
 - `add_borders`: the fused upsampling conv's border correction in place, without full-size copies;
-- `space_to_depth_conv` and `patch_conv`: two convolution shapes oneDNN runs slowly (a few output
-  channels: the 7x7 conv to RGB; outputs of 1-4 pixels: the deepest discriminator layers) as
-  convolutions on 2x2 pixel blocks and as one matrix product.
+- `phase_conv` and `patch_conv`: two convolution shapes oneDNN runs slowly (a few output
+  channels: the 7x7 conv to RGB; outputs of a few pixels from many input channels: the deepest
+  discriminator layers) as one stride-2 convolution over the four output phases and as one
+  matrix product.
 
 They agree with the stock operations to float32 rounding (tests/test_step_speed_rewrites.py).
 The networks use them only in float32 CPU training (`use_fast`); inference, ONNX export, GPUs
@@ -152,39 +153,31 @@ def add_borders(y, top, bottom, left, right):
     return _AddBorders.apply(y, top, bottom, left, right)
 
 
-def _phases(f: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    """S[r, a, t, d] = 1 where kernel tap d serves output phase r from input phase a at block offset t."""
-    taps = (f - 1 + k - 1) // f + 1
-
-    def ax(n, i):
-        return torch.arange(n, device=like.device).view([n if j == i else 1 for j in range(4)])
-
-    return (ax(k, 3) == f * ax(taps, 2) + ax(f, 1) - ax(f, 0)).to(like.dtype)
-
-
-def space_to_depth_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, f: int = 2) -> torch.Tensor:
-    """conv2d(x, w, b) (stride 1, no padding) computed on f x f pixel blocks: the input unshuffled to
-    C*f*f channels, a kernel of ceil((k+f-1)/f) taps with O*f*f outputs, the result shuffled back.
-    For few output channels (the 7x7 conv to RGB) oneDNN runs this ~1.6x faster, fwd and bwd,
-    although it does (k'f/k)^2 ~ 1.3x the multiply-adds."""
+def phase_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, f: int = 2) -> torch.Tensor:
+    """conv2d(x, w, b) (stride 1, no padding) as one stride-f convolution whose O*f*f outputs are the
+    f x f output phases (phase (r, s): the kernel shifted by (r, s) inside a window of k+f-1
+    rounded up to a multiple of f), shuffled back into place. For few output channels (the 7x7 conv
+    to RGB) oneDNN runs this ~1.7x faster than the stride-1 convolution, forward and backward,
+    although it does (window/k)^2 ~ 1.3x the multiply-adds; ~1.2x faster than computing it on
+    pixel-unshuffled 2x2 blocks, which costs a full copy of the input each way."""
     o, c, k, _ = w.shape
-    s = _phases(f, k, w)
-    taps = s.shape[2]
-    kernel = torch.einsum("ratd,sbue,ocde->orscabtu", s, s, w).reshape(o * f * f, c * f * f, taps, taps)
+    win = -(-(k + f - 1) // f) * f
+    kernel = torch.stack([F.pad(w, (s, win - k - s, r, win - k - r)) for r in range(f) for s in range(f)], 1)
     out_h, out_w = x.shape[-2] - k + 1, x.shape[-1] - k + 1
-    need_h, need_w = (-(-out_h // f) + taps - 1) * f, (-(-out_w // f) + taps - 1) * f
+    need_h, need_w = (-(-out_h // f) - 1) * f + win, (-(-out_w // f) - 1) * f + win
     if need_h > x.shape[-2] or need_w > x.shape[-1]:  # the extra pixels meet only zero taps
         x = F.pad(x, (0, max(0, need_w - x.shape[-1]), 0, max(0, need_h - x.shape[-2])))
-    x = x[..., :need_h, :need_w]
     bias = None if b is None else b.repeat_interleave(f * f)
-    z = F.conv2d(F.pixel_unshuffle(x, f), kernel.contiguous(memory_format=_layout(x)), bias)
-    return F.pixel_shuffle(z, f)[..., :out_h, :out_w]
+    kernel = kernel.reshape(o * f * f, c, win, win).contiguous(memory_format=_layout(x))
+    return F.pixel_shuffle(F.conv2d(x, kernel, bias, stride=f), f)[..., :out_h, :out_w]
 
 
 def patch_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int) -> torch.Tensor:
     """conv2d(x, w, b, stride) (no padding) as one matrix product of the output positions' input
     patches with the flattened kernel. For outputs of 1 or 2x2 pixels (the deepest discriminator
-    layers: 512 x 256 x 4 x 4 kernels on 1-4 positions) this runs 1.5-3x faster than oneDNN."""
+    layers: 512 x 256 x 4 x 4 kernels on 1-4 positions) this runs 1.5-3x faster than oneDNN; on 4x4
+    outputs only where each product is long (C*k*k >= 4096: 256 x 4 x 4, 1.6x at batch 16), as a
+    shorter one (128 x 4 x 4) is 1.1-1.3x slower there."""
     n, (o, _, k, _) = x.shape[0], w.shape
     out_h, out_w = (x.shape[-2] - k) // stride + 1, (x.shape[-1] - k) // stride + 1
     if out_h == out_w == 1:
@@ -263,4 +256,4 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: fl
 
 
 __all__ = ["use_fast", "channels_last", "reflect_pad", "replicate_pad", "replicate_edges", "add_borders",
-           "space_to_depth_conv", "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]
+           "phase_conv", "patch_conv", "instance_norm", "layer_norm", "CHANNELS_LAST"]

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import (add_borders, channels_last, instance_norm, layer_norm, patch_conv, reflect_pad,
-                      replicate_edges, replicate_pad, space_to_depth_conv, use_fast)
+from .kernels import (add_borders, channels_last, instance_norm, layer_norm, patch_conv, phase_conv,
+                      reflect_pad, replicate_edges, replicate_pad, use_fast)
 
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 PADDINGS = ("reflect", "zero", "replicate")
@@ -143,9 +143,10 @@ def make_pad(name: str, pad: int, channels_last: bool = True) -> nn.Module:
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state_dict). In fast training two shapes oneDNN runs
     slowly take another route to the same function: a stride-1 convolution with fewer than 16
-    output channels (the 7x7 conv to RGB) runs on 2x2 pixel blocks (kernels.space_to_depth_conv),
-    and one whose output is at most 2x2 pixels (the deepest discriminator layers) as a matrix
-    product (kernels.patch_conv)."""
+    output channels (the 7x7 conv to RGB) as one stride-2 convolution over its four output phases
+    (kernels.phase_conv), and one whose output is at most 2x2 pixels, or 4x4 from at least 256 x 4
+    x 4 inputs per position (the deepest discriminator layers), as a matrix product
+    (kernels.patch_conv)."""
 
     fast = True
 
@@ -153,10 +154,11 @@ class Conv2d(nn.Conv2d):
         k, s = self.kernel_size, self.stride
         if (use_fast(self.fast, x) and k[0] == k[1] > 1 and s[0] == s[1] and self.groups == 1
                 and self.dilation == (1, 1) and self.padding == (0, 0) and self.padding_mode == "zeros"):
-            if max(x.shape[-2:]) <= k[0] + s[0]:  # at most 2x2 output positions
+            out = (max(x.shape[-2:]) - k[0]) // s[0] + 1  # output positions per side (at most)
+            if out <= 2 or (out <= 4 and self.in_channels * k[0] * k[1] >= 4096):
                 return patch_conv(x, self.weight, self.bias, s[0])
             if self.out_channels < 16 and s[0] == 1:
-                return space_to_depth_conv(x, self.weight, self.bias, 2)
+                return phase_conv(x, self.weight, self.bias, 2)
         return super().forward(x)
 
 

@@ -4,7 +4,7 @@ What is exact and what is rounding-level:
 - switched off (`set_fast_paths(model, False)`), and in inference, the layers run the stock
   operations: bit for bit what nn.ReflectionPad2d / nn.InstanceNorm2d / the official layer norm give;
 - the reflect pad's forward is F.pad's, bit for bit; the noise draws do not depend on the layout;
-- everything else (channels-last convolutions, closed-form norm backward passes, the space-to-depth
+- everything else (channels-last convolutions, closed-form norm backward passes, the phase
   and patch convolutions) agrees to float32 rounding, checked here op by op and on a whole UNIT
   iteration's losses and gradients.
 """
@@ -88,16 +88,16 @@ def test_layer_norm_matches_the_official_formula(layout):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("k,size,cout", [(7, 20, 3), (5, 13, 2), (3, 9, 1), (7, 15, 4)])
-def test_space_to_depth_conv_matches_conv2d(k, size, cout, layout):
+def test_phase_conv_matches_conv2d(k, size, cout, layout):
     x, w, b = rand(2, 5, size, size + 2, layout=layout), rand(cout, 5, k, k, seed=2), rand(cout, seed=3)
     want, want_g = grads_of(F.conv2d, x, w, b)
-    got, got_g = grads_of(kernels.space_to_depth_conv, x, w, b)
+    got, got_g = grads_of(kernels.phase_conv, x, w, b)
     assert got.shape == want.shape and close(got, want)
     for a, b_ in zip(got_g, want_g):
         assert close(a, b_)
 
 
-@pytest.mark.parametrize("size,stride", [(4, 2), (6, 2), (5, 2), (3, 1), (4, 1)])
+@pytest.mark.parametrize("size,stride", [(4, 2), (6, 2), (5, 2), (3, 1), (4, 1), (10, 2)])
 def test_patch_conv_matches_conv2d(size, stride):
     x, w, b = rand(3, 8, size, size), rand(16, 8, 4 if stride == 2 else 3, 4 if stride == 2 else 3, seed=2), rand(16, seed=3)
     want, want_g = grads_of(lambda *t: F.conv2d(*t, stride=stride), x, w, b)
@@ -105,6 +105,26 @@ def test_patch_conv_matches_conv2d(size, stride):
     assert got.shape == want.shape and close(got, want)
     for a, b_ in zip(got_g, want_g):
         assert close(a, b_)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,size,route", [
+    (256, 8, 4, 2, 10, "patch_conv"),   # 4x4 outputs from 256 x 4 x 4 per position: a matrix product
+    (128, 8, 4, 2, 10, None),           # 4x4 outputs from 128 x 4 x 4: oneDNN is faster, stock
+    (16, 8, 4, 2, 6, "patch_conv"),     # 2x2 outputs: a matrix product whatever the depth
+    (16, 3, 7, 1, 14, "phase_conv"),    # few output channels at stride 1 (the RGB head)
+    (16, 32, 3, 1, 10, None)])
+def test_fast_conv_routes_and_matches_conv2d(monkeypatch, cin, cout, k, stride, size, route):
+    from model import networks
+    taken = []
+    for name in ("patch_conv", "phase_conv"):
+        monkeypatch.setattr(networks, name, lambda *a, _f=getattr(networks, name), _n=name: taken.append(_n) or _f(*a))
+    torch.manual_seed(0)
+    conv = networks.Conv2d(cin, cout, k, stride)
+    x = rand(2, cin, size, size, layout=CL)
+    want, want_g = grads_of(lambda t: F.conv2d(t, conv.weight, conv.bias, stride=stride), x)
+    got, got_g = grads_of(conv, x)
+    assert taken == ([route] if route else [])
+    assert got.shape == want.shape and close(got, want) and close(got_g[0], want_g[0])
 
 
 @pytest.mark.parametrize("pad_type", ["reflect", "zero", "replicate"])
