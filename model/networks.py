@@ -293,7 +293,7 @@ def set_fused_upsample(module: nn.Module, fused: bool) -> None:
 
 def set_fast_paths(module: nn.Module, fast: bool) -> None:
     """Switch the training-time rewrites (model/kernels.py: channels-last activations, closed-form
-    norm and pad backward passes, the space-to-depth and patch convolutions) on or off in every
+    norm and pad backward passes, the phase and patch convolutions) on or off in every
     pad, conv, norm, upsampling block and discriminator of `module`. Off, the layers compute what
     the official ones do, op for op."""
     for m in module.modules():
