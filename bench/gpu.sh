@@ -4,17 +4,22 @@
 #      launcher (deepspeed launch/train.py with train.precision=...) on a generated 128 px corpus,
 #      which must end with finite losses; first, as the pass/fail check of the GPU path;
 #   2. bench/step.py --gpu-matrix: one UNIT iteration (official preset, batch 8 per domain) in
-#      fp32 / bf16 / fp16 x torch.compile off / on, at 128 and 256 px: one table of images/s,
-#      ms/iteration, MFU (against the device's dense bf16 peak) and peak memory. Eager cases run
-#      first; with BUDGET_S, no case starts after that many seconds of the table (a compiled case
-#      spends minutes compiling), and the cases left out are rows that say so. Then where an eager
-#      bf16 iteration goes (kernel launches, CPU against GPU time: torch.profiler) and eager
-#      channels-last / cudnn.benchmark variants.
+#      fp32 / bf16 / fp16 x torch.compile off / on (COMPILES="off on graphs" adds CUDA graphs,
+#      mode reduce-overhead), at 128 and 256 px: one table of images/s, ms/iteration, MFU (against
+#      the device's dense bf16 peak) and peak memory. The eager cases run first, then where an
+#      eager bf16 iteration goes (kernel launches, CPU against GPU time: torch.profiler), eager
+#      channels-last / cudnn.benchmark / plain-upsampling variants and eager bf16 by batch
+#      (BATCH_SWEEP). Then the compiled cases compile side by side, one process each (a compilation
+#      is minutes of mostly one core's work), and are timed one at a time once compiled. With
+#      BUDGET_S, no case starts, and no compiled case is waited for, after that many seconds of
+#      the table, and the cases left out are rows that say so; END_S sets BUDGET_S to what is left
+#      of that many seconds after the training runs, less 80 s for the timing of the compiled ones.
 #
 #   bench/gpu.sh                      # PY=/path/to/python to use another interpreter
 #   SIZES="128" STEPS=100 bench/gpu.sh
 #   TRAIN_PRECISIONS="bf16 fp16" PRECISIONS="bf16 fp32 fp16" BUDGET_S=240 LOG_DIR=logs bench/gpu.sh
 #   TRAIN_COMPILE=true TRAIN_PRECISIONS=bf16 SIZES=128 PRECISIONS=bf16 BUDGET_S=1 bench/gpu.sh
+#   COMPILES="off on graphs" PRECISIONS="bf16 fp32 fp16" END_S=560 LOG_DIR=logs bench/gpu.sh  # one lease
 #
 # Exit status: 0 all good; 1 a benchmark case failed or the training run did not reach a finite
 # loss; 2 no CUDA GPU (or no torch) here, said at once.
@@ -26,6 +31,9 @@ STEPS="${STEPS:-300}"
 TRAIN_PRECISIONS="${TRAIN_PRECISIONS:-bf16}"
 PRECISIONS="${PRECISIONS:-fp32 bf16 fp16}"
 BUDGET_S="${BUDGET_S:-0}"
+END_S="${END_S:-}"
+COMPILES="${COMPILES:-off on}"
+BATCH_SWEEP="${BATCH_SWEEP:-16 32 64}"
 TRAIN_COMPILE="${TRAIN_COMPILE:-false}"   # true: the training runs use train.compile (minutes of compile first)
 LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: removed with the work folder)
 
@@ -107,9 +115,14 @@ done
 
 echo
 # ---------------------------------------------------------------- 2. precision x compile table
-# shellcheck disable=SC2086  # SIZES is a list of numbers
-"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --budget-s "$BUDGET_S" --profile --layouts \
-    || status=1
+if [ -n "$END_S" ]; then
+    BUDGET_S=$(( END_S - (SECONDS - start) - 80 ))
+    if [ "$BUDGET_S" -lt 1 ]; then BUDGET_S=1; fi
+    echo "END_S=$END_S: the table's budget is $BUDGET_S s"
+fi
+# shellcheck disable=SC2086  # SIZES, PRECISIONS, COMPILES and BATCH_SWEEP are lists
+"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --compile $COMPILES --budget-s "$BUDGET_S" \
+    --parallel-compile --profile --layouts --batch-sweep $BATCH_SWEEP || status=1
 
 echo
 echo "bench/gpu.sh: $((SECONDS - start)) s on $gpu; exit status $status (0: every case ran and the training loss is finite)"

@@ -45,6 +45,8 @@ import contextlib
 import copy
 import ctypes
 import ctypes.util
+import multiprocessing as mp
+import multiprocessing.connection
 import os
 import statistics
 import sys
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launch.training.engines import compile_networks  # noqa: E402
 from model.networks import set_fast_paths, set_fused_upsample  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
 
@@ -433,29 +436,117 @@ def gpu_setup(base, dev, size, batch, precision, channels_last=False):
     return unit, amp, scalers, x_a, x_b
 
 
-def gpu_case(base, dev, size, batch, precision, compiled, iters, warmup, channels_last=False):
-    """One row of the GPU table: ms/iter (median), peak memory, warm-up seconds (compilation included)."""
+COMPILE_MODES = {"off": None, "on": "default", "graphs": "reduce-overhead"}  # --compile -> torch.compile mode
+COMPILE_LABELS = {"off": "off", "on": "on", "graphs": "on, CUDA graphs"}
+
+
+def gpu_prepare(base, dev, size, batch, precision, compiled="off", warmup=3, channels_last=False, backend="inductor"):
+    """A case made ready to time: `base` copied to `dev`, compiled as train.compile does
+    (compile_networks), and `warmup` iterations run (the compilation, if any). Returns the case's
+    state and the warm-up's seconds."""
     unit, amp, scalers, x_a, x_b = gpu_setup(base, dev, size, batch, precision, channels_last)
-    if compiled:
-        unit.gen.compile()
-        for child in unit.dis.children():
-            child.compile()
+    mode = COMPILE_MODES[compiled]
+    if mode:
+        compile_networks(unit.gen, unit.dis, mode=mode, backend=backend)
     og, od = adam(unit.gen, True), adam(unit.dis, True)
+    # a CUDA-graphs case marks where each iteration begins, so no replay overwrites outputs still in use
+    begin = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
+    state = (unit, og, od, x_a, x_b, amp, scalers, begin)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for _ in range(warmup):
-        losses = step_ours(unit, og, od, x_a, x_b, amp, scalers)
+        _step(state)
     _sync(dev)
-    warm_s, times = time.perf_counter() - t0, []
+    return state, time.perf_counter() - t0
+
+
+def _step(state):
+    unit, og, od, x_a, x_b, amp, scalers, begin = state
+    begin()
+    return step_ours(unit, og, od, x_a, x_b, amp, scalers)
+
+
+def gpu_time(state, dev, iters) -> dict:
+    """Median seconds per iteration of a prepared case, whether its losses are finite, peak memory."""
+    times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        losses = step_ours(unit, og, od, x_a, x_b, amp, scalers)
+        losses = _step(state)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"s": statistics.median(times), "warm_s": warm_s, "finite": all(bool(torch.isfinite(v)) for v in losses),
+    return {"s": statistics.median(times), "finite": all(bool(torch.isfinite(v)) for v in losses),
             "mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+
+
+def gpu_case(base, dev, size, batch, precision, compiled, iters, warmup, channels_last=False, backend="inductor"):
+    """One row of the GPU table, in this process: ms/iter (median), peak memory, warm-up seconds
+    (compilation included)."""
+    state, warm_s = gpu_prepare(base, dev, size, batch, precision, compiled, warmup, channels_last, backend)
+    return {**gpu_time(state, dev, iters), "warm_s": warm_s}
+
+
+def compiled_worker(conn, base, device, size, batch, precision, compiled, iters, warmup, backend):
+    """One compiled case in its own process (--parallel-compile): compile and warm up, say so,
+    then wait for the parent's word to time, so that no case is timed while others compile."""
+    try:
+        dev = torch.device(device)
+        state, warm_s = gpu_prepare(base, dev, size, batch, precision, compiled, warmup, backend=backend)
+        conn.send({"ready": warm_s})
+        conn.recv()
+        conn.send({**gpu_time(state, dev, iters), "warm_s": warm_s})
+    except Exception as e:  # a compile error or out of memory is the case's row, not the end of the table
+        conn.send({"error": _error(e)})
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _receive(conn, proc) -> dict:
+    try:
+        return conn.recv()
+    except EOFError:  # the process died without a word (killed, a crash in native code)
+        proc.join(5)
+        return {"error": f"its process ended with exit code {proc.exitcode} before it reported"}
+
+
+def run_side_by_side(jobs: dict, target, deadline: float, at_once: int = 0) -> dict:
+    """target(conn, *args) for the jobs of {job: args}, each in its own process (spawned: CUDA does
+    not survive a fork), up to `at_once` (0: all) preparing at a time, started in the jobs' order.
+    Each says {"ready": ...} (or its error) by `deadline` (time.monotonic()), else it is stopped,
+    or never started, and its result is {"late": True}. Then the ready ones, in the jobs' order,
+    are told one at a time to time themselves and report, while the others wait idle. Returns
+    {job: result}."""
+    ctx = mp.get_context("spawn")
+    procs, waiting, results, ready = {}, {}, {}, set()
+    queue = list(jobs)
+    try:
+        while (queue or waiting) and time.monotonic() < deadline:
+            while queue and (not at_once or len(waiting) < at_once):
+                job = queue.pop(0)
+                conn, child = ctx.Pipe()
+                procs[job] = (ctx.Process(target=target, args=(child, *jobs[job]), daemon=True), conn)
+                procs[job][0].start()
+                waiting[conn] = job
+            for conn in mp.connection.wait(list(waiting), timeout=min(60.0, max(0.0, deadline - time.monotonic()))):
+                job = waiting.pop(conn)
+                msg = _receive(conn, procs[job][0])
+                if "ready" in msg:
+                    ready.add(job)
+                else:
+                    results[job] = msg
+        results.update({job: {"late": True} for job in [*waiting.values(), *queue]})
+        for job in (j for j in jobs if j in ready):
+            proc, conn = procs[job]
+            conn.send("go")
+            results[job] = _receive(conn, proc)
+    finally:
+        for proc, _ in procs.values():
+            proc.kill()
+            proc.join()
+    return {job: results[job] for job in jobs}
 
 
 def gpu_main(args) -> int:
@@ -466,48 +557,116 @@ def gpu_main(args) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (a dry run of the GPU table)"
     peak = gpu_peak(name) if dev.type == "cuda" else None
     torch.manual_seed(0)
-    bases, flops, results = {}, {}, {}
+    bases, flops = {}, {}
     for size in args.sizes:
         bases[size] = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
         x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
         flops[size] = count_flops(step_ours, copy.deepcopy(bases[size]).to(dev), *x)
-    # Every eager case first, then the compiled ones: the eager rows take seconds, a compiled row
-    # its compilation (208 s for one on an H200's host), so a --budget-s cut leaves the cheap rows.
     cases = [(size, precision, compiled) for compiled in args.compile
              for size in args.sizes for precision in args.precisions]
+    # Every eager case first, then the compiled ones: the eager rows take seconds, a compiled row
+    # its compilation (208 s for one on an H200's host), so a --budget-s cut leaves the cheap rows.
     t_start = time.perf_counter()
-    for size, precision, compiled in cases:
-        spent = time.perf_counter() - t_start
-        if args.budget_s and spent > args.budget_s:
-            r = {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
-        else:
-            try:
-                r = gpu_case(bases[size], dev, size, args.batch, precision, compiled, args.repeats, args.warmup)
-            except Exception as e:  # one failing case (a compile error, out of memory) is a row, not the end
-                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        results[size, precision, compiled] = r
-        print(f"  {size} px {precision} compile={'on' if compiled else 'off'}: "
-              + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r.get("error") or r["skipped"]), flush=True)
-    rows = [(size, precision, compiled, flops[size], results[size, precision, compiled])
-            for size in args.sizes for precision in args.precisions for compiled in args.compile]
-    print_gpu_table(args, name, peak, rows)
+    results = {case: run_here(args, dev, bases, case, t_start) for case in cases if case[2] == "off"}
     if args.profile:
-        size = args.sizes[0]
-        gpu_profile(bases[size], dev, size, args.batch, "bf16", flops[size], label=", fused upsampling")
-        # the plain upsampling block: no border fix, so fewer operations, for 2.8x its convolution's multiply-adds
-        plain = plain_upsampling(bases[size])
-        x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
-        gpu_profile(plain, dev, size, args.batch, "bf16", count_flops(step_ours, copy.deepcopy(plain).to(dev), *x),
-                    label=", plain upsampling", top=0)
+        profile_both_upsamplings(args, dev, bases, flops)
     if args.layouts:
         gpu_layouts(args, dev, bases)
+    if args.batch_sweep:
+        gpu_batch_sweep(args, dev, bases)
+    compiled = [case for case in cases if case[2] != "off"]
+    if args.parallel_compile and compiled:
+        results.update(run_compiled_side_by_side(args, bases, compiled, t_start))
+    else:
+        results.update({case: run_here(args, dev, bases, case, t_start) for case in compiled})
+    rows = [(*case, flops[case[0]], results[case]) for case in cases]
+    print_gpu_table(args, name, peak, rows)
     skipped = sum("skipped" in r for *_, r in rows)
     if skipped:
         print(f"{skipped} of {len(rows)} cases not run: over --budget-s {args.budget_s:.0f}")
     # a case cut by the budget is reported, not failed; one that ran must have finite losses
     return 0 if all("skipped" in r or ("s" in r and r["finite"]) for *_, r in rows) else 1
+
+
+def _case_line(case, r) -> str:
+    size, precision, compiled = case
+    return (f"  {size} px {precision} compile={COMPILE_LABELS[compiled]}: "
+            + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r.get("error") or r["skipped"]))
+
+
+def run_here(args, dev, bases, case, t_start) -> dict:
+    """One case in this process, unless --budget-s has passed since `t_start`."""
+    size, precision, compiled = case
+    spent = time.perf_counter() - t_start
+    if args.budget_s and spent > args.budget_s:
+        r = {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
+    else:
+        try:
+            r = gpu_case(bases[size], dev, size, args.batch, precision, compiled, args.repeats, args.warmup,
+                         backend=args.compile_backend)
+        except Exception as e:  # one failing case (a compile error, out of memory) is a row, not the end
+            r = {"error": _error(e)}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(_case_line(case, r), flush=True)
+    return r
+
+
+def run_compiled_side_by_side(args, bases, cases, t_start) -> dict:
+    """--parallel-compile: the compiled cases compile side by side, --compile-procs at a time, each
+    in its own process (much of a compilation is one core's Python), the first precision named
+    first, until --budget-s has passed since `t_start`; then the ready ones are timed one after
+    another, each alone."""
+    spent = time.perf_counter() - t_start
+    if args.budget_s and spent > args.budget_s:
+        return {case: {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
+                for case in cases}
+    at_once = min(len(cases), args.compile_procs or len(cases))
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the eager cases' cached blocks, for the compiling processes
+    # Inductor's kernel-compiling workers: a share of the cores per case, not all of them each
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, 2 * (os.cpu_count() or 2) // at_once)))
+    deadline = time.monotonic() + (args.budget_s - spent if args.budget_s else float("inf"))
+    order = sorted(cases, key=lambda c: (args.precisions.index(c[1]), args.compile.index(c[2]), c[0]))
+    print(f"  compiling {len(cases)} cases side by side, {at_once} at a time, one process each", flush=True)
+    jobs = {case: (bases[case[0]], args.device, case[0], args.batch, case[1], case[2], args.repeats, args.warmup,
+                   args.compile_backend) for case in order}
+    results = run_side_by_side(jobs, compiled_worker, deadline, at_once)
+    for case, r in results.items():
+        if r.get("late"):
+            results[case] = {"skipped": f"not run: not compiled {time.perf_counter() - t_start:.0f} s in, "
+                                        f"over --budget-s {args.budget_s:.0f}"}
+        print(_case_line(case, results[case]), flush=True)
+    return results
+
+
+def profile_both_upsamplings(args, dev, bases, flops):
+    size = args.sizes[0]
+    gpu_profile(bases[size], dev, size, args.batch, "bf16", flops[size], label=", fused upsampling")
+    # the plain upsampling block: no border fix, so fewer operations, for 2.8x its convolution's multiply-adds
+    plain = plain_upsampling(bases[size])
+    x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
+    gpu_profile(plain, dev, size, args.batch, "bf16", count_flops(step_ours, copy.deepcopy(plain).to(dev), *x),
+                label=", plain upsampling", top=0)
+
+
+def gpu_batch_sweep(args, dev, bases):
+    """Eager bf16 at the first size with larger batches: a launch-bound step costs about the same
+    per iteration whatever the batch, so images/s should grow with it until the GPU is busy."""
+    size = args.sizes[0]
+    print(f"\nEager bf16 at {size} px by batch per domain (median of {args.repeats} after {args.warmup} warm-up)\n"
+          "| batch per domain | images/s (2 domains) | ms/iter | peak memory GiB |\n| --- | --- | --- | --- |")
+    for batch in sorted({args.batch, *args.batch_sweep}):
+        try:
+            r = gpu_case(bases[size], dev, size, batch, "bf16", "off", args.repeats, args.warmup)
+        except Exception as e:  # out of memory at the largest batch is a row
+            print(f"| {batch} | failed: {_error(e)} | | |", flush=True)
+            continue
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        mem = "n/a" if r["mem"] is None else f"{r['mem'] / 2 ** 30:.2f}"
+        print(f"| {batch} | {2 * batch / r['s']:.0f} | {r['s'] * 1e3:.1f} | {mem} |", flush=True)
 
 
 def gpu_profile(base, dev, size, batch, precision, flops, steps=3, label="", top=10):
@@ -564,22 +723,23 @@ def plain_upsampling(base):
 def gpu_layouts(args, dev, bases):
     """Eager bf16 and fp32 with channels-last weights and inputs, with cudnn.benchmark, and with
     the plain upsampling block (fewer, larger operations), each against the default case in the
-    same loop: does any of them cut the launch-bound step?"""
+    same loop, at the first size (the most launch-bound): does any of them cut the step?"""
     print(f"\nEager layouts (median of {args.repeats} after {args.warmup} warm-up)\n"
           "| px | precision | channels-last | cudnn.benchmark | upsampling | ms/iter |\n"
           "| --- | --- | --- | --- | --- | --- |")
     variants = [(cl, bench, True) for cl in (False, True) for bench in (False, True)] + [(False, False, False)]
     before = torch.backends.cudnn.benchmark
     try:
-        for size, base in bases.items():
-            plain = plain_upsampling(base)
-            for precision in ("bf16", "fp32"):
-                for cl, bench, fused in variants:
-                    torch.backends.cudnn.benchmark = bench
-                    r = gpu_case(base if fused else plain, dev, size, args.batch, precision, False,
-                                 args.repeats, args.warmup, cl)
-                    print(f"| {size} | {precision} | {'yes' if cl else 'no'} | {'on' if bench else 'off'} "
-                          f"| {'fused' if fused else 'plain'} | {r['s'] * 1e3:.1f} |", flush=True)
+        size = args.sizes[0]
+        base = bases[size]
+        plain = plain_upsampling(base)
+        for precision in ("bf16", "fp32"):
+            for cl, bench, fused in variants:
+                torch.backends.cudnn.benchmark = bench
+                r = gpu_case(base if fused else plain, dev, size, args.batch, precision, "off",
+                             args.repeats, args.warmup, cl)
+                print(f"| {size} | {precision} | {'yes' if cl else 'no'} | {'on' if bench else 'off'} "
+                      f"| {'fused' if fused else 'plain'} | {r['s'] * 1e3:.1f} |", flush=True)
     finally:
         torch.backends.cudnn.benchmark = before
 
@@ -594,7 +754,7 @@ def print_gpu_table(args, name, peak, rows):
           "| warm-up s | losses finite |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, precision, compiled, flops, r in rows:
-        head = f"| {size} | {precision} | {'on' if compiled else 'off'} "
+        head = f"| {size} | {precision} | {COMPILE_LABELS[compiled]} "
         if "error" in r or "skipped" in r:
             print(head + f"| {'failed: ' + r['error'] if 'error' in r else r['skipped']} | | | | | | |")
             continue
@@ -621,10 +781,18 @@ def main(argv=None):
     ap.add_argument("--gpu-matrix", action="store_true", help="the fp32/bf16/fp16 x compile table on a CUDA GPU")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes of --gpu-matrix")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--compile", nargs="+", type=lambda v: {"off": False, "on": True}[v], default=[False, True],
-                    metavar="{off,on}", help="torch.compile settings of --gpu-matrix")
+    ap.add_argument("--compile", nargs="+", choices=list(COMPILE_MODES), default=["off", "on"],
+                    help="torch.compile settings of --gpu-matrix (graphs: mode reduce-overhead, CUDA graphs)")
+    ap.add_argument("--parallel-compile", action="store_true", help="--gpu-matrix: compile the compiled cases "
+                    "side by side, one process each, then time them one at a time")
+    ap.add_argument("--compile-procs", type=int, default=0, help="--parallel-compile: at most this many "
+                    "compiling at once (0: all)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick dry run)")
+    ap.add_argument("--batch-sweep", type=int, nargs="*", default=[], metavar="B",
+                    help="--gpu-matrix: also eager bf16 at the first size with these batches per domain")
     ap.add_argument("--budget-s", type=float, default=0,
-                    help="--gpu-matrix: start no case after this many seconds (0: no limit); eager cases run first")
+                    help="--gpu-matrix: start no case after this many seconds (0: no limit); eager cases run "
+                    "first; with --parallel-compile, a compiled case not ready by then is stopped")
     ap.add_argument("--device", default="cuda", help="--gpu-matrix's device (cpu: a dry run of the code)")
     ap.add_argument("--steady-heap", action="store_true", help="CPU: glibc keeps and reuses freed memory, so "
                     "no loop's time depends on what the allocator kept from the others (see steady_heap)")

@@ -1,8 +1,12 @@
 """bench/step.py --gpu-matrix, run as its CPU dry run (--device cpu): the table bench/gpu.sh prints,
-and --budget-s, which leaves out the cases that would start too late and says so in their rows."""
+--budget-s, which leaves out the cases that would start too late and says so in their rows, and
+--parallel-compile, which compiles side by side and times one case at a time."""
+import itertools
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +31,9 @@ def test_cases_past_the_budget_are_rows_that_say_so_and_do_not_fail_the_run():
 def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
     out, rows = matrix("--profile", "--layouts")
     assert out.returncode == 0, out.stderr
-    assert [r.split("|")[2].strip() for r in rows[:2]] == ["fp32", "bf16"]
-    assert all(r.rstrip().endswith("| yes |") for r in rows[:2]), rows  # losses finite
+    layouts, table = rows[:10], rows[10:]  # the profile and the layouts come before the table
+    assert [r.split("|")[2].strip() for r in table] == ["fp32", "bf16"]
+    assert all(r.rstrip().endswith("| yes |") for r in table), rows  # losses finite
     assert "Where one eager iteration goes (16 px, bf16, fused upsampling" in out.stdout and "a CPU dry run" in out.stdout
     assert "| aten::convolution_backward |" in out.stdout  # the top operations, by time
     # the plain upsampling block dispatches fewer operations than the fused one with its border fixes
@@ -37,6 +42,66 @@ def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
         if line.startswith("Where one eager iteration goes"):
             ops[line.split(", ")[2].split(";")[0]] = int(re.search(r"(\d+) aten operations", line)[1])
     assert set(ops) == {"fused upsampling", "plain upsampling"} and ops["plain upsampling"] < ops["fused upsampling"]
-    # the matrix's two rows, then per precision: 2 layouts x 2 cudnn settings, and the plain upsampling
-    assert len(rows) == 2 + 10
-    assert [r.split("|")[5].strip() for r in rows[2:7]] == ["fused"] * 4 + ["plain"]
+    # per precision: 2 layouts x 2 cudnn settings, and the plain upsampling; then the matrix's two rows
+    assert len(rows) == 10 + 2
+    assert [r.split("|")[5].strip() for r in layouts[:5]] == ["fused"] * 4 + ["plain"]
+
+
+def test_compiled_cases_compile_side_by_side_then_each_is_timed_alone():
+    out = subprocess.run([sys.executable, "bench/step.py", "--gpu-matrix", "--device", "cpu", "--sizes", "16",
+                          "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "on", "graphs", "--repeats", "1",
+                          "--warmup", "1", "--compile-backend", "eager", "--parallel-compile", "--batch-sweep", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "compiling 4 cases side by side, 4 at a time, one process each" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| 16 | fp32 |", "| 16 | bf16 |"))]
+    assert [tuple(c.strip() for c in r.split("|")[2:4]) for r in rows] == [
+        ("fp32", "on"), ("bf16", "on"), ("fp32", "on, CUDA graphs"), ("bf16", "on, CUDA graphs")]
+    assert all(r.rstrip().endswith("| yes |") for r in rows), rows  # measured, losses finite
+    table = itertools.takewhile(lambda line: line.startswith("|"),
+                                out.stdout.split("by batch per domain")[1].splitlines()[1:])
+    sweep = [line.split("|")[1].strip() for line in list(table)[2:]]
+    assert sweep == ["8", "16"]  # the table's own batch beside the swept one
+
+
+sys.path.insert(0, str(ROOT / "bench"))
+import step  # noqa: E402
+
+
+def worker(conn, how, spans):
+    """run_side_by_side's target in the test: 'ready' times itself by sleeping, 'slow' is never
+    ready in time, 'dies' ends without a word, 'fails' reports an error."""
+    if how == "slow":
+        time.sleep(60)
+    if how == "dies":
+        os._exit(3)
+    if how == "fails":
+        conn.send({"error": "RuntimeError: no kernel"})
+        return
+    conn.send({"ready": 0.0})
+    conn.recv()
+    start = time.monotonic()
+    time.sleep(0.3)
+    conn.send({"span": (start, time.monotonic())})
+
+
+def test_side_by_side_times_ready_jobs_one_at_a_time_and_stops_the_late_one():
+    t0 = time.monotonic()
+    jobs = {"a": ("ready", None), "late": ("slow", None), "b": ("ready", None), "dead": ("dies", None),
+            "bad": ("fails", None), "c": ("ready", None)}
+    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 8)
+    assert list(results) == list(jobs)
+    assert results["late"] == {"late": True}
+    assert "exit code 3" in results["dead"]["error"]
+    assert results["bad"] == {"error": "RuntimeError: no kernel"}
+    spans = [results[j]["span"] for j in ("a", "b", "c")]
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans  # one at a time, in order
+    assert time.monotonic() - t0 < 30  # the late job was stopped at the deadline, not waited for
+
+
+def test_side_by_side_starts_at_most_at_once_jobs_and_the_rest_as_they_become_ready():
+    jobs = {"s1": ("slow", None), "r1": ("ready", None), "s2": ("slow", None), "r2": ("ready", None)}
+    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 6, at_once=2)
+    # s1 and r1 start; r1's place goes to s2, and then no place is free for r2 before the deadline
+    assert results == {"s1": {"late": True}, "r1": results["r1"], "s2": {"late": True}, "r2": {"late": True}}
+    assert "span" in results["r1"]
