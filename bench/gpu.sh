@@ -36,17 +36,30 @@ COMPILES="${COMPILES:-off on}"
 BATCH_SWEEP="${BATCH_SWEEP:-16 32 64}"
 TRAIN_COMPILE="${TRAIN_COMPILE:-false}"   # true: the training runs use train.compile (minutes of compile first)
 LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: removed with the work folder)
+# DEVICE=cpu: a dry run of this script's whole flow on the CPU (the launcher's CPU ranks, step.py
+# --device cpu), to check it before a lease; with e.g. SIZES=16 TRAIN_SIZE=32 STEPS=4 DIM=8
+# COMPILE_BACKEND=eager (torch.compile's backend in the table; inductor takes minutes on a CPU)
+DEVICE="${DEVICE:-cuda}"
+COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
+TRAIN_SIZE="${TRAIN_SIZE:-128}"
+TRAIN_IMAGES="${TRAIN_IMAGES:-512}"
+DIM="${DIM:-}"   # the table's generator width (default: the preset's)
+REPEATS="${REPEATS:-20}"   # timed iterations per case (median), after WARMUP untimed ones
+WARMUP="${WARMUP:-3}"
 
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "bench/gpu.sh: no Python at $PY (run make setup, or set PY=...)" >&2
     exit 2
 fi
-if ! gpu=$("$PY" - 2>&1 <<'EOF'
+if ! gpu=$("$PY" - "$DEVICE" 2>&1 <<'EOF'
 import sys
 try:
     import torch
 except Exception as e:
     sys.exit(f"torch is not importable ({type(e).__name__}: {e})")
+if sys.argv[1] == "cpu":
+    print(f"cpu (DEVICE=cpu: a dry run), torch {torch.__version__}")
+    sys.exit(0)
 if not torch.cuda.is_available():
     sys.exit(f"no CUDA GPU is visible to torch {torch.__version__} "
              f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + torch.version.cuda})")
@@ -65,8 +78,8 @@ start=$SECONDS
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo
-echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset, 128 px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
-"$PY" -m pipeline.demo --out "$work/demo" --n-train 512 --n-test 8 --size 128 --seed 0 >/dev/null
+echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset, $TRAIN_SIZE px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
+"$PY" -m pipeline.demo --out "$work/demo" --n-train "$TRAIN_IMAGES" --n-test 8 --size "$TRAIN_SIZE" --seed 0 >/dev/null
 "$PY" -m pipeline.shards --src-a "$work/demo/trainA" --src-b "$work/demo/trainB" --out "$work/shards" \
     --workers 4 --no-progress >/dev/null || [ $? -eq 3 ]
 echo "| run | step reached | G loss | D loss | images/s (median of intervals) | non-finite steps | loss-scale skips G/D | data wait (median) | wall s (launch to exit) | finite loss |"
@@ -75,7 +88,7 @@ for precision in $TRAIN_PRECISIONS; do
     cat >"$work/$precision.yaml" <<EOF
 run_dir: $work/run-$precision
 seed: 0
-data: {shards: $work/shards, image_size: 128, batch_size: 8, num_workers: 4}
+data: {shards: $work/shards, image_size: $TRAIN_SIZE, batch_size: 8, num_workers: 4}
 model: {preset: official}
 train: {max_steps: $STEPS, precision: $precision, compile: $TRAIN_COMPILE, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
 tracking: {enable: false}
@@ -90,12 +103,13 @@ EOF
         status=1
     fi
     if [ -n "$LOG_DIR" ]; then cp "$work/train-$precision.log" "$LOG_DIR/"; fi
-    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" \
+    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" "$TRAIN_SIZE" \
         <<'EOF' || status=1
 import json, math, sys
 from statistics import median_high
 path, steps, seconds, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 run = precision + (", train.compile" if sys.argv[5] == "true" else "")
+size = sys.argv[6]
 try:
     rows = [json.loads(line) for line in open(path)]
 except OSError as e:
@@ -106,7 +120,7 @@ ok = last["step"] >= steps and all(math.isfinite(v) for v in losses.values())
 timed = rows[1:] or rows  # the first interval holds the start-up (and the first fused-Adam build)
 speed = median_high(r["images_per_s"] for r in timed)
 wait = median_high(r["data_wait_frac"] for r in timed)
-print(f"| {run}, official, 128 px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
+print(f"| {run}, official, {size} px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
       f"| {losses['d/total']:.3f} | {speed:.0f} | {last.get('nonfinite_total', 0)} "
       f"| {last.get('skipped_steps_g', 0)}/{last.get('skipped_steps_d', 0)} | {100 * wait:.1f}% | {seconds} | {'yes' if ok else 'NO'} |")
 sys.exit(0 if ok else 1)
@@ -121,8 +135,10 @@ if [ -n "$END_S" ]; then
     echo "END_S=$END_S: the table's budget is $BUDGET_S s"
 fi
 # shellcheck disable=SC2086  # SIZES, PRECISIONS, COMPILES and BATCH_SWEEP are lists
-"$PY" bench/step.py --gpu-matrix --sizes $SIZES --precisions $PRECISIONS --compile $COMPILES --budget-s "$BUDGET_S" \
-    --parallel-compile --profile --layouts --batch-sweep $BATCH_SWEEP || status=1
+"$PY" bench/step.py --gpu-matrix --device "$DEVICE" ${DIM:+--dim "$DIM"} --sizes $SIZES --precisions $PRECISIONS \
+    --repeats "$REPEATS" --warmup "$WARMUP" --compile $COMPILES --compile-backend "$COMPILE_BACKEND" \
+    --budget-s "$BUDGET_S" --parallel-compile --profile --layouts --batch-sweep $BATCH_SWEEP \
+    || status=1
 
 echo
 echo "bench/gpu.sh: $((SECONDS - start)) s on $gpu; exit status $status (0: every case ran and the training loss is finite)"

@@ -628,7 +628,8 @@ def run_compiled_side_by_side(args, bases, cases, t_start) -> dict:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, 2 * (os.cpu_count() or 2) // at_once)))
     deadline = time.monotonic() + (args.budget_s - spent if args.budget_s else float("inf"))
     order = sorted(cases, key=lambda c: (args.precisions.index(c[1]), args.compile.index(c[2]), c[0]))
-    print(f"  compiling {len(cases)} cases side by side, {at_once} at a time, one process each", flush=True)
+    print(f"  compiling {len(cases)} case{'s' if len(cases) > 1 else ''} side by side, {at_once} at a time, "
+          "one process each", flush=True)
     jobs = {case: (bases[case[0]], args.device, case[0], args.batch, case[1], case[2], args.repeats, args.warmup,
                    args.compile_backend) for case in order}
     results = run_side_by_side(jobs, compiled_worker, deadline, at_once)

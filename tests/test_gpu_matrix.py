@@ -105,3 +105,22 @@ def test_side_by_side_starts_at_most_at_once_jobs_and_the_rest_as_they_become_re
     # s1 and r1 start; r1's place goes to s2, and then no place is free for r2 before the deadline
     assert results == {"s1": {"late": True}, "r1": results["r1"], "s2": {"late": True}, "r2": {"late": True}}
     assert "span" in results["r1"]
+
+
+def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
+    """bench/gpu.sh with DEVICE=cpu: the corpus, the shards, a training run through the real
+    launcher, the table with a compiled case side by side, the profile and the layouts; what a
+    lease runs, checked before one."""
+    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "PRECISIONS": "fp32",
+           "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_IMAGES": "24", "STEPS": "2",
+           "COMPILES": "off on", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "", "REPEATS": "1", "WARMUP": "1",
+           "LOG_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train = [line for line in out.stdout.splitlines() if line.startswith("| bf16, official, 32 px")]
+    assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
+    assert (tmp_path / "train-bf16.log").is_file()
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")]
+    assert len(rows) == 10 // 2 + 2  # the layouts' five fp32 rows, then the table's off and on
+    assert all(r.rstrip().endswith("| yes |") for r in rows[-2:]), rows
+    assert "compiling 1 case side by side" in out.stdout and "exit status 0" in out.stdout
