@@ -47,23 +47,6 @@ def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
     assert [r.split("|")[5].strip() for r in layouts[:5]] == ["fused"] * 4 + ["plain"]
 
 
-def test_compiled_cases_compile_side_by_side_then_each_is_timed_alone():
-    out = subprocess.run([sys.executable, "bench/step.py", "--gpu-matrix", "--device", "cpu", "--sizes", "16",
-                          "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "on", "graphs", "--repeats", "1",
-                          "--warmup", "1", "--compile-backend", "eager", "--parallel-compile", "--batch-sweep", "16"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "compiling 4 cases side by side, 4 at a time, one process each" in out.stdout
-    rows = [line for line in out.stdout.splitlines() if line.startswith(("| 16 | fp32 |", "| 16 | bf16 |"))]
-    assert [tuple(c.strip() for c in r.split("|")[2:4]) for r in rows] == [
-        ("fp32", "on"), ("bf16", "on"), ("fp32", "on, CUDA graphs"), ("bf16", "on, CUDA graphs")]
-    assert all(r.rstrip().endswith("| yes |") for r in rows), rows  # measured, losses finite
-    table = itertools.takewhile(lambda line: line.startswith("|"),
-                                out.stdout.split("by batch per domain")[1].splitlines()[1:])
-    sweep = [line.split("|")[1].strip() for line in list(table)[2:]]
-    assert sweep == ["8", "16"]  # the table's own batch beside the swept one
-
-
 sys.path.insert(0, str(ROOT / "bench"))
 import step  # noqa: E402
 
@@ -109,11 +92,12 @@ def test_side_by_side_starts_at_most_at_once_jobs_and_the_rest_as_they_become_re
 
 def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     """bench/gpu.sh with DEVICE=cpu: the corpus, the shards, a training run through the real
-    launcher, the table with a compiled case side by side, the profile and the layouts; what a
-    lease runs, checked before one."""
+    launcher, the eager table, the profile, the layouts, the batch sweep, then two compiled cases
+    (plain and CUDA graphs' mode) compiled side by side and timed one at a time: what a lease
+    runs, checked before one."""
     env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "PRECISIONS": "fp32",
            "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_IMAGES": "24", "STEPS": "2",
-           "COMPILES": "off on", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "", "REPEATS": "1", "WARMUP": "1",
+           "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
            "LOG_DIR": str(tmp_path)}
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -121,6 +105,11 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
     assert (tmp_path / "train-bf16.log").is_file()
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")]
-    assert len(rows) == 10 // 2 + 2  # the layouts' five fp32 rows, then the table's off and on
-    assert all(r.rstrip().endswith("| yes |") for r in rows[-2:]), rows
-    assert "compiling 1 case side by side" in out.stdout and "exit status 0" in out.stdout
+    layouts, table = rows[:5], rows[5:]  # the layouts' five fp32 rows, then the table's
+    assert [r.split("|")[5].strip() for r in layouts] == ["fused"] * 4 + ["plain"]
+    assert [r.split("|")[3].strip() for r in table] == ["off", "on", "on, CUDA graphs"]
+    assert all(r.rstrip().endswith("| yes |") for r in table), table  # measured, losses finite
+    sweep = itertools.takewhile(lambda line: line.startswith("|"),
+                                out.stdout.split("by batch per domain")[1].splitlines()[1:])
+    assert [line.split("|")[1].strip() for line in list(sweep)[2:]] == ["8", "16"]  # the table's batch, the swept one
+    assert "compiling 2 cases side by side, 2 at a time" in out.stdout and "exit status 0" in out.stdout

@@ -92,6 +92,19 @@ def test_precision_refusals_name_the_key(requested, cuda, bf16, why):
         deepspeed_config(cfg, None, lr=1e-4, on_gpu=cuda, bf16_ok=bf16)
 
 
+def test_compile_with_bf16_is_refused_on_cpu_ranks_only():
+    """torch.compile's CPU code gave non-finite gradients in bf16 (README): refused before any rank
+    starts, where the same keys on a GPU, or compile with fp32 on CPU, are accepted."""
+    cfg = load_config(None, ["train.compile=true", "train.precision=bf16"], base=BASE)
+    with pytest.raises(ConfigError, match="train.compile = true with train.precision = 'bf16' on CPU ranks"):
+        deepspeed_config(cfg, None, lr=1e-4, on_gpu=False, bf16_ok=False)
+    assert deepspeed_config(cfg, None, lr=1e-4, on_gpu=True, bf16_ok=True)["torch_autocast"]["enabled"]
+    for keys in (["train.compile=true", "train.precision=fp32"], ["train.compile=true", "train.precision=auto"],
+                 ["train.compile=false", "train.precision=bf16"]):
+        ds = deepspeed_config(load_config(None, keys, base=BASE), None, lr=1e-4, on_gpu=False, bf16_ok=False)
+        assert ds["torch_autocast"]["enabled"] == keys[1].endswith("bf16"), keys
+
+
 def _both(cfg, ds_json=None, *, on_gpu, bf16_ok):
     return [deepspeed_config(cfg, ds_json, lr=lr, on_gpu=on_gpu, bf16_ok=bf16_ok)
             for lr in (cfg.optim.lr_g, cfg.optim.lr_d)]
