@@ -19,10 +19,10 @@
 #   SIZES="128" STEPS=100 bench/gpu.sh
 #   TRAIN_PRECISIONS="bf16 fp16" PRECISIONS="bf16 fp32 fp16" BUDGET_S=240 LOG_DIR=logs bench/gpu.sh
 #   TRAIN_COMPILE=true TRAIN_PRECISIONS=bf16 SIZES=128 PRECISIONS=bf16 BUDGET_S=1 bench/gpu.sh
-#   COMPILES="off on graphs" PRECISIONS="bf16 fp32 fp16" END_S=560 LOG_DIR=logs bench/gpu.sh  # one lease
+#   COMPILES="off on graphs" PRECISIONS="bf16 fp32 fp16" END_S=555 LOG_DIR=logs bench/gpu.sh  # one lease
 #
 # Exit status: 0 all good; 1 a benchmark case failed or the training run did not reach a finite
-# loss; 2 no CUDA GPU (or no torch) here, said at once.
+# loss; 2 no CUDA GPU (or no torch) here, said at once (DEVICE=cpu needs none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
