@@ -497,9 +497,10 @@ def _ds_precision(cfg: Config, ds: dict, on_gpu: bool, bf16_ok: bool, conflicts:
     if cfg.train.compile and resolved == "bf16" and not on_gpu:
         # torch 2.13's inductor, CPU code, bf16 autocast: every generator gradient came out NaN (the
         # forward and the losses fine) at the official preset's width 64, at 32, 64 and 128 px (README).
-        raise ConfigError("config keys train.compile = true with train.precision = 'bf16' on CPU ranks: torch.compile's "
-                          "CPU code gives non-finite gradients in bf16 (README, configuration reference: train.compile); use "
-                          "train.precision fp32 or auto with compile, or train.compile false with bf16")
+        raise ConfigError("config keys train.compile = true with train.precision = 'bf16' on CPU ranks: "
+                          "torch.compile's CPU code gives non-finite gradients in bf16 (README, configuration "
+                          "reference: train.compile); use train.precision fp32 or auto with compile, or "
+                          "train.compile false with bf16")
     wants = {"fp16": resolved == "fp16", "bf16": resolved == "bf16", "torch_autocast": resolved == "bf16"}
     for key, ok in wants.items():
         if key in ds and ds[key].get("enabled", False) not in (False, "auto") and not ok:
