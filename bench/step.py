@@ -512,13 +512,14 @@ def _receive(conn, proc) -> dict:
         return {"error": f"its process ended with exit code {proc.exitcode} before it reported"}
 
 
-def run_side_by_side(jobs: dict, target, deadline: float, at_once: int = 0) -> dict:
+def run_side_by_side(jobs: dict, target, deadline: float, at_once: int = 0, timing_s: float = 0) -> dict:
     """target(conn, *args) for the jobs of {job: args}, each in its own process (spawned: CUDA does
     not survive a fork), up to `at_once` (0: all) preparing at a time, started in the jobs' order.
     Each says {"ready": ...} (or its error) by `deadline` (time.monotonic()), else it is stopped,
     or never started, and its result is {"late": True}. Then the ready ones, in the jobs' order,
-    are told one at a time to time themselves and report, while the others wait idle. Returns
-    {job: result}."""
+    are told one at a time to time themselves and report, while the others wait idle; with
+    `timing_s`, all of that within so many seconds (a job that hangs is an error, not the end).
+    Returns {job: result}."""
     ctx = mp.get_context("spawn")
     procs, waiting, results, ready = {}, {}, {}, set()
     queue = list(jobs)
@@ -538,10 +539,16 @@ def run_side_by_side(jobs: dict, target, deadline: float, at_once: int = 0) -> d
                 else:
                     results[job] = msg
         results.update({job: {"late": True} for job in [*waiting.values(), *queue]})
+        end = time.monotonic() + (timing_s or float("inf"))
         for job in (j for j in jobs if j in ready):
             proc, conn = procs[job]
+            if time.monotonic() >= end:
+                results[job] = {"error": f"not timed: the {timing_s:.0f} s for timing had run out"}
+                continue
             conn.send("go")
-            results[job] = _receive(conn, proc)
+            left = end - time.monotonic()
+            results[job] = (_receive(conn, proc) if conn.poll(None if left == float("inf") else max(0.0, left))
+                            else {"error": f"no result within the {timing_s:.0f} s for timing"})
     finally:
         for proc, _ in procs.values():
             proc.kill()
@@ -632,7 +639,7 @@ def run_compiled_side_by_side(args, bases, cases, t_start) -> dict:
           "one process each", flush=True)
     jobs = {case: (bases[case[0]], args.device, case[0], args.batch, case[1], case[2], args.repeats, args.warmup,
                    args.compile_backend) for case in order}
-    results = run_side_by_side(jobs, compiled_worker, deadline, at_once)
+    results = run_side_by_side(jobs, compiled_worker, deadline, at_once, args.timing_s)
     for case, r in results.items():
         if r.get("late"):
             results[case] = {"skipped": f"not run: not compiled {time.perf_counter() - t_start:.0f} s in, "
@@ -788,6 +795,8 @@ def main(argv=None):
                     "side by side, one process each, then time them one at a time")
     ap.add_argument("--compile-procs", type=int, default=0, help="--parallel-compile: at most this many "
                     "compiling at once (0: all)")
+    ap.add_argument("--timing-s", type=float, default=0, help="--parallel-compile: time the compiled cases "
+                    "within this many seconds once compiled (0: no limit); one that takes longer is a failed row")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick dry run)")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[], metavar="B",
                     help="--gpu-matrix: also eager bf16 at the first size with these batches per domain")

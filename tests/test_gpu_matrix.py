@@ -53,8 +53,13 @@ import step  # noqa: E402
 
 def worker(conn, how, spans):
     """run_side_by_side's target in the test: 'ready' times itself by sleeping, 'slow' is never
-    ready in time, 'dies' ends without a word, 'fails' reports an error."""
+    ready in time, 'dies' ends without a word, 'fails' reports an error, 'hangs' is ready but
+    never reports its timing."""
     if how == "slow":
+        time.sleep(60)
+    if how == "hangs":
+        conn.send({"ready": 0.0})
+        conn.recv()
         time.sleep(60)
     if how == "dies":
         os._exit(3)
@@ -113,3 +118,13 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
                                 out.stdout.split("by batch per domain")[1].splitlines()[1:])
     assert [line.split("|")[1].strip() for line in list(sweep)[2:]] == ["8", "16"]  # the table's batch, the swept one
     assert "compiling 2 cases side by side, 2 at a time" in out.stdout and "exit status 0" in out.stdout
+
+
+def test_a_job_that_hangs_while_timed_is_an_error_row_within_the_timing_budget():
+    jobs = {"r1": ("ready", None), "stuck": ("hangs", None), "r2": ("ready", None)}
+    t0 = time.monotonic()
+    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 20, timing_s=3)
+    assert "span" in results["r1"]
+    assert results["stuck"] == {"error": "no result within the 3 s for timing"}
+    assert results["r2"] == {"error": "not timed: the 3 s for timing had run out"}
+    assert time.monotonic() - t0 < 20  # not the 60 s the stuck job would take
