@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch.runstore.records import BUFFER_NAME
 from trainutil import delete_namespaces, finish_nodes, free_port, kill_group, last_step, launch, launch_cmd, \
     metrics, rank_processes, resumed_step, start, start_nodes, two_nodes, wait_for, write_config
 
@@ -255,7 +256,7 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_metrics_arrive(corpus
 
     server = server_up
     run_dir = tmp_path / "run"
-    steps = 60
+    steps = 120
     cfg = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=steps, ckpt_every=1000,
                        tracking={"enable": True, "uri": server.uri, "experiment": "faults", "system_metrics": False})
     proc = start(launch_cmd(cfg))
@@ -265,7 +266,10 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_metrics_arrive(corpus
         server.proc.wait(timeout=30)
         server.proc = None
         down_at = last_step(run_dir)
-        wait_for(lambda: last_step(run_dir) >= down_at + 5, 120, [proc], "steps while the server is down")
+        # the server stays away until the tracker has noticed (its buffer file): restarted sooner, an
+        # HTTP retry can bridge the outage and nothing is "unreachable" (seen on a fast machine)
+        wait_for(lambda: last_step(run_dir) >= down_at + 5 and (run_dir / BUFFER_NAME).is_file(), 120, [proc],
+                 "steps while the server is down, and the tracker keeping its records")
         during = list(range(down_at + 1, last_step(run_dir) + 1))
         server.start()
         out, _ = proc.communicate(timeout=300)
