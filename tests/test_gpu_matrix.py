@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import step  # noqa: E402
 SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "off",
          "--repeats", "1", "--warmup", "0"]
 
@@ -47,11 +49,7 @@ def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
     assert [r.split("|")[5].strip() for r in layouts[:5]] == ["fused"] * 4 + ["plain"]
 
 
-sys.path.insert(0, str(ROOT / "bench"))
-import step  # noqa: E402
-
-
-def worker(conn, how, spans):
+def worker(conn, how):
     """run_side_by_side's target in the test: 'ready' times itself by sleeping, 'slow' is never
     ready in time, 'dies' ends without a word, 'fails' reports an error, 'hangs' is ready but
     never reports its timing."""
@@ -75,8 +73,8 @@ def worker(conn, how, spans):
 
 def test_side_by_side_times_ready_jobs_one_at_a_time_and_stops_the_late_one():
     t0 = time.monotonic()
-    jobs = {"a": ("ready", None), "late": ("slow", None), "b": ("ready", None), "dead": ("dies", None),
-            "bad": ("fails", None), "c": ("ready", None)}
+    jobs = {"a": ("ready",), "late": ("slow",), "b": ("ready",), "dead": ("dies",),
+            "bad": ("fails",), "c": ("ready",)}
     results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 8)
     assert list(results) == list(jobs)
     assert results["late"] == {"late": True}
@@ -88,7 +86,7 @@ def test_side_by_side_times_ready_jobs_one_at_a_time_and_stops_the_late_one():
 
 
 def test_side_by_side_starts_at_most_at_once_jobs_and_the_rest_as_they_become_ready():
-    jobs = {"s1": ("slow", None), "r1": ("ready", None), "s2": ("slow", None), "r2": ("ready", None)}
+    jobs = {"s1": ("slow",), "r1": ("ready",), "s2": ("slow",), "r2": ("ready",)}
     results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 6, at_once=2)
     # s1 and r1 start; r1's place goes to s2, and then no place is free for r2 before the deadline
     assert results == {"s1": {"late": True}, "r1": results["r1"], "s2": {"late": True}, "r2": {"late": True}}
@@ -121,7 +119,7 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
 
 
 def test_a_job_that_hangs_while_timed_is_an_error_row_within_the_timing_budget():
-    jobs = {"r1": ("ready", None), "stuck": ("hangs", None), "r2": ("ready", None)}
+    jobs = {"r1": ("ready",), "stuck": ("hangs",), "r2": ("ready",)}
     t0 = time.monotonic()
     results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 20, timing_s=3)
     assert "span" in results["r1"]
