@@ -71,6 +71,7 @@ EOF
     exit 2
 fi
 echo "bench/gpu.sh on $gpu"
+if [ -n "$LOG_DIR" ]; then mkdir -p "$LOG_DIR"; fi
 status=0
 start=$SECONDS
 

@@ -101,12 +101,12 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "PRECISIONS": "fp32",
            "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_IMAGES": "24", "STEPS": "2",
            "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
-           "LOG_DIR": str(tmp_path)}
+           "LOG_DIR": str(tmp_path / "logs")}  # made if missing
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     train = [line for line in out.stdout.splitlines() if line.startswith("| bf16, official, 32 px")]
     assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
-    assert (tmp_path / "train-bf16.log").is_file()
+    assert (tmp_path / "logs" / "train-bf16.log").is_file()
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")]
     layouts, table = rows[:5], rows[5:]  # the layouts' five fp32 rows, then the table's
     assert [r.split("|")[5].strip() for r in layouts] == ["fused"] * 4 + ["plain"]
