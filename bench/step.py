@@ -601,13 +601,19 @@ def _case_line(case, r) -> str:
             + (f"{r['s'] * 1e3:.1f} ms/iter" if "s" in r else r.get("error") or r["skipped"]))
 
 
+def over_budget(args, t_start) -> dict | None:
+    """The row of a case not started because --budget-s has passed since `t_start`, else None."""
+    spent = time.perf_counter() - t_start
+    if args.budget_s and spent > args.budget_s:
+        return {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
+    return None
+
+
 def run_here(args, dev, bases, case, t_start) -> dict:
     """One case in this process, unless --budget-s has passed since `t_start`."""
     size, precision, compiled = case
-    spent = time.perf_counter() - t_start
-    if args.budget_s and spent > args.budget_s:
-        r = {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
-    else:
+    r = over_budget(args, t_start)
+    if r is None:
         try:
             r = gpu_case(bases[size], dev, size, args.batch, precision, compiled, args.repeats, args.warmup,
                          backend=args.compile_backend)
@@ -624,10 +630,12 @@ def run_compiled_side_by_side(args, bases, cases, t_start) -> dict:
     in its own process (much of a compilation is one core's Python), the first precision named
     first, until --budget-s has passed since `t_start`; then the ready ones are timed one after
     another, each alone."""
+    skipped = over_budget(args, t_start)
+    if skipped:
+        for case in cases:
+            print(_case_line(case, skipped), flush=True)
+        return dict.fromkeys(cases, skipped)
     spent = time.perf_counter() - t_start
-    if args.budget_s and spent > args.budget_s:
-        return {case: {"skipped": f"not run: {spent:.0f} s spent, over --budget-s {args.budget_s:.0f}"}
-                for case in cases}
     at_once = min(len(cases), args.compile_procs or len(cases))
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the eager cases' cached blocks, for the compiling processes
