@@ -69,17 +69,12 @@ def print_summary(s: dict) -> None:
 
 
 def registry_lines(reg: dict) -> list[str]:
-    uri, name = reg.get("tracking_uri", ""), reg.get("name")
-    alias = "champion" if "champion" in reg.get("aliases", []) else "candidate"
-    return ["", f"registered model {name} version {reg.get('version')} "
-                f"(aliases: {', '.join(reg.get('aliases', []))}) in {uri}",
+    from launch.release.registry import pull_lines
+
+    uri, name, aliases = reg.get("tracking_uri", ""), reg.get("name"), reg.get("aliases", [])
+    return ["", f"registered model {name} version {reg.get('version')} (aliases: {', '.join(aliases)}) in {uri}",
             f"champion gate: {'passed' if reg.get('promoted') else 'not passed'} ({reg.get('reason')})",
-            "pull it:",
-            f"  MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; "
-            f"m = mlflow.pyfunc.load_model('models:/{name}@{alias}'); "
-            f"print(m.predict(images_uint8_nhwc, params={{'direction': 'a2b'}}))\"",
-            f"  MLFLOW_TRACKING_URI={uri} python -m launch.release.translate --model models:/{name}@{alias} "
-            f"--direction a2b --in DIR --out DIR"]
+            "pull it:", *pull_lines(uri, name, aliases)]
 
 
 def close_ranks() -> None:

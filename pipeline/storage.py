@@ -92,6 +92,8 @@ def redact(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if len(parts.scheme) <= 1:
         return url  # a local path
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url  # nothing to remove; rebuilding would turn sqlite:////abs into sqlite://abs
     host = parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 

@@ -19,7 +19,7 @@ from PIL import Image
 from launch.release import baselines
 from launch.release.export import translate_uint8
 from launch.runstore.artifacts import save_translator
-from launch.release.registry import describe, download_version, register_run
+from launch.release.registry import describe, download_version, pull_lines, register_run
 from launch.runstore.store import embedded_uri
 from launch.runstore.tracking import Tracker
 from model.unit import UNIT
@@ -129,6 +129,23 @@ def test_embedded_sqlite_register_and_load(tmp_path, split, monkeypatch):
                           "--truth-b", str(split["b"])]) == 0
     hist = c.get_metric_history(res["run_id"], "test/pixel_acc_a2b")
     assert len(hist) == 2 and all(m.value == 1.0 for m in hist)
+
+    # The "pull it" command the end of a run prints runs as pasted, from another directory.
+    (cmd,) = [line for line in describe(res).splitlines() if "python -c" in line]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI")
+    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(1, 32, 32, 3)"
+
+
+def test_pull_lines_name_the_alias_and_never_a_password():
+    lines = pull_lines("https://me:hunter2@mlflow.example.org/?token=abc", "m", ["candidate"])
+    assert all("MLFLOW_TRACKING_URI=https://mlflow.example.org/ python" in line for line in lines)
+    assert all("models:/m@candidate" in line for line in lines) and "hunter2" not in "".join(lines)
+    assert "abc" not in "".join(lines)
+    assert "models:/m@champion" in pull_lines("sqlite:////x/mlflow.db", "m", ["candidate", "champion"])[0]
+    assert "MLFLOW_TRACKING_URI=sqlite:////x/mlflow.db python" in pull_lines("sqlite:////x/mlflow.db", "m", [])[1]
 
 
 def test_register_reads_the_export_once_and_takes_a_given_evaluation(tmp_path, split, monkeypatch):

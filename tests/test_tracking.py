@@ -190,19 +190,25 @@ def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_upload_keeps_the_buffer_while_the_server_is_away(tmp_path):
-    """A failed upload exits 1 and leaves the buffer as it was; a missing run dir exits 2."""
+def test_upload_keeps_the_buffer_while_the_server_is_away(tmp_path, caplog, capsys):
+    """A failed upload exits 1 and leaves the buffer as it was; a missing run dir exits 2. The
+    tracking URI carries a password: the warnings and errors name the server without it (MLflow's
+    own error text quotes the whole request URL)."""
     from conftest import free_port
 
-    run_dir, dead = tmp_path / "run", f"http://127.0.0.1:{free_port()}"
+    run_dir, dead = tmp_path / "run", f"http://me:hunter2@127.0.0.1:{free_port()}"
     t = Tracker(uri=dead, system_metrics=False)
-    t.start(run_dir)
-    t.log_metrics({"loss": 1.0}, 1)
-    assert t.end(timeout=0) is False
-    before = (run_dir / BUFFER_NAME).read_text()
-    assert tracking.main(["upload", "--run-dir", str(run_dir), "--tracking-uri", dead]) == 1
+    with caplog.at_level(logging.DEBUG):
+        t.start(run_dir)
+        t.log_metrics({"loss": 1.0}, 1)
+        assert t.end(timeout=0) is False
+        before = (run_dir / BUFFER_NAME).read_text()
+        assert tracking.main(["upload", "--run-dir", str(run_dir), "--tracking-uri", dead]) == 1
     assert (run_dir / BUFFER_NAME).read_text() == before
     assert tracking.main(["upload", "--run-dir", str(tmp_path / "nope")]) == 2
+    out = capsys.readouterr()
+    assert "is unreachable" in caplog.text and "127.0.0.1" in caplog.text and "upload to MLflow failed" in out.err
+    assert "hunter2" not in caplog.text + out.out + out.err
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline import imageio
 from pipeline.imageio import image_files
+from pipeline.storage import redact
 
 THRESHOLD = 16
 GATE_METRIC = "test/pixel_acc_a2b"
@@ -284,7 +285,7 @@ def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
         with fluent_uri(uri):
             return mlflow.pyfunc.load_model(spec), info
     except (MlflowException, OSError) as e:
-        raise ModelNotFound(f"--model {spec}: cannot be loaded from {_shown(uri)} "
+        raise ModelNotFound(f"--model {spec}: cannot be loaded from {redact(uri)} "
                             f"({type(e).__name__}: {_one_line(e)})") from None
 
 
@@ -307,13 +308,6 @@ def _load_export(spec: str, device: str):
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
     return " ".join(str(e).split())[:limit]
-
-
-def _shown(uri: str) -> str:
-    """A tracking URI fit to print: without user:password@ or a query (pipeline.storage.redact)."""
-    from pipeline.storage import redact
-
-    return redact(uri) if "@" in uri or "?" in uri else uri
 
 
 def _tracking_uri(spec: str, given: str | None) -> str:
@@ -349,7 +343,7 @@ def _ask(spec: str, client, call, *args):
         why = _one_line(e)
     except Exception as e:  # noqa: BLE001 - connection errors of the HTTP stack, database errors
         why = f"{type(e).__name__}: {_one_line(e)}"
-    raise ModelNotFound(f"--model {spec}: cannot ask the tracking server {_shown(client.tracking_uri)} ({why})")
+    raise ModelNotFound(f"--model {spec}: cannot ask the tracking server {redact(client.tracking_uri)} ({why})")
 
 
 def _existing(spec: str, client, name: str, rm) -> str:
@@ -385,7 +379,7 @@ def resolve_model_version(spec: str, client) -> dict:
     rm = _ask(spec, client, "get_registered_model", name)
     if rm is None:
         names = [m.name for m in _ask(spec, client, "search_registered_models", None, 50) or []]
-        raise ModelNotFound(f"--model {spec}: no registered model {name!r} at {_shown(client.tracking_uri)}; "
+        raise ModelNotFound(f"--model {spec}: no registered model {name!r} at {redact(client.tracking_uri)}; "
                             f"registered models there: {', '.join(sorted(names)) or 'none'}")
     if alias is not None:
         version = (rm.aliases or {}).get(alias)

@@ -15,6 +15,7 @@ from pathlib import Path
 from launch.config import Config
 from launch.release import baselines
 from launch.release.evaluate import EvalOptions, evaluate_export, flat_metrics
+from pipeline.storage import redact_text
 
 
 def eval_options(cfg: Config, stats) -> EvalOptions:
@@ -47,7 +48,7 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
         out["registry"] = register_run(run_dir, name=cfg.registry.name, **split, min_accuracy=cfg.registry.min_accuracy,
                                        image_size=cfg.data.scale(), export_dir=export_dir, evaluation=res)
     except Exception as e:  # the weights are exported; registering again is one command
-        print(f"warning: registering the model failed ({type(e).__name__}: {e}); retry with "
+        print(f"warning: registering the model failed ({type(e).__name__}: {redact_text(str(e))}); retry with "
               f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)
     return out
 
@@ -57,4 +58,5 @@ def log_run_metrics(run_dir: Path, metrics: dict) -> None:
     try:
         log(run_dir, metrics)
     except Exception as e:  # the evaluation is printed and returned; the run only misses its copy
-        print(f"warning: logging the evaluation to MLflow failed ({type(e).__name__}: {e})", flush=True)
+        print(f"warning: logging the evaluation to MLflow failed ({type(e).__name__}: {redact_text(str(e))})",
+              flush=True)

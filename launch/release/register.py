@@ -14,6 +14,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from pipeline.storage import redact_text
+
 
 def run_config(run_dir: Path):
     """The run's validated config (launch.config.Config), or None when RUN_DIR has no config.yaml."""
@@ -66,10 +68,11 @@ def main(argv=None) -> int:
                                image_size=a.size or (cfg.data.scale() if cfg else None),
                                tracking_uri=a.tracking_uri, export_dir=a.export_dir)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
-        print(f"error: registering failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})", file=sys.stderr)
+        print(f"error: registering failed ({type(e).__name__}: {redact_text(str(e).splitlines()[0])[:300]})",
+              file=sys.stderr)
         return 1
     print(dumps(res) if a.json else describe(res))
     return 0

@@ -38,6 +38,7 @@ from launch.runstore.artifacts import EXPORT_FILES
 from launch.runstore.records import metrics_record, send
 from launch.runstore.store import fluent_uri, make_client, open_run, run_tracking
 from pipeline import imageio
+from pipeline.storage import redact
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "translator"
@@ -333,7 +334,7 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
         client.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
-            "tracking_uri": uri, "aliases": aliases, "promoted": promoted, "reason": reason,
+            "tracking_uri": redact(uri), "aliases": aliases, "promoted": promoted, "reason": reason,
             "metrics": metrics, "gate_metric": key, "champion_before": champion_before, "evaluation": res}
 
 
@@ -409,13 +410,20 @@ def describe(res: dict) -> str:
              f"({res['reason']})"]
     if res.get("evaluation"):
         lines.append(ev.format_table(res["evaluation"]))
-    alias = CHAMPION if res["promoted"] else CANDIDATE
-    lines.append(f"pull it: MLFLOW_TRACKING_URI={res['tracking_uri']} python -c \"import mlflow; "
-                 f"m = mlflow.pyfunc.load_model('models:/{res['name']}@{alias}'); "
-                 f"print(m.predict(images_uint8_nhwc, params={{'direction': 'a2b'}}).shape)\"")
-    lines.append(f"or: MLFLOW_TRACKING_URI={res['tracking_uri']} python -m launch.release.translate "
-                 f"--model models:/{res['name']}@{alias} --direction a2b --in DIR --out DIR")
-    return "\n".join(lines)
+    return "\n".join([*lines, "pull it:", *pull_lines(res["tracking_uri"], res["name"], res["aliases"])])
+
+
+def pull_lines(tracking_uri: str, name: str, aliases: list[str]) -> list[str]:
+    """Two commands to paste as they are: the pyfunc model translating a blank 32x32 image (it
+    prints the output's shape), and the translate CLI on a folder. The URI is shown without
+    user:password@ (credentials stay in the consumer's environment: MLFLOW_TRACKING_USERNAME/PASSWORD
+    or MLFLOW_TRACKING_TOKEN)."""
+    uri, alias = redact(tracking_uri), CHAMPION if CHAMPION in aliases else CANDIDATE
+    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/{name}@{alias}'); "
+            "print(m.predict(np.zeros((1, 32, 32, 3), np.uint8), params={'direction': 'a2b'}).shape)")
+    return [f"  MLFLOW_TRACKING_URI={uri} python -c \"{code}\"",
+            f"  MLFLOW_TRACKING_URI={uri} python -m launch.release.translate --model models:/{name}@{alias} "
+            "--direction a2b --in DIR --out DIR"]
 
 
 def dumps(res: dict) -> str:

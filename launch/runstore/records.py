@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import write_text
+from pipeline.storage import redact_text
 from launch.runstore.store import is_transient
 
 log = logging.getLogger(__name__)
@@ -154,4 +155,6 @@ def send_group(client, run_id: str, group: list[dict]) -> None:
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    """The first line of an error, fit for a log: MLflow's HTTP errors quote the request's URL, and
+    with it the user:password@ of a tracking URI that carries them, so every URL is redacted."""
+    return redact_text((str(exc).splitlines() or [type(exc).__name__])[0])[:300]

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from pipeline.atomic import write_json
+from pipeline.storage import redact, redact_text
 from launch.runstore.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
         except MlflowException as e:
             if is_transient(e):
                 raise
-            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, uri, e)
+            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri), redact_text(str(e)))
             run_id = None
     if not run_id:
         exp = client.get_experiment_by_name(experiment)

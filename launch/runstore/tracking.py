@@ -40,6 +40,7 @@ from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batc
                                      metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
 from launch.runstore.store import fluent_uri, is_transient, make_client, open_run, resolve_uri, run_tracking
 from pipeline.atomic import replacing
+from pipeline.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,6 @@ class Tracker:
             return []
         from launch.runstore.datasets import dataset_tags
         from pipeline.lineage import domain_dataset
-        from pipeline.storage import redact_text
 
         recs = []
         specs = {"a": shards_a if shards_a is not None else shards, "b": shards_b if shards_b is not None else shards}
@@ -167,7 +167,7 @@ class Tracker:
             try:
                 recs.append(domain_dataset(spec, domain))
             except Exception as e:  # noqa: BLE001 - the loader reads the shards; lineage is extra
-                log.warning("dataset lineage of domain %s not logged: %s", domain, redact_text(first_line(e)))
+                log.warning("dataset lineage of domain %s not logged: %s", domain, first_line(e))
         if recs:
             self._log({"op": "datasets", "datasets": recs})
             self.set_tags(dataset_tags(recs))
@@ -262,7 +262,7 @@ class Tracker:
         with self._lock:
             self._back = self._offline = False
             kept, self._kept = self._kept, []
-        log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", self.uri, len(kept))
+        log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", redact(self.uri), len(kept))
         if self._fluent_run:  # MLflow's sampler stops when the server does not answer: start it again
             self._stop_system_metrics("RUNNING")
         self._start_system_metrics()
@@ -342,7 +342,7 @@ class Tracker:
             self.warnings += 1
             log.warning("MLflow at %s is unreachable (%s); training goes on, records are kept in %s and sent "
                         "when it answers again (or: python -m launch.runstore.tracking upload --run-dir %s)",
-                        self.uri, first_line(exc), self.buffer_path, self.run_dir)
+                        redact(self.uri), first_line(exc), self.buffer_path, self.run_dir)
         self._next_try = time.monotonic() + RETRY_SECONDS
         self._save()
 
@@ -435,7 +435,7 @@ def main(argv=None) -> int:
               f"the buffer is kept, run the command again when the server answers", file=sys.stderr)
         return 1
     print(f"uploaded {res['sent']} of {res['records']} buffered record(s) to run {res['run_id']} "
-          f"at {res['tracking_uri']}" + (f"; {res['dropped']} refused by the server" if res["dropped"] else ""))
+          f"at {redact(res['tracking_uri'])}" + (f"; {res['dropped']} refused by the server" if res["dropped"] else ""))
     return 0
 
 
