@@ -63,6 +63,13 @@ def test_flatten_keeps_values_and_params_are_strings():
                                  "none": "null", "aug": "{}"}
     long = as_params({"x": "y" * (MAX_PARAM_LEN + 10)})["x"]
     assert len(long) == MAX_PARAM_LEN and long.endswith("...")
+    # credentials in URLs never become params; URLs without any stay exactly as given
+    cfg = {"tracking": {"uri": "https://me:hunter2@mlflow.example.org"},
+           "data": {"shards_a": ["https://h/a-0.tar?X-Amz-Signature=abc123", "s3://b/a-{0..3}.tar"],
+                    "shards_b": "sqlite:////abs/x.db"}}
+    assert as_params(cfg) == {"tracking.uri": "https://mlflow.example.org",
+                              "data.shards_a": '["https://h/a-0.tar", "s3://b/a-{0..3}.tar"]',
+                              "data.shards_b": "sqlite:////abs/x.db"}
 
 
 def exercise(tracker: Tracker, run_dir: Path, shards: Path) -> str:

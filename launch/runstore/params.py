@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.storage import redact_text
+
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
 
@@ -20,8 +22,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def param_value(v) -> str:
-    """A value as an MLflow param: strings as they are, anything else as JSON; cut to MAX_PARAM_LEN."""
-    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    """A value as an MLflow param: strings as they are, anything else as JSON; cut to MAX_PARAM_LEN.
+    URLs in it lose what may hold a credential (user:password@, a signed URL's query): a config's
+    tracking.uri or shard URLs are logged as params."""
+    s = redact_text(v if isinstance(v, str) else json.dumps(v, default=str))
     return s if len(s) <= MAX_PARAM_LEN else s[:MAX_PARAM_LEN - 3] + "..."
 
 
