@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline import imageio
 from pipeline.imageio import image_files
-from pipeline.storage import redact
+from pipeline.storage import redact, redact_text
 
 THRESHOLD = 16
 GATE_METRIC = "test/pixel_acc_a2b"
@@ -307,7 +307,8 @@ def _load_export(spec: str, device: str):
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
-    return " ".join(str(e).split())[:limit]
+    """An error on one line, its URLs redacted (MLflow's HTTP errors quote the request URL whole)."""
+    return redact_text(" ".join(str(e).split()))[:limit]
 
 
 def _tracking_uri(spec: str, given: str | None) -> str:
