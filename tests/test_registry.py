@@ -245,13 +245,16 @@ def check_gate_on_server(uri: str, name: str, tmp_path: Path, split: dict) -> di
     """Three registrations on the server: candidate only, champion, then worse than the champion
     (through the CLI). Returns the champion's registration."""
     shards = make_shards_meta(tmp_path / "shards")
-    bad = trained_run(tmp_path / "bad", 1, uri, shards, unit=near(0))   # beats identity, not seed 0
+    # "bad" is tracked through a URI with basic-auth credentials (the server ignores them): never shown
+    secret_uri = uri.replace("://", "://me:hunter2@", 1)
+    bad = trained_run(tmp_path / "bad", 1, secret_uri, shards, unit=near(0))   # beats identity, not seed 0
     good = trained_run(tmp_path / "good", 0, uri, shards)
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     # 1. Beats the (identity) baseline but is below the threshold: candidate only.
     r1 = register(bad, name, split, min_accuracy=0.99)
     assert r1["version"] == "1" and r1["aliases"] == ["candidate"] and not r1["promoted"]
+    assert r1["tracking_uri"] == uri and "hunter2" not in describe(r1)
     assert r1["reason"].startswith("min_accuracy rule") and "beats the identity baseline" in r1["reason"]
     assert c.get_model_version(name, "1").tags["gate"].startswith("failed: min_accuracy rule")
     with pytest.raises(Exception):
@@ -267,6 +270,7 @@ def check_gate_on_server(uri: str, name: str, tmp_path: Path, split: dict) -> di
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:1"))  # tracking.json wins
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hunter2" not in proc.stdout + proc.stderr
     r3 = json.loads(proc.stdout)
     assert r3["version"] == "3" and not r3["promoted"] and str(r3["champion_before"]["version"]) == "2"
     assert r3["reason"].startswith("champion rule")

@@ -149,10 +149,15 @@ def buffered(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_server_on_postgres(server_up, tmp_path):
+def test_server_on_postgres(server_up, tmp_path, capsys, caplog):
+    """The URI carries basic-auth credentials (this server ignores them): nothing printed or logged
+    shows them, MLflow's own "View run ... at: URL" line included."""
     run_dir, shards = tmp_path / "run", make_shards_meta(tmp_path / "shards")
-    run_id = exercise(Tracker(uri=server_up.uri), run_dir, shards)
+    with caplog.at_level(logging.DEBUG):
+        run_id = exercise(Tracker(uri=server_up.uri.replace("://", "://me:hunter2@", 1)), run_dir, shards)
     check_run(server_up.uri, run_id, shards)
+    out = capsys.readouterr()
+    assert "hunter2" not in out.out + out.err + caplog.text
 
 
 @pytest.mark.slow

@@ -58,7 +58,17 @@ def make_client(uri: str):
 
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    quiet_credentials(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def quiet_credentials(uri: str) -> None:
+    """When `uri` carries user:password@ (or a query), keep MLflow from printing "View run ... at: URL"
+    with it when a run ends (its public MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, for this process)."""
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    if redact(uri) != uri:
+        os.environ.setdefault(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name, "true")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -111,6 +121,7 @@ def fluent_uri(uri: str):
 
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved = {k: os.environ.get(k) for k in names}
+    quiet_credentials(uri)
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_REGISTRY_URI"] = uri
     try:
