@@ -93,7 +93,8 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
         except MlflowException as e:
             if is_transient(e):
                 raise
-            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri), redact_text(str(e)))
+            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri),
+                        redact_text(str(e)))
             run_id = None
     if not run_id:
         exp = client.get_experiment_by_name(experiment)
