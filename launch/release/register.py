@@ -14,6 +14,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+from launch.runstore.records import first_line
 from pipeline.storage import redact_text
 
 
@@ -71,8 +72,7 @@ def main(argv=None) -> int:
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
-        print(f"error: registering failed ({type(e).__name__}: {redact_text(str(e).splitlines()[0])[:300]})",
-              file=sys.stderr)
+        print(f"error: registering failed ({type(e).__name__}: {first_line(e)})", file=sys.stderr)
         return 1
     print(dumps(res) if a.json else describe(res))
     return 0
