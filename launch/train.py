@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.config import Config, ConfigError, check, load_config, load_ds_json  # noqa: E402
+from pipeline.storage import redact_uncaught  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -89,6 +90,7 @@ def close_ranks() -> None:
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     args = parse_args(argv)
     try:
         cfg, ds_json = resolve(args)  # before torch.distributed: a bad config never strands a rank

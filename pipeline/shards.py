@@ -64,7 +64,7 @@ from pipeline.index import INDEX_SCHEMES, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, 
 from pipeline.layout import DOMAINS, EXIT_FAIL, EXIT_LOCKED, EXIT_OK, EXIT_QUARANTINED, LockedError, ShardsError
 from pipeline.lock import writer_lock
 from pipeline.plan import MB, Settings
-from pipeline.storage import StorageError, scrub
+from pipeline.storage import StorageError, redact_uncaught, scrub
 from pipeline.shardrun import RunArgs, merge, run
 from pipeline.verify import verify
 
@@ -155,6 +155,7 @@ def _merge(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["write", *argv]  # writing is the default: every command line from before subcommands

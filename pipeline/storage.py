@@ -11,6 +11,7 @@ network may fail transiently, and keeps credentials out of every message.
     redact(url)                 the URL without user:password@, query string or fragment
     scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
     redact_text(text)           an error message with every URL in it redacted
+    redact_uncaught()           the same for this process's log records and its uncaught traceback
 
 Credentials come from each backend's standard places (for S3: AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE, AWS_ENDPOINT_URL for an S3-compatible
@@ -18,10 +19,13 @@ store; for GCS: GOOGLE_APPLICATION_CREDENTIALS); nothing here reads, logs or rec
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
+import sys
 import time
+import traceback
 import urllib.parse
 from typing import Callable, TypeVar
 
@@ -105,6 +109,33 @@ def redact_text(text: str) -> str:
     """`text` (a backend's error message) with every URL in it redacted: HTTP clients name the
     URL they failed on, query string (a signed URL's signature) and user:password@ included."""
     return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+def redact_uncaught() -> None:
+    """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours) and
+    in the traceback of an exception nobody caught. The CLIs catch the errors they expect and
+    redact those; this is for the rest, whose messages (an MLflow request's URL) may carry a
+    password. Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "redacting", False):
+        def make_record(*args, **kwargs):
+            record = factory(*args, **kwargs)
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a bad format string is the handler's to report, not ours
+                return record
+            if "://" in message:  # format once, here, so the arguments are redacted too
+                record.msg, record.args = redact_text(message), None
+            return record
+
+        make_record.redacting = True
+        logging.setLogRecordFactory(make_record)
+    sys.excepthook = _redacted_excepthook
+
+
+def _redacted_excepthook(exc_type, exc, tb) -> None:
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
+    sys.stderr.flush()
 
 
 def scrub(text: str, url: str) -> str:

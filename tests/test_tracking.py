@@ -223,6 +223,31 @@ def test_upload_keeps_the_buffer_while_the_server_is_away(tmp_path, caplog, caps
     assert "hunter2" not in caplog.text + out.out + out.err
 
 
+CLIS = ["launch.train", "launch.runstore.tracking", "launch.release.register", "launch.release.evaluate",
+        "launch.release.translate", "pipeline.shards"]
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_unexpected_errors_and_log_lines_keep_passwords_out(module):
+    """An error no branch of a CLI expects (here from its argument parsing), and a log line of any
+    logger, quoting a URL with user:password@ and a signed query: the traceback and the line name
+    the server and the exception without either secret."""
+    script = f"""
+import argparse, logging, sys
+import {module} as cli
+def boom(*args, **kwargs):
+    logging.getLogger("mlflow.store").warning("retrying %s", "https://me:hunter2@h.example:5000/api?sig=s3cr3t")
+    raise RuntimeError("API request to http://me:hunter2@h.example:5000/api/2.0/x failed")
+argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = boom
+sys.exit(cli.main(["--help"]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "RuntimeError: API request to http://h.example:5000/api/2.0/x failed" in r.stderr
+    assert "retrying https://h.example:5000/api" in r.stderr and "Traceback" in r.stderr
+    assert "hunter2" not in r.stdout + r.stderr and "s3cr3t" not in r.stdout + r.stderr
+
+
 @pytest.mark.slow
 def test_server_down_at_start_comes_back(server_up, tmp_path, caplog):
     """The same tracker opens the run once the server answers, and sends what it kept."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline import imageio
 from pipeline.imageio import image_files
-from pipeline.storage import redact, redact_text
+from pipeline.storage import redact, redact_text, redact_uncaught
 
 THRESHOLD = 16
 GATE_METRIC = "test/pixel_acc_a2b"
@@ -419,6 +419,7 @@ def baseline_stats(args, model_spec: str, tracking_uri: str | None = None):
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     p = argparse.ArgumentParser(prog="python -m launch.release.evaluate",
                                 description="Pixel accuracy (threshold 16), MAE, C2ST and (with a feature extractor) "
                                             "FID/KID of a translator on paired test folders, beside the trivial "

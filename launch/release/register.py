@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from launch.runstore.records import first_line
-from pipeline.storage import redact_text
+from pipeline.storage import redact_text, redact_uncaught
 
 
 def run_config(run_dir: Path):
@@ -28,6 +28,7 @@ def run_config(run_dir: Path):
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     p = argparse.ArgumentParser(prog="python -m launch.release.register", description=__doc__.split("\n\n")[1])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--name", default=None, help="registered model name (default: config registry.name or unit-translator)")

@@ -41,6 +41,7 @@ import numpy as np
 
 from pipeline.atomic import replacing, write_json
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageRejected, is_image_file, read_rgb
+from pipeline.storage import redact_uncaught
 
 EXIT_SKIPPED = 3
 EXTS = ("jpg", "png", "webp")  # what --ext may name (the formats a shard may hold)
@@ -363,6 +364,7 @@ def load(a):
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     a = parse_args(argv)
     from launch.release import corpus
     from launch.release.evaluate import quick_http_failures

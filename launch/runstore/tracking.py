@@ -40,7 +40,7 @@ from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batc
                                      metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
 from launch.runstore.store import fluent_uri, is_transient, make_client, open_run, resolve_uri, run_tracking
 from pipeline.atomic import replacing
-from pipeline.storage import redact
+from pipeline.storage import redact, redact_uncaught
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +419,7 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
 
 
 def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
     p = argparse.ArgumentParser(prog="python -m launch.runstore.tracking", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("upload", help="send the records a run could not send (RUN_DIR/mlflow-buffer.jsonl)")
