@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 import urllib.parse
+import warnings
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -112,8 +113,8 @@ def redact_text(text: str) -> str:
 
 
 def redact_uncaught() -> None:
-    """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours) and
-    in the traceback of an exception nobody caught. The CLIs catch the errors they expect and
+    """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours), in
+    its printed warnings and in the traceback of an exception nobody caught. The CLIs catch the errors they expect and
     redact those; this is for the rest, whose messages (an MLflow request's URL) may carry a
     password. Idempotent."""
     factory = logging.getLogRecordFactory()
@@ -130,6 +131,13 @@ def redact_uncaught() -> None:
 
         make_record.redacting = True
         logging.setLogRecordFactory(make_record)
+    show = warnings.showwarning
+    if not getattr(show, "redacting", False):
+        def show_redacted(message, category, filename, lineno, file=None, line=None):
+            show(redact_text(str(message)), category, filename, lineno, file, line)
+
+        show_redacted.redacting = True
+        warnings.showwarning = show_redacted
     sys.excepthook = _redacted_excepthook
 
 
