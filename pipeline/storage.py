@@ -11,7 +11,8 @@ network may fail transiently, and keeps credentials out of every message.
     redact(url)                 the URL without user:password@, query string or fragment
     scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
     redact_text(text)           an error message with every URL in it redacted
-    redact_uncaught()           the same for this process's log records and its uncaught traceback
+    redact_uncaught()           the same for this process's log records (tracebacks included), printed
+                                warnings and uncaught traceback
 
 Credentials come from each backend's standard places (for S3: AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE, AWS_ENDPOINT_URL for an S3-compatible
@@ -113,8 +114,9 @@ def redact_text(text: str) -> str:
 
 
 def redact_uncaught() -> None:
-    """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours), in
-    its printed warnings and in the traceback of an exception nobody caught. The CLIs catch the
+    """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours; the
+    traceback of log.exception too), in its printed warnings and in the traceback of an exception
+    nobody caught. The CLIs catch the
     errors they expect and redact those; this is for the rest, whose messages (an MLflow request's
     URL) may carry a password. Idempotent."""
     factory = logging.getLogRecordFactory()
@@ -127,6 +129,8 @@ def redact_uncaught() -> None:
                 return record
             if "://" in message:  # format once, here, so the arguments are redacted too
                 record.msg, record.args = redact_text(message), None
+            if record.exc_info and record.exc_info[0] is not None:  # log.exception(...): handlers print exc_text
+                record.exc_text = _redacted_traceback(*record.exc_info).rstrip("\n")
             return record
 
         make_record.redacting = True
@@ -141,8 +145,12 @@ def redact_uncaught() -> None:
     sys.excepthook = _redacted_excepthook
 
 
+def _redacted_traceback(exc_type, exc, tb) -> str:
+    return redact_text("".join(traceback.format_exception(exc_type, exc, tb)))
+
+
 def _redacted_excepthook(exc_type, exc, tb) -> None:
-    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
+    sys.stderr.write(_redacted_traceback(exc_type, exc, tb))
     sys.stderr.flush()
 
 

@@ -230,14 +230,18 @@ CLIS = ["launch.train", "launch.runstore.tracking", "launch.release.register", "
 @pytest.mark.parametrize("module", CLIS)
 def test_unexpected_errors_and_log_lines_keep_passwords_out(module):
     """An error no branch of a CLI expects (here from its argument parsing), a log line of any
-    logger and a warning, quoting a URL with user:password@ and a signed query: the traceback and
-    the lines name the server and the exception without either secret."""
+    logger, a logged traceback and a warning, quoting a URL with user:password@ and a signed query:
+    the tracebacks and the lines name the server and the exception without either secret."""
     script = f"""
 import argparse, logging, sys, warnings
 import {module} as cli
 def boom(*args, **kwargs):
     logging.getLogger("mlflow.store").warning("retrying %s", "https://me:hunter2@h.example:5000/api?sig=s3cr3t")
     warnings.warn("slow answer from http://me:hunter2@h.example:5000/api")
+    try:
+        raise ConnectionError("reset by http://me:hunter2@h.example:5000/api")
+    except ConnectionError:
+        logging.getLogger("urllib3").exception("request failed")
     raise RuntimeError("API request to http://me:hunter2@h.example:5000/api/2.0/x failed")
 argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = boom
 sys.exit(cli.main(["--help"]))
@@ -247,6 +251,7 @@ sys.exit(cli.main(["--help"]))
     assert "RuntimeError: API request to http://h.example:5000/api/2.0/x failed" in r.stderr
     assert "retrying https://h.example:5000/api" in r.stderr and "Traceback" in r.stderr
     assert "UserWarning: slow answer from http://h.example:5000/api" in r.stderr
+    assert "ConnectionError: reset by http://h.example:5000/api" in r.stderr
     assert "hunter2" not in r.stdout + r.stderr and "s3cr3t" not in r.stdout + r.stderr
 
 
