@@ -30,23 +30,27 @@ def test_cases_past_the_budget_are_rows_that_say_so_and_do_not_fail_the_run():
     assert "2 of 2 cases not run" in out.stdout
 
 
-def test_every_case_is_a_measured_row_then_the_profile_and_the_layouts():
-    out, rows = matrix("--profile", "--layouts")
+def test_every_case_is_a_measured_row():
+    out, rows = matrix()
     assert out.returncode == 0, out.stderr
-    layouts, table = rows[:10], rows[10:]  # the profile and the layouts come before the table
-    assert [r.split("|")[2].strip() for r in table] == ["fp32", "bf16"]
-    assert all(r.rstrip().endswith("| yes |") for r in table), rows  # losses finite
-    assert "Where one eager iteration goes (16 px, bf16, fused upsampling" in out.stdout and "a CPU dry run" in out.stdout
-    assert "| aten::convolution_backward |" in out.stdout  # the top operations, by time
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "bf16"]
+    assert all(r.rstrip().endswith("| yes |") for r in rows), rows  # losses finite
+
+
+def check_profile_and_layouts(stdout: str) -> None:
+    """--profile and --layouts, as bench/gpu.sh runs them: where an eager bf16 iteration goes,
+    then per precision 2 layouts x 2 cudnn settings and the plain upsampling."""
+    assert "Where one eager iteration goes (16 px, bf16, fused upsampling" in stdout and "a CPU dry run" in stdout
+    assert "| aten::convolution_backward |" in stdout  # the top operations, by time
     # the plain upsampling block dispatches fewer operations than the fused one with its border fixes
     ops = {}
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("Where one eager iteration goes"):
             ops[line.split(", ")[2].split(";")[0]] = int(re.search(r"(\d+) aten operations", line)[1])
     assert set(ops) == {"fused upsampling", "plain upsampling"} and ops["plain upsampling"] < ops["fused upsampling"]
-    # per precision: 2 layouts x 2 cudnn settings, and the plain upsampling; then the matrix's two rows
-    assert len(rows) == 10 + 2
-    assert [r.split("|")[5].strip() for r in layouts[:5]] == ["fused"] * 4 + ["plain"]
+    layouts = stdout.split("Eager layouts")[1].split("\n\n")[0].splitlines()[3:]
+    assert [r.split("|")[2].strip() for r in layouts] == ["bf16"] * 5 + ["fp32"] * 5, layouts
+    assert [r.split("|")[5].strip() for r in layouts] == (["fused"] * 4 + ["plain"]) * 2, layouts
 
 
 def worker(conn, how):
@@ -107,9 +111,8 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     train = [line for line in out.stdout.splitlines() if line.startswith("| bf16, official, 32 px")]
     assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
     assert (tmp_path / "logs" / "train-bf16.log").is_file()
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")]
-    layouts, table = rows[:5], rows[5:]  # the layouts' five fp32 rows, then the table's
-    assert [r.split("|")[5].strip() for r in layouts] == ["fused"] * 4 + ["plain"]
+    check_profile_and_layouts(out.stdout)
+    table = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")][5:]  # after the layouts
     assert [r.split("|")[3].strip() for r in table] == ["off", "on", "on, CUDA graphs"]
     assert all(r.rstrip().endswith("| yes |") for r in table), table  # measured, losses finite
     sweep = itertools.takewhile(lambda line: line.startswith("|"),
