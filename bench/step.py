@@ -28,6 +28,8 @@ of one iteration of ours goes (torch.profiler, self CPU time by kind of operatio
 
     .venv/bin/python bench/step.py [--preset official] [--size 64] [--dim 32] [--batch 8]
                                    [--threads 2] [--repeats 7] [--warmup 2] [--profile] [--steady-heap]
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python bench/step.py
+                                   # what an AVX2-only CPU runs, timed on an AVX-512 one
     .venv/bin/python bench/step.py --gpu-matrix [--sizes 128 256] [--batch 8] [--dim 64] [--budget-s 200]
 
 --gpu-matrix (bench/gpu.sh) runs ours on one CUDA GPU in fp32 / bf16 (autocast) / fp16 (autocast
@@ -230,8 +232,21 @@ def gpu_peak(name: str) -> float | None:
 REF, OURS, BF16 = "reference (official-style)", "ours (+ model/kernels.py rewrites)", "ours, bf16 autocast"
 
 
+# The instruction sets torch (ATen), oneDNN and MKL may use, capped by these variables: with all
+# three at AVX2, an AVX-512 machine times what an AVX2-only one runs (README "One UNIT iteration").
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> str:
+    """The instruction-set caps set in the environment, as 'NAME=value, ...', or ''."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
+
+
 def cpu_bf16() -> str | None:
-    """The CPU's native bf16 instructions (AMX-BF16, AVX512-BF16) as /proc/cpuinfo lists them, or None."""
+    """The CPU's native bf16 instructions (AMX-BF16, AVX512-BF16) as /proc/cpuinfo lists them, or None,
+    also when an instruction-set cap is set (capped, bf16 runs emulated, many times slower)."""
+    if isa_caps():
+        return None
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -286,7 +301,7 @@ def print_cpu_tables(args, times, ratios, flops, peak, rel, elapsed):
     ref, ours = REF, OURS
     print(f"\nUNIT iteration (G step + D step), preset {args.preset}, {args.size}x{args.size}, dim {args.dim}, "
           f"batch {args.batch}, CPU threads {args.threads}, {args.repeats} rounds after {args.warmup} warm-up, "
-          f"load average {_load()}, heap: {args.heap}")
+          f"load average {_load()}, heap: {args.heap}" + (f", capped: {isa_caps()}" if isa_caps() else ""))
     print("| loop | wall s/iter (median) | CPU s/iter (median) | wall / reference (median of rounds) "
           "| CPU / reference (median of rounds) |")
     print("| --- | --- | --- | --- | --- |")
@@ -400,7 +415,11 @@ def cpu_main(args) -> float:
         raise SystemExit("ours and the reference disagree; timings would not be comparable")
     peak = max(cpu_peak(), cpu_peak(), key=lambda p: p[0])
     bf16 = cpu_bf16()
-    print(f"bf16 row: {'yes, the CPU has ' + bf16 if bf16 else 'no (no AMX-BF16 or AVX512-BF16 on this CPU)'}")
+    if isa_caps():
+        print(f"instruction sets capped by {isa_caps()}: torch's CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}; no bf16 row")
+    else:
+        print(f"bf16 row: {'yes, the CPU has ' + bf16 if bf16 else 'no (no AMX-BF16 or AVX512-BF16 on this CPU)'}")
     loops = cpu_loops(base, bf16=bool(bf16))
     times = time_interleaved(loops, x_a, x_b, args.repeats, args.warmup)
     peak = max(peak, cpu_peak(), key=lambda p: p[0])
