@@ -29,11 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from model.unit import UNIT  # noqa: E402
 from pipeline.demo import BUILDING, LAND as LAND_CLASS, MAJOR_ROAD, MAP_COLOURS  # noqa: E402
+from pipeline.tensors import to_tensor  # noqa: E402
 from recipe import DEMO_MODEL, corpus, tensor  # noqa: E402
 
 
 def _colour(cls: int) -> torch.Tensor:
-    return torch.tensor(MAP_COLOURS[cls]).view(1, 3, 1, 1) / 127.5 - 1
+    """A map class's colour as a [1, 3, 1, 1] network input (pipeline.tensors' scale)."""
+    return to_tensor(np.array(MAP_COLOURS[cls], np.uint8).reshape(1, 1, 3))
 
 
 LAND, ROOF, ORANGE = _colour(LAND_CLASS), _colour(BUILDING), _colour(MAJOR_ROAD)
