@@ -116,9 +116,8 @@ def redact_text(text: str) -> str:
 def redact_uncaught() -> None:
     """Redact every URL in this process's log records (any logger's: MLflow's, urllib3's, ours; the
     traceback of log.exception too), in its printed warnings and in the traceback of an exception
-    nobody caught. The CLIs catch the
-    errors they expect and redact those; this is for the rest, whose messages (an MLflow request's
-    URL) may carry a password. Idempotent."""
+    nobody caught. The CLIs catch the errors they expect and redact those; this is for the rest,
+    whose messages (an MLflow request's URL) may carry a password. Idempotent."""
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "redacting", False):
         def make_record(*args, **kwargs):
