@@ -12,6 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import step  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+from side_by_side_worker import worker  # noqa: E402
 SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "off",
          "--repeats", "1", "--warmup", "0"]
 
@@ -53,47 +55,25 @@ def check_profile_and_layouts(stdout: str) -> None:
     assert [r.split("|")[5].strip() for r in layouts] == (["fused"] * 4 + ["plain"]) * 2, layouts
 
 
-def worker(conn, how):
-    """run_side_by_side's target in the test: 'ready' times itself by sleeping, 'slow' is never
-    ready in time, 'dies' ends without a word, 'fails' reports an error, 'hangs' is ready but
-    never reports its timing."""
-    if how == "slow":
-        time.sleep(60)
-    if how == "hangs":
-        conn.send({"ready": 0.0})
-        conn.recv()
-        time.sleep(60)
-    if how == "dies":
-        os._exit(3)
-    if how == "fails":
-        conn.send({"error": "RuntimeError: no kernel"})
-        return
-    conn.send({"ready": 0.0})
-    conn.recv()
-    start = time.monotonic()
-    time.sleep(0.3)
-    conn.send({"span": (start, time.monotonic())})
-
-
 def test_side_by_side_times_ready_jobs_one_at_a_time_and_stops_the_late_one():
     t0 = time.monotonic()
     jobs = {"a": ("ready",), "late": ("slow",), "b": ("ready",), "dead": ("dies",),
             "bad": ("fails",), "c": ("ready",)}
-    # each job is a spawned process that imports this module (torch with it): seconds apiece when
-    # the machine is busy, so the deadline leaves room; the slow job sleeps far past it
-    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 25)
+    # each job is a spawned process that imports the worker's stdlib-only module: well under a
+    # second each even on a busy machine, so 10 s is room enough; the slow job sleeps far past it
+    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 10)
     assert list(results) == list(jobs)
     assert results["late"] == {"late": True}
     assert "exit code 3" in results["dead"]["error"]
     assert results["bad"] == {"error": "RuntimeError: no kernel"}
     spans = [results[j]["span"] for j in ("a", "b", "c")]
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans  # one at a time, in order
-    assert time.monotonic() - t0 < 50  # the late job was stopped at the deadline, not waited for
+    assert time.monotonic() - t0 < 30  # the late job was stopped at the deadline, not waited for
 
 
 def test_side_by_side_starts_at_most_at_once_jobs_and_the_rest_as_they_become_ready():
     jobs = {"s1": ("slow",), "r1": ("ready",), "s2": ("slow",), "r2": ("ready",)}
-    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 25, at_once=2)
+    results = step.run_side_by_side(jobs, worker, deadline=time.monotonic() + 10, at_once=2)
     # s1 and r1 start; r1's place goes to s2, and then no place is free for r2 before the deadline
     assert results == {"s1": {"late": True}, "r1": results["r1"], "s2": {"late": True}, "r2": {"late": True}}
     assert "span" in results["r1"]
