@@ -47,7 +47,7 @@ DEMO_TRAIN  ?= 2000
 DEMO_TEST   ?= 200
 DEMO_SIZE   ?= 32
 
-.PHONY: setup demo demo-data shards verify train test test-fast bench bench-gpu ablation mlflow-server mlflow-ui clean
+.PHONY: setup demo demo-data shards verify train test test-fast bench bench-gpu gpu-wheels ablation mlflow-server mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -102,6 +102,12 @@ bench: $(STAMP)
 # bf16 training run through the real launcher (bench/gpu.sh; exits 2 at once without a GPU)
 bench-gpu: $(STAMP)
 	PY=$(PY) bench/gpu.sh
+
+# Wheels for an offline GPU machine whose Python (GPU_PYTHON) has a CUDA torch and not the rest:
+# bench/gpu.sh there installs from .whl/ what that Python lacks (about 10 MB; .whl/ is git-ignored)
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_wheels.py download --out .whl --python-version $(GPU_PYTHON)
 
 # The paper's ablation on the demo corpus (about 30 min on 2 CPU cores; cached, resumable)
 ABLATION_ARGS ?=

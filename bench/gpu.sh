@@ -22,7 +22,8 @@
 #   COMPILES="off on graphs" PRECISIONS="bf16 fp32 fp16" END_S=555 LOG_DIR=logs bench/gpu.sh  # one lease
 #
 # Exit status: 0 all good; 1 a benchmark case failed or the training run did not reach a finite
-# loss; 2 no CUDA GPU (or no torch) here, said at once (DEVICE=cpu needs none).
+# loss; 2 no CUDA GPU (or no torch, or a package MODULES names) here, said at once (DEVICE=cpu
+# needs no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -47,8 +48,31 @@ DIM="${DIM:-}"   # the table's generator width (default: the preset's)
 REPEATS="${REPEATS:-20}"   # timed iterations per case (median), after WARMUP untimed ones
 WARMUP="${WARMUP:-3}"
 
+# WHEELS: a folder of wheels (make gpu-wheels, on a machine with an index) for an offline GPU
+# machine whose Python has a CUDA torch and not the rest. When an import of MODULES fails, the
+# folder's wheels whose projects PY lacks go into the work folder, on PYTHONPATH; what PY has
+# already (torch, numpy, ...) is left alone.
+WHEELS="${WHEELS:-.whl}"
+MODULES="${MODULES:-deepspeed pydantic albumentations webdataset yaml safetensors pyarrow cv2}"
+
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "bench/gpu.sh: no Python at $PY (run make setup, or set PY=...)" >&2
+    exit 2
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+imports="import ${MODULES// /, }"
+importable=yes
+missing=$("$PY" -c "$imports" 2>&1) || importable=no
+if [ "$importable" = no ] && [ -d "$WHEELS" ]; then
+    "$PY" bench/gpu_wheels.py install "$WHEELS" "$work/site" >/dev/null || exit 2
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    importable=yes
+    missing=$("$PY" -c "$imports" 2>&1) || importable=no
+fi
+if [ "$importable" = no ]; then
+    echo "bench/gpu.sh: $PY cannot import what the benchmark needs: $(echo "$missing" | tail -n 1)" >&2
+    echo "  (pip install -e . there; or, offline, make gpu-wheels where an index answers and bring $WHEELS/ along)" >&2
     exit 2
 fi
 if ! gpu=$("$PY" - "$DEVICE" 2>&1 <<'EOF'
@@ -76,8 +100,6 @@ status=0
 start=$SECONDS
 
 # ---------------------------------------------------------------- 1. training through the real launcher (first: the pass/fail check)
-work=$(mktemp -d "${TMPDIR:-/tmp}/bench-gpu.XXXXXX")
-trap 'rm -rf "$work"' EXIT
 echo
 echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset, $TRAIN_SIZE px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
 "$PY" -m pipeline.demo --out "$work/demo" --n-train "$TRAIN_IMAGES" --n-test 8 --size "$TRAIN_SIZE" --seed 0 >/dev/null
