@@ -67,22 +67,28 @@ def download_commands(python: str, out: Path, python_version: str, binary: list[
     return cmds
 
 
-def wheel_project(path: Path, python=sys.version_info) -> str:
-    """The normalised project name from a wheel's file name. A name that is not a wheel's, or a
-    compiled wheel for another CPython than this one, is an error naming the file."""
+def wheel_project(path: Path) -> str:
+    """The normalised project name from a wheel's file name; a name that is not a wheel's is an
+    error naming the file."""
     m = WHEEL_NAME.match(path.name)
     if not m:
         raise SystemExit(f"gpu_wheels: {path} is not named like a wheel (name-version-python-abi-platform.whl)")
-    tags = m["python"].split(".")
-    here = f"cp{python[0]}{python[1]}"
-    if all(t.startswith("cp") for t in tags) and here not in tags:
-        raise SystemExit(f"gpu_wheels: {path.name} is built for {m['python']}, this Python is {here} "
-                         f"(download again with --python-version {python[0]}.{python[1]})")
     return normalise(m["name"])
 
 
+def check_python(path: Path, python=sys.version_info) -> None:
+    """A compiled wheel for another CPython than this one is an error naming the file and the fix
+    (pip's own message would only say "not a supported wheel on this platform")."""
+    tags = WHEEL_NAME.match(path.name)["python"].split(".")
+    here = f"cp{python[0]}{python[1]}"
+    if all(t.startswith("cp") for t in tags) and here not in tags:
+        raise SystemExit(f"gpu_wheels: {path.name} is built for {'.'.join(tags)}, this Python is {here} "
+                         f"(download again with --python-version {python[0]}.{python[1]})")
+
+
 def to_install(folder: Path, installed=None) -> tuple[list[Path], list[str]]:
-    """The folder's wheels whose project this Python lacks, and the names of those it has."""
+    """The folder's wheels whose project this Python lacks (each checked to be for this Python),
+    and the names of those it has."""
     if installed is None:
         installed = {normalise(d.metadata["Name"]) for d in md.distributions() if d.metadata["Name"]}
     wheels = sorted(folder.glob("*.whl"))
@@ -94,6 +100,7 @@ def to_install(folder: Path, installed=None) -> tuple[list[Path], list[str]]:
         if name in installed:
             present.append(name)
         else:
+            check_python(w)
             todo.append(w)
     return todo, present
 
@@ -104,7 +111,9 @@ def download(args) -> int:
     env = {**os.environ, "DS_BUILD_OPS": "0", "DS_ACCELERATOR": "cuda"}
     for cmd in download_commands(sys.executable, out, args.python_version,
                                  pins([*PACKAGES, *args.also]), pins(SOURCE_ONLY)):
-        subprocess.run(cmd, check=True, env=env)
+        r = subprocess.run(cmd, env=env)
+        if r.returncode:
+            raise SystemExit(f"gpu_wheels: pip {cmd[3]} failed (exit {r.returncode}; its message is above)")
     wheels = sorted(out.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"{len(wheels)} wheels, {size:.1f} MiB, in {out} for CPython {args.python_version}: "

@@ -14,10 +14,12 @@ import gpu_wheels  # noqa: E402
 
 def test_wheel_names_are_read_and_compiled_wheels_for_another_python_refused(tmp_path):
     assert gpu_wheels.wheel_project(Path("typing_extensions-4.16.0-py3-none-any.whl")) == "typing-extensions"
-    assert gpu_wheels.wheel_project(Path("PyYAML-6.0.4-cp312-cp312-manylinux_2_28_x86_64.whl"),
-                                    python=(3, 12)) == "pyyaml"
-    with pytest.raises(SystemExit, match=r"built for cp312, this Python is cp311 .*--python-version 3.11"):
-        gpu_wheels.wheel_project(Path("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl"), python=(3, 11))
+    compiled = Path("PyYAML-6.0.4-cp312-cp312-manylinux_2_28_x86_64.whl")
+    assert gpu_wheels.wheel_project(compiled) == "pyyaml"
+    gpu_wheels.check_python(compiled, python=(3, 12))
+    gpu_wheels.check_python(Path("braceexpand-0.1.7-py2.py3-none-any.whl"), python=(3, 11))
+    with pytest.raises(SystemExit, match=r"PyYAML-6.0.4-cp312.* built for cp312, this Python is cp311 .*--python-version 3.11"):
+        gpu_wheels.check_python(compiled, python=(3, 11))
     with pytest.raises(SystemExit, match="notes.txt is not named like a wheel"):
         gpu_wheels.wheel_project(Path("notes.txt"))
 
@@ -26,9 +28,14 @@ def test_only_the_projects_this_python_lacks_are_installed(tmp_path):
     for name in ("typing_extensions-4.16.0-py3-none-any.whl", "hjson-3.1.0-py3-none-any.whl",
                  "braceexpand-0.1.7-py2.py3-none-any.whl"):
         (tmp_path / name).touch()
+    # A compiled wheel for another Python is fine where the project is installed (left alone) ...
+    (tmp_path / "numpy-2.4.6-cp39-cp39-manylinux_2_28_x86_64.whl").touch()
     todo, present = gpu_wheels.to_install(tmp_path, installed={"typing-extensions", "numpy"})
     assert [w.name for w in todo] == ["braceexpand-0.1.7-py2.py3-none-any.whl", "hjson-3.1.0-py3-none-any.whl"]
-    assert present == ["typing-extensions"]
+    assert present == ["numpy", "typing-extensions"]
+    # ... and refused where it would be installed.
+    with pytest.raises(SystemExit, match="numpy-2.4.6-cp39.*built for cp39"):
+        gpu_wheels.to_install(tmp_path, installed={"typing-extensions"})
     with pytest.raises(SystemExit, match="no wheels in"):
         gpu_wheels.to_install(tmp_path / "empty", installed=set())
 
