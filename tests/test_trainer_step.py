@@ -165,3 +165,19 @@ def test_lazy_r1_enters_the_d_step_on_every_kth_optimizer_step(corpus, tmp_path)
     rec2, rec4 = (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert (rec2["step"], rec4["step"]) == (2, 4)
     assert "d/r1_a" not in rec2 and rec4["d/r1_a"] > 0 and rec4["d/r1_b"] > 0
+
+
+def test_release_step_gets_every_core():
+    """After training, rank 0 evaluates with every core the process may use, not train.threads."""
+    import os
+
+    from launch.train import evaluation_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cores = evaluation_threads()
+        assert cores == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
