@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import kernels
-from model.networks import InstanceNorm, LayerNorm, Pad, UpConvBlock, set_fast_paths, set_fused_upsample
+from model.networks import ConvBlock, InstanceNorm, LayerNorm, Pad, UpConvBlock, set_fast_paths, set_fused_upsample
 from model.unit import UNIT, discriminator_loss, generator_loss
 
 torch.set_num_threads(1)
@@ -201,10 +201,43 @@ def fast_and_stock(**over) -> tuple[UNIT, UNIT]:
     return fast, stock
 
 
+def kink_signs(unit, x_a, x_b) -> list[torch.Tensor]:
+    """Which side of its kink every ReLU / leaky ReLU input (the blocks' outputs keep its sign) and
+    every L1 residual of the generator loss lies on, in one forward pass from seed 7."""
+    signs = []
+
+    def keep(module, inputs, out):
+        if isinstance(module.activ if isinstance(module, UpConvBlock) else module[3], (nn.ReLU, nn.LeakyReLU)):
+            signs.append(out.detach() > 0)
+
+    hooks = [m.register_forward_hook(keep) for m in unit.modules() if isinstance(m, (ConvBlock, UpConvBlock))]
+    try:
+        torch.manual_seed(7)  # with autograd on: the fast paths run only when it is
+        out = unit.gen(x_a, x_b)
+        unit.dis(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = (("x_aa", x_a), ("x_bb", x_b), ("x_aba", x_a), ("x_bab", x_b))
+    return signs + [out[k].detach() > x for k, x in pairs]
+
+
+def kink_free_batch(fast: UNIT, stock: UNIT, tries: int = 8):
+    """The first of a few random 32 px batches on which both models put every kink input on the same
+    side. A gradient is compared to rounding only away from kinks: an input within rounding of a ReLU's
+    zero (one in some 10^5 here) takes the whole upstream gradient on one side and none on the other,
+    and that one element moves every gradient upstream by about 1 % (seen on an AVX2 CPU)."""
+    for seed in range(4, 4 + 2 * tries, 2):
+        x_a, x_b = rand(2, 3, 32, 32, seed=seed).tanh(), rand(2, 3, 32, 32, seed=seed + 1).tanh()
+        if all(torch.equal(a, b) for a, b in zip(kink_signs(fast, x_a, x_b), kink_signs(stock, x_a, x_b))):
+            return x_a, x_b
+    raise AssertionError(f"no batch of {tries} put every kink on the same side for both models")
+
+
 def both_iterations(fast: UNIT, stock: UNIT):
     """One G + D iteration of each on the same 32 px batch: ((losses, grads) fast, (losses, grads) stock),
     the losses checked equal to 1e-5 relative."""
-    x_a, x_b = rand(2, 3, 32, 32, seed=4).tanh(), rand(2, 3, 32, 32, seed=5).tanh()
+    x_a, x_b = kink_free_batch(fast, stock)
     (lf, gf), (ls, gs) = one_iteration_grads(fast, x_a, x_b), one_iteration_grads(stock, x_a, x_b)
     for a, b in zip(lf, ls):
         assert a == pytest.approx(b, rel=1e-5)
@@ -214,7 +247,8 @@ def both_iterations(fast: UNIT, stock: UNIT):
 def test_a_whole_iteration_fast_matches_stock_layers():
     """The official preset (narrow) at 32 px: losses to 1e-5 relative; every gradient tensor to 1e-4
     of the largest gradient of its network (conv biases before an instance norm have true gradient 0:
-    what they get is rounding, so a per-tensor relative test would compare noise)."""
+    what they get is rounding, so a per-tensor relative test would compare noise), on a batch with no
+    kink input within rounding of its kink (kink_free_batch)."""
     fast, stock = fast_and_stock(image_size=32)
     (_, gf), (_, gs) = both_iterations(fast, stock)
     n_gen = len(list(fast.gen.parameters()))
