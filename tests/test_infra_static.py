@@ -563,13 +563,11 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_node_launcher_runs_two_nodes_for_real(tmp_path):
     """Two `node.sh` launchers (node ranks 0 and 1, one CPU rank each) rendezvous over 127.0.0.1."""
-    import socket
+    from trainutil import free_port
 
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), TRAIN_SCRIPT=str(script), CONFIG="c.yaml",
                TMPDIR=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

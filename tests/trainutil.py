@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -56,20 +57,38 @@ def write_config(path: Path, corpus: Path, run_dir: Path, *, tracking: dict | No
 
 
 _PORTS: set[int] = set()  # every port handed out in this session
+_RNG = random.Random()  # its own stream: tests seed the global one
 _SHM = Path("/dev/shm")
 _SHM_NAME = re.compile(r"^deepspeed_allreduce_buffer_\d+_.+_(\d+)_\d+$")  # ..._<uid>_<addr>_<port>_<rank>
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 and for outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A free port on 127.0.0.1, never one handed out before in this session (launches started
-    close together, as Background's, must not meet on a rendezvous port)."""
+    """A free port on 127.0.0.1 below the ephemeral range, never one handed out before in this
+    session (launches started close together, as Background's, must not meet on a rendezvous port).
+    Not a port bound to 0: that one comes from the range every outgoing connection draws from, and
+    between this check and the launcher's bind a client socket of another test (S3, MLflow) took
+    one once (EADDRINUSE at the rendezvous). Below the range only an explicit bind takes a port."""
+    top = ephemeral_ports()[0]
     while True:
+        port = _RNG.randrange(max(1024, top - 12000), top)
+        if port in _PORTS:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS:
-            _PORTS.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # someone's fixed port: try another
+                continue
+        _PORTS.add(port)
+        return port
 
 
 def remove_deepspeed_shm() -> list[Path]:
