@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.config import ConfigError, deepspeed_config, load_config, resolve_precision
+from launch.config import (ConfigError, cpu_native_bf16, deepspeed_config, load_config, precision_warning,
+                           resolve_precision)
 from launch.training import trainer as T
 from launch.training.engines import compile_networks, step_dtypes
 from model import losses
@@ -253,3 +254,16 @@ def test_bf16_deepspeed_engines_run_a_step_on_a_cpu_rank(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert np.isfinite(got["loss_g"]) and np.isfinite(got["loss_d"]) and got["loss_dtype"] == "torch.float32"
     assert got["weights"] == ["torch.float32"] and got["skipped"] == 0
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(tmp_path):
+    """Honoured (the CPU dry runs use it) but about 18x slower than fp32 there: the run says so."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    assert not cpu_native_bf16(info) and not cpu_native_bf16(tmp_path / "missing")
+    info.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_native_bf16(info)
+    assert "18x slower than fp32" in precision_warning("bf16", on_gpu=False, cpu_bf16=False)
+    for case in (("bf16", False, True), ("bf16", True, False), ("fp32", False, False), ("fp16", True, False)):
+        assert precision_warning(*case) is None, case
+

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from launch.config import (Config, ConfigError, config_hash, deepspeed_config, native_bf16, resolve_precision,
-                           resume_point)
+from launch.config import (Config, ConfigError, config_hash, cpu_native_bf16, deepspeed_config, native_bf16,
+                           precision_warning, resolve_precision, resume_point)
 from launch.runstore import rundir
 from launch.runstore.artifacts import read_discriminator, read_translator, save_translator
 from launch.runstore.models import ORIGIN_NAME, fetch_export
@@ -465,6 +465,9 @@ def run(tr: Trainer) -> dict:
     tr.say(f"training {cfg.train.max_steps - tr.state.step} steps on {tr.ranks.world} rank(s) ({tr.ranks.device_name}, "
            f"{tr.precision}{', compiled' if cfg.train.compile else ''}, ZeRO {tr.ds['zero_optimization']['stage']}), "
            f"batch {cfg.data.batch_size}x{tr.ranks.world}x{tr.eng_g.gradient_accumulation_steps()}, run dir {tr.run_dir}")
+    warning = precision_warning(tr.precision, tr.ranks.on_gpu, cpu_native_bf16())
+    if warning:
+        tr.say(warning)
     # From the first step on (start-up, with its JIT builds and rendezvous, is not watched) to the
     # final checkpoint.
     tr.watchdog.start()
