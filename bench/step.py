@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from launch.config import cpu_native_bf16  # noqa: E402
+from launch.config import cpu_bf16_flags  # noqa: E402
 from launch.training.engines import compile_networks  # noqa: E402
 from model.networks import set_fast_paths, set_fused_upsample  # noqa: E402
 from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa: E402
@@ -246,10 +246,9 @@ def isa_caps() -> str:
 def cpu_bf16() -> str | None:
     """The CPU's native bf16 instructions (AMX-BF16, AVX512-BF16) as /proc/cpuinfo lists them, or None,
     also when an instruction-set cap is set (capped, bf16 runs emulated, many times slower)."""
-    if isa_caps() or not cpu_native_bf16():
+    if isa_caps():
         return None
-    flags = Path("/proc/cpuinfo").read_text().split()
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+    return ", ".join(cpu_bf16_flags()) or None
 
 
 def step_bf16(unit, opt_g, opt_d, x_a, x_b):

@@ -475,13 +475,18 @@ def resolve_precision(requested: str, cuda: bool, bf16_ok: bool) -> str:
     return requested
 
 
-def cpu_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """A CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, as /proc/cpuinfo lists them)."""
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU's bf16 instructions (AMX-BF16, AVX512-BF16) that /proc/cpuinfo lists; none when unreadable."""
     try:
         flags = cpuinfo.read_text().split()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def cpu_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """A CPU with bf16 instructions (see cpu_bf16_flags)."""
+    return bool(cpu_bf16_flags(cpuinfo))
 
 
 def precision_warning(precision: str, on_gpu: bool, cpu_bf16: bool) -> str | None:

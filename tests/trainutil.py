@@ -62,13 +62,13 @@ _SHM = Path("/dev/shm")
 _SHM_NAME = re.compile(r"^deepspeed_allreduce_buffer_\d+_.+_(\d+)_\d+$")  # ..._<uid>_<addr>_<port>_<rank>
 
 
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for ports bound to 0 and for outgoing connections (Linux; its default elsewhere)."""
+def ephemeral_low() -> int:
+    """Where the kernel's range for ports bound to 0 and for outgoing connections starts (Linux; its
+    default elsewhere)."""
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
@@ -77,7 +77,7 @@ def free_port() -> int:
     Not a port bound to 0: that one comes from the range every outgoing connection draws from, and
     between this check and the launcher's bind a client socket of another test (S3, MLflow) took
     one once (EADDRINUSE at the rendezvous). Below the range only an explicit bind takes a port."""
-    top = ephemeral_ports()[0]
+    top = ephemeral_low()
     while True:
         port = _RNG.randrange(max(1024, top - 12000), top)
         if port in _PORTS:
