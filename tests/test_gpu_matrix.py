@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import step  # noqa: E402
+from launch.config import cpu_native_bf16  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from side_by_side_worker import worker  # noqa: E402
 SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "off",
@@ -94,7 +95,9 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     train = [line for line in out.stdout.splitlines() if line.startswith("| bf16, official, 32 px")]
     assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
-    assert (tmp_path / "logs" / "train-bf16.log").is_file()
+    log = (tmp_path / "logs" / "train-bf16.log").read_text()
+    # bf16 through the real launcher on CPU ranks: warned about exactly where the CPU lacks bf16 instructions
+    assert ("train.precision is bf16 on a CPU without bf16 instructions" in log) == (not cpu_native_bf16()), log[-2000:]
     check_profile_and_layouts(out.stdout)
     table = [line for line in out.stdout.splitlines() if line.startswith("| 16 | fp32 |")][5:]  # after the layouts
     assert [r.split("|")[3].strip() for r in table] == ["off", "on", "on, CUDA graphs"]
