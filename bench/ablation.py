@@ -28,7 +28,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ports import free_port  # noqa: E402  (bench/ is on the path: it runs as a script)
 
 PAPER = {"weight sharing only": (0.569, 0.029), "cycle only": (0.568, 0.010), "UNIT": (0.600, 0.015)}
 # name -> model overrides on top of configs/ablation.yaml (which is the UNIT configuration)
@@ -85,10 +86,6 @@ def sh(cmd, log: Path | None = None, env=None) -> None:
         raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_corpus(out: Path, n_train: int, n_test: int, size: int) -> dict:

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.layout import DOMAINS
 from pipeline.loader import UnpairedLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as bench/loader.py or -m bench.loader
+from ports import free_port  # noqa: E402
 
 
 def scene(rng: np.random.Generator, size: int) -> bytes:
@@ -170,10 +172,6 @@ def bench_folder(root: str, size: int, batch: int, seconds: float) -> float:
     return timed(step, seconds)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

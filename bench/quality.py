@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import atomic  # noqa: E402  (after the path: bench/ runs as a script)
+from ports import free_port  # noqa: E402
 
 GOALS = {"demo": "ours - strongest baseline >= 0.10 (a2b), > 0 (b2a); ours >= 2x reference",
          "shift": "ours a2b >= 0.60; ours >= 2x reference"}
@@ -239,11 +240,6 @@ def config_for(args, task: str) -> str:
     return args.config or str(ROOT / "configs" / ("photo.yaml" if task == "shift" else "demo.yaml"))
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_train(folder: Path):

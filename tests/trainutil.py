@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from ports import ephemeral_low, free_port, handed_out  # noqa: E402,F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -56,39 +57,8 @@ def write_config(path: Path, corpus: Path, run_dir: Path, *, tracking: dict | No
     return path
 
 
-_PORTS: set[int] = set()  # every port handed out in this session
-_RNG = random.Random()  # its own stream: tests seed the global one
 _SHM = Path("/dev/shm")
 _SHM_NAME = re.compile(r"^deepspeed_allreduce_buffer_\d+_.+_(\d+)_\d+$")  # ..._<uid>_<addr>_<port>_<rank>
-
-
-def ephemeral_low() -> int:
-    """Where the kernel's range for ports bound to 0 and for outgoing connections starts (Linux; its
-    default elsewhere)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 below the ephemeral range, never one handed out before in this
-    session (launches started close together, as Background's, must not meet on a rendezvous port).
-    Not a port bound to 0: that one comes from the range every outgoing connection draws from, and
-    between this check and the launcher's bind a client socket of another test (S3, MLflow) took
-    one once (EADDRINUSE at the rendezvous). Below the range only an explicit bind takes a port."""
-    top = ephemeral_low()
-    while True:
-        port = _RNG.randrange(max(1024, top - 12000), top)
-        if port in _PORTS:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:  # someone's fixed port: try another
-                continue
-        _PORTS.add(port)
-        return port
 
 
 def remove_deepspeed_shm() -> list[Path]:
@@ -97,7 +67,7 @@ def remove_deepspeed_shm() -> list[Path]:
     of memory) and nothing ever removes it, so a session would hold on to gigabytes. Only files
     named by a port handed out here (free_port) that no live process still maps."""
     found = [p for p in _SHM.glob("deepspeed_allreduce_buffer_*")
-             if (m := _SHM_NAME.match(p.name)) and int(m.group(1)) in _PORTS]
+             if (m := _SHM_NAME.match(p.name)) and int(m.group(1)) in handed_out()]
     if not found:
         return []
     mapped = set()
