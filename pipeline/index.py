@@ -189,6 +189,8 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
             first: dict[bytes, str] = {}  # stored sha256 -> key of the sample kept (memory: ~100 B/sample)
             for number in numbers.get(domain, []):
                 rec = _current_record(out, domain, number)
+                if dedupe and _lost_originals(rec, first):
+                    rec = _rebuild(out, dest, rec)
                 rec = _drop_duplicates(out, rec, first) if dedupe else rec
                 rows, qrows = _table_rows(domain, rec, first)
                 if rows:
@@ -215,8 +217,31 @@ def _current_record(out: str, domain: str, number: int) -> dict:
     if rec is None or "inputs" not in rec:
         raise ShardsError(f"shard {shard_name(domain, number)} is not complete (no record); "
                           f"re-run the command (or the part) that writes it")
-    return write_shard(out, domain, number, [tuple(i) for i in rec["inputs"]], rec["fingerprint"],
+    return _write_again(out, rec)
+
+
+def _write_again(out: str, rec: dict) -> dict:
+    """Shard `rec` written again from its inputs; its new record."""
+    return write_shard(out, rec["domain"], rec["number"], [tuple(i) for i in rec["inputs"]], rec["fingerprint"],
                        rec["limits"], progress=lambda d, n: None)
+
+
+def _lost_originals(rec: dict, first: dict[bytes, str]) -> bool:
+    """Whether a duplicate left out of this shard copies a sample that neither an earlier shard
+    (`first`) nor this one holds any more: that copy was edited, deleted or rejected since an
+    earlier finalize dropped the duplicate, or lies in another part's shard. The shard's record
+    still matches its unchanged inputs, so only rebuilding it brings the duplicate back."""
+    own = {s["sha256"] for s in rec["samples"]}
+    return any(d["sha256"] not in own and bytes.fromhex(d["sha256"]) not in first for d in rec["duplicates"])
+
+
+def _rebuild(out: str, dest: str, rec: dict) -> dict:
+    """Write a shard again from its inputs during finalize. An index that lists it (OUT's, from
+    an earlier run or merge, and `dest`'s) no longer holds once it changes: removed first, as
+    shardrun removes it before writing shards."""
+    for index in {storage.join(out, INDEX_NAME), storage.join(dest, INDEX_NAME)}:
+        storage.remove(index)
+    return _write_again(out, rec)
 
 
 def _drop_duplicates(out: str, rec: dict, first: dict[bytes, str]) -> dict:
@@ -233,10 +258,14 @@ def _drop_duplicates(out: str, rec: dict, first: dict[bytes, str]) -> dict:
 
 
 def _table_rows(domain: str, rec: dict, first: dict[bytes, str]) -> tuple[list[dict], list[dict]]:
-    """A shard's manifest rows and quarantine rows (its rejects, then its duplicates)."""
-    rows = [{c: s[c] for c in MANIFEST_COLUMNS if c in s} | {"domain": domain, "shard": rec["url"]}
+    """A shard's manifest rows and quarantine rows (its rejects, then its duplicates). Sources
+    and reasons are redacted here too: a record written before shardwriter redacted them may
+    still hold a signed URL."""
+    rows = [{c: s[c] for c in MANIFEST_COLUMNS if c in s} | {"domain": domain, "shard": rec["url"],
+                                                            "source": storage.redact(s["source"])}
             for s in rec["samples"]]
-    qrows = [{"source": r["source"], "domain": domain, "reason": r["reason"]} for r in rec["rejected"]]
-    qrows += [{"source": d["source"], "domain": domain,
+    qrows = [{"source": storage.redact(r["source"]), "domain": domain, "reason": storage.redact_text(r["reason"])}
+             for r in rec["rejected"]]
+    qrows += [{"source": storage.redact(d["source"]), "domain": domain,
                "reason": f"duplicate of {first[bytes.fromhex(d['sha256'])]}"} for d in rec["duplicates"]]
     return rows, qrows

@@ -91,7 +91,7 @@ def merge(out: str) -> tuple[int, str]:
 def _finished_parts(out: str) -> dict[str, int]:
     """Groups per domain of the job whose parts all finished with the same listing."""
     found = {}
-    for path in storage.glob(storage.join(out, PARTS_DIR, "*-of-*", INDEX_NAME)):
+    for path in storage.glob(out, PARTS_DIR, "*-of-*", INDEX_NAME):
         idx = json.loads(storage.read_bytes(path))
         found.setdefault(idx["parts"], {})[idx["part"]] = idx
     if not found:
@@ -224,7 +224,7 @@ def _remove_stale(out: str, counts: dict[str, int]) -> None:
     for domain in DOMAINS:
         for pattern, sub in ((f"{domain}-*.tar", (domain,)), (f"{domain}-*.json", (RECORDS_DIR, domain))):
             folder = storage.join(out, *sub)
-            for path in storage.glob(storage.join(folder, pattern)):
+            for path in storage.glob(folder, pattern):
                 try:
                     number = int(os.path.basename(path).split("-")[1].split(".")[0])
                 except ValueError:

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.atomic import replacing
 from pipeline.hashing import sha256_bytes
 from pipeline.images import Checked, Rejected, check_image
-from pipeline.layout import FORMAT_VERSION, sample_key, shard_name
+from pipeline.layout import FORMAT_VERSION, ShardsError, sample_key, shard_name
 from pipeline.records import save_record
 from pipeline.sources import read_source
 
@@ -110,40 +110,43 @@ def _members(domain: str, inputs, limits: dict, found: _Found, report: Progress)
         if found.pending >= PROGRESS_EVERY:
             report(domain, found.pending)
             found.pending = 0
-        img = _read_checked(source, limits, found)
+        # What the shard, record and reports name: a presigned URL's query and a user:password@
+        # are credentials (the key still comes from the full source, as before).
+        shown = storage.redact(source)
+        img = _read_checked(source, shown, limits, found)
         if img is None:
             continue
         sha = sha256_bytes(img.data)
         if sha in found.seen:
-            found.duplicates.append({"source": source, "sha256": sha})
+            found.duplicates.append({"source": shown, "sha256": sha})
             continue
         key = sample_key(domain, source)
         if key in found.keys:  # the same path listed twice, and its bytes changed in between
-            found.rejected.append({"source": source, "reason": f"duplicate of {key} (same source listed twice)"})
+            found.rejected.append({"source": shown, "reason": f"duplicate of {key} (same source listed twice)"})
             continue
         found.seen.add(sha)
         found.keys.add(key)
-        meta = {"source": source, "width": img.width, "height": img.height, "sha256": sha,
+        meta = {"source": shown, "width": img.width, "height": img.height, "sha256": sha,
                 "domain": domain, "format": img.format}
         yield f"{key}.{img.ext}", img.data
         yield f"{key}.json", json.dumps(meta, sort_keys=True).encode()
-        found.samples.append({"key": key, "source": source, "sha256": sha, "bytes": len(img.data),
+        found.samples.append({"key": key, "source": shown, "sha256": sha, "bytes": len(img.data),
                               "width": img.width, "height": img.height, "format": img.format, "ext": img.ext})
 
 
-def _read_checked(source: str, limits: dict, found: _Found) -> Checked | None:
-    """The validated image of one input, or None with the reason noted in `found`."""
+def _read_checked(source: str, shown: str, limits: dict, found: _Found) -> Checked | None:
+    """The validated image of one input, or None with the reason noted in `found` (as `shown`)."""
     try:
         raw = read_source(source, limits["max_file_bytes"])
     except Rejected as r:  # missing, not a regular file, too large, I/O error
         found.digests.append(None)
-        found.rejected.append({"source": source, "reason": r.reason})
+        found.rejected.append({"source": shown, "reason": r.reason})
         return None
     found.digests.append(sha256_bytes(raw))
     try:
         return check_image(raw, limits["min_side"], limits["max_pixels"])
     except Rejected as r:
-        found.rejected.append({"source": source, "reason": r.reason})
+        found.rejected.append({"source": shown, "reason": r.reason})
         return None
 
 
@@ -156,6 +159,9 @@ def rewrite_shard(record: dict, out: str, remove: set[str]) -> dict:
         with (tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path)), mode="r:") if storage.is_url(path)
               else tarfile.open(path, "r:")) as tar:
             for m in tar:
+                if not m.isfile():  # not one of ours: the shard was changed after its record
+                    raise ShardsError(f"{storage.redact(path)}: member {m.name!r} is not a regular file; "
+                                      f"delete the shard and re-run to write it again")
                 if m.name.split(".", 1)[0] not in remove:
                     yield m.name, tar.extractfile(m).read()
 

@@ -6,7 +6,7 @@ network may fail transiently, and keeps credentials out of every message.
     is_url(s)                   whether `s` names a store's URL rather than a local path
     join(base, *parts)          a path or URL below `base`
     filesystem(url)             (fsspec filesystem, path in it); StorageError naming the extra when missing
-    read_bytes(url) / size(url) / exists(url) / remove(url) / glob(pattern) / put_file(local, url)
+    read_bytes(url) / size(url) / exists(url) / remove(url) / glob(root, *pattern) / put_file(local, url)
     retrying(fn, what)          fn() again after a transient error, with exponential backoff
     redact(url)                 the URL without user:password@, query string or fragment
     scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
@@ -253,15 +253,18 @@ def remove(url: str) -> None:
         pass
 
 
-def glob(pattern: str) -> list[str]:
-    """Sorted paths or URLs matching a glob pattern (URLs keep their scheme and bucket)."""
-    if not is_url(pattern):
-        import glob as globmod
+def glob(root: str, *pattern: str) -> list[str]:
+    """Sorted paths or URLs below `root` matching the glob `pattern` parts (URLs keep their scheme
+    and bucket). `root` is taken literally: an OUT named `o[1]` or `o*` is not a pattern."""
+    import glob as globmod
 
-        return sorted(globmod.glob(local_path(pattern)))
-    fs, path = filesystem(pattern)
+    if not is_url(root):
+        return sorted(globmod.glob(os.path.join(globmod.escape(local_path(root)), *pattern)))
+    fs, path = filesystem(root)
+    # fsspec's glob reads [, ], * and ? as the glob module does, and [[] etc. as the literal.
+    full = posixpath.join(globmod.escape(path), *pattern)
     fs.invalidate_cache()  # listings cached by this process miss what other processes wrote since
-    found = retrying(lambda: fs.glob(path), f"list {redact(pattern)}")
+    found = retrying(lambda: fs.glob(full), f"list {redact(join(root, *pattern))}")
     return sorted(fs.unstrip_protocol(p) for p in found)
 
 

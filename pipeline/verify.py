@@ -84,7 +84,7 @@ def _unlisted(out: str, index: dict, entries: list[dict], by_shard: dict) -> lis
     for url in sorted(set(by_shard) - listed):
         problems.append(f"{url}: in manifest.parquet but not in index.json")
     for d in DOMAINS:
-        for path in storage.glob(storage.join(out, d, "*.tar")):
+        for path in storage.glob(out, d, "*.tar"):
             rel = f"{d}/{os.path.basename(path)}"
             if rel not in listed:
                 problems.append(f"{rel}: shard file not in index.json")
@@ -153,6 +153,8 @@ def _read_samples(data: bytes) -> dict[str, tuple[bytes, dict]]:
 
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for m in tar:
+            if not m.isfile():  # a folder or link entry (`tar cf x.tar dir/`) has no bytes to check
+                raise ValueError(f"member {m.name!r} is not a regular file")
             key, _, ext = m.name.partition(".")
             if key != cur:
                 close()
