@@ -8,8 +8,9 @@ and the folder after it, so the rename survives a power cut.
 A URL destination (s3://, gs://, memory://, ...: pipeline.storage) gets the object-store form of
 the same guarantee: the file is written to a local temporary file and uploaded in one go when
 complete, and an object store makes an object visible only when its upload completes. The local
-temporaries for the URL folder F live in `staging_dir(F)` under the same `.<name>.<random>.tmp`
-names, so what a killed run left is found and removed as it is beside a local file.
+temporaries for the URL folder F live in `staging_dir(F)` (made 0700; refused when another user
+could have planted it: private_dir) under the same `.<name>.<random>.tmp` names, so what a killed
+run left is found and removed as it is beside a local file.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -52,12 +54,38 @@ def staging_dir(folder_url: str) -> Path:
     return Path(tempfile.gettempdir()) / f"unit-upload-{os.getuid()}" / key
 
 
+def private_dir(folder: str | os.PathLike) -> None:
+    """Make `folder` (mode 0700; its parent must exist) unless it is there, and refuse it
+    (PermissionError naming it) when it is a symbolic link, not a folder, not this user's, or writable by group or
+    others. Our folders in the shared temporary directory have predictable names: another user
+    could make one first and plant links in it (a lock opened there would overwrite their target)
+    or swap a staged file before its upload."""
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)  # lstat: a link is judged itself, not by what it points to
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid != os.getuid():
+        problem = f"is owned by user id {st.st_uid}, not by this user ({os.getuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise PermissionError(f"{folder} {problem}: another user may have made it; refusing to use it "
+                          f"(remove it, or set TMPDIR to a folder of your own)")
+
+
 @contextlib.contextmanager
 def _uploading(url: str) -> Iterator[Path]:
     """Yield a local temporary path; when the block ends without an error it is uploaded to `url`
     in one go (storage.put_file). The temporary is removed either way."""
     folder = staging_dir(storage.parent(url))
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(folder.parent)  # checked first: whoever owns it could swap the folder below
+    private_dir(folder)
     name = posixpath.basename(urllib.parse.urlsplit(url).path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -18,7 +18,7 @@ import hashlib
 import os
 
 from pipeline import storage
-from pipeline.atomic import TEMP_NAME, staging_dir
+from pipeline.atomic import TEMP_NAME, private_dir, staging_dir
 
 DOMAINS = ("a", "b")  # the two image domains, in the order every output lists them
 FORMAT_VERSION = 2  # of records and group fingerprints (2: content checks, upright and 8-bit storage)
@@ -70,7 +70,13 @@ def remove_temps(folder: str, name_glob: str) -> None:
     """Delete what writes of the files `name_glob` in `folder` left when killed before their
     rename (pipeline.atomic names a file's temporary `.<name>.<random>.tmp`; for a URL folder it
     lies in the folder's local staging_dir, never in the store)."""
-    local = str(staging_dir(folder)) if storage.is_url(folder) else os.fspath(folder)
+    local = os.fspath(folder)
+    if storage.is_url(folder):
+        local = staging_dir(folder)
+        if not os.path.lexists(local):
+            return
+        private_dir(local.parent)  # a folder another user planted is refused, not cleaned (atomic.private_dir)
+        private_dir(local)
     for path in glob.glob(os.path.join(glob.escape(local), f".{name_glob}.*.tmp")):
         if TEMP_NAME.match(os.path.basename(path)):
             os.remove(path)

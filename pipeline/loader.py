@@ -442,7 +442,7 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
         barren = 0 if produced or offset else barren + 1
         if barren > 4 * len(shards) + 32:
             raise RuntimeError(f"domain {domain!r}: no readable sample in {barren} shard draws "
-                               f"from {len(shards)} shards (first: {shards[0].url}); see warnings")
+                               f"from {len(shards)} shards (first: {storage.redact(shards[0].url)}); see warnings")
         chunk, offset = chunk + 1, 0
 
 

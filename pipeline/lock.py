@@ -5,7 +5,8 @@ do. The loser exits with status 2 naming the holder, which the lock file records
 
 An object store (OUT an s3://, gs://, ... URL) has no locks, and a lock object in the bucket
 could not be released by a killed holder. So for a URL the flock is taken on a local file named
-after the URL (lock_file): writers on this host, for this user, exclude each other exactly as on
+after the URL (lock_file), in a folder of this user's alone (atomic.private_dir: a planted folder or
+link is refused, never followed): writers on this host, for this user, exclude each other exactly as on
 disk, but writers on other hosts do not see it, and the run says so in a one-line warning. The
 parts of one job on several hosts stay safe (they write disjoint shards); what is not caught is a
 second run of the same OUT (or part), or a merge, started on another host meanwhile.
@@ -14,6 +15,7 @@ second run of the same OUT (or part), or a merge, started on another host meanwh
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,6 +27,7 @@ import time
 from typing import Iterator
 
 from pipeline import storage
+from pipeline.atomic import private_dir
 from pipeline.layout import LOCK_NAME, LockedError, ShardsError, part_dir
 
 
@@ -51,12 +54,17 @@ def writer_lock(path: str, what: str, shared: bool = False) -> Iterator[None]:
     or raise LockedError naming the holder. flock is released by the kernel when the holder dies,
     so a killed run never leaves OUT locked; over NFS, Linux maps it to a lock the server arbitrates."""
     folder = storage.redact(storage.parent(path))  # what the messages name
-    path = lock_file(path)
+    in_tmp, path = storage.is_url(path), lock_file(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if in_tmp:  # a folder in the shared temporary directory: ours alone, or refused
+            private_dir(os.path.dirname(path))
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        # O_NOFOLLOW: the lock is truncated and rewritten, so a planted link must not be followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise ShardsError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        why = "it is a symbolic link (refused)" if e.errno == errno.ELOOP else e.strerror or e
+        raise ShardsError(f"cannot create the lock file {path}: {why}") from None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -34,7 +34,8 @@ written. A job whose rank 0 was killed is finished by any rerun, on any number o
 Finalising is make shards' own: a translation byte-identical to an earlier one is removed from
 its shard and quarantined as "duplicate of <key>".
 
-Samples that cannot be used (no image, a key too long for a tar member, a damaged image, above
+Samples that cannot be used (no image, a key too long for a tar member or unsafe as one: absolute,
+with a `..` component, a backslash or a control character; a damaged image, above
 --max-pixels, below the model's minimum side, failing in the model) are left out of their shard
 and listed in quarantine.parquet with the reason, and the exit status of rank 0 is 3. An input
 shard that cannot be read to its end keeps the samples read before the damage and is listed
@@ -49,6 +50,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import stat
 import sys
 import tarfile
@@ -80,6 +82,10 @@ PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 TAR_SUFFIXES = (".tar",)
 MAX_MEMBER_NAME = 100  # ustar
 MAX_MEMBER_BYTES = 256 * 2**20  # a larger member is not read (make shards' default --max-file-mb)
+# An input key becomes an output member name: one that an extractor would place outside its folder
+# (absolute, `..`, a Windows separator) or that breaks a listing (control characters) is refused.
+# make shards' own keys are hex (pipeline.layout.sample_key), so there is no pattern to share.
+_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 LOCK_WAIT_S = 60.0
 
 
@@ -370,7 +376,8 @@ def _decoded(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[_Sam
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - unreadable or truncated: keep what was read, name the shard
-            found.reject(shown, f"unreadable shard: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            found.reject(shown, f"unreadable shard: {type(e).__name__}: "
+                               f"{storage.redact_text(' '.join(str(e).split()))[:300]}")
             return
         source = f"{shown}#{key}"
         found.inputs.append([source])
@@ -389,6 +396,10 @@ def _decode_sample(job: CorpusJob, key: str, source: str, members: dict, found: 
     found.keys.add(key)
     if len(f"{key}.json".encode()) > MAX_MEMBER_NAME - 1:
         found.reject(source, f"key too long: tar member names hold at most {MAX_MEMBER_NAME} bytes")
+        return None
+    if key.startswith("/") or ".." in key.split("/") or _UNSAFE_KEY_CHARS.search(key):
+        found.reject(source, f"unsafe member name {key + '.' + next(iter(members))!r}: absolute, with a `..` "
+                             "component, a backslash or a control character")
         return None
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:

@@ -7,7 +7,8 @@
 
 With no URI anywhere the store is embedded: SQLite at RUN_DIR/mlflow/mlflow.db, artifacts in
 RUN_DIR/mlflow/artifacts, nothing to start. RUN_DIR/tracking.json records
-{"tracking_uri", "experiment", "run_id"} once the run exists.
+{"tracking_uri", "experiment", "run_id"} once the run exists, the URI without its password
+(without_password).
 
 Every MLflow call here and in the run store names its URI through an explicit client. MLflow's
 fluent API reads process-wide URIs instead; the few things that exist only there go through
@@ -48,9 +49,26 @@ def read_tracking_json(run_dir) -> dict:
 
 def run_tracking(run_dir, tracking_uri: str | None = None) -> tuple[str, dict]:
     """(URI, tracking.json) of a run: `tracking_uri` when given, else the one the run recorded, else
-    the one a new run would use."""
+    the one a new run would use. The recorded URI has no password (open_run leaves it out); when
+    MLFLOW_TRACKING_URI names the same server with one, that one is used. Otherwise MLflow takes
+    it from MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) itself."""
     info = read_tracking_json(run_dir)
-    return tracking_uri or info.get("tracking_uri") or resolve_uri(run_dir), info
+    recorded, env = info.get("tracking_uri"), os.environ.get("MLFLOW_TRACKING_URI")
+    if recorded and env and without_password(env) == without_password(recorded):
+        recorded = env
+    return tracking_uri or recorded or resolve_uri(run_dir), info
+
+
+def without_password(uri: str) -> str:
+    """`uri` with the password of a user:password@ left out, and nothing else changed: the user, a
+    database URI's options (postgresql://mlflow@db/runs?sslmode=require) are what reconnecting needs;
+    the password comes back from the caller, MLFLOW_TRACKING_URI or MLflow's credential variables."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return uri
+    return f"{scheme}://{userinfo.partition(':')[0]}@{host}{slash}{path}"
 
 
 def make_client(uri: str):
@@ -105,7 +123,9 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
             exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags={"run_dir": str(run_dir.resolve())})
         run_id = run.info.run_id
-    write_json(run_dir / TRACKING_JSON, {"tracking_uri": uri, "experiment": experiment, "run_id": run_id}, indent=2)
+    # tracking.json is world-readable and copied with the run: the URI goes in without its password
+    write_json(run_dir / TRACKING_JSON, {"tracking_uri": without_password(uri), "experiment": experiment,
+                                         "run_id": run_id}, indent=2)
     return run_id
 
 
