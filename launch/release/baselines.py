@@ -58,6 +58,14 @@ def translators(stats: dict[str, DomainStats]) -> dict[str, callable]:
 # From shards, to and from JSON
 
 
+def from_config(cfg) -> dict[str, DomainStats]:
+    """The statistics the end of a training run estimates for its config (launch.config.Config): its
+    training shards, read at the scale the translator learns, cfg.eval.baseline_images per domain."""
+    shards_a, shards_b = cfg.data.sources()
+    return stats_from_shards(shards_a, shards_b, image_size=cfg.data.scale(),
+                             max_images=cfg.eval.baseline_images, seed=cfg.seed)
+
+
 def to_json(stats: dict[str, DomainStats]) -> dict:
     return {"format": FORMAT_VERSION, "bin": BIN,
             "domains": {d: {"images": s.images, "hist": s.hist.tolist(), "mode_colour": s.mode_colour().tolist()}

@@ -84,9 +84,11 @@ def load_pairs(test_dir, truth_dir, size: int | None = None,
     return common, x, y
 
 
-def split_digest(pairs: dict) -> str:
-    """Identifies a test split: sha256 over the file names and bytes of its folders."""
-    h = hashlib.sha256()
+def split_digest(pairs: dict, size: int | None, threshold: int) -> str:
+    """Identifies a test split as scored: sha256 over the file names and bytes of its folders, the
+    size its images are resized to (None: native) and the pixel accuracy threshold. The same folders
+    at another size or threshold give other scores, so they are another split to the champion gate."""
+    h = hashlib.sha256(f"size={size}\tthreshold={threshold}\n".encode())
     for direction in sorted(pairs):
         for d in pairs[direction]:
             for p in image_files(d):
@@ -265,7 +267,8 @@ class ModelNotFound(ValueError):
 def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
     """(model usable by evaluate_translator, info) from `models:/name@alias`, `models:/name/3`,
     `runs:/...` or an export directory. info has "kind" and, for registry models, "name",
-    "version", "run_id" and "tracking_uri"; for exports "path" and "meta".
+    "version", "run_id", "tracking_uri" and "model_uri" (models:/name/version, the alias resolved
+    once: use it for anything else read of this model); for exports "path" and "meta".
 
     The tracking URI is `tracking_uri`, else MLFLOW_TRACKING_URI; with neither, a models:/ or
     runs:/ spec is refused (MLflow would otherwise create ./mlflow.db). A SQLite or file store that
@@ -281,9 +284,12 @@ def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
     info = {"kind": "mlflow", "uri": spec, "run_id": None, "tracking_uri": uri}
     if spec.startswith("models:/"):
         info.update(resolve_model_version(spec, make_client(uri)))
+        # From here on the version the alias named once: a registration moving the alias meanwhile
+        # must not make the weights, the baselines and the run the metrics go to three versions.
+        info["model_uri"] = f"models:/{info['name']}/{info['version']}"
     try:
         with fluent_uri(uri):
-            return mlflow.pyfunc.load_model(spec), info
+            return mlflow.pyfunc.load_model(info.get("model_uri", spec)), info
     except (MlflowException, OSError) as e:
         raise ModelNotFound(f"--model {spec}: cannot be loaded from {redact(uri)} "
                             f"({type(e).__name__}: {_one_line(e)})") from None
@@ -453,8 +459,8 @@ def main(argv=None) -> int:
         if a.fid_features:
             from launch.release.fid import load_extractor
             features = load_extractor(a.fid_features)
-        opts = EvalOptions(baselines=baseline_stats(a, a.model, info.get("tracking_uri")), c2st_steps=a.c2st_steps,
-                           features=features, threshold=a.threshold)
+        stats = baseline_stats(a, info.get("model_uri", a.model), info.get("tracking_uri"))
+        opts = EvalOptions(baselines=stats, c2st_steps=a.c2st_steps, features=features, threshold=a.threshold)
         res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
                                   rejected=rejected)
     except (FileNotFoundError, ValueError) as e:

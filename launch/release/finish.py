@@ -29,9 +29,7 @@ def eval_options(cfg: Config, stats) -> EvalOptions:
 def finish_run(cfg: Config, export_dir: str | Path) -> dict:
     """Returns {"evaluation": ..., "registry": ...} (each when it happened)."""
     run_dir, export_dir, out = Path(cfg.run_dir), Path(export_dir), {}
-    shards_a, shards_b = cfg.data.sources()
-    stats = baselines.stats_from_shards(shards_a, shards_b, image_size=cfg.data.scale(),
-                                        max_images=cfg.eval.baseline_images, seed=cfg.seed)
+    stats = baselines.from_config(cfg)
     baselines.save(export_dir / baselines.FILE_NAME, stats)
     res, split = None, cfg.data.test_split()
     if split:
@@ -39,24 +37,27 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
         out["evaluation"] = res
     if not cfg.tracking.enable:
         return out
+    # the config's URI, when it names one: tracking.json keeps it without a password it may carry
+    uri = cfg.tracking.uri
     if not cfg.registry.enable:
         if res is not None:
-            log_run_metrics(run_dir, flat_metrics(res))
+            log_run_metrics(run_dir, flat_metrics(res), uri)
         return out
     from launch.release.registry import register_run
     try:
         out["registry"] = register_run(run_dir, name=cfg.registry.name, **split, min_accuracy=cfg.registry.min_accuracy,
-                                       image_size=cfg.data.scale(), export_dir=export_dir, evaluation=res)
+                                       image_size=cfg.data.scale(), tracking_uri=uri, export_dir=export_dir,
+                                       evaluation=res)
     except Exception as e:  # the weights are exported; registering again is one command
         print(f"warning: registering the model failed ({type(e).__name__}: {redact_text(str(e))}); retry with "
               f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)
     return out
 
 
-def log_run_metrics(run_dir: Path, metrics: dict) -> None:
+def log_run_metrics(run_dir: Path, metrics: dict, tracking_uri: str | None = None) -> None:
     from launch.runstore.tracking import log_run_metrics as log
     try:
-        log(run_dir, metrics)
+        log(run_dir, metrics, tracking_uri=tracking_uri)
     except Exception as e:  # the evaluation is printed and returned; the run only misses its copy
         print(f"warning: logging the evaluation to MLflow failed ({type(e).__name__}: {redact_text(str(e))})",
               flush=True)

@@ -10,9 +10,10 @@ register_run(run_dir, ...) does, in order:
   3. register it under `name` and point the alias `candidate` at the new version;
   4. point `champion` at it only when the gate passes, on the gate metric test/pixel_acc_a2b
      (b2a when only that direction has truth): it must beat the strongest trivial baseline
-     (launch.release.baselines, on the same test split), reach min_accuracy, and beat the current
-     champion (re-measured when the champion was scored on another split). The version tag
-     `gate` says which rule decided.
+     (launch.release.baselines, on the same test split; an export without baselines.json gets them
+     from the run's training shards, else it is not promoted), reach min_accuracy, and beat the
+     current champion (re-measured when the champion was scored on another split: other folders,
+     size or threshold). The version tag `gate` says which rule decided.
 
 Every MLflow call names its store through an explicit MlflowClient(tracking_uri=uri, registry_uri=uri);
 only the model logging (Model.log, which also registers) goes through launch.runstore.store.fluent_uri.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +37,7 @@ import numpy as np
 from launch.release import baselines
 from launch.release import evaluate as ev
 from launch.runstore.artifacts import EXPORT_FILES
-from launch.runstore.records import metrics_record, send
+from launch.runstore.records import first_line, metrics_record, send
 from launch.runstore.store import fluent_uri, make_client, open_run, run_tracking
 from pipeline import imageio
 from pipeline.storage import redact
@@ -220,8 +222,9 @@ def gate_metric(metrics: dict) -> str | None:
 
 
 def _champion_score(client, name: str, version: str, metric: str, digest: str, pairs: dict,
-                    size: int | None) -> float:
-    """The champion's `metric` on this test split: its tag when scored on it, else re-measured."""
+                    size: int | None, threshold: int) -> float:
+    """The champion's `metric` on this test split (`digest`: folders, size and threshold): its tag when
+    scored on it, else re-measured at `size` with the candidate's `threshold`."""
     mv = client.get_model_version(name, version)
     if mv.tags.get("test_split") == digest and mv.tags.get(metric):
         return float(mv.tags[metric])
@@ -236,7 +239,7 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
     direction = metric.rsplit("_", 1)[-1]
     src, truth = pairs[direction]
     kw = {"test_a": src, "truth_b": truth} if direction == "a2b" else {"test_b": src, "truth_a": truth}
-    res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0), **kw)
+    res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0, threshold=threshold), **kw)
     return res[direction]["pixel_acc"]
 
 
@@ -250,42 +253,56 @@ def download_version(client, name: str, version: str, dst) -> Path:
                                                     tracking_uri=client.tracking_uri))
 
 
-def _current_champion(client, name: str):
-    from mlflow.exceptions import MlflowException
+def _current_champion(client, name: str) -> str | None:
+    """The version the champion alias points at; None when the model has none yet.
 
+    Read from the registered model's aliases, where a missing alias is simply absent: asked by alias,
+    MLflow (3.17, SQL store and REST alike) answers a missing one with INVALID_PARAMETER_VALUE, the
+    code of any bad argument. The model exists (its candidate was just registered), so every error
+    here is a failure: a locked database or an unreachable server read as "no champion" would promote.
+    """
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except Exception as e:  # noqa: BLE001 - MlflowException, and the HTTP stack's or database's own errors
+        raise RuntimeError(f"champion gate: cannot read the aliases of registered model {name!r} at "
+                           f"{redact(client.tracking_uri)} ({type(e).__name__}: {first_line(e)}); its new "
+                           "version stays candidate, register again to gate it") from e
+    return None if version is None else str(version)
 
 
 def decide(client, name: str, key: str | None, metrics: dict, evaluation: dict | None, min_accuracy: float,
-           digest, pairs: dict, size) -> tuple[bool, str, dict | None]:
+           digest, pairs: dict, size, threshold: int = ev.THRESHOLD) -> tuple[bool, str, dict | None]:
     """(promoted, reason, champion_before): the champion gate, rules in order, the first that fails decides.
 
-    1. a paired test split exists; 2. the model beats the strongest trivial baseline on the gate
-    metric; 3. it reaches min_accuracy; 4. it beats the current champion on the same split.
+    1. a paired test split exists; 2. the model was measured beside every trivial baseline and beats
+    the strongest on the gate metric; 3. it reaches min_accuracy; 4. it beats the current champion on
+    the same split (`digest`: the folders of `pairs`, `size` and the candidate's `threshold`).
     """
     if key is None:
         return False, "no paired test split: nothing to gate on", None
     value, direction = metrics[key], key.rsplit("_", 1)[-1]
-    best = metrics.get(f"test/best_baseline_pixel_acc_{direction}")
+    missing = [n for n in baselines.NAMES if f"test/{n}_pixel_acc_{direction}" not in metrics]
+    if missing:  # identity alone is no bar: a model collapsed to one colour beats it and loses to constant
+        return False, (f"baseline rule: no trivial baselines measured besides identity ({', '.join(missing)} "
+                       f"missing: the export has no {baselines.FILE_NAME} and the run's config.yaml names no "
+                       "readable training shards); not promoted"), None
+    best = metrics[f"test/best_baseline_pixel_acc_{direction}"]
     best_name = (evaluation or {}).get(direction, {}).get("best_baseline", "strongest")
-    if best is not None and not value > best:
+    if not value > best:
         return False, f"baseline rule: {key} {value:.4f} does not beat the {best_name} baseline's {best:.4f}", None
-    beat = f"beats the {best_name} baseline ({best:.4f})" if best is not None else "no baselines measured"
+    beat = f"beats the {best_name} baseline ({best:.4f})"
     if value < min_accuracy:
         return False, f"min_accuracy rule: {key} {value:.4f} < {min_accuracy:.4f} ({beat})", None
     cur = _current_champion(client, name)
     if cur is None:
         return True, f"baseline rule: {key} {value:.4f} {beat}; no champion yet", None
-    score = _champion_score(client, name, cur.version, key, digest, pairs, size)
-    before = {"version": cur.version, "metric": score}
+    score = _champion_score(client, name, cur, key, digest, pairs, size, threshold)
+    before = {"version": cur, "metric": score}
     # at the precision the champion's tag keeps (6 decimals): the same model registered again ties
     if round(value, 6) > round(score, 6):
-        return True, (f"champion rule: {key} {value:.4f} > champion version {cur.version}'s {score:.4f} "
+        return True, (f"champion rule: {key} {value:.4f} > champion version {cur}'s {score:.4f} "
                       f"on the same test split; {beat}"), before
-    return False, (f"champion rule: {key} {value:.4f} does not beat champion version {cur.version}'s "
+    return False, (f"champion rule: {key} {value:.4f} does not beat champion version {cur}'s "
                    f"{score:.4f} on the same test split ({beat})"), before
 
 
@@ -297,7 +314,8 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     RUN_DIR's translator.
 
     `evaluation`: the result of launch.release.evaluate.evaluate_export on the same split, when the
-    caller has it already (the end of training), so nothing is evaluated twice.
+    caller has it already (the end of training), so nothing is evaluated twice; `opts` its options
+    (the threshold names the split too).
 
     Returns {"name", "version", "model_uri", "run_id", "tracking_uri", "aliases", "promoted",
     "reason", "metrics", "gate_metric", "champion_before", "evaluation"}.
@@ -306,9 +324,12 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
     size = image_size or None
     pairs = {d: (s, t) for d, s, t in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)) if s and t}
+    opts = opts or ev.EvalOptions()
+    if pairs and evaluation is None:
+        opts = with_baselines(run_dir, export_dir, opts)
     res, meta = evaluate_once(export_dir, test_a, truth_b, test_b, truth_a, size, evaluation if pairs else None, opts)
     metrics = ev.flat_metrics(res) if res else {}
-    digest = ev.split_digest({d: list(v) for d, v in pairs.items()}) if pairs else None
+    digest = ev.split_digest({d: list(v) for d, v in pairs.items()}, size, opts.threshold) if pairs else None
 
     uri, info = run_tracking(run_dir, tracking_uri)
     client = make_client(uri)
@@ -328,7 +349,8 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     client.set_registered_model_alias(name, CANDIDATE, version)
 
     aliases, key = [CANDIDATE], gate_metric(metrics)
-    promoted, reason, champion_before = decide(client, name, key, metrics, res, min_accuracy, digest, pairs, size)
+    promoted, reason, champion_before = decide(client, name, key, metrics, res, min_accuracy, digest, pairs, size,
+                                               opts.threshold)
     client.set_model_version_tag(name, version, "gate", ("passed: " if promoted else "failed: ") + reason)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -336,6 +358,29 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "tracking_uri": redact(uri), "aliases": aliases, "promoted": promoted, "reason": reason,
             "metrics": metrics, "gate_metric": key, "champion_before": champion_before, "evaluation": res}
+
+
+def with_baselines(run_dir: Path, export_dir: Path, opts: "ev.EvalOptions") -> "ev.EvalOptions":
+    """`opts` with the trivial baselines the gate needs (decide, rule 2) when neither they nor the
+    export carry them: estimated from the run's training shards as the end of training does (an export
+    without baselines.json is one whose finish step failed) and saved beside the export, so that the
+    model ships them. Without a config naming readable shards, `opts` as given: no promotion."""
+    if opts.baselines is not None or (export_dir / baselines.FILE_NAME).is_file():
+        return opts  # evaluate_export reads the export's file
+    from launch.config import load_config
+
+    try:
+        stats = baselines.from_config(load_config(run_dir / "config.yaml"))
+    except Exception as e:  # noqa: BLE001 - a bad or missing config, unreadable shards: rule 2 refuses
+        print(f"warning: {export_dir} has no {baselines.FILE_NAME} and the trivial baselines cannot be estimated "
+              f"from the training shards of {run_dir / 'config.yaml'} ({type(e).__name__}: {first_line(e)}); "
+              "the version is registered as candidate only", file=sys.stderr, flush=True)
+        return opts
+    try:
+        baselines.save(export_dir / baselines.FILE_NAME, stats)
+    except OSError as e:  # a read-only export: the gate has them, the model ships without them
+        print(f"warning: {export_dir / baselines.FILE_NAME} not saved ({first_line(e)})", file=sys.stderr, flush=True)
+    return dataclasses.replace(opts, baselines=stats)
 
 
 def evaluate_once(export_dir: Path, test_a, truth_b, test_b, truth_a, size, evaluation, opts) -> tuple[dict | None, dict]:
