@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from launch.runstore.params import flatten
-from model.unit import PRESETS, UNITConfig, make_config
+from model.unit import PRESETS, UNITConfig, dis_scales_for, make_config
 from pipeline.augment import AugmentConfig
 from pipeline.hashing import sha256_json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -141,6 +141,14 @@ class OptimSection(_Strict):
             raise ValueError("each beta must be in [0, 1)")
         return v
 
+    @model_validator(mode="after")
+    def _warmup(self):
+        # the constant schedule has no warmup: the steps would be ignored without a word
+        if self.warmup_steps and self.schedule == "constant":
+            raise ValueError(f"optim.warmup_steps = {self.warmup_steps}: optim.schedule is 'constant', which has no "
+                             "warmup; set optim.schedule to warmup or warmup_decay, or leave warmup_steps out")
+        return self
+
 
 class TrainSection(_Strict):
     max_steps: int = Field(1000, ge=1, description="optimizer steps to train for")
@@ -148,7 +156,8 @@ class TrainSection(_Strict):
     sample_every: int = Field(200, ge=1, description="steps between sample grids")
     ckpt_every: int = Field(200, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_ckpts: int = Field(3, ge=1, description="complete checkpoints kept")
-    max_nonfinite: int = Field(5, ge=1, description="consecutive NaN/inf steps that stop the run")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive NaN/inf steps that stop the run (with "
+                                                     "grad_accum_steps > 1 the first one stops it)")
     stall_timeout_s: float = Field(600.0, ge=0, description="a rank whose loop finished no step for this long "
                                                              "exits (a peer vanished); 0 disables it")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the generator side, 0 disables it")
@@ -229,12 +238,14 @@ class Config(_Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _model(cls, v):
-        if isinstance(v, UNITConfig):
-            return v
-        if not isinstance(v, dict):
-            raise ValueError("must be a mapping of model settings (preset: paper, dim: 32, ...)")
-        check_model_config(v)
-        return make_config(v)
+        if not isinstance(v, UNITConfig):
+            if not isinstance(v, dict):
+                raise ValueError("must be a mapping of model settings (preset: paper, dim: 32, ...)")
+            check_model_config(v)
+            v = make_config(v)
+        if v.channels != 3:  # the loader decodes every image to RGB (pipeline/augment.py)
+            raise ValueError(f"model.channels = {v.channels}: the data loader yields RGB images; only 3 is supported")
+        return v
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -250,6 +261,11 @@ class Config(_Strict):
         if resize is not None and resize < size:
             raise ValueError(f"data.augment.resize = {resize}: must be >= data.image_size ({size})")
         self.model.image_size = size  # a dataclass field: set without re-running the validators
+        try:  # the model's own check, which UNIT() would otherwise raise on every rank
+            dis_scales_for(self.model, size)
+        except ValueError as e:
+            raise ValueError(f"data.image_size = {size}: {str(e).removeprefix('UNIT config: ')} (model section); "
+                             "lower model.dis_layers or model.dis_min_size, or raise data.image_size") from None
         return self
 
 
@@ -400,6 +416,10 @@ def _ds_basics(cfg: Config, ds: dict, conflicts: list[str]) -> None:
     ds["steps_per_print"] = 10 ** 9
     if "gradient_accumulation_steps" in ds:
         ds.pop("train_batch_size", None)
+    elif "train_batch_size" in ds:  # with the YAML's accumulation added, DeepSpeed's batch assertion would fail
+        conflicts.append(f"train_batch_size: DeepSpeed JSON has {ds['train_batch_size']!r} without "
+                         "gradient_accumulation_steps; the global batch is data.batch_size x accumulation x ranks: "
+                         "set gradient_accumulation_steps (or train.grad_accum_steps) instead")
     for key, field, json_value, set_value in (
             ("gradient_accumulation_steps", "grad_accum_steps", ds.get("gradient_accumulation_steps"),
              lambda v: ds.__setitem__("gradient_accumulation_steps", v)),
@@ -527,6 +547,12 @@ def _ds_precision(cfg: Config, ds: dict, on_gpu: bool, bf16_ok: bool, conflicts:
                           "torch.compile's CPU code gives non-finite gradients in bf16 (README, configuration "
                           "reference: train.compile); use train.precision fp32 or auto with compile, or "
                           "train.compile false with bf16")
+    if resolved == "fp16" and cfg.model.dis_norm == "sn":
+        # DeepSpeed's fp16 mode casts parameters to half and keeps buffers fp32: spectral norm's power
+        # iteration (torch.mv of the half weight and its fp32 _u, _v buffers) fails on the first step.
+        raise ConfigError(f"config keys model.dis_norm = 'sn' with train.precision = {precision!r} ({resolved} "
+                          "here): spectral norm does not run under DeepSpeed's fp16 (half weights, fp32 power-"
+                          "iteration buffers); use model.dis_norm none, or train.precision fp32")
     wants = {"fp16": resolved == "fp16", "bf16": resolved == "bf16", "torch_autocast": resolved == "bf16"}
     for key, ok in wants.items():
         if key in ds and ds[key].get("enabled", False) not in (False, "auto") and not ok:
@@ -564,10 +590,62 @@ def load_ds_json(path: str | None) -> dict | None:
         raise ConfigError(f"deepspeed_config {p} is not valid JSON: {e}") from None
 
 
-def resume_point(cfg: Config) -> Path | None:
+# The DeepSpeed settings a resumed run must keep, whichever file supplies them: the ZeRO stage is the
+# optimizer state's layout (a ZeRO-1 state resumed at stage 0 fails in load_state_dict on the ranks,
+# a stage-0 state resumed at 1 or 2 silently restarts Adam's moments); accumulation and clipping
+# change the training as their YAML keys (train.grad_accum_steps, optim.grad_clip) would.
+DS_RESUME_KEYS = ("zero_optimization.stage", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def launched_ds_settings(config: dict, ds_json: dict | None) -> dict:
+    """DS_RESUME_KEYS as _ds_basics resolved them for a run with this config dump and DeepSpeed JSON.
+    A dump lists every field, so a YAML value at its default reads as unset and the JSON's wins (a
+    YAML that set a default its JSON contradicted was refused before launch, so never ran)."""
+    ds, train = ds_json or {}, config.get("train", {})
+
+    def pick(field: str, json_value):
+        default = TrainSection.model_fields[field].default
+        value = train.get(field, default)
+        return json_value if json_value is not None and value == default else value
+
+    clip = config.get("optim", {}).get("grad_clip")
+    return {"zero_optimization.stage": pick("zero_stage", ds.get("zero_optimization", {}).get("stage")),
+            "gradient_accumulation_steps": pick("grad_accum_steps", ds.get("gradient_accumulation_steps")),
+            "gradient_clipping": float(clip if clip is not None else ds.get("gradient_clipping", 0.0))}
+
+
+def ds_resume_record(ds: dict) -> dict:
+    """What a checkpoint's meta.json keeps of the resolved DeepSpeed config `ds`: DS_RESUME_KEYS in
+    its own shape (not the whole config: a user's JSON may hold a monitor's API key)."""
+    return {"zero_optimization": {"stage": ds.get("zero_optimization", {}).get("stage", 0)},
+            "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
+            "gradient_clipping": ds.get("gradient_clipping", 0.0)}
+
+
+def ds_resume_differences(path: Path, meta: dict, cfg: Config, ds_json: dict | None) -> list[str]:
+    """DS_RESUME_KEYS that differ between the run that wrote checkpoint `path` and `cfg` with `ds_json`.
+    The checkpoint's side: the resolved DeepSpeed config in its meta.json where it has one, else its
+    config with the DeepSpeed JSON that names (deepspeed_config may move, so it is read again now)."""
+    if isinstance(meta.get("deepspeed"), dict):
+        old = launched_ds_settings({}, meta["deepspeed"])
+    else:
+        saved_json = meta["config"].get("deepspeed_config")
+        try:
+            old = launched_ds_settings(meta["config"], load_ds_json(saved_json))
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint {path} was trained with deepspeed_config {saved_json!r}, which cannot be "
+                              f"read now ({e}): its ZeRO stage, gradient accumulation and clipping cannot be "
+                              "compared with this config's; make that file readable at that path again") from None
+    new = launched_ds_settings(cfg.model_dump(mode="json"), ds_json)
+    return [f"DeepSpeed {k}: checkpoint has {old[k]!r}, config has {new[k]!r}" for k in DS_RESUME_KEYS
+            if old[k] != new[k]]
+
+
+def resume_point(cfg: Config, ds_path: str | None = None) -> Path | None:
     """The checkpoint this config resumes from (None: step 0), after every check that can refuse it:
     the run directory (owned, not a system folder), `resume` (a complete checkpoint, inside run_dir
-    or trusted) and the checkpoint's config (no change that breaks resuming). Reads only."""
+    or trusted) and the checkpoint's config and DeepSpeed settings (no change that breaks resuming)
+    against this config's, with the DeepSpeed JSON at `ds_path` (default: deepspeed_config). Reads only."""
     from launch.training.checkpoint import RunDirError, plan_resume
 
     try:
@@ -577,11 +655,13 @@ def resume_point(cfg: Config) -> Path | None:
     if path is None:
         return None
     try:
-        saved = json.loads((path / "meta.json").read_text())["config"]
+        meta = json.loads((path / "meta.json").read_text())
+        saved = meta["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"checkpoint {path}: meta.json is unreadable or has no config ({e}); "
                           "resume from another checkpoint") from None
-    diff = resume_differences(saved, cfg)
+    ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
+    diff = resume_differences(saved, cfg) + ds_resume_differences(path, meta, cfg, ds_json)
     if diff:
         raise ConfigError(f"checkpoint {path} holds a run whose config differs in ways that break resuming:\n  "
                           + "\n  ".join(diff) + "\nuse a new run_dir (or change the settings back)")
@@ -642,7 +722,7 @@ def check_same_generator(saved: dict, model: UNITConfig) -> None:
 def check(cfg: Config, ds_path: str | None = None) -> dict:
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
-    resume_point(cfg)
+    resume_point(cfg, ds_path)
     for key in ("test_a", "test_b"):
         v = getattr(cfg.data, key)
         if v is not None and not Path(v).is_dir():

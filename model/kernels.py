@@ -246,7 +246,9 @@ class _LayerNorm(torch.autograd.Function):
         g = g.contiguous(memory_format=_layout(xhat))
         n = xhat[0].numel()
         t = (g * xhat).sum((2, 3))  # [B, C]
-        k = (t * gamma).sum(1).view(-1, 1, 1, 1) / ((n - 1) * s)
+        # a sample whose features are all equal has s = 0 and xhat = 0: its std term is 0/0, which
+        # torch's std backward sets to 0 (the stock layer norm's gradient stays finite)
+        k = ((t * gamma).sum(1).view(-1, 1, 1, 1) / ((n - 1) * s)).masked_fill_(s == 0, 0.0)
         dd = (g * gamma.view(1, -1, 1, 1)).mul_(r).addcmul_(xhat, k, value=-1)
         return dd.sub_(dd.mean((1, 2, 3), keepdim=True)), t.sum(0), g.sum((0, 2, 3)), None
 

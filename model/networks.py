@@ -374,7 +374,9 @@ class PaletteHead(nn.Module):
             # saw the mixture, and two close colours (a map's land and its white roads) can split
             # the probability while their mixture sits on one of them
             mix = self.nearest(mix)
-        return mix.permute(0, 3, 1, 2).contiguous()
+        # painted in fp32, returned in the weights' dtype: under DeepSpeed's fp16 the layers that read
+        # the image next (the re-encoding, the discriminators) are half and refuse fp32 inputs
+        return mix.permute(0, 3, 1, 2).to(self.conv.weight.dtype).contiguous()
 
 
 class SkipHead(nn.Module):

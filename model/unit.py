@@ -314,18 +314,24 @@ class UNITGenerator(nn.Module):
         return count_params(self.encoder(domain), self.decoder(domain))
 
 
+def dis_scales_for(cfg: UNITConfig, size: int) -> int:
+    """How many discriminator scales images of `size` px use; ValueError when not even one fits
+    (the training config checks this before any rank starts)."""
+    probe = MultiScaleDiscriminator(1, 1, cfg.dis_layers, cfg.dis_scales, min_size=cfg.dis_min_size)
+    scales = probe.scales_for(size)
+    if scales == 0:
+        raise ValueError(f"UNIT config: image_size={size} is smaller than one discriminator scale needs: "
+                         f"{probe.min_size} px, the larger of dis_min_size={cfg.dis_min_size} and "
+                         f"2**dis_layers={2 ** cfg.dis_layers}")
+    return scales
+
+
 class UNITDiscriminator(nn.Module):
     """D_a and D_b, multi-scale patch discriminators."""
 
     def __init__(self, cfg: UNITConfig):
         super().__init__()
-        scales = cfg.dis_scales
-        if cfg.image_size:
-            probe = MultiScaleDiscriminator(1, 1, cfg.dis_layers, cfg.dis_scales, min_size=cfg.dis_min_size)
-            scales = probe.scales_for(cfg.image_size)
-            if scales == 0:
-                raise ValueError(f"UNIT config: image_size={cfg.image_size} is smaller than a "
-                                 f"discriminator scale needs ({probe.min_size} px)")
+        scales = dis_scales_for(cfg, cfg.image_size) if cfg.image_size else cfg.dis_scales
 
         def make():
             return MultiScaleDiscriminator(cfg.channels, cfg.dis_dim, cfg.dis_layers, scales,
@@ -406,10 +412,14 @@ def discriminator_loss(preds: dict, cfg: UNITConfig) -> tuple[torch.Tensor, dict
 
 def r1_penalty(dis: nn.Module, real: torch.Tensor) -> torch.Tensor:
     """R1 (Mescheder et al. 2018): half the mean over images of the squared gradient of the
-    discriminator's summed logits (all scales) with respect to real images."""
-    real = real.detach().float().requires_grad_(True)
+    discriminator's summed logits (all scales) with respect to real images.
+
+    The images go in in the discriminator's parameter dtype (half under DeepSpeed's fp16, whose
+    convolutions refuse fp32 inputs); the sums and the penalty are reduced in fp32."""
+    dtype = next(dis.parameters()).dtype
+    real = real.detach().to(dtype).requires_grad_(True)
     (grad,) = torch.autograd.grad(sum(p.float().sum() for p in dis(real)), real, create_graph=True)
-    return 0.5 * grad.pow(2).sum(dim=(1, 2, 3)).mean()
+    return 0.5 * grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
 
 
 def r1_loss(dis: UNITDiscriminator, x_a: torch.Tensor, x_b: torch.Tensor,
@@ -449,4 +459,4 @@ class UNIT(nn.Module):
 
 
 __all__ = ["UNIT", "UNITConfig", "UNITGenerator", "UNITDiscriminator", "PRESETS", "make_config",
-           "generator_loss", "discriminator_loss"]
+           "generator_loss", "discriminator_loss", "dis_scales_for"]

@@ -101,7 +101,8 @@ def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | No
     with amp():
         preds = eng_d(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
         loss_d, terms_d = discriminator_loss(preds, ucfg)
-    # R1 outside autocast: a double backward through the discriminators, in fp32
+    # R1 outside autocast: a double backward through the discriminators in their parameter dtype
+    # (half under fp16), the penalty reduced in fp32
     penalty, terms_r1 = r1_loss(dis, x_a, x_b, ucfg, step)
     if penalty is not None:
         loss_d, terms_d = loss_d + penalty, {**terms_d, **terms_r1}
