@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping without DeepSpeed: markers, pruning, RNG state round trip."""
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,3 +104,30 @@ def test_symlinked_checkpoints_are_not_resumed_or_pruned(tmp_path):
     assert ckpt.latest_complete(tmp_path / "run") == ckpt.step_dir(tmp_path / "run", 10)
     ckpt.prune(tmp_path / "run", keep=1)
     assert (elsewhere / ckpt.MARKER).is_file()
+
+
+class FakeEngine:
+    """DeepSpeed's save_checkpoint layout (a folder per tag); `fail` raises as torch.save does on a full disk."""
+
+    def __init__(self, payload: str, fail: bool = False):
+        self.payload, self.fail = payload, fail
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        if self.fail:
+            raise RuntimeError("unexpected pos 64 vs 0")
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "model.pt").write_text(self.payload)
+
+
+def test_saving_a_step_that_is_already_complete_keeps_it(tmp_path):
+    # A relaunch of a finished run (already at max_steps) saves the step it resumed from again: the
+    # complete copy was deleted before the rewrite, so a failed rewrite left no copy of that step.
+    kw = dict(rank=0, rank_state={"step": 4}, meta={"step": 4, "run_uid": "u1"}, ema_state=None, keep=1)
+    d = ckpt.save(tmp_path, 4, FakeEngine("v1"), FakeEngine("v1"), **kw)
+    assert ckpt.latest_complete(tmp_path, "u1") == d
+    assert ckpt.save(tmp_path, 4, FakeEngine("v2", fail=True), FakeEngine("v2", fail=True), **kw) == d
+    assert ckpt.latest_complete(tmp_path, "u1") == d and (d / "G" / "model.pt").read_text() == "v1"
+    # an unmarked folder of that step (a crash mid-save) is still rewritten
+    (d / ckpt.MARKER).unlink()
+    assert ckpt.save(tmp_path, 4, FakeEngine("v3"), FakeEngine("v3"), **kw) == d
+    assert ckpt.latest_complete(tmp_path, "u1") == d and (d / "D" / "model.pt").read_text() == "v3"

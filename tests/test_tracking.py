@@ -72,6 +72,18 @@ def test_flatten_keeps_values_and_params_are_strings():
                               "data.shards_b": "sqlite:////abs/x.db"}
 
 
+def test_values_under_secret_keys_never_become_params():
+    # a DeepSpeed JSON's monitor credentials reached MLflow as deepspeed.comet.api_key = 'SECRET123'
+    ds = {"comet": {"api_key": "SECRET123", "project": "p"}, "wandb": {"Auth": {"user": "u1"}},
+          "monitors": [{"Token": "t0k", "name": "m"}], "PASSWORD": 42, "client_secret": None,
+          "optimizer": {"type": "Adam", "params": {"lr": 0.1}}, "keep_ckpts": 3}
+    assert as_params({"deepspeed": ds}) == {
+        "deepspeed.comet.api_key": "***", "deepspeed.comet.project": "p", "deepspeed.wandb.Auth.user": "***",
+        "deepspeed.monitors": '[{"Token": "***", "name": "m"}]', "deepspeed.PASSWORD": "***",
+        "deepspeed.client_secret": "***", "deepspeed.optimizer.type": "Adam",
+        "deepspeed.optimizer.params.lr": "0.1", "deepspeed.keep_ckpts": "3"}
+
+
 def exercise(tracker: Tracker, run_dir: Path, shards: Path) -> str:
     """What the trainer does: params, datasets, per-step metrics, an image; returns the run id."""
     run_id = tracker.start(run_dir)

@@ -181,3 +181,35 @@ def test_release_step_gets_every_core():
         assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(before)
+
+
+def nan_on_micro_batches(monkeypatch, calls: set[int], half: str) -> None:
+    """gan_step with the generator ("g") or discriminator ("d") loss NaN on those calls (0-based,
+    counted over micro-batches), wherever in an accumulation window they fall."""
+    import model.unit as unit_module
+
+    real_step, real_d_loss, seen = T.gan_step, unit_module.discriminator_loss, []
+
+    def gan_step(*args, **kw):
+        seen.append(1)
+        return real_step(*args, **{**kw, "poison": half == "g" and len(seen) - 1 in calls})
+
+    def discriminator_loss(*args, **kw):
+        loss, terms = real_d_loss(*args, **kw)
+        return (loss * float("nan"), terms) if half == "d" and len(seen) - 1 in calls else (loss, terms)
+
+    monkeypatch.setattr(T, "gan_step", gan_step)
+    monkeypatch.setattr(unit_module, "discriminator_loss", discriminator_loss)
+
+
+@pytest.mark.parametrize("half,call", [("g", 1), ("d", 0)])
+def test_nonfinite_inside_an_accumulation_window_stops_the_run(corpus, tmp_path, monkeypatch, half, call):
+    # With 2 micro-batches per step, a NaN G loss on the second leaves the first one's gradients and
+    # micro-step in both engines; a NaN D loss on the first comes after G's backward and step. A
+    # skipped step would shift every later optimizer step across two trainer steps, so the first
+    # non-finite loss stops the run, whatever max_nonfinite allows.
+    tr = make_trainer(corpus, tmp_path / "run", accum=2, max_nonfinite=5)
+    nan_on_micro_batches(monkeypatch, {call}, half)
+    with pytest.raises(FloatingPointError, match="grad_accum_steps"):
+        steps(tr, 1)
+    assert tr.state.step == 1 and tr.state.nonfinite_total == 1

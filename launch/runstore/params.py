@@ -1,4 +1,4 @@
-"""Nested settings as flat "a.b.c" keys, and as MLflow params (strings within MLflow's limit)."""
+"""Nested settings as flat "a.b.c" keys, and as MLflow params (strings within MLflow's limit, secrets masked)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,8 @@ import json
 from pipeline.storage import redact_text
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+SECRET_WORDS = ("key", "token", "secret", "password", "credential", "auth")  # in a key name, any case
+MASK = "***"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -21,6 +23,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def names_secret(key) -> bool:
+    return any(w in str(key).lower() for w in SECRET_WORDS)
+
+
+def mask_secrets(v, secret: bool = False):
+    """`v` with every value below a key that names a secret (anywhere above it in the nesting, lists
+    included) replaced by MASK; the keys stay, so a param still says the setting was given. A
+    DeepSpeed JSON's monitor sections (comet api_key, wandb) are logged as params otherwise."""
+    if isinstance(v, dict):
+        return {k: mask_secrets(x, secret or names_secret(k)) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [mask_secrets(x, secret) for x in v]
+    return MASK if secret else v
+
+
 def param_value(v) -> str:
     """A value as an MLflow param: strings as they are, anything else as JSON; cut to MAX_PARAM_LEN.
     URLs in it lose what may hold a credential (user:password@, a signed URL's query): a config's
@@ -30,5 +47,5 @@ def param_value(v) -> str:
 
 
 def as_params(d: dict) -> dict[str, str]:
-    """flatten(d) with every value as param_value."""
-    return {k: param_value(v) for k, v in flatten(d).items()}
+    """flatten(d) with secrets masked (mask_secrets) and every value as param_value."""
+    return {k: param_value(v) for k, v in flatten(mask_secrets(d)).items()}

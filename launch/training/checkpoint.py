@@ -192,12 +192,26 @@ def _barrier():
         dist.barrier()
 
 
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank, so all take the same branch around DeepSpeed's collective save."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    shared = [flag]
+    dist.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
+
+
 def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state: dict,
          meta: dict | None, ema_state: dict | None, keep: int) -> Path:
     """Every rank calls this (DeepSpeed hangs if rank 0 saves alone). meta["run_uid"] marks the
     checkpoint as the run's own (for resuming and pruning)."""
     d = step_dir(run_dir, step)
     run_uid = (meta or {}).get("run_uid")
+    # A relaunch of a finished run (already at max_steps) saves the step it resumed from: that
+    # complete checkpoint holds this state already, and deleting it to rewrite it would leave no copy
+    # of the step (none at all with keep 1) if the rewrite failed (full disk, crash).
+    if _rank0_says(rank == 0 and d in complete_checkpoints(run_dir, run_uid)):
+        return d
     if rank == 0 and d.exists():
         if not only_ours(d):
             raise RuntimeError(f"{d} exists and holds files this trainer did not write; move them away")

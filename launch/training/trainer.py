@@ -36,7 +36,7 @@ import torch.distributed as dist
 import yaml
 
 from launch.config import (Config, ConfigError, config_hash, cpu_native_bf16, deepspeed_config, native_bf16,
-                           precision_warning, resolve_precision, resume_point)
+                           ds_resume_record, precision_warning, resolve_precision, resume_point)
 from launch.runstore import rundir
 from launch.runstore.artifacts import read_discriminator, read_translator, save_translator
 from launch.runstore.models import ORIGIN_NAME, fetch_export
@@ -317,7 +317,8 @@ def start_tracking(tr: Trainer) -> None:
 
 def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> StepResult | None:
     """One optimizer step of both engines over the accumulated micro-batches; None when a loss was
-    non-finite on some rank (then every rank skipped the rest of the step)."""
+    non-finite on some rank (then every rank skipped the rest of the step; with accumulation the
+    run then stops, count_nonfinite)."""
     result = None
     for _ in range(tr.eng_g.gradient_accumulation_steps()):
         t0 = time.perf_counter()
@@ -337,6 +338,16 @@ def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> Ste
 def count_nonfinite(tr: Trainer) -> None:
     tr.state.nonfinite_total += 1
     tr.nonfinite_run += 1
+    if tr.eng_g.gradient_accumulation_steps() > 1:
+        # The step ended part-way through its micro-batches: the engines keep the gradients already
+        # backpropagated and their micro-step counts (G's one ahead when D's loss was the bad one),
+        # so every later optimizer step would span two trainer steps. DeepSpeed has no public call
+        # that drops a partial accumulation (at ZeRO 1/2 zero_grad leaves the optimizer's buffers),
+        # so nothing is skipped: stop; every checkpoint was written at an accumulation boundary.
+        raise FloatingPointError(f"non-finite loss at step {tr.state.step} with train.grad_accum_steps = "
+                                 f"{tr.eng_g.gradient_accumulation_steps()}: a step cannot be skipped part-way "
+                                 "through its accumulation, so the run stops at the first one; resume from the "
+                                 "last checkpoint (lower optim.lr_g/lr_d or check the data)")
     tr.say(f"step {tr.state.step}: non-finite loss on some rank, step skipped on all ranks "
            f"({tr.nonfinite_run} in a row, {tr.state.nonfinite_total} in total)")
     if tr.nonfinite_run >= tr.cfg.train.max_nonfinite:
@@ -415,7 +426,7 @@ def save_checkpoint(tr: Trainer) -> Path:
         tr.state.run_id = tr.tracker.run_id or tr.state.run_id
     rank_state = {"step": step, "loader": tr.loader.state_dict(), "rng": ckpt.rng_state(), "world_size": tr.ranks.world}
     meta = {**tr.state.state_dict(), "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
-            "world_size": tr.ranks.world}
+            "world_size": tr.ranks.world, "deepspeed": ds_resume_record(tr.ds)}  # resume compares these
     try:
         return ckpt.save(tr.run_dir, step, tr.eng_g, tr.eng_d, rank=tr.ranks.rank, rank_state=rank_state, meta=meta,
                          ema_state=tr.ema.state_dict(), keep=cfg.train.keep_ckpts)
