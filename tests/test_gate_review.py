@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -18,16 +17,8 @@ from launch.release import evaluate as ev
 from launch.release.baselines import DomainStats
 from launch.release.registry import decide, download_version, register_run
 from test_registry import split, tiny, trained_run  # noqa: F401  (split: a module fixture)
+from test_quality_metrics import one_thread  # noqa: F401  (autouse: tiny CNNs run on one torch thread)
 from test_tracking import make_shards_meta
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CNNs on a shared 2-core machine: one torch thread is much faster than contending for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def black_stats() -> dict:
