@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo-data: $(STAMP)
-	$(PY) -m pipeline.demo --out $(DEMO_DIR) --n-train $(DEMO_TRAIN) --n-test $(DEMO_TEST) --size $(DEMO_SIZE) --seed 0
+	$(PY) -m pipeline.demo --out "$(DEMO_DIR)" --n-train $(DEMO_TRAIN) --n-test $(DEMO_TEST) --size $(DEMO_SIZE) --seed 0
 
 shards: $(STAMP)
 	@if [ "$(SRC_A)" = "$(DEMO_DIR)/trainA" ] && [ ! -d "$(SRC_A)" ]; then $(MAKE) --no-print-directory demo-data; fi
@@ -78,12 +78,12 @@ verify: $(STAMP)
 
 # Validate the config before any rank starts, then hand over to the DeepSpeed launcher.
 train: $(STAMP)
-	$(PY) -m launch.config $(CONFIG) $(ARGS) > /dev/null
-	$(VENV_PATH) $(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config $(CONFIG) $(ARGS)
+	$(PY) -m launch.config "$(CONFIG)" $(ARGS) > /dev/null
+	$(VENV_PATH) $(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config "$(CONFIG)" $(ARGS)
 
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-data
-	$(PY) -m pipeline.shards --src-a $(DEMO_DIR)/trainA --src-b $(DEMO_DIR)/trainB --out $(OUT) --workers $(WORKERS) --max-per-shard 500
+	$(PY) -m pipeline.shards --src-a "$(DEMO_DIR)/trainA" --src-b "$(DEMO_DIR)/trainB" --out "$(OUT)" --workers $(WORKERS) --max-per-shard 500
 	$(MAKE) --no-print-directory train CONFIG=configs/demo.yaml
 
 test: $(STAMP)

@@ -55,6 +55,7 @@ def test_infra_has_the_expected_files():
     expected = [
         "hostfile.example", "deepspeed_env.example", "README.md",
         "launch/multinode.sh", "launch/openmpi.sh", "launch/node.sh", "launch/common.sh",
+        "launch/mpi_rank.sh",
         "slurm/train.sbatch", "slurm/shards_array.sbatch",
         "k8s/kustomization.yaml", "k8s/train-job.yaml", "k8s/service.yaml",
         "k8s/secret.example.yaml", "k8s/shards/shards-job.yaml", "k8s/shards/merge-job.yaml",
@@ -184,9 +185,103 @@ def test_training_image_installs_cuda_torch_before_the_project():
 
 
 def test_dockerignore_keeps_local_state_out():
-    lines = (INFRA / "docker/Dockerfile.dockerignore").read_text().split()
-    for entry in (".git", ".venv", "runs", "data", ".deepspeed_env"):
-        assert entry in lines, f"{entry} is not ignored by the image build context"
+    for path in (".git/HEAD", ".venv/bin/python", "runs/demo/ckpt", "data/demo/trainA/0.png", ".deepspeed_env"):
+        assert docker_excluded(path), f"{path} is not ignored by the image build context"
+
+
+def _docker_pattern(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as a regex: Go's filepath.Match plus `**` (any number of folders)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def docker_excluded(path: str, dockerignore: Path = INFRA / "docker/Dockerfile.dockerignore") -> bool:
+    """Whether `docker build` leaves `path` (relative to the repository root) out of the context.
+
+    As Docker does: patterns are relative to the context root (no slash does NOT mean "at any
+    depth", unlike .gitignore), a pattern that matches a folder excludes what is inside, and the
+    last matching line wins (`!` re-includes)."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for raw in dockerignore.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        if any(_docker_pattern(pattern).match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def gitignore_samples() -> list[str]:
+    """One concrete path per .gitignore entry (and a nested one where git matches at any depth)."""
+    samples = []
+    for raw in (ROOT / ".gitignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        dir_only = line.endswith("/")
+        name = line.strip("/")
+        anchored = line.startswith("/") or "/" in name
+        base = re.sub(r"[*?]", "x", name) + ("/f" if dir_only else "")
+        samples.append(base)
+        if not anchored:
+            samples.append(f"some/dir/{base}")
+    return samples
+
+
+def test_docker_excluded_matches_dockers_rules(tmp_path):
+    # Guards the matcher the tests below rely on.
+    ignore = tmp_path / "ignore"
+    ignore.write_text("# c\n.git\n**/*.pyc\nruns\nsecrets/\n!runs/keep\n")
+    assert docker_excluded(".git/config", ignore) and docker_excluded("a/b/c.pyc", ignore)
+    assert docker_excluded("secrets/pw", ignore) and docker_excluded("runs/x", ignore)
+    assert not docker_excluded("runs/keep", ignore)
+    assert not docker_excluded("a/runs/x", ignore), "a pattern without ** is anchored at the root"
+    assert not docker_excluded("launch/train.py", ignore)
+
+
+def test_dockerignore_covers_everything_gitignore_ignores():
+    # Whatever git leaves out (local state, secrets, infra/hostfile) must not reach `COPY . /app`
+    # either, or a pushed image carries it.
+    samples = gitignore_samples()
+    assert "infra/mlflow/secrets/f" in samples and ".deepspeed_env" in samples
+    leaked = [s for s in samples if not docker_excluded(s)]
+    assert not leaked, f"in .gitignore but sent to the image build: {leaked}"
+
+
+def test_dockerignore_keeps_secrets_out_of_the_image():
+    # The server stack's secret files (infra/README section 8 creates them inside the repository).
+    doc = compose()
+    files = [(INFRA / "mlflow" / spec["file"]).resolve().relative_to(ROOT) for spec in doc["secrets"].values()]
+    assert files
+    others = [".deepspeed_env", "infra/.deepspeed_env", ".env", "infra/mlflow/.env", "prod.env",
+              "infra/hostfile", ".mlflow/credentials", ".aws/credentials", "some/dir/credentials",
+              "deploy/tls.key", "deploy/tls.pem", "x.secret"]
+    leaked = [str(f) for f in [*files, *others] if not docker_excluded(str(f))]
+    assert not leaked, f"secret-bearing paths sent to the image build: {leaked}"
+
+
+def test_dockerignore_keeps_the_project_in_the_context():
+    # The other side: `pip install .` needs the sources; no pattern may be that broad.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    wanted = [f for f in tracked if f == "pyproject.toml" or f.split("/")[0] in {"launch", "pipeline", "model", "configs"}]
+    assert len(wanted) > 20, wanted
+    lost = [f for f in wanted if docker_excluded(f)]
+    assert not lost, f"left out of the image build: {lost}"
 
 
 # ---------------------------------------------------------------- MLflow stack
@@ -319,9 +414,82 @@ def test_training_job_shape_and_rendezvous():
     assert env["MASTER_ADDR"]["value"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert "secretKeyRef" in env["MLFLOW_TRACKING_URI"]["valueFrom"]
-    assert container["command"] == ["bash", "infra/launch/node.sh"]
-    assert (ROOT / container["command"][1]).is_file()
+    assert container["command"][-2:] == ["bash", "infra/launch/node.sh"]
+    assert (ROOT / container["command"][-1]).is_file()
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def pod_templates():
+    """(where, pod spec) for every Job in infra/k8s."""
+    found = []
+    for path in YAML_FILES:
+        if "k8s" not in path.parts:
+            continue
+        for doc in load_yaml_docs(path):
+            if doc.get("kind") == "Job":
+                found.append((rel(path), doc["spec"]["template"]["spec"]))
+    return found
+
+
+def test_pod_templates_were_found():
+    assert {where for where, _ in pod_templates()} >= {
+        "infra/k8s/train-job.yaml", "infra/k8s/shards/shards-job.yaml", "infra/k8s/shards/merge-job.yaml"}
+
+
+def image_tini() -> str:
+    """The tini the training image installs and makes its ENTRYPOINT."""
+    instructions = parse_dockerfile((INFRA / "docker/Dockerfile").read_text())
+    assert any(kw == "RUN" and re.search(r"apt-get install[^&]* tini\b", args) for kw, args in instructions)
+    (entrypoint,) = [args for kw, args in instructions if kw == "ENTRYPOINT"]
+    tini = yaml.safe_load(entrypoint)[0]
+    assert tini == "/usr/bin/tini", tini  # where Ubuntu's tini package puts it
+    return tini
+
+
+@pytest.mark.parametrize("where, pod", pod_templates(), ids=[w for w, _ in pod_templates()])
+def test_pods_run_tini_as_pid_1(where, pod):
+    # A `command:` replaces the image's ENTRYPOINT: without tini there, the program is PID 1,
+    # which has no default signal handlers (SIGTERM is dropped) and reaps no orphans.
+    tini = image_tini()
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        command = c.get("command")
+        if command is None:
+            continue  # the image's ENTRYPOINT (tini) stays
+        assert command[0] == tini and "--" in command[1:3], f"{where}:{c['name']} runs {command[:3]} as PID 1"
+
+
+@pytest.mark.parametrize("where, pod", pod_templates(), ids=[w for w, _ in pod_templates()])
+def test_pods_meet_the_restricted_pod_security_level(where, pod):
+    # https://kubernetes.io/docs/concepts/security/pod-security-standards/ ("Restricted")
+    pod_ctx = pod.get("securityContext", {})
+    assert pod_ctx.get("runAsNonRoot") is True, where
+    assert pod_ctx.get("runAsUser") != 0, where
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key), f"{where} sets {key}"
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+               "projected", "secret"}
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        assert kinds <= allowed, f"{where}: volume {volume['name']} is {kinds}"
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        ctx = c.get("securityContext", {})
+        name = f"{where}:{c['name']}"
+        assert ctx.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation is not false"
+        assert ctx.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: capabilities are not dropped"
+        assert not ctx.get("capabilities", {}).get("add"), f"{name} adds capabilities"
+        assert not ctx.get("privileged"), f"{name} is privileged"
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {}))
+        assert seccomp.get("type") == "RuntimeDefault", f"{name}: no RuntimeDefault seccomp profile"
+        assert ctx.get("runAsUser", 1) != 0 and ctx.get("runAsNonRoot", True) is True, name
+        for port in c.get("ports", []):
+            assert "hostPort" not in port, name
+
+
+def test_training_job_says_how_to_relaunch():
+    # A finished Job cannot be re-applied into a new run: it must be deleted first.
+    text = (INFRA / "k8s/train-job.yaml").read_text()
+    assert "Re-apply to relaunch" not in text
+    assert "kubectl delete job unit-train" in text
 
 
 def test_secret_example_has_every_key_the_jobs_use():
@@ -346,8 +514,10 @@ def test_shards_job_parts_agree():
     assert int(env["PARTS"]["value"]) == spec["completions"]
     args = container["args"]
     assert args[args.index("--part") + 1] == "$(PART_INDEX)/$(PARTS)"
-    assert container["command"][:2] == ["bash", "-c"]
-    assert 'python -m pipeline.shards "$@"' in container["command"][2]
+    command = container["command"]
+    command = command[command.index("--") + 1:]
+    assert command[:2] == ["bash", "-c"]
+    assert 'python -m pipeline.shards "$@"' in command[2]
 
 
 def embedded_scripts():
@@ -364,6 +534,8 @@ def embedded_scripts():
             spec = doc.get("spec", {}).get("template", {}).get("spec", {})
             for c in spec.get("containers", []):
                 cmd = c.get("command", [])
+                if cmd[:1] == ["/usr/bin/tini"]:
+                    cmd = cmd[cmd.index("--") + 1:]
                 if cmd[:2] in (["bash", "-c"], ["sh", "-c"]):
                     script = cmd[2] if len(cmd) > 2 else c["args"][0]
                     found.append((f"{rel(path)}:{c['name']}", script))
@@ -450,7 +622,10 @@ def test_ssh_recipes_build_the_deepspeed_command(tmp_path, script):
 @pytest.mark.parametrize(
     "var, value",
     [("MLFLOW_TRACKING_PASSWORD", "hunter2"), ("MLFLOW_TRACKING_TOKEN", "hunter2"),
-     ("NCCL_SECRET", "hunter2"), ("MLFLOW_TRACKING_URI", "https://me:hunter2@mlflow.example.org")],
+     ("NCCL_SECRET", "hunter2"), ("MLFLOW_TRACKING_URI", "https://me:hunter2@mlflow.example.org"),
+     # every forwarded variable is copied onto the command line, not only the tracking URI
+     ("MLFLOW_REGISTRY_URI", "https://alice:hunter2@mlflow.example.org"),
+     ("PYTHON_PACKAGE_URL", "https://alice:hunter2@pypi.example.org/simple")],
 )
 def test_ssh_recipes_refuse_forwarded_secrets(tmp_path, script, var, value):
     proc = run_bash([script], env=dry_run_env(tmp_path, **{var: value}))
@@ -463,6 +638,122 @@ def test_ssh_recipe_checks_deepspeed_env_in_cwd(tmp_path):
     (tmp_path / ".deepspeed_env").write_text("AWS_SECRET_ACCESS_KEY=abc\n")
     proc = run_bash([str(INFRA / "launch/multinode.sh")], env=dry_run_env(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "looks like a secret" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["infra/launch/multinode.sh", "infra/launch/openmpi.sh"])
+def test_ssh_recipes_pass_forwarded_uris_without_credentials(tmp_path, script):
+    env = dry_run_env(tmp_path, MLFLOW_TRACKING_URI="https://mlflow.example.org",
+                      MLFLOW_REGISTRY_URI="https://mlflow.example.org:5000/path")
+    proc = run_bash([script], env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("where", ["absolute", "home", "cwd"])
+def test_ssh_recipe_checks_the_ds_env_file_deepspeed_reads(tmp_path, where):
+    # DeepSpeed reads os.path.join(dir, DS_ENV_FILE) for dir in (~, .): an absolute name is
+    # read as it is.
+    home, cwd, elsewhere = tmp_path / "home", tmp_path / "cwd", tmp_path / "elsewhere"
+    for d in (home, cwd, elsewhere):
+        d.mkdir()
+    target = {"absolute": elsewhere, "home": home, "cwd": cwd}[where] / "ds_env"
+    target.write_text("AWS_SECRET_ACCESS_KEY=abc\n")
+    name = str(target) if where == "absolute" else "ds_env"
+    env = dry_run_env(tmp_path, HOME=str(home), DS_ENV_FILE=name)
+    proc = run_bash([str(INFRA / "launch/multinode.sh")], env=env, cwd=cwd)
+    assert proc.returncode == 2 and "looks like a secret" in proc.stderr, proc.stderr
+    assert str(target) in proc.stderr or "ds_env" in proc.stderr
+
+
+GOOD_HOSTFILE = """# a comment
+gpu-node-01 slots=8
+
+   # an indented comment
+gpu_node.02.example.org   slots=8   # rack 3
+10.0.0.3 slots=4
+"""
+
+
+@pytest.mark.parametrize("script", ["infra/launch/multinode.sh", "infra/launch/openmpi.sh"])
+def test_ssh_recipes_accept_what_deepspeed_parses(tmp_path, script):
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    env = dry_run_env(tmp_path)
+    Path(env["HOSTFILE"]).write_text(GOOD_HOSTFILE)
+    assert list(fetch_hostfile(env["HOSTFILE"])) == ["gpu-node-01", "gpu_node.02.example.org", "10.0.0.3"]
+    proc = run_bash([script], env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["infra/launch/multinode.sh", "infra/launch/openmpi.sh"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "-oProxyCommand=touch${IFS}MARKER slots=8",  # an ssh option: ran on the launching host
+        "-v slots=8",
+        "gpu-1;touch${IFS}MARKER slots=8",
+        "$(touch MARKER) slots=8",
+        "gpu-1",
+        "gpu-1 slots=eight",
+        "gpu-1 slots=8 extra",
+        "user@gpu-1 slots=8",
+    ],
+)
+def test_ssh_recipes_refuse_bad_hostfile_entries(tmp_path, script, entry):
+    marker = tmp_path / "marker"
+    env = dry_run_env(tmp_path)
+    Path(env["HOSTFILE"]).write_text(f"# nodes\ngpu-0 slots=8\n{entry.replace('MARKER', str(marker))}\n")
+    proc = run_bash([script], env=env)
+    assert proc.returncode == 2, proc.stdout
+    assert "line 3" in proc.stderr and "hostfile" in proc.stderr, proc.stderr
+    assert not marker.exists()
+
+
+def test_openmpi_recipe_hands_master_addr_and_port_to_every_rank(tmp_path):
+    # DeepSpeed's openmpi launcher passes neither, and its MPI discovery (init_distributed
+    # without RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) would take rank 0's `hostname -I` and port
+    # 29500: the recipe exports both with mpirun -x and runs each rank through mpi_rank.sh,
+    # which sets the rest from OpenMPI's variables, so discovery never runs.
+    proc = run_bash(["infra/launch/openmpi.sh", "k=v"],
+                    env=dry_run_env(tmp_path, MASTER_ADDR="10.0.0.1", MASTER_PORT="1234"))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "--master_addr 10.0.0.1 " in out and "--master_port 1234 " in out
+    assert re.search(r"--launcher_args .*-x\\ MASTER_ADDR\\ -x\\ MASTER_PORT", out), out
+    assert re.search(r"--no_python bash infra/launch/mpi_rank\.sh /\S*python\S* -u launch/train\.py --config ", out), out
+
+
+def test_openmpi_recipe_defaults_master_addr_to_the_first_host(tmp_path):
+    env = dry_run_env(tmp_path)
+    Path(env["HOSTFILE"]).write_text("# rank 0 runs on the first host\n\ngpu-a slots=2\ngpu-b slots=2\n")
+    proc = run_bash(["infra/launch/openmpi.sh"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--master_addr gpu-a " in proc.stdout and "--master_port 29500 " in proc.stdout
+
+
+def test_mpi_rank_maps_openmpi_variables():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    proc = run_bash(["infra/launch/mpi_rank.sh", "env"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert {k: got.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                    "MASTER_PORT")} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [("MASTER_ADDR", "MASTER_ADDR"), ("MASTER_PORT", "MASTER_PORT"), ("OMPI_COMM_WORLD_RANK", "mpirun")],
+)
+def test_mpi_rank_refuses_a_partial_environment(drop, message):
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    del env[drop]
+    base = {k: v for k, v in os.environ.items() if k not in env and not k.startswith("OMPI_")}
+    proc = subprocess.run(["bash", "infra/launch/mpi_rank.sh", "true"], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def node_dry_run(**env):
@@ -509,6 +800,30 @@ def test_node_launcher_rejects_bad_shapes(env, message):
     assert proc.returncode == 2 and message in proc.stderr, (proc.returncode, proc.stderr)
 
 
+@pytest.mark.parametrize("value", ["5m", "-1", "1e3", "PATH[0]"])
+def test_node_launcher_rejects_a_bad_master_wait(value):
+    proc = node_dry_run(NODE_RANK="1", MASTER_WAIT_S=value)
+    assert proc.returncode == 2 and "MASTER_WAIT_S must be" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_node_launcher_never_evaluates_master_wait(tmp_path):
+    # bash arithmetic evaluates a variable's value as an expression, command substitutions in
+    # array subscripts included. A fake deepspeed stands in for the launch.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "deepspeed"
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path}/launched\n")
+    fake.chmod(0o755)
+    marker = tmp_path / "marker"
+    env = {"NNODES": "2", "GPUS_PER_NODE": "1", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_WAIT_S": f"PATH[$(touch {marker})]", "TMPDIR": str(tmp_path),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = run_bash(["infra/launch/node.sh"], env=env)
+    assert not marker.exists(), "MASTER_WAIT_S ran a command"
+    assert proc.returncode == 2 and "MASTER_WAIT_S must be" in proc.stderr, proc.stderr
+    assert not (tmp_path / "launched").exists()
+
+
 def test_slurm_train_runs_one_launcher_per_node():
     text = (INFRA / "slurm/train.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=1" in text
@@ -533,6 +848,37 @@ def test_shards_array_submits_parts_then_dependent_merge(tmp_path):
     assert "--dependency=afterok:4242" in second and "SHARDS_STEP=merge" in second
 
 
+@pytest.mark.parametrize("step", ["part", "merge"])
+def test_shards_array_tasks_activate_the_virtualenv(tmp_path, step):
+    # As train.sbatch does: a batch job's shell has no virtualenv active; .venv in the
+    # submission folder provides the python that has the project installed.
+    root = tmp_path / "root"
+    venv_bin = root / ".venv/bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text(f'VIRTUAL_ENV={root}/.venv\nexport VIRTUAL_ENV\nPATH="{venv_bin}:$PATH"\n')
+    fake = venv_bin / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" > {tmp_path}/args\n')
+    fake.chmod(0o755)
+    env = {"SRC_A": "/a", "SRC_B": "/b", "OUT": "/shared/out", "PARTS": "3", "SLURM_JOB_ID": "7",
+           "SLURM_SUBMIT_DIR": str(root)}
+    env.update({"SLURM_ARRAY_TASK_ID": "0"} if step == "part" else {"SHARDS_STEP": "merge"})
+    base = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "UNIT_ROOT"}}
+    proc = subprocess.run(["bash", str(INFRA / "slurm/shards_array.sbatch")], cwd=tmp_path,
+                          env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "args").read_text().startswith("-m pipeline.shards ")
+
+
+@pytest.mark.parametrize("path", SHELL_FILES, ids=rel)
+def test_possibly_empty_arrays_expand_on_old_bash(path):
+    # Under `set -u`, bash < 4.4 calls "${a[@]}" of an empty array unbound; an array read from
+    # an optional variable (`read -r -a`) must use the ${a[@]+"${a[@]}"} form.
+    text = path.read_text()
+    for name in re.findall(r"read -r -a (\w+)", text):
+        bare = re.findall(r'(?<!\+)"\$\{' + name + r'\[@\]\}"', text)
+        assert not bare, f"{rel(path)}: {bare[0]} fails for an empty array under set -u on bash < 4.4"
+
+
 @pytest.mark.parametrize("python_rc, expected", [(0, 0), (3, 0), (1, 1)])
 def test_shards_array_task_treats_quarantine_as_success(tmp_path, python_rc, expected):
     # pipeline.shards exits 3 when it quarantined inputs; that must not cancel the merge.
@@ -543,11 +889,46 @@ def test_shards_array_task_treats_quarantine_as_success(tmp_path, python_rc, exp
     fake.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRC_A": "/a", "SRC_B": "/b",
            "OUT": "/shared/out", "PARTS": "3", "SLURM_ARRAY_TASK_ID": "2",
-           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_CPUS_PER_TASK": "4"}
+           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_CPUS_PER_TASK": "4"}
     proc = run_bash(["infra/slurm/shards_array.sbatch"], env=env)
     assert proc.returncode == expected, proc.stderr
     args = (tmp_path / "args").read_text()
     assert "-m pipeline.shards --src-a /a --src-b /b --out /shared/out --workers 4 --part 2/3" in args
+
+
+# ---------------------------------------------------------------- Makefile
+
+
+@pytest.mark.parametrize("target", ["demo-data", "shards", "train", "demo"])
+def test_make_targets_keep_paths_with_spaces_whole(tmp_path, target):
+    # A fake virtualenv records each command's arguments, so the recipes run for real.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls"
+    for tool in ("python", "deepspeed"):
+        fake = venv / "bin" / tool
+        fake.write_text(f'#!/bin/sh\n{{ printf "<%s>" "$@"; echo; }} >> {log}\n')
+        fake.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: no setup
+    spaced = tmp_path / "my dir"
+    paths = {"DEMO_DIR": f"{spaced}/demo", "OUT": f"{spaced}/shards", "CONFIG": f"{spaced}/c.yaml"}
+    proc = subprocess.run(["make", "-s", "--no-print-directory", target, f"VENV={venv}",
+                           *(f"{k}={v}" for k, v in paths.items())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls, "nothing ran"
+    for call in calls:
+        for arg in re.findall(r"<([^>]*)>", call):
+            assert not arg.endswith("/my") and not arg.startswith("dir/"), f"a path was split: {call}"
+    expected = {"demo-data": [f"<--out><{paths['DEMO_DIR']}>"],
+                "shards": [f"<--out><{paths['DEMO_DIR']}>", f"<--src-a><{paths['DEMO_DIR']}/trainA>",
+                           f"<--out><{paths['OUT']}>"],
+                "train": [f"<launch.config><{paths['CONFIG']}>", f"<--config><{paths['CONFIG']}>"],
+                "demo": [f"<--out><{paths['DEMO_DIR']}>", f"<--src-a><{paths['DEMO_DIR']}/trainA>",
+                         f"<--src-b><{paths['DEMO_DIR']}/trainB>", f"<--out><{paths['OUT']}>"]}[target]
+    for want in expected:
+        assert any(want in call for call in calls), f"{want} not in {calls}"
 
 
 ALL_REDUCE = """
@@ -591,3 +972,81 @@ def test_node_launcher_runs_two_nodes_for_real(tmp_path):
         assert results == [
             f"RESULT rank={rank} world=2 sum=3.0 args=['--local_rank=0', '--config', 'c.yaml', 'k=v']"
         ], out[-3000:]
+
+
+# A stand-in for OpenMPI's mpirun: starts -n ranks here, with OpenMPI's per-rank variables, in
+# an environment where the launcher's MASTER_*/RANK variables reach a rank only through -x (as
+# on a remote host).
+FAKE_MPIRUN = """
+import os, re, subprocess, sys
+args, exports, n, hostfile = sys.argv[1:], {}, 0, None
+while args and args[0].startswith("-"):
+    flag = args.pop(0)
+    if flag == "-n":
+        n = int(args.pop(0))
+    elif flag == "-hostfile":
+        hostfile = args.pop(0)
+    elif flag in ("--mca", "-mca"):
+        del args[:2]
+    elif flag == "-x":
+        key, eq, value = args.pop(0).partition("=")
+        exports[key] = value if eq else os.environ[key]
+    else:
+        sys.exit(f"fake mpirun: unknown flag {flag}")
+slots = [int(m.group(1)) for line in open(hostfile) if (m := re.match(r"\\S+\\s+slots=(\\d+)", line.strip()))]
+local = [i for s in slots for i in range(s)]
+base = {k: v for k, v in os.environ.items()
+        if k not in {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}}
+procs = [subprocess.Popen(args, env={**base, **exports, "OMPI_COMM_WORLD_RANK": str(r),
+                                     "OMPI_COMM_WORLD_SIZE": str(n), "OMPI_COMM_WORLD_LOCAL_RANK": str(local[r]),
+                                     "OMPI_COMM_WORLD_LOCAL_SIZE": str(slots[0])})
+         for r in range(n)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+DS_ALL_REDUCE = """
+import os, sys, deepspeed, torch, torch.distributed as dist
+deepspeed.init_distributed(dist_backend="gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"RESULT rank={dist.get_rank()} world={dist.get_world_size()} sum={t.item()} "
+      f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} args={sys.argv[1:]}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_openmpi_recipe_ranks_use_master_addr_and_port_for_real(tmp_path):
+    """openmpi.sh -> the real deepspeed runner -> (fake) mpirun -> two ranks on MASTER_ADDR:MASTER_PORT.
+
+    Without the recipe's exports, deepspeed.init_distributed would fall back to MPI discovery
+    (mpi4py, which is not installed here, and port 29500)."""
+    from trainutil import free_port
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"mpirun": f"#!{sys.executable}\n{FAKE_MPIRUN}", "ompi_info": "#!/bin/sh\n",
+                       "ssh": "#!/bin/sh\nexit 0\n"}.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "all_reduce.py"
+    script.write_text(DS_ALL_REDUCE)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    env = {"HOSTFILE": str(hostfile), "CONFIG": "c.yaml", "TRAIN_SCRIPT": str(script),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HOME": str(tmp_path),
+           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    (tmp_path / "c.yaml").write_text("run_dir: x\n")
+    env["CONFIG"] = str(tmp_path / "c.yaml")
+    proc = subprocess.run(["bash", "infra/launch/openmpi.sh", "k=v"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW", "NCCL"))}, **env})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    results = sorted(line for line in out.splitlines() if line.startswith("RESULT"))
+    assert results == [
+        f"RESULT rank={r} world=2 sum=3.0 master=127.0.0.1:{port} args=['--config', '{env['CONFIG']}', 'k=v']"
+        for r in (0, 1)
+    ], out[-3000:]
+

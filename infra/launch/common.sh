@@ -18,12 +18,16 @@ die() {
     exit 2
 }
 
-# Fail when a forwarded variable looks like a secret, or a tracking URI embeds user:password.
+# Fail when a forwarded variable looks like a secret, or any forwarded value is a URL that
+# embeds user:password@ (MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI, ...). Never print a value.
 refuse_forwarded_secrets() {
-    local name bad=()
+    local name bad=() with_url=()
     while IFS= read -r name; do
-        if [[ $name =~ $UNIT_FORWARDED_PREFIXES && $name =~ $UNIT_SECRET_NAMES ]]; then
+        [[ $name =~ $UNIT_FORWARDED_PREFIXES ]] || continue
+        if [[ $name =~ $UNIT_SECRET_NAMES ]]; then
             bad+=("$name")
+        elif [[ ${!name} =~ ://[^/@]+@ ]]; then
+            with_url+=("$name")
         fi
     done < <(compgen -e)
     if ((${#bad[@]})); then
@@ -31,8 +35,9 @@ refuse_forwarded_secrets() {
             "Unset it and use ~/.mlflow/credentials (mlflow_tracking_username/password, chmod 600)" \
             "or your scheduler's secret mechanism; see infra/README.md, 'Secrets'."
     fi
-    if [[ ${MLFLOW_TRACKING_URI:-} =~ ://[^/@]+@ ]]; then
-        die "MLFLOW_TRACKING_URI carries credentials (user:password@host); put them in ~/.mlflow/credentials instead."
+    if ((${#with_url[@]})); then
+        die "${with_url[*]} carries credentials (user:password@host) and would be put on the remote" \
+            "command line; put them in ~/.mlflow/credentials instead."
     fi
 }
 
@@ -52,18 +57,53 @@ check_deepspeed_env() {
     done <"$file"
 }
 
-# Run the checks on the environment and on every .deepspeed_env DeepSpeed would read.
+# Run the checks on the environment and on every .deepspeed_env DeepSpeed would read: it reads
+# os.path.join(dir, DS_ENV_FILE) for dir in (~, .), which is DS_ENV_FILE itself when absolute.
 preflight_forwarded_env() {
     refuse_forwarded_secrets
     local name=${DS_ENV_FILE:-.deepspeed_env}
-    check_deepspeed_env "$HOME/$name"
-    check_deepspeed_env "./$name"
+    if [[ $name == /* ]]; then
+        check_deepspeed_env "$name"
+    else
+        check_deepspeed_env "$HOME/$name"
+        check_deepspeed_env "./$name"
+    fi
+}
+
+# DeepSpeed takes the first word of each hostfile line as a host and hands it to ssh and pdsh
+# unquoted (`ssh -oProxyCommand=... slots=8` runs a command on the launching host), so accept
+# only plain host names: "<name> slots=<N>" with an optional trailing comment, plus comment and
+# blank lines (what DeepSpeed's parser skips).
+check_hostfile() {
+    local file=$1 line n=0
+    local entry='^[A-Za-z0-9_][A-Za-z0-9._-]*[[:space:]]+slots=[0-9]+([[:space:]]+#.*)?$'
+    while IFS= read -r line || [[ -n $line ]]; do
+        n=$((n + 1))
+        line=${line#"${line%%[![:space:]]*}"}
+        line=${line%"${line##*[![:space:]]}"}
+        [[ -z $line || $line == '#'* || $line =~ $entry ]] && continue
+        die "hostfile $file line $n is not '<host> slots=<N>' (host: letters, digits, '.', '-', '_';" \
+            "not starting with '-'; a user name goes in ~/.ssh/config): $line"
+    done <"$file"
+}
+
+# The first host of a hostfile (where mpirun and pdsh put rank 0).
+hostfile_first_host() {
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do
+        read -r line _ <<<"$line"
+        [[ -z $line || $line == '#'* ]] && continue
+        echo "$line"
+        return 0
+    done <"$1"
+    die "hostfile $1 lists no host"
 }
 
 # The checks every ssh-style launcher makes before it builds its command.
 preflight_launch() {
     preflight_forwarded_env
     [[ -f $HOSTFILE ]] || die "hostfile $HOSTFILE not found (copy infra/hostfile.example and edit it)"
+    check_hostfile "$HOSTFILE"
     [[ -f $CONFIG ]] || die "config $CONFIG not found (run from the repository root)"
 }
 

@@ -41,6 +41,8 @@ if ! is_int "$NODE_RANK" || ((NODE_RANK >= NNODES)); then
 fi
 [[ -n ${MASTER_ADDR:-} ]] || die "MASTER_ADDR is not set (the address of node 0)"
 is_int "$MASTER_PORT" || die "MASTER_PORT must be an integer, got '$MASTER_PORT'"
+# Checked before any arithmetic: bash evaluates a variable's value there as an expression.
+is_int "$MASTER_WAIT_S" || die "MASTER_WAIT_S must be a whole number of seconds, got '$MASTER_WAIT_S'"
 
 read -r -a names <<<"${NODE_NAMES:-}"
 if ((${#names[@]} == 0)); then
@@ -49,7 +51,7 @@ fi
 ((${#names[@]} == NNODES)) || die "NODE_NAMES has ${#names[@]} names but NNODES=$NNODES"
 
 hostfile=$(mktemp "${TMPDIR:-/tmp}/unit-hostfile.XXXXXX")
-for name in "${names[@]}"; do
+for name in ${names[@]+"${names[@]}"}; do
     echo "$name slots=$GPUS_PER_NODE"
 done >"$hostfile"
 
