@@ -7,7 +7,8 @@ The config is validated before torch.distributed starts (a bad value never stran
 every rank trains (launch/training/trainer.py); rank 0 then evaluates the export once beside the
 trivial baselines and registers it (launch/release/finish.py).
 
-Exit codes: 0 done, 2 bad config, 4 too many non-finite losses, 5 a checkpoint could not be
+Exit codes: 0 done (an end-of-run evaluation or registration failure is a warning naming the
+command to run later), 2 bad config, 4 too many non-finite losses, 5 a checkpoint could not be
 written, 6 a rank stalled (launch/training/watchdog.py).
 """
 from __future__ import annotations

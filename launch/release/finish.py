@@ -29,12 +29,20 @@ def eval_options(cfg: Config, stats) -> EvalOptions:
 def finish_run(cfg: Config, export_dir: str | Path) -> dict:
     """Returns {"evaluation": ..., "registry": ...} (each when it happened)."""
     run_dir, export_dir, out = Path(cfg.run_dir), Path(export_dir), {}
-    stats = baselines.from_config(cfg)
-    baselines.save(export_dir / baselines.FILE_NAME, stats)
     res, split = None, cfg.data.test_split()
-    if split:
-        res = evaluate_export(export_dir, **split, size=cfg.data.scale(), opts=eval_options(cfg, stats))
-        out["evaluation"] = res
+    what = "estimating the baselines"
+    try:
+        stats = baselines.from_config(cfg)
+        baselines.save(export_dir / baselines.FILE_NAME, stats)
+        if split:
+            what = "the end-of-run evaluation"
+            res = evaluate_export(export_dir, **split, size=cfg.data.scale(), opts=eval_options(cfg, stats))
+            out["evaluation"] = res
+    except Exception as e:  # training and the export are complete: say what to run, exit as done
+        print(f"warning: {what} failed ({type(e).__name__}: {redact_text(str(e))}); the export is complete, "
+              f"nothing was evaluated or registered; later: {redact_text(retry_command(cfg, export_dir))}",
+              flush=True)
+        return out
     if not cfg.tracking.enable:
         return out
     # the config's URI, when it names one: tracking.json keeps it without a password it may carry
@@ -52,6 +60,21 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
         print(f"warning: registering the model failed ({type(e).__name__}: {redact_text(str(e))}); retry with "
               f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)
     return out
+
+
+def retry_command(cfg: Config, export_dir: Path) -> str:
+    """The command that does what finish_run could not: registering evaluates on the config's test
+    split and estimates missing baselines itself; else the evaluation (with the shards for the baselines
+    when they were not saved)."""
+    if cfg.tracking.enable and cfg.registry.enable:
+        return f"python -m launch.release.register --run-dir {cfg.run_dir}"
+    split = cfg.data.test_split()
+    pairs = (f"--test-a {split['test_a']} --truth-b {split['truth_b']} --test-b {split['test_b']} "
+             f"--truth-a {split['truth_a']}") if split else "--test-a DIR --truth-b DIR"
+    cmd = f"python -m launch.release.evaluate --model {export_dir} {pairs} --size {cfg.data.scale()}"
+    if not (export_dir / baselines.FILE_NAME).is_file():
+        cmd += f" --shards {cfg.data.shards or 'OUT'}"
+    return cmd
 
 
 def log_run_metrics(run_dir: Path, metrics: dict, tracking_uri: str | None = None) -> None:

@@ -13,11 +13,24 @@ from pipeline.tensors import normalize, to_tensor, to_uint8
 
 def held_out_batch(test_a: str | None, test_b: str | None, image_size: int, n: int, side_stream):
     """A fixed set of images per domain for the sample grids: the paired test split when given,
-    else the first batch of `side_stream()` (an un-augmented loader of the training shards)."""
+    else the first batch of `side_stream()` (an un-augmented loader of the training shards).
+
+    The generator's forward takes as many images of a as of b, so both sides get the fewer of n
+    and what each folder holds. Test images that cannot be read are skipped and named, as
+    evaluation does; folders with nothing usable fall back to the training shards: the grids are
+    for looking at, and must not stop a run."""
     if test_a and test_b:
-        _, a = load_folder(test_a, image_size)
-        _, b = load_folder(test_b, image_size)
-        return to_tensor(a[:n]), to_tensor(b[:n])
+        rejected: list[str] = []
+        try:
+            _, a = load_folder(test_a, image_size, rejected)
+            _, b = load_folder(test_b, image_size, rejected)
+            m = min(n, len(a), len(b))
+            return to_tensor(a[:m]), to_tensor(b[:m])
+        except (OSError, ValueError) as e:  # no usable image, or stems that repeat
+            print(f"warning: sample grids: {e}; they show training images instead", flush=True)
+        finally:
+            for r in rejected:
+                print(f"warning: sample grids: skipped {r}", flush=True)
     batch = next(iter(side_stream()))
     return normalize(batch["a"][:n]), normalize(batch["b"][:n])  # float32 [n,3,H,W] in [-1, 1]
 
@@ -29,9 +42,11 @@ def sample_rows(gen, x_a, x_b) -> list:
     where the model has one); the cycle is that of the GAN translation, the one training sees."""
     was_training = gen.training
     gen.eval()
-    out = gen(x_a, x_b)
-    y_ab, y_ba = gen.translate(x_a, "a2b"), gen.translate(x_b, "b2a")
-    gen.train(was_training)
+    try:
+        out = gen(x_a, x_b)
+        y_ab, y_ba = gen.translate(x_a, "a2b"), gen.translate(x_b, "b2a")
+    finally:  # a failed grid must not leave the training generator in eval mode
+        gen.train(was_training)
     rows = [[x_a[i], out["x_aa"][i], y_ab[i], out["x_aba"][i]] for i in range(x_a.shape[0])]
     rows += [[x_b[i], out["x_bb"][i], y_ba[i], out["x_bab"][i]] for i in range(x_b.shape[0])]
     return rows

@@ -177,6 +177,8 @@ def init_ranks(cfg: Config) -> Ranks:
         torch.set_num_threads(cfg.train.threads)
     ds_logger.setLevel(logging.WARNING)  # engine set-up prints pages of INFO per engine and rank
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # Under OpenMPI, infra/launch/mpi_rank.sh sets RANK, WORLD_SIZE and LOCAL_RANK beside MASTER_*,
+    # so DeepSpeed's MPI discovery (which would pick its own address and port) does not run.
     deepspeed.init_distributed()
     accel = get_accelerator()
     if accel.device_name() == "cuda":
@@ -367,11 +369,12 @@ def after_step(tr: Trainer, result: StepResult | None, meter: Meter) -> None:
     tr.nonfinite_run = 0
     if due(step, train.log_every, train.max_steps):
         log_step(tr, result, meter)
-    if tr.ranks.is_main and due(step, train.sample_every, train.max_steps):
-        write_samples(tr)
+    # The checkpoint first: a grid that fails (or is slow) then costs no progress.
     if step % train.ckpt_every == 0 and step < train.max_steps:
         save_checkpoint(tr)
         tr.watchdog.beat(step)
+    if tr.ranks.is_main and due(step, train.sample_every, train.max_steps):
+        write_samples(tr)
 
 
 def metric_record(tr: Trainer, result: StepResult, meter: Meter) -> dict:
@@ -413,9 +416,19 @@ def log_step(tr: Trainer, result: StepResult, meter: Meter) -> None:
 
 
 def write_samples(tr: Trainer) -> None:
+    """Rank 0. A failure (a full disk, a grid the model cannot paint) is a warning: the grid runs no
+    collective, draws no random numbers (eval mode), and leaves the weights and train mode as they
+    were (ema_weights, sample_rows restore them), so the training goes on exactly as without it."""
     path = tr.run_dir / rundir.SAMPLES_DIR / f"step-{tr.state.step:08d}.png"
-    with ema_weights(tr.ema, tr.eng_g.module) as gen:
-        save_grid(path, sample_rows(gen, *tr.samples), scale=2 if tr.cfg.data.scale() <= 64 else 1)
+    try:
+        # Eagerly under train.compile: compiling an eval-mode graph would hold every rank (the
+        # others wait in the next step) for minutes, against the stall watchdog's timeout.
+        with ema_weights(tr.ema, tr.eng_g.module) as gen, torch.compiler.set_stance("force_eager"):
+            save_grid(path, sample_rows(gen, *tr.samples), scale=2 if tr.cfg.data.scale() <= 64 else 1)
+    except Exception as e:
+        print(f"warning: writing the sample grid for step {tr.state.step} failed ({type(e).__name__}: {e}); "
+              "training goes on", flush=True)
+        return
     tr.tracker.log_image(path, tr.state.step)
 
 
@@ -466,6 +479,20 @@ def start_stream(tr: Trainer) -> Callable[[], dict]:
     return lambda: first.pop() if first else next(it)
 
 
+# train.compile compiles lazily, in the first step of each launch (about 3.5 min on an H100 for the
+# paper's step, longer on CPU ranks), which train.stall_timeout_s was not meant to cover.
+COMPILE_ALLOWANCE_S = 1800.0
+
+
+def compile_allowance_steps(cfg: Config) -> int:
+    """How many steps of a launch may compile under train.compile: the first, and with lazy R1 every
+    step up to the first that adds the penalty (a graph of its own). Graphs compiled later (another
+    shape) are not foreseen and count against the timeout."""
+    if not cfg.train.compile:
+        return 0
+    return cfg.model.r1_every if cfg.model.w_r1 else 1
+
+
 def run(tr: Trainer) -> dict:
     """Every rank: train to train.max_steps, checkpoint, and (rank 0) export; returns a summary."""
     cfg = tr.cfg
@@ -480,8 +507,9 @@ def run(tr: Trainer) -> dict:
     if warning:
         tr.say(warning)
     # From the first step on (start-up, with its JIT builds and rendezvous, is not watched) to the
-    # final checkpoint.
-    tr.watchdog.start()
+    # final checkpoint; the steps that compile get an allowance (compile_allowance_steps).
+    tr.watchdog.start(COMPILE_ALLOWANCE_S if cfg.train.compile else 0.0,
+                      until_step=tr.state.step + compile_allowance_steps(cfg))
     while tr.state.step < cfg.train.max_steps:
         after_step(tr, train_step(tr, next_batch, meter), meter)
     final = save_checkpoint(tr)
