@@ -189,6 +189,7 @@ def test_mlmodel_lists_the_code_and_requirements_are_what_it_imports(champion, t
     local = download_version(c, champion["name"], version, tmp_path / "dl")
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["code"] == "code" and flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert flavor["config"] == {"device": "auto"}  # so a consumer's model_config={"device": ...} is kept
     shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*") if p.is_file())
     assert shipped == sorted([
         "launch/__init__.py", "launch/release/__init__.py", "launch/release/export.py",

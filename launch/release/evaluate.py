@@ -264,17 +264,19 @@ class ModelNotFound(ValueError):
     what exists. The CLIs print it and exit 2."""
 
 
-def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
+def load_model(spec: str, tracking_uri: str | None = None, device: str | None = None):
     """(model usable by evaluate_translator, info) from `models:/name@alias`, `models:/name/3`,
     `runs:/...` or an export directory. info has "kind" and, for registry models, "name",
     "version", "run_id", "tracking_uri" and "model_uri" (models:/name/version, the alias resolved
     once: use it for anything else read of this model); for exports "path" and "meta".
+    `device` (cpu, cuda, cuda:N): where the weights go; None: cpu for an export, the registered
+    model's own choice (cuda when there is one) for the others.
 
     The tracking URI is `tracking_uri`, else MLFLOW_TRACKING_URI; with neither, a models:/ or
     runs:/ spec is refused (MLflow would otherwise create ./mlflow.db). A SQLite or file store that
     does not exist is refused too, so nothing is ever created. Every failure is a ModelNotFound."""
     if "://" not in spec and ":/" not in spec:
-        return _load_export(spec, device)
+        return _load_export(spec, device or "cpu")
     uri = _tracking_uri(spec, tracking_uri)  # before importing mlflow: nothing may touch the default store
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -289,10 +291,30 @@ def load_model(spec: str, tracking_uri: str | None = None, device: str = "cpu"):
         info["model_uri"] = f"models:/{info['name']}/{info['version']}"
     try:
         with fluent_uri(uri):
-            return mlflow.pyfunc.load_model(info.get("model_uri", spec)), info
+            # The pyfunc's load_context reads the device from its model_config (MLflow's own way
+            # to configure a model at load time); MLflow drops it for a version logged without one.
+            kw = {"model_config": {"device": device}} if device else {}
+            model = mlflow.pyfunc.load_model(info.get("model_uri", spec), **kw)
     except (MlflowException, OSError) as e:
         raise ModelNotFound(f"--model {spec}: cannot be loaded from {redact(uri)} "
                             f"({type(e).__name__}: {_one_line(e)})") from None
+    return _on_device(model, device), info
+
+
+def _on_device(model, device: str | None):
+    """`model` with its weights on `device`: a version logged without the model_config that names
+    it loaded onto its own choice (MLflow dropped the setting), so move the network there."""
+    import torch
+
+    if not device:
+        return model
+    try:
+        gen = getattr(model.unwrap_python_model(), "gen", None)
+    except Exception:  # not a python model: no network of ours to move
+        return model
+    if isinstance(gen, torch.nn.Module) and next(gen.parameters()).device != torch.device(device):
+        gen.to(device)
+    return model
 
 
 def _load_export(spec: str, device: str):

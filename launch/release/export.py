@@ -21,6 +21,17 @@ from pipeline.tensors import to_tensor, to_uint8
 DIRECTIONS = ("a2b", "b2a")
 
 
+def check_device(spec: str) -> str:
+    """`spec` (cpu, cuda, cuda:N) when this machine has that device; ValueError saying why not."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return spec
+
+
 def load_translator(dir, device="cpu"):
     """Rebuild the generator side from an export dir; returns (gen_module in eval mode, meta dict)."""
     from model.unit import UNITGenerator, make_config  # here so this module loads without model/
@@ -93,6 +104,15 @@ def min_input_side(meta_or_config: dict) -> int:
     return (-(-padded // m) - 1) * m + 1  # smallest side whose padded size reaches `padded`
 
 
+def target_palette(meta_or_config: dict, direction: str) -> list | None:
+    """The colours [[r, g, b], ...] that `direction`'s decoder paints from (the target domain's
+    palette_a / palette_b: a PaletteHead, also in its expected decoder), None when it paints free RGB."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+    colours = meta_or_config.get("model", meta_or_config).get(f"palette_{direction[-1]}")
+    return [[int(v) for v in c] for c in colours] if isinstance(colours, list) and colours else None
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, each overlapping the next by at
     least `overlap`, spread evenly so that the last one ends at the border."""
@@ -108,7 +128,8 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return np.minimum(np.minimum(i + 1, n - i), overlap + 1) / (overlap + 1)
 
 
-def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, overlap: int = 64) -> np.ndarray:
+def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, overlap: int = 64,
+                    palette: list | None = None) -> np.ndarray:
     """Translate one uint8 [H, W, 3] image in overlapping tiles of at most tile x tile pixels with
     `fn(uint8 NHWC, direction) -> uint8 NHWC`; returns uint8 [H, W, 3].
 
@@ -116,6 +137,9 @@ def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, ove
     by one tile in the network plus a band of tile rows of float accumulators, whatever H and W.
     The model's instance norm sees each tile's statistics, not the whole image's, so the result
     is close to, not equal to, a whole-image pass (which at this size would not fit in memory).
+    `palette` (target_palette: the decoder paints only these colours): each blended pixel is
+    snapped to its nearest colour, as the PaletteHead snaps its own mixture, since a blend of two
+    colours is neither.
     """
     if not 0 <= overlap < tile // 2 + 1:
         raise ValueError(f"overlap {overlap}: must be in [0, tile/2] (tile {tile})")
@@ -137,9 +161,25 @@ def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, ove
             wsum[y0 - top:y0 - top + th, x0:x0 + tw] += weight
         # Rows above the next tile row's start get no more contributions: finish them.
         done = (ys[r + 1] if r + 1 < len(ys) else h) - top
-        out[top:top + done] = np.clip(np.rint(acc[:done] / wsum[:done, :, None]), 0, 255).astype(np.uint8)
+        blend = acc[:done] / wsum[:done, :, None]
+        out[top:top + done] = (np.clip(np.rint(blend), 0, 255).astype(np.uint8) if palette is None
+                               else nearest_colours(blend, palette))
         acc, wsum, top = acc[done:], wsum[done:], top + done
     return out
+
+
+def nearest_colours(x: np.ndarray, palette: list) -> np.ndarray:
+    """uint8 [..., 3]: each pixel of float `x` [..., 3] replaced by the colour of `palette` nearest
+    to it (the first on a tie, as model.networks.nearest_colour). One colour at a time, so memory
+    is a few copies of `x`, not one per colour."""
+    colours = np.asarray(palette, np.float32)
+    best = np.full(x.shape[:-1], np.inf, np.float32)
+    index = np.zeros(x.shape[:-1], np.intp)
+    for k, c in enumerate(colours):
+        d = np.square(x - c).sum(-1)
+        closer = d < best
+        best[closer], index[closer] = d[closer], k
+    return colours.astype(np.uint8)[index]
 
 
 def main(argv=None) -> int:

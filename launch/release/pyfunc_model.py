@@ -9,8 +9,14 @@ Nothing is unpickled, so it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
 the project needs to be installed: the model's requirements.txt (torch, numpy, safetensors,
 mlflow, pinned) is all it needs.
 
-Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3]. Output: the same shape and dtype.
-Params: `direction` ("a2b" or "b2a", default "a2b"), `batch_size` (default 16).
+Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3] (integers or whole floats in 0..255
+are taken too: JSON requests). Output: the same shape, uint8. Params: `direction` ("a2b" or
+"b2a", default "a2b"), `batch_size` (a positive integer, default 16). Images with a side above
+TILE are translated in overlapping tiles (launch.release.export.translate_tiled); images above
+MAX_PIXELS or with a side below the model's minimum are refused. Bad input is a ValueError naming
+the image and the problem (MLflow's server answers it with a 400).
+Model config (`mlflow.pyfunc.load_model(uri, model_config={"device": ...})`, for a version logged
+with a model_config holding "device"): `device`, auto (cuda when there is one), cpu, cuda, cuda:N.
 """
 
 from __future__ import annotations
@@ -24,39 +30,98 @@ from mlflow.pyfunc import PythonModel
 # MLflow from printing "Add type hints to the `predict` method" at every save and load.
 
 ARTIFACT_KEY = "translator"   # artifacts={"translator": <dir with translator.json + .safetensors>}
+TILE, OVERLAP = 1024, 64      # as launch.release.translate's --tile and --tile-overlap defaults
+MAX_PIXELS = 64_000_000       # per image, as translate's --max-pixels default (pipeline/ is not shipped)
 
 
 class TranslatorModel(PythonModel):
     def load_context(self, context):
-        import torch
+        from launch.release.export import load_translator, min_input_side, size_multiple
 
-        from launch.release.export import load_translator, size_multiple
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device((context.model_config or {}).get("device"))
         self.gen, self.meta = load_translator(context.artifacts[ARTIFACT_KEY], device=device)
         self.multiple = size_multiple(self.meta)
+        self.min_side = min_input_side(self.meta)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
-        from launch.release.export import DIRECTIONS, translate_uint8
+        from launch.release.export import DIRECTIONS, target_palette, translate_tiled, translate_uint8
 
         params = params or {}
         direction = params.get("direction") or "a2b"
         if direction not in DIRECTIONS:
             raise ValueError(f"params.direction: expected one of {DIRECTIONS}, got {direction!r}")
-        if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
-            model_input = next(iter(model_input.values()))
-        images = np.asarray(model_input)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"input: expected uint8 images [N, H, W, 3], got shape {list(images.shape)}")
-        if images.dtype != np.uint8:
-            # JSON requests arrive as integers; accept them when they are valid pixel values.
-            if images.size and (images.min() < 0 or images.max() > 255):
-                raise ValueError("input: pixel values must lie in 0..255")
-            images = images.astype(np.uint8)
-        return translate_uint8(self.gen, images, direction, batch_size=int(params.get("batch_size") or 16),
-                               multiple=self.multiple)
+        batch_size = positive_int(params, "batch_size", 16)
+        images = as_images(model_input)
+        if len(images) == 0:
+            return images
+        check_size(images, self.min_side)
+
+        def fn(x, d):
+            return translate_uint8(self.gen, x, d, batch_size=batch_size, multiple=self.multiple)
+
+        if max(images.shape[1:3]) <= TILE:
+            return fn(images, direction)
+        # Tiles keep the network's memory bounded, as translate does; the palette snaps the blends.
+        palette = target_palette(self.meta, direction)
+        return np.stack([translate_tiled(fn, im, direction, TILE, OVERLAP, palette) for im in images])
+
+
+def pick_device(spec: str | None) -> str:
+    """The device model_config names (None or auto: cuda when there is one, else cpu)."""
+    import torch
+
+    from launch.release.export import check_device
+
+    if not spec or spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return check_device(spec)
+    except ValueError as e:
+        raise ValueError(f"model_config {e}") from None
+
+
+def positive_int(params: dict, name: str, default: int) -> int:
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"params.{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def as_images(model_input) -> np.ndarray:
+    """The request as uint8 [N, H, W, 3]; ValueError naming the first image whose values are no pixels."""
+    if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
+        model_input = next(iter(model_input.values()))
+    images = np.asarray(model_input)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"input: expected uint8 images [N, H, W, 3], got shape {list(images.shape)}")
+    if images.dtype == np.uint8 or len(images) == 0:
+        return images.astype(np.uint8, copy=False)
+    if images.dtype.kind not in "iuf":
+        raise ValueError(f"input: expected pixel values (uint8, or whole numbers in 0..255), got dtype {images.dtype}")
+    # JSON requests arrive as integers (or floats): take them when each value is a pixel value, as
+    # a cast would silently turn NaN into 0 and 12.5 into 12.
+    flat = images.reshape(len(images), -1)
+    for problem, bad in (("not finite (NaN or infinity)", lambda v: ~np.isfinite(v)),
+                         ("outside 0..255", lambda v: (v < 0) | (v > 255)),
+                         ("not whole numbers", lambda v: v != np.round(v))):
+        rows = np.flatnonzero(bad(flat).any(1))
+        if rows.size:
+            raise ValueError(f"input image {rows[0]}: pixel values {problem}")
+    return images.astype(np.uint8)
+
+
+def check_size(images: np.ndarray, min_side: int) -> None:
+    """ValueError when the images (one shape per request) are too small for the network or above MAX_PIXELS."""
+    n, h, w = images.shape[:3]
+    which = "input image 0" if n == 1 else f"input images 0..{n - 1}"
+    if min(h, w) < min_side:
+        raise ValueError(f"{which}: {h}x{w} is too small: the model needs at least {min_side}x{min_side} pixels")
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"{which}: {h}x{w} = {h * w} pixels is above the limit of {MAX_PIXELS} per image")
 
 
 mlflow.models.set_model(TranslatorModel())

@@ -422,6 +422,9 @@ def log_translator(uri: str, run_id: str, export_dir: Path, meta: dict, name: st
             code_paths=stage_code(files, Path(tmp) / "code"), signature=signature(),
             input_example=(input_example(test_dir, size or meta.get("image_size")), {"direction": "a2b"}),
             pip_requirements=pinned_requirements(imported), registered_model_name=name, tags=tags,
+            # logged so that a consumer's load_model(..., model_config={"device": ...}) is honoured:
+            # MLflow passes on only the keys a model was logged with
+            model_config={"device": "auto"},
             metadata={"translator": {k: meta[k] for k in ("image_size", "domains", "step", "ema") if k in meta}})
     return str(info.registered_model_version)
 

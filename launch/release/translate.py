@@ -11,16 +11,20 @@ brace pattern, or one or more tar URLs. Corpus mode runs on any number of ranks
 launch.release.translate ...`) and resumes after a kill.
 
 Folder mode walks --in recursively and keeps relative paths and file names (a .jpg stays a .jpg,
-written at quality 95, unless --ext names another format). Images are read one at a time and
-translated in batches of one shape gathered within a window of WINDOW x --batch-size images: a
-window holding several shapes is flushed as partial batches, so memory stays bounded by the batch
-whatever the folder holds. --size N resizes the shortest side to N and centre-crops N x N first.
+written at quality 95, unless --ext names another format) where PIL writes the input's format at
+full size and exactly (KEPT_SUFFIXES); any other image is written as PNG with .png appended
+(a.gif -> a.gif.png). An output name that two inputs would share is skipped and named. Images
+are read one at a time and translated in batches of one shape gathered within a window of
+WINDOW x --batch-size images: a window holding several shapes is flushed as partial batches, so
+memory stays bounded by the batch whatever the folder holds. --size N resizes the shortest side
+to N and centre-crops N x N first.
 
 Input is untrusted: files that are no image at all are listed and left alone; images that
 cannot be used (damaged, above --max-pixels, smaller than the model's minimum side, failing in
 the model) are skipped with one line each naming the file and the reason, the others are still
 written, and the exit status is 3. EXIF orientation is applied, so outputs are upright. Images
-with a side above --tile are translated in overlapping tiles, so memory stays bounded.
+with a side above --tile are translated in overlapping tiles, so memory stays bounded (snapped
+back to the palette where the target domain's decoder paints from one).
 A --model that does not exist (export dir, registered model, alias, version) or a tracking store
 that is unset or unreachable is one line naming what was asked and what exists, exit status 2,
 and nothing is created in the working directory.
@@ -59,6 +63,9 @@ class Limits:
     """Images with a side above this are translated in tiles of tile x tile; 0: never tile."""
     overlap: int = 64
     """Pixels shared by neighbouring tiles, blended."""
+    palette: list | None = None
+    """The target domain's colours when its decoder paints from a palette (launch.release.export.
+    target_palette): tiled translations are snapped back to them, as blending mixes colours."""
 
 
 @dataclass
@@ -96,7 +103,7 @@ def translate_window(fn, direction: str, images: list[np.ndarray], batch_size: i
     for i, arr in enumerate(images):
         if limits.tile and max(arr.shape[:2]) > limits.tile:
             try:
-                out[i] = translate_tiled(fn, arr, direction, limits.tile, limits.overlap)
+                out[i] = translate_tiled(fn, arr, direction, limits.tile, limits.overlap, limits.palette)
             except Exception as e:  # the model's failure on this image only
                 out[i] = e
         else:
@@ -148,13 +155,26 @@ def find_images(root: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def save_image(arr: np.ndarray, path: Path) -> None:
-    """Written atomically, in the format its suffix names."""
-    from PIL import Image
+# Input suffixes a translation keeps: PIL writes these formats at any size and exactly (JPEG and
+# WebP at quality 95, as --ext does). Not GIF (cut to 256 colours), ICO (to 256 x 256), PBM/PGM
+# (PIL would write colour into them), nor what PIL reads but cannot write (PSD, XPM, Sun raster...).
+KEPT_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".webp": "WEBP",
+                 ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".tga": "TGA"}
 
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+def output_name(rel: Path, ext: str | None) -> Path:
+    """Where the translation of input `rel` goes: with `ext`, its suffix replaced; else `rel` when
+    its suffix is kept, else `rel` with .png appended (appended, not replacing the suffix, so that
+    x.gif and an x.png beside it keep apart)."""
+    if ext:
+        return rel.with_suffix(f".{ext}")
+    return rel if rel.suffix.lower() in KEPT_SUFFIXES else rel.with_name(rel.name + ".png")
+
+
+def save_image(arr: np.ndarray, path: Path) -> None:
+    """Written atomically, in the format its suffix names (output_name's: else PNG)."""
     with replacing(path, durable=False) as tmp:
-        tmp.write_bytes(encode_image(arr, fmt))
+        tmp.write_bytes(encode_image(arr, KEPT_SUFFIXES.get(path.suffix.lower(), "PNG")))
 
 
 def check_folders(in_dir: Path, out_dir: Path) -> None:
@@ -186,11 +206,10 @@ class _Folder:
     ext: str | None
     res: Outcome
     bar: object
-    names: dict = field(default_factory=dict)  # output path -> input (only with --ext: names may collide)
+    names: dict = field(default_factory=dict)  # output path -> input (--ext, or .png appended: names may collide)
 
     def target(self, p: Path) -> Path:
-        rel = p.relative_to(self.in_dir)
-        return self.out_dir / (rel.with_suffix(f".{self.ext}") if self.ext else rel)
+        return self.out_dir / output_name(p.relative_to(self.in_dir), self.ext)
 
     def flush(self, pending: list[tuple[Path, np.ndarray]]) -> None:
         outs = translate_window(self.fn, self.direction, [a for _, a in pending], self.batch_size, self.limits)
@@ -204,18 +223,18 @@ class _Folder:
 
     def write(self, y: np.ndarray, p: Path, tiled: bool) -> None:
         dst = self.target(p)
-        if self.ext:
-            first = self.names.setdefault(dst, p)
-            if first != p:
-                self.res.reject(p, f"its output {dst} is already written from {first} "
-                                   f"(same name with --ext {self.ext})")
-                return
+        first = self.names.setdefault(dst, p)
+        if first != p:
+            self.res.reject(p, f"its output {dst} is already written from {first} "
+                               + (f"(same name with --ext {self.ext})" if self.ext else "(same name)"))
+            return
         try:
             save_image(y, dst)
             self.res.translated += 1
             self.res.tiled += tiled
-        except OSError as e:
-            self.res.reject(p, f"cannot write the output ({e.strerror or e})")
+        except Exception as e:  # the disk's refusal, or PIL's on this image: it costs only this image
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e)[:200]}"
+            self.res.reject(p, f"cannot write the output {dst} ({why})")
 
 
 def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 16, progress: bool = True,
@@ -223,8 +242,10 @@ def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 1
     """Translate every image under in_dir into out_dir; returns counts, what was skipped and why, time.
 
     `model`: a generator module, a pyfunc model, or fn(uint8 NHWC, direction) -> uint8 NHWC.
-    `ext`: the output format (jpg, png, webp; None: each input's own). `size`: resize the shortest
-    side to `size` and centre-crop first. At most WINDOW x batch_size decoded images are held.
+    `ext`: the output format (jpg, png, webp; None: each input's own where it holds the translation,
+    else PNG: output_name). `size`: resize the shortest side to `size` and centre-crop first. At
+    most WINDOW x batch_size decoded images are held. `limits.palette` is the caller's to set (load
+    does, from the model's translator.json).
     """
     from tqdm import tqdm
 
@@ -336,7 +357,12 @@ def device_for(spec: str) -> str:
     if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if spec != "auto":
-        return spec
+        from launch.release.export import check_device
+
+        try:
+            return check_device(spec)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
     if not torch.cuda.is_available():
         return "cpu"
     local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
@@ -347,7 +373,7 @@ def device_for(spec: str) -> str:
 def load(a):
     """(translate fn, meta, info, limits) for the arguments; ModelNotFound/ValueError when unusable."""
     from launch.release.evaluate import as_translate_fn, load_model
-    from launch.release.export import min_input_side, size_multiple, translate_uint8
+    from launch.release.export import min_input_side, size_multiple, target_palette, translate_uint8
 
     model, info = load_model(a.model, a.tracking_uri, device=device_for(a.device))
     meta = model_meta(model, info)
@@ -359,7 +385,8 @@ def load(a):
     min_side = min_input_side(meta) if meta else 1
     if a.size is not None and a.size < min_side:
         raise ValueError(f"--size {a.size}: the model needs at least {min_side} pixels per side")
-    limits = Limits(max_pixels=a.max_pixels or None, min_side=min_side, tile=a.tile, overlap=a.tile_overlap)
+    limits = Limits(max_pixels=a.max_pixels or None, min_side=min_side, tile=a.tile, overlap=a.tile_overlap,
+                    palette=target_palette(meta, a.direction) if meta else None)
     return fn, meta, info, limits
 
 
