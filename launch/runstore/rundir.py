@@ -11,6 +11,7 @@ directory and release reads from it; both find its files through the names here.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -56,11 +57,21 @@ def claim_run_dir(run_dir: str | Path) -> dict:
     """Rank 0, after plan_resume: make `run_dir` a run directory (if it is not one) and return its marker."""
     root = Path(run_dir)
     marker = read_run_marker(root)
-    if marker is None:
-        root.mkdir(parents=True, exist_ok=True)
-        marker = {"format": 1, "run_uid": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "created_at": str(root.resolve())}  # informational: a moved run keeps its identity
-        write_json(root / RUN_MARKER, marker)
+    if marker is not None:
+        return marker
+    root.mkdir(parents=True, exist_ok=True)
+    marker = {"format": 1, "run_uid": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "created_at": str(root.resolve())}  # informational: a moved run keeps its identity
+    # Written whole under a temporary name, then linked into place: a link, unlike a rename, fails
+    # when the marker exists, so of two launches claiming at once one wins and the other takes its
+    # run_uid (a rename would let the second replace the first's marker after it was read).
+    tmp = write_json(root / f".{RUN_MARKER}.{uuid.uuid4().hex[:12]}.tmp", marker)
+    try:
+        os.link(tmp, root / RUN_MARKER)
+    except FileExistsError:
+        marker = read_run_marker(root)
+    finally:
+        tmp.unlink(missing_ok=True)
     return marker
 
 

@@ -3,12 +3,13 @@
     uri = resolve_uri(run_dir, configured)   # configured, else MLFLOW_TRACKING_URI, else the embedded store
     client = make_client(uri)                # MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_id = open_run(client, run_dir, experiment, run_id=None, run_name=None)   # resume or create
+    run_id = recorded_run(run_dir, uri)      # tracking.json's run, when it is this run dir's on `uri`
     uri, info = run_tracking(run_dir, tracking_uri=None)   # for whoever comes later (release, upload)
 
 With no URI anywhere the store is embedded: SQLite at RUN_DIR/mlflow/mlflow.db, artifacts in
 RUN_DIR/mlflow/artifacts, nothing to start. RUN_DIR/tracking.json records
-{"tracking_uri", "experiment", "run_id"} once the run exists, the URI without its password
-(without_password).
+{"tracking_uri", "experiment", "run_id", "run_uid"} once the run exists, the URI without its
+password (without_password), run_uid the run directory's (rundir.RUN_MARKER; None without one).
 
 Every MLflow call here and in the run store names its URI through an explicit client. MLflow's
 fluent API reads process-wide URIs instead; the few things that exist only there go through
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from pipeline.atomic import write_json
 from pipeline.storage import redact, redact_text
-from launch.runstore.rundir import read_json
+from launch.runstore.rundir import read_json, read_run_marker
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,17 @@ def run_tracking(run_dir, tracking_uri: str | None = None) -> tuple[str, dict]:
     if recorded and env and without_password(env) == without_password(recorded):
         recorded = env
     return tracking_uri or recorded or resolve_uri(run_dir), info
+
+
+def recorded_run(run_dir, uri: str) -> str | None:
+    """The run id RUN_DIR/tracking.json records, when it was written for this run directory's run
+    (the same run_uid in the marker) on the same server; else None. A checkpoint is written only
+    every so often: a run opened after the last one must be resumed from here, not opened twice."""
+    info = read_tracking_json(run_dir)
+    marker = read_run_marker(run_dir) or {}
+    if info.get("run_uid") != marker.get("run_uid") or info.get("tracking_uri") != without_password(uri):
+        return None
+    return info.get("run_id")
 
 
 def without_password(uri: str) -> str:
@@ -124,8 +136,9 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
         run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags={"run_dir": str(run_dir.resolve())})
         run_id = run.info.run_id
     # tracking.json is world-readable and copied with the run: the URI goes in without its password
+    marker = read_run_marker(run_dir) or {}
     write_json(run_dir / TRACKING_JSON, {"tracking_uri": without_password(uri), "experiment": experiment,
-                                         "run_id": run_id}, indent=2)
+                                         "run_id": run_id, "run_uid": marker.get("run_uid")}, indent=2)
     return run_id
 
 

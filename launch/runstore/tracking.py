@@ -2,6 +2,7 @@
 
     tracker = Tracker(enable=True, uri=None, experiment="unit", run_name=None, system_metrics=True)
     run_id = tracker.start(run_dir, run_id=None)     # or the id from a checkpoint: resumes that run
+                                                     # (None: the one RUN_DIR/tracking.json records, if any)
     tracker.log_params(nested_dict)                  # "a.b.c" keys, values as strings (runstore.params)
     tracker.log_datasets(shards=OUT)                 # or shards_a=..., shards_b=... (pipeline.lineage)
     tracker.log_metrics({"g/total": 1.2}, step)
@@ -16,6 +17,10 @@ are MLflow's own (a run started with log_system_metrics=True).
 When the server cannot be reached (at start or mid-run) training goes on: one warning, and every
 record the server has not confirmed is kept, in memory and in RUN_DIR/mlflow-buffer.jsonl (format:
 launch/runstore/records.py), then sent when the server answers again (asked every RETRY_SECONDS).
+Nothing bounds the buffer but the outage: one line (and one entry in memory) per logging call, about
+100 bytes plus 40 a metric, so a day away at one log_metrics call a second with 20 metrics is about
+80 MB; no record is dropped to keep it smaller. While away the file is appended to, and rewritten
+(to leave out what the server confirmed after all) at most once per call into the Tracker.
 What is still unsent when the process ends can be sent later with
 
     python -m launch.runstore.tracking upload --run-dir RUN_DIR [--tracking-uri URI]
@@ -27,6 +32,7 @@ RUN_DIR/mlflow/mlflow.db with artifacts in RUN_DIR/mlflow/artifacts, nothing to 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -38,7 +44,8 @@ from pathlib import Path
 from launch.runstore.params import as_params
 from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batch, first_line, groups,
                                      metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
-from launch.runstore.store import fluent_uri, is_transient, make_client, open_run, resolve_uri, run_tracking
+from launch.runstore.store import (fluent_uri, is_transient, make_client, open_run, recorded_run, resolve_uri,
+                                   run_tracking)
 from pipeline.atomic import replacing
 from pipeline.storage import redact, redact_uncaught
 
@@ -77,6 +84,8 @@ class Tracker:
         self._next_try = 0.0
         self._last_step = 0
         self._fluent_run = False             # the run MLflow samples system metrics for
+        self._ending = False                 # end() began: system metrics never start again
+        self._dirty = False                  # the buffer file lists records confirmed since
 
     @property
     def enabled(self) -> bool:
@@ -93,8 +102,9 @@ class Tracker:
 
     def start(self, run_dir, run_id: str | None = None) -> str | None:
         """Open (or with `run_id`, resume) the run; returns its id, None when tracking is off or the
-        server is unreachable (the run is then opened when it answers; see `run_id`). Records an
-        earlier process left in the buffer file are sent too."""
+        server is unreachable (the run is then opened when it answers; see `run_id`). Without
+        `run_id`, the run RUN_DIR/tracking.json records for this run directory and server is resumed
+        (store.recorded_run). Records an earlier process left in the buffer file are sent too."""
         if not self.enable:
             return None
         self.run_dir = Path(run_dir)
@@ -108,6 +118,8 @@ class Tracker:
         # What an earlier process of this run could not send; this process opens and ends the run.
         left = [r for r in read_buffer(self.buffer_path) if r["op"] not in ("open", "end")]
         self._buffered = self.buffer_path.exists()
+        # No id in the checkpoint: the run may still exist (opened after the last checkpoint)
+        run_id = run_id or recorded_run(self.run_dir, self.uri)
         self._run_id = run_id
         try:
             self._run_id = open_run(self._client, self.run_dir, self.experiment, run_id, self.run_name)
@@ -193,6 +205,7 @@ class Tracker:
         RUN_DIR/mlflow-buffer.jsonl for `python -m launch.runstore.tracking upload`."""
         if not self.enabled:
             return True
+        self._ending = True  # the server answering during the flush below must not restart them
         self._stop_system_metrics(status)
         self._log({"op": "end", "status": status, "ts": now_ms()})
         ok = self.flush(timeout)
@@ -251,7 +264,11 @@ class Tracker:
         self._waiter.submit(self._settle, key, rec, ops)
 
     def _tick(self) -> None:
-        """Resume sending once a probe got an answer; while away, ask the server every RETRY_SECONDS."""
+        """Resume sending once a probe got an answer; while away, ask the server every RETRY_SECONDS
+        and rewrite the buffer file (at most once a tick) when records were confirmed meanwhile."""
+        with self._lock:
+            if self._dirty and self._offline:
+                self._save()
         if self._back:
             self._resume()
         elif self._offline and not self._probing and time.monotonic() >= self._next_try and not self._closed:
@@ -274,7 +291,7 @@ class Tracker:
     def _start_system_metrics(self) -> None:
         """MLflow samples system metrics for a run started through its fluent API with
         log_system_metrics=True (in this thread; _stop_system_metrics ends it)."""
-        if not self.system_metrics or self._fluent_run:
+        if not self.system_metrics or self._fluent_run or self._ending:
             return
         import mlflow
 
@@ -284,6 +301,12 @@ class Tracker:
             self._fluent_run = True
         except Exception as e:
             log.warning("MLflow system metrics not started: %s", first_line(e))
+            return
+        # A process that exits without end() (an exception, Ctrl-C) would have MLflow's own exit
+        # hook end the fluent run as FINISHED with the process-wide URI (or create ./mlflow.db);
+        # ours runs first (atexit is last in, first out; mlflow registered its hook on import) and
+        # ends it as FAILED against our URI, which leaves MLflow's hook nothing to do.
+        atexit.register(self._stop_system_metrics, "FAILED")
 
     def _stop_system_metrics(self, status: str) -> None:
         if not self._fluent_run:
@@ -291,6 +314,7 @@ class Tracker:
         import mlflow
 
         self._fluent_run = False
+        atexit.unregister(self._stop_system_metrics)
         try:
             with fluent_uri(self.uri):
                 mlflow.end_run(status)
@@ -336,30 +360,34 @@ class Tracker:
             self._probing = False
 
     def _went_offline(self, exc: BaseException) -> None:
-        """(lock held) One warning per outage; the file gets every record not yet confirmed."""
-        if not self._offline:
-            self._offline = True
-            self.warnings += 1
-            log.warning("MLflow at %s is unreachable (%s); training goes on, records are kept in %s and sent "
-                        "when it answers again (or: python -m launch.runstore.tracking upload --run-dir %s)",
-                        redact(self.uri), first_line(exc), self.buffer_path, self.run_dir)
+        """(lock held) One warning per outage; the file gets every record not yet confirmed, once
+        per outage: a record that fails later is in it already (or, submitted just as the outage
+        began, is written by the next _tick)."""
         self._next_try = time.monotonic() + RETRY_SECONDS
+        if self._offline:
+            self._dirty = True
+            return
+        self._offline = True
+        self.warnings += 1
+        log.warning("MLflow at %s is unreachable (%s); training goes on, records are kept in %s and sent "
+                    "when it answers again (or: python -m launch.runstore.tracking upload --run-dir %s)",
+                    redact(self.uri), first_line(exc), self.buffer_path, self.run_dir)
         self._save()
 
     def _settled(self) -> None:
-        """(lock held) Keep the buffer file true: while away it lists what is unconfirmed; once all
-        is confirmed it goes."""
+        """(lock held) Keep the buffer file true: while away it lists what is unconfirmed (rewritten
+        by the next _tick, not once per record: that was quadratic); once all is confirmed it goes."""
         if not self._buffered:
             return
         if self._offline:
-            self._save()
+            self._dirty = True
         elif not self._unconfirmed and not self._kept:
             self.buffer_path.unlink(missing_ok=True)
             self._buffered = False
 
     def _save(self) -> None:
         write_buffer(self.buffer_path, list(self._unconfirmed.values()) + self._kept)
-        self._buffered = True
+        self._buffered, self._dirty = True, False
 
 
 def answered(ops) -> bool:
@@ -389,7 +417,8 @@ def log_run_metrics(run_dir, metrics: dict, step: int = 0, tracking_uri: str | N
 
 def upload(run_dir, tracking_uri: str | None = None) -> dict:
     """Send RUN_DIR/mlflow-buffer.jsonl to the run's tracking server (resuming the run, or creating
-    it when it never reached a server); returns counts. What is not sent stays in the file."""
+    it when it never reached a server); each record goes to the run it names (groups() keeps runs
+    apart), one that names none to that run. Returns counts; what is not sent stays in the file."""
     run_dir = Path(run_dir)
     path = run_dir / BUFFER_NAME
     records = read_buffer(path)
@@ -405,7 +434,7 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
     try:
         for group in groups(records):
             try:
-                send_group(client, run_id, group)
+                send_group(client, group[0].get("run") or run_id, group)  # None: the run opened here
                 sent += len(group)
             except Exception as e:
                 if is_transient(e):
