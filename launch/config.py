@@ -750,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check(cfg, args.deepspeed_config)
+        # Here, not in check(): the ranks run check() too, beside their own rank 0 holding the lock.
+        from launch.runstore.rundir import run_lock_holder
+
+        busy = run_lock_holder(cfg.run_dir)
+        if busy:
+            raise ConfigError(busy)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -155,3 +155,51 @@ def test_upload_sends_each_record_to_its_own_run(tmp_path, monkeypatch):
     assert [m.step for m in c.get_metric_history(y, "loss")] == [2]
     assert c.get_run(y).data.params == {"lr": "0.1"} and c.get_run(x).data.params == {}
     assert c.get_run(x).info.status == "KILLED" and c.get_run(y).info.status == "RUNNING"
+
+
+# ---------------------------------------------------------------- a second live launch into one run directory
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from launch.runstore import rundir
+rundir.claim_run_dir({run!r})
+rundir.hold_run_lock({run!r})
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_directory_that_is_training_refuses_a_second_launch(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from launch.runstore import rundir
+
+    run = tmp_path / "run"
+    assert rundir.run_lock_holder(run) is None  # no lock file yet, and none is made by asking
+    assert not (run / rundir.RUN_LOCK).exists()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), run=str(run))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rundir.run_lock_holder(run)
+        assert busy and f"pid {holder.pid}" in busy and "another launch is training" in busy
+        with pytest.raises(rundir.RunDirError, match=f"pid {holder.pid}"):
+            rundir.hold_run_lock(run)
+        # make train's check before any rank starts: exit 2 naming the holder
+        from launch.config import main as check_config
+        from trainutil import make_corpus, write_config
+
+        config = write_config(tmp_path / "c.yaml", make_corpus(tmp_path / "corpus"), run)
+        capsys.readouterr()
+        assert check_config([str(config)]) == 2
+        assert "another launch is training" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead holder's lock: the relaunch takes it, and keeps it once per process
+    assert rundir.run_lock_holder(run) is None
+    rundir.hold_run_lock(run)
+    rundir.hold_run_lock(run)
+    assert rundir.run_lock_holder(run) is None  # this process's own lock is no other launch's

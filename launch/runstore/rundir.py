@@ -6,10 +6,15 @@ folder without it, and `/`, system folders and the home folder. Training writes 
 directory and release reads from it; both find its files through the names here.
 
     RUN_DIR/.unit-run.json  config.yaml  metrics.jsonl  samples/  ckpt/  export/
-    RUN_DIR/tracking.json   mlflow/ (embedded store)    mlflow-buffer.jsonl
+    RUN_DIR/tracking.json   mlflow/ (embedded store)    mlflow-buffer.jsonl  .unit-run.lock
+
+A launch's rank 0 holds a flock on RUN_DIR/.unit-run.lock (hold_run_lock) from its claim to its
+exit: a second launch into a run directory that is training (a requeue while the first still
+runs, a command typed twice) is refused naming the holder, instead of resuming beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,8 +22,12 @@ import uuid
 from pathlib import Path
 
 from pipeline.atomic import TEMP_NAME, write_json, write_text
+from pipeline.layout import LockedError
+from pipeline.lock import writer_lock
 
 RUN_MARKER = ".unit-run.json"
+RUN_LOCK = ".unit-run.lock"
+_HELD: dict[str, contextlib.ExitStack] = {}  # run directories this process holds (released at exit)
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 EXPORT_DIR = "export"
@@ -111,3 +120,31 @@ def check_run_dir(root: Path) -> dict | None:
 def write_config(run_dir: str | Path, text: str) -> Path:
     """RUN_DIR/config.yaml: the resolved config the run was started with."""
     return write_text(Path(run_dir) / CONFIG_NAME, text)
+
+
+def hold_run_lock(run_dir: str | Path, what: str = "training") -> None:
+    """Rank 0, right after claim_run_dir: hold RUN_DIR/.unit-run.lock until this process ends (the
+    kernel releases a flock when its holder dies, so a killed launch leaves nothing to clean up).
+    RunDirError naming the holder when another process holds it. Held once per process: a trainer
+    built again in the same process (tests, a notebook) keeps the lock it has."""
+    key = str(Path(run_dir).resolve())
+    if key in _HELD:
+        return
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(writer_lock(str(Path(run_dir) / RUN_LOCK), what))
+    except LockedError as e:
+        raise RunDirError(f"config key run_dir = {str(run_dir)!r}: another launch is training in it: {e}") from None
+    _HELD[key] = stack
+
+
+def run_lock_holder(run_dir: str | Path) -> str | None:
+    """Before launching: the error hold_run_lock would raise now for another process's lock, else
+    None (the lock is taken and released at once; nothing is created in a folder without one)."""
+    if not (Path(run_dir) / RUN_LOCK).exists() or str(Path(run_dir).resolve()) in _HELD:
+        return None
+    try:
+        with writer_lock(str(Path(run_dir) / RUN_LOCK), "checking"):
+            return None
+    except LockedError as e:
+        return f"config key run_dir = {str(run_dir)!r}: another launch is training in it: {e}"

@@ -202,6 +202,11 @@ def claim(cfg: Config, ranks: Ranks) -> tuple[ckpt.TrainState, Path | None]:
     shared = [None, None]  # the run's identity, written into every checkpoint; rank 0's error
     if ranks.is_main:
         shared[0] = rundir.claim_run_dir(cfg.run_dir)["run_uid"]
+        try:  # before anything is written: a second launch must not touch a run that is training
+            rundir.hold_run_lock(cfg.run_dir)
+        except rundir.RunDirError as e:
+            shared[1] = str(e)
+    if ranks.is_main and not shared[1]:
         rundir.write_config(cfg.run_dir, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         if cfg.init_from and resume_from is None:
             try:
