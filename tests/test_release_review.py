@@ -316,8 +316,8 @@ def test_predict_takes_whole_numbers_in_any_numeric_type(pyfunc):
 
 def test_predict_tiles_large_images_and_refuses_those_above_the_cap(palette_export, monkeypatch):
     m = loaded(palette_export[0], "cpu")
-    monkeypatch.setattr(pyfunc_model, "TILE", 32)
-    monkeypatch.setattr(pyfunc_model, "OVERLAP", 16)
+    monkeypatch.setattr(release_export, "TILE", 32)  # the pyfunc reads export's tile size at each call
+    monkeypatch.setattr(release_export, "TILE_OVERLAP", 16)
     img = noise(100, 90, 11)
     y = m.predict(None, img[None], params={"direction": "a2b"})
     assert np.array_equal(y[0], translate_tiled(lambda x, d: translate_uint8(m.gen, x, d), img, "a2b", 32, 16,

@@ -113,6 +113,12 @@ def target_palette(meta_or_config: dict, direction: str) -> list | None:
     return [[int(v) for v in c] for c in colours] if isinstance(colours, list) and colours else None
 
 
+# Images with a side above TILE are translated in TILE x TILE tiles sharing TILE_OVERLAP pixels:
+# what the registered model (pyfunc) does, and translate's --tile/--tile-overlap defaults (which
+# repeat the numbers there: translate imports nothing of torch before it loads a model).
+TILE, TILE_OVERLAP = 1024, 64
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, each overlapping the next by at
     least `overlap`, spread evenly so that the last one ends at the border."""
@@ -128,7 +134,7 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return np.minimum(np.minimum(i + 1, n - i), overlap + 1) / (overlap + 1)
 
 
-def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = 1024, overlap: int = 64,
+def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = TILE, overlap: int = TILE_OVERLAP,
                     palette: list | None = None) -> np.ndarray:
     """Translate one uint8 [H, W, 3] image in overlapping tiles of at most tile x tile pixels with
     `fn(uint8 NHWC, direction) -> uint8 NHWC`; returns uint8 [H, W, 3].

@@ -12,7 +12,7 @@ mlflow, pinned) is all it needs.
 Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3] (integers or whole floats in 0..255
 are taken too: JSON requests). Output: the same shape, uint8. Params: `direction` ("a2b" or
 "b2a", default "a2b"), `batch_size` (a positive integer, default 16). Images with a side above
-TILE are translated in overlapping tiles (launch.release.export.translate_tiled); images above
+export.TILE are translated in overlapping tiles (launch.release.export.translate_tiled); images above
 MAX_PIXELS or with a side below the model's minimum are refused. Bad input is a ValueError naming
 the image and the problem (MLflow's server answers it with a 400).
 Model config (`mlflow.pyfunc.load_model(uri, model_config={"device": ...})`, for a version logged
@@ -30,7 +30,6 @@ from mlflow.pyfunc import PythonModel
 # MLflow from printing "Add type hints to the `predict` method" at every save and load.
 
 ARTIFACT_KEY = "translator"   # artifacts={"translator": <dir with translator.json + .safetensors>}
-TILE, OVERLAP = 1024, 64      # as launch.release.translate's --tile and --tile-overlap defaults
 MAX_PIXELS = 64_000_000       # per image, as translate's --max-pixels default (pipeline/ is not shipped)
 
 
@@ -44,7 +43,7 @@ class TranslatorModel(PythonModel):
         self.min_side = min_input_side(self.meta)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
-        from launch.release.export import DIRECTIONS, target_palette, translate_tiled, translate_uint8
+        from launch.release.export import TILE, TILE_OVERLAP, DIRECTIONS, target_palette, translate_tiled, translate_uint8
 
         params = params or {}
         direction = params.get("direction") or "a2b"
@@ -63,7 +62,7 @@ class TranslatorModel(PythonModel):
             return fn(images, direction)
         # Tiles keep the network's memory bounded, as translate does; the palette snaps the blends.
         palette = target_palette(self.meta, direction)
-        return np.stack([translate_tiled(fn, im, direction, TILE, OVERLAP, palette) for im in images])
+        return np.stack([translate_tiled(fn, im, direction, TILE, TILE_OVERLAP, palette) for im in images])
 
 
 def pick_device(spec: str | None) -> str:
