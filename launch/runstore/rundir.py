@@ -134,7 +134,7 @@ def hold_run_lock(run_dir: str | Path, what: str = "training") -> None:
     try:
         stack.enter_context(writer_lock(str(Path(run_dir) / RUN_LOCK), what))
     except LockedError as e:
-        raise RunDirError(f"config key run_dir = {str(run_dir)!r}: another launch is training in it: {e}") from None
+        raise RunDirError(_busy(run_dir, e)) from None
     _HELD[key] = stack
 
 
@@ -147,4 +147,8 @@ def run_lock_holder(run_dir: str | Path) -> str | None:
         with writer_lock(str(Path(run_dir) / RUN_LOCK), "checking"):
             return None
     except LockedError as e:
-        return f"config key run_dir = {str(run_dir)!r}: another launch is training in it: {e}"
+        return _busy(run_dir, e)
+
+
+def _busy(run_dir, e: LockedError) -> str:
+    return f"config key run_dir = {str(run_dir)!r}: another launch is training in it: {e}"
