@@ -6,6 +6,8 @@ same generated JPEGs, for 64, 128 and 256 px sources cropped to 64 and 128 px:
           to the crop size, random crop and flip, copy into a uint8 [B,3,H,W] batch; the faster
           of OpenCV and Pillow
   loader  UnpairedLoader (num_workers=0: one process = one worker), shards on local disk
+  cold    the same, keeping no shard's tar index: each drawn shard's headers are read again, as
+          in a corpus with more shards per worker than the loader keeps indexes of (256)
   s3      the same loader streaming the same shards from an S3 server (moto, started here on
           127.0.0.1; no cache: every drawn shard is fetched)
   folder  the official UNIT code's ImageFolder path: files from a folder opened with PIL,
@@ -33,12 +35,13 @@ import time
 import cv2
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.augment import jpeg_size
 from pipeline.layout import DOMAINS
+from pipeline import loader as loader_module
 from pipeline.loader import UnpairedLoader
+from pipeline.shardwriter import write_tar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as bench/loader.py or -m bench.loader
 from ports import free_port  # noqa: E402
@@ -62,7 +65,8 @@ def scene(rng: np.random.Generator, size: int) -> bytes:
 
 
 def write_data(root: str, images: list[bytes], size: int) -> None:
-    """Shards (two domains, 4 shards each, index.json) and the same images as folder files."""
+    """Shards (two domains, 4 shards each, index.json; as make shards writes them) and the same
+    images as folder files."""
     entries = []
     half = len(images) // 2
     for d, part in zip(DOMAINS, (images[:half], images[half:])):
@@ -70,10 +74,11 @@ def write_data(root: str, images: list[bytes], size: int) -> None:
         os.makedirs(os.path.join(root, "folder", d), exist_ok=True)
         for s, chunk in enumerate(np.array_split(np.arange(len(part)), 4)):
             rel = f"{d}/{d}-{s:06d}.tar"
-            with wds.TarWriter(os.path.join(root, rel)) as sink:
-                for i in chunk:
-                    meta = {"width": size, "height": size, "domain": d, "format": "jpeg"}
-                    sink.write({"__key__": f"{d}{i:06d}", "jpg": part[i], "json": json.dumps(meta).encode()})
+            members = []  # as make shards writes them (pipeline.shardwriter: ustar headers, fixed metadata)
+            for i in chunk:
+                meta = {"width": size, "height": size, "domain": d, "format": "jpeg"}
+                members += [(f"{d}{i:06d}.jpg", part[i]), (f"{d}{i:06d}.json", json.dumps(meta).encode())]
+            write_tar(os.path.join(root, rel), members)
             entries.append({"url": rel, "domain": d, "nsamples": len(chunk)})
         for i, data in enumerate(part):
             with open(os.path.join(root, "folder", d, f"{i:06d}.jpg"), "wb") as f:
@@ -137,15 +142,21 @@ def bench_floor(images: list[bytes], crop: int, batch: int, seconds: float, deco
     return timed(step, seconds)
 
 
-def bench_loader(root: str, size: int, batch: int, seconds: float) -> float:
-    """`root`: the shards' OUT folder or its URL."""
-    it = iter(UnpairedLoader(root, root, batch_size=batch, image_size=size, num_workers=0))
+def bench_loader(root: str, size: int, batch: int, seconds: float, keep_indexes: bool = True) -> float:
+    """`root`: the shards' OUT folder or its URL; `keep_indexes=False`: every shard drawn is
+    indexed again (the loader's workers run in this process, so the module setting holds)."""
+    kept = loader_module.INDEXES_KEPT
+    loader_module.INDEXES_KEPT = kept if keep_indexes else 0
+    try:
+        it = iter(UnpairedLoader(root, root, batch_size=batch, image_size=size, num_workers=0))
 
-    def step():
-        next(it)
-        return 2 * batch
+        def step():
+            next(it)
+            return 2 * batch
 
-    return timed(step, seconds)
+        return timed(step, seconds)
+    finally:
+        loader_module.INDEXES_KEPT = kept
 
 
 def bench_folder(root: str, size: int, batch: int, seconds: float) -> float:
@@ -206,11 +217,12 @@ def s3_server(log_dir: str):
 
 def measure(images, root, url, crop, args) -> dict[str, list[float]]:
     """Every reader once per round, interleaved; images/s per reader per round."""
-    times: dict[str, list[float]] = {k: [] for k in ("pil", "cv2", "loader", "s3", "folder")}
+    times: dict[str, list[float]] = {k: [] for k in ("pil", "cv2", "loader", "cold", "s3", "folder")}
     for _ in range(args.rounds):
         for dec in ("pil", "cv2"):
             times[dec].append(bench_floor(images, crop, args.batch_size, args.seconds, dec))
         times["loader"].append(bench_loader(root, crop, args.batch_size, args.seconds))
+        times["cold"].append(bench_loader(root, crop, args.batch_size, args.seconds, keep_indexes=False))
         if url:
             times["s3"].append(bench_loader(url, crop, args.batch_size, args.seconds))
         times["folder"].append(bench_folder(root, crop, args.batch_size, args.seconds))
@@ -222,14 +234,14 @@ def print_table(rows, args, elapsed: float) -> None:
     med = statistics.median
     print(f"\nimages/s per worker (1 process, 1 thread), batch {args.batch_size} per domain, "
           f"medians of {args.rounds} interleaved rounds")
-    print(f"{'src px':>6} {'crop':>5} {'KiB/img':>8} {'floor PIL':>10} {'floor cv2':>10} {'loader':>8} {'s3':>8} "
-          f"{'folder':>8} {'loader/floor':>13} {'loader/folder':>14} {'s3/loader':>10}")
+    print(f"{'src px':>6} {'crop':>5} {'KiB/img':>8} {'floor PIL':>10} {'floor cv2':>10} {'loader':>8} {'cold':>8} "
+          f"{'s3':>8} {'folder':>8} {'loader/floor':>13} {'cold/floor':>11} {'loader/folder':>14} {'s3/loader':>10}")
     for src, crop, kb, t in rows:
         ratio = lambda a, b: med(x / y for x, y in zip(t[a], t[b])) if t[a] else float("nan")  # noqa: E731
         s3 = med(t["s3"]) if t["s3"] else float("nan")
         print(f"{src:>6} {crop:>5} {kb:>8.1f} {med(t['pil']):>10.0f} {med(t['cv2']):>10.0f} {med(t['loader']):>8.0f} "
-              f"{s3:>8.0f} {med(t['folder']):>8.0f} {ratio('loader', 'floor'):>13.2f} "
-              f"{ratio('loader', 'folder'):>14.2f} {ratio('s3', 'loader'):>10.2f}")
+              f"{med(t['cold']):>8.0f} {s3:>8.0f} {med(t['folder']):>8.0f} {ratio('loader', 'floor'):>13.2f} "
+              f"{ratio('cold', 'floor'):>11.2f} {ratio('loader', 'folder'):>14.2f} {ratio('s3', 'loader'):>10.2f}")
     print(f"\ngoals: loader/floor >= 0.85, loader/folder >= 1.5 (issue 16); s3/loader is streaming from the "
           f"local S3 server next to local disk (issue 13). {len(rows)} rows in {elapsed:.0f} s.")
 

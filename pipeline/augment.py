@@ -149,6 +149,7 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
 
 
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+_REDUCED_FLAGS = dict(_REDUCED)
 
 
 def decode_image(data: bytes, min_side: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -171,7 +172,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int = MAX_PIXELS) -> np
     if jpeg is not None:
         if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):
             return _decode_pil(data, min_side)
-        flags = dict(_REDUCED).get(scale, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+        flags = _REDUCED_FLAGS.get(scale, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         return _decode_pil(data, min_side)

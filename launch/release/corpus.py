@@ -69,7 +69,8 @@ from pipeline.imageio import ImageRejected, check_size
 from pipeline.index import Totals, finalize
 from pipeline.layout import (DOMAINS, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, MANIFEST_NAME, QUARANTINE_NAME,
                              RECORDS_DIR, LockedError, ShardsError, record_path, remove_temps, shard_name)
-from pipeline.loader import IMAGE_EXTS, Shard, resolve_shards
+from pipeline.loader import Shard, resolve_shards
+from pipeline.tarindex import IMAGE_EXTS
 from pipeline.lock import writer_lock
 from pipeline.records import load_record, record_is_current, save_record
 from pipeline.shardwriter import write_tar
