@@ -122,13 +122,35 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same state_dict) that also runs with its parameters in a lower precision
+    than its running statistics, as DeepSpeed 0.19's fp16 mode leaves it (parameters cast to half,
+    buffers kept fp32), a mix torch's batch norm does not take (on CPU: "expected scalar type Half
+    but found Float"). There it normalises in the statistics' dtype, so the batch statistics and
+    the running averages are fp32 ones, and returns the input's dtype. Otherwise: nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.running_mean
+        if self.weight is None or stats is None or self.weight.dtype == stats.dtype:
+            return super().forward(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+        dt = stats.dtype
+        y = F.batch_norm(x.to(dt), stats, self.running_var, self.weight.to(dt), self.bias.to(dt),
+                         self.training, factor, self.eps)
+        return y.to(x.dtype)
+
+
 def make_norm(name: str, channels: int) -> nn.Module:
     if name == "in":
         return InstanceNorm(channels)  # no affine, no running stats (as official)
     if name == "ln":
         return LayerNorm(channels)
     if name == "bn":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm(channels)  # runs under DeepSpeed's fp16 too
     if name == "none":
         return nn.Identity()
     raise ValueError(f"norm {name!r} is not one of {NORMS}")

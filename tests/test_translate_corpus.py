@@ -271,6 +271,26 @@ def test_corpus_ext_and_size(corpus, export, tmp_path):
     assert im.format == "WEBP" and im.size == (16, 16) and json.loads(got[0]["json"])["format"] == "webp"
 
 
+def test_corpus_windows_are_bounded_by_bytes_too(corpus, export, tmp_path, monkeypatch):
+    from launch.release import corpus as corpus_mod
+
+    windows = []
+    real = corpus_mod.translate_window
+
+    def window(fn, direction, images, batch_size, limits=None):
+        windows.append(len(images))
+        return real(fn, direction, images, batch_size, limits)
+
+    monkeypatch.setattr(corpus_mod, "translate_window", window)
+    monkeypatch.setattr(corpus_mod, "WINDOW_BYTES", 32 * 32 * 3)  # one decoded 32 px image
+    rc = translate_main(["--model", str(export[0]), "--direction", "a2b", "--in", str(corpus / "shards"),
+                         "--out", str(tmp_path / "out"), "--batch-size", "8", "--no-progress"])
+    assert rc == 0
+    assert windows and set(windows) == {1}  # by count alone each shard's 2 images go together
+    keys = [s["__key__"] for t in sorted((tmp_path / "out" / "b").glob("*.tar")) for s in samples(t)]
+    assert len(keys) == N_TRAIN
+
+
 def test_identical_translations_keep_every_key(corpus, tmp_path):
     """make shards drops duplicate inputs; a translation must never drop an output because it
     equals another one (a constant translator makes them all equal)."""

@@ -2,7 +2,8 @@
 
     python -m launch.release.translate --model models:/unit-translator@champion | EXPORT_DIR \\
         --direction a2b --in IN --out OUT [--batch-size N] [--ext jpg|png|webp] [--size N]
-        [--tracking-uri URI] [--max-pixels N] [--tile N] [--tile-overlap N] [--report FILE] [--no-progress]
+        [--tracking-uri URI] [--max-pixels N] [--tile N] [--tile-overlap N] [--window-mb N] [--report FILE]
+        [--no-progress]
 
 --in is a folder of images (folder mode), or shards (corpus mode, launch/release/corpus.py): a
 `make shards` OUT folder or its index.json (the source domain's shards: a for a2b, b for b2a), a
@@ -14,10 +15,12 @@ Folder mode walks --in recursively and keeps relative paths and file names (a .j
 written at quality 95, unless --ext names another format) where PIL writes the input's format at
 full size and exactly (KEPT_SUFFIXES); any other image is written as PNG with .png appended
 (a.gif -> a.gif.png). An output name that two inputs would share is skipped and named. Images
-are read one at a time and translated in batches of one shape gathered within a window of
-WINDOW x --batch-size images: a window holding several shapes is flushed as partial batches, so
-memory stays bounded by the batch whatever the folder holds. --size N resizes the shortest side
-to N and centre-crops N x N first.
+are read one at a time and translated in batches of one shape gathered within a window of at
+most WINDOW x --batch-size images and at most --window-mb MiB of decoded pixels (default 512; an
+image larger than that alone is a window of one): a window holding several shapes is flushed as
+partial batches, so memory stays bounded whatever the folder holds, large photos included (about
+twice the window while its translations are written, plus the image being decoded). --size N
+resizes the shortest side to N and centre-crops N x N first.
 
 Input is untrusted: files that are no image at all are listed and left alone; images that
 cannot be used (damaged, above --max-pixels, smaller than the model's minimum side, failing in
@@ -50,6 +53,7 @@ from pipeline.storage import redact_uncaught
 EXIT_SKIPPED = 3
 EXTS = ("jpg", "png", "webp")  # what --ext may name (the formats a shard may hold)
 WINDOW = 4  # images held for grouping by shape: WINDOW x --batch-size at most
+WINDOW_MB = 512  # and at most this many MiB of decoded pixels (--window-mb): 8000 x 8000 photos are 192 MB each
 QUALITY = 95  # JPEG and WebP outputs
 
 
@@ -87,6 +91,18 @@ class Outcome:
 
 def failure(e: BaseException) -> str:
     return f"translation failed ({type(e).__name__}: {str(e)[:200]})"
+
+
+def window_full(held: int, held_bytes: int, batch_size: int, window_bytes: int | None) -> bool:
+    """Whether a window of `held` decoded images (`held_bytes` in all) is to be translated now:
+    WINDOW x batch_size images, or `window_bytes` (None: no byte bound)."""
+    return held >= WINDOW * batch_size or (window_bytes is not None and held_bytes >= window_bytes)
+
+
+def window_overflows(held_bytes: int, nbytes: int, window_bytes: int | None) -> bool:
+    """Whether a window holding `held_bytes` (not empty) must be translated before an image of
+    `nbytes` joins it, so that no window holds more than `window_bytes` unless one image alone does."""
+    return window_bytes is not None and held_bytes > 0 and held_bytes + nbytes > window_bytes
 
 
 def translate_window(fn, direction: str, images: list[np.ndarray], batch_size: int,
@@ -238,14 +254,17 @@ class _Folder:
 
 
 def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 16, progress: bool = True,
-                     limits: Limits | None = None, ext: str | None = None, size: int | None = None) -> dict:
+                     limits: Limits | None = None, ext: str | None = None, size: int | None = None,
+                     window_bytes: int | None = WINDOW_MB << 20) -> dict:
     """Translate every image under in_dir into out_dir; returns counts, what was skipped and why, time.
 
     `model`: a generator module, a pyfunc model, or fn(uint8 NHWC, direction) -> uint8 NHWC.
     `ext`: the output format (jpg, png, webp; None: each input's own where it holds the translation,
-    else PNG: output_name). `size`: resize the shortest side to `size` and centre-crop first. At
-    most WINDOW x batch_size decoded images are held. `limits.palette` is the caller's to set (load
-    does, from the model's translator.json).
+    else PNG: output_name). `size`: resize the shortest side to `size` and centre-crop first. A
+    window of at most WINDOW x batch_size decoded images and at most `window_bytes` of them (None:
+    no byte bound; one image larger than that alone is a window of one) is held for batching, then
+    translated and written in input order. `limits.palette` is the caller's to set (load does, from
+    the model's translator.json).
     """
     from tqdm import tqdm
 
@@ -260,15 +279,23 @@ def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 1
     bar = tqdm(total=len(images), unit="img", desc=f"translate {direction}", disable=not progress)
     run = _Folder(as_translate_fn(model), direction, in_dir, out_dir, batch_size, limits, ext, res, bar)
     pending: list[tuple[Path, np.ndarray]] = []
+    held = 0  # bytes of the decoded images in `pending`
     for p in images:
         try:
-            pending.append((p, read_rgb(p, max_pixels=limits.max_pixels, size=size,
-                                        min_side=1 if size else limits.min_side)))
+            arr = read_rgb(p, max_pixels=limits.max_pixels, size=size, min_side=1 if size else limits.min_side)
         except ImageRejected as e:  # NotAnImage included: is_image_file said it looked like one
             res.reject(p, e.reason)
             bar.update(1)
-        if len(pending) >= WINDOW * batch_size:
+            continue
+        if window_overflows(held, arr.nbytes, window_bytes):
             run.flush(pending)
+            held = 0
+        pending.append((p, arr))
+        held += arr.nbytes
+        del arr  # held by `pending` only: flush frees it
+        if window_full(len(pending), held, batch_size, window_bytes):
+            run.flush(pending)
+            held = 0
     run.flush(pending)
     bar.close()
     return {"translated": res.translated, "tiled": res.tiled, "skipped": res.not_images,
@@ -326,6 +353,11 @@ def parse_args(argv=None):
     p.add_argument("--tile", type=int, default=1024,
                    help="translate images with a side above N in overlapping N x N tiles (default 1024); 0: never")
     p.add_argument("--tile-overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
+    p.add_argument("--window-mb", type=int, default=WINDOW_MB,
+                   help="folder mode: MiB of decoded images held at once for batching by shape, besides at most "
+                        f"{WINDOW} x --batch-size images (default {WINDOW_MB}; an image larger than that is "
+                        "translated alone; memory peaks at about twice this while a window's translations are "
+                        "written); 0: no byte bound")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda:N")
     p.add_argument("--report", default=None, help="folder mode: write what was translated and skipped as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -342,6 +374,8 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
         p.error("--max-pixels must be >= 0")
     if a.size is not None and a.size < 1:
         p.error("--size must be >= 1")
+    if a.window_mb < 0:
+        p.error("--window-mb must be >= 0")
     if a.tile and a.tile < 32:
         p.error("--tile must be 0 (never tile) or >= 32")
     if a.tile and not 0 <= a.tile_overlap <= a.tile // 2:
@@ -407,7 +441,7 @@ def main(argv=None) -> int:
         check_folders(Path(a.inputs[0]), Path(a.out_dir))  # before loading the model: fail fast
         fn, _, _, limits = load(a)
         res = translate_folder(fn, a.direction, a.inputs[0], a.out_dir, a.batch_size, progress=not a.no_progress,
-                               limits=limits, ext=a.ext, size=a.size)
+                               limits=limits, ext=a.ext, size=a.size, window_bytes=(a.window_mb << 20) or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
