@@ -8,7 +8,7 @@ hold plain members: ustar headers, some after a pax header of times, sizes or a 
 read here directly, 32 KiB at a time, with the header checksum summed in C (6 and 13 µs a
 sample). Anything else (GNU long names or sparse files, global pax headers, links, directories,
 a bad checksum, binary numbers, a cut) sends the whole shard through `tarfile`, so an unusual
-or damaged tar gets exactly tarfile's reading; tests/test_tarindex.py checks that both readings
+or damaged tar gets exactly tarfile's reading (this Python's); tests/test_tarindex.py checks that both readings
 agree on intact, cut and damaged shards.
 """
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 _BLOCK = 512
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
 _CHUNK = 32 << 10  # bytes read at once while walking the headers
 _PAX_MAX = 64 << 10  # a larger pax header (hostile, or carrying more than names and times): tarfile
 _REGULAR = (b"0", b"\0", b"7")  # tarfile's isfile() types, less GNU sparse (read by tarfile)
@@ -73,17 +74,38 @@ def _index_with_tarfile(f, size: int) -> ShardIndex:
     members = []
     truncated = False
     try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
+        with tarfile.open(fileobj=_Bounded(f, size), mode="r:") as tar:
             for m in tar:
+                if m.size < 0:  # tarfile would step back to this header again, forever
+                    truncated = True
+                    break
                 if m.isfile():
                     members.append((m.name, m.offset_data, m.size))
                     if m.offset_data + m.size > size:
                         break
-    except tarfile.TarError:
+    except Exception:  # noqa: BLE001 - TarError, or a number tarfile cannot take: a broken shard
         truncated = True
     index = _images(members, size)
     index.truncated = index.truncated or truncated
     return index
+
+
+class _Bounded:
+    """A file as tarfile reads it, no read past `size`: a header claiming gigabytes (a pax
+    header's size) allocates what the file holds, not what the header says."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
 def _plain_members(f, size: int) -> list[tuple[str, int, int]]:
@@ -103,7 +125,7 @@ def _plain_members(f, size: int) -> list[tuple[str, int, int]]:
         if kind == b"x":  # a pax header: its records apply to the next member
             if length > _PAX_MAX or pos + _padded(length) + _BLOCK > size:
                 raise _Unusual
-            overrides = _pax_records(read(pos, length))
+            overrides = _pax_records(read(pos, _padded(length)))  # records in the padding count too
             pos += _padded(length)
             kind, name, length = _header(read(pos, _BLOCK))
             if kind == b"x":
@@ -141,6 +163,10 @@ def _header(block: bytes) -> tuple[bytes, str, int]:
     """(type, name, size) of one ustar/v7 header with a valid checksum."""
     if _octal(block[148:156]) != _checksum(block):
         raise _Unusual  # a bad checksum, or tarfile's signed variant: tarfile decides
+    numbers = block[100:124] + block[136:148] + block[329:345]  # mode, ids, mtime, device numbers
+    if numbers.translate(None, b"01234567\0"):  # not only octal digits and NULs: parse each as tarfile does
+        for start, end in _NUMBER_FIELDS:
+            _octal(block[start:end])
     name = _text(block[0:100].split(b"\0", 1)[0])
     prefix = _text(block[345:500].split(b"\0", 1)[0])
     if block[156:157] == b"\0" and name.endswith("/"):
@@ -164,13 +190,16 @@ def _octal(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):
         raise _Unusual  # base-256: tarfile reads it
     try:
-        return int(field.split(b"\0", 1)[0].strip().decode("ascii") or "0", 8)
+        n = int(field.split(b"\0", 1)[0].strip().decode("ascii") or "0", 8)
     except ValueError:
         raise _Unusual from None
+    if n < 0:
+        raise _Unusual  # a negative size ("-1000"): tarfile's reading stops there
+    return n
 
 
 def _number(value: bytes) -> int:
-    if not value.isdigit():
+    if not value.isdigit() or len(value) > 20:
         raise _Unusual
     return int(value)
 
@@ -196,12 +225,12 @@ def _pax_records(buf: bytes) -> dict[bytes, bytes]:
     records = {}
     pos = 0
     while pos < len(buf) and buf[pos] != 0:
-        space = buf.find(b" ", pos)
+        space = buf.find(b" ", pos, pos + 21)
         if space < 0 or not buf[pos:space].isdigit():
             raise _Unusual
         end = pos + int(buf[pos:space])
         record = buf[space + 1:end]
-        if end <= space or not record.endswith(b"\n") or b"=" not in record:
+        if end <= space or end > len(buf) or not record.endswith(b"\n") or b"=" not in record:
             raise _Unusual
         key, value = record[:-1].split(b"=", 1)
         if key not in _PAX_KEYS:

@@ -184,3 +184,70 @@ def test_the_checksum_is_tars_unsigned_sum_for_any_header():
                 block[i] = rnd.choice((1, 128, 255, rnd.randrange(1, 256)))
             block = bytes(block)
             assert tarindex._checksum(block) == sum(block[:148]) + 32 * 8 + sum(block[156:])
+
+
+# ---------------------------------------------------------------- hostile headers (a review's cases)
+
+def header(name: bytes, size: int, kind=b"0", size_field=None, **fields) -> bytes:
+    """A ustar header with a valid checksum; `fields`: raw bytes for mode, mtime."""
+    b = bytearray(512)
+    b[0:len(name)] = name
+    b[100:108] = fields.get("mode", b"0000644\0")
+    b[108:124] = b"0000000\0" * 2
+    b[124:136] = size_field if size_field is not None else b"%011o\0" % size
+    b[136:148] = fields.get("mtime", b"00000000000\0")
+    b[156:157] = kind
+    b[257:265] = b"ustar\x0000"
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def member(name: bytes, data: bytes = b"\xff\xd8jpeg\xff\xd9", **kw) -> bytes:
+    return header(name, len(data), **kw) + data + b"\0" * (-len(data) % 512)
+
+
+def pax(records: bytes, padding: bytes = b"", size_field=None) -> bytes:
+    block = records + padding
+    return header(b"PaxHeader/x", len(records), kind=b"x", size_field=size_field) + block + b"\0" * (-len(block) % 512)
+
+
+END = b"\0" * 1024
+
+
+@pytest.mark.parametrize("data", [
+    member(b"a.jpg") + member(b"b.jpg", mtime=b"zzzzzzzzzzz\0") + member(b"c.jpg") + END,  # tarfile stops at b
+    member(b"a.jpg", mode=b"9999999\0") + member(b"b.jpg") + END,  # a broken first header: truncated
+    member(b"a.jpg", mtime=b"   1234567 \0") + END,  # spaces in a number: parsed as tarfile does
+    pax(b"15 path=p1.jpg\n", padding=b"15 path=p2.jpg\n") + member(b"x.bin") + END,  # a record in the padding
+    pax(b"40 path=q.jpg\n") + member(b"x.bin") + END,  # a record longer than its header
+    pax(b"%d size=%s\n" % (5011, b"9" * 5000)) + member(b"r.jpg") + END,  # a number Python will not parse
+    member(b"a.jpg") + header(b"n.jpg", 0, size_field=b"-0000001000\0") + END,  # a size that steps back
+], ids=["bad-mtime", "bad-first-mode", "spaced-mtime", "pax-padding", "pax-long-record", "pax-huge-size",
+        "negative-size"])
+def test_hostile_headers_read_as_tarfile_reads_them_and_end(data):
+    t0 = time.perf_counter()
+    got = direct(data)
+    assert got == by_tarfile(data)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_what_the_hostile_headers_give():
+    assert direct(member(b"a.jpg") + member(b"b.jpg", mtime=b"zzzzzzzzzzz\0") + END).samples == [("a", 512, 8)]
+    assert direct(member(b"a.jpg", mode=b"9999999\0") + END) == tarindex.ShardIndex([], True)
+    assert [k for k, _, _ in direct(pax(b"15 path=p1.jpg\n", padding=b"15 path=p2.jpg\n") + member(b"x.bin") + END)
+            .samples] == ["p2"]  # the later record wins, as in tarfile
+    looped = direct(member(b"a.jpg") + header(b"n.jpg", 0, size_field=b"-0000001000\0") + END)
+    assert looped.truncated and [k for k, _, _ in looped.samples] == ["a"]
+
+
+def test_a_header_claiming_gigabytes_allocates_what_the_file_holds():
+    import tracemalloc
+
+    data = pax(b"", size_field=b"77777777777\0") + member(b"a.jpg") + END  # an 8 GiB pax header
+    tracemalloc.start()
+    got = direct(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == by_tarfile(data) and got.samples == []
+    assert peak < 1 << 20
