@@ -1,9 +1,10 @@
 """Colour statistics of a domain's training images: per-channel histograms and binned colours.
 
-Small enough to keep (a 3x256 histogram and a 32**3 colour-bin table per domain) and enough for
-what reads them: the trivial baselines every evaluation shows (launch/release/baselines.py: the
-most frequent colour, per-channel histogram matching) and, for domains drawn in a few flat
-colours such as maps, the palette a generator's PaletteHead paints with (`model.palette_b: auto`).
+Small enough to keep (a 3x256 histogram and a 32**3 colour-bin table per domain; while counting,
+also a 128**3 grid, 16 MB, for the best constant colour) and enough for what reads them: the
+trivial baselines every evaluation shows (launch/release/baselines.py: the best constant colour,
+per-channel histogram matching) and, for domains drawn in a few flat colours such as maps, the
+palette a generator's PaletteHead paints with (`model.palette_b: auto`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 BIN = 8              # colour bin width per channel for the most frequent colour and the palette
+FINE = 2             # cell width per channel of the grid the best constant colour is searched on
+TOLERANCE = 16       # pixel accuracy's tolerance per channel (launch.release.evaluate.THRESHOLD)
 
 
 @dataclass
@@ -22,6 +25,8 @@ class DomainStats:
     bin_counts: np.ndarray   # int64 [(256/BIN)**3]: pixels per colour bin
     bin_sums: np.ndarray     # float64 [(256/BIN)**3, 3]: colour sums per bin (for the bin's mean)
     images: int = 0
+    fine: np.ndarray | None = None      # int64 [(256/FINE)**3]: pixels per fine cell (counting only, not saved)
+    constant: np.ndarray | None = None  # uint8 [3]: the best constant as saved (statistics read back)
 
     @classmethod
     def empty(cls) -> "DomainStats":
@@ -38,6 +43,11 @@ class DomainStats:
         self.bin_counts += np.bincount(k, minlength=len(self.bin_counts))
         for c in range(3):
             self.bin_sums[:, c] += np.bincount(k, weights=x[:, c], minlength=len(self.bin_counts))
+        n = 256 // FINE
+        if self.fine is None:
+            self.fine = np.zeros(n ** 3, np.int64)
+        f = (x // FINE).astype(np.int64)
+        self.fine += np.bincount((f[:, 0] * n + f[:, 1]) * n + f[:, 2], minlength=n ** 3)
         self.images += len(images)
         return self
 
@@ -49,6 +59,28 @@ class DomainStats:
         if not self.bin_counts.any():
             raise ValueError("no pixels counted for this domain")
         return self._bin_colour(int(self.bin_counts.argmax()))
+
+    def best_constant(self, tolerance: int = TOLERANCE) -> np.ndarray:
+        """uint8 [3]: the constant colour that scores the best pixel accuracy on the counted pixels
+        (the most pixels with every channel within `tolerance` of it), searched on a grid of FINE
+        values a cell. It can beat the most frequent colour by far: with a map's land (242, 239,
+        233) and white roads (255, 255, 255), a colour between them is right on both. The most
+        frequent colour where it is as good (a flat image: that colour exactly)."""
+        if self.fine is None:
+            if self.constant is not None:
+                return self.constant
+            raise ValueError("no pixels counted for this domain")
+        n, r = 256 // FINE, tolerance // FINE
+        held = self.fine.reshape(n, n, n)
+        for axis in range(3):  # pixels within r cells along each axis in turn: the box around each cell
+            c = np.cumsum(np.pad(held, [(r + 1, r) if a == axis else (0, 0) for a in range(3)]), axis=axis)
+            held = np.take(c, range(2 * r + 1, n + 2 * r + 1), axis=axis) - np.take(c, range(n), axis=axis)
+        mode = self.mode_colour()
+        if held[tuple(mode.astype(int) // FINE)] == held.max():
+            return mode
+        best = np.argwhere(held == held.max())
+        cell = best[np.abs(best * FINE - mode.astype(int)).sum(axis=1).argmin()]  # the nearest to the mode
+        return np.minimum(cell * FINE + FINE // 2, 255).astype(np.uint8)
 
     def palette(self, min_share: float = 0.002, most: int = 32) -> tuple[np.ndarray, float]:
         """The domain's flat colours: the mean colours of the colour bins holding at least

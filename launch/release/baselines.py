@@ -1,14 +1,17 @@
 """The trivial translators every model must beat, estimated from training images only.
 
     identity    the input as output
-    constant    every pixel the most frequent colour of the target domain (colours binned
-                8 levels per channel; the bin's mean colour, so a flat palette colour is hit exactly)
+    constant    every pixel the best constant colour of the target domain: the one that scores
+                the best pixel accuracy on its training images (DomainStats.best_constant; the
+                most frequent colour, the bin's mean, where that is as good, so a flat palette
+                colour is hit exactly). Until 6 December this was the most frequent colour (colour
+                bins 8 values wide), which a colour between a map's land and its white roads beats
     histmatch   per-channel histogram matching: source-domain CDF -> target-domain CDF
 
 A translator that loses to one of these has learnt less than a one-line rule, whatever its
 absolute score; every evaluation table shows them beside the model. The statistics come from
 the training shards (never the paired test truth) and are small: per domain, a 3x256
-histogram and one colour. They travel with the export as `baselines.json`.
+histogram and two colours. They travel with the export as `baselines.json`.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import write_json as write_json_atomic
-from pipeline.colour_stats import BIN, DomainStats, check_images, stats_from_shards  # noqa: F401 (re-exported)
+from pipeline.colour_stats import BIN, TOLERANCE, DomainStats, check_images, stats_from_shards  # noqa: F401 (re-exported)
 
 FILE_NAME = "baselines.json"
 FORMAT_VERSION = 1
@@ -36,10 +39,11 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.stack([lut[c][x[..., c]] for c in range(3)], axis=-1)
 
 
-def translators(stats: dict[str, DomainStats]) -> dict[str, callable]:
-    """{name: fn(uint8 images, direction) -> uint8 images} for identity, constant and histmatch."""
+def translators(stats: dict[str, DomainStats], tolerance: int = TOLERANCE) -> dict[str, callable]:
+    """{name: fn(uint8 images, direction) -> uint8 images} for identity, constant and histmatch;
+    the constant is the best for pixel accuracy at `tolerance`."""
     luts = {"a2b": histmatch_lut(stats["a"], stats["b"]), "b2a": histmatch_lut(stats["b"], stats["a"])}
-    modes = {d: stats[d].mode_colour() for d in ("a", "b")}
+    modes = {d: stats[d].best_constant(tolerance) for d in ("a", "b")}
 
     def identity(x, direction):
         return check_images(x).copy()
@@ -68,12 +72,14 @@ def from_config(cfg) -> dict[str, DomainStats]:
 
 def to_json(stats: dict[str, DomainStats]) -> dict:
     return {"format": FORMAT_VERSION, "bin": BIN,
-            "domains": {d: {"images": s.images, "hist": s.hist.tolist(), "mode_colour": s.mode_colour().tolist()}
+            "domains": {d: {"images": s.images, "hist": s.hist.tolist(), "mode_colour": s.mode_colour().tolist(),
+                            "constant_colour": s.best_constant().tolist()}
                         for d, s in stats.items()}}
 
 
 def from_json(d: dict) -> dict[str, DomainStats]:
-    """Statistics back from `to_json` (the mode colour is kept as saved)."""
+    """Statistics back from `to_json` (the mode colour and the best constant as saved; a file from
+    before the best constant gives the mode colour, the constant it was scored with)."""
     if d.get("format") != FORMAT_VERSION:
         raise ValueError(f"baselines: format {d.get('format')!r}, expected {FORMAT_VERSION}")
     out = {}
@@ -83,6 +89,7 @@ def from_json(d: dict) -> dict[str, DomainStats]:
         colour = np.asarray(v["mode_colour"], np.float64)
         k = int(((colour // BIN).astype(int) * [(256 // BIN) ** 2, 256 // BIN, 1]).sum())
         s.bin_counts[k], s.bin_sums[k] = 1, colour
+        s.constant = np.asarray(v.get("constant_colour", s.mode_colour()), np.uint8)
         s.images = int(v["images"])
         out[name] = s
     return out

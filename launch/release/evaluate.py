@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import imageio
+from pipeline.colour_stats import TOLERANCE
 from pipeline.imageio import image_files
 from pipeline.storage import redact, redact_text, redact_uncaught
 
-THRESHOLD = 16
+THRESHOLD = TOLERANCE  # pixel accuracy: every channel within 16 of the truth
 GATE_METRIC = "test/pixel_acc_a2b"
 MIN_SIDE = 5  # smallest side the default networks take unresized (launch.release.export.min_input_side)
 
@@ -168,7 +169,7 @@ def evaluate_direction(fn, x, y, direction: str, opts: EvalOptions) -> dict:
     if opts.baselines:
         from launch.release.baselines import translators
 
-        rivals = translators(opts.baselines)
+        rivals = translators(opts.baselines, opts.threshold)
     for name, rival in rivals.items():
         out.update({f"{name}_{k}": v for k, v in score(rival(x, direction), y, opts).items()})
     best = max(rivals, key=lambda name: out[f"{name}_pixel_acc"])
