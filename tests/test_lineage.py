@@ -88,7 +88,8 @@ def test_records_become_mlflow_dataset_inputs(tmp_path):
     a = got["shards-a"]
     assert a.dataset.digest == recs[0]["digest"] and json.loads(a.dataset.profile)["samples"] == 3
     assert json.loads(a.dataset.source)["uri"] == recs[0]["source"] and a.dataset.source_type == "local"
-    assert {t.key: t.value for t in a.tags} == {"mlflow.data.context": "train", "domain": "a"}
+    assert {t.key: t.value for t in a.tags} == {"mlflow.data.context": "train", "domain": "a",
+                                                "source": recs[0]["source"]}
     assert got["shards-b"].dataset.source_type == "s3"
     assert json.loads(got["shards-b"].dataset.profile)["digest_of"] == "urls"
     assert got["piped-a"].dataset.source_type == "code"
