@@ -29,7 +29,9 @@ a2b >= 0.60 on shift, and ours >= 2x the reference's a2b accuracy.
 The reference is one GAN run per seed and moves between seeds as much as ours does: --ref-seeds
 trains it once per seed, each for ours' wall time, and the ratio is taken against their mean (and,
 stricter, their best). --reuse-ours scores another set of reference seeds against the run of ours
-already under --out (the same corpus and settings) instead of training ours again.
+already under --out (the same corpus and settings, on the same machine since its last boot:
+ours' seconds are the reference's budget) instead of training ours again. The reference's layer
+norms start at the official code's U(0, 1) gammas (before 6 December: ones, as ours).
 
 "Per minute" depends on how many minutes: --curve K also scores both at K-1 earlier points of the
 same runs (ours: the EMA generator of a checkpoint every 1/K of its steps; the reference: its
@@ -42,6 +44,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -79,7 +82,7 @@ def parse_args(argv=None):
     ap.add_argument("--curve", type=int, default=0, metavar="K", help="also score both at every 1/K of "
                     "ours' steps (its checkpoints) and the same seconds of the reference (0: off)")
     ap.add_argument("--reuse-ours", action="store_true", help="take ours from the run already under --out "
-                    "(same corpus; refused where there is none) instead of training it again")
+                    "(same corpus and settings, this machine since its boot; refused otherwise) instead of training it again")
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--c2st-steps", type=int, default=200)
@@ -173,7 +176,8 @@ def run_ours(corpus: dict, args, size: int) -> tuple[Path, float, int]:
     the run already there when it was trained with the same settings."""
     run_dir = corpus["root"] / "ours"
     settings = {"config": config_for(args, corpus["task"]), "steps": args.steps, "ranks": args.ranks,
-                "overrides": list(args.overrides), **({"curve": args.curve} if args.curve else {})}
+                "overrides": list(args.overrides), **({"curve": args.curve} if args.curve else {}),
+                "host": host()}
     marker = run_dir / "bench.json"
     if args.reuse_ours:
         found = json.loads(marker.read_text()) if marker.is_file() else None
@@ -249,6 +253,28 @@ def load_train(folder: Path):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def official_layer_norm_init(unit) -> None:
+    """The official code's LayerNorm starts its gamma at uniform_() (U(0, 1)), ours at ones (the
+    step bench keeps ours, its losses must equal the trainer's)."""
+    import torch
+
+    from model.networks import LayerNorm
+    with torch.no_grad():
+        for m in unit.modules():
+            if isinstance(m, LayerNorm):
+                m.gamma.uniform_()
+
+
+def host() -> dict:
+    """The machine a run of ours was timed on: the reference gets ours' seconds only on the same."""
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    boot = Path("/proc/sys/kernel/random/boot_id")  # one per boot: another session's VM differs
+    return {"cpu": model, "cores": os.cpu_count(), "node": platform.node(),
+            "boot": boot.read_text().strip() if boot.exists() else None}
+
+
 def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: int = 0, marks=()):
     """The official-style loop for `seconds` of wall time; returns (generator in eval mode, steps,
     [(steps, generator)] copied when its clock first passes each of `marks` (seconds); copying
@@ -260,6 +286,7 @@ def run_reference(corpus: dict, seconds: float, size: int, threads: int, seed: i
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     unit = plain(UNIT.from_config({"preset": "official", "image_size": size}))
+    official_layer_norm_init(unit)
     og, od = adam(unit.gen), adam(unit.dis)
     data = corpus["shards"].parent / "data"
     a, b = load_train(data / "trainA"), load_train(data / "trainB")
