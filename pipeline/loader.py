@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import logging
@@ -472,6 +473,23 @@ class _Batches(IterableDataset):
 # ----------------------------------------------------------------------------- the loader
 
 
+@contextlib.contextmanager
+def one_opencv_thread():
+    """OpenCV's thread pool does not survive fork: once this process has decoded or resized in
+    parallel (a large image decoded in-process, as the colour statistics before training do), a
+    DataLoader worker forked from it hangs at its first OpenCV call that touches the pool
+    (cv2.setNumThreads, forever). With one thread while the workers start, there is no pool to
+    inherit; the caller's setting comes back after."""
+    import cv2
+
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(n)
+
+
 class UnpairedLoader:
     """Iterating yields {"a", "b"}: uint8 [B,3,H,W] RGB, independent domains, forever.
 
@@ -539,7 +557,8 @@ class UnpairedLoader:
         else:
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False, **self._dl_kwargs)
-            batches = iter(dl)
+            with one_opencv_thread():
+                batches = iter(dl)  # the workers start here
         for batch in batches:
             worker = int(batch.pop("_worker"))
             self._positions[worker] = {d: tuple(int(v) for v in p) for d, p in batch.pop("_pos").items()}

@@ -273,6 +273,10 @@ def test_augmenter_matches_albumentations_pipeline_and_reduced_decoding():
     ours = Augmenter(cfg, 64)(data, np.zeros(3), 0)
     ref = build_pipeline(cfg, 64)(image=decode_image(data, 72))["image"]
     assert ours.shape == (64, 64, 3) and np.array_equal(ours, ref)
+    for resize, crop, how in ((200, 192, "area"), (400, 384, "linear"), (300, 256, "cubic")):  # down and up
+        cfg = AugmentConfig(train=False, resize=resize, interpolation=how)
+        ref = build_pipeline(cfg, crop)(image=decode_image(data, resize))["image"]
+        assert np.array_equal(Augmenter(cfg, crop)(data, np.zeros(3), 0), ref), (resize, how)
     x = to_chw_uint8([ours], bgr=True)
     assert x.shape == (1, 3, 64, 64) and x.dtype == np.uint8 and np.array_equal(x[0, 0], ours[..., 2])  # BGR -> RGB
 
@@ -309,3 +313,22 @@ def test_importing_the_augmentations_asks_no_server_for_albumentations_updates()
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, env={**env, "NO_ALBUMENTATIONS_UPDATE": "0"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["1", "0"], out.stdout + out.stderr
+
+
+def test_workers_start_after_opencv_ran_threads_in_this_process(out, tmp_path):
+    """A large resize in the parent starts OpenCV's thread pool; DataLoader workers forked after it
+    hung at their first cv2.setNumThreads (a pool that does not survive fork). In a child process,
+    with a deadline, so that a hang fails this test instead of the suite."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import sys, cv2, numpy as np\n"
+        "from pipeline.loader import UnpairedLoader\n"
+        "cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (4000, 4000))  # the pool, started here\n"
+        "n = cv2.getNumThreads()\n"
+        f"it = iter(UnpairedLoader({str(out)!r}, {str(out)!r}, batch_size=2, image_size={SIZE}, num_workers=2))\n"
+        "b = next(it); next(it)\n"
+        "assert cv2.getNumThreads() == n  # the caller's setting is back\n"
+        "print('ok', tuple(b['a'].shape))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
