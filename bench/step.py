@@ -67,8 +67,8 @@ from model.unit import UNIT, discriminator_loss, generator_loss, r1_loss  # noqa
 
 GOAL_RATIO = 0.6  # ours / reference, time per iteration (issue 16)
 # Dense bf16 tensor-core peaks, TFLOP/s (vendors' datasheets, no sparsity); first match wins.
-GPU_PEAKS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-             ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
+GPU_PEAKS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+             ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
              ("RTX 4090", 165.0), ("RTX 3090", 71.0))
 
 
