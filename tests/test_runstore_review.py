@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -55,15 +54,11 @@ def test_server_answering_during_end_does_not_restart_system_metrics(tmp_path, m
     t = Tracker(system_metrics=True)
     run_id = t.start(run_dir)
     try:
-        deadline = time.monotonic() + 30   # the worker thread starts them (its own fluent run)
-        while not any(th.name.startswith("SystemMetricsMonitor") for th in threading.enumerate()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert mlflow.active_run() is None
+        assert mlflow.active_run() is not None
         with t._lock:   # as after an outage whose probe has just got an answer
             t._offline = t._back = True
         t.end("FAILED")
-        assert mlflow.active_run() is None and not t._fluent_run
+        assert mlflow.active_run() is None
         assert not any(th.name.startswith("SystemMetricsMonitor") for th in threading.enumerate())
         assert MlflowClient(embedded_uri(run_dir)).get_run(run_id).info.status == "FAILED"
     finally:

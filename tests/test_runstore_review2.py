@@ -1,15 +1,11 @@
 """Run store defects found in a second review: a dataset input that kept an earlier run's source,
-images uploaded twice when buffered records are sent again, and a tracker start that waited on a
-server that does not answer. The embedded SQLite store, a closed local port, and (marked slow) the
-session's real `mlflow server` with proxied artifacts."""
+and images uploaded twice when buffered records are sent again. The embedded SQLite store and
+(marked slow) the session's real `mlflow server` with proxied artifacts."""
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
-import mlflow  # noqa: F401  (imported before any timing: the first import takes a second)
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -27,12 +23,6 @@ from test_tracking import make_shards_meta
 @pytest.fixture(autouse=True)
 def no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def closed_port_uri() -> str:
-    from conftest import free_port
-
-    return f"http://127.0.0.1:{free_port()}"   # nothing listens there: connections are refused
 
 
 # ----------------------------------------------------------------------------- 1. dataset sources
@@ -184,69 +174,3 @@ def test_images_sent_again_to_a_server_with_proxied_artifacts(server_up, tmp_pat
     for _ in range(3):
         send(client, run_id, rec)
     assert len(image_names(client, run_id)) == 2
-
-
-# ----------------------------------------------------------------------------- 3. a server that does not answer
-
-
-@pytest.fixture
-def slow_retries(monkeypatch):
-    """The user's own HTTP retry settings (kept by the tracker): 3 retries with backoff, about 8 s a
-    request against a closed port."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", 60.0)
-
-
-@pytest.mark.parametrize("resume", [False, True])
-def test_start_against_a_closed_port_returns_within_its_bound(tmp_path, slow_retries, resume):
-    run_id = "0123456789abcdef0123456789abcdef" if resume else None
-    run_dir = tmp_path / "run"
-    t = Tracker(uri=closed_port_uri(), system_metrics=True)
-    t0 = time.monotonic()
-    assert t.start(run_dir, run_id=run_id) == run_id   # a resumed run keeps its id; a new one has none yet
-    took = time.monotonic() - t0
-    assert took < tracking.START_SECONDS + 1.5, took
-    t0 = time.monotonic()
-    t.log_params({"lr": 0.1})
-    t.log_metrics({"loss": 1.0}, 1)
-    t.log_image(png(tmp_path / "s.png"), 1)
-    assert time.monotonic() - t0 < 0.5
-    assert t.warnings == 1
-    assert [r["op"] for r in read_buffer(run_dir / BUFFER_NAME)] == ["open", "params", "metrics", "image"]
-    assert read_buffer(run_dir / BUFFER_NAME)[0]["run"] == run_id
-    t0 = time.monotonic()
-    assert t.end(timeout=0.5) is False
-    assert time.monotonic() - t0 < 1.5
-    assert [r["op"] for r in read_buffer(run_dir / BUFFER_NAME)][-1] == "end"
-
-
-def test_resuming_after_an_outage_does_not_wait_for_the_server(tmp_path, slow_retries):
-    """The probe got an answer, then the server went away again: restarting MLflow's system
-    metrics (its fluent run reads and updates the run on the server) must not hold the caller."""
-    run_dir = tmp_path / "run"
-    t = Tracker(uri=closed_port_uri(), system_metrics=True)
-    t.start(run_dir, run_id="0123456789abcdef0123456789abcdef")
-    with t._lock:   # as after a probe that opened the run
-        t._opened, t._back = True, True
-    slowest = 0.0
-    for step in range(3):
-        t0 = time.monotonic()
-        t.log_metrics({"loss": float(step)}, step)
-        slowest = max(slowest, time.monotonic() - t0)
-    assert slowest < 0.5, slowest
-    t0 = time.monotonic()
-    t.end(timeout=0.5)
-    assert time.monotonic() - t0 < 1.5
-
-
-def test_start_waits_for_an_embedded_store_however_long_opening_takes(tmp_path, monkeypatch):
-    """The bound is for servers: a local store is opened (its first open creates its tables) before
-    start() returns, as before."""
-    monkeypatch.setattr(tracking, "START_SECONDS", 0.0)
-    t = Tracker(system_metrics=False)
-    run_id = t.start(tmp_path / "run")
-    assert run_id and t.warnings == 0
-    assert t.end()
-    assert MlflowClient(embedded_uri(tmp_path / "run")).get_run(run_id).info.status == "FINISHED"
-    assert not os.path.exists(tmp_path / "run" / BUFFER_NAME)

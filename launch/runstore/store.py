@@ -13,15 +13,13 @@ password (without_password), run_uid the run directory's (rundir.RUN_MARKER; Non
 
 Every MLflow call here and in the run store names its URI through an explicit client. MLflow's
 fluent API reads process-wide URIs instead; the few things that exist only there go through
-fluent_uri(), the one place that sets them (one block at a time: the tracker's worker thread
-starts and ends its fluent run there while the caller may be in a block of its own).
+fluent_uri(), the one place that sets them.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
 
 from pipeline.atomic import write_json
@@ -144,9 +142,6 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
     return run_id
 
 
-FLUENT_LOCK = threading.RLock()   # fluent_uri's process-wide settings: one block at a time
-
-
 @contextlib.contextmanager
 def fluent_uri(uri: str):
     """Point MLflow's fluent API (mlflow.start_run, mlflow.end_run, Model.log and the registration
@@ -159,17 +154,16 @@ def fluent_uri(uri: str):
     import mlflow
 
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    with FLUENT_LOCK:
-        saved = {k: os.environ.get(k) for k in names}
-        quiet_credentials(uri)
-        mlflow.set_tracking_uri(uri)
-        os.environ["MLFLOW_REGISTRY_URI"] = uri
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(None)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    saved = {k: os.environ.get(k) for k in names}
+    quiet_credentials(uri)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -10,11 +10,9 @@
     tracker.flush(); tracker.end()
 
 Metrics, params and tags go through MLflow's own asynchronous logging (MlflowClient.log_batch with
-synchronous=False). One worker thread opens the run, waits for MLflow's answers and sends what has
-no asynchronous form (images, dataset inputs, the end of the run), so no call waits for the server:
-start() waits START_SECONDS at most for a server to open the run (an embedded store as long as it
-takes), then goes on as when the server is away. System metrics are MLflow's own (a run started with
-log_system_metrics=True, in the worker thread too).
+synchronous=False). One worker thread waits for MLflow's answers and sends what has no asynchronous
+form (images, dataset inputs, the end of the run), so no call waits for the server. System metrics
+are MLflow's own (a run started with log_system_metrics=True).
 
 When the server cannot be reached (at start or mid-run) training goes on: one warning, and every
 record the server has not confirmed is kept, in memory and in RUN_DIR/mlflow-buffer.jsonl (format:
@@ -41,7 +39,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from launch.runstore.params import as_params
@@ -56,7 +53,6 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0    # between attempts to reach a server that went away
 FLUSH_SECONDS = 30.0   # how long flush()/end() wait by default for records to be confirmed
-START_SECONDS = 2.0    # how long start() waits for a server to open (or resume) the run
 
 # Short HTTP timeouts while training: MLflow's defaults (7 retries with exponential backoff, 120 s
 # timeout) would hold a request for minutes when the server is gone. Set only where the user has
@@ -108,9 +104,7 @@ class Tracker:
         """Open (or with `run_id`, resume) the run; returns its id, None when tracking is off or the
         server is unreachable (the run is then opened when it answers; see `run_id`). Without
         `run_id`, the run RUN_DIR/tracking.json records for this run directory and server is resumed
-        (store.recorded_run). Records an earlier process left in the buffer file are sent too.
-        Waits START_SECONDS at most for a server (MLflow's own retries, or a host that never
-        answers, could hold it for minutes); an embedded store, as long as opening it takes."""
+        (store.recorded_run). Records an earlier process left in the buffer file are sent too."""
         if not self.enable:
             return None
         self.run_dir = Path(run_dir)
@@ -127,24 +121,20 @@ class Tracker:
         # No id in the checkpoint: the run may still exist (opened after the last checkpoint)
         run_id = run_id or recorded_run(self.run_dir, self.uri)
         self._run_id = run_id
-        opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name}
-        with self._lock:
-            self._kept = [opening, *left]
-        # Opened by the worker as after an outage (_probe), with a bounded wait here.
-        self._probing = True
-        probe = self._waiter.submit(self._probe)
-        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
         try:
-            err = probe.result(timeout=None if local else START_SECONDS)
-        except FutureTimeout:  # still trying: its answer is taken as a probe's (_tick)
-            err = TimeoutError(f"no answer within {START_SECONDS:g} s")
-        if err is not None and not is_transient(err):
-            raise err
-        if self._back:  # opened (possibly just after the wait ended)
-            self._resume(quiet=True)
-        else:
+            self._run_id = open_run(self._client, self.run_dir, self.experiment, run_id, self.run_name)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name}
             with self._lock:
-                self._went_offline(err)
+                self._kept = [opening, *left]
+                self._went_offline(e)
+            return self._run_id
+        self._opened = True
+        self._start_system_metrics()
+        for rec in left:
+            self._submit(rec)
         return self._run_id
 
     def log_params(self, params: dict) -> None:
@@ -216,10 +206,9 @@ class Tracker:
         if not self.enabled:
             return True
         self._ending = True  # the server answering during the flush below must not restart them
-        self._waiter.submit(self._stop_system_metrics, status)
+        self._stop_system_metrics(status)
         self._log({"op": "end", "status": status, "ts": now_ms()})
         ok = self.flush(timeout)
-        atexit.unregister(self._failed_at_exit)  # the "end" record says how the run ended, sent or not
         with self._lock:
             self._closed = True
             left = list(self._unconfirmed.values()) + self._kept
@@ -286,35 +275,22 @@ class Tracker:
             self._probing = True
             self._waiter.submit(self._probe)
 
-    def _resume(self, quiet: bool = False) -> None:
-        """Send what was kept once the run is open (at start, or after an outage): the server
-        calls this needs (system metrics) are the worker's, like every other."""
+    def _resume(self) -> None:
         with self._lock:
             self._back = self._offline = False
             kept, self._kept = self._kept, []
-        if not quiet:
-            log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", redact(self.uri),
-                        len(kept))
-        self._waiter.submit(self._restart_system_metrics)
+        log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", redact(self.uri), len(kept))
+        if self._fluent_run:  # MLflow's sampler stops when the server does not answer: start it again
+            self._stop_system_metrics("RUNNING")
+        self._start_system_metrics()
         for rec in kept:
             self._submit(rec)
         with self._lock:
             self._settled()
 
-    # -- the worker's side ---------------------------------------------------------------------
-    # MLflow's fluent run is per thread: it is started and ended in the worker thread only, so that
-    # its server calls (reading and updating the run) never hold the caller.
-
-    def _restart_system_metrics(self) -> None:
-        if self._ending:
-            return
-        if self._fluent_run:  # MLflow's sampler stops when the server does not answer: start it again
-            self._stop_system_metrics("RUNNING")
-        self._start_system_metrics()
-
     def _start_system_metrics(self) -> None:
         """MLflow samples system metrics for a run started through its fluent API with
-        log_system_metrics=True (in the worker thread; _stop_system_metrics ends it)."""
+        log_system_metrics=True (in this thread; _stop_system_metrics ends it)."""
         if not self.system_metrics or self._fluent_run or self._ending:
             return
         import mlflow
@@ -326,11 +302,11 @@ class Tracker:
         except Exception as e:
             log.warning("MLflow system metrics not started: %s", first_line(e))
             return
-        # A process that exits without end() (an exception, Ctrl-C) must leave the run FAILED. By
-        # then the worker thread has stopped (concurrent.futures joins it before atexit hooks run)
-        # and MLflow's own exit hook, in the main thread, sees no fluent run to end (as FINISHED,
-        # with the process-wide URI or a new ./mlflow.db): ours sets FAILED through our client.
-        atexit.register(self._failed_at_exit)
+        # A process that exits without end() (an exception, Ctrl-C) would have MLflow's own exit
+        # hook end the fluent run as FINISHED with the process-wide URI (or create ./mlflow.db);
+        # ours runs first (atexit is last in, first out; mlflow registered its hook on import) and
+        # ends it as FAILED against our URI, which leaves MLflow's hook nothing to do.
+        atexit.register(self._stop_system_metrics, "FAILED")
 
     def _stop_system_metrics(self, status: str) -> None:
         if not self._fluent_run:
@@ -338,21 +314,14 @@ class Tracker:
         import mlflow
 
         self._fluent_run = False
-        atexit.unregister(self._failed_at_exit)
+        atexit.unregister(self._stop_system_metrics)
         try:
             with fluent_uri(self.uri):
                 mlflow.end_run(status)
         except Exception as e:  # the server is away: the "end" record closes the run later
             log.debug("mlflow.end_run: %s", first_line(e))
 
-    def _failed_at_exit(self) -> None:
-        if not self._fluent_run:
-            return
-        self._fluent_run = False
-        try:
-            self._client.set_terminated(self._run_id, status="FAILED")
-        except Exception as e:
-            log.debug("MLflow run %s not marked FAILED: %s", self._run_id, first_line(e))
+    # -- the worker's side ---------------------------------------------------------------------
 
     def _settle(self, key: int, rec: dict, ops) -> None:
         """Wait for MLflow's answer to one record; keep it when the server is away."""
@@ -375,8 +344,7 @@ class Tracker:
             self._unconfirmed.pop(key, None)
             self._settled()
 
-    def _probe(self) -> Exception | None:
-        """Open the run when it is not yet, else ask for it; returns what failed (start() reads it)."""
+    def _probe(self) -> None:
         try:
             with self._lock:
                 opening = any(r["op"] == "open" for r in self._kept)
@@ -386,10 +354,8 @@ class Tracker:
             else:
                 self._client.get_run(self._run_id)
             self._back = True
-            return None
-        except Exception as e:
+        except Exception:
             self._next_try = time.monotonic() + RETRY_SECONDS
-            return e
         finally:
             self._probing = False
 
