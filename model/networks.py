@@ -133,6 +133,8 @@ class BatchNorm(nn.BatchNorm2d):
         stats = self.running_mean
         if self.weight is None or stats is None or self.weight.dtype == stats.dtype:
             return super().forward(x)
+        if x.dim() != 4:  # as nn.BatchNorm2d checks
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
