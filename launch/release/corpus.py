@@ -61,7 +61,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from launch.release.translate import WINDOW_MB, Limits, encode_image, translate_window, window_full, window_overflows
+from launch.release.translate import WINDOW_MB, Limits, encode_image, translate_window, windows
 from pipeline import storage
 from pipeline.atomic import TEMP_NAME, write_json
 from pipeline.hashing import sha256_bytes, sha256_json
@@ -363,19 +363,8 @@ def write_translated_shard(job: CorpusJob, number: int, fingerprint: str, tick: 
 def _members(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[tuple[str, bytes]]:
     """The output tar's members, translated a window of samples at a time: at most WINDOW x
     batch_size of them and WINDOW_MB MiB of decoded pixels (one larger image alone)."""
-    pending: list[_Sample] = []
-    held, bound = 0, WINDOW_BYTES
-    for sample in _decoded(job, shard, found, tick):
-        if window_overflows(held, sample.image.nbytes, bound):
-            yield from _translated(job, pending, found, tick)
-            held = 0
-        pending.append(sample)
-        held += sample.image.nbytes
-        if window_full(len(pending), held, job.batch_size, bound):
-            yield from _translated(job, pending, found, tick)
-            held = 0
-    if pending:
-        yield from _translated(job, pending, found, tick)
+    for window in windows(_decoded(job, shard, found, tick), lambda s: s.image.nbytes, job.batch_size, WINDOW_BYTES):
+        yield from _translated(job, window, found, tick)
 
 
 def _decoded(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[_Sample]:

@@ -93,16 +93,23 @@ def failure(e: BaseException) -> str:
     return f"translation failed ({type(e).__name__}: {str(e)[:200]})"
 
 
-def window_full(held: int, held_bytes: int, batch_size: int, window_bytes: int | None) -> bool:
-    """Whether a window of `held` decoded images (`held_bytes` in all) is to be translated now:
-    WINDOW x batch_size images, or `window_bytes` (None: no byte bound)."""
-    return held >= WINDOW * batch_size or (window_bytes is not None and held_bytes >= window_bytes)
-
-
-def window_overflows(held_bytes: int, nbytes: int, window_bytes: int | None) -> bool:
-    """Whether a window holding `held_bytes` (not empty) must be translated before an image of
-    `nbytes` joins it, so that no window holds more than `window_bytes` unless one image alone does."""
-    return window_bytes is not None and held_bytes > 0 and held_bytes + nbytes > window_bytes
+def windows(items, nbytes, batch_size: int, window_bytes: int | None):
+    """Consecutive `items` in lists of at most WINDOW x batch_size and at most `window_bytes` of
+    nbytes(item) (None: no byte bound; an item larger than that alone is a window of one), in order;
+    the next item is drawn only after the caller is done with a window."""
+    window, held = [], 0
+    for item in items:
+        n = nbytes(item)
+        if window and window_bytes is not None and held + n > window_bytes:
+            yield window
+            window, held = [], 0
+        window.append(item)
+        held += n
+        if len(window) >= WINDOW * batch_size or (window_bytes is not None and held >= window_bytes):
+            yield window
+            window, held = [], 0
+    if window:
+        yield window
 
 
 def translate_window(fn, direction: str, images: list[np.ndarray], batch_size: int,
@@ -278,25 +285,17 @@ def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 1
     t0 = time.perf_counter()
     bar = tqdm(total=len(images), unit="img", desc=f"translate {direction}", disable=not progress)
     run = _Folder(as_translate_fn(model), direction, in_dir, out_dir, batch_size, limits, ext, res, bar)
-    pending: list[tuple[Path, np.ndarray]] = []
-    held = 0  # bytes of the decoded images in `pending`
-    for p in images:
-        try:
-            arr = read_rgb(p, max_pixels=limits.max_pixels, size=size, min_side=1 if size else limits.min_side)
-        except ImageRejected as e:  # NotAnImage included: is_image_file said it looked like one
-            res.reject(p, e.reason)
-            bar.update(1)
-            continue
-        if window_overflows(held, arr.nbytes, window_bytes):
-            run.flush(pending)
-            held = 0
-        pending.append((p, arr))
-        held += arr.nbytes
-        del arr  # held by `pending` only: flush frees it
-        if window_full(len(pending), held, batch_size, window_bytes):
-            run.flush(pending)
-            held = 0
-    run.flush(pending)
+
+    def decoded():
+        for p in images:
+            try:
+                yield p, read_rgb(p, max_pixels=limits.max_pixels, size=size, min_side=1 if size else limits.min_side)
+            except ImageRejected as e:  # NotAnImage included: is_image_file said it looked like one
+                res.reject(p, e.reason)
+                bar.update(1)
+
+    for window in windows(decoded(), lambda item: item[1].nbytes, batch_size, window_bytes):
+        run.flush(window)
     bar.close()
     return {"translated": res.translated, "tiled": res.tiled, "skipped": res.not_images,
             "rejected": res.rejected, "seconds": time.perf_counter() - t0, "out": str(out_dir)}
