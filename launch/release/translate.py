@@ -349,9 +349,10 @@ def parse_args(argv=None):
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS}); 0: no cap")
-    p.add_argument("--tile", type=int, default=1024,
-                   help="translate images with a side above N in overlapping N x N tiles (default 1024); 0: never")
-    p.add_argument("--tile-overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
+    p.add_argument("--tile", type=int, default=Limits.tile,
+                   help=f"translate images with a side above N in overlapping N x N tiles (default {Limits.tile}); 0: never")
+    p.add_argument("--tile-overlap", type=int, default=Limits.overlap,
+                   help=f"pixels shared by neighbouring tiles (default {Limits.overlap})")
     p.add_argument("--window-mb", type=int, default=WINDOW_MB,
                    help="folder mode: MiB of decoded images held at once for batching by shape, besides at most "
                         f"{WINDOW} x --batch-size images (default {WINDOW_MB}; an image larger than that is "
