@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from launch.release.evaluate import load_folder, pixel_accuracy  # noqa: E402
 from launch.release.export import load_translator, translate_uint8  # noqa: E402
-from launch.training.checkpoint import complete_checkpoints, step_of  # noqa: E402
+from launch.training.checkpoint import complete_checkpoints, load_ema, step_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,9 +32,13 @@ def parse_args(argv=None):
     ap.add_argument("--test-a", default="data/demo/testA")
     ap.add_argument("--test-b", default="data/demo/testB")
     ap.add_argument("--raw", type=int, default=4, help="late raw checkpoints scored one by one")
-    ap.add_argument("--from-steps", type=int, nargs="+", default=[400, 600, 800, 1000],
+    ap.add_argument("--ema", type=int, default=0,
+                    help="late checkpoints whose EMA is scored one by one: the learning curve of what the "
+                         "export would be, had the run stopped there (the EMA's warm-up and a constant lr "
+                         "do not depend on train.max_steps)")
+    ap.add_argument("--from-steps", type=int, nargs="*", default=[400, 600, 800, 1000],
                     help="uniform averages of the checkpoints from these steps on")
-    ap.add_argument("--powers", type=float, nargs="+", default=[1, 2, 4, 9],
+    ap.add_argument("--powers", type=float, nargs="*", default=[1, 2, 4, 9],
                     help="averages weighting each checkpoint by step ** power")
     return ap.parse_args(argv)
 
@@ -43,6 +47,10 @@ def raw_weights(ckpt: Path) -> dict:
     # DeepSpeed's public deepspeed.utils.zero_to_fp32 reads the same weights, but unpickles
     # whole Python objects to do it; this project loads tensors only (weights_only=True below)
     return torch.load(ckpt / "G" / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
+
+
+def ema_weights(ckpt: Path) -> dict:
+    return load_ema(ckpt / "ema.safetensors")["shadow"]
 
 
 def weighted(snaps: dict[int, dict], weights: dict[int, float]) -> dict:
@@ -74,7 +82,10 @@ def main(argv=None) -> int:
     if not snaps:
         raise SystemExit(f"{run / 'ckpt'}: no complete checkpoints")
     steps = sorted(snaps)
-    rows += [f"| raw, step {s} {score(snaps[s])}" for s in steps[-args.raw:]]
+    rows += [f"| raw, step {s} {score(snaps[s])}" for s in (steps[-args.raw:] if args.raw else [])]
+    ema_ckpts = [c for c in complete_checkpoints(run) if (c / "ema.safetensors").is_file()]
+    for c in ema_ckpts[-args.ema:] if args.ema else []:
+        rows.append(f"| EMA, step {step_of(c)} {score({**snaps[step_of(c)], **ema_weights(c)})}")
     for start in args.from_steps:
         picked = {s: 1.0 for s in steps if s >= start}
         if picked:
