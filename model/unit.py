@@ -293,6 +293,8 @@ class UNITGenerator(nn.Module):
             src = out[f"x_{domain}{other}"]
             head = self.head(other)
             if isinstance(head, PaletteHead):  # eval paints a palette domain in exact colours
+                # (those nearest to the mixture here: the most probable ones, which eval paints,
+                # differ from them only where far colours split the probability)
                 src = head.snap(src)
             s = self.dec_shared(self.encode(src, other))
         return self._back(domain, s, src, "exp")

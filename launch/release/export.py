@@ -144,8 +144,8 @@ def translate_tiled(fn, image: np.ndarray, direction: str, tile: int = TILE, ove
     The model's instance norm sees each tile's statistics, not the whole image's, so the result
     is close to, not equal to, a whole-image pass (which at this size would not fit in memory).
     `palette` (target_palette: the decoder paints only these colours): each blended pixel is
-    snapped to its nearest colour, as the PaletteHead snaps its own mixture, since a blend of two
-    colours is neither.
+    snapped to its nearest colour, since a blend of two colours is neither (the tiles hold no
+    logits to take the most probable colour from, as the PaletteHead does).
     """
     if not 0 <= overlap < tile // 2 + 1:
         raise ValueError(f"overlap {overlap}: must be in [0, tile/2] (tile {tile})")
