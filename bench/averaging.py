@@ -78,12 +78,13 @@ def main(argv=None) -> int:
         return f"| {a2b:.4f} | {b2a:.4f} |"
 
     rows = [f"| the export ({'EMA' if meta.get('ema') else 'raw'} weights) {score(None)}"]
-    snaps = {step_of(c): raw_weights(c) for c in complete_checkpoints(run)}
+    ckpts = complete_checkpoints(run)
+    snaps = {step_of(c): raw_weights(c) for c in ckpts}
     if not snaps:
         raise SystemExit(f"{run / 'ckpt'}: no complete checkpoints")
     steps = sorted(snaps)
     rows += [f"| raw, step {s} {score(snaps[s])}" for s in (steps[-args.raw:] if args.raw else [])]
-    ema_ckpts = [c for c in complete_checkpoints(run) if (c / "ema.safetensors").is_file()]
+    ema_ckpts = [c for c in ckpts if (c / "ema.safetensors").is_file()]
     for c in ema_ckpts[-args.ema:] if args.ema else []:
         rows.append(f"| EMA, step {step_of(c)} {score({**snaps[step_of(c)], **ema_weights(c)})}")
     for start in args.from_steps:
