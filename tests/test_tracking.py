@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 import launch.runstore.tracking as tracking
 from launch.runstore.params import MAX_PARAM_LEN, as_params, flatten
 from launch.runstore.records import BUFFER_NAME
-from launch.runstore.store import embedded_uri
+from launch.runstore.store import connect_error, embedded_uri
 from launch.runstore.tracking import Tracker
 from pipeline.lineage import shard_datasets
 
@@ -170,6 +170,37 @@ def test_server_on_postgres(server_up, tmp_path, capsys, caplog):
     check_run(server_up.uri, run_id, shards)
     out = capsys.readouterr()
     assert "hunter2" not in out.out + out.err + caplog.text
+
+
+def test_a_dead_server_is_known_at_once_not_after_mlflows_retries(tmp_path, monkeypatch, caplog):
+    import socket
+
+    from conftest import free_port
+
+    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    dead = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    assert isinstance(connect_error(dead), ConnectionRefusedError)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert connect_error(f"http://127.0.0.1:{listening.getsockname()[1]}/path") is None
+    assert connect_error(embedded_uri(tmp_path)) is None and connect_error("databricks") is None
+    # through a proxy a direct connection proves nothing: MLflow's request decides
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert connect_error(dead) is None
+    monkeypatch.delenv("http_proxy")
+
+    t = Tracker(uri=dead, experiment="offline", system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="launch.runstore.tracking"):
+        t0 = time.monotonic()
+        assert t.start(tmp_path / "run") is None
+        took = time.monotonic() - t0
+        assert t.end(timeout=0) is False
+    # MLflow's HTTP retries alone (2, backoff 1 s) take 3 s before the request gives up
+    assert took < 1.5, took
+    assert any("is unreachable" in r.getMessage() and "Connection refused" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.slow

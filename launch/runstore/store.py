@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from pipeline.atomic import write_json
@@ -99,6 +102,26 @@ def quiet_credentials(uri: str) -> None:
 
     if redact(uri) != uri:
         os.environ.setdefault(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name, "true")
+
+
+def connect_error(uri: str, timeout: float = 2.0) -> OSError | None:
+    """For an http(s) URI reached without a proxy, the error a TCP connection to its host gets
+    (None when one opens, and for every other URI). A server that is down is then known at once:
+    MLflow's own requests retry with backoff before they give up (seconds, even when refused)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
+        return None   # requests goes through the proxy: a direct connection proves nothing
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:   # a port that is not a number: MLflow's own request says so
+        return None
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return e
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -44,8 +44,8 @@ from pathlib import Path
 from launch.runstore.params import as_params
 from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batch, first_line, groups,
                                      metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
-from launch.runstore.store import (fluent_uri, is_transient, make_client, open_run, recorded_run, resolve_uri,
-                                   run_tracking)
+from launch.runstore.store import (connect_error, fluent_uri, is_transient, make_client, open_run, recorded_run,
+                                   resolve_uri, run_tracking)
 from pipeline.atomic import replacing
 from pipeline.storage import redact, redact_uncaught
 
@@ -122,6 +122,9 @@ class Tracker:
         run_id = run_id or recorded_run(self.run_dir, self.uri)
         self._run_id = run_id
         try:
+            down = connect_error(self.uri)   # refused at once, not after MLflow's retries
+            if down:
+                raise down
             self._run_id = open_run(self._client, self.run_dir, self.experiment, run_id, self.run_name)
         except Exception as e:
             if not is_transient(e):
