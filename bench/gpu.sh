@@ -40,11 +40,14 @@ LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: remov
 # DEVICE=cpu: a dry run of this script's whole flow on the CPU (the launcher's CPU ranks, step.py
 # --device cpu), to check it before a lease; with e.g. SIZES=16 TRAIN_SIZE=32 STEPS=4 DIM=8
 # COMPILE_BACKEND=eager (torch.compile's backend in the table; inductor takes minutes on a CPU)
+# TRAIN_DIM=8 (a CPU without bf16 instructions emulates them: the full-width preset's bf16 steps
+# take tens of seconds each there)
 DEVICE="${DEVICE:-cuda}"
 COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 TRAIN_SIZE="${TRAIN_SIZE:-128}"
 TRAIN_IMAGES="${TRAIN_IMAGES:-512}"
 DIM="${DIM:-}"   # the table's generator width (default: the preset's)
+TRAIN_DIM="${TRAIN_DIM:-}"   # the training runs' generator and discriminator width (default: the preset's)
 REPEATS="${REPEATS:-20}"   # timed iterations per case (median), after WARMUP untimed ones
 WARMUP="${WARMUP:-3}"
 
@@ -101,7 +104,7 @@ start=$SECONDS
 
 # ---------------------------------------------------------------- 1. training through the real launcher (first: the pass/fail check)
 echo
-echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset, $TRAIN_SIZE px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
+echo "training: $STEPS steps per precision ($TRAIN_PRECISIONS, train.compile: $TRAIN_COMPILE), official preset${TRAIN_DIM:+ at width $TRAIN_DIM}, $TRAIN_SIZE px, batch 8 per domain, deepspeed --num_gpus 1 launch/train.py"
 "$PY" -m pipeline.demo --out "$work/demo" --n-train "$TRAIN_IMAGES" --n-test 8 --size "$TRAIN_SIZE" --seed 0 >/dev/null
 "$PY" -m pipeline.shards --src-a "$work/demo/trainA" --src-b "$work/demo/trainB" --out "$work/shards" \
     --workers 4 --no-progress >/dev/null || [ $? -eq 3 ]
@@ -112,7 +115,7 @@ for precision in $TRAIN_PRECISIONS; do
 run_dir: $work/run-$precision
 seed: 0
 data: {shards: $work/shards, image_size: $TRAIN_SIZE, batch_size: 8, num_workers: 4}
-model: {preset: official}
+model: {preset: official${TRAIN_DIM:+, dim: $TRAIN_DIM, dis_dim: $TRAIN_DIM}}
 train: {max_steps: $STEPS, precision: $precision, compile: $TRAIN_COMPILE, log_every: 25, sample_every: 1000000, ckpt_every: 1000000, keep_ckpts: 1}
 tracking: {enable: false}
 registry: {enable: false}
@@ -126,13 +129,14 @@ EOF
         status=1
     fi
     if [ -n "$LOG_DIR" ]; then cp "$work/train-$precision.log" "$LOG_DIR/"; fi
-    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" "$TRAIN_SIZE" \
+    "$PY" - "$work/run-$precision/metrics.jsonl" "$STEPS" "$((SECONDS - train_start))" "$precision" "$TRAIN_COMPILE" "$TRAIN_SIZE" "$TRAIN_DIM" \
         <<'EOF' || status=1
 import json, math, sys
 from statistics import median_high
 path, steps, seconds, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 run = precision + (", train.compile" if sys.argv[5] == "true" else "")
 size = sys.argv[6]
+width = f", width {sys.argv[7]}" if sys.argv[7] else ""
 try:
     rows = [json.loads(line) for line in open(path)]
 except OSError as e:
@@ -143,7 +147,7 @@ ok = last["step"] >= steps and all(math.isfinite(v) for v in losses.values())
 timed = rows[1:] or rows  # the first interval holds the start-up (and the first fused-Adam build)
 speed = median_high(r["images_per_s"] for r in timed)
 wait = median_high(r["data_wait_frac"] for r in timed)
-print(f"| {run}, official, {size} px, batch 8 | {last['step']} of {steps} | {losses['g/total']:.3f} "
+print(f"| {run}, official, {size} px, batch 8{width} | {last['step']} of {steps} | {losses['g/total']:.3f} "
       f"| {losses['d/total']:.3f} | {speed:.0f} | {last.get('nonfinite_total', 0)} "
       f"| {last.get('skipped_steps_g', 0)}/{last.get('skipped_steps_d', 0)} | {100 * wait:.1f}% | {seconds} | {'yes' if ok else 'NO'} |")
 sys.exit(0 if ok else 1)

@@ -88,13 +88,14 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     (plain and CUDA graphs' mode) compiled side by side and timed one at a time: what a lease
     runs, checked before one."""
     env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "PRECISIONS": "fp32",
-           "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_IMAGES": "24", "STEPS": "2",
+           "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8", "TRAIN_IMAGES": "24", "STEPS": "2",
            "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
            "LOG_DIR": str(tmp_path / "logs")}  # made if missing
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     train = [line for line in out.stdout.splitlines() if line.startswith("| bf16, official, 32 px")]
     assert len(train) == 1 and "| 2 of 2 |" in train[0] and train[0].rstrip().endswith("| yes |"), train
+    assert train[0].startswith("| bf16, official, 32 px, batch 8, width 8 |"), train
     log = (tmp_path / "logs" / "train-bf16.log").read_text()
     # bf16 through the real launcher on CPU ranks: warned about exactly where the CPU lacks bf16 instructions
     assert ("train.precision is bf16 on a CPU without bf16 instructions" in log) == (not cpu_native_bf16()), log[-2000:]
