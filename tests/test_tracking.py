@@ -177,8 +177,9 @@ def test_a_dead_server_is_known_at_once_not_after_mlflows_retries(tmp_path, monk
 
     from conftest import free_port
 
-    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for k in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(k, raising=False)
+        monkeypatch.delenv(k.upper(), raising=False)
     dead = f"http://127.0.0.1:{free_port()}"   # nothing listens there
     assert isinstance(connect_error(dead), ConnectionRefusedError)
     with socket.socket() as listening:
@@ -187,9 +188,13 @@ def test_a_dead_server_is_known_at_once_not_after_mlflows_retries(tmp_path, monk
         assert connect_error(f"http://127.0.0.1:{listening.getsockname()[1]}/path") is None
     assert connect_error(embedded_uri(tmp_path)) is None and connect_error("databricks") is None
     # through a proxy a direct connection proves nothing: MLflow's request decides
-    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
-    assert connect_error(dead) is None
-    monkeypatch.delenv("http_proxy")
+    for proxy in ("http_proxy", "all_proxy"):
+        monkeypatch.setenv(proxy, "http://proxy.invalid:3128")
+        assert connect_error(dead) is None
+        monkeypatch.setenv("no_proxy", "127.0.0.1")   # bypassed: the connection is tried again
+        assert isinstance(connect_error(dead), ConnectionRefusedError)
+        monkeypatch.delenv(proxy)
+        monkeypatch.delenv("no_proxy")
 
     t = Tracker(uri=dead, experiment="offline", system_metrics=False)
     with caplog.at_level(logging.WARNING, logger="launch.runstore.tracking"):

@@ -111,7 +111,8 @@ def connect_error(uri: str, timeout: float = 2.0) -> OSError | None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
-    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
+    proxies = urllib.request.getproxies()   # as requests reads them: <scheme>_proxy, all_proxy, no_proxy
+    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
         return None   # requests goes through the proxy: a direct connection proves nothing
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
