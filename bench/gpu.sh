@@ -40,13 +40,14 @@ LOG_DIR="${LOG_DIR:-}"   # where to keep each training run's log (default: remov
 # DEVICE=cpu: a dry run of this script's whole flow on the CPU (the launcher's CPU ranks, step.py
 # --device cpu), to check it before a lease; with e.g. SIZES=16 TRAIN_SIZE=32 STEPS=4 DIM=8
 # COMPILE_BACKEND=eager (torch.compile's backend in the table; inductor takes minutes on a CPU)
-# TRAIN_DIM=8 (a CPU without bf16 instructions emulates them: the full-width preset's bf16 steps
-# take tens of seconds each there)
+# DIS_DIM=8 TRAIN_DIM=8 (a CPU without bf16 instructions emulates them: the full-width preset's
+# bf16 steps take tens of seconds each there, the 64-wide discriminators most of it)
 DEVICE="${DEVICE:-cuda}"
 COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 TRAIN_SIZE="${TRAIN_SIZE:-128}"
 TRAIN_IMAGES="${TRAIN_IMAGES:-512}"
 DIM="${DIM:-}"   # the table's generator width (default: the preset's)
+DIS_DIM="${DIS_DIM:-}"   # the table's discriminator width (default: the preset's)
 TRAIN_DIM="${TRAIN_DIM:-}"   # the training runs' generator and discriminator width (default: the preset's)
 REPEATS="${REPEATS:-20}"   # timed iterations per case (median), after WARMUP untimed ones
 WARMUP="${WARMUP:-3}"
@@ -164,7 +165,7 @@ if [ -n "$END_S" ]; then
     echo "END_S=$END_S: the table's budget is $BUDGET_S s"
 fi
 # shellcheck disable=SC2086  # SIZES, PRECISIONS, COMPILES and BATCH_SWEEP are lists
-"$PY" bench/step.py --gpu-matrix --device "$DEVICE" ${DIM:+--dim "$DIM"} --sizes $SIZES --precisions $PRECISIONS \
+"$PY" bench/step.py --gpu-matrix --device "$DEVICE" ${DIM:+--dim "$DIM"} ${DIS_DIM:+--dis-dim "$DIS_DIM"} --sizes $SIZES --precisions $PRECISIONS \
     --repeats "$REPEATS" --warmup "$WARMUP" --compile $COMPILES --compile-backend "$COMPILE_BACKEND" \
     --budget-s "$BUDGET_S" --timing-s "$TIMING_S" --parallel-compile --profile --layouts --batch-sweep $BATCH_SWEEP \
     || status=1

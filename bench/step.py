@@ -582,7 +582,8 @@ def gpu_main(args) -> int:
     torch.manual_seed(0)
     bases, flops = {}, {}
     for size in args.sizes:
-        bases[size] = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size})
+        bases[size] = UNIT.from_config({"preset": args.preset, "dim": args.dim, "image_size": size,
+                                        **({"dis_dim": args.dis_dim} if args.dis_dim else {})})
         x = [torch.rand(args.batch, 3, size, size, device=dev) * 2 - 1 for _ in range(2)]
         flops[size] = count_flops(step_ours, copy.deepcopy(bases[size]).to(dev), *x)
     cases = [(size, precision, compiled) for compiled in args.compile
@@ -777,7 +778,8 @@ def gpu_layouts(args, dev, bases):
 
 
 def print_gpu_table(args, name, peak, rows):
-    print(f"\nUNIT iteration on {name}, preset {args.preset}, dim {args.dim}, batch {args.batch} per domain; "
+    dis = f", discriminator width {args.dis_dim}" if args.dis_dim else ""
+    print(f"\nUNIT iteration on {name}, preset {args.preset}, dim {args.dim}{dis}, batch {args.batch} per domain; "
           f"median of {args.repeats} after {args.warmup} warm-up (compile time included there); "
           f"fp32 convs may use TF32 (cudnn default); "
           + (f"MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
@@ -802,6 +804,8 @@ def main(argv=None):
     ap.add_argument("--preset", default="official")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--dim", type=int, default=None, help="generator width (default: 32 on CPU, the preset's on GPU)")
+    ap.add_argument("--dis-dim", type=int, default=None,
+                    help="--gpu-matrix: the discriminators' width (default: the preset's; narrow for CPU dry runs)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 on CPU, 20 on GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2 on CPU, 3 on GPU)")

@@ -15,8 +15,8 @@ import step  # noqa: E402
 from launch.config import cpu_native_bf16  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from side_by_side_worker import worker  # noqa: E402
-SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--precisions", "fp32", "bf16", "--compile", "off",
-         "--repeats", "1", "--warmup", "0"]
+SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--dis-dim", "8", "--precisions", "fp32", "bf16",
+         "--compile", "off", "--repeats", "1", "--warmup", "0"]
 
 
 def matrix(*extra):
@@ -87,8 +87,8 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     launcher, the eager table, the profile, the layouts, the batch sweep, then two compiled cases
     (plain and CUDA graphs' mode) compiled side by side and timed one at a time: what a lease
     runs, checked before one."""
-    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "PRECISIONS": "fp32",
-           "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8", "TRAIN_IMAGES": "24", "STEPS": "2",
+    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "DIS_DIM": "8",
+           "PRECISIONS": "fp32", "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8", "TRAIN_IMAGES": "24", "STEPS": "2",
            "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
            "LOG_DIR": str(tmp_path / "logs")}  # made if missing
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -107,6 +107,7 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
                                 out.stdout.split("by batch per domain")[1].splitlines()[1:])
     assert [line.split("|")[1].strip() for line in list(sweep)[2:]] == ["8", "16"]  # the table's batch, the swept one
     assert "compiling 2 cases side by side, 2 at a time" in out.stdout and "exit status 0" in out.stdout
+    assert "preset official, dim 8, discriminator width 8, batch 8 per domain" in out.stdout
 
 
 def test_a_job_that_hangs_while_timed_is_an_error_row_within_the_timing_budget():
