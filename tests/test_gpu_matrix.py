@@ -19,9 +19,14 @@ SMALL = ["--device", "cpu", "--sizes", "16", "--dim", "8", "--dis-dim", "8", "--
          "--compile", "off", "--repeats", "1", "--warmup", "0"]
 
 
+# One torch thread per dry-run process: beside the suite's other worker, two threads per process
+# spin-wait for each other (on 2 busy cores, 1.8x the wall time and 2.2x the CPU time).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def matrix(*extra):
     out = subprocess.run([sys.executable, "bench/step.py", "--gpu-matrix", *SMALL, *extra], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 |")]
     return out, rows
 
@@ -87,7 +92,7 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     launcher, the eager table, the profile, the layouts, the batch sweep, then two compiled cases
     (plain and CUDA graphs' mode) compiled side by side and timed one at a time: what a lease
     runs, checked before one."""
-    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "DIS_DIM": "8",
+    env = {**ONE_THREAD, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "DIS_DIM": "8",
            "PRECISIONS": "fp32", "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8", "TRAIN_IMAGES": "24", "STEPS": "2",
            "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
            "LOG_DIR": str(tmp_path / "logs")}  # made if missing
