@@ -93,7 +93,8 @@ def test_gpu_sh_runs_its_whole_flow_as_a_cpu_dry_run(tmp_path):
     (plain and CUDA graphs' mode) compiled side by side and timed one at a time: what a lease
     runs, checked before one."""
     env = {**ONE_THREAD, "DEVICE": "cpu", "PY": sys.executable, "SIZES": "16", "DIM": "8", "DIS_DIM": "8",
-           "PRECISIONS": "fp32", "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8", "TRAIN_IMAGES": "24", "STEPS": "2",
+           "PRECISIONS": "fp32", "TRAIN_PRECISIONS": "bf16", "TRAIN_SIZE": "32", "TRAIN_DIM": "8",
+           "TRAIN_IMAGES": "24", "STEPS": "2",
            "COMPILES": "off on graphs", "COMPILE_BACKEND": "eager", "BATCH_SWEEP": "16", "REPEATS": "1", "WARMUP": "1",
            "LOG_DIR": str(tmp_path / "logs")}  # made if missing
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from pipeline.atomic import write_json
@@ -108,12 +107,13 @@ def connect_error(uri: str, timeout: float = 2.0) -> OSError | None:
     """For an http(s) URI reached without a proxy, the error a TCP connection to its host gets
     (None when one opens, and for every other URI). A server that is down is then known at once:
     MLflow's own requests retry with backoff before they give up (seconds, even when refused)."""
+    from requests.utils import get_environ_proxies, select_proxy
+
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
-    proxies = urllib.request.getproxies()   # as requests reads them: <scheme>_proxy, all_proxy, no_proxy
-    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
-        return None   # requests goes through the proxy: a direct connection proves nothing
+    if select_proxy(uri, get_environ_proxies(uri)):   # the proxy MLflow's requests would take
+        return None   # a direct connection proves nothing there
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:   # a port that is not a number: MLflow's own request says so
