@@ -168,6 +168,8 @@ class UNITGenerator(nn.Module):
         super().__init__()
         latent = cfg.dim * 2 ** cfg.n_down
         own = cfg.n_res - cfg.n_shared
+        # image sides must be multiples of this: each down-sampling step halves them
+        self.input_multiple = 2 ** cfg.n_down
 
         def front():
             return encoder_front(cfg.channels, cfg.dim, cfg.n_down, own, cfg.norm, cfg.activ, cfg.pad_type)
@@ -458,6 +460,10 @@ class UNIT(nn.Module):
 
     def translate(self, x: torch.Tensor, direction: str, decoder: str = "auto") -> torch.Tensor:
         return self.gen.translate(x, direction, decoder)
+
+    @property
+    def input_multiple(self) -> int:
+        return self.gen.input_multiple
 
 
 __all__ = ["UNIT", "UNITConfig", "UNITGenerator", "UNITDiscriminator", "PRESETS", "make_config",

@@ -27,6 +27,7 @@ class DomainStats:
     images: int = 0
     fine: np.ndarray | None = None      # int64 [(256/FINE)**3]: pixels per fine cell (counting only, not saved)
     constant: np.ndarray | None = None  # uint8 [3]: the best constant as saved (statistics read back)
+    constant_tolerance: int = TOLERANCE  # the tolerance `constant` was searched at
 
     @classmethod
     def empty(cls) -> "DomainStats":
@@ -67,9 +68,13 @@ class DomainStats:
         233) and white roads (255, 255, 255), a colour between them is right on both. The most
         frequent colour where it is as good (a flat image: that colour exactly)."""
         if self.fine is None:
-            if self.constant is not None:
-                return self.constant
-            raise ValueError("no pixels counted for this domain")
+            if self.constant is None:
+                raise ValueError("no pixels counted for this domain")
+            if tolerance // FINE != self.constant_tolerance // FINE:  # another search's answer
+                raise ValueError(f"these baseline statistics hold the best constant colour at tolerance "
+                                 f"{self.constant_tolerance} only, not at {tolerance}: estimate them again "
+                                 "from the training images (evaluate: --shards OUT)")
+            return self.constant
         n, r = 256 // FINE, tolerance // FINE
         held = self.fine.reshape(n, n, n)
         for axis in range(3):  # pixels within r cells along each axis in turn: the box around each cell

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.release.evaluate import (evaluate_export, evaluate_translator, load_pairs, mae, main as evaluate_main,
-                             pixel_accuracy, pixel_correct)
+from launch.release.evaluate import (EvalOptions, evaluate_export, evaluate_translator, load_pairs, mae,
+                                     main as evaluate_main, pixel_accuracy, pixel_correct)
 from launch.release.export import translate_uint8
 from launch.runstore.artifacts import save_translator
 from model.unit import UNIT
@@ -126,6 +126,26 @@ def test_evaluate_cli_on_an_export(exported):
     # 3 test images are too few for the two-sample test: said, not crashed on
     header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("direction"))
     assert "C2ST skipped: 3 test image(s)" in proc.stdout and "C2ST" not in header and "MAE" in header
+
+
+def test_an_export_with_three_downsampling_steps_is_evaluated_at_sides_that_are_not_multiples_of_8(tmp_path):
+    """Sides are padded to the export's own multiple (2 ** n_down = 8 here), not to 4: 36 px test
+    images come back 36 px, through the CLI and evaluate_export (what the end of training and the
+    registry's champion re-measure call)."""
+    torch.manual_seed(0)
+    unit = UNIT.from_config({"preset": "tiny", "n_down": 3})
+    assert unit.gen.input_multiple == unit.input_multiple == 8
+    export = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=1, ema=False)
+    xa = np.random.default_rng(4).integers(0, 256, (3, 36, 36, 3), dtype=np.uint8)
+    yb = translate_uint8(unit.gen.eval(), xa, "a2b")
+    assert yb.shape == xa.shape
+    for i in range(3):
+        write(tmp_path / "testA", f"{i}.png", xa[i])
+        write(tmp_path / "testB", f"{i}.png", yb[i])
+    res = evaluate_export(export, tmp_path / "testA", tmp_path / "testB", opts=EvalOptions(c2st_steps=0))
+    assert res["a2b"]["pixel_acc"] == 1.0
+    assert evaluate_main(["--model", str(export), "--test-a", str(tmp_path / "testA"),
+                          "--truth-b", str(tmp_path / "testB"), "--c2st-steps", "0", "--no-log"]) == 0
 
 
 def test_evaluate_cli_bad_input(exported, capsys):

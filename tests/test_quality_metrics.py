@@ -150,6 +150,25 @@ def test_baselines_json_round_trip(tmp_path):
         baselines.load(path)
 
 
+def test_a_saved_constant_answers_only_for_its_own_tolerance():
+    """baselines.json keeps the best constant found at tolerance 16, not the grid it was searched on;
+    at another tolerance the best constant can be another colour, so statistics read back refuse
+    rather than score against the constant for 16."""
+    b = np.zeros((4, 8, 8, 3), np.uint8)
+    b[:, :4], b[:, 4:] = 200, 220        # within 2 x 16 of each other: one colour hits both at 16
+    b[:, :4, :1] = 201                   # and the 200s the more frequent colour
+    a = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    fresh = stats_of(a, b)
+    again = baselines.from_json(baselines.to_json(fresh))
+    constant = lambda stats, tol: translators(stats, tol)["constant"](a[:1], "a2b")[0, 0, 0]  # noqa: E731
+    assert tuple(constant(again, 16)) == tuple(constant(fresh, 16))
+    assert pixel_accuracy(np.broadcast_to(constant(fresh, 16), b.shape), b, 16) == 1.0
+    assert pixel_accuracy(np.broadcast_to(constant(fresh, 4), b.shape), b, 4) == 0.5   # at 4 one side only
+    assert tuple(constant(again, 17)) == tuple(constant(fresh, 16))   # the same search (cells of 2)
+    with pytest.raises(ValueError, match="tolerance 16 only, not at 4.*--shards"):
+        translators(again, 4)
+
+
 def png(img) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")

@@ -73,13 +73,15 @@ def from_config(cfg) -> dict[str, DomainStats]:
 def to_json(stats: dict[str, DomainStats]) -> dict:
     return {"format": FORMAT_VERSION, "bin": BIN,
             "domains": {d: {"images": s.images, "hist": s.hist.tolist(), "mode_colour": s.mode_colour().tolist(),
-                            "constant_colour": s.best_constant().tolist()}
+                            "constant_colour": s.best_constant().tolist(), "constant_tolerance": TOLERANCE}
                         for d, s in stats.items()}}
 
 
 def from_json(d: dict) -> dict[str, DomainStats]:
     """Statistics back from `to_json` (the mode colour and the best constant as saved; a file from
-    before the best constant gives the mode colour, the constant it was scored with)."""
+    before the best constant gives the mode colour, the constant it was scored with). Without the
+    counting grid the constant is known only at the tolerance it was searched at: `translators`
+    at another tolerance raises ValueError rather than score against a constant chosen for 16."""
     if d.get("format") != FORMAT_VERSION:
         raise ValueError(f"baselines: format {d.get('format')!r}, expected {FORMAT_VERSION}")
     out = {}
@@ -90,6 +92,7 @@ def from_json(d: dict) -> dict[str, DomainStats]:
         k = int(((colour // BIN).astype(int) * [(256 // BIN) ** 2, 256 // BIN, 1]).sum())
         s.bin_counts[k], s.bin_sums[k] = 1, colour
         s.constant = np.asarray(v.get("constant_colour", s.mode_colour()), np.uint8)
+        s.constant_tolerance = int(v.get("constant_tolerance", TOLERANCE))  # files before the key: 16
         s.images = int(v["images"])
         out[name] = s
     return out

@@ -8,8 +8,8 @@ Pixel accuracy (UNIT paper, map experiment): a pixel counts as correct when ever
 three channels is within 16 of the truth, |pred - truth| <= 16 (the boundary value 16 counts
 as correct). MAE is the mean absolute difference over all pixels and channels, on the 0..255
 scale. Each is shown for the model and for the baselines of launch/release/baselines.py (identity,
-the most frequent target colour, per-channel histogram matching; estimated from training
-shards, never from the test truth), and the table says whether the model beats the strongest.
+the best constant colour of the target domain, per-channel histogram matching; estimated from
+training shards, never from the test truth), and the table says whether the model beats the strongest.
 C2ST (launch/release/c2st.py) and FID/KID (launch/release/fid.py, with a feature extractor file) compare the
 translations with real target-domain images as distributions.
 Test and truth images are paired by file stem (`0001.jpg` pairs with `0001.png`).
@@ -115,10 +115,9 @@ class EvalOptions:
 def as_translate_fn(model):
     """A function (uint8 NHWC, direction) -> uint8 NHWC from a generator module or a pyfunc model."""
     if hasattr(model, "translate") and hasattr(model, "parameters"):
-        from launch.release.export import size_multiple, translate_uint8
+        from launch.release.export import translate_uint8
 
-        multiple = size_multiple({"n_down": model.cfg.n_down}) if hasattr(model, "cfg") else 4
-        return lambda imgs, direction: translate_uint8(model, imgs, direction, multiple=multiple)
+        return lambda imgs, direction: translate_uint8(model, imgs, direction)  # the model's own multiple
     if hasattr(model, "predict"):
         return lambda imgs, direction: np.asarray(model.predict(imgs, params={"direction": direction}))
     if callable(model):
@@ -452,7 +451,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.release.evaluate",
                                 description="Pixel accuracy (threshold 16), MAE, C2ST and (with a feature extractor) "
                                             "FID/KID of a translator on paired test folders, beside the trivial "
-                                            "baselines (identity, most frequent target colour, histogram matching).")
+                                            "baselines (identity, the target domain's best constant colour, "
+                                            "histogram matching).")
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or an export dir")
     p.add_argument("--test-a", help="domain A inputs, translated a2b")
     p.add_argument("--truth-b", help="domain B truth for --test-a (same stems)")
@@ -483,6 +483,9 @@ def main(argv=None) -> int:
             from launch.release.fid import load_extractor
             features = load_extractor(a.fid_features)
         stats = baseline_stats(a, info.get("model_uri", a.model), info.get("tracking_uri"))
+        if stats:  # a constant saved for another threshold fails here, before any translating
+            from launch.release.baselines import translators
+            translators(stats, a.threshold)
         opts = EvalOptions(baselines=stats, c2st_steps=a.c2st_steps, features=features, threshold=a.threshold)
         res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
                                   rejected=rejected)

@@ -57,10 +57,11 @@ def size_multiple(meta_or_config: dict) -> int:
 
 @torch.no_grad()
 def translate_uint8(gen: torch.nn.Module, images, direction: str, batch_size: int = 16,
-                    multiple: int = 4) -> np.ndarray:
+                    multiple: int | None = None) -> np.ndarray:
     """Translate uint8 NHWC images with `gen.translate`; returns uint8 NHWC of the same shape.
 
-    Sides that are not multiples of `multiple` are padded (edge replication) and cropped back,
+    Sides that are not multiples of `multiple` (default: the generator's `input_multiple`,
+    2 ** n_down; 4 for a module without one) are padded (edge replication) and cropped back,
     so any image size works.
     """
     if direction not in DIRECTIONS:
@@ -72,6 +73,7 @@ def translate_uint8(gen: torch.nn.Module, images, direction: str, batch_size: in
         return np.zeros((0,) + tuple(arr.shape[1:]), np.uint8)
     device = next(gen.parameters()).device
     h, w = arr.shape[1:3]
+    multiple = multiple or getattr(gen, "input_multiple", 4)
     ph, pw = (-h) % multiple, (-w) % multiple
     out = []
     for i in range(0, len(arr), batch_size):

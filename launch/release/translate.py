@@ -407,13 +407,12 @@ def device_for(spec: str) -> str:
 def load(a):
     """(translate fn, meta, info, limits) for the arguments; ModelNotFound/ValueError when unusable."""
     from launch.release.evaluate import as_translate_fn, load_model
-    from launch.release.export import min_input_side, size_multiple, target_palette, translate_uint8
+    from launch.release.export import min_input_side, target_palette, translate_uint8
 
     model, info = load_model(a.model, a.tracking_uri, device=device_for(a.device))
     meta = model_meta(model, info)
-    if info.get("kind") == "export":  # pad to the model's own multiple (as_translate_fn assumes 4)
-        gen, multiple = model, size_multiple(meta)
-        fn = lambda x, d: translate_uint8(gen, x, d, batch_size=a.batch_size, multiple=multiple)  # noqa: E731
+    if info.get("kind") == "export":  # the generator itself, in batches of --batch-size
+        fn = lambda x, d: translate_uint8(model, x, d, batch_size=a.batch_size)  # noqa: E731
     else:
         fn = as_translate_fn(model)
     min_side = min_input_side(meta) if meta else 1
