@@ -61,6 +61,13 @@ def part_dir(out: str, part: int, nparts: int) -> str:
     return storage.join(out, PARTS_DIR, f"{part}-of-{nparts}")
 
 
+def valid_text(name: str) -> str:
+    """`name` as valid UTF-8 text. A file system name can hold bytes that are not UTF-8, which
+    Python lists as lone surrogates (surrogateescape); the JSON, Parquet and logs that show a
+    source name cannot hold those, so each such byte is written as \\xNN instead."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def sample_key(domain: str, source: str) -> str:
     """Deterministic key from the source path: hex only (no dots, any source name is fine)."""
     return hashlib.sha1(f"{domain}\0{source}".encode("utf-8", "surrogateescape")).hexdigest()[:24]

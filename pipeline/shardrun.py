@@ -220,7 +220,10 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
 
 
 def _remove_stale(out: str, counts: dict[str, int]) -> None:
-    """Delete shards, records and temporary files left from an older, longer plan or a crash."""
+    """Delete shards, records and temporary files left from an older, longer plan or a crash.
+    OUT's index.json goes first: an index that lists a deleted shard must not outlive a kill
+    before finalize writes the new one."""
+    index_removed = False
     for domain in DOMAINS:
         for pattern, sub in ((f"{domain}-*.tar", (domain,)), (f"{domain}-*.json", (RECORDS_DIR, domain))):
             folder = storage.join(out, *sub)
@@ -230,6 +233,9 @@ def _remove_stale(out: str, counts: dict[str, int]) -> None:
                 except ValueError:
                     continue
                 if number >= counts.get(domain, 0):
+                    if not index_removed:
+                        storage.remove(storage.join(out, INDEX_NAME))
+                        index_removed = True
                     storage.remove(path)
             remove_temps(folder, pattern)
 

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.atomic import replacing
 from pipeline.hashing import sha256_bytes
 from pipeline.images import Checked, Rejected, check_image
-from pipeline.layout import FORMAT_VERSION, ShardsError, sample_key, shard_name
+from pipeline.layout import FORMAT_VERSION, ShardsError, sample_key, shard_name, valid_text
 from pipeline.records import save_record
 from pipeline.sources import read_source
 
@@ -112,7 +112,7 @@ def _members(domain: str, inputs, limits: dict, found: _Found, report: Progress)
             found.pending = 0
         # What the shard, record and reports name: a presigned URL's query and a user:password@
         # are credentials (the key still comes from the full source, as before).
-        shown = storage.redact(source)
+        shown = valid_text(storage.redact(source))  # and a name that is not UTF-8 as \xNN
         img = _read_checked(source, shown, limits, found)
         if img is None:
             continue
@@ -171,8 +171,12 @@ def rewrite_shard(record: dict, out: str, remove: set[str]) -> dict:
     kept = [s for s in record["samples"] if s["key"] not in remove]
     dropped = [s for s in record["samples"] if s["key"] in remove]
     nbytes, sha = write_tar(path, list(members()))
-    record = dict(record, samples=kept, nsamples=len(kept), bytes=nbytes, sha256=sha,
-                  duplicates=record["duplicates"] + [{"source": s["source"], "sha256": s["sha256"]} for s in dropped])
+    # The duplicates in input order: a merge drops a shard's duplicates in two passes (its part's
+    # finalize, then the merge), a single run in one, and the quarantine must list them alike
+    position = {valid_text(storage.redact(p)): i for i, (p, *_) in reversed(list(enumerate(record["inputs"])))}
+    duplicates = sorted(record["duplicates"] + [{"source": s["source"], "sha256": s["sha256"]} for s in dropped],
+                        key=lambda d: position.get(d["source"], len(position)))
+    record = dict(record, samples=kept, nsamples=len(kept), bytes=nbytes, sha256=sha, duplicates=duplicates)
     save_record(out, record)
     return record
 

@@ -198,7 +198,9 @@ def _list_url(source: str) -> Iterator[Input]:
             found = fs.find(root, detail=True)
             for name in sorted(found):
                 info = found[name]
-                if info.get("type") == "file" and not os.path.basename(name).startswith("."):
+                # dot-names skipped, folders too, as the local walk skips them
+                rel = name[len(root):] if name.startswith(root) else os.path.basename(name)
+                if info.get("type") == "file" and not any(c.startswith(".") for c in rel.split("/")):
                     yield Input(fs.unstrip_protocol(name), int(info.get("size") or 0), _info_signature(info))
             return
         if not fs.isfile(root):
