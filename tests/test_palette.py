@@ -82,3 +82,37 @@ def test_a_rank_measures_the_palette_once(corpus, tmp_path, monkeypatch):
     first = model_with_palettes(cfg, say=lambda *a: None)
     assert model_with_palettes(cfg, say=lambda *a: None) == first and len(calls) == 1
     assert sorted(map(tuple, first.palette_b)) == sorted(MAP_COLOURS.values())
+
+
+def test_a_resumed_or_initialised_run_takes_the_colours_its_weights_carry(corpus, tmp_path, monkeypatch):
+    """The colours are weights: a resume takes them from its checkpoint's meta.json, a start from
+    init_from from the translator's JSON, whatever a new measurement would give (the shards and
+    eval.baseline_images may change between launches); nothing is measured then."""
+    import json
+
+    import launch.training.palette as P
+    from launch.config import check_same_generator
+    from launch.runstore.artifacts import save_translator
+    from model.unit import UNIT
+
+    calls = []
+    monkeypatch.setattr(P, "stats_from_shards", lambda *a, **k: calls.append(1))  # measuring would fail the test
+    P.measure.cache_clear()
+    cfg = config(corpus, tmp_path, skip="image", palette_b="auto")
+    three = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]
+    ckpt_dir = tmp_path / "step-00000002"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "meta.json").write_text(json.dumps({"step": 2, "palettes": {"palette_a": [], "palette_b": three}}))
+    said = []
+    model = model_with_palettes(cfg, say=said.append, saved=P.saved_palettes(ckpt_dir, None))
+    assert model.palette_b == three and model.palette_a == [] and not calls
+    assert said == [f"model.palette_b: the 3 colours of the checkpoint {ckpt_dir}"]
+    unit = UNIT(model)
+    save_translator(tmp_path / "init", unit.gen, unit.config(), image_size=32, step=2, ema=False)
+    model = model_with_palettes(cfg, say=lambda *a: None, saved=P.saved_palettes(None, tmp_path / "init"))
+    assert model.palette_b == three and not calls
+    # Before launch: "auto" fits an init translator with any palette, not one without
+    check_same_generator(unit.config(), cfg.model)
+    plain = UNIT.from_config({"preset": "tiny", "skip": "image"})
+    with pytest.raises(ValueError, match=r"model.palette_b: it has \[\], the config 'auto'"):
+        check_same_generator(plain.config(), cfg.model)

@@ -183,6 +183,9 @@ def test_trains_at_each_zero_stage(background, stage):
         assert meta["model"]["dis_colour_octaves"] == 4 and meta["model"]["w_r1"] == 1.0
         assert meta["model"]["cycle_detach"] is True and meta["model"]["w_hue"] == 1.0
         assert meta["model"]["r1_every"] == 2
+        # the checkpoints record the measured colours: a resume builds the model with them
+        saved = json.loads((run_dir / "ckpt" / "step-00000004" / "meta.json").read_text())
+        assert saved["palettes"] == {"palette_a": [], "palette_b": meta["model"]["palette_b"]}
     else:
         assert "d/r1_a" not in rows[-1] and "g/hue_a" not in rows[-1]
     assert "pixel acc" in r.stdout and "a2b" in r.stdout

@@ -51,11 +51,38 @@ def compile_networks(gen: torch.nn.Module, dis: torch.nn.Module, **compile_kwarg
         child.compile(**compile_kwargs)
 
 
-def build_engines(unit, ds_g: dict, ds_d: dict):
-    """One engine owns encoders+generators, the other the discriminators, each with its own Adam."""
+def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
+    """Optimizer step `step`'s (1-based) learning rate over optim.lr_g / lr_d. With warmup steps
+    it rises linearly to 1 at step `warmup` (step 1 at 1/warmup, never at 0); then "warmup"
+    stays at 1 and "warmup_decay" falls linearly to 1/(total - warmup) at step `total`."""
+    if warmup and step <= warmup:
+        return step / warmup
+    if schedule == "warmup_decay":
+        return max(0.0, (total - step + 1) / max(1, total - warmup))
+    return 1.0
+
+
+def lr_scheduler(schedule: str, warmup: int, total: int):
+    """What deepspeed.initialize takes as `lr_scheduler` for optim.schedule: None for "constant",
+    else a function that wraps the engine's optimizer in a LambdaLR of lr_factor. DeepSpeed steps
+    it after each optimizer step and keeps its state in the engine's checkpoints."""
+    if schedule == "constant":
+        return None
+
+    def make(optimizer):
+        # LambdaLR's counter is the number of steps taken: step k + 1 runs at factor(k + 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(schedule, warmup, total, k + 1))
+    return make
+
+
+def build_engines(unit, ds_g: dict, ds_d: dict, schedule: tuple[str, int, int] = ("constant", 0, 0)):
+    """One engine owns encoders+generators, the other the discriminators, each with its own Adam;
+    `schedule` is (optim.schedule, optim.warmup_steps, train.max_steps) for both."""
     import deepspeed
-    eng_g, _, _, _ = deepspeed.initialize(model=unit.gen, model_parameters=unit.gen.parameters(), config=ds_g)
-    eng_d, _, _, _ = deepspeed.initialize(model=unit.dis, model_parameters=unit.dis.parameters(), config=ds_d)
+    eng_g, _, _, _ = deepspeed.initialize(model=unit.gen, model_parameters=unit.gen.parameters(), config=ds_g,
+                                          lr_scheduler=lr_scheduler(*schedule))
+    eng_d, _, _, _ = deepspeed.initialize(model=unit.dis, model_parameters=unit.dis.parameters(), config=ds_d,
+                                          lr_scheduler=lr_scheduler(*schedule))
     return eng_g, eng_d
 
 

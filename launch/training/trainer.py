@@ -46,7 +46,7 @@ from launch.training import checkpoint as ckpt
 from launch.training.engines import (StepResult, build_engines, compile_networks, gan_step, mean_across_ranks,
                                      skipped_steps, step_dtypes)
 from launch.training.ops import fix_cuda_arch_list
-from launch.training.palette import model_with_palettes
+from launch.training.palette import model_with_palettes, saved_palettes
 from launch.training.samples import held_out_batch, sample_rows, save_grid
 from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
@@ -255,13 +255,16 @@ def build(cfg: Config, ds_json: dict | None) -> Trainer:
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's parameters, not buffers),
     # then a noise stream of its own per rank.
     seed_all(cfg.seed, 0)
-    # model.image_size follows data.image_size: only the scales it uses; palettes "auto" measured
-    unit = UNIT(model_with_palettes(cfg, say=print if ranks.is_main else lambda *a: None))
+    # model.image_size follows data.image_size: only the scales it uses; palettes "auto" from the
+    # checkpoint or init translator the weights come from, else measured
+    init_dir = Path(cfg.run_dir) / INIT_DIR if cfg.init_from and resume_from is None else None
+    unit = UNIT(model_with_palettes(cfg, say=print if ranks.is_main else lambda *a: None,
+                                    saved=saved_palettes(resume_from, init_dir)))
     if cfg.init_from and resume_from is None:
         init_weights(cfg, unit)
     ds_g, ds_d = (deepspeed_config(cfg, ds_json, lr=lr, on_gpu=ranks.on_gpu, bf16_ok=ranks.bf16_ok)
                   for lr in (cfg.optim.lr_g, cfg.optim.lr_d))
-    eng_g, eng_d = build_engines(unit, ds_g, ds_d)
+    eng_g, eng_d = build_engines(unit, ds_g, ds_d, (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.max_steps))
     if cfg.train.compile:
         compile_networks(eng_g.module, eng_d.module)
     seed_all(cfg.seed, ranks.rank)
@@ -444,7 +447,9 @@ def save_checkpoint(tr: Trainer) -> Path:
         tr.state.run_id = tr.tracker.run_id or tr.state.run_id
     rank_state = {"step": step, "loader": tr.loader.state_dict(), "rng": ckpt.rng_state(), "world_size": tr.ranks.world}
     meta = {**tr.state.state_dict(), "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
-            "world_size": tr.ranks.world, "deepspeed": ds_resume_record(tr.ds)}  # resume compares these
+            "world_size": tr.ranks.world, "deepspeed": ds_resume_record(tr.ds),  # resume compares these
+            # the palettes a resume builds the model with (launch.training.palette.saved_palettes)
+            "palettes": {k: getattr(tr.unit.cfg, k) for k in ("palette_a", "palette_b")}}
     try:
         return ckpt.save(tr.run_dir, step, tr.eng_g, tr.eng_d, rank=tr.ranks.rank, rank_state=rank_state, meta=meta,
                          ema_state=tr.ema.state_dict(), keep=cfg.train.keep_ckpts)
