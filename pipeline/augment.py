@@ -236,9 +236,13 @@ class Augmenter:
         h, w = img.shape[:2]
         if min(h, w) != self.resize:  # SmallestMaxSize
             f = self.resize / min(h, w)
+            size = (max(1, round(w * f)), max(1, round(h * f)))
+            if size[0] * size[1] > self.max_pixels:  # a thin strip (200000x2) grows by f in both sides
+                raise TooManyPixels(f"{w}x{h} resized to a shortest side of {self.resize} is {size[0]}x{size[1]}, "
+                                    f"{size[0] * size[1]} pixels > the loader's max_pixels {self.max_pixels}")
             # cv2.resize as albumentations' resize calls it for 3 channels, without its wrappers
             # (5 us an image: 8 % of a 64 px source's work at a 128 crop)
-            img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=self.interpolation)
+            img = cv2.resize(img, size, interpolation=self.interpolation)
         if img.shape[0] < self.size or img.shape[1] < self.size:
             raise ValueError(f"image {img.shape[1]}x{img.shape[0]} is smaller than the crop {self.size}")
         crop = (self.size, self.size)

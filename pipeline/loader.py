@@ -17,7 +17,8 @@ and seeking, nothing consumed is decoded again) and rotates the worker ids so th
 next comes first: the batches are exactly those of an uninterrupted run.
 
 Resuming with another world size or num_workers (a reshaped job): every new stream starts at
-chunk max(saved chunks) + 1 of its own (seed, domain, rank, worker) sequence, offset 0. No
+chunk max(saved chunks) + 1 of its own (seed, domain, rank, worker) sequence, offset 0, the
+maximum over every old rank's streams (reshaped_state merges their states). No
 rank restarts from the beginning, no chunk drawn before is replayed (chunk RNGs are keyed by
 index), and each chunk is still a uniform shard draw with a fresh shuffle, so the sampling
 distribution is unchanged; only the exact sample order differs from the old layout.
@@ -142,6 +143,13 @@ def default_rank_world() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- shard access
 
 
+def shown_error(e: BaseException, url: str) -> str:
+    """A backend's error about shard `url`, fit for a log: its URLs redacted and what of `url` may
+    be a credential removed even where it is quoted without a scheme (a bucket name
+    "KEY:SECRET@bucket", a pipe: command's arguments)."""
+    return storage.scrub(storage.redact_text(str(e)), url)
+
+
 class ShardError(Exception):
     """A shard could not be used; `reason` is one of REASONS."""
 
@@ -160,6 +168,9 @@ def _fetch_bytes(url: str, on_retry=None) -> bytes:
         with wds.gopen(url) as f:  # raises on a non-zero exit status when closed
             return f.read()
     return storage.read_bytes(url, on_retry=on_retry)
+
+
+STALE_TEMP_S = 600  # a cache file still under its temporary name after this long was abandoned
 
 
 class ShardCache:
@@ -210,13 +221,17 @@ class ShardCache:
             pass
 
     def _trim(self, keep: str) -> None:
-        files = []
+        files, now = [], time.time()
         for name in os.listdir(self.dir):
-            if TEMP_NAME.match(name):
-                continue  # another worker's copy in flight: not ours to remove
             p = os.path.join(self.dir, name)
             try:
                 st = os.stat(p)
+                if TEMP_NAME.match(name):
+                    # a copy is written from bytes already in memory, in seconds: one this old was
+                    # left by a worker killed while writing it, and would hold its space for ever
+                    if now - st.st_mtime > STALE_TEMP_S:
+                        os.remove(p)
+                    continue  # else another worker's copy in flight: not ours to remove
             except FileNotFoundError:
                 continue  # removed by another process
             files.append((st.st_atime_ns, st.st_size, p))
@@ -272,7 +287,7 @@ class ShardReader:
             f = self._bytes(shard, on_retry)
         except Exception as e:  # any failure to reach the bytes, retries spent: skip the shard, go on
             raise ShardError("unreadable_shard", f"{storage.redact(url)}: cannot read "
-                             f"({type(e).__name__}: {storage.redact_text(str(e))})") from e
+                             f"({type(e).__name__}: {shown_error(e, url)})") from e
         try:
             if self.verify and shard.sha256 and not self._matches(f, shard.sha256):
                 if self.cache is not None and _is_remote(url):
@@ -353,8 +368,7 @@ class Counters:
 
     def retry(self, url: str, error: BaseException) -> None:
         self.retries += 1
-        self._warn_once(url, "retrying a transient error",
-                        f"{type(error).__name__}: {storage.redact_text(str(error))}")
+        self._warn_once(url, "retrying a transient error", f"{type(error).__name__}: {shown_error(error, url)}")
 
     def take(self) -> dict:
         d = {"samples": self.samples, "bytes": self.bytes, "retries": self.retries, "skipped": dict(self.skipped)}
@@ -471,6 +485,17 @@ class _Batches(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- the loader
+
+
+def reshaped_state(states: list[dict]) -> dict:
+    """The loader state to resume from at another world size, from every old rank's (rank 0's
+    first): rank 0's, with the chunk positions of all of them, so that the chunk every stream
+    restarts at (load_state_dict) lies past the last one any old rank delivered, not only rank 0.
+    Ranks move through chunks at their own pace (shards of other sizes, skipped samples)."""
+    if not states:
+        raise ValueError("no loader state to resume from")
+    every = [p for s in states for p in s["positions"].values()]
+    return {**states[0], "positions": {str(i): p for i, p in enumerate(every)}}
 
 
 @contextlib.contextmanager

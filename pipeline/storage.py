@@ -156,7 +156,14 @@ def _redacted_excepthook(exc_type, exc, tb) -> None:
 def scrub(text: str, url: str) -> str:
     """`text` (a message that may quote `url` or pieces of it, as backends' errors do, e.g. a
     bucket name "user:password@bucket") without what in `url` may hold a credential: its
-    user:password and its query string, as written and percent-decoded."""
+    user:password and its query string, as written and percent-decoded; for a pipe: command, its
+    words after the program name (redact's rule), which a failed command's error quotes whole."""
+    if url.startswith("pipe:"):
+        words = url[len("pipe:"):].split()
+        if len(words) > 1:
+            text = text.replace(" ".join(words), f"{words[0]} ...")
+            text = text.replace(url[len("pipe:"):].strip(), f"{words[0]} ...")
+        return text
     if not is_url(url):
         return text
     parts = urllib.parse.urlsplit(url)

@@ -103,6 +103,14 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
     runs["uninterrupted"] = (d, lambda cfg=cfg: launch_cmd(cfg), None)
     # ... and, once it has ended, a relaunch of it with a config change that breaks resuming.
     runs["incompatible"] = (d, lambda cfg=cfg: launch_cmd(cfg, "model.dim=8"), None, "uninterrupted")
+    # ... and a copy of zero0's run, once it has ended, resumed on 1 rank: another world size
+    d = mkdir("reshaped")
+    cfg = write_config(d / "c.yaml", corpus, d / "run", max_steps=6, ckpt_every=2, evaluation={"c2st_steps": 20})
+
+    def reshaped(cfg=cfg, src=runs["zero0"][0] / "run", dst=d / "run"):
+        shutil.copytree(src, dst)
+        return launch_cmd(cfg, "--deepspeed_config", ROOT / "configs" / "ds" / "zero0.json", ranks=1)
+    runs["reshaped"] = (d, reshaped, None, "zero0")
     d = mkdir("bad-config")
     cfg = write_config(d / "c.yaml", corpus, d / "run")
     runs["bad_config"] = (d, lambda cfg=cfg: launch_cmd(cfg, "train.max_stepz=3"), None)
@@ -121,6 +129,7 @@ USES = {"test_trains_at_each_zero_stage": lambda item: [f"zero{item.callspec.par
         "test_sigkill_of_one_rank_then_relaunch_matches_uninterrupted":
             lambda item: ["uninterrupted", "incompatible"],
         "test_bad_config_fails_before_ranks_start": lambda item: ["bad_config"],
+        "test_a_run_resumed_on_fewer_ranks_continues_past_every_old_ranks_chunks": lambda item: ["zero0", "reshaped"],
         "test_nonfinite_losses_skip_steps_then_stop": lambda item: ["nan_skip", "nan_stop"],
         "test_two_engine_step_matches_single_process_reference": lambda item: ["ds_reference"]}
 
@@ -277,6 +286,21 @@ def killed_run_matches_uninterrupted(corpus: Path, tmp_path: Path, ref_dir: Path
     for m in rows[-3:]:
         assert m["g/recon_a"] == pytest.approx(ref_rows[m["step"]]["g/recon_a"], rel=1e-4)
     assert not (fake / "COMPLETE").exists()  # still unmarked: nothing took it for a checkpoint
+
+
+def test_a_run_resumed_on_fewer_ranks_continues_past_every_old_ranks_chunks(background):
+    """zero0's 2-rank run, copied when it ended at step 4, resumed on 1 rank to step 6: its streams
+    restart past both old ranks' chunks (pipeline.loader.reshaped_state), the numbering goes on."""
+    r = ok(background.result("reshaped"))
+    run_dir = background.dirs["reshaped"] / "run"
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout, r.stdout[-3000:]
+    assert [m["step"] for m in metrics(run_dir)][-2:] == [5, 6]
+    chunks = lambda state: [p[0] for v in state["positions"].values() for p in v.values()]  # noqa: E731
+    old = [json.loads((run_dir / "ckpt" / "step-00000004" / f"rank-{r:05d}.json").read_text())["loader"]
+           for r in (0, 1)]
+    new = json.loads((run_dir / "ckpt" / "step-00000006" / "rank-00000.json").read_text())["loader"]
+    assert new["world_size"] == 1 and not (run_dir / "ckpt" / "step-00000006" / "rank-00001.json").exists()
+    assert min(chunks(new)) > max(chunks(old[0]) + chunks(old[1]))
 
 
 def test_bad_config_fails_before_ranks_start(background):

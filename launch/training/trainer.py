@@ -51,7 +51,7 @@ from launch.training.samples import held_out_batch, sample_rows, save_grid
 from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
 from model.unit import UNIT, UNITGenerator
-from pipeline.loader import UnpairedLoader
+from pipeline.loader import UnpairedLoader, reshaped_state
 from pipeline.tensors import normalize
 
 
@@ -288,9 +288,10 @@ def restore(tr: Trainer, path: Path) -> None:
         tr.loader.load_state_dict(rank_state["loader"])
         tr.rng_to_restore = rank_state["rng"]
     else:
-        # Another world size: every rank continues at the checkpoint's position in its new stream
+        # Another world size: every rank continues past every old rank's position in its new stream
         # (documented in pipeline/loader.py), and its RNG is reseeded from (seed, rank, step).
-        tr.loader.load_state_dict(json.loads((path / "rank-00000.json").read_text())["loader"])
+        states = [json.loads(p.read_text())["loader"] for p in sorted(path.glob("rank-*.json"))]
+        tr.loader.load_state_dict(reshaped_state(states))
     # Without a saved EMA (decay 0 in runs of earlier versions) it restarts from the loaded weights.
     tr.ema = EMA(tr.eng_g.module, tr.cfg.train.ema_decay)
     if ema_state is not None:
