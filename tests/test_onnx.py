@@ -123,8 +123,10 @@ def test_bad_export_dirs_exit_2_with_one_line(export_dir, tmp_path, capsys):
     assert "not valid JSON" in _one_error_line(capsys)
     assert main(["--onnx", str(tmp_path / "o"), "--model", str(export_dir), "--size", "30"]) == 2
     assert "multiple of 2**n_down = 4" in _one_error_line(capsys)
-    assert main(["--onnx", str(tmp_path / "o"), "--model", str(export_dir), "--opset", "11"]) == 2
-    assert "opset >= 12" in _one_error_line(capsys)
+    # opset 12 has Einsum but the TorchScript exporter lowers the reflect border's repeat_interleave
+    # only from 13: refused before exporting, not a failed export
+    assert main(["--onnx", str(tmp_path / "o"), "--model", str(export_dir), "--opset", "12"]) == 2
+    assert "opset >= 13" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
