@@ -3,7 +3,8 @@
 #   make demo     demo corpus -> shards -> 2-rank CPU training -> evaluation -> registered model
 #   make test     the whole test suite
 #
-# GPU users pick their torch build, e.g.:
+# GPU users pick their torch build before the first setup (setup runs once per .venv: after any
+# other target, rm -rf .venv first), e.g.:
 #   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON      ?= python3

@@ -1,7 +1,7 @@
 """Train UNIT with two DeepSpeed engines on two shard streams, then release the translator.
 
     deepspeed [--num_gpus N | --hostfile H ...] launch/train.py --config configs/demo.yaml \
-        [--deepspeed_config configs/ds/zero1.json] [--resume auto|never|CKPT] [key=value ...]
+        [--deepspeed_config configs/ds/zero0.json] [--resume auto|never|CKPT] [key=value ...]
 
 The config is validated before torch.distributed starts (a bad value never strands a rank);
 every rank trains (launch/training/trainer.py); rank 0 then evaluates the export once beside the

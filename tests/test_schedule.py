@@ -83,3 +83,18 @@ def test_real_engines_step_at_the_schedules_rates_and_resume_on_it(tmp_path, sch
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["used"] == pytest.approx(expected)
     assert got["resumed"] == pytest.approx(expected[3:])  # the loaded engine continues at step 4's rate
+
+
+def test_a_checkpoint_of_deepspeeds_warmup_scheduler_still_resumes():
+    import torch
+
+    from launch.training.engines import StepFactorLR
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_scheduler("warmup", 4, 10)(opt)
+    assert isinstance(sched, StepFactorLR) and opt.param_groups[0]["lr"] == pytest.approx(0.25)
+    sched.load_state_dict({"last_batch_iteration": 2})  # what WarmupLR saved after 3 steps
+    assert sched.last_epoch == 3
+    opt.step()
+    sched.step()  # step 5 comes next: past the warmup
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)

@@ -446,8 +446,7 @@ def baseline_stats(args, model_spec: str, tracking_uri: str | None = None):
         return baselines.load(found[0]) if found else None
 
 
-def main(argv=None) -> int:
-    redact_uncaught()  # an error no branch below expects must not print a password either
+def arguments(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.release.evaluate",
                                 description="Pixel accuracy (threshold 16), MAE, C2ST and (with a feature extractor) "
                                             "FID/KID of a translator on paired test folders, beside the trivial "
@@ -474,6 +473,12 @@ def main(argv=None) -> int:
         p.error("give --test-a DIR --truth-b DIR and/or --test-b DIR --truth-a DIR")
     if a.c2st_steps < 0:
         p.error("--c2st-steps must be >= 0")
+    return a
+
+
+def main(argv=None) -> int:
+    redact_uncaught()  # an error no branch below expects must not print a password either
+    a = arguments(argv)
     rejected: list[str] = []
     quick_http_failures()
     try:

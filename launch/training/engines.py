@@ -62,6 +62,18 @@ def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
     return 1.0
 
 
+class StepFactorLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that also resumes a checkpoint of the DeepSpeed WarmupLR / WarmupDecayLR that
+    optim.schedule was before 7 December: its last_batch_iteration after n steps is n - 1, a
+    LambdaLR's last_epoch n (the rates of the two differ only in the warmup's first steps)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "last_batch_iteration" in state_dict and "last_epoch" not in state_dict:
+            state_dict = {"last_epoch": int(state_dict["last_batch_iteration"]) + 1,
+                          "lr_lambdas": [None] * len(self.lr_lambdas)}
+        super().load_state_dict(state_dict)
+
+
 def lr_scheduler(schedule: str, warmup: int, total: int):
     """What deepspeed.initialize takes as `lr_scheduler` for optim.schedule: None for "constant",
     else a function that wraps the engine's optimizer in a LambdaLR of lr_factor. DeepSpeed steps
@@ -71,7 +83,7 @@ def lr_scheduler(schedule: str, warmup: int, total: int):
 
     def make(optimizer):
         # LambdaLR's counter is the number of steps taken: step k + 1 runs at factor(k + 1)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(schedule, warmup, total, k + 1))
+        return StepFactorLR(optimizer, lambda k: lr_factor(schedule, warmup, total, k + 1))
     return make
 
 
