@@ -249,6 +249,45 @@ def test_unreachable_server_at_start_then_upload(server_up, tmp_path, caplog):
     assert [r.info.run_id for r in runs] == [run_id]   # exactly one run was created
 
 
+def test_a_run_that_never_reached_its_server_is_uploaded_there_not_to_a_local_store(mlflow_server, tmp_path,
+                                                                                    monkeypatch):
+    """Down when the run started, so no tracking.json: the buffer's "open" record names the server
+    (without a password), and `tracking upload` with no --tracking-uri sends the records there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    mlflow_server.stop()
+    try:
+        t = Tracker(uri=mlflow_server.uri, experiment="never-reached", system_metrics=False)
+        assert t.start(run_dir) is None
+        t.log_metrics({"loss": 1.0}, 1)
+        assert t.end(timeout=3) is False
+    finally:
+        mlflow_server.start()
+    assert buffered(run_dir)[0] == {**buffered(run_dir)[0], "op": "open", "tracking_uri": mlflow_server.uri}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "launch.runstore.tracking", "upload", "--run-dir", str(run_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((run_dir / "tracking.json").read_text())
+    assert info["tracking_uri"] == mlflow_server.uri and not (run_dir / "mlflow").exists()
+    history = MlflowClient(mlflow_server.uri).get_metric_history(info["run_id"], "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0)]
+
+
+def test_a_refused_key_leaves_out_that_value_not_the_record(tmp_path, caplog):
+    from launch.runstore.records import send
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run_id = c.create_run(c.create_experiment("keys")).info.run_id
+    with caplog.at_level(logging.WARNING, logger="launch.runstore.records"):
+        send(c, run_id, {"op": "metrics", "values": {"g/total": 1.0, "loader/skipped/bad(x)": 2.0}, "step": 1,
+                         "ts": 1})
+        send(c, run_id, {"op": "tags", "values": {"ok": "1", "x" * 300: "2"}})
+    data = c.get_run(run_id).data
+    assert data.metrics == {"g/total": 1.0} and data.tags.get("ok") == "1"
+    assert "bad(x)" in caplog.text and "left out" in caplog.text
+
+
 @pytest.mark.slow
 def test_upload_keeps_the_buffer_while_the_server_is_away(tmp_path, caplog, capsys):
     """A failed upload exits 1 and leaves the buffer as it was; a missing run dir exits 2. The

@@ -94,10 +94,8 @@ def batch(rec: dict) -> dict:
 def send(client, run_id: str, rec: dict) -> None:
     """Send one record and wait for the answer; raises what MLflow raises ("open" is the caller's)."""
     op = rec["op"]
-    if op == "params":
-        send_params(client, run_id, rec["values"])
-    elif op in BATCH_OPS:
-        client.log_batch(run_id, **batch(rec), synchronous=True)
+    if op in BATCH_OPS:
+        send_batch(client, run_id, rec)
     elif op == "image":
         send_image(client, run_id, rec)
     elif op == "datasets":
@@ -136,24 +134,23 @@ def send_image(client, run_id: str, rec: dict) -> None:
                      synchronous=True)
 
 
-def send_params(client, run_id: str, values: dict) -> None:
-    """One batch; when the server refuses it (a param logged before with another value, e.g. on
-    resume), each param alone, so that only the refused ones are left out (with a warning)."""
-    from mlflow.entities import Param
-
+def send_batch(client, run_id: str, rec: dict) -> None:
+    """A metrics, params or tags record in one request; when the server refuses it (a param logged
+    before with another value, e.g. on resume; a key MLflow does not accept; NaN), each value
+    alone, so that only the refused ones are left out (with a warning), not the whole record."""
     try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()], synchronous=True)
+        client.log_batch(run_id, **batch(rec), synchronous=True)
         return
     except Exception as e:
-        if is_transient(e) or len(values) == 1:
+        if is_transient(e) or len(rec["values"]) == 1:
             raise
-    for k, v in values.items():
+    for k, v in rec["values"].items():
         try:
-            client.log_batch(run_id, params=[Param(k, str(v))], synchronous=True)
+            client.log_batch(run_id, **batch({**rec, "values": {k: v}}), synchronous=True)
         except Exception as e:
             if is_transient(e):
                 raise
-            log.warning("MLflow refused param %s=%r (%s); left out", k, str(v)[:100], first_line(e))
+            log.warning("MLflow refused %s %s=%r (%s); left out", rec["op"][:-1], k, str(v)[:100], first_line(e))
 
 
 def groups(records: list[dict]) -> list[list[dict]]:

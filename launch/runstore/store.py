@@ -50,13 +50,14 @@ def read_tracking_json(run_dir) -> dict:
     return read_json(Path(run_dir) / TRACKING_JSON) or {}
 
 
-def run_tracking(run_dir, tracking_uri: str | None = None) -> tuple[str, dict]:
+def run_tracking(run_dir, tracking_uri: str | None = None, configured: str | None = None) -> tuple[str, dict]:
     """(URI, tracking.json) of a run: `tracking_uri` when given, else the one the run recorded, else
-    the one a new run would use. The recorded URI has no password (open_run leaves it out); when
-    MLFLOW_TRACKING_URI names the same server with one, that one is used. Otherwise MLflow takes
-    it from MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) itself."""
+    `configured` (the server a run was set up for but never reached: its buffer's "open" record
+    names it), else the one a new run would use. The recorded URI has no password (open_run leaves
+    it out); when MLFLOW_TRACKING_URI names the same server with one, that one is used. Otherwise
+    MLflow takes it from MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) itself."""
     info = read_tracking_json(run_dir)
-    recorded, env = info.get("tracking_uri"), os.environ.get("MLFLOW_TRACKING_URI")
+    recorded, env = info.get("tracking_uri") or configured, os.environ.get("MLFLOW_TRACKING_URI")
     if recorded and env and without_password(env) == without_password(recorded):
         recorded = env
     return tracking_uri or recorded or resolve_uri(run_dir), info

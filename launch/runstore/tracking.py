@@ -45,7 +45,7 @@ from launch.runstore.params import as_params
 from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batch, first_line, groups,
                                      metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
 from launch.runstore.store import (connect_error, fluent_uri, is_transient, make_client, open_run, recorded_run,
-                                   resolve_uri, run_tracking)
+                                   resolve_uri, run_tracking, without_password)
 from pipeline.atomic import replacing
 from pipeline.storage import redact, redact_uncaught
 
@@ -129,7 +129,9 @@ class Tracker:
         except Exception as e:
             if not is_transient(e):
                 raise
-            opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name}
+            # the server it was set up for, without a password: `tracking upload` sends it there later
+            opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name,
+                       "tracking_uri": without_password(self.uri)}
             with self._lock:
                 self._kept = [opening, *left]
                 self._went_offline(e)
@@ -425,11 +427,11 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / BUFFER_NAME
     records = read_buffer(path)
-    uri, info = run_tracking(run_dir, tracking_uri)
+    opening = next((r for r in records if r["op"] == "open"), {})
+    uri, info = run_tracking(run_dir, tracking_uri, configured=opening.get("tracking_uri"))
     if not records:
         return {"records": 0, "sent": 0, "dropped": 0, "run_id": info.get("run_id"), "tracking_uri": uri}
     client = make_client(uri)
-    opening = next((r for r in records if r["op"] == "open"), {})
     run_id = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
     run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", run_id,
                       opening.get("run_name"))
