@@ -50,3 +50,12 @@ def test_fix_cuda_arch_list_rewrites_only_what_deepspeed_cannot_read():
     for untouched in ({"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}, {"TORCH_CUDA_ARCH_LIST": "8.0 9.0"}, {}):
         before = dict(untouched)
         assert fix_cuda_arch_list(untouched) is None and untouched == before
+
+
+def test_help_prints_help_and_builds_nothing(capsys, monkeypatch):
+    import launch.training.ops as ops
+
+    monkeypatch.setattr(ops, "prebuild", lambda: pytest.fail("--help started the build"))
+    with pytest.raises(SystemExit) as e:
+        ops.main(["--help"])
+    assert e.value.code == 0 and "TORCH_EXTENSIONS_DIR" in capsys.readouterr().out

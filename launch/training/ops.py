@@ -68,7 +68,12 @@ def prebuild() -> str:
     return f"DeepSpeed ops: {builder.NAME} ready in {where} ({time.perf_counter() - t0:.0f} s)"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m launch.training.ops",
+                            description="Build DeepSpeed's CPU shared-memory all-reduce op into TORCH_EXTENSIONS_DIR "
+                                        "(make setup runs this; about a minute on 2 cores, once).").parse_args(argv)
     try:
         print(prebuild(), flush=True)
     except Exception as e:  # a missing compiler: the first launch tries again and says why
