@@ -143,13 +143,6 @@ def default_rank_world() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- shard access
 
 
-def shown_error(e: BaseException, url: str) -> str:
-    """A backend's error about shard `url`, fit for a log: its URLs redacted and what of `url` may
-    be a credential removed even where it is quoted without a scheme (a bucket name
-    "KEY:SECRET@bucket", a pipe: command's arguments)."""
-    return storage.scrub(storage.redact_text(str(e)), url)
-
-
 class ShardError(Exception):
     """A shard could not be used; `reason` is one of REASONS."""
 
@@ -287,7 +280,7 @@ class ShardReader:
             f = self._bytes(shard, on_retry)
         except Exception as e:  # any failure to reach the bytes, retries spent: skip the shard, go on
             raise ShardError("unreadable_shard", f"{storage.redact(url)}: cannot read "
-                             f"({type(e).__name__}: {shown_error(e, url)})") from e
+                             f"({type(e).__name__}: {storage.error_text(e, url)})") from e
         try:
             if self.verify and shard.sha256 and not self._matches(f, shard.sha256):
                 if self.cache is not None and _is_remote(url):
@@ -368,7 +361,7 @@ class Counters:
 
     def retry(self, url: str, error: BaseException) -> None:
         self.retries += 1
-        self._warn_once(url, "retrying a transient error", f"{type(error).__name__}: {shown_error(error, url)}")
+        self._warn_once(url, "retrying a transient error", f"{type(error).__name__}: {storage.error_text(error, url)}")
 
     def take(self) -> dict:
         d = {"samples": self.samples, "bytes": self.bytes, "retries": self.retries, "skipped": dict(self.skipped)}

@@ -103,6 +103,12 @@ def write_shard(out: str, domain: str, number: int, inputs: list[tuple[str, int,
     return record
 
 
+def shown_source(source: str) -> str:
+    """What the shard, its record and the reports name for `source`: a presigned URL's query and a
+    user:password@ are credentials, left out; a name that is not UTF-8 is shown as \\xNN."""
+    return valid_text(storage.redact(source))
+
+
 def _members(domain: str, inputs, limits: dict, found: _Found, report: Progress) -> Iterator[tuple[str, bytes]]:
     """The tar members of a group's storable inputs; every input's fate is noted in `found`."""
     for source, *_ in inputs:
@@ -110,9 +116,7 @@ def _members(domain: str, inputs, limits: dict, found: _Found, report: Progress)
         if found.pending >= PROGRESS_EVERY:
             report(domain, found.pending)
             found.pending = 0
-        # What the shard, record and reports name: a presigned URL's query and a user:password@
-        # are credentials (the key still comes from the full source, as before).
-        shown = valid_text(storage.redact(source))  # and a name that is not UTF-8 as \xNN
+        shown = shown_source(source)  # the key still comes from the full source
         img = _read_checked(source, shown, limits, found)
         if img is None:
             continue
@@ -173,7 +177,7 @@ def rewrite_shard(record: dict, out: str, remove: set[str]) -> dict:
     nbytes, sha = write_tar(path, list(members()))
     # The duplicates in input order: a merge drops a shard's duplicates in two passes (its part's
     # finalize, then the merge), a single run in one, and the quarantine must list them alike
-    position = {valid_text(storage.redact(p)): i for i, (p, *_) in reversed(list(enumerate(record["inputs"])))}
+    position = {shown_source(p): i for i, (p, *_) in reversed(list(enumerate(record["inputs"])))}
     duplicates = sorted(record["duplicates"] + [{"source": s["source"], "sha256": s["sha256"]} for s in dropped],
                         key=lambda d: position.get(d["source"], len(position)))
     record = dict(record, samples=kept, nsamples=len(kept), bytes=nbytes, sha256=sha, duplicates=duplicates)

@@ -278,7 +278,7 @@ def _read_url(url: str, max_bytes: int) -> bytes:
         raise Rejected("unreadable: no such file") from None
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own error types
         # The reason is written to the quarantine: no signed query or password the error quotes.
-        raise Rejected(f"unreadable: {type(e).__name__}: {storage.scrub(storage.redact_text(str(e)), url)}") from None
+        raise Rejected(f"unreadable: {type(e).__name__}: {storage.error_text(e, url)}") from None
     if len(data) > max_bytes:
         raise _too_large(len(data), max_bytes)
     return data

@@ -10,6 +10,7 @@ network may fail transiently, and keeps credentials out of every message.
     retrying(fn, what)          fn() again after a transient error, with exponential backoff
     redact(url)                 the URL without user:password@, query string or fragment
     scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
+    error_text(e, url)          a backend's error about `url`: redact_text, then scrub
     redact_text(text)           an error message with every URL in it redacted
     redact_uncaught()           the same for this process's log records (tracebacks included), printed
                                 warnings and uncaught traceback
@@ -151,6 +152,12 @@ def _redacted_traceback(exc_type, exc, tb) -> str:
 def _redacted_excepthook(exc_type, exc, tb) -> None:
     sys.stderr.write(_redacted_traceback(exc_type, exc, tb))
     sys.stderr.flush()
+
+
+def error_text(e: BaseException, url: str) -> str:
+    """A backend's error about `url`, fit for a log or a report: every URL in it redacted, and what
+    of `url` may be a credential removed even where it is quoted without a scheme (scrub)."""
+    return scrub(redact_text(str(e)), url)
 
 
 def scrub(text: str, url: str) -> str:

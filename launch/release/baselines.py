@@ -39,6 +39,14 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.stack([lut[c][x[..., c]] for c in range(3)], axis=-1)
 
 
+def check_tolerance(stats: dict[str, DomainStats], tolerance: int) -> None:
+    """ValueError now where statistics read back from baselines.json cannot give the best constant
+    at `tolerance` (DomainStats.best_constant); freshly counted ones always can."""
+    for s in stats.values():
+        if s.fine is None:
+            s.best_constant(tolerance)
+
+
 def translators(stats: dict[str, DomainStats], tolerance: int = TOLERANCE) -> dict[str, callable]:
     """{name: fn(uint8 images, direction) -> uint8 images} for identity, constant and histmatch;
     the constant is the best for pixel accuracy at `tolerance`."""

@@ -489,8 +489,8 @@ def main(argv=None) -> int:
             features = load_extractor(a.fid_features)
         stats = baseline_stats(a, info.get("model_uri", a.model), info.get("tracking_uri"))
         if stats:  # a constant saved for another threshold fails here, before any translating
-            from launch.release.baselines import translators
-            translators(stats, a.threshold)
+            from launch.release.baselines import check_tolerance
+            check_tolerance(stats, a.threshold)
         opts = EvalOptions(baselines=stats, c2st_steps=a.c2st_steps, features=features, threshold=a.threshold)
         res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
                                   rejected=rejected)

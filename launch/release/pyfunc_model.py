@@ -35,11 +35,10 @@ MAX_PIXELS = 64_000_000       # per image, as translate's --max-pixels default (
 
 class TranslatorModel(PythonModel):
     def load_context(self, context):
-        from launch.release.export import load_translator, min_input_side, size_multiple
+        from launch.release.export import load_translator, min_input_side
 
         device = pick_device((context.model_config or {}).get("device"))
         self.gen, self.meta = load_translator(context.artifacts[ARTIFACT_KEY], device=device)
-        self.multiple = size_multiple(self.meta)
         self.min_side = min_input_side(self.meta)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
@@ -56,7 +55,7 @@ class TranslatorModel(PythonModel):
         check_size(images, self.min_side)
 
         def fn(x, d):
-            return translate_uint8(self.gen, x, d, batch_size=batch_size, multiple=self.multiple)
+            return translate_uint8(self.gen, x, d, batch_size=batch_size)  # padded to the generator's multiple
 
         if max(images.shape[1:3]) <= TILE:
             return fn(images, direction)
