@@ -3,7 +3,8 @@
 - `finalize` walks the completion records in shard order, removes exact duplicates (same stored
   bytes) of a sample in an earlier shard from their shard (quarantined as "duplicate of <key>"),
   then writes manifest.parquet and quarantine.parquet, and index.json last, each under a
-  temporary name renamed into place: index.json present means the outputs are complete.
+  temporary name renamed into place: index.json present means the outputs are complete (a run
+  or merge with a domain that stored no sample fails before it, so writes none).
 - `index_entry_url` is the one way a reader turns an index.json entry into something to open:
   shard URLs in an index are data, never commands. The index may be local or at a URL.
 - `index_of(spec)` says which index.json a shard spec names (an OUT folder or an index file, local
@@ -170,9 +171,11 @@ def _schemas():
 
 
 def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: dict | None = None,
-             dedupe: bool = True) -> Totals:
+             dedupe: bool = True, require_samples: bool = False) -> Totals:
     """Dedupe the given shards in order (unless `dedupe` is False: outputs that must keep every
-    key, such as translations) and write manifest, quarantine and index (last) to `dest`."""
+    key, such as translations) and write manifest, quarantine and index (last) to `dest`. With
+    `require_samples` (a whole run or merge), a domain that stored no sample is a failure: the
+    quarantine says why, and no index.json is written (its presence means a complete OUT)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -204,8 +207,20 @@ def finalize(out: str, numbers: dict[str, list[int]], dest: str, index_extra: di
              "totals": {d: {"shards": totals.shards[d], "samples": totals.stored[d], "bytes": totals.bytes[d]}
                         for d in DOMAINS}}
     index.update(index_extra or {})
+    if require_samples:
+        _require_samples(dest, totals)
     write_text(storage.join(dest, INDEX_NAME), json.dumps(index, indent=1))
     return totals
+
+
+def _require_samples(dest: str, totals: Totals) -> None:
+    """ShardsError, with no index.json left in `dest`, when a domain stored no sample."""
+    for d in DOMAINS:
+        if totals.stored[d] == 0:
+            storage.remove(storage.join(dest, INDEX_NAME))  # one from an earlier run no longer holds
+            raise ShardsError(f"domain {d.upper()}: no valid image among {totals.inputs[d]} inputs "
+                              f"(reasons in {storage.redact(storage.join(dest, QUARANTINE_NAME))}); "
+                              f"no {INDEX_NAME} written")
 
 
 def _current_record(out: str, domain: str, number: int) -> dict:

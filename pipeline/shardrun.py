@@ -1,9 +1,11 @@
 """One `make shards` run (or `--part`) from sources to outputs, and `merge` of finished parts.
 
-A run checks its sources and OUT, takes OUT's lock, lists and plans both domains, writes every
-group of its part whose shard is not current (a bounded pool shared by both domains), removes
-what an older, longer plan or a crash left, and finalises (dedupe, manifest, quarantine,
-index). It returns an exit status and the one-paragraph summary the CLI prints.
+A run checks its sources and OUT, takes OUT's lock, refuses a folder (or other non-file) where
+a shard, record or output goes, lists and plans both domains, writes every group of its part
+whose shard is not current (a bounded pool shared by both domains), removes what an older,
+longer plan or a crash left, and finalises (dedupe, manifest, quarantine, index; a domain with
+no valid image fails before index.json). It returns an exit status and the one-paragraph
+summary the CLI prints, which counts the inputs of existing shards hashed to check them.
 
 OUT may be a local folder or an fsspec URL: every read, size check, listing and removal under
 OUT goes through pipeline.storage and every write through pipeline.atomic, so the same steps
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -23,13 +26,13 @@ from dataclasses import dataclass, field
 from pipeline import storage
 from pipeline.atomic import write_bytes
 from pipeline.index import Totals, finalize
-from pipeline.layout import (DOMAINS, EXIT_OK, EXIT_QUARANTINED, INDEX_NAME, PARTS_DIR, QUARANTINE_NAME,
-                             RECORDS_DIR, ShardsError, out_root, part_dir, remove_temps)
+from pipeline.layout import (DOMAINS, EXIT_OK, EXIT_QUARANTINED, INDEX_NAME, MANIFEST_NAME, PARTS_DIR,
+                             QUARANTINE_NAME, RECORDS_DIR, ShardsError, out_root, part_dir, remove_temps)
 from pipeline.lock import out_locks
-from pipeline.plan import Settings, plan_groups
-from pipeline.records import load_record, record_is_current, sources_unchanged
+from pipeline.plan import Group, Settings, plan_groups
+from pipeline.records import inputs_unchanged, load_record, record_is_current, refresh_signatures, shard_intact
 from pipeline.shardwriter import ShardPool
-from pipeline.sources import SourceError, folder_inside, list_inputs, source_exists
+from pipeline.sources import SourceError, file_kind, folder_inside, list_inputs, source_exists
 
 
 @dataclass
@@ -40,6 +43,7 @@ class RunArgs:
     settings: Settings = field(default_factory=Settings)
     part: tuple[int, int] = (0, 1)
     progress: bool = True
+    recheck: bool = False  # hash every existing shard against its record (catches same-size damage)
 
 
 @dataclass
@@ -51,6 +55,9 @@ class _Written:
     mine: dict[str, list[int]] = field(default_factory=dict)  # this part's shard numbers per domain
     processed: int = 0  # inputs validated
     skipped: int = 0  # shards already complete
+    hashed: int = 0  # inputs of existing shards read and hashed to tell whether they changed
+    rechecked: int = 0  # existing shards hashed (--recheck)
+    damaged: int = 0  # of those, shards whose bytes differed from their record: written again
     index_removed: bool = False
 
 
@@ -61,17 +68,17 @@ def run(args: RunArgs) -> tuple[int, str]:
     part, nparts = args.part
     t0 = time.time()
     with out_locks(args.out, args.part):
+        where = args.out if nparts == 1 else part_dir(args.out, part, nparts)
+        _check_out_files(args.out, where)  # before anything in OUT is removed or replaced
         done = _write_shards(args)
         if nparts == 1:
             _remove_stale(args.out, done.counts)
-            where = args.out
-            totals = finalize(args.out, done.mine, where)
+            # A domain with no valid image fails the run before index.json is written.
+            totals = finalize(args.out, done.mine, where, require_samples=True)
         else:
-            where = part_dir(args.out, part, nparts)
             totals = finalize(args.out, done.mine, where, {"part": part, "parts": nparts, "groups": done.counts,
                                                            "listing": done.listing})
-    return _summarise(totals, time.time() - t0, done.processed, done.skipped, where, args.workers,
-                      check_empty=(nparts == 1), part=args.part if nparts > 1 else None)
+    return _summarise(totals, time.time() - t0, done, where, args.workers, part=args.part if nparts > 1 else None)
 
 
 def merge(out: str) -> tuple[int, str]:
@@ -83,9 +90,10 @@ def merge(out: str) -> tuple[int, str]:
     _check_store(out)
     with out_locks(out, (0, 1), "make shards merge"):
         counts = _finished_parts(out)
+        _check_out_files(out, out)
         _remove_stale(out, counts)
-        totals = finalize(out, {d: list(range(counts[d])) for d in DOMAINS}, out)
-        return _summarise(totals, time.time() - t0, 0, 0, out, 1, check_empty=True)
+        totals = finalize(out, {d: list(range(counts[d])) for d in DOMAINS}, out, require_samples=True)
+        return _summarise(totals, time.time() - t0, _Written(), out, 1)
 
 
 def _finished_parts(out: str) -> dict[str, int]:
@@ -204,8 +212,7 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
         if group.number % nparts != part:
             continue
         done.mine[domain].append(group.number)
-        rec = load_record(args.out, domain, group.number)
-        if record_is_current(args.out, rec, group.fingerprint) and sources_unchanged(rec, group.inputs):
+        if _already_done(args, group, done):
             done.skipped += 1
             pool.bars[domain].update(len(group.inputs))
             continue
@@ -217,6 +224,48 @@ def _write_domain(args: RunArgs, domain: str, pool: ShardPool, done: _Written) -
         pool.submit((args.out, domain, group.number, [(i.path, i.size, i.sig) for i in group.inputs],
                      group.fingerprint, args.settings.limits()))
     done.counts[domain], done.listing[domain] = n_groups, listing_hash.hexdigest()
+
+
+def _already_done(args: RunArgs, group: Group, done: _Written) -> bool:
+    """Whether the shard of `group` is complete: its record matches the group, the file (its size,
+    and with --recheck its sha256) and the content of the inputs. Inputs hashed to tell and found
+    the same get their new signatures recorded, so a metadata-only change is paid for once."""
+    rec = load_record(args.out, group.domain, group.number)
+    if not record_is_current(args.out, rec, group.fingerprint):
+        return False
+    if args.recheck:
+        done.rechecked += 1
+        if not shard_intact(args.out, rec):
+            done.damaged += 1
+            return False
+    unchanged, hashed = inputs_unchanged(rec, group.inputs)
+    done.hashed += hashed
+    if unchanged:
+        refresh_signatures(args.out, rec, group.inputs)
+    return unchanged
+
+
+def _check_out_files(out: str, dest: str) -> None:
+    """Refuse, before anything is removed or written, a local OUT where a shard, a record or an
+    output that the run replaces is a folder (or another non-file): its rename would fail with
+    a raw errno half way through, after index.json was removed."""
+    if storage.is_url(out):
+        return  # an object store has no folders in the way of an upload
+    found = []
+    for d in DOMAINS:
+        for folder in (os.path.join(out, d), os.path.join(out, RECORDS_DIR, d)):
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise ShardsError(f"{folder} is not a folder; remove it and re-run")
+        found += storage.glob(os.path.join(out, d), f"{d}-*.tar")
+        found += storage.glob(os.path.join(out, RECORDS_DIR, d), f"{d}-*.json")
+    found += [os.path.join(dest, name) for name in (INDEX_NAME, MANIFEST_NAME, QUARANTINE_NAME)]
+    for path in found:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # not there, or a broken link: the rename replaces it
+            continue
+        if not stat.S_ISREG(mode):
+            raise ShardsError(f"{path} is not a regular file ({file_kind(mode)}); remove it and re-run")
 
 
 def _remove_stale(out: str, counts: dict[str, int]) -> None:
@@ -243,9 +292,9 @@ def _remove_stale(out: str, counts: dict[str, int]) -> None:
 # ----------------------------------------------------------------------------- the summary
 
 
-def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, workers: int,
-               check_empty: bool, part: tuple[int, int] | None = None) -> tuple[int, str]:
-    """(exit status, summary paragraph); ShardsError when `check_empty` and a domain stored nothing."""
+def _summarise(t: Totals, dt: float, done: _Written, where: str, workers: int,
+               part: tuple[int, int] | None = None) -> tuple[int, str]:
+    """(exit status, summary paragraph). A domain with no valid image failed in finalize already."""
     n_in = sum(t.inputs.values())
     n_rej = sum(t.rejected.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t.rejected.items())) or "none"
@@ -257,13 +306,12 @@ def _summarise(t: Totals, dt: float, processed: int, skipped: int, where: str, w
     text = (f"{what}: stored {sum(t.stored.values())} of {n_in} inputs ({per_domain(t.stored)}) "
             f"in {sum(t.shards.values())} shards ({per_domain(t.shards)}), "
             f"{sum(t.bytes.values()) / 1e6:.1f} MB; rejected {n_rej} ({reasons}); "
-            f"validated {processed} inputs in {dt:.2f} s ({processed / max(dt, 1e-9):.0f} images/s, "
+            f"validated {done.processed} inputs in {dt:.2f} s ({done.processed / max(dt, 1e-9):.0f} images/s, "
             f"{workers} worker{'s' if workers > 1 else ''})"
-            + (f", {skipped} shards already complete and skipped" if skipped else "")
+            + (f", {done.skipped} shards already complete and skipped" if done.skipped else "")
+            + (f", {done.hashed} inputs of existing shards hashed to check them (signature changed or none)"
+               if done.hashed else "")
+            + (f"; --recheck hashed {done.rechecked} existing shards, {done.damaged} differed from their record "
+               f"and were written again" if done.rechecked else "")
             + f"; outputs in {storage.redact(where)}" + (f" ({QUARANTINE_NAME} lists the rejects)" if n_rej else "") + ".")
-    if check_empty:
-        for d in DOMAINS:
-            if t.stored[d] == 0:
-                raise ShardsError(f"domain {d.upper()}: no valid image among {t.inputs[d]} inputs "
-                                  f"(reasons in {storage.redact(storage.join(where, QUARANTINE_NAME))})")
     return (EXIT_QUARANTINED if n_rej else EXIT_OK), text

@@ -1,7 +1,7 @@
 """`make shards`: two unpaired image domains into verified WebDataset tar shards.
 
     python -m pipeline.shards [write] --src-a A --src-b B --out OUT [--workers N] [--shard-size-mb 256]
-        [--max-per-shard N] [--min-side 16] [--max-pixels N] [--max-file-mb 256] [--part i/N]
+        [--max-per-shard N] [--min-side 16] [--max-pixels N] [--max-file-mb 256] [--part i/N] [--recheck]
     python -m pipeline.shards merge OUT      # combine the outputs of --part runs
     python -m pipeline.shards verify OUT     # re-read every shard against index.json + manifest
 
@@ -13,13 +13,16 @@ How a run stays deterministic and resumable:
   shard's record (OUT/.records/<d>/<d>-<g>.json: its inputs with their signatures and the
   sha256 of each input's bytes, samples, rejects, sha256). A rerun skips every shard whose
   record matches the current inputs (paths, sizes, and content: an input whose signature,
-  i.e. size/mtime/ctime/inode, changed is hashed again and must hash the same) and the file
-  on disk, and rewrites the others, so a run killed at any point completes with the same
-  samples, and sources regenerated under the same names and sizes are not left stale.
+  i.e. size/mtime/ctime/inode, changed is hashed again and must hash the same, and its new
+  signature is then recorded; a URL whose listing has no metadata is hashed every time) and the
+  file on disk (its size; with --recheck its sha256 too, for damage that keeps the size), and
+  rewrites the others, so a run killed at any point completes with the same samples, and
+  sources regenerated under the same names and sizes are not left stale.
 - Finalising walks the records in shard order: exact duplicates (same stored bytes) of a
   sample in an earlier shard are removed from their shard (the shard is rewritten) and
   quarantined as "duplicate of <key>"; then manifest.parquet and quarantine.parquet are
-  written, and index.json last (each to a temporary name, then renamed).
+  written, and index.json last (each to a temporary name, then renamed). A domain that stored
+  no sample fails the run (exit 1) before index.json is written.
 - `--part i/N` (0 <= i < N) processes the groups g with g % N == i, so parts write
   disjoint shard numbers, identical to those of a single run; each part writes its own
   view under OUT/parts/<i>-of-<N>/. `merge OUT` finalises all parts together (cross-part
@@ -58,6 +61,7 @@ public names.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from pipeline.index import INDEX_SCHEMES, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, IndexEntryError, index_entry_url
@@ -94,21 +98,33 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_mb(text: str) -> float:
+    """A size in MB: a finite number above 0 (0 or less would quarantine everything or cut
+    shards of nothing; inf cannot become a byte count)."""
+    v = float(text)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of MB above 0, got {text}")
+    return v
+
+
 def _add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src-a", required=True, help="domain A: folder, text list of paths, or .parquet (path column)")
     p.add_argument("--src-b", required=True, help="domain B: same forms as --src-a")
     p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
-    p.add_argument("--shard-size-mb", type=float, default=Settings.shard_size / MB,
+    p.add_argument("--shard-size-mb", type=_positive_mb, default=Settings.shard_size / MB,
                    help="input MB per shard (default 256)")
     p.add_argument("--max-per-shard", type=_positive, default=None, help="inputs per shard (default: no limit)")
-    p.add_argument("--min-side", type=int, default=Settings.min_side,
+    p.add_argument("--min-side", type=_positive, default=Settings.min_side,
                    help="reject images whose smaller side is below this")
     p.add_argument("--max-pixels", type=_positive, default=Settings.max_pixels,
                    help="reject images with more pixels (decompression bombs); default 64e6")
-    p.add_argument("--max-file-mb", type=float, default=Settings.max_file_bytes / MB,
+    p.add_argument("--max-file-mb", type=_positive_mb, default=Settings.max_file_bytes / MB,
                    help="quarantine inputs larger than this unread (default 256)")
     p.add_argument("--part", type=_parse_part, default=(0, 1), help="process slice i of N (0-based) for merge")
+    p.add_argument("--recheck", action="store_true",
+                   help="hash every existing shard and write again those whose bytes differ from their record "
+                        "(a same-size change that the size check misses; verify names such shards)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -135,7 +151,7 @@ def _write(a: argparse.Namespace) -> int:
     settings = Settings(a.min_side, a.max_pixels, max(1, int(a.shard_size_mb * MB)), a.max_per_shard,
                         max(1, int(a.max_file_mb * MB)))
     status, summary = run(RunArgs(dict(zip(DOMAINS, (a.src_a, a.src_b))), a.out, a.workers, settings, a.part,
-                                  progress=not a.no_progress))
+                                  progress=not a.no_progress, recheck=a.recheck))
     print(a.clean(summary))
     return status
 

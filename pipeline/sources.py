@@ -17,14 +17,17 @@ Listings are streamed in a deterministic order, so the same source always yields
 same sequence of inputs: `make shards` derives shard numbers from that order.
 
 Reading (`read_source`) takes regular files only, up to a size cap, so a FIFO, a device
-such as /dev/zero or a huge file is rejected without blocking or filling memory. Each input
-carries a signature (size, mtime, ctime and inode, or the remote listing's metadata) so a
-re-run can tell cheaply whether a source may have changed; when it may have, the content
-hash (`source_digest`) decides.
+such as /dev/zero or a huge file is rejected without blocking or filling memory (a broken
+link as "not a regular file: a broken link"). Each input carries a signature (size, mtime,
+ctime and inode, or the remote listing's metadata) so a re-run can tell cheaply whether a
+source may have changed; when it may have, the content hash (`source_digest`) decides. A URL
+whose listing has no such metadata (an http(s) folder, a list file's URLs) has no signature
+and is hashed on every re-run, and its size, unknown, counts as UNKNOWN_SIZE for grouping.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -80,10 +83,15 @@ def stat_signature(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
-def _info_signature(info: dict) -> str:
-    # Remote listings carry ETag / generation / mtime fields that differ per backend: any
-    # change of the metadata counts (a false alarm only costs a content hash).
+def _info_signature(info: dict) -> str | None:
+    """A remote listing entry's signature, or None when the entry says nothing that changes with
+    the content. Listings carry ETag / generation / mtime fields that differ per backend: any
+    change of them counts (a false alarm only costs a content hash). An entry with a name, a
+    type and at most a size (an http(s) folder's listing: no size, no date) cannot tell a
+    replaced file from the old one, so it gets no signature and a rerun hashes the file."""
     fields = {k: v for k, v in info.items() if k != "name"}
+    if all(v is None for k, v in fields.items() if k not in ("type", "size")):
+        return None
     return "remote:" + hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -201,7 +209,11 @@ def _list_url(source: str) -> Iterator[Input]:
                 # dot-names skipped, folders too, as the local walk skips them
                 rel = name[len(root):] if name.startswith(root) else os.path.basename(name)
                 if info.get("type") == "file" and not any(c.startswith(".") for c in rel.split("/")):
-                    yield Input(fs.unstrip_protocol(name), int(info.get("size") or 0), _info_signature(info))
+                    # A listing without sizes (http) groups as a text list's URLs do: by a
+                    # constant, so --shard-size-mb still cuts the domain into shards.
+                    size = info.get("size")
+                    yield Input(fs.unstrip_protocol(name), UNKNOWN_SIZE if size is None else int(size),
+                                _info_signature(info))
             return
         if not fs.isfile(root):
             raise SourceError(f"{source}: no such file or folder")
@@ -228,10 +240,31 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file's names: 'a FIFO (named pipe)', 'a folder', ..."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
 def _check_regular(mode: int) -> None:
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise Rejected(f"not a regular file: {kind}")
+        raise Rejected(f"not a regular file: {file_kind(mode)}")
+
+
+def _stat_input(path: str) -> os.stat_result:
+    """stat() of a local input, following links. A link whose target is missing, or a link loop,
+    is not a regular file (the README's reason for it), unlike a path that is not there at all."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            is_link = False
+        if is_link and e.errno == errno.ENOENT:
+            raise Rejected("not a regular file: a broken link") from None
+        if is_link and e.errno == errno.ELOOP:
+            raise Rejected("not a regular file: a symbolic link loop") from None
+        raise
 
 
 def _too_large(size: int, max_bytes: int) -> Rejected:
@@ -245,7 +278,7 @@ def read_source(path: str, max_bytes: int) -> bytes:
         return _read_url(path, max_bytes)
     path = storage.local_path(path)
     try:
-        _check_regular(os.stat(path).st_mode)  # before open(): opening a FIFO blocks for a writer
+        _check_regular(_stat_input(path).st_mode)  # before open(): opening a FIFO blocks for a writer
         # O_NONBLOCK: should the path become a FIFO between stat and open, open still returns.
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), "rb") as f:
             st = os.fstat(f.fileno())

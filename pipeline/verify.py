@@ -2,8 +2,12 @@
 
 Each shard's bytes are checked against its index entry (size, sha256, sample count), its samples
 against the manifest (keys) and their own json (image sha256); files and rows that the index
-does not list, and index totals that do not add up, are problems too. Entries are opened only
-through `index_entry_url`, so a hostile index is reported, never followed.
+does not list, index totals that do not add up, and a domain with no sample in an OUT of a whole
+`make shards` run (one that failed; a translation's OUT holds one domain) are problems too.
+Entries are opened only through `index_entry_url`, so a hostile index is reported, never followed.
+The summary says how to repair: delete the bad shards and re-run make shards (it writes a missing
+shard again), or re-run with --recheck, which also rewrites a shard whose bytes differ from its
+record (a same-size change that a plain re-run, which compares sizes only, keeps).
 
 OUT may be a URL (pipeline.storage): then the index, manifest and shards are read from the store,
 an entry being a relative path under OUT's URL (index_entry_url refuses one that leaves it).
@@ -41,14 +45,37 @@ def verify(out: str) -> tuple[list[str], str]:
             problems.append(f"{entry['url']}: " + "; ".join(bad))
         nsamples += n
         nbytes += len(data)
+    problems += _check_totals(index, entries)
+    summary = (f"verify: {len(entries)} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
+               f"{len(problems)} bad" + ("." if not problems else f": see above. {_repair_hint(index)}"))
+    return problems, summary
+
+
+def _check_totals(index: dict, entries: list[dict]) -> list[str]:
+    """Index totals that do not add up, and a domain with no sample in an OUT of `make shards`
+    (such a run fails; a translation's OUT holds one domain only, a part's may hold none)."""
+    problems = []
+    whole_run = "translation" not in index and "part" not in index
     for d in DOMAINS:
         tot = index.get("totals", {}).get(d, {})
         n = sum(e.get("nsamples", 0) for e in entries if e.get("domain") == d)
         if tot.get("samples") != n:
             problems.append(f"index.json totals for {d}: {tot.get('samples')} samples, shards add up to {n}")
-    summary = (f"verify: {len(entries)} shards, {nsamples} samples, {nbytes / 1e6:.1f} MB re-read; "
-               f"{len(problems)} bad" + ("." if not problems else ": see above."))
-    return problems, summary
+        elif whole_run and n == 0:
+            problems.append(f"index.json: domain {d} has no sample (make shards fails on such a domain; "
+                            f"quarantine.parquet says why its inputs were rejected)")
+    return problems
+
+
+def _repair_hint(index: dict) -> str:
+    """How to repair what verify found: the writer rewrites a shard that is missing, or whose
+    bytes differ from its record once asked to hash them, and always rewrites the index."""
+    if "translation" in index:
+        return ("To repair: delete the bad shards and re-run the translate command that wrote OUT "
+                "(it writes missing shards again, then the index and manifest).")
+    return ("To repair: delete each bad shard and re-run make shards with the same arguments (it writes "
+            "missing shards again, then the index and manifest); add --recheck to also find and rewrite "
+            "every shard whose bytes differ from its record.")
 
 
 def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str, dict[str, dict]]]:
