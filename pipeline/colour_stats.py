@@ -1,20 +1,24 @@
 """Colour statistics of a domain's training images: per-channel histograms and binned colours.
 
 Small enough to keep (a 3x256 histogram and a 32**3 colour-bin table per domain; while counting,
-also a 128**3 grid, 16 MB, for the best constant colour) and enough for what reads them: the
-trivial baselines every evaluation shows (launch/release/baselines.py: the best constant colour,
-per-channel histogram matching) and, for domains drawn in a few flat colours such as maps, the
-palette a generator's PaletteHead paints with (`model.palette_b: auto`).
+also the exact count of every colour, a 256**3 grid of 64 MB, for the best constant colour) and
+enough for what reads them: the trivial baselines every evaluation shows
+(launch/release/baselines.py: the best constant colour, per-channel histogram matching) and, for
+domains drawn in a few flat colours such as maps, the palette a generator's PaletteHead paints
+with (`model.palette_b: auto`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 
 BIN = 8              # colour bin width per channel for the most frequent colour and the palette
-FINE = 2             # cell width per channel of the grid the best constant colour is searched on
 TOLERANCE = 16       # pixel accuracy's tolerance per channel (launch.release.evaluate.THRESHOLD)
+STATS_BATCH = 64     # images decoded before they are counted in (stats_from_shards)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,9 +29,10 @@ class DomainStats:
     bin_counts: np.ndarray   # int64 [(256/BIN)**3]: pixels per colour bin
     bin_sums: np.ndarray     # float64 [(256/BIN)**3, 3]: colour sums per bin (for the bin's mean)
     images: int = 0
-    fine: np.ndarray | None = None      # int64 [(256/FINE)**3]: pixels per fine cell (counting only, not saved)
+    fine: np.ndarray | None = None      # uint32 [256**3]: pixels of each exact colour (counting only, not saved)
     constant: np.ndarray | None = None  # uint8 [3]: the best constant as saved (statistics read back)
     constant_tolerance: int = TOLERANCE  # the tolerance `constant` was searched at
+    found: dict = field(default_factory=dict, repr=False, compare=False)  # tolerance -> best constant (a cache)
 
     @classmethod
     def empty(cls) -> "DomainStats":
@@ -44,12 +49,15 @@ class DomainStats:
         self.bin_counts += np.bincount(k, minlength=len(self.bin_counts))
         for c in range(3):
             self.bin_sums[:, c] += np.bincount(k, weights=x[:, c], minlength=len(self.bin_counts))
-        n = 256 // FINE
         if self.fine is None:
-            self.fine = np.zeros(n ** 3, np.int64)
-        f = (x // FINE).astype(np.int64)
-        self.fine += np.bincount((f[:, 0] * n + f[:, 1]) * n + f[:, 2], minlength=n ** 3)
+            self.fine = np.zeros(256 ** 3, np.uint32)  # calloc: pages only where colours occur
+        if self.fine.dtype == np.uint32 and self.hist[0].sum() >= 2 ** 32:  # one colour could overflow
+            self.fine = self.fine.astype(np.int64)
+        # unique keys: a fancy-indexed += adds once per index, so duplicates must be merged first
+        keys, counts = np.unique((x[:, 0].astype(np.int64) * 256 + x[:, 1]) * 256 + x[:, 2], return_counts=True)
+        self.fine[keys] += counts.astype(self.fine.dtype)
         self.images += len(images)
+        self.found.clear()
         return self
 
     def _bin_colour(self, k: int) -> np.ndarray:
@@ -62,30 +70,28 @@ class DomainStats:
         return self._bin_colour(int(self.bin_counts.argmax()))
 
     def best_constant(self, tolerance: int = TOLERANCE) -> np.ndarray:
-        """uint8 [3]: the constant colour that scores the best pixel accuracy on the counted pixels
-        (the most pixels with every channel within `tolerance` of it), searched on a grid of FINE
-        values a cell. It can beat the most frequent colour by far: with a map's land (242, 239,
-        233) and white roads (255, 255, 255), a colour between them is right on both. The most
-        frequent colour where it is as good (a flat image: that colour exactly)."""
+        """uint8 [3]: the constant colour that scores the best pixel accuracy on the counted pixels:
+        the most pixels with every channel within `tolerance` of it (inclusive), counted exactly.
+        It can beat the most frequent colour by far: with a map's land (242, 239, 233) and white
+        roads (255, 255, 255), a colour between them is right on both. The most frequent colour
+        where it is as good (a flat image: that colour exactly); else, of the best, one as near
+        it as the pixels it hits allow. Statistics read back from baselines.json hold the answer
+        at the tolerance it was searched at only: ValueError at any other."""
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, np.integer)) or tolerance < 0:
+            raise ValueError(f"tolerance {tolerance!r}: expected an int >= 0 (per channel, inclusive)")
+        tolerance = int(tolerance)
         if self.fine is None:
             if self.constant is None:
                 raise ValueError("no pixels counted for this domain")
-            if tolerance // FINE != self.constant_tolerance // FINE:  # another search's answer
+            if tolerance != self.constant_tolerance:  # another search's answer
                 raise ValueError(f"these baseline statistics hold the best constant colour at tolerance "
                                  f"{self.constant_tolerance} only, not at {tolerance}: estimate them again "
                                  "from the training images (evaluate: --shards OUT)")
             return self.constant
-        n, r = 256 // FINE, tolerance // FINE
-        held = self.fine.reshape(n, n, n)
-        for axis in range(3):  # pixels within r cells along each axis in turn: the box around each cell
-            c = np.cumsum(np.pad(held, [(r + 1, r) if a == axis else (0, 0) for a in range(3)]), axis=axis)
-            held = np.take(c, range(2 * r + 1, n + 2 * r + 1), axis=axis) - np.take(c, range(n), axis=axis)
-        mode = self.mode_colour()
-        if held[tuple(mode.astype(int) // FINE)] == held.max():
-            return mode
-        best = np.argwhere(held == held.max())
-        cell = best[np.abs(best * FINE - mode.astype(int)).sum(axis=1).argmin()]  # the nearest to the mode
-        return np.minimum(cell * FINE + FINE // 2, 255).astype(np.uint8)
+        if tolerance not in self.found:
+            self.found[tolerance] = _best_constant(self.fine.reshape(256, 256, 256), self.hist,
+                                                   self.mode_colour(), min(tolerance, 255))
+        return self.found[tolerance].copy()
 
     def palette(self, min_share: float = 0.002, most: int = 32) -> tuple[np.ndarray, float]:
         """The domain's flat colours: the mean colours of the colour bins holding at least
@@ -112,21 +118,178 @@ def check_images(images) -> np.ndarray:
     return x
 
 
+# ---------------------------------------------------------------------------------------------
+# The best constant colour, exactly
+
+
+def _best_constant(grid: np.ndarray, hist: np.ndarray, mode: np.ndarray, t: int) -> np.ndarray:
+    """The colour hitting the most pixels of `grid` (exact counts [256, 256, 256]) within `t`.
+
+    Some best colour has, in every channel, the value t below the largest value among the pixels
+    it hits (or 0): moving a best colour there keeps every pixel it hits. So only the lattice of
+    (present value - t) per channel is searched, with exact box sums, instead of all 256**3."""
+    counts, lattice = _box_counts(grid, [np.flatnonzero(hist[c]) for c in range(3)], t)
+    top = counts.max()
+    if grid[_box(mode, t)].sum(dtype=np.int64) >= top:  # the documented preference: the mode where it is as good
+        return mode.copy()
+    best = np.argwhere(counts == top)
+    colours = np.stack([lattice[c][best[:, c]] for c in range(3)], axis=1)
+    colour = colours[np.abs(colours - mode.astype(np.int64)).sum(axis=1).argmin()]
+    return _towards(grid, colour, mode, t)
+
+
+def _box_counts(grid: np.ndarray, present: list[np.ndarray], t: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pixels within t of each lattice colour, the lattice's values per channel): box sums by a
+    cumulative sum along each channel over the values present, read at each lattice value's reach."""
+    total = int(grid.sum(dtype=np.int64))
+    h = grid[np.ix_(*present)].astype(np.int32 if total < 2 ** 31 else np.int64)
+    lattice = []
+    for axis, v in enumerate(present):
+        cand = np.unique(np.clip(v - t, 0, 255))
+        last = np.searchsorted(v, cand + t, side="right") - 1  # the last present value within reach (>= 0)
+        before = np.searchsorted(v, cand - t, side="left") - 1  # the last one below reach (-1: none)
+        np.cumsum(h, axis=axis, out=h)
+        box = np.take(h, last, axis=axis)
+        below = np.take(h, np.maximum(before, 0), axis=axis)
+        np.moveaxis(below, axis, 0)[before < 0] = 0
+        box -= below
+        h = box
+        lattice.append(cand)
+    return h, lattice
+
+
+def _box(colour: np.ndarray, t: int) -> tuple[slice, ...]:
+    return tuple(slice(max(int(a) - t, 0), int(a) + t + 1) for a in colour)
+
+
+def _towards(grid: np.ndarray, colour: np.ndarray, mode: np.ndarray, t: int) -> np.ndarray:
+    """`colour` moved as near `mode` as it goes while still hitting every pixel it hits (so it
+    scores at least as well): per channel, within t of both the lowest and highest value hit."""
+    box = _box(colour, t)
+    held = grid[box] > 0
+    lo, hi = np.empty(3, np.int64), np.empty(3, np.int64)
+    for axis in range(3):
+        occupied = np.flatnonzero(held.any(axis=tuple(a for a in range(3) if a != axis))) + box[axis].start
+        lo[axis], hi[axis] = occupied[0], occupied[-1]
+    return np.clip(mode.astype(np.int64), np.maximum(hi - t, 0), np.minimum(lo + t, 255)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# From shards
+
+
 def stats_from_shards(shards_a, shards_b=None, image_size: int = 64, max_images: int = 1000,
                       seed: int = 0) -> dict[str, DomainStats]:
-    """Per-domain statistics of up to `max_images` training images per domain, read from shards the
-    way training reads them (shortest side resized to `image_size`, centre crop, no flips)."""
-    from pipeline.loader import UnpairedLoader
+    """Per-domain statistics of up to `max_images` training images per domain, each image at most
+    once, spread as evenly over the domain's shards as their sizes allow (even_quotas), read as
+    training reads them but without randomness (shortest side resized to `image_size`, centre
+    crop, no flips). Shards as the loader takes them (pipeline.loader.resolve_shards); shards
+    named by a pattern or list, with no index.json to give their sizes, are opened once more to
+    count their images (a remote one is fetched twice). Unreadable shards and images are skipped,
+    counted in a warning; ValueError when a domain has none. Until review 6 they came from the
+    training loader's stream: whole shards drawn with replacement, so 1000 images could all be
+    one shard's, or the same images twice."""
+    from pipeline.loader import resolve_shards
 
+    if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1:
+        raise ValueError(f"max_images {max_images!r}: expected an int >= 1")
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size {image_size!r}: expected an int >= 1")
     shards_b = shards_a if shards_b is None else shards_b
-    batch = 50
-    loader = UnpairedLoader(shards_a, shards_b, batch_size=batch, image_size=image_size, seed=seed,
-                            num_workers=0, augment={"train": False, "flip": False}, rank=0, world_size=1)
-    out = {"a": DomainStats.empty(), "b": DomainStats.empty()}
-    it = iter(loader)
-    for _ in range(max(1, -(-max_images // batch))):
-        b = next(it)
-        for d in ("a", "b"):
-            x = b[d].permute(0, 2, 3, 1).numpy()  # the loader's uint8 NCHW -> NHWC
-            out[d].add(x)
+    listed = {"a": resolve_shards(shards_a, "a"), "b": resolve_shards(shards_b, "b")}  # both checked first
+    return {d: _domain_stats(shards, d, int(image_size), int(max_images), seed) for d, shards in listed.items()}
+
+
+def even_quotas(counts, total: int, rng: np.random.Generator) -> list[int]:
+    """How many images to take from each shard: min(its count, L) for the largest level L the
+    total allows, and what remains one each to shards with images to spare, chosen by `rng`.
+    The quotas sum to min(total, sum(counts)): every shard weighs alike, however many it holds."""
+    counts = np.asarray(counts, np.int64)
+    total = min(int(total), int(counts.sum()))
+    lo, hi = 0, int(counts.max(initial=0))
+    while lo < hi:  # the largest L with sum(min(counts, L)) <= total
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(counts, mid).sum() <= total else (lo, mid - 1)
+    quotas = np.minimum(counts, lo)
+    spare = np.flatnonzero(counts > lo)
+    quotas[rng.choice(spare, total - int(quotas.sum()), replace=False)] += 1
+    return quotas.tolist()
+
+
+def _domain_stats(shards, domain: str, image_size: int, max_images: int, seed) -> DomainStats:
+    """One domain's statistics (stats_from_shards): shards read in their listed order, each one's
+    quota drawn without replacement; a shard that gives less passes the rest on to the next."""
+    from pipeline.augment import AugmentConfig, Augmenter
+    from pipeline.layout import DOMAINS
+    from pipeline.loader import Counters, ShardError, ShardReader
+    from pipeline.storage import redact
+
+    rng = np.random.default_rng([int(seed), DOMAINS.index(domain) + 1])
+    reader, counters = ShardReader(verify=False, cache=None), Counters()
+    augmenter = Augmenter(AugmentConfig(train=False, flip=False), image_size)  # the loader's resize and crop
+    counts = [s.nsamples if s.nsamples is not None else _count(reader, s, counters) for s in shards]
+    out, batch, owed = DomainStats.empty(), [], 0
+    for shard, quota, count in zip(shards, even_quotas(counts, max_images, rng), counts):
+        want = min(quota + owed, count)
+        if not want:
+            continue
+        try:
+            f, index = reader.open(shard, counters)
+        except ShardError as e:
+            counters.skip(e.reason, shard.url, str(e))
+            owed = quota + owed
+            continue
+        with f:
+            if index.truncated:
+                counters.skip("truncated_shard", shard.url, "truncated tar; using the complete samples")
+            got = 0
+            for i in rng.permutation(len(index.samples)).tolist():
+                if got == want:
+                    break
+                img = _decode(f, index.samples[i], shard.url, augmenter, counters)
+                if img is not None:
+                    batch.append(img)
+                    got += 1
+                if len(batch) == STATS_BATCH:
+                    out.add(np.stack(batch))
+                    batch = []
+        owed = quota + owed - got
+    if batch:
+        out.add(np.stack(batch))
+    if counters.skipped:
+        log.warning("colour statistics of domain %r: skipped %s", domain, dict(counters.skipped))
+    if not out.images:
+        raise ValueError(f"domain {domain!r}: no readable image in {len(shards)} shards "
+                         f"(first: {redact(shards[0].url)}); see the warnings")
     return out
+
+
+def _count(reader, shard, counters) -> int:
+    """The images in a shard whose index.json entry does not say (0 when unreadable)."""
+    from pipeline.loader import ShardError
+
+    try:
+        f, index = reader.open(shard, counters)
+    except ShardError as e:
+        counters.skip(e.reason, shard.url, str(e))
+        return 0
+    f.close()
+    return len(index.samples)
+
+
+def _decode(f, sample, url: str, augmenter, counters) -> np.ndarray | None:
+    """One sample decoded, resized and centre-cropped, RGB; None (counted) when it cannot be."""
+    from pipeline.augment import TooManyPixels
+
+    key, offset, size = sample
+    try:
+        f.seek(offset)
+        img = augmenter(f.read(size), (0.5, 0.5, 1.0), 0)  # no randomness: train=False
+    except TooManyPixels as e:  # a decompression bomb: nothing was decoded
+        counters.skip("too_many_pixels", url, f"{key}: {e}")
+        return None
+    except Exception as e:  # a bad image is counted and skipped, as the loader does
+        counters.skip("corrupt_sample", url, f"{key}: {type(e).__name__}: {e}")
+        return None
+    counters.samples += 1
+    return np.ascontiguousarray(img[..., ::-1] if augmenter.bgr else img)

@@ -203,8 +203,8 @@ def test_trains_at_each_zero_stage(background, stage):
     from pipeline.demo import LAND, MAP_COLOURS
     stats = baselines.load(run_dir / "export" / "baselines.json")
     assert set(stats) == {"a", "b"}
-    for s in stats.values():  # eval.baseline_images=100 images of 32x32 per domain
-        assert s.images == 100 and (s.hist.sum(axis=1) == 100 * 32 * 32).all()
+    for s in stats.values():  # eval.baseline_images=100, but the corpus holds 48 images of 32x32 a domain: each once
+        assert s.images == 48 and (s.hist.sum(axis=1) == 48 * 32 * 32).all()
     assert tuple(stats["b"].mode_colour()) == MAP_COLOURS[LAND]  # the map's land colour, exactly (PNG)
     # The summary table: the model and the three baselines per direction, and the verdict.
     rows = {tuple(ln.split()[:2]) for ln in r.stdout.splitlines() if ln.startswith(("a2b ", "b2a "))}

@@ -2,10 +2,11 @@
 
     identity    the input as output
     constant    every pixel the best constant colour of the target domain: the one that scores
-                the best pixel accuracy on its training images (DomainStats.best_constant; the
-                most frequent colour, the bin's mean, where that is as good, so a flat palette
-                colour is hit exactly). Until 6 December this was the most frequent colour (colour
-                bins 8 values wide), which a colour between a map's land and its white roads beats
+                the best pixel accuracy on its training images, hits counted exactly at the
+                evaluation's tolerance (DomainStats.best_constant; the most frequent colour, the
+                bin's mean, where that is as good, so a flat palette colour is hit exactly). Until
+                6 December this was the most frequent colour (colour bins 8 values wide), which a
+                colour between a map's land and its white roads beats
     histmatch   per-channel histogram matching: source-domain CDF -> target-domain CDF
 
 A translator that loses to one of these has learnt less than a one-line rule, whatever its
@@ -40,11 +41,12 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 def check_tolerance(stats: dict[str, DomainStats], tolerance: int) -> None:
-    """ValueError now where statistics read back from baselines.json cannot give the best constant
-    at `tolerance` (DomainStats.best_constant); freshly counted ones always can."""
+    """ValueError now, before any translating, where the best constant at `tolerance` cannot be
+    had: statistics read back from baselines.json hold it at exactly the tolerance it was searched
+    at (17 is not 16), and a tolerance must be an int >= 0. Freshly counted statistics are searched
+    here at exactly `tolerance` (DomainStats.best_constant keeps the answer for `translators`)."""
     for s in stats.values():
-        if s.fine is None:
-            s.best_constant(tolerance)
+        s.best_constant(tolerance)
 
 
 def translators(stats: dict[str, DomainStats], tolerance: int = TOLERANCE) -> dict[str, callable]:
