@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -25,6 +26,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 class ConfigError(ValueError):
     """A bad config: the message names the key, the value and what is allowed."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-3 (no decimal point) and 1.0e5 (no exponent sign) as numbers.
+    PyYAML follows YAML 1.1, where both are strings: model.w_kl=1e-2 was refused as "not a number"
+    and data.augment.color_jitter=1e-1 reached the loader workers as the string '1e-1'."""
+
+
+YamlLoader.add_implicit_resolver(  # tried after the stock float and int patterns, which do not match these
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """A config file's or an override's YAML text, with YamlLoader (safe: no Python objects)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _kinds(annotation) -> set:
@@ -78,6 +96,9 @@ class DataSection(_Strict):
     def _augment(cls, v):
         if isinstance(v, dict):
             check_kinds("data.augment", AugmentConfig, v)
+        elif v is not None and not isinstance(v, AugmentConfig):  # from_any's TypeError would escape pydantic
+            raise ValueError("must be a mapping of augment settings ({resize: 72, flip: true, color_jitter: 0.1, "
+                             "...}) or null")
         return AugmentConfig.from_any(v)
     verify_shards: bool = Field(False, description="check each shard's sha256 against index.json when it is read: "
                                 "local files and cached copies once, remote bytes each time they are fetched; a "
@@ -112,6 +133,12 @@ class DataSection(_Strict):
     def _sources(self):
         if self.shards is None and (self.shards_a is None or self.shards_b is None):
             raise ValueError("set data.shards (an OUT directory of make shards) or both data.shards_a and data.shards_b")
+        if (self.test_a is None) != (self.test_b is None):
+            # half a split would mean no end-of-run evaluation, grids from training images and a gate
+            # that says "no paired test split" only after the whole run
+            given, missing = ("test_a", "test_b") if self.test_b is None else ("test_b", "test_a")
+            raise ValueError(f"data.{given} = {getattr(self, given)!r} without data.{missing}: the paired test split "
+                             f"needs both folders (same file stems in each), or neither")
         return self
 
 
@@ -191,8 +218,9 @@ class EvalSection(_Strict):
                                                    "and direction (0: off)")
     fid_features: Optional[str] = Field(None, description="TorchScript feature extractor file for FID/KID "
                                                           "(uint8 NCHW -> [N, D]); unset: not computed")
-    baseline_images: int = Field(1000, ge=1, description="training images per domain the baselines "
-                                                         "(most frequent colour, histograms) are estimated from")
+    baseline_images: int = Field(1000, ge=1, description="at most this many training images per domain, each once, "
+                                 "spread evenly over the shards, that the baselines (best constant colour, "
+                                 "histograms) and palette: auto are estimated from")
 
 
 class TrackingSection(_Strict):
@@ -211,7 +239,8 @@ class RegistrySection(_Strict):
 
 class Config(_Strict):
     run_dir: str = Field("runs/default", description="checkpoints, samples, metrics, export")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds every random stream with (seed, rank, worker, step); numpy's "
+                      "generators take no negative seed")
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory")
     trust_resume_path: bool = Field(False, description="load `resume` from outside run_dir: DeepSpeed "
                                     "checkpoints are pickles, so only for checkpoints you trust")
@@ -260,6 +289,8 @@ class Config(_Strict):
         resize = self.data.augment.resize
         if resize is not None and resize < size:
             raise ValueError(f"data.augment.resize = {resize}: must be >= data.image_size ({size})")
+        if resize is not None:
+            check_scale(resize, size, n_down)
         self.model.image_size = size  # a dataclass field: set without re-running the validators
         try:  # the model's own check, which UNIT() would otherwise raise on every rank
             dis_scales_for(self.model, size)
@@ -267,6 +298,20 @@ class Config(_Strict):
             raise ValueError(f"data.image_size = {size}: {str(e).removeprefix('UNIT config: ')} (model section); "
                              "lower model.dis_layers or model.dis_min_size, or raise data.image_size") from None
         return self
+
+
+def check_scale(resize: int, size: int, n_down: int) -> None:
+    """data.scale() (here augment.resize) is the side that evaluation, the sample grids and the export
+    feed the generator whole: it must be a multiple of the generator's input multiple, 2**n_down
+    (UNITGenerator.input_multiple), or the generator paints a smaller image than it is given and the
+    export's image_size is refused by the ONNX export."""
+    m = 2 ** n_down
+    if resize % m == 0:
+        return
+    lower = resize // m * m  # >= image_size, itself a multiple of 4 * m
+    raise ValueError(f"data.augment.resize = {resize}: the scale evaluation, sample grids and the export use "
+                     f"(data.scale()) must be a multiple of {m} (2**model.n_down = 2**{n_down}, the generator's "
+                     f"input multiple) and >= data.image_size ({size}); nearest valid: {lower} or {lower + m}")
 
 
 def check_kinds(section: str, cls, values: dict) -> None:
@@ -300,12 +345,31 @@ def check_model_config(model: dict) -> None:
 # ---------------------------------------------------------------- loading
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """`key.path=value`, the value read as YAML (5 is a number, [0.5, 0.9] a list, an empty value null).
+    A value YAML cannot read, or one with a YAML comment (` #...`, which YAML would drop without a
+    word: run_dir=runs/exp #2 would train into runs/exp), is refused, naming the override and how to
+    quote it as a string."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    if raw == "":
+        return key.split("."), None
+    quote = f"quote the value to pass it as a string: {key}='{json.dumps(raw)}'"  # JSON strings are YAML
+    try:
+        # the scanner's tokens end where YAML stops reading: anything after them is a comment
+        tokens = [t for t in yaml.scan(raw, Loader=YamlLoader)
+                  if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+        value = load_yaml(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); {quote}") from None
+    dropped = raw[max((t.end_mark.index for t in tokens), default=0):].strip()
+    if dropped:
+        raise ConfigError(f"override {text!r}: YAML reads {dropped!r} as a comment and would drop it (the value "
+                          f"would be {value!r}); {quote}")
+    return key.split("."), value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -334,6 +398,9 @@ def _explain(err: ValidationError) -> str:
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "string_type" and value is not None:  # run_name=on, resume=no, experiment=1.10
+            msg += (f" (YAML read the value as {type(value).__name__} {value!r}; quote it to pass the text: "
+                    f"""{key}='"..."'""" + ")")
         lines.append(f"config key {key}{shown}: {msg}")
     return "\n".join(lines)
 
@@ -345,7 +412,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -368,6 +435,7 @@ def config_hash(cfg: Config) -> str:
 # so a run directory that was moved or copied resumes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.max_nonfinite", "train.threads", "train.compile", "resume",
+                     "train.stall_timeout_s", "train.sample_count",  # the watchdog and the grids: not the training
                      "trust_resume_path", "run_dir", "tracking", "eval", "init_from",
                      "train.realism",  # in checkpoints of runs from before the eval section: ignored
                      "registry", "data.num_workers", "data.cache_dir", "data.cache_bytes", "data.verify_shards", "deepspeed_config",
@@ -407,19 +475,20 @@ def _explicit(section, name: str) -> bool:
     return name in section.model_fields_set
 
 
-def _ds_basics(cfg: Config, ds: dict, conflicts: list[str]) -> None:
+def _ds_basics(cfg: Config, ds: dict, conflicts: list[str], world: int | None = None) -> None:
     """Micro-batch, accumulation, ZeRO stage and clipping."""
     if "train_micro_batch_size_per_gpu" in ds and ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size:
         conflicts.append(f"train_micro_batch_size_per_gpu: DeepSpeed JSON has {ds['train_micro_batch_size_per_gpu']!r}, "
                          f"YAML (data.batch_size) has {cfg.data.batch_size!r}")
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["steps_per_print"] = 10 ** 9
-    if "gradient_accumulation_steps" in ds:
-        ds.pop("train_batch_size", None)
-    elif "train_batch_size" in ds:  # with the YAML's accumulation added, DeepSpeed's batch assertion would fail
-        conflicts.append(f"train_batch_size: DeepSpeed JSON has {ds['train_batch_size']!r} without "
+    global_batch = ds.pop("train_batch_size", None)  # DeepSpeed derives it from the micro-batch and accumulation
+    if global_batch is not None and "gradient_accumulation_steps" not in ds:
+        # with the YAML's accumulation added, DeepSpeed's batch assertion would fail
+        conflicts.append(f"train_batch_size: DeepSpeed JSON has {global_batch!r} without "
                          "gradient_accumulation_steps; the global batch is data.batch_size x accumulation x ranks: "
                          "set gradient_accumulation_steps (or train.grad_accum_steps) instead")
+        global_batch = None
     for key, field, json_value, set_value in (
             ("gradient_accumulation_steps", "grad_accum_steps", ds.get("gradient_accumulation_steps"),
              lambda v: ds.__setitem__("gradient_accumulation_steps", v)),
@@ -429,6 +498,8 @@ def _ds_basics(cfg: Config, ds: dict, conflicts: list[str]) -> None:
         if json_value is not None and _explicit(cfg.train, field) and json_value != yaml_value:
             conflicts.append(f"{key}: DeepSpeed JSON has {json_value!r}, YAML train.{field} has {yaml_value!r}")
         set_value(yaml_value if json_value is None or _explicit(cfg.train, field) else json_value)
+    if global_batch is not None:
+        _ds_global_batch(global_batch, cfg.data.batch_size, ds["gradient_accumulation_steps"], world, conflicts)
     # DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise; the paper does not clip.
     clip = cfg.optim.grad_clip
     if clip is not None and "gradient_clipping" in ds and float(ds["gradient_clipping"]) != clip:
@@ -439,6 +510,21 @@ def _ds_basics(cfg: Config, ds: dict, conflicts: list[str]) -> None:
         conflicts.append(f"zero_optimization.stage: {stage!r}; UNIT's two-engine step is exact at stages 0, 1 and 2")
     if "max_grad_norm" in ds:
         conflicts.append("max_grad_norm: not a DeepSpeed key; use top-level gradient_clipping")
+
+
+def _ds_global_batch(global_batch: int, micro: int, accum: int, world: int | None, conflicts: list[str]) -> None:
+    """A DeepSpeed JSON's train_batch_size must be what the YAML makes of it: data.batch_size x
+    gradient accumulation x ranks. Before launch the number of ranks is unknown: it must at least be a
+    multiple of the per-rank batch; on the ranks (world known) it must match exactly."""
+    per_rank = micro * accum
+    made = f"data.batch_size ({micro}) x gradient_accumulation_steps ({accum}) x ranks"
+    if global_batch % per_rank:
+        conflicts.append(f"train_batch_size: DeepSpeed JSON has {global_batch!r}, the YAML's global batch is {made}, "
+                         f"a multiple of {per_rank}; leave train_batch_size out (DeepSpeed derives it)")
+    elif world is not None and global_batch != per_rank * world:
+        conflicts.append(f"train_batch_size: DeepSpeed JSON has {global_batch!r}, the YAML's global batch is {made} "
+                         f"= {per_rank * world} on these {world} rank(s); leave train_batch_size out (DeepSpeed "
+                         "derives it)")
 
 
 def _ds_optimizer(cfg: Config, ds: dict, lr: float, on_gpu: bool, conflicts: list[str]) -> None:
@@ -566,10 +652,14 @@ def _ds_precision(cfg: Config, ds: dict, on_gpu: bool, bf16_ok: bool, conflicts:
                             if resolved == "bf16" else {"enabled": False})
 
 
-def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool) -> dict:
-    """One engine's DeepSpeed config, generated from the YAML with the DeepSpeed JSON's additions."""
+def deepspeed_config(cfg: Config, ds_json: dict | None, *, lr: float, on_gpu: bool, bf16_ok: bool,
+                     world: int | None = None) -> dict:
+    """One engine's DeepSpeed config, generated from the YAML with the DeepSpeed JSON's additions.
+    `world`: the number of ranks, where known (a JSON's train_batch_size is then checked exactly)."""
+    if ds_json is not None:
+        check_ds_json(ds_json, "DeepSpeed JSON")
     ds, conflicts = copy.deepcopy(ds_json or {}), []
-    _ds_basics(cfg, ds, conflicts)
+    _ds_basics(cfg, ds, conflicts, world)
     _ds_optimizer(cfg, ds, lr, on_gpu, conflicts)
     _ds_scheduler(cfg, ds, conflicts)
     _ds_precision(cfg, ds, on_gpu, bf16_ok, conflicts)
@@ -585,9 +675,45 @@ def load_ds_json(path: str | None) -> dict | None:
     if not p.is_file():
         raise ConfigError(f"deepspeed_config {p} does not exist")
     try:
-        return json.loads(p.read_text())
+        ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed_config {p} is not valid JSON: {e}") from None
+    check_ds_json(ds, f"deepspeed_config {p}")
+    return ds
+
+
+# The DeepSpeed JSON's sections that the YAML's config is merged into, and its counts.
+DS_SECTIONS = ("zero_optimization", "fp16", "bf16", "torch_autocast", "optimizer", "scheduler")
+DS_COUNTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_ds_json(ds, source: str) -> None:
+    """The shape the merge relies on (an object whose sections are objects, counts that are integers),
+    refused naming the key, the value and what is allowed, before DeepSpeed (or the merge) fails on it."""
+    def bad(key: str, value, allowed: str):
+        raise ConfigError(f"{source}: {key} = {json.dumps(value)}: must be {allowed}")
+
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{source}: must hold a JSON object ({{\"zero_optimization\": {{\"stage\": 1}}, ...}}), "
+                          f"not {json.dumps(ds)[:80]}")
+    for key in DS_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            bad(key, ds[key], "an object (e.g. " + ('{"stage": 1}' if key == "zero_optimization" else
+                                                    '{"type": "Adam", "params": {}}' if key == "optimizer" else
+                                                    '{"type": "WarmupLR"}' if key == "scheduler" else
+                                                    '{"enabled": true}') + ")")
+    if not isinstance(ds.get("optimizer", {}).get("params", {}), dict):
+        bad("optimizer.params", ds["optimizer"]["params"], 'an object (e.g. {"lr": 0.0001})')
+    for key in DS_COUNTS:
+        v = ds.get(key)
+        if key in ds and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            bad(key, v, "an integer >= 1")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
+        bad("zero_optimization.stage", stage, "an integer: 0, 1 or 2")
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        bad("gradient_clipping", clip, "a number >= 0 (0: off)")
 
 
 # The DeepSpeed settings a resumed run must keep, whichever file supplies them: the ZeRO stage is the
@@ -720,8 +846,9 @@ def check_same_generator(saved: dict, model: UNITConfig) -> None:
         raise ValueError("its generator does not fit the model section (" + "; ".join(diff) + ")")
 
 
-def check(cfg: Config, ds_path: str | None = None) -> dict:
-    """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config."""
+def check(cfg: Config, ds_path: str | None = None, world: int | None = None) -> dict:
+    """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config.
+    `world`: the number of ranks where known (on the ranks), else None (before launch)."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
     resume_point(cfg, ds_path)
     for key in ("test_a", "test_b"):
@@ -736,7 +863,8 @@ def check(cfg: Config, ds_path: str | None = None) -> dict:
     from launch.training.palette import model_with_palettes
     model_with_palettes(cfg, say=lambda *a: None)  # a palette "auto" on a photographic domain fails here
     import torch
-    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=torch.cuda.is_available(), bf16_ok=native_bf16())
+    return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=torch.cuda.is_available(), bf16_ok=native_bf16(),
+                            world=world)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -747,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="YAML config")
     ap.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON to check against the YAML")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides on both sides of --deepspeed_config
     try:
         cfg = load_config(args.config, args.overrides)
         check(cfg, args.deepspeed_config)

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                     help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides on both sides of the flags
 
 
 def resolve(args) -> tuple[Config, dict | None]:
@@ -44,8 +44,19 @@ def resolve(args) -> tuple[Config, dict | None]:
     if args.deepspeed_config is not None:
         overrides.append(f"deepspeed_config={args.deepspeed_config}")
     cfg = load_config(args.config, overrides)
-    check(cfg)
+    check(cfg, world=launched_world())
     return cfg, load_ds_json(cfg.deepspeed_config)
+
+
+def launched_world() -> int | None:
+    """The number of ranks, as the launcher (deepspeed, torchrun, infra/launch/mpi_rank.sh) told this
+    rank in WORLD_SIZE; None when not launched by one (a DeepSpeed JSON's train_batch_size is then only
+    checked to be a multiple of the per-rank batch)."""
+    try:
+        world = int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    return world if world >= 1 else None
 
 
 def print_summary(s: dict) -> None:

@@ -67,14 +67,28 @@ class AugmentConfig:
         return cfg
 
     def check(self) -> None:
-        if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1):
+        """Refuses a bad value (ValueError naming the key) and stores the two strengths as floats: a
+        number that arrives as text ('1e-1' from a YAML 1.1 reader) would pass a float() test here and
+        then fail in every loader worker's ColorJitter."""
+        if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
+                                        or self.resize < 1):
             raise ValueError(f"augment.resize: {self.resize!r} is not a positive int or null")
-        if self.interpolation not in _INTERPOLATIONS:
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"augment.interpolation: {self.interpolation!r} not in {sorted(_INTERPOLATIONS)}")
-        if not 0.0 <= float(self.color_jitter) <= 1.0:
-            raise ValueError(f"augment.color_jitter: {self.color_jitter!r} is not in [0, 1]")
-        if not 0.0 <= float(self.jitter_p) <= 1.0:
-            raise ValueError(f"augment.jitter_p: {self.jitter_p!r} is not in [0, 1]")
+        self.color_jitter = _fraction("color_jitter", self.color_jitter)
+        self.jitter_p = _fraction("jitter_p", self.jitter_p)
+
+
+def _fraction(name: str, value) -> float:
+    """augment.<name> as a float in [0, 1], or a ValueError naming it (not a TypeError: config
+    validation turns ValueErrors into messages)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ValueError(f"augment.{name}: {value!r} is not a number in [0, 1]")
+    return number
 
 
 def build_pipeline(cfg: AugmentConfig, image_size: int) -> A.Compose:

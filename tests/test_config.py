@@ -161,7 +161,7 @@ def test_cli_checks_deepspeed_json(tmp_path):
 @pytest.mark.parametrize("override, named, allowed", [
     ("train.max_steps=true", "train.max_steps = True", "must be an integer >= 1, not true/false"),
     ("train.ckpt_every=false", "train.ckpt_every = False", "must be an integer >= 1"),
-    ("seed=true", "seed = True", "must be an integer, not true/false"),
+    ("seed=true", "seed = True", "must be an integer >= 0, not true/false"),
     ("optim.lr_g=true", "optim.lr_g = True", "must be a number > 0"),
     ("train.ema_decay=true", "train.ema_decay = True", "must be a number >= 0.0 and < 1.0"),
     ("data.augment.resize=true", "data.augment.resize = True", "must be an integer, not true/false"),

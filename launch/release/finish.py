@@ -44,6 +44,10 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
               flush=True)
         return out
     if not cfg.tracking.enable:
+        if cfg.registry.enable:  # registry.enable defaults true: say why nothing was registered
+            print(f"note: the translator was not registered: tracking.enable is false (the registry is MLflow's); "
+                  f"the export is in {export_dir}; set tracking.enable true to register runs, or registry.enable "
+                  "false to drop this note", flush=True)
         return out
     # the config's URI, when it names one: tracking.json keeps it without a password it may carry
     uri = cfg.tracking.uri
