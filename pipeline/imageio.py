@@ -82,6 +82,17 @@ def check_size(path, width: int, height: int, *, max_pixels: int | None, min_sid
                                   f"{min_side}x{min_side} pixels")
 
 
+def upright_rgb(im):
+    """A decoded-on-demand PIL image as upright 8-bit RGB: EXIF orientation applied, then
+    pipeline.images.to_rgb, make shards' own conversion (16-bit keeps its top 8 bits, transparency
+    is composited over white), so a consumer sees the pixels training saw. Decodes the pixels."""
+    from PIL import ImageOps
+
+    from pipeline.images import to_rgb
+
+    return to_rgb(ImageOps.exif_transpose(im))
+
+
 def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 1,
              size: int | None = None) -> np.ndarray:
     """uint8 [H, W, 3] RGB, upright (EXIF orientation applied). With `size`, the shortest side is
@@ -100,7 +111,7 @@ def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
         with _open(path) as src:
             check_size(path, *_oriented_size(src), max_pixels=max_pixels, min_side=min_side)
             try:
-                im = ImageOps.exif_transpose(src).convert("RGB")  # decodes the pixels
+                im = upright_rgb(src)  # decodes the pixels
                 if size and im.size != (size, size):
                     im = ImageOps.fit(im, (size, size), method=Image.BICUBIC)  # no squashing
                 return np.asarray(im, dtype=np.uint8).copy()

@@ -82,8 +82,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode; alpha is composited over white."""
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit samples keep their top 8 bits, alpha (or a colour key) is
+    composited over white. Shared with every reader of images the model sees (pipeline.imageio,
+    the corpus translator), so a file reads the same in training, translation and evaluation."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(im)
@@ -101,7 +103,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg.paste(im.convert("RGBA"), mask=im.getchannel("A"))
         return bg
     if im.mode in ("L", "1", "RGB") and "transparency" in im.info:  # a tRNS colour key
-        return _to_rgb(im.convert("RGBA"))
+        return to_rgb(im.convert("RGBA"))
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
@@ -154,7 +156,7 @@ def check_image(data: bytes, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIX
         raise Rejected(f"unreadable: {type(e).__name__}: {e}") from None
     if keep and _orientation(im) == 1:  # a PNG's eXIf chunk may follow the pixels: check again
         return Checked(data, KEEP_AS_IS[fmt], w, h, converted=False)
-    rgb = _to_rgb(im)
+    rgb = to_rgb(im)
     turn = _UPRIGHT.get(_orientation(im))
     if turn is not None:  # stored upright; the re-encoded file carries no EXIF, so no tag
         rgb = rgb.transpose(turn)

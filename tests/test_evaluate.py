@@ -62,8 +62,13 @@ def test_pairs_by_stem(tmp_path):
         write(tmp_path / "y", f"s{i}.bmp", 255 - im)
     write(tmp_path / "x", "only-here.png", imgs[0])
     (tmp_path / "y" / "notes.txt").write_text("not an image")
-    stems, x, y = load_pairs(tmp_path / "x", tmp_path / "y")
+    rejected = []
+    stems, x, y = load_pairs(tmp_path / "x", tmp_path / "y", rejected=rejected)
     assert stems == ["s0", "s1", "s2"]
+    assert rejected == [f"{tmp_path / 'x' / 'only-here.png'}: no partner: no image with the stem 'only-here' "
+                        f"in {tmp_path / 'y'}"]  # named, not silently dropped
+    with pytest.raises(ValueError, match="only-here.png: no partner"):
+        load_pairs(tmp_path / "x", tmp_path / "y")
     assert np.array_equal(x, imgs) and np.array_equal(y, 255 - imgs)
     write(tmp_path / "z", "other.png", imgs[0])
     with pytest.raises(ValueError, match="no file stems in common"):

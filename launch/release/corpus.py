@@ -17,6 +17,7 @@ a2b, b for b2a), a brace pattern, or tar URLs. OUT is what `make shards` writes 
                              also holds "translation": {model, direction, source, ext, size}
     OUT/.records/b/b-000000.json   per-shard completion records (pipeline.records)
     OUT/.unit-translate.json marks OUT as written by this command (another non-empty OUT is refused)
+                             and holds the job's model ("model": the identity above, an alias pinned)
 
 Resuming: a shard is written under a temporary name and renamed into place
 (pipeline.shardwriter.write_tar), then its completion record is written. A rerun skips every
@@ -31,8 +32,17 @@ WORLD_SIZE, on cuda:LOCAL_RANK when there is a GPU. Rank 0 then waits for every 
 (its progress bar counts every rank's images) and finalises under OUT/.lock: files of an older,
 longer job are removed, then manifest.parquet, quarantine.parquet and index.json (last) are
 written. A job whose rank 0 was killed is finished by any rerun, on any number of ranks.
-Finalising is make shards' own: a translation byte-identical to an earlier one is removed from
-its shard and quarantined as "duplicate of <key>".
+Finalising is make shards' own, except that outputs are never deduplicated: translations that are
+byte-identical (a constant translator, say) all keep their keys.
+
+One model per job: a registry alias (models:/name@alias) is resolved once per OUT. The first rank
+to start records the version it resolved in OUT/.unit-translate.json (under OUT/.lock); every
+other rank, and a rerun finishing the job, translates with that version (loading
+models:/name/<version>) even if the alias has moved since, and says so on stderr. Once index.json
+names that version the job is complete, and the next run resolves the alias anew. Each shard's
+record names its model: rank 0 stops with exit status 2, naming both models, when another rank
+writes a shard with another one (different --model values, or an export changed between the
+ranks' starts) instead of waiting for a record it would never accept.
 
 Samples that cannot be used (no image, a key too long for a tar member or unsafe as one: absolute,
 with a `..` component, a backslash or a control character; a damaged image, above
@@ -65,7 +75,7 @@ from launch.release.translate import WINDOW_MB, Limits, encode_image, translate_
 from pipeline import storage
 from pipeline.atomic import TEMP_NAME, write_json
 from pipeline.hashing import sha256_bytes, sha256_json
-from pipeline.imageio import ImageRejected, check_size
+from pipeline.imageio import ImageRejected, check_size, upright_rgb
 from pipeline.index import Totals, finalize
 from pipeline.layout import (DOMAINS, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, MANIFEST_NAME, QUARANTINE_NAME,
                              RECORDS_DIR, LockedError, ShardsError, record_path, remove_temps, shard_name)
@@ -174,7 +184,7 @@ def check_out(job: CorpusJob) -> None:
     if storage.scheme(out) is not None:
         raise ValueError(f"--out {out}: corpus mode writes to a local folder")
     if os.path.isdir(out):
-        names = sorted(n for n in os.listdir(out) if not TEMP_NAME.match(n))
+        names = sorted(n for n in os.listdir(out) if not TEMP_NAME.match(n) and n != LOCK_NAME)
         if names and MARKER not in names:
             raise ValueError(f"--out {out}: not empty and not written by launch.release.translate (it holds "
                              f"{', '.join(names[:5])}); choose a new or empty folder")
@@ -187,10 +197,66 @@ def check_out(job: CorpusJob) -> None:
                              "choose an output folder outside the input")
 
 
-def mark_out(job: CorpusJob) -> None:
-    """Create OUT (when needed) and mark it as a translation output; every rank does this before
-    writing anything, so another rank's first files never make OUT look foreign to check_out."""
-    write_json(os.path.join(job.out, MARKER), {"format": 1, "written_by": "launch.release.translate"})
+class ModelMismatch(ShardsError):
+    """Ranks of one job translate with different models: nothing is finalised."""
+
+    exit_status = 2
+
+
+def is_alias(spec: str) -> bool:
+    return spec.startswith("models:/") and "@" in spec
+
+
+def mark_out(job: CorpusJob) -> dict:
+    """Create OUT (when needed), mark it as a translation output and return the model this job
+    translates with: job.model, or for an alias the version the job's first rank pinned (see the
+    module's docstring). Every rank does this before writing anything, so another rank's first
+    files never make OUT look foreign to check_out."""
+    os.makedirs(job.out, exist_ok=True)
+    path = os.path.join(job.out, MARKER)
+
+    def pin() -> dict:
+        try:
+            with open(path, encoding="utf-8") as f:
+                pinned = json.load(f).get("model")
+        except (OSError, ValueError, AttributeError):  # none yet, or an older marker without a model
+            pinned = None
+        if (not is_alias(job.model_spec) or not isinstance(pinned, dict) or pinned.get("uri") != job.model_spec
+                or finished_with(job.out, pinned)):
+            pinned = job.model  # a new job (or no alias): this rank's model is the job's
+            write_json(path, {"format": 1, "written_by": "launch.release.translate", "model": pinned})
+        return pinned
+
+    return _locked(job, "launch.release.translate (starting)", pin)
+
+
+def finished_with(out: str, model: dict) -> bool:
+    """Whether OUT's index.json says its job with `model` is complete."""
+    try:
+        with open(os.path.join(out, INDEX_NAME), encoding="utf-8") as f:
+            return json.load(f)["translation"]["model"] == model
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _locked(job: CorpusJob, what: str, fn: Callable):
+    """fn() under OUT/.lock, waiting for another holder at most LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            with writer_lock(os.path.join(job.out, LOCK_NAME), what):
+                return fn()
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def shown_model(model: dict) -> str:
+    """A model identity in a message: models:/name/version, or the export folder."""
+    where = (f"models:/{model['name']}/{model['version']}" if model.get("version") else
+             model.get("export") or model.get("uri", "?"))
+    return f"{where} (weights sha256 {str(model.get('weights_sha256', '?'))[:12]})"
 
 
 def model_identity(spec: str, info: dict, meta: dict | None) -> dict:
@@ -307,7 +373,7 @@ def decode_rgb(data: bytes, name: str, limits: Limits, size: int | None = None) 
         with im:
             check_size(name, *im.size, max_pixels=limits.max_pixels, min_side=1 if size else limits.min_side)
             try:
-                rgb = ImageOps.exif_transpose(im).convert("RGB")
+                rgb = upright_rgb(im)  # make shards' conversion: 16-bit, alpha
                 if size and rgb.size != (size, size):
                     rgb = ImageOps.fit(rgb, (size, size), method=Image.BICUBIC)
                 return np.asarray(rgb, dtype=np.uint8).copy()
@@ -355,7 +421,7 @@ def write_translated_shard(job: CorpusJob, number: int, fingerprint: str, tick: 
               "fingerprint": fingerprint, "limits": dataclasses.asdict(job.limits), "inputs": found.inputs,
               "digests": [], "nsamples": len(found.samples), "bytes": nbytes, "sha256": sha,
               "samples": found.samples, "rejected": found.rejected, "duplicates": [],
-              "source_shard": storage.redact(shard.url), "seconds": round(time.time() - t0, 3)}
+              "source_shard": storage.redact(shard.url), "model": job.model, "seconds": round(time.time() - t0, 3)}
     save_record(job.out, record)
     return record
 
@@ -454,6 +520,7 @@ class RankWork:
     counted: set = field(default_factory=set)  # shards whose images the progress bar has counted
     seen: dict = field(default_factory=dict)  # record path -> mtime when rank 0 last read it
     index_dropped: bool = False
+    started_ns: int = field(default_factory=time.time_ns)  # records written since: this job's
 
 
 def write_mine(job: CorpusJob, fps: list[str], bar) -> RankWork:
@@ -494,6 +561,13 @@ def poll_others(job: CorpusJob, fps: list[str], bar, work: RankWork) -> None:
         if record_is_current(job.out, rec, fps[i]):
             work.counted.add(i)
             bar.update(len(rec["inputs"]))
+        elif rec and mtime >= work.started_ns and isinstance(rec.get("model"), dict) and rec["model"] != job.model:
+            # Written during this job by a rank with another model: it will never be current.
+            raise ModelMismatch(
+                f"{path}: shard {i} was written by another rank with {shown_model(rec['model'])}, but rank 0 "
+                f"translates with {shown_model(job.model)}: the ranks do not share one model (another --model, "
+                "or an export changed between their starts); nothing is finalised. Run every rank with the same "
+                "--model (models:/<name>/<version> names one version)")
 
 
 def wait_for_all(job: CorpusJob, fps: list[str], bar, work: RankWork, poll_s: float = 0.5) -> None:
@@ -530,17 +604,12 @@ def remove_stale(job: CorpusJob) -> None:
 def finish(job: CorpusJob) -> Totals:
     """Rank 0, once every shard is complete: index.json, manifest.parquet and quarantine.parquet
     (pipeline.index.finalize), under OUT/.lock (waiting for another finaliser, at most LOCK_WAIT_S)."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            with writer_lock(os.path.join(job.out, LOCK_NAME), "launch.release.translate (finalising)"):
-                remove_stale(job)
-                return finalize(job.out, {job.target: list(range(len(job.shards)))}, job.out,
-                                {"translation": job.describe()}, dedupe=False)  # keep every key
-        except LockedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    def final() -> Totals:
+        remove_stale(job)
+        return finalize(job.out, {job.target: list(range(len(job.shards)))}, job.out,
+                        {"translation": job.describe()}, dedupe=False)  # keep every key
+
+    return _locked(job, "launch.release.translate (finalising)", final)
 
 
 def run_corpus(job: CorpusJob) -> tuple[int, str]:
@@ -599,11 +668,35 @@ def main(a) -> int:
     check_out(job)  # before loading the model: fail fast
     job.fn, meta, info, job.limits = load(a)
     job.model = model_identity(a.model, info, meta)
-    mark_out(job)
     try:
+        pinned = mark_out(job)
+        if pinned != job.model:
+            load_pinned(job, a, pinned)
         code, text = run_corpus(job)
     except ShardsError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_status
     print(text, flush=True)
     return code
+
+
+def load_pinned(job: CorpusJob, a, pinned: dict) -> None:
+    """Load the version of job.model_spec (an alias) that the job's first rank pinned."""
+    from launch.release.translate import load
+
+    if not pinned.get("name") or not pinned.get("version"):
+        raise ModelMismatch(f"{os.path.join(job.out, MARKER)}: names no registered version for {job.model_spec}")
+    version = f"models:/{pinned['name']}/{pinned['version']}"
+    print(f"note: {job.model_spec} names version {job.model.get('version')} now; this job in {job.out} was "
+          f"started with version {pinned['version']} and is finished with it ({version}). For the newer version, "
+          "translate into another --out.", file=sys.stderr, flush=True)
+    job.fn, meta, info, job.limits = load(argparse_copy(a, model=version))
+    job.model = model_identity(job.model_spec, info, meta)
+    if job.model != pinned:
+        raise ModelMismatch(f"{version}: its weights are not those this job in {job.out} was started with "
+                            f"({shown_model(job.model)}, not {shown_model(pinned)}); translate into another --out")
+
+
+def argparse_copy(a, **changes):
+    """The parsed arguments with `changes` (a Namespace is a plain attribute bag)."""
+    return type(a)(**{**vars(a), **changes})

@@ -12,7 +12,10 @@ the best constant colour of the target domain, per-channel histogram matching; e
 training shards, never from the test truth), and the table says whether the model beats the strongest.
 C2ST (launch/release/c2st.py) and FID/KID (launch/release/fid.py, with a feature extractor file) compare the
 translations with real target-domain images as distributions.
-Test and truth images are paired by file stem (`0001.jpg` pairs with `0001.png`).
+Test and truth images are paired by file stem (`0001.jpg` pairs with `0001.png`); a file with no
+partner is left out and named, as an unusable image is, and the exit status is 3. Images with a side
+below the model's minimum (launch.release.export.min_input_side) are skipped and named; a --size
+below it is refused before anything is translated.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ from pipeline.storage import redact, redact_text, redact_uncaught
 
 THRESHOLD = TOLERANCE  # pixel accuracy: every channel within 16 of the truth
 GATE_METRIC = "test/pixel_acc_a2b"
-MIN_SIDE = 5  # smallest side the default networks take unresized (launch.release.export.min_input_side)
+MIN_SIDE = 5  # smallest side of the default networks (n_down 2): load_folder's default without a model
+UNPAIRED = "no partner"  # the reason given for a test or truth file whose stem the other folder lacks
+NAMED = 5  # unpaired files named on stderr per folder, then a count
 
 
 def pixel_correct(pred, truth, threshold: int = THRESHOLD) -> np.ndarray:
@@ -64,25 +69,56 @@ def mae(pred, truth) -> float:
 # Test folders
 
 
-def load_folder(dir, size: int | None = None, rejected: list | None = None) -> tuple[list[str], np.ndarray]:
-    """pipeline.imageio.load_folder with the networks' smallest input side."""
-    return imageio.load_folder(dir, size, rejected, min_side=MIN_SIDE)
+def load_folder(dir, size: int | None = None, rejected: list | None = None,
+                min_side: int = MIN_SIDE) -> tuple[list[str], np.ndarray]:
+    """pipeline.imageio.load_folder with the network's smallest input side (model_min_side)."""
+    return imageio.load_folder(dir, size, rejected, min_side=min_side)
 
 
-def load_pairs(test_dir, truth_dir, size: int | None = None,
-               rejected: list | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Test and truth images paired by stem: (stems, test [N,H,W,3], truth [N,H,W,3])."""
-    s_test, x = load_folder(test_dir, size, rejected)
-    s_truth, y = load_folder(truth_dir, size, rejected)
+def load_pairs(test_dir, truth_dir, size: int | None = None, rejected: list | None = None,
+               min_side: int = MIN_SIDE) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Test and truth images paired by stem: (stems, test [N,H,W,3], truth [N,H,W,3]).
+
+    A usable file whose stem the other folder lacks is left out and appended to `rejected` as
+    "PATH: no partner: ..." (without a list: ValueError), as unusable files are."""
+    found = rejected if rejected is not None else []
+    s_test, x = load_folder(test_dir, size, found, min_side)
+    s_truth, y = load_folder(truth_dir, size, found, min_side)
     common = sorted(set(s_test) & set(s_truth))
     if not common:
         raise ValueError(f"{test_dir} and {truth_dir}: no file stems in common, nothing to pair")
+    found += unpaired(test_dir, truth_dir, found) + unpaired(truth_dir, test_dir, found)
+    if found and rejected is None:
+        raise ValueError(f"{found[0]} ({len(found)} file(s) of the test split cannot be scored)")
     it, iy = {s: i for i, s in enumerate(s_test)}, {s: i for i, s in enumerate(s_truth)}
     x, y = x[[it[s] for s in common]], y[[iy[s] for s in common]]
     if x.shape != y.shape:
         raise ValueError(f"{test_dir} {list(x.shape[1:])} and {truth_dir} {list(y.shape[1:])}: "
                          "test and truth images differ in size; pass --size N")
     return common, x, y
+
+
+def unpaired(folder, other, rejected: list) -> list[str]:
+    """"PATH: no partner: ..." for each image in `folder` whose stem no image in `other` has (the
+    files already `rejected` as unusable are named once, for that)."""
+    stems = {p.stem for p in image_files(other)}
+    return [f"{p}: {UNPAIRED}: no image with the stem {p.stem!r} in {other}" for p in image_files(folder)
+            if p.stem not in stems and not any(r.startswith(f"{p}: ") for r in rejected)]
+
+
+def model_min_side(model) -> int:
+    """The smallest image side `model` translates: our pyfunc model's own; for a generator module
+    (whose config is not at hand) the strictest of its n_down (reflection padding, instance norm);
+    for any other function MIN_SIDE, the default networks'."""
+    from launch.release.export import min_input_side
+
+    network = _our_pyfunc(model)
+    if network is not None:
+        return int(network.min_side)
+    multiple = getattr(model, "input_multiple", None)
+    if isinstance(multiple, int) and multiple >= 1:
+        return min_input_side({"n_down": multiple.bit_length() - 1, "pad_type": "reflect", "norm": "in"})
+    return MIN_SIDE
 
 
 def split_digest(pairs: dict, size: int | None, threshold: int) -> str:
@@ -112,17 +148,45 @@ class EvalOptions:
     threshold: int = THRESHOLD        # pixel accuracy tolerance per channel
 
 
-def as_translate_fn(model):
-    """A function (uint8 NHWC, direction) -> uint8 NHWC from a generator module or a pyfunc model."""
-    if hasattr(model, "translate") and hasattr(model, "parameters"):
+def as_translate_fn(model, batch_size: int = 16):
+    """A function (uint8 NHWC, direction) -> uint8 NHWC from a generator module or a pyfunc model,
+    in batches of `batch_size`. Our own pyfunc model's network is run directly, as an export's is,
+    so both give the same translation; the caller tiles (translate's --tile) or not (evaluation)."""
+    network = _our_pyfunc(model)
+    gen = network.gen if network is not None else model
+    if hasattr(gen, "translate") and hasattr(gen, "parameters"):
         from launch.release.export import translate_uint8
 
-        return lambda imgs, direction: translate_uint8(model, imgs, direction)  # the model's own multiple
+        return lambda imgs, direction: translate_uint8(gen, imgs, direction, batch_size=batch_size)
     if hasattr(model, "predict"):
-        return lambda imgs, direction: np.asarray(model.predict(imgs, params={"direction": direction}))
+        wanted = {"batch_size": batch_size, "tile": 0}  # never tiled again: the caller decided
+        declared = _declared_params(model)
+        extra = {k: v for k, v in wanted.items() if k in declared}
+        return lambda imgs, direction: np.asarray(model.predict(imgs, params={"direction": direction, **extra}))
     if callable(model):
         return model
     raise TypeError(f"cannot translate with a {type(model).__name__}")
+
+
+def _our_pyfunc(model):
+    """The python model inside a loaded pyfunc when it is our translator (a `gen` network and its
+    `min_side`), else None."""
+    try:
+        inner = model.unwrap_python_model()
+    except Exception:  # not a pyfunc model, or not a python model
+        return None
+    gen = getattr(inner, "gen", None)
+    ok = hasattr(gen, "translate") and hasattr(gen, "parameters") and hasattr(inner, "min_side")
+    return inner if ok else None
+
+
+def _declared_params(model) -> set[str]:
+    """Names of the params a pyfunc model's signature declares (MLflow drops the others, warning)."""
+    try:
+        schema = model.metadata.get_params_schema()
+    except Exception:  # no metadata, or a model without a signature
+        return set()
+    return {p.name for p in schema.params} if schema is not None else set()
 
 
 def skipped(n: int, opts: EvalOptions) -> list[str]:
@@ -180,20 +244,25 @@ def evaluate_direction(fn, x, y, direction: str, opts: EvalOptions) -> dict:
 
 def evaluate_translator(model, test_a=None, truth_b=None, test_b=None, truth_a=None,
                         size: int | None = None, threshold: int = THRESHOLD, opts: EvalOptions | None = None,
-                        rejected: list | None = None) -> dict:
+                        rejected: list | None = None, min_side: int | None = None) -> dict:
     """Per direction, the model's and every baseline's scores (see evaluate_direction).
 
     `model`: a generator module (gen.translate), a pyfunc model, or fn(images, direction).
     a2b needs test_a + truth_b, b2a needs test_b + truth_a; a direction without both is skipped.
-    Unusable test images are skipped and listed in `rejected` when a list is given.
+    Unusable test images (a side below `min_side`, default model_min_side(model), included) and
+    files without a partner are skipped and listed in `rejected` when a list is given (else a
+    ValueError). A `size` below `min_side` is a ValueError, before anything is read.
     """
     opts = opts or EvalOptions(threshold=threshold)
+    min_side = min_side or model_min_side(model)
+    if size is not None and size < min_side:
+        raise ValueError(f"--size {size}: the model needs at least {min_side} pixels per side")
     fn = as_translate_fn(model)
     out = {}
     for direction, src, truth in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)):
         if not (src and truth):
             continue
-        _, x, y = load_pairs(src, truth, size, rejected)
+        _, x, y = load_pairs(src, truth, size, rejected, min_side)
         out[direction] = evaluate_direction(fn, x, y, direction, opts)
     if not out:
         raise ValueError("evaluate: give at least one direction (test_a with truth_b, or test_b with truth_a)")
@@ -201,17 +270,27 @@ def evaluate_translator(model, test_a=None, truth_b=None, test_b=None, truth_a=N
 
 
 def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=None,
-                    size: int | None = None, opts: EvalOptions | None = None) -> dict:
-    """evaluate_translator on an exported translator directory (its baselines.json when there is one)."""
+                    size: int | None = None, opts: EvalOptions | None = None, rejected: list | None = None) -> dict:
+    """evaluate_translator on an exported translator directory (its baselines.json when there is one);
+    unusable and unpaired test files are listed in `rejected` (without a list: ValueError)."""
     from launch.release import baselines
-    from launch.release.export import load_translator
+    from launch.release.export import load_translator, min_input_side
 
     gen, meta = load_translator(export_dir)
     opts = opts or EvalOptions()
     stats = Path(export_dir) / baselines.FILE_NAME
     if opts.baselines is None and stats.is_file():
         opts = dataclasses.replace(opts, baselines=baselines.load(stats))
-    return evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size or None, opts=opts)
+    return evaluate_translator(gen, test_a, truth_b, test_b, truth_a, size=size or None, opts=opts,
+                               rejected=rejected, min_side=min_input_side(meta))
+
+
+def warn_skipped(rejected: list[str], shown: int = 5) -> None:
+    """One warning naming the test files left out of the evaluation (unusable, or without a partner)."""
+    if rejected:
+        more = f" and {len(rejected) - shown} more" if len(rejected) > shown else ""
+        print(f"warning: {len(rejected)} test file(s) left out of the evaluation: "
+              + "; ".join(redact_text(r) for r in rejected[:shown]) + more, flush=True)
 
 
 def flat_metrics(res: dict, prefix: str = "test/") -> dict:
@@ -483,6 +562,11 @@ def main(argv=None) -> int:
     quick_http_failures()
     try:
         model, info = load_model(a.model, a.tracking_uri)
+        from launch.release.export import min_input_side
+
+        min_side = min_input_side(info["meta"]) if info.get("meta") else model_min_side(model)
+        if a.size is not None and a.size < min_side:  # before the baselines and the test split are read
+            raise ValueError(f"--size {a.size}: the model needs at least {min_side} pixels per side")
         features = None
         if a.fid_features:
             from launch.release.fid import load_extractor
@@ -493,12 +577,12 @@ def main(argv=None) -> int:
             check_tolerance(stats, a.threshold)
         opts = EvalOptions(baselines=stats, c2st_steps=a.c2st_steps, features=features, threshold=a.threshold)
         res = evaluate_translator(model, a.test_a, a.truth_b, a.test_b, a.truth_a, size=a.size, opts=opts,
-                                  rejected=rejected)
+                                  rejected=rejected, min_side=min_side)
     except (FileNotFoundError, ValueError) as e:
+        print_skipped(rejected)  # why a folder holds no usable image, say
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for r in rejected:
-        print(f"skipped {r}", file=sys.stderr)
+    print_skipped(rejected)
     print(f"model: {a.model}")
     if opts.baselines is None:
         print("baselines: identity only (no baselines.json with the model; pass --shards OUT or --baselines FILE)")
@@ -511,9 +595,36 @@ def main(argv=None) -> int:
             client.log_metric(info["run_id"], k, v)
         print(f"logged to run {info['run_id']} ({info['name']} version {info['version']})")
     if rejected:
-        print(f"{len(rejected)} test image(s) skipped as unusable (listed above)", file=sys.stderr)
+        lone = sum(is_unpaired(r) for r in rejected)
+        print("; ".join(part for part in (
+            f"{len(rejected) - lone} test image(s) skipped as unusable" if len(rejected) > lone else "",
+            f"{lone} test or truth image(s) left out for want of a partner of the same stem" if lone else "")
+            if part) + " (listed above)", file=sys.stderr)
         return 3
     return 0
+
+
+def is_unpaired(entry: str) -> bool:
+    """Whether a `rejected` entry is load_pairs' "PATH: no partner: ..."."""
+    return f": {UNPAIRED}: " in entry
+
+
+def print_skipped(rejected: list[str]) -> None:
+    """Every unusable image on stderr; of the files without a partner, the first NAMED per folder
+    and a count of the rest (a split named another way, testA/1_A.jpg against testB/1_B.jpg,
+    would otherwise list every file twice)."""
+    shown: dict = {}
+    for r in rejected:
+        if not is_unpaired(r):
+            print(f"skipped {r}", file=sys.stderr)
+            continue
+        folder = str(Path(r.split(f": {UNPAIRED}: ", 1)[0]).parent)
+        shown[folder] = shown.get(folder, 0) + 1
+        if shown[folder] <= NAMED:
+            print(f"skipped {r}", file=sys.stderr)
+    for folder, n in shown.items():
+        if n > NAMED:
+            print(f"skipped {n - NAMED} more image(s) of {folder} with no partner of the same stem", file=sys.stderr)
 
 
 if __name__ == "__main__":

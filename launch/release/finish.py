@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launch.config import Config
 from launch.release import baselines
-from launch.release.evaluate import EvalOptions, evaluate_export, flat_metrics
+from launch.release.evaluate import EvalOptions, evaluate_export, flat_metrics, warn_skipped
 from pipeline.storage import redact_text
 
 
@@ -36,8 +36,11 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
         baselines.save(export_dir / baselines.FILE_NAME, stats)
         if split:
             what = "the end-of-run evaluation"
-            res = evaluate_export(export_dir, **split, size=cfg.data.scale(), opts=eval_options(cfg, stats))
+            rejected = []
+            res = evaluate_export(export_dir, **split, size=cfg.data.scale(), opts=eval_options(cfg, stats),
+                                  rejected=rejected)
             out["evaluation"] = res
+            warn_skipped(rejected)
     except Exception as e:  # training and the export are complete: say what to run, exit as done
         print(f"warning: {what} failed ({type(e).__name__}: {redact_text(str(e))}); the export is complete, "
               f"nothing was evaluated or registered; later: {redact_text(retry_command(cfg, export_dir))}",

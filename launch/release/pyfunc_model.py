@@ -9,12 +9,22 @@ Nothing is unpickled, so it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
 the project needs to be installed: the model's requirements.txt (torch, numpy, safetensors,
 mlflow, pinned) is all it needs.
 
-Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3] (integers or whole floats in 0..255
-are taken too: JSON requests). Output: the same shape, uint8. Params: `direction` ("a2b" or
-"b2a", default "a2b"), `batch_size` (a positive integer, default 16). Images with a side above
-export.TILE are translated in overlapping tiles (launch.release.export.translate_tiled); images above
-MAX_PIXELS or with a side below the model's minimum are refused. Bad input is a ValueError naming
-the image and the problem (MLflow's server answers it with a 400).
+Input: a batch of uint8 HWC RGB images, shape [N, H, W, 3]. Output: the same shape, uint8.
+Params: `direction` ("a2b" or "b2a", default "a2b"), `batch_size` (a positive integer, default
+16), `tile` (images with a side above it are translated in overlapping tile x tile tiles,
+launch.release.export.translate_tiled; 0: never; else at least 32; default export.TILE) and
+`tile_overlap` (pixels shared by neighbouring tiles, 0..tile/2, default export.TILE_OVERLAP).
+Images above MAX_PIXELS or with a side below the model's minimum are refused. Bad input is a
+ValueError naming the image and the problem (MLflow's server answers it with a 400).
+
+Through MLflow (`mlflow.pyfunc.load_model(...).predict`, `mlflow models serve`) the logged
+signature is enforced before `predict` runs: in-process, anything but a uint8 array is refused
+by MLflow itself (an MlflowException about the dtype); over REST, MLflow converts the JSON to
+uint8 (values outside 0..255 and NaN: its own 400; fractions truncated, 12.5 arrives as 12), and
+params the signature does not declare are dropped with a warning. `as_images`' checks of integer
+and float input (whole numbers in 0..255) therefore run only for callers of the model itself
+(`load_model(...).unwrap_python_model().predict(None, images)`) and for a version logged without
+a signature.
 Model config (`mlflow.pyfunc.load_model(uri, model_config={"device": ...})`, for a version logged
 with a model_config holding "device"): `device`, auto (cuda when there is one), cpu, cuda, cuda:N.
 """
@@ -42,13 +52,14 @@ class TranslatorModel(PythonModel):
         self.min_side = min_input_side(self.meta)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
-        from launch.release.export import TILE, TILE_OVERLAP, DIRECTIONS, target_palette, translate_tiled, translate_uint8
+        from launch.release.export import DIRECTIONS, target_palette, translate_tiled, translate_uint8
 
         params = params or {}
         direction = params.get("direction") or "a2b"
         if direction not in DIRECTIONS:
             raise ValueError(f"params.direction: expected one of {DIRECTIONS}, got {direction!r}")
         batch_size = positive_int(params, "batch_size", 16)
+        tile, overlap = tile_params(params)
         images = as_images(model_input)
         if len(images) == 0:
             return images
@@ -57,11 +68,11 @@ class TranslatorModel(PythonModel):
         def fn(x, d):
             return translate_uint8(self.gen, x, d, batch_size=batch_size)  # padded to the generator's multiple
 
-        if max(images.shape[1:3]) <= TILE:
+        if not tile or max(images.shape[1:3]) <= tile:
             return fn(images, direction)
         # Tiles keep the network's memory bounded, as translate does; the palette snaps the blends.
         palette = target_palette(self.meta, direction)
-        return np.stack([translate_tiled(fn, im, direction, TILE, TILE_OVERLAP, palette) for im in images])
+        return np.stack([translate_tiled(fn, im, direction, tile, overlap, palette) for im in images])
 
 
 def pick_device(spec: str | None) -> str:
@@ -78,17 +89,35 @@ def pick_device(spec: str | None) -> str:
         raise ValueError(f"model_config {e}") from None
 
 
-def positive_int(params: dict, name: str, default: int) -> int:
+def positive_int(params: dict, name: str, default: int, minimum: int = 1) -> int:
+    """params[name] (default when absent): an integer >= minimum, else a ValueError naming it."""
     value = params.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"params.{name}: expected a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"params.{name}: expected {what}, got {value!r}")
     return int(value)
 
 
+def tile_params(params: dict) -> tuple[int, int]:
+    """(tile, tile_overlap) of the request, as translate's --tile and --tile-overlap: tile 0 (never
+    tile) or at least 32, the overlap within [0, tile/2]; ValueError naming the param otherwise."""
+    from launch.release.export import TILE, TILE_OVERLAP
+
+    tile = positive_int(params, "tile", TILE, minimum=0)
+    overlap = positive_int(params, "tile_overlap", TILE_OVERLAP, minimum=0)
+    if tile and tile < 32:
+        raise ValueError(f"params.tile: expected 0 (never tile) or at least 32, got {tile}")
+    if tile and overlap > tile // 2:
+        raise ValueError(f"params.tile_overlap: expected 0..{tile // 2} (half the tile), got {overlap}")
+    return tile, overlap
+
+
 def as_images(model_input) -> np.ndarray:
-    """The request as uint8 [N, H, W, 3]; ValueError naming the first image whose values are no pixels."""
+    """The request as uint8 [N, H, W, 3]; ValueError naming the first image whose values are no pixels.
+    Through MLflow the signature has made it uint8 already (see the module's docstring): the integer
+    and float checks are for callers of the unwrapped model."""
     if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
         model_input = next(iter(model_input.values()))
     images = np.asarray(model_input)

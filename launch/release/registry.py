@@ -181,8 +181,11 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from launch.release.export import TILE, TILE_OVERLAP
+
     images = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
-    params = ParamSchema([ParamSpec("direction", "string", "a2b"), ParamSpec("batch_size", "long", 16)])
+    params = ParamSchema([ParamSpec("direction", "string", "a2b"), ParamSpec("batch_size", "long", 16),
+                          ParamSpec("tile", "long", TILE), ParamSpec("tile_overlap", "long", TILE_OVERLAP)])
     return ModelSignature(inputs=images, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
                           params=params)
 
@@ -228,18 +231,20 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
     mv = client.get_model_version(name, version)
     if mv.tags.get("test_split") == digest and mv.tags.get(metric):
         return float(mv.tags[metric])
-    from launch.release.export import load_translator
+    from launch.release.export import load_translator, min_input_side
 
     with tempfile.TemporaryDirectory() as tmp:
         local = download_version(client, name, version, tmp)
         found = list(local.rglob("translator.json"))
         if not found:
             raise FileNotFoundError(f"{name} version {version}: no translator.json in its artifacts")
-        gen, _ = load_translator(found[0].parent)
+        gen, meta = load_translator(found[0].parent)
     direction = metric.rsplit("_", 1)[-1]
     src, truth = pairs[direction]
     kw = {"test_a": src, "truth_b": truth} if direction == "a2b" else {"test_b": src, "truth_a": truth}
-    res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0, threshold=threshold), **kw)
+    # the same files are left out as for the candidate, which named them
+    res = ev.evaluate_translator(gen, size=size, opts=ev.EvalOptions(c2st_steps=0, threshold=threshold),
+                                 rejected=[], min_side=min_input_side(meta), **kw)
     return res[direction]["pixel_acc"]
 
 
@@ -391,7 +396,10 @@ def evaluate_once(export_dir: Path, test_a, truth_b, test_b, truth_a, size, eval
     from launch.runstore.artifacts import read_meta
 
     if evaluation is None and (test_a and truth_b or test_b and truth_a):
-        evaluation = ev.evaluate_export(export_dir, test_a, truth_b, test_b, truth_a, size=size, opts=opts)
+        rejected = []
+        evaluation = ev.evaluate_export(export_dir, test_a, truth_b, test_b, truth_a, size=size, opts=opts,
+                                        rejected=rejected)
+        ev.warn_skipped(rejected)
     elif evaluation is None:
         load_translator(export_dir)  # fails early, naming the file, when the export is bad
     return evaluation, read_meta(export_dir)

@@ -407,14 +407,14 @@ def device_for(spec: str) -> str:
 def load(a):
     """(translate fn, meta, info, limits) for the arguments; ModelNotFound/ValueError when unusable."""
     from launch.release.evaluate import as_translate_fn, load_model
-    from launch.release.export import min_input_side, target_palette, translate_uint8
+    from launch.release.export import min_input_side, target_palette
 
     model, info = load_model(a.model, a.tracking_uri, device=device_for(a.device))
     meta = model_meta(model, info)
-    if info.get("kind") == "export":  # the generator itself, in batches of --batch-size
-        fn = lambda x, d: translate_uint8(model, x, d, batch_size=a.batch_size)  # noqa: E731
-    else:
-        fn = as_translate_fn(model)
+    # The network itself (an export's, or the one inside our registered model) in batches of
+    # --batch-size: tiling is translate_window's (--tile, --tile-overlap), so an export and its
+    # registered version translate alike.
+    fn = as_translate_fn(model, batch_size=a.batch_size)
     min_side = min_input_side(meta) if meta else 1
     if a.size is not None and a.size < min_side:
         raise ValueError(f"--size {a.size}: the model needs at least {min_side} pixels per side")
