@@ -436,6 +436,7 @@ def config_hash(cfg: Config) -> str:
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.max_nonfinite", "train.threads", "train.compile", "resume",
                      "train.stall_timeout_s", "train.sample_count",  # the watchdog and the grids: not the training
+                     "model.tta",  # how eval-mode translations are averaged: not the training
                      "trust_resume_path", "run_dir", "tracking", "eval", "init_from",
                      "train.realism",  # in checkpoints of runs from before the eval section: ignored
                      "registry", "data.num_workers", "data.cache_dir", "data.cache_bytes", "data.verify_shards", "deepspeed_config",

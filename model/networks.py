@@ -393,15 +393,20 @@ class PaletteHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
-        if self.training:
-            mix = self.paint(logits.softmax(1))
-        else:
+        if not self.training:
             # the most probable colour (a pixel-accuracy metric's Bayes decision), not the colour
             # nearest to the mixture: where two far colours split the probability (land and a
             # building's outline at its edge) their mixture is nearest a third one. On the demo's
             # map translator the largest logit scored 0.004-0.015 a2b more at every checkpoint of
             # a 2,000-step run (README "Translation quality")
-            mix = self.colours[logits.argmax(1)]
+            return self.most_probable(logits)
+        return self._as_image(self.paint(logits.softmax(1)))
+
+    def most_probable(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W]: each pixel in the colour of its largest score ([B, K, H, W] logits or probabilities)."""
+        return self._as_image(self.colours[scores.argmax(1)])
+
+    def _as_image(self, mix: torch.Tensor) -> torch.Tensor:
         # painted in fp32, returned in the weights' dtype: under DeepSpeed's fp16 the layers that read
         # the image next (the re-encoding, the discriminators) are half and refuse fp32 inputs
         return mix.permute(0, 3, 1, 2).to(self.conv.weight.dtype).contiguous()
@@ -421,11 +426,15 @@ class SkipHead(nn.Module):
         self.mix = ConvBlock(dim + channels, dim, 3, 1, 1, norm, activ, pad_type)
         self.out = image_head(dim, channels, pad_type, palette)
 
-    def forward(self, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def features(self, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """What the image head (self.out) paints from: the features mixed with the source image."""
         if source.shape[-2:] != h.shape[-2:] or source.shape[0] != h.shape[0]:
             raise ValueError(f"source image {tuple(source.shape)} does not match the decoder's "
                              f"output {tuple(h.shape[:1])} x {tuple(h.shape[-2:])}")
-        return self.out(self.mix(torch.cat([h, source.to(h)], 1)))
+        return self.mix(torch.cat([h, source.to(h)], 1))
+
+    def forward(self, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(h, source))
 
 
 class ColourFeatures(nn.Module):

@@ -93,12 +93,14 @@ def test_function_returns_what_it_writes_and_refuses_a_drifting_graph(export_dir
     assert onnx.load(str(out / "translator-b2a.onnx")).opset_import[0].version == 18
 
 
-@pytest.mark.parametrize("palette", [[], [[242, 239, 233], [160, 146, 136], [150, 196, 236]]])
-def test_a_skip_image_model_exports_and_matches(tmp_path, palette):
+@pytest.mark.parametrize("palette, tta", [([], "none"), ([[242, 239, 233], [160, 146, 136], [150, 196, 236]], "none"),
+                                          ([[242, 239, 233], [160, 146, 136], [150, 196, 236]], "flips")])
+def test_a_skip_image_model_exports_and_matches(tmp_path, palette, tta):
     """skip="image" generators take the source image twice (encoder and last stage): one graph input.
-    With a palette the graph picks each pixel's colour (argmax, gather) as the PyTorch model does."""
+    With a palette the graph picks each pixel's colour (argmax, gather) as the PyTorch model does;
+    with tta the graph holds the flipped views and their average too."""
     torch.manual_seed(0)
-    unit = UNIT.from_config({"preset": "tiny", "skip": "image", "palette_b": palette})
+    unit = UNIT.from_config({"preset": "tiny", "skip": "image", "palette_b": palette, "tta": tta})
     export = save_translator(tmp_path / "export", unit.gen, unit.config(), image_size=32, step=1, ema=False,
                              domains={"a": "maps", "b": "photos"})
     info = export_onnx(export, tmp_path / "onnx", size=16)
