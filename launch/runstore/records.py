@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pipeline.atomic import write_text
 from pipeline.storage import redact_text
@@ -45,7 +46,7 @@ def metrics_record(metrics: dict, step: int) -> dict | None:
     for k, v in metrics.items():
         try:
             values[str(k)] = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # an int beyond a float (10**400) is no metric either
             continue
     return {"op": "metrics", "step": int(step), "ts": now_ms(), "values": values} if values else None
 
@@ -114,6 +115,20 @@ def image_prefix(rec: dict) -> str:
     return f"{rec['key'].replace('/', '~')}+step+{int(rec['step'])}+timestamp+{int(rec['ts'])}+"
 
 
+def artifacts_elsewhere(client, run_id: str) -> str | None:
+    """For a run in an embedded store (sqlite at RUN_DIR/mlflow/mlflow.db): its artifact folder when
+    that is not RUN_DIR/mlflow/artifacts (the run directory was moved or copied after the run was
+    created, and logging there would recreate the old folder or write into the original's), else None."""
+    uri = client.tracking_uri
+    if not (uri.startswith("sqlite:///") and uri.endswith("/mlflow/mlflow.db")):
+        return None
+    root = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    where = client.get_run(run_id).info.artifact_uri or ""
+    if not where.startswith("file://"):
+        return None
+    return None if Path(urlparse(where).path).resolve().is_relative_to(root.resolve()) else where
+
+
 def send_image(client, run_id: str, rec: dict) -> None:
     """MlflowClient.log_image(key=, step=, timestamp=), unless the run has that image already: a
     record is sent again after an interrupted replay, or when it reached the server but its answer
@@ -122,6 +137,11 @@ def send_image(client, run_id: str, rec: dict) -> None:
     nothing and the image is logged (tests/test_runstore_review2.py compares with log_image's names)."""
     from PIL import Image
 
+    moved = artifacts_elsewhere(client, run_id)
+    if moved:
+        raise ValueError(f"image {rec['path']} not logged: the run's artifact folder {redact_text(moved)} is not "
+                         "its run directory's (the run directory was moved or copied; MLflow keeps the path "
+                         "the run was created with); the image stays in the run directory")
     prefix = image_prefix(rec)
     if any(f.path.rsplit("/", 1)[-1].startswith(prefix) for f in client.list_artifacts(run_id, "images")):
         return
@@ -168,10 +188,18 @@ def groups(records: list[dict]) -> list[list[dict]]:
 
 
 def send_group(client, run_id: str, group: list[dict]) -> None:
-    """send() for a group of groups(): its metric records in one request."""
-    if group[0]["op"] != "metrics":
+    """send() for a group of groups(): its metric records in one request; when the server refuses
+    that request, each record alone (send_batch: then each value alone), so that one refused value
+    leaves out that value only, not the group's other records."""
+    if group[0]["op"] != "metrics" or len(group) == 1:
         return send(client, run_id, group[0])
-    client.log_batch(run_id, metrics=[m for rec in group for m in batch(rec)["metrics"]], synchronous=True)
+    try:
+        client.log_batch(run_id, metrics=[m for rec in group for m in batch(rec)["metrics"]], synchronous=True)
+    except Exception as e:
+        if is_transient(e):
+            raise
+        for rec in group:
+            send(client, run_id, rec)
 
 
 def first_line(exc: BaseException) -> str:

@@ -60,7 +60,18 @@ def run_tracking(run_dir, tracking_uri: str | None = None, configured: str | Non
     recorded, env = info.get("tracking_uri") or configured, os.environ.get("MLFLOW_TRACKING_URI")
     if recorded and env and without_password(env) == without_password(recorded):
         recorded = env
-    return tracking_uri or recorded or resolve_uri(run_dir), info
+    return tracking_uri or own_store(recorded, run_dir) or resolve_uri(run_dir), info
+
+
+def own_store(recorded: str | None, run_dir) -> str | None:
+    """`recorded`, unless it is the embedded store of another folder while RUN_DIR has its own: the
+    run directory was moved or copied (the id, not the path, identifies the run), and the recorded
+    path would find no run there, or the original's."""
+    own = embedded_uri(run_dir)
+    if (recorded and recorded != own and recorded.startswith("sqlite:///") and recorded.endswith("/mlflow/mlflow.db")
+            and (Path(run_dir) / "mlflow" / "mlflow.db").is_file()):
+        return own
+    return recorded
 
 
 def recorded_run(run_dir, uri: str) -> str | None:

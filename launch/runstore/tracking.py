@@ -165,7 +165,11 @@ class Tracker:
             return
         if not isinstance(image, (str, os.PathLike)):
             image = self._save_image(image, step, key)
-        self._log({"op": "image", "path": str(Path(image).resolve()), "key": key, "step": int(step), "ts": now_ms()})
+        path = Path(image).resolve()
+        rec = {"op": "image", "path": str(path), "key": key, "step": int(step), "ts": now_ms()}
+        if path.is_relative_to(self.run_dir.resolve()):  # upload finds it there after the folder moved
+            rec["rel"] = str(path.relative_to(self.run_dir.resolve()))
+        self._log(rec)
 
     def log_datasets(self, shards=None, shards_a=None, shards_b=None) -> list[dict]:
         """Log the training data as dataset inputs, one per domain, as the config names it: an OUT
@@ -420,6 +424,15 @@ def log_run_metrics(run_dir, metrics: dict, step: int = 0, tracking_uri: str | N
     return info["run_id"]
 
 
+def moved_image(run_dir: Path, rec: dict) -> dict:
+    """An image record whose file is gone from its absolute path but is in RUN_DIR where the record's
+    path relative to the run directory says (the folder was moved or copied): the record with that path."""
+    if rec.get("op") != "image" or not rec.get("rel") or Path(rec["path"]).exists():
+        return rec
+    here = run_dir / rec["rel"]
+    return {**rec, "path": str(here)} if here.is_file() and here.resolve().is_relative_to(run_dir.resolve()) else rec
+
+
 def upload(run_dir, tracking_uri: str | None = None) -> dict:
     """Send RUN_DIR/mlflow-buffer.jsonl to the run's tracking server (resuming the run, or creating
     it when it never reached a server); each record goes to the run it names (groups() keeps runs
@@ -432,14 +445,17 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
     if not records:
         return {"records": 0, "sent": 0, "dropped": 0, "run_id": info.get("run_id"), "tracking_uri": uri}
     client = make_client(uri)
-    run_id = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
-    run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", run_id,
+    asked = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
+    run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", asked,
                       opening.get("run_name"))
+    # a run the server does not know was replaced by a new one: its records go there, not refused
+    renamed = {asked: run_id} if asked and asked != run_id else {}
     sent = dropped = done = 0
     try:
-        for group in groups(records):
+        for group in groups([moved_image(run_dir, r) for r in records]):
+            target = group[0].get("run")
             try:
-                send_group(client, group[0].get("run") or run_id, group)  # None: the run opened here
+                send_group(client, renamed.get(target, target) or run_id, group)  # None: the run opened here
                 sent += len(group)
             except Exception as e:
                 if is_transient(e):
