@@ -351,8 +351,11 @@ def image_head(dim: int, channels: int, pad_type: str, palette=None) -> nn.Modul
 
 
 def nearest_colour(x: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, C]: each pixel of channels-last `x` replaced by the nearest row of `colours` [K, C]."""
-    return colours[torch.cdist(x.flatten(1, 2), colours.unsqueeze(0)).argmin(-1)].view_as(x)
+    """[B, H, W, C]: each pixel of channels-last `x` replaced by the nearest row of `colours` [K, C],
+    in x's dtype. Distances in fp32: under DeepSpeed's fp16 the image is half and the colours, a
+    buffer, stay fp32 (cdist takes one dtype)."""
+    nearest = torch.cdist(x.flatten(1, 2).float(), colours.float().unsqueeze(0)).argmin(-1)
+    return colours[nearest].view_as(x).to(x.dtype)
 
 
 class PaletteHead(nn.Module):

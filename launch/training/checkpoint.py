@@ -125,7 +125,7 @@ def plan_resume(run_dir: str | Path, resume: str, trust_path: bool = False) -> P
     marker = check_run_dir(root)
     own = complete_checkpoints(root, marker["run_uid"]) if marker else []
     if resume == "auto":
-        return own[-1] if own else None
+        return _newest_usable(own)
     if resume == "never":
         if marker:
             newest = f"its newest complete checkpoint is {own[-1]}" if own else "no complete checkpoint yet"
@@ -134,6 +134,23 @@ def plan_resume(run_dir: str | Path, resume: str, trust_path: bool = False) -> P
                               "run_dir (or delete that folder)")
         return None
     return _explicit_checkpoint(root, Path(resume), own, trust_path)
+
+
+def _newest_usable(own: list[Path]) -> Path | None:
+    """The newest of `own` that holds everything save() writes: a marked one missing G/ or D/ (a
+    damaged copy) would fail only after both engines are built. Passed over with a warning; when
+    none is usable, RunDirError (starting over at step 0 would meet the marked folders on the way)."""
+    for path in reversed(own):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        print(f"warning: resume=auto passes over {path}: not a complete checkpoint ({'; '.join(problems)})",
+              file=sys.stderr, flush=True)
+    if own:
+        names = ", ".join(p.name for p in own)
+        raise RunDirError(f"resume=auto: none of the run's marked checkpoints is complete ({names}); "
+                          "move them away to start over, or resume= a complete checkpoint")
+    return None
 
 
 def _explicit_checkpoint(root: Path, path: Path, own: list[Path], trust_path: bool) -> Path:
@@ -152,8 +169,11 @@ def _explicit_checkpoint(root: Path, path: Path, own: list[Path], trust_path: bo
         raise RunDirError(f"{shown}: outside run_dir {str(root)!r}. DeepSpeed checkpoints are pickles and loading "
                           "one runs the code in it: set trust_resume_path=true if you trust where it came from, "
                           "or copy it into the run directory")
-    if _STEP_DIR.match(path.name):
-        newer = [p.name for p in own if step_of(p) > step_of(path) and p.resolve() != path.resolve()]
+    # its step from its marker (a link or a copy under another name is the same checkpoint)
+    step = (read_json(path / MARKER) or {}).get("step")
+    if isinstance(step, int) or _STEP_DIR.match(path.resolve().name):
+        step = step if isinstance(step, int) else step_of(path.resolve())
+        newer = [p.name for p in own if step_of(p) > step and p.resolve() != path.resolve()]
         if newer:
             raise RunDirError(f"{shown}: run_dir {str(root)!r} holds newer complete checkpoints ({', '.join(newer)}); "
                               "going back to an older one would mix two histories in one run. Resume into a new "

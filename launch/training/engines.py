@@ -74,6 +74,16 @@ class StepFactorLR(torch.optim.lr_scheduler.LambdaLR):
         super().load_state_dict(state_dict)
 
 
+def sync_lr(engine) -> None:
+    """After a resume: each optimizer rate from the schedule at the step the run resumed at. The rate
+    the checkpoint restores is the old schedule's, and a LambdaLR does not recompute it on load, so
+    with train.max_steps changed on resume (warmup_decay's total) the first step ran at the old rate."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+
+
 def lr_scheduler(schedule: str, warmup: int, total: int):
     """What deepspeed.initialize takes as `lr_scheduler` for optim.schedule: None for "constant",
     else a function that wraps the engine's optimizer in a LambdaLR of lr_factor. DeepSpeed steps

@@ -44,7 +44,7 @@ from launch.runstore.store import resolve_uri
 from launch.runstore.tracking import Tracker
 from launch.training import checkpoint as ckpt
 from launch.training.engines import (StepResult, build_engines, compile_networks, gan_step, mean_across_ranks,
-                                     skipped_steps, step_dtypes)
+                                     skipped_steps, step_dtypes, sync_lr)
 from launch.training.ops import fix_cuda_arch_list
 from launch.training.palette import model_with_palettes, saved_palettes
 from launch.training.samples import held_out_batch, sample_rows, save_grid
@@ -283,6 +283,8 @@ def build(cfg: Config, ds_json: dict | None) -> Trainer:
 
 def restore(tr: Trainer, path: Path) -> None:
     meta, rank_state, ema_state = ckpt.load(path, tr.eng_g, tr.eng_d, rank=tr.ranks.rank)
+    for engine in (tr.eng_g, tr.eng_d):  # the schedule's rate at this step (max_steps may have changed)
+        sync_lr(engine)
     tr.state.load_state_dict(meta)
     if rank_state is not None and int(meta.get("world_size", tr.ranks.world)) == tr.ranks.world:
         tr.loader.load_state_dict(rank_state["loader"])
@@ -367,18 +369,19 @@ def count_nonfinite(tr: Trainer) -> None:
 
 
 def after_step(tr: Trainer, result: StepResult | None, meter: Meter) -> None:
-    """Count the step; on a good one: EMA, metric line, sample grid and checkpoint when they are due."""
+    """Count the step; EMA; the metric line on a good one; sample grid and checkpoint when they are due."""
     tr.state.step += 1
     step, train = tr.state.step, tr.cfg.train
     tr.watchdog.beat(step)
     tr.ema.update(tr.eng_g.module)  # also after a skipped step: its generator half may have stepped
     if result is None:
-        count_nonfinite(tr)
-        return
-    tr.nonfinite_run = 0
-    if due(step, train.log_every, train.max_steps):
-        log_step(tr, result, meter)
-    # The checkpoint first: a grid that fails (or is slow) then costs no progress.
+        count_nonfinite(tr)  # (stops the run after too many in a row)
+    else:
+        tr.nonfinite_run = 0
+        if due(step, train.log_every, train.max_steps):
+            log_step(tr, result, meter)
+    # Due also after a skipped step, else one non-finite loss at step ckpt_every puts off the next
+    # checkpoint by a whole interval. The checkpoint first: a grid that fails (or is slow) then costs no progress.
     if step % train.ckpt_every == 0 and step < train.max_steps:
         save_checkpoint(tr)
         tr.watchdog.beat(step)
