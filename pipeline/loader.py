@@ -392,6 +392,7 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
     `start = (chunk, offset)`. Skipped samples still advance the position."""
     chunk, offset = start
     barren = 0  # consecutive chunks that gave nothing: stop instead of spinning forever
+    failing: set[str] = set()  # shards that gave nothing since the last sample: all of them, and it stops
     while True:
         rng = chunk_rng(seed, domain, rank, worker, chunk)
         shard = shards[int(rng.integers(len(shards)))]
@@ -405,9 +406,12 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
         reader.prefetch(shards[int(nxt_rng.integers(len(shards)))], counters)
         if f is not None:
             with f:
+                n = len(index.samples)
                 if index.truncated:
                     counters.skip("truncated_shard", shard.url, "truncated tar; using the complete samples")
-                n = len(index.samples)
+                elif shard.nsamples is not None and n < shard.nsamples:  # cut at a member boundary
+                    counters.skip("truncated_shard", shard.url, f"{n} of the {shard.nsamples} samples index.json "
+                                  "lists; using those")
                 if n == 0 and not index.truncated:
                     counters.skip("empty_shard", shard.url, "no image members")
                 # As Python lists: indexing a numpy array per sample costs more than the lookups.
@@ -432,9 +436,12 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
                     nxt = (chunk, j + 1) if j + 1 < n else (chunk + 1, 0)
                     yield img, nxt
         barren = 0 if produced or offset else barren + 1
-        if barren > 4 * len(shards) + 32:
-            raise RuntimeError(f"domain {domain!r}: no readable sample in {barren} shard draws "
-                               f"from {len(shards)} shards (first: {storage.redact(shards[0].url)}); see warnings")
+        failing = set() if produced else failing | {shard.url}
+        # Only when every shard failed since the last sample: with one readable shard among many
+        # unreadable ones a long run of bad draws happens by chance, and training must go on.
+        if barren > 4 * len(shards) + 32 and len(failing) == len({s.url for s in shards}):
+            raise RuntimeError(f"domain {domain!r}: no readable sample in {barren} shard draws; every one of its "
+                               f"{len(shards)} shards failed (e.g. {storage.redact(shard.url)}); see warnings")
         chunk, offset = chunk + 1, 0
 
 
@@ -539,6 +546,8 @@ class UnpairedLoader:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         if max_pixels < 1:
             raise ValueError(f"max_pixels={max_pixels} must be >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"seed={seed!r} must be an integer >= 0")
         self.max_pixels = int(max_pixels)
         r, w = default_rank_world()
         self.rank = r if rank is None else int(rank)
@@ -549,6 +558,7 @@ class UnpairedLoader:
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
         self.num_workers = int(num_workers)
         self.augment = AugmentConfig.from_any(augment)
+        Augmenter(self.augment, self.image_size, self.max_pixels)  # its checks here, not in the first batch's worker
         self.verify_shards = verify_shards
         self._cache = ShardCache(cache_dir, cache_bytes) if cache_dir else None
         self._dl_kwargs = dict(prefetch_factor=prefetch_factor, pin_memory=pin_memory,

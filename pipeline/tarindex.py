@@ -73,18 +73,23 @@ def _images(members, size: int) -> ShardIndex:
 def _index_with_tarfile(f, size: int) -> ShardIndex:
     members = []
     truncated = False
+    end = 0  # where the last member's data (padded to a block) ends
     try:
         with tarfile.open(fileobj=_Bounded(f, size), mode="r:") as tar:
             for m in tar:
                 if m.size < 0:  # tarfile would step back to this header again, forever
                     truncated = True
                     break
+                end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
                 if m.isfile():
                     members.append((m.name, m.offset_data, m.size))
                     if m.offset_data + m.size > size:
                         break
     except Exception:  # noqa: BLE001 - TarError, or a number tarfile cannot take: a broken shard
         truncated = True
+    # tarfile ends quietly at a header cut short or at the end of the file; a whole archive ends
+    # with two zero blocks after its last member, so less room than that is a shard cut short
+    truncated = truncated or (end > 0 and size - end < 2 * _BLOCK)
     index = _images(members, size)
     index.truncated = index.truncated or truncated
     return index
