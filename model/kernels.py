@@ -76,7 +76,7 @@ class _ReflectPad(torch.autograd.Function):
         # and the same for rows: fold the border columns of every row, then the border rows (one
         # full-size copy, the rest on p-wide strips).
         p = ctx.p
-        grad = g[:, :, p:-p, p:-p].contiguous(memory_format=CHANNELS_LAST)
+        grad = g[:, :, p:-p, p:-p].clone(memory_format=CHANNELS_LAST)  # a copy: folded into in place below
         h, w = grad.shape[-2:]
 
         def fold_cols(src, dst):  # src: rows of g (full padded width) -> dst: the same rows, input width
@@ -113,7 +113,9 @@ class _ReplicatePad(torch.autograd.Function):
         # Every padded pixel copies its nearest edge pixel: the border columns' gradients fold onto
         # the edge columns, the border rows' (corners first folded along the row) onto the edge rows.
         p = ctx.p
-        grad = g[:, :, p:-p, p:-p].contiguous(memory_format=CHANNELS_LAST)
+        # a copy: contiguous() returns the slice itself when it already is (one row, channels-last),
+        # and the folds below would then write into the caller's gradient
+        grad = g[:, :, p:-p, p:-p].clone(memory_format=CHANNELS_LAST)
         grad[..., 0] += g[:, :, p:-p, :p].sum(-1)
         grad[..., -1] += g[:, :, p:-p, -p:].sum(-1)
         for edge, strip in ((0, g[:, :, :p].sum(2)), (-1, g[:, :, -p:].sum(2))):
@@ -208,6 +210,7 @@ class _InstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        no_second_derivative("instance_norm")
         if ctx.kept:
             y, r = ctx.saved_tensors
         else:
@@ -219,6 +222,16 @@ class _InstanceNorm(torch.autograd.Function):
         mean_g = g.mean((2, 3), keepdim=True)
         mean_gy = (g * y).mean((2, 3), keepdim=True)
         return (g - mean_g).addcmul_(y, mean_gy, value=-1).mul_(r), None, None, None
+
+
+def no_second_derivative(name: str) -> None:
+    """Refuse a backward that builds a graph (create_graph=True, a gradient penalty through these
+    layers): the closed forms use statistics saved without one, so a second derivative would be
+    silently wrong. (R1 differentiates through the discriminators, which use the stock layers.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"model.kernels.{name}: the CPU training fast path has no second derivative "
+                           "(create_graph=True); switch it off for this module with "
+                           "model.networks.set_fast_paths(module, False)")
 
 
 def instance_norm(x: torch.Tensor, eps: float, relu: bool = False, save_output: bool = False) -> torch.Tensor:
@@ -242,6 +255,7 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, g):
         # y = gamma * xhat + beta, xhat = d * r, r = 1 / (s + eps), s = |d| / sqrt(n - 1):
         # dL/dd = r * gamma * g - xhat * sum(gamma * g * xhat) / ((n - 1) s); dL/dx = that minus its mean.
+        no_second_derivative("layer_norm")
         xhat, r, s, gamma = ctx.saved_tensors
         g = g.contiguous(memory_format=_layout(xhat))
         n = xhat[0].numel()

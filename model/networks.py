@@ -179,7 +179,7 @@ class Conv2d(nn.Conv2d):
         if (use_fast(self.fast, x) and k[0] == k[1] > 1 and s[0] == s[1] and self.groups == 1
                 and self.dilation == (1, 1) and self.padding == (0, 0) and self.padding_mode == "zeros"):
             out = (max(x.shape[-2:]) - k[0]) // s[0] + 1  # output positions per side (at most)
-            if out <= 2 or (out <= 4 and self.in_channels * k[0] * k[1] >= 4096):
+            if out >= 1 and (out <= 2 or (out <= 4 and self.in_channels * k[0] * k[1] >= 4096)):  # < 1: stock's error
                 return patch_conv(x, self.weight, self.bias, s[0])
             if self.out_channels < 16 and s[0] == 1:
                 return phase_conv(x, self.weight, self.bias, 2)
@@ -384,7 +384,7 @@ class PaletteHead(nn.Module):
 
     def paint(self, weights: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C]: the palette colours weighted per pixel by `weights` [B, K, H, W]."""
-        return torch.einsum("bkhw,kc->bhwc", weights, self.colours)
+        return torch.einsum("bkhw,kc->bhwc", weights, self.colours.to(weights.dtype))
 
     def nearest(self, mix: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C]: each pixel of `mix` replaced by the palette colour nearest to it."""
