@@ -22,7 +22,6 @@ import posixpath
 import re
 import stat
 import tempfile
-import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +49,7 @@ def staging_dir(folder_url: str) -> Path:
     """The local folder (this user's, under the temporary directory) where files bound for the URL
     folder `folder_url` are written before their upload; named by a hash of the URL, credentials
     and query left out."""
-    key = hashlib.sha256(storage.redact(folder_url).rstrip("/").encode()).hexdigest()[:24]
+    key = hashlib.sha256(storage.canonical(folder_url).encode()).hexdigest()[:24]
     return Path(tempfile.gettempdir()) / f"unit-upload-{os.getuid()}" / key
 
 
@@ -86,7 +85,7 @@ def _uploading(url: str) -> Iterator[Path]:
     folder = staging_dir(storage.parent(url))
     private_dir(folder.parent)  # checked first: whoever owns it could swap the folder below
     private_dir(folder)
-    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    name = posixpath.basename(storage.split_url(url).path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -89,7 +89,7 @@ def index_entry_url(index_file: str, entry) -> str:
 def _entry_under_url(index_url: str, rel: str, refuse) -> str:
     """A relative entry of an index at a URL, as a URL under the index's folder (query kept, as
     storage.join keeps it). Checked as written and percent-decoded: a server decodes %2e%2e as .."""
-    parts = urllib.parse.urlsplit(index_url)
+    parts = storage.split_url(index_url)
     folder = posixpath.dirname(parts.path)
     for form in (rel, urllib.parse.unquote(rel)):
         target = posixpath.normpath(posixpath.join(folder or "/", form.replace("\\", "/")))
@@ -110,7 +110,7 @@ def index_of(spec: str) -> str | None:
     if storage.scheme(spec) == "pipe":
         return None
     if storage.is_url(spec):
-        path = urllib.parse.urlsplit(spec).path
+        path = storage.split_url(spec).path
         if "{" in path or path.endswith(SHARD_SUFFIX):
             return None
         return spec if path.endswith(".json") else storage.join(spec, INDEX_NAME)

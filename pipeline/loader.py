@@ -47,7 +47,6 @@ import logging
 import os
 import stat
 import time
-import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,7 +181,9 @@ class ShardCache:
         os.makedirs(cache_dir, exist_ok=True)
 
     def path(self, url: str, sha256: str | None = None) -> str:
-        base = os.path.basename(urllib.parse.urlparse(url.split()[-1]).path) or "shard"
+        # the hash names the copy; the shard's name (cut short: a key may be longer than a file
+        # name may be) only helps a person looking into the folder
+        base = os.path.basename(storage.split_url(url.split()[-1]).path)[-80:] or "shard"
         key = hashlib.sha1(f"{url}\0{sha256 or ''}".encode()).hexdigest()[:16]
         return os.path.join(self.dir, f"{key}-{base}")
 
@@ -199,8 +200,11 @@ class ShardCache:
             pass
         data = fetch()
         if len(data) <= self.max_bytes:
-            write_bytes(dest, data, durable=False)  # a cache: a lost file is fetched again
-            self._trim(keep=dest)
+            try:
+                write_bytes(dest, data, durable=False)  # a cache: a lost file is fetched again
+                self._trim(keep=dest)
+            except OSError as e:  # a full or unwritable cache folder: the shard is read all the same
+                log.warning("shard cache %s: cannot keep a copy (%s); reading it from memory", self.dir, e)
         return io.BytesIO(data)
 
     def has(self, url: str, sha256: str | None = None) -> bool:

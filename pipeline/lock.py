@@ -44,7 +44,7 @@ def lock_file(path: str) -> str:
     user's temporary directory named by a hash of the URL (credentials and query left out)."""
     if not storage.is_url(path):
         return storage.local_path(path)
-    key = hashlib.sha256(storage.redact(path).encode()).hexdigest()[:32]
+    key = hashlib.sha256(storage.canonical(path).encode()).hexdigest()[:32]
     return os.path.join(tempfile.gettempdir(), f"unit-translate-locks-{os.getuid()}", f"{key}.lock")
 
 

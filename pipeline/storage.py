@@ -73,11 +73,47 @@ def local_path(s: str | os.PathLike) -> str:
     return s[len("file://"):] if s.startswith("file://") else s
 
 
+# Object stores' URL schemes: there `?` and `#` are characters of an object's key (s3://b/a#1.jpg
+# names the key "a#1.jpg"), not a query or a fragment as in an http(s) URL.
+KEY_SCHEMES = frozenset({"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}  # the same objects under another name
+
+
+# A query in an object store's key that looks like a credential (a signed URL's signature pasted
+# onto an s3:// URL, ?token=...): redacted although s3fs would read it as part of the key.
+_SECRET_QUERY = re.compile(r"\?(?:[^?#]*&)?[^=&?#]*(?:sig|token|key|secret|pass|cred|auth)[^=&?#]*=", re.I)
+
+
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urllib's urlsplit, except that in an object store's URL (KEY_SCHEMES) everything after the
+    bucket is the path (no fragment, and no query but one that looks like a credential:
+    _SECRET_QUERY), as s3fs reads it."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme.lower() not in KEY_SCHEMES or "://" not in url:
+        return u
+    netloc, slash, path = url.split("://", 1)[1].partition("/")
+    path, query = slash + path, ""
+    secret = _SECRET_QUERY.search(path)
+    if secret:
+        path, query = path[:secret.start()], path[secret.start() + 1:]
+    return urllib.parse.SplitResult(u.scheme, netloc, path, query, "")
+
+
+def canonical(url: str) -> str:
+    """One text for every spelling of a URL's location (what local locks and staging folders are
+    keyed on): credentials and query left out, the scheme lower case and unaliased (s3a:// is
+    s3://), no trailing slash."""
+    u = split_url(redact(url))
+    scheme = SCHEME_ALIASES.get(u.scheme.lower(), u.scheme.lower())
+    return urllib.parse.urlunsplit((scheme, u.netloc, u.path.rstrip("/"), u.query, ""))
+
+
 def join(base: str, *parts: str) -> str:
-    """`parts` below `base`: os.path.join for a path, '/'-joined for a URL (query kept at the end)."""
+    """`parts` below `base`: os.path.join for a path, '/'-joined for a URL (an http(s) query kept at
+    the end)."""
     if not is_url(base):
         return os.path.join(local_path(base), *parts)
-    u = urllib.parse.urlsplit(base)
+    u = split_url(base)
     path = posixpath.join(u.path or "/", *parts) if parts else u.path
     return urllib.parse.urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
 
@@ -86,17 +122,18 @@ def parent(url: str) -> str:
     """The folder holding `url` (or path)."""
     if not is_url(url):
         return os.path.dirname(local_path(url))
-    u = urllib.parse.urlsplit(url)
+    u = split_url(url)
     return urllib.parse.urlunsplit((u.scheme, u.netloc, posixpath.dirname(u.path), "", ""))
 
 
 def redact(url: str) -> str:
     """`url` without what may hold a credential: user:password@, the query string (signed URLs),
-    the fragment, and a pipe: command's words after the program name."""
+    the fragment (an object store's key keeps its `?` and `#`: split_url), and a pipe: command's
+    words after the program name."""
     if url.startswith("pipe:"):
         words = url[len("pipe:"):].split()
         return f"pipe:{words[0] if words else ''} ..."
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     if len(parts.scheme) <= 1:
         return url  # a local path
     if "@" not in parts.netloc and not parts.query and not parts.fragment:
@@ -173,10 +210,16 @@ def scrub(text: str, url: str) -> str:
         return text
     if not is_url(url):
         return text
-    parts = urllib.parse.urlsplit(url)
-    for secret in (parts.netloc.rpartition("@")[0], parts.query, parts.fragment):
+    parts = split_url(url)
+    for secret, before, after in ((parts.netloc.rpartition("@")[0], "", "@"), (parts.query, "?", ""),
+                                  (parts.fragment, "#", "")):
         for form in {secret, urllib.parse.unquote(secret)}:
-            if form:
+            if not form:
+                continue
+            text = text.replace(before + form + after, before + "***" + after)
+            # quoted without its delimiter too, but only a long one: a short one ("a") would garble
+            # every word it is part of, and a secret that short guards nothing
+            if len(form) >= 8:
                 text = text.replace(form, "***")
     return text
 
