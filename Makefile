@@ -84,8 +84,8 @@ train: $(STAMP)
 
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-data
-	$(PY) -m pipeline.shards --src-a "$(DEMO_DIR)/trainA" --src-b "$(DEMO_DIR)/trainB" --out "$(OUT)" --workers $(WORKERS) --max-per-shard 500
-	$(MAKE) --no-print-directory train CONFIG=configs/demo.yaml
+	$(PY) -m pipeline.shards --src-a "$(DEMO_DIR)/trainA" --src-b "$(DEMO_DIR)/trainB" --out "$(OUT)" --workers $(WORKERS) --max-per-shard 500 || [ $$? -eq 3 ]
+	$(MAKE) --no-print-directory train CONFIG=configs/demo.yaml ARGS='data.shards="$(OUT)" $(ARGS)'
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -220,3 +220,13 @@ def test_overrides_on_both_sides_of_the_flags():
     assert args.overrides == ["seed=1", "run_dir=r"] and args.deepspeed_config == "x.json"
     # launch.config reaches the config (absent here), not argparse's "unrecognized arguments"
     assert main(["nope.yaml", "seed=1", "--deepspeed_config", "x.json", "seed=2"]) == 2
+
+
+def test_the_config_check_takes_resume_as_the_trainer_does(capsys):
+    from launch.config import main
+
+    demo = str(ROOT / "configs" / "demo.yaml")
+    # make train passes ARGS to both: --resume must not fail the check before the trainer sees it
+    assert main([demo, "--resume", "never", "data.shards=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and err.startswith("error: config key")

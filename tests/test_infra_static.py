@@ -634,6 +634,14 @@ def test_ssh_recipes_refuse_forwarded_secrets(tmp_path, script, var, value):
     assert var in proc.stderr or "credentials" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("script", ["infra/launch/multinode.sh", "infra/launch/openmpi.sh"])
+def test_ssh_recipes_refuse_forwarded_values_the_remote_shell_would_cut(tmp_path, script):
+    # DeepSpeed writes `export NAME=value;` unquoted on the remote command line
+    proc = run_bash([script], env=dry_run_env(tmp_path, MLFLOW_EXPERIMENT_NAME="my exp"))
+    assert proc.returncode == 2 and "MLFLOW_EXPERIMENT_NAME" in proc.stderr, proc.stderr
+    assert "my exp" not in proc.stderr  # values are never printed
+
+
 def test_ssh_recipe_checks_deepspeed_env_in_cwd(tmp_path):
     (tmp_path / ".deepspeed_env").write_text("AWS_SECRET_ACCESS_KEY=abc\n")
     proc = run_bash([str(INFRA / "launch/multinode.sh")], env=dry_run_env(tmp_path), cwd=tmp_path)

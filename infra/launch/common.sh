@@ -21,13 +21,15 @@ die() {
 # Fail when a forwarded variable looks like a secret, or any forwarded value is a URL that
 # embeds user:password@ (MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI, ...). Never print a value.
 refuse_forwarded_secrets() {
-    local name bad=() with_url=()
+    local name bad=() with_url=() unsafe=()
     while IFS= read -r name; do
         [[ $name =~ $UNIT_FORWARDED_PREFIXES ]] || continue
         if [[ $name =~ $UNIT_SECRET_NAMES ]]; then
             bad+=("$name")
         elif [[ ${!name} =~ ://[^/@]+@ ]]; then
             with_url+=("$name")
+        elif [[ ${!name} =~ [[:space:]\;\&\|\$\`\'\"] ]]; then
+            unsafe+=("$name")
         fi
     done < <(compgen -e)
     if ((${#bad[@]})); then
@@ -38,6 +40,10 @@ refuse_forwarded_secrets() {
     if ((${#with_url[@]})); then
         die "${with_url[*]} carries credentials (user:password@host) and would be put on the remote" \
             "command line; put them in ~/.mlflow/credentials instead."
+    fi
+    if ((${#unsafe[@]})); then  # DeepSpeed writes `export NAME=value;` unquoted: a space cuts the value
+        die "${unsafe[*]} holds a space, quote or shell character, which DeepSpeed's remote command" \
+            "line (export NAME=value, unquoted) would cut or run; choose a value without them."
     fi
 }
 
