@@ -124,6 +124,8 @@ def _plain_members(f, size: int) -> list[tuple[str, int, int]]:
             raise _Unusual  # no end-of-archive block, or a cut: tarfile decides what that means
         header = read(pos, _BLOCK)
         if not any(header):
+            if pos + 2 * _BLOCK > size:
+                raise _Unusual  # one end block, then the file ends: cut short (tarfile's reading says so)
             return members  # end of archive, as tarfile stops there
         kind, name, length = _header(header)
         pos += _BLOCK
