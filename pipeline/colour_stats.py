@@ -221,7 +221,7 @@ def _domain_stats(shards, domain: str, image_size: int, max_images: int, seed) -
     quota drawn without replacement; a shard that gives less passes the rest on to the next."""
     from pipeline.augment import AugmentConfig, Augmenter
     from pipeline.layout import DOMAINS
-    from pipeline.loader import Counters, ShardError, ShardReader
+    from pipeline.loader import Counters, ShardError, ShardReader, decode_sample, read_at
     from pipeline.storage import redact
 
     rng = np.random.default_rng([int(seed), DOMAINS.index(domain) + 1])
@@ -242,13 +242,14 @@ def _domain_stats(shards, domain: str, image_size: int, max_images: int, seed) -
         with f:
             if index.truncated:
                 counters.skip("truncated_shard", shard.url, "truncated tar; using the complete samples")
-            got = 0
+            got, read = 0, read_at(f)
             for i in rng.permutation(len(index.samples)).tolist():
                 if got == want:
                     break
-                img = _decode(f, index.samples[i], shard.url, augmenter, counters)
+                # no randomness: train=False (the crop draws are unused, the seed only feeds the jitter)
+                img = decode_sample(read, index.samples[i], shard.url, augmenter, (0.5, 0.5, 1.0), 0, counters)
                 if img is not None:
-                    batch.append(img)
+                    batch.append(np.ascontiguousarray(img[..., ::-1] if augmenter.bgr else img))  # RGB
                     got += 1
                 if len(batch) == STATS_BATCH:
                     out.add(np.stack(batch))
@@ -275,21 +276,3 @@ def _count(reader, shard, counters) -> int:
         return 0
     f.close()
     return len(index.samples)
-
-
-def _decode(f, sample, url: str, augmenter, counters) -> np.ndarray | None:
-    """One sample decoded, resized and centre-cropped, RGB; None (counted) when it cannot be."""
-    from pipeline.augment import TooManyPixels
-
-    key, offset, size = sample
-    try:
-        f.seek(offset)
-        img = augmenter(f.read(size), (0.5, 0.5, 1.0), 0)  # no randomness: train=False
-    except TooManyPixels as e:  # a decompression bomb: nothing was decoded
-        counters.skip("too_many_pixels", url, f"{key}: {e}")
-        return None
-    except Exception as e:  # a bad image is counted and skipped, as the loader does
-        counters.skip("corrupt_sample", url, f"{key}: {type(e).__name__}: {e}")
-        return None
-    counters.samples += 1
-    return np.ascontiguousarray(img[..., ::-1] if augmenter.bgr else img)

@@ -378,7 +378,7 @@ def chunk_rng(seed: int, domain: str, rank: int, worker: int, chunk: int) -> np.
     return np.random.default_rng([seed, _DOMAIN_SEED[domain], rank, worker, chunk])
 
 
-def _read_at(f):
+def read_at(f):
     """read(offset, size) for an open shard: one pread for a file (half the time of seek and read,
     a measurable part of a 64 px sample), seek and read for bytes in memory."""
     try:
@@ -389,6 +389,24 @@ def _read_at(f):
             return f.read(size)
         return read
     return lambda off, size: os.pread(fd, size, off)
+
+
+def decode_sample(read, sample, url: str, augmenter, draw, seed, counters):
+    """One sample (key, offset, size) read with `read` (read_at), decoded and augmented: HWC uint8 in
+    the augmenter's channel order, counted; None, counted under its reason, for a decompression
+    bomb or a sample that cannot be read or decoded: a bad image never stops a stream."""
+    key, off, size = sample
+    try:
+        img = augmenter(read(off, size), draw, seed)
+    except TooManyPixels as e:  # a decompression bomb: skipped before any pixel is decoded
+        counters.skip("too_many_pixels", url, f"{key}: {e}")
+        return None
+    except Exception as e:  # a bad image must never stop training
+        counters.skip("corrupt_sample", url, f"{key}: {type(e).__name__}: {e}")
+        return None
+    counters.samples += 1
+    counters.bytes += size
+    return img
 
 
 def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, counters):
@@ -422,20 +440,11 @@ def sample_stream(shards, domain, seed, rank, worker, start, reader, augmenter, 
                 order = rng.permutation(n).tolist()
                 seeds = rng.integers(0, 2**63, size=n).tolist()
                 draws = rng.random((n, 3)).tolist()  # crop y, crop x, flip: one row per sample
-                samples, read = index.samples, _read_at(f)
+                samples, read = index.samples, read_at(f)
                 for j in range(offset, n):
-                    key, off, size = samples[order[j]]
-                    try:
-                        data = read(off, size)
-                        img = augmenter(data, draws[j], seeds[j])
-                    except TooManyPixels as e:  # a decompression bomb: skipped before any pixel is decoded
-                        counters.skip("too_many_pixels", shard.url, f"{key}: {e}")
+                    img = decode_sample(read, samples[order[j]], shard.url, augmenter, draws[j], seeds[j], counters)
+                    if img is None:
                         continue
-                    except Exception as e:  # a bad image must never stop training
-                        counters.skip("corrupt_sample", shard.url, f"{key}: {type(e).__name__}: {e}")
-                        continue
-                    counters.samples += 1
-                    counters.bytes += size
                     produced += 1
                     nxt = (chunk, j + 1) if j + 1 < n else (chunk + 1, 0)
                     yield img, nxt
