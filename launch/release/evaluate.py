@@ -106,6 +106,12 @@ def unpaired(folder, other, rejected: list) -> list[str]:
             if p.stem not in stems and not any(r.startswith(f"{p}: ") for r in rejected)]
 
 
+def refuse_small_size(size: int | None, min_side: int) -> None:
+    """ValueError for a --size below the model's smallest input side (None: native sizes)."""
+    if size is not None and size < min_side:
+        raise ValueError(f"--size {size}: the model needs at least {min_side} pixels per side")
+
+
 def model_min_side(model) -> int:
     """The smallest image side `model` translates: our pyfunc model's own; for a generator module
     (whose config is not at hand) the strictest of its n_down (reflection padding, instance norm);
@@ -255,8 +261,7 @@ def evaluate_translator(model, test_a=None, truth_b=None, test_b=None, truth_a=N
     """
     opts = opts or EvalOptions(threshold=threshold)
     min_side = min_side or model_min_side(model)
-    if size is not None and size < min_side:
-        raise ValueError(f"--size {size}: the model needs at least {min_side} pixels per side")
+    refuse_small_size(size, min_side)
     fn = as_translate_fn(model)
     out = {}
     for direction, src, truth in (("a2b", test_a, truth_b), ("b2a", test_b, truth_a)):
@@ -285,7 +290,7 @@ def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=
                                rejected=rejected, min_side=min_input_side(meta))
 
 
-def warn_skipped(rejected: list[str], shown: int = 5) -> None:
+def warn_skipped(rejected: list[str], shown: int = NAMED) -> None:
     """One warning naming the test files left out of the evaluation (unusable, or without a partner)."""
     if rejected:
         more = f" and {len(rejected) - shown} more" if len(rejected) > shown else ""
@@ -565,8 +570,7 @@ def main(argv=None) -> int:
         from launch.release.export import min_input_side
 
         min_side = min_input_side(info["meta"]) if info.get("meta") else model_min_side(model)
-        if a.size is not None and a.size < min_side:  # before the baselines and the test split are read
-            raise ValueError(f"--size {a.size}: the model needs at least {min_side} pixels per side")
+        refuse_small_size(a.size, min_side)  # before the baselines and the test split are read
         features = None
         if a.fid_features:
             from launch.release.fid import load_extractor
