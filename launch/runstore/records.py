@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from pipeline.atomic import write_text
 from pipeline.storage import redact_text
-from launch.runstore.store import is_transient
+from launch.runstore.store import embedded_root, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ def artifacts_elsewhere(client, run_id: str) -> str | None:
     """For a run in an embedded store (sqlite at RUN_DIR/mlflow/mlflow.db): its artifact folder when
     that is not RUN_DIR/mlflow/artifacts (the run directory was moved or copied after the run was
     created, and logging there would recreate the old folder or write into the original's), else None."""
-    uri = client.tracking_uri
-    if not (uri.startswith("sqlite:///") and uri.endswith("/mlflow/mlflow.db")):
+    run_dir = embedded_root(client.tracking_uri)
+    if run_dir is None:
         return None
-    root = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    root = run_dir / "mlflow" / "artifacts"
     where = client.get_run(run_id).info.artifact_uri or ""
     if not where.startswith("file://"):
         return None

@@ -37,6 +37,13 @@ def embedded_uri(run_dir) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
 
 
+def embedded_root(uri: str) -> Path | None:
+    """The run directory whose embedded store `uri` is (embedded_uri's inverse), else None."""
+    if uri and uri.startswith("sqlite:///") and uri.endswith("/mlflow/mlflow.db"):
+        return Path(uri[len("sqlite:///"):]).parent.parent
+    return None
+
+
 def embedded_artifacts(run_dir) -> str:
     return (Path(run_dir).resolve() / "mlflow" / "artifacts").as_uri()
 
@@ -68,7 +75,7 @@ def own_store(recorded: str | None, run_dir) -> str | None:
     run directory was moved or copied (the id, not the path, identifies the run), and the recorded
     path would find no run there, or the original's."""
     own = embedded_uri(run_dir)
-    if (recorded and recorded != own and recorded.startswith("sqlite:///") and recorded.endswith("/mlflow/mlflow.db")
+    if (recorded and recorded != own and embedded_root(recorded) is not None
             and (Path(run_dir) / "mlflow" / "mlflow.db").is_file()):
         return own
     return recorded
