@@ -683,8 +683,11 @@ def load_ds_json(path: str | None) -> dict | None:
     return ds
 
 
-# The DeepSpeed JSON's sections that the YAML's config is merged into, and its counts.
-DS_SECTIONS = ("zero_optimization", "fp16", "bf16", "torch_autocast", "optimizer", "scheduler")
+# The DeepSpeed JSON's sections that the YAML's config is merged into (with an example of each for
+# the refusal), and its counts.
+DS_SECTIONS = {"zero_optimization": '{"stage": 1}', "fp16": '{"enabled": true}', "bf16": '{"enabled": true}',
+               "torch_autocast": '{"enabled": true}', "optimizer": '{"type": "Adam", "params": {}}',
+               "scheduler": '{"type": "WarmupLR"}'}
 DS_COUNTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -697,12 +700,9 @@ def check_ds_json(ds, source: str) -> None:
     if not isinstance(ds, dict):
         raise ConfigError(f"{source}: must hold a JSON object ({{\"zero_optimization\": {{\"stage\": 1}}, ...}}), "
                           f"not {json.dumps(ds)[:80]}")
-    for key in DS_SECTIONS:
+    for key, example in DS_SECTIONS.items():
         if key in ds and not isinstance(ds[key], dict):
-            bad(key, ds[key], "an object (e.g. " + ('{"stage": 1}' if key == "zero_optimization" else
-                                                    '{"type": "Adam", "params": {}}' if key == "optimizer" else
-                                                    '{"type": "WarmupLR"}' if key == "scheduler" else
-                                                    '{"enabled": true}') + ")")
+            bad(key, ds[key], f"an object (e.g. {example})")
     if not isinstance(ds.get("optimizer", {}).get("params", {}), dict):
         bad("optimizer.params", ds["optimizer"]["params"], 'an object (e.g. {"lr": 0.0001})')
     for key in DS_COUNTS:
