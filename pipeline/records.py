@@ -76,11 +76,6 @@ def inputs_unchanged(record: dict, inputs: list[Input]) -> tuple[bool, int]:
     return True, hashed
 
 
-def sources_unchanged(record: dict, inputs: list[Input]) -> bool:
-    """Whether every input still has the content the record was made from (`inputs_unchanged`)."""
-    return inputs_unchanged(record, inputs)[0]
-
-
 def refresh_signatures(out: str, record: dict, inputs: list[Input]) -> bool:
     """After `inputs_unchanged` found the content the same, write the record again (atomically)
     with the inputs' current signatures, when any differs from the recorded one: else a
