@@ -62,6 +62,7 @@ class UNITConfig:
     w_recon: float = 100.0     # lambda2: reconstruction L1
     w_kl: float = 0.1          # lambda1: KL of the encodings of real images
     w_cyc: float = 100.0       # lambda4: cycle reconstruction L1
+    w_cyc_b: float | None = None  # the b cycle's own weight (x_bab against x_b; None: w_cyc), see generator_loss
     w_cyc_kl: float = 0.1      # lambda3: KL of the encodings of translated images
     w_r1: float = 0.0          # R1 penalty in the D step (r1_loss); not in the paper or the official code
     r1_every: int = 1          # lazy R1 (StyleGAN2): the penalty in every r1_every-th D step only, weighted by it
@@ -90,8 +91,10 @@ class UNITConfig:
                               ("tta", tuple(TTA_VIEWS))):
             if getattr(self, name) not in allowed:
                 bad(name, f"is not one of {allowed}")
-        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_kl", "w_r1", "w_hue"):
+        for name in ("w_gan", "w_recon", "w_kl", "w_cyc", "w_cyc_b", "w_cyc_kl", "w_r1", "w_hue"):
             v = getattr(self, name)
+            if name == "w_cyc_b" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 bad(name, "must be a number >= 0")
             setattr(self, name, float(v))
@@ -422,7 +425,9 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
         "gan_a": (cfg.w_gan, lambda x: losses.gan_g(dis.dis_a(x), gt), out["x_ba"]),
         "gan_b": (cfg.w_gan, lambda x: losses.gan_g(dis.dis_b(x), gt), out["x_ab"]),
         "cyc_a": (cfg.w_cyc, losses.l1, out["x_aba"], x_a),
-        "cyc_b": (cfg.w_cyc, losses.l1, out["x_bab"], x_b),
+        # With back-translation (cycle_detach) the b cycle trains E_a and G_b on pseudo-pairs
+        # (x_ba, x_b): a supervised a2b term, which w_cyc_b can weigh apart from the a cycle.
+        "cyc_b": (cfg.w_cyc if cfg.w_cyc_b is None else cfg.w_cyc_b, losses.l1, out["x_bab"], x_b),
         "cyc_kl_a": (cfg.w_cyc_kl, losses.kl, out["mu_ab"]),
         "cyc_kl_b": (cfg.w_cyc_kl, losses.kl, out["mu_ba"]),
         # the expected decoders on their pseudo-pairs (UNITGenerator._expected)

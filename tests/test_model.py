@@ -771,3 +771,25 @@ def test_fused_upsampling_compiles_with_inductor_forward_and_backward():
         grads.append((y.float(), *torch.autograd.grad(y.float().pow(2).sum(), [xr, block[1].conv.weight])))
     for eager, compiled in zip(*grads):
         assert torch.allclose(compiled, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())
+
+
+def test_w_cyc_b_weighs_the_b_cycle_apart_from_the_a_cycle():
+    x_a, x_b = images(2, 32)
+    unit = tiny()
+    unit.dis.requires_grad_(False)
+    torch.manual_seed(1)
+    out = unit.gen(x_a, x_b)
+    base, terms = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    assert unit.cfg.w_cyc_b is None and unit.cfg.w_cyc == 100.0
+    heavy = UNITConfig(**{**unit.config(), "w_cyc_b": 300})
+    assert heavy.w_cyc_b == 300.0 and isinstance(heavy.w_cyc_b, float)
+    loss, terms3 = generator_loss(out, x_a, x_b, unit.dis, heavy)
+    assert terms3["cyc_b"].item() == pytest.approx(terms["cyc_b"].item())
+    # only the b cycle's weight moved: 100 -> 300
+    assert loss.item() == pytest.approx(base.item() + 200.0 * terms["cyc_b"].item(), rel=1e-5)
+    off = UNITConfig(**{**unit.config(), "w_cyc_b": 0})
+    loss0, _ = generator_loss(out, x_a, x_b, unit.dis, off)
+    assert loss0.item() == pytest.approx(base.item() - 100.0 * terms["cyc_b"].item(), rel=1e-5)
+    for bad in (-1, "x", True):
+        with pytest.raises(ValueError, match="w_cyc_b"):
+            UNITConfig(w_cyc_b=bad)
