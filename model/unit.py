@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,8 @@ class UNITConfig:
             v = getattr(self, name)
             if name == "w_cyc_b" and v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                bad(name, "must be a number >= 0")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "must be a finite number >= 0")  # NaN passes `v < 0`
             setattr(self, name, float(v))
         if self.expected is None:  # `model.expected=` on the command line
             self.expected = ""

@@ -126,6 +126,23 @@ def parent(url: str) -> str:
     return urllib.parse.urlunsplit((u.scheme, u.netloc, posixpath.dirname(u.path), "", ""))
 
 
+# host, [IPv6] host, either with a port: what may stand between `//` and the first `/`, `?`, `#`
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]@]*)(:\d*)?")
+
+
+def _strip_bad_userinfo(url: str) -> str:
+    """`url` without a user:password@ whose password holds an unencoded `/`, `?` or `#` (an AWS
+    secret key often has a `/`): urllib ends the authority there and reads the credentials as a
+    path. Recognised where what precedes that character is not host[:port] and an `@` follows."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    if ":" not in rest[:end] or _HOST_PORT.fullmatch(rest[:end]) or "@" not in rest[end:]:
+        return url
+    return f"{head}://{rest[rest.index('@', end) + 1:]}"
+
+
 def redact(url: str) -> str:
     """`url` without what may hold a credential: user:password@, the query string (signed URLs),
     the fragment (an object store's key keeps its `?` and `#`: split_url), and a pipe: command's
@@ -136,6 +153,9 @@ def redact(url: str) -> str:
     parts = split_url(url)
     if len(parts.scheme) <= 1:
         return url  # a local path
+    cleaned = _strip_bad_userinfo(url)
+    if cleaned != url:
+        return redact(cleaned)
     if "@" not in parts.netloc and not parts.query and not parts.fragment:
         return url  # nothing to remove; rebuilding would turn sqlite:////abs into sqlite://abs
     host = parts.netloc.rpartition("@")[2]
