@@ -344,6 +344,28 @@ def check_model_config(model: dict) -> None:
 
 # ---------------------------------------------------------------- loading
 
+# Tokens that stand for no text of their own: a BlockEnd closing a mapping (`data=shards: x #2`)
+# or the StreamEnd is placed where the scanner stopped, after a trailing comment, so counting
+# them would hide the comment.
+_MARKER_TOKENS = (yaml.StreamStartToken, yaml.StreamEndToken, yaml.BlockEndToken)
+
+
+def yaml_comment(raw: str) -> str:
+    """The first text of `raw` that YAML skips as a comment ('' when none): whatever lies outside
+    the scanner's tokens but is not whitespace (between tokens, YAML skips only blanks and
+    comments). Raises yaml.YAMLError as the scanner does."""
+    end = 0
+    for token in yaml.scan(raw, Loader=YamlLoader):
+        if isinstance(token, _MARKER_TOKENS):
+            continue
+        gap = raw[end:token.start_mark.index].strip()
+        if gap:
+            return gap.splitlines()[0].strip()
+        end = max(end, token.end_mark.index)
+    rest = raw[end:].strip()
+    return rest.splitlines()[0].strip() if rest else ""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`key.path=value`, the value read as YAML (5 is a number, [0.5, 0.9] a list, an empty value null).
     A value YAML cannot read, or one with a YAML comment (` #...`, which YAML would drop without a
@@ -358,15 +380,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         return key.split("."), None
     quote = f"quote the value to pass it as a string: {key}='{json.dumps(raw)}'"  # JSON strings are YAML
     try:
-        # the scanner's tokens end where YAML stops reading: anything after them is a comment
-        tokens = [t for t in yaml.scan(raw, Loader=YamlLoader)
-                  if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+        dropped = yaml_comment(raw)
         value = load_yaml(raw)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); {quote}") from None
-    dropped = raw[max((t.end_mark.index for t in tokens), default=0):].strip()
     if dropped:
+        if isinstance(value, (dict, list)):  # the whole value as one string is not what was meant
+            quote = ("quote the text that holds the '#' inside the value, as in a YAML file: "
+                     f"""{key}='name: "a #2"'""")
         raise ConfigError(f"override {text!r}: YAML reads {dropped!r} as a comment and would drop it (the value "
                           f"would be {value!r}); {quote}")
     return key.split("."), value
@@ -386,7 +408,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, flags: dict | None = None) -> str:
+    """One line per problem, naming the config key, or the command-line flag that set it (`flags`)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
@@ -395,6 +418,9 @@ def _explain(err: ValidationError) -> str:
         msg = e["msg"].replace("Value error, ", "")
         if not key or msg.startswith(key):  # the message names the key (a check across sections)
             lines.append(f"config key {msg}")
+            continue
+        if key in (flags or {}):
+            lines.append(f"--{key} {value!r}: {msg}")
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -405,7 +431,12 @@ def _explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
+                flags: dict[str, str | None] | None = None) -> Config:
+    """The config file, then `overrides` (key=value, values read as YAML), then `flags`: top-level
+    keys given by a command-line flag (--resume PATH), set as the plain string typed (a None is
+    not given). A flag's value is a path, not YAML: read as YAML, `runs/exp #2` would lose its
+    '#2', `[best]/ckpt` be refused and `2026-12-07` become a date."""
     raw: dict = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -419,10 +450,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         raw.update(loaded)
     raw = apply_overrides(raw, list(overrides))
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    raw.update(flags)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
+        raise ConfigError(_explain(e, flags)) from None
 
 
 def config_hash(cfg: Config) -> str:
@@ -879,8 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = ap.parse_intermixed_args(argv)  # overrides on both sides of --deepspeed_config
     try:
-        resume = [f"resume={args.resume}"] if args.resume is not None else []
-        cfg = load_config(args.config, [*args.overrides, *resume])
+        cfg = load_config(args.config, args.overrides, flags={"resume": args.resume})
         check(cfg, args.deepspeed_config)
         # Here, not in check(): the ranks run check() too, beside their own rank 0 holding the lock.
         from launch.runstore.rundir import run_lock_holder

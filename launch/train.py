@@ -38,12 +38,9 @@ def parse_args(argv=None):
 
 
 def resolve(args) -> tuple[Config, dict | None]:
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"resume={args.resume}")
-    if args.deepspeed_config is not None:
-        overrides.append(f"deepspeed_config={args.deepspeed_config}")
-    cfg = load_config(args.config, overrides)
+    # The flags win over the overrides, and are taken as typed: paths, not YAML (see load_config).
+    cfg = load_config(args.config, args.overrides,
+                      flags={"resume": args.resume, "deepspeed_config": args.deepspeed_config})
     check(cfg, world=launched_world())
     return cfg, load_ds_json(cfg.deepspeed_config)
 

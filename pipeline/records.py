@@ -62,13 +62,20 @@ def inputs_unchanged(record: dict, inputs: list[Input]) -> tuple[bool, int]:
     """(whether every input still has the content the record was made from, how many inputs were
     read and hashed to tell). An input whose listing signature (size, mtime, ctime, inode) matches
     is unchanged without reading it; any other (a regenerated file, a URL without listing metadata)
-    is hashed again."""
+    is hashed again. An input the listing found missing (size -1: a broken link, a list file's
+    path that is not there, an unlistable folder) has no bytes to read: it is unchanged when the
+    record has no digest for it either, and not counted as hashed, since the writer rejects it
+    without reading a byte (counting it would report it hashed on every rerun, forever)."""
     recorded, digests = record.get("inputs", []), record.get("digests", [])
     if len(recorded) != len(inputs) or len(digests) != len(inputs):
         return False, 0
     hashed = 0
     for item, old, digest in zip(inputs, recorded, digests):
         if item.sig is not None and len(old) > 2 and old[2] == item.sig:
+            continue
+        if item.size == -1:
+            if digest is not None:  # it had content when the shard was made: gone since
+                return False, hashed
             continue
         hashed += 1
         if source_digest(item.path, record["limits"]["max_file_bytes"]) != digest:

@@ -92,16 +92,23 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 
 def _positive(text: str) -> int:
-    v = int(text)
+    # ArgumentTypeError, not ValueError: argparse would print "invalid _positive value: '1.5'"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
     return v
 
 
 def _positive_mb(text: str) -> float:
     """A size in MB: a finite number above 0 (0 or less would quarantine everything or cut
     shards of nothing; inf cannot become a byte count)."""
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MB above 0, got {text!r}") from None
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of MB above 0, got {text}")
     return v
