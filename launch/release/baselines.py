@@ -87,25 +87,74 @@ def to_json(stats: dict[str, DomainStats]) -> dict:
                         for d, s in stats.items()}}
 
 
-def from_json(d: dict) -> dict[str, DomainStats]:
+def from_json(d: dict, need: tuple[str, ...] = ()) -> dict[str, DomainStats]:
     """Statistics back from `to_json` (the mode colour and the best constant as saved; a file from
     before the best constant gives the mode colour, the constant it was scored with). Without the
     counting grid the constant is known only at the tolerance it was searched at: `translators`
-    at another tolerance raises ValueError rather than score against a constant chosen for 16."""
+    at another tolerance raises ValueError rather than score against a constant chosen for 16.
+    Every field is checked here (ValueError naming it), so a damaged file fails before any image is
+    translated rather than halfway (a histogram of 3 values, a domain missing); `need`: the domains
+    that must be there (a baselines.json for translating both ways holds a and b)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"baselines: expected a JSON object, got {type(d).__name__}")
     if d.get("format") != FORMAT_VERSION:
         raise ValueError(f"baselines: format {d.get('format')!r}, expected {FORMAT_VERSION}")
-    out = {}
-    for name, v in d["domains"].items():
-        s = DomainStats.empty()
-        s.hist = np.asarray(v["hist"], np.int64).reshape(3, 256)
-        colour = np.asarray(v["mode_colour"], np.float64)
-        k = int(((colour // BIN).astype(int) * [(256 // BIN) ** 2, 256 // BIN, 1]).sum())
-        s.bin_counts[k], s.bin_sums[k] = 1, colour
-        s.constant = np.asarray(v.get("constant_colour", s.mode_colour()), np.uint8)
-        s.constant_tolerance = int(v.get("constant_tolerance", TOLERANCE))  # files before the key: 16
-        s.images = int(v["images"])
-        out[name] = s
-    return out
+    domains = d.get("domains")
+    if not isinstance(domains, dict) or not domains:
+        raise ValueError("baselines: \"domains\" must be an object with domains a and b")
+    wrong, missing = sorted(set(domains) - {"a", "b"}), [n for n in need if n not in domains]
+    if wrong or missing:
+        raise ValueError(f"baselines: domains {sorted(domains)}, expected a and b"
+                         + (f" (missing {', '.join(missing)})" if missing else ""))
+    return {name: _domain_from_json(name, v) for name, v in domains.items()}
+
+
+def _domain_from_json(name: str, v) -> DomainStats:
+    """One domain's statistics from its checked JSON entry."""
+    if not isinstance(v, dict):
+        raise ValueError(f"baselines: domain {name}: expected an object, got {type(v).__name__}")
+    s = DomainStats.empty()
+    s.hist = _hist(name, v.get("hist"))
+    colour = _colour(name, "mode_colour", v.get("mode_colour")).astype(np.float64)
+    k = int(((colour // BIN).astype(int) * [(256 // BIN) ** 2, 256 // BIN, 1]).sum())
+    s.bin_counts[k], s.bin_sums[k] = 1, colour
+    saved = v.get("constant_colour")  # files before the best constant: the mode colour
+    s.constant = s.mode_colour() if saved is None else _colour(name, "constant_colour", saved)
+    s.constant_tolerance = _count(name, "constant_tolerance", v.get("constant_tolerance", TOLERANCE))  # before: 16
+    s.images = _count(name, "images", v.get("images"))
+    return s
+
+
+def _hist(name: str, value) -> np.ndarray:
+    """int64 [3, 256] from a saved histogram: 768 counts >= 0, every channel counting the same pixels."""
+    try:
+        h = np.asarray(value)
+    except ValueError:  # ragged lists
+        h = np.asarray(None)
+    if h.dtype.kind not in "iu" or h.size != 3 * 256:
+        what = f"{h.size} value(s) of type {h.dtype}" if h.dtype != object else repr(value)[:60]
+        raise ValueError(f"baselines: domain {name}: hist must be 3 x 256 integer counts, got {what}")
+    h = h.astype(np.int64).reshape(3, 256)
+    totals = h.sum(axis=1)
+    if (h < 0).any() or totals[0] <= 0 or (totals != totals[0]).any():
+        raise ValueError(f"baselines: domain {name}: hist must hold counts >= 0 of the same pixels in each "
+                         f"channel, got channel totals {totals.tolist()}")
+    return h
+
+
+def _colour(name: str, key: str, value) -> np.ndarray:
+    """uint8 [3] from a saved colour: three ints 0..255."""
+    ok = (isinstance(value, list) and len(value) == 3
+          and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value))
+    if not ok:
+        raise ValueError(f"baselines: domain {name}: {key} must be 3 integers 0..255, got {value!r:.60}")
+    return np.asarray(value, np.uint8)
+
+
+def _count(name: str, key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"baselines: domain {name}: {key} must be an integer >= 0, got {value!r:.60}")
+    return value
 
 
 def save(path, stats: dict[str, DomainStats]) -> Path:
@@ -115,8 +164,12 @@ def save(path, stats: dict[str, DomainStats]) -> Path:
 
 
 def load(path) -> dict[str, DomainStats]:
+    """Statistics from a baselines.json holding both domains; ValueError naming `path` for anything
+    else (a folder, unreadable, not JSON, a field missing or malformed), so the CLIs print one line."""
     path = Path(path)
     try:
-        return from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError) as e:
+        return from_json(json.loads(path.read_text()), need=("a", "b"))
+    except OSError as e:
+        raise ValueError(f"{path}: not a baselines file ({e.strerror or type(e).__name__})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise ValueError(f"{path}: not a baselines file ({type(e).__name__}: {e})") from None

@@ -135,6 +135,9 @@ class CorpusJob:
     rank: int = 0
     world: int = 1
     progress: bool = True
+    started_ns: int = field(default_factory=time.time_ns)
+    """When this rank's run began, before its model was loaded: a record another rank writes with
+    another model from then on is this job's (ModelMismatch), an older one a past job's."""
 
     @property
     def target(self) -> str:
@@ -308,7 +311,7 @@ class _Tail:
     """Reads through a file, counting the bytes and keeping the last TAIL_BYTES of them: tarfile
     ends a stream quietly at a truncated or garbled header, so the end is checked here."""
 
-    TAIL_BYTES = 32 * 1024  # more than a tar's end blocks plus the padding to a 10 KiB record
+    TAIL_BYTES = 32 * 1024  # more than tarfile reads past the block it stops at (a 10 KiB record)
 
     def __init__(self, f):
         self.f, self.total, self.tail = f, 0, b""
@@ -320,12 +323,22 @@ class _Tail:
         return data
 
     def ends_at(self, offset: int) -> bool:
-        """Whether the tar's end-of-archive block (512 zero bytes) lies at `offset` (reads to the end)."""
-        while self.read(1 << 16):
+        """Whether the tar's end-of-archive block (512 zero bytes) lies at `offset` and only zeros
+        follow it (reads to the end). The block is taken before the rest is read: a writer's
+        padding to its record size (GNU tar -b 256: 128 KiB records) can be longer than the tail."""
+        while self.total < offset + 512 and self.read(1 << 16):
             pass
         start = self.total - len(self.tail)
-        block = self.tail[offset - start:offset - start + 512] if offset >= start else b""
-        return len(block) == 512 and not any(block)
+        if offset < start:  # tarfile reads at most a record past its offset: cannot happen
+            return False
+        rest = self.tail[offset - start:]
+        if len(rest) < 512:
+            return False
+        while rest:  # the block at `offset`, then the padding: all zeros
+            if rest.count(0) != len(rest):
+                return False
+            rest = self.read(1 << 16)
+        return True
 
 
 def read_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -353,7 +366,8 @@ def read_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if key is not None:
                 yield key, members
             if not raw.ends_at(tar.offset):
-                raise tarfile.ReadError(f"truncated or damaged after byte {tar.offset} (no end-of-archive block there)")
+                raise tarfile.ReadError(f"truncated or damaged after byte {tar.offset} (no end-of-archive block "
+                                        "there, or data other than zero padding after it)")
 
 
 def decode_rgb(data: bytes, name: str, limits: Limits, size: int | None = None) -> np.ndarray:
@@ -525,7 +539,9 @@ class RankWork:
 
 def write_mine(job: CorpusJob, fps: list[str], bar) -> RankWork:
     """Write this rank's shards (number % world == rank) that are not complete yet."""
-    work = RankWork()
+    # The job's start, not this call's: a record another rank wrote while this one loaded its model
+    # must count as this job's, or rank 0 waits forever for a shard written with another model.
+    work = RankWork(started_ns=job.started_ns)
     for i in range(job.rank, len(job.shards), job.world):
         rec = load_record(job.out, job.target, i)
         if not record_is_current(job.out, rec, fps[i]):
@@ -656,13 +672,14 @@ def main(a) -> int:
     """Corpus mode for parsed arguments; exit status (2: bad arguments or model, raised as ValueError)."""
     from launch.release.translate import load
 
+    started_ns = time.time_ns()  # before the inputs are read and the model loaded (see CorpusJob.started_ns)
     if a.report:
         raise ValueError("--report is for folder mode; in corpus mode the quarantine is OUT/quarantine.parquet")
     shards = source_shards(a.inputs, a.direction)
     job = CorpusJob(None, a.direction, shards, a.out_dir, " ".join(storage.redact(x) for x in a.inputs), model_spec=a.model,
                     batch_size=a.batch_size, ext=a.ext or default_ext(a.inputs, TARGET[a.direction]), size=a.size,
                     rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, started_ns=started_ns)
     if not 0 <= job.rank < job.world:
         raise ValueError(f"RANK={job.rank} WORLD_SIZE={job.world}: need 0 <= RANK < WORLD_SIZE")
     check_out(job)  # before loading the model: fail fast

@@ -41,7 +41,10 @@ NAMED = 5  # unpaired files named on stderr per folder, then a count
 
 
 def pixel_correct(pred, truth, threshold: int = THRESHOLD) -> np.ndarray:
-    """Boolean [..., H, W]: every channel within `threshold` (inclusive) of the truth."""
+    """Boolean [..., H, W]: every channel within `threshold` (inclusive) of the truth. A threshold
+    below 0 is a ValueError: no pixel could count, and a score of 0 would look like a model's."""
+    if threshold < 0:
+        raise ValueError(f"threshold {threshold}: expected >= 0 (per channel, |pred - truth| <= threshold)")
     p, t = np.asarray(pred), np.asarray(truth)
     if p.shape != t.shape:
         raise ValueError(f"pred shape {list(p.shape)} differs from truth shape {list(t.shape)}")
@@ -80,10 +83,14 @@ def load_pairs(test_dir, truth_dir, size: int | None = None, rejected: list | No
     """Test and truth images paired by stem: (stems, test [N,H,W,3], truth [N,H,W,3]).
 
     A usable file whose stem the other folder lacks is left out and appended to `rejected` as
-    "PATH: no partner: ..." (without a list: ValueError), as unusable files are."""
+    "PATH: no partner: ..." (without a list: ValueError), as unusable files are. Each file is
+    listed once: a folder read for both directions (testA as --test-a and --truth-a) or as test
+    and truth adds no second entry for a file `rejected` already names."""
     found = rejected if rejected is not None else []
-    s_test, x = load_folder(test_dir, size, found, min_side)
-    s_truth, y = load_folder(truth_dir, size, found, min_side)
+    unusable: list[str] = []
+    s_test, x = load_folder(test_dir, size, unusable, min_side)
+    s_truth, y = load_folder(truth_dir, size, unusable, min_side)
+    found += [r for r in dict.fromkeys(unusable) if r not in found]
     common = sorted(set(s_test) & set(s_truth))
     if not common:
         raise ValueError(f"{test_dir} and {truth_dir}: no file stems in common, nothing to pair")
@@ -321,9 +328,10 @@ def format_table(res: dict) -> str:
             vals = "".join(f"{fmt.format(m[prefix + key]):>11}" if prefix + key in m else f"{'-':>11}"
                            for key, _, fmt in shown)
             lines.append(f"{d:<10}{label:<14}{m['n']:>5}{vals}")
-        verdict = "beats" if m["margin"] > 0 else "LOSES TO"
-        lines.append(f"{'':<10}model {verdict} the strongest baseline ({m['best_baseline']}) by "
-                     f"{m['margin']:+.4f} pixel accuracy")
+        # a tie is said as one; it still does not beat the baseline (the champion gate's rule too)
+        verdict = "beats" if m["margin"] > 0 else "ties with" if m["margin"] == 0 else "LOSES TO"
+        tail = " in pixel accuracy" if verdict == "ties with" else f" by {m['margin']:+.4f} pixel accuracy"
+        lines.append(f"{'':<10}model {verdict} the strongest baseline ({m['best_baseline']}){tail}")
     notes = list(dict.fromkeys(note for m in res.values() for note in m.get("notes", [])))
     if not any("fid" in m for m in res.values()) and not any(n.startswith("FID") for n in notes):
         from launch.release.fid import NO_WEIGHTS
@@ -557,6 +565,8 @@ def arguments(argv=None) -> argparse.Namespace:
         p.error("give --test-a DIR --truth-b DIR and/or --test-b DIR --truth-a DIR")
     if a.c2st_steps < 0:
         p.error("--c2st-steps must be >= 0")
+    if a.threshold < 0:  # also without baselines.json, where check_tolerance never sees it
+        p.error(f"--threshold {a.threshold}: must be >= 0 (per channel, |pred - truth| <= threshold)")
     return a
 
 
