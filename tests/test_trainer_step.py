@@ -95,7 +95,9 @@ def test_steps_train_log_and_sample_on_their_cadence(corpus, tmp_path):
     assert [r["step"] for r in lines] == [2, 4]                              # log_every 2, and the last step
     assert all(r["images_per_s"] > 0 and "g/total" in r and "loader/batches" in r for r in lines)
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
-    assert grids == ["step-00000003.png", "step-00000004.png"]               # sample_every 3, and the last step
+    assert grids == ["step-00000003.png"]                                    # sample_every 3; the last step's
+    T.write_samples(tr)                                                      # grid is finish_checkpoint's
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())[-1] == "step-00000004.png"
 
 
 def test_nonfinite_steps_are_counted_and_stop_the_run(corpus, tmp_path):

@@ -103,9 +103,11 @@ def test_checkpoint_is_written_before_the_grid_and_a_failed_grid_is_a_warning(co
         raise OSError("No space left on device")
 
     monkeypatch.setattr(T, "save_grid", broken)
-    steps(tr, 4)
+    meter = steps(tr, 4)
     assert tr.state.step == 4                                       # training went on
-    assert order == [("ckpt", 2), ("grid", 2), ("grid", 4)]          # step 4 is the last: run() checkpoints
+    assert order == [("ckpt", 2), ("grid", 2)]                      # step 4 is the last: run()'s to finish
+    T.finish_checkpoint(tr, meter)
+    assert order[2:] == [("ckpt", 4), ("grid", 4)]                  # its checkpoint, then its grid
     assert tr.unit.gen.training
     out = capsys.readouterr().out
     assert "warning: writing the sample grid for step 2 failed (OSError: No space left on device)" in out

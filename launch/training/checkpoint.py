@@ -63,6 +63,9 @@ class TrainState:
     """The MLflow run id, so a resumed run logs into the same MLflow run."""
     nonfinite_total: int = 0
     """Steps skipped because a loss was NaN/inf, over the whole run."""
+    nonfinite_run: int = 0
+    """Such steps in a row up to this one: a streak goes on across a resume, so train.max_nonfinite
+    stops a run that fails again right after every relaunch."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,6 +75,7 @@ class TrainState:
         self.step = int(meta["step"])
         self.run_id = meta.get("run_id")
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
+        self.nonfinite_run = int(meta.get("nonfinite_run", 0))  # absent in checkpoints of earlier versions
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -136,16 +140,20 @@ def plan_resume(run_dir: str | Path, resume: str, trust_path: bool = False) -> P
     return _explicit_checkpoint(root, Path(resume), own, trust_path)
 
 
-def _newest_usable(own: list[Path]) -> Path | None:
+def _newest_usable(own: list[Path], warn: bool = True) -> Path | None:
     """The newest of `own` that holds everything save() writes: a marked one missing G/ or D/ (a
     damaged copy) would fail only after both engines are built. Passed over with a warning; when
-    none is usable, RunDirError (starting over at step 0 would meet the marked folders on the way)."""
+    none is usable, RunDirError (starting over at step 0 would meet the marked folders on the way).
+    With `warn` False (write_failure's hint): neither the warnings nor the error, None instead."""
     for path in reversed(own):
         problems = checkpoint_problems(path)
         if not problems:
             return path
-        print(f"warning: resume=auto passes over {path}: not a complete checkpoint ({'; '.join(problems)})",
-              file=sys.stderr, flush=True)
+        if warn:
+            print(f"warning: resume=auto passes over {path}: not a complete checkpoint ({'; '.join(problems)})",
+                  file=sys.stderr, flush=True)
+    if not warn:
+        return None
     if own:
         names = ", ".join(p.name for p in own)
         raise RunDirError(f"resume=auto: none of the run's marked checkpoints is complete ({names}); "
@@ -212,13 +220,47 @@ def _barrier():
         dist.barrier()
 
 
-def _rank0_says(flag: bool) -> bool:
-    """Rank 0's `flag` on every rank, so all take the same branch around DeepSpeed's collective save."""
+def _rank0_shares(value):
+    """Rank 0's `value` on every rank, so all take the same branch around DeepSpeed's collective save."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    shared = [flag]
+        return value
+    shared = [value]
     dist.broadcast_object_list(shared, src=0)
-    return bool(shared[0])
+    return shared[0]
+
+
+def _rank0_says(flag: bool) -> bool:
+    return bool(_rank0_shares(flag))
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (full disk, file-size limit, I/O error); the message says why and
+    which complete checkpoint is left to resume from."""
+
+
+class CheckpointFolderError(CheckpointWriteError):
+    """The step folder a checkpoint goes to is taken (another run's checkpoint, a user's file): not
+    a disk problem, and raised on every rank (rank 0 alone would leave the others in a barrier)."""
+
+
+def _folder_verdict(d: Path, run_uid: str | None) -> str:
+    """Rank 0: what save() does with step folder `d`: "write" (absent), "keep" (the run's own
+    complete checkpoint of this step), "rewrite" (a leftover: unmarked, or marked but damaged, and
+    holding only save()'s files), else the error message naming the folder."""
+    if not d.exists() and not d.is_symlink():
+        return "write"
+    if d.is_symlink() or not d.is_dir():
+        return f"{d} exists and is not a folder this trainer wrote (a link or a file); move it away"
+    marker = read_json(d / MARKER) if (d / MARKER).is_file() else None
+    if marker is not None and marker.get("run_uid") != run_uid:  # prune leaves it: so does save
+        return (f"{d} holds another run's checkpoint (run_uid {marker.get('run_uid')!r}, this run is "
+                f"{run_uid!r}); move it away")
+    if marker is not None and not checkpoint_problems(d):
+        return "keep"
+    if not only_ours(d):
+        strays = sorted(p.name for p in d.iterdir() if not (_OURS.match(p.name) or TEMP_NAME.match(p.name)))
+        return f"{d} exists and holds files this trainer did not write ({', '.join(strays[:5])}); move them away"
+    return "rewrite"
 
 
 def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state: dict,
@@ -227,15 +269,17 @@ def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state:
     checkpoint as the run's own (for resuming and pruning)."""
     d = step_dir(run_dir, step)
     run_uid = (meta or {}).get("run_uid")
-    # A relaunch of a finished run (already at max_steps) saves the step it resumed from: that
+    # Decided by rank 0 before the collective and shared, so every rank returns or raises together.
+    verdict = _rank0_shares(_folder_verdict(d, run_uid) if rank == 0 else None)
+    # "keep": a relaunch of a finished run (already at max_steps) saves the step it resumed from; that
     # complete checkpoint holds this state already, and deleting it to rewrite it would leave no copy
     # of the step (none at all with keep 1) if the rewrite failed (full disk, crash).
-    if _rank0_says(rank == 0 and d in complete_checkpoints(run_dir, run_uid)):
+    if verdict == "keep":
         return d
-    if rank == 0 and d.exists():
-        if not only_ours(d):
-            raise RuntimeError(f"{d} exists and holds files this trainer did not write; move them away")
-        shutil.rmtree(d)  # a leftover of a crash at this very step: never marked, rewrite it
+    if verdict not in ("write", "rewrite"):
+        raise CheckpointFolderError(verdict)
+    if rank == 0 and verdict == "rewrite":
+        shutil.rmtree(d)  # a leftover of a crash at this very step, or a damaged copy: rewrite it
     _barrier()
     d.mkdir(parents=True, exist_ok=True)
     eng_g.save_checkpoint(str(d), tag="G", save_latest=False)
@@ -253,11 +297,6 @@ def save(run_dir: str | Path, step: int, eng_g, eng_d, *, rank: int, rank_state:
     return d
 
 
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed (full disk, file-size limit, I/O error); the message says why and
-    which complete checkpoint is left to resume from."""
-
-
 def _first_oserror(exc: BaseException | None) -> OSError | None:
     seen = 0
     while exc is not None and seen < 10:
@@ -267,8 +306,9 @@ def _first_oserror(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def write_failure(run_dir: str | Path, step: int, exc: BaseException) -> str:
-    """One line naming the checkpoint, the cause and the way out.
+def write_failure(run_dir: str | Path, step: int, exc: BaseException, run_uid: str | None = None) -> str:
+    """One line naming the checkpoint, the cause and the way out; the checkpoint left to resume from
+    is the one resume=auto would take (the run's own `run_uid`, by default the run directory's).
 
     torch.save reports a full disk as a bare RuntimeError ("unexpected pos ...", "iostream error"),
     so the cause is found by asking the filesystem: a 1 MiB probe write next to the checkpoint,
@@ -304,8 +344,12 @@ def write_failure(run_dir: str | Path, step: int, exc: BaseException) -> str:
         free = "free space unknown"
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     limit = "" if soft == resource.RLIM_INFINITY else f", file-size limit (ulimit -f) {soft} bytes"
-    prev = latest_complete(run_dir)
-    keep = (f"the last complete checkpoint {prev} is intact; free space and run again to resume from it"
+    if run_uid is None:
+        run_uid = (read_run_marker(run_dir) or {}).get("run_uid")
+    prev = _newest_usable(complete_checkpoints(run_dir, run_uid), warn=False)
+    # free space is the way out only when the filesystem said no
+    again = "free space and run again" if cause is not None else "remove the cause and run again"
+    keep = (f"the last complete checkpoint {prev} is intact; {again} to resume from it"
             if prev is not None else "there is no earlier complete checkpoint")
     return f"writing checkpoint {d} failed: {reason} ({free}{limit}); it is not marked complete and " \
            f"will never be resumed from; {keep}"

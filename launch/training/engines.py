@@ -121,45 +121,55 @@ def all_finite(values, device) -> bool:
 
 def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | None = None,
              poison: bool = False, step: int = 1) -> StepResult | None:
-    """One UNIT iteration on one micro-batch; None when a loss was non-finite on any rank (nothing updated
-    by that half of the step, and every rank made the same decision). `autocast`: the dtype the forward
-    passes run in (bf16), None for none; backward runs outside it, as torch.autocast asks. `step`: the
-    1-based optimizer step this micro-batch belongs to (lazy R1 decides by it)."""
-    from model.unit import discriminator_loss, generator_loss, r1_loss
+    """One UNIT iteration on one micro-batch; None when a loss was non-finite on any rank (then neither
+    engine backpropagated or stepped, and every rank made the same decision). `autocast`: the dtype
+    the forward passes run in (bf16), None for none; backward runs outside it, as torch.autocast asks.
+    `step`: the 1-based optimizer step this micro-batch belongs to (lazy R1 decides by it)."""
+    from model.unit import generator_loss
 
     def amp():
         return torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
 
     dis = eng_d.module
-    # Generator step: one pass of encoders and generators; discriminators frozen, plain modules.
+    # Generator loss: one pass of encoders and generators; discriminators frozen, plain modules.
     dis.requires_grad_(False)
     try:
         with amp():
             out = eng_g(x_a, x_b)
             loss_g, terms_g = generator_loss(out, x_a, x_b, dis, ucfg)
-        if poison:  # fault injection for tests
-            loss_g = loss_g * float("nan")
-        if not all_finite([loss_g], device):
-            return None
-        eng_g.backward(loss_g)
-        eng_g.step()
     finally:
         dis.requires_grad_(True)
+    if poison:  # fault injection for tests
+        loss_g = loss_g * float("nan")
+    # The discriminator loss before either engine steps: it sees the detached translations and the
+    # discriminators' weights, neither of which the generator step changes, so its value is the one
+    # it had after that step. A non-finite loss in either half then skips both halves: a generator
+    # step alone would leave the two learning-rate schedules a step apart for the rest of the run.
+    loss_d, terms_d = _discriminator_loss(eng_d, x_a, x_b, out, ucfg, step, amp)
+    if not all_finite([loss_g, loss_d], device):
+        return None
+    # loss_g's graph was recorded with the discriminators frozen, so no gradient reaches them here
+    eng_g.backward(loss_g)
+    eng_g.step()
+    eng_d.backward(loss_d)  # one backward of the whole discriminator loss (shared notes)
+    eng_d.step()
+    return StepResult(loss_g.detach(), loss_d.detach(), terms_g, terms_d)
 
-    # Discriminator step: the same iteration's translations, detached; one backward of the whole loss.
+
+def _discriminator_loss(eng_d, x_a, x_b, out: dict, ucfg, step: int, amp) -> tuple[torch.Tensor, dict]:
+    """The discriminator step's loss through its engine: the iteration's translations detached,
+    plus the R1 penalty on the steps lazy R1 picks."""
+    from model.unit import discriminator_loss, r1_loss
+
     with amp():
         preds = eng_d(x_a, x_b, out["x_ba"].detach(), out["x_ab"].detach())
         loss_d, terms_d = discriminator_loss(preds, ucfg)
     # R1 outside autocast: a double backward through the discriminators in their parameter dtype
     # (half under fp16), the penalty reduced in fp32
-    penalty, terms_r1 = r1_loss(dis, x_a, x_b, ucfg, step)
+    penalty, terms_r1 = r1_loss(eng_d.module, x_a, x_b, ucfg, step)
     if penalty is not None:
         loss_d, terms_d = loss_d + penalty, {**terms_d, **terms_r1}
-    if not all_finite([loss_d], device):
-        return None
-    eng_d.backward(loss_d)
-    eng_d.step()
-    return StepResult(loss_g.detach(), loss_d.detach(), terms_g, terms_d)
+    return loss_d, terms_d
 
 
 def mean_across_ranks(terms: dict, device) -> dict:

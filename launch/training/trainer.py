@@ -5,10 +5,11 @@
     # one step alone (tests): train_step(trainer, next_batch, meter) -> StepResult | None
 
 One iteration, in the only pattern that is exact at ZeRO 0-2 (shared notes, launch/training/engines.py):
-  1. generator step: one full pass of the generator side through its engine; the discriminators
-     are frozen and called as plain modules; engG.backward; engG.step.
-  2. discriminator step: the same iteration's translations, detached; one engD.backward of the
-     whole discriminator loss; engD.step.
+  1. generator loss: one full pass of the generator side through its engine; the discriminators
+     are frozen and called as plain modules.
+  2. discriminator loss: the same iteration's translations, detached, through D's engine.
+  3. both losses finite on every rank, else the whole step is skipped; then engG.backward,
+     engG.step, one engD.backward of the whole discriminator loss, engD.step.
 
 Every part is always built (EMA with decay 0 is a copy of the last weights, the watchdog with
 timeout 0 does nothing, the tracker on ranks other than 0 is disabled), so the loop has no
@@ -52,6 +53,7 @@ from launch.training.watchdog import StallWatchdog
 from model.ema import EMA
 from model.unit import UNIT, UNITGenerator
 from pipeline.loader import UnpairedLoader, reshaped_state
+from pipeline.atomic import write_text
 from pipeline.tensors import normalize
 
 
@@ -102,8 +104,16 @@ class Trainer:
     precision: str = "fp32"                   # resolved train.precision: fp32, bf16 or fp16
     rng_to_restore: dict | None = None        # set after start-up, which draws from the RNG
     samples: tuple | None = None              # held-out (x_a, x_b) for the sample grids (rank 0)
-    nonfinite_run: int = 0
     nan_steps: set = field(default_factory=set)
+
+    @property
+    def nonfinite_run(self) -> int:
+        """Non-finite steps in a row; kept in the TrainState, so a streak goes on across a resume."""
+        return self.state.nonfinite_run
+
+    @nonfinite_run.setter
+    def nonfinite_run(self, value: int) -> None:
+        self.state.nonfinite_run = value
 
     @property
     def run_dir(self) -> Path:
@@ -286,6 +296,8 @@ def restore(tr: Trainer, path: Path) -> None:
     for engine in (tr.eng_g, tr.eng_d):  # the schedule's rate at this step (max_steps may have changed)
         sync_lr(engine)
     tr.state.load_state_dict(meta)
+    if tr.ranks.is_main:
+        trim_metrics(tr.run_dir / rundir.METRICS_NAME, tr.state.step)
     if rank_state is not None and int(meta.get("world_size", tr.ranks.world)) == tr.ranks.world:
         tr.loader.load_state_dict(rank_state["loader"])
         tr.rng_to_restore = rank_state["rng"]
@@ -299,6 +311,23 @@ def restore(tr: Trainer, path: Path) -> None:
     if ema_state is not None:
         tr.ema.load_state_dict(ema_state)
     tr.say(f"resumed from {path} at step {tr.state.step}")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Rank 0 on resume: metrics.jsonl without the lines of steps after `step` (the checkpoint's),
+    which the resumed run logs again (one line per logged step). Written atomically; a line that
+    is not JSON (cut by the kill) goes too, else the next line would be appended to it."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(logged, int) and logged <= step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
 
 
 def start_tracking(tr: Trainer) -> None:
@@ -350,11 +379,11 @@ def train_step(tr: Trainer, next_batch: Callable[[], dict], meter: Meter) -> Ste
 
 def count_nonfinite(tr: Trainer) -> None:
     tr.state.nonfinite_total += 1
-    tr.nonfinite_run += 1
+    tr.state.nonfinite_run += 1
     if tr.eng_g.gradient_accumulation_steps() > 1:
-        # The step ended part-way through its micro-batches: the engines keep the gradients already
-        # backpropagated and their micro-step counts (G's one ahead when D's loss was the bad one),
-        # so every later optimizer step would span two trainer steps. DeepSpeed has no public call
+        # The step ended part-way through its micro-batches: the engines keep the gradients of the
+        # micro-batches already backpropagated and their micro-step counts, so every later
+        # optimizer step would span two trainer steps. DeepSpeed has no public call
         # that drops a partial accumulation (at ZeRO 1/2 zero_grad leaves the optimizer's buffers),
         # so nothing is skipped: stop; every checkpoint was written at an accumulation boundary.
         raise FloatingPointError(f"non-finite loss at step {tr.state.step} with train.grad_accum_steps = "
@@ -362,9 +391,9 @@ def count_nonfinite(tr: Trainer) -> None:
                                  "through its accumulation, so the run stops at the first one; resume from the "
                                  "last checkpoint (lower optim.lr_g/lr_d or check the data)")
     tr.say(f"step {tr.state.step}: non-finite loss on some rank, step skipped on all ranks "
-           f"({tr.nonfinite_run} in a row, {tr.state.nonfinite_total} in total)")
-    if tr.nonfinite_run >= tr.cfg.train.max_nonfinite:
-        raise FloatingPointError(f"{tr.nonfinite_run} consecutive steps had a NaN/inf loss (last at step "
+           f"({tr.state.nonfinite_run} in a row, {tr.state.nonfinite_total} in total)")
+    if tr.state.nonfinite_run >= tr.cfg.train.max_nonfinite:
+        raise FloatingPointError(f"{tr.state.nonfinite_run} consecutive steps had a NaN/inf loss (last at step "
                                  f"{tr.state.step}); stopping. Lower optim.lr_g/lr_d or check the data.")
 
 
@@ -373,19 +402,20 @@ def after_step(tr: Trainer, result: StepResult | None, meter: Meter) -> None:
     tr.state.step += 1
     step, train = tr.state.step, tr.cfg.train
     tr.watchdog.beat(step)
-    tr.ema.update(tr.eng_g.module)  # also after a skipped step: its generator half may have stepped
+    tr.ema.update(tr.eng_g.module)  # also after a skipped step (no weights moved): its count follows the steps
     if result is None:
         count_nonfinite(tr)  # (stops the run after too many in a row)
     else:
-        tr.nonfinite_run = 0
+        tr.state.nonfinite_run = 0
         if due(step, train.log_every, train.max_steps):
             log_step(tr, result, meter)
     # Due also after a skipped step, else one non-finite loss at step ckpt_every puts off the next
-    # checkpoint by a whole interval. The checkpoint first: a grid that fails (or is slow) then costs no progress.
+    # checkpoint by a whole interval. The checkpoint first: a grid that fails (or is slow) then costs
+    # no progress. The last step's checkpoint and then its grid are run()'s (finish_checkpoint).
     if step % train.ckpt_every == 0 and step < train.max_steps:
         save_checkpoint(tr)
         tr.watchdog.beat(step)
-    if tr.ranks.is_main and due(step, train.sample_every, train.max_steps):
+    if tr.ranks.is_main and step % train.sample_every == 0 and step < train.max_steps:
         write_samples(tr)
 
 
@@ -457,8 +487,10 @@ def save_checkpoint(tr: Trainer) -> Path:
     try:
         return ckpt.save(tr.run_dir, step, tr.eng_g, tr.eng_d, rank=tr.ranks.rank, rank_state=rank_state, meta=meta,
                          ema_state=tr.ema.state_dict(), keep=cfg.train.keep_ckpts)
+    except ckpt.CheckpointFolderError:
+        raise  # the step folder is taken: its message says so, nothing about the disk
     except Exception as e:  # a full disk surfaces from torch.save as a bare RuntimeError
-        raise ckpt.CheckpointWriteError(ckpt.write_failure(tr.run_dir, step, e)) from e
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(tr.run_dir, step, e, tr.state.run_uid or None)) from e
 
 
 # ---------------------------------------------------------------- the run
@@ -493,6 +525,25 @@ def start_stream(tr: Trainer) -> Callable[[], dict]:
     return lambda: first.pop() if first else next(it)
 
 
+def start_metered(tr: Trainer) -> tuple[Callable[[], dict], Meter]:
+    """start_stream, and a Meter whose clock started before it: the start-up (workers, first batch)
+    counts as data wait within the first metric line's interval, so that line's fraction stays <= 1."""
+    meter = Meter(start_step=tr.state.step)
+    next_batch = start_stream(tr)
+    meter.wait = time.perf_counter() - meter.t_start
+    return next_batch, meter
+
+
+def finish_checkpoint(tr: Trainer, meter: Meter) -> Path:
+    """Every rank: the last step's checkpoint, then (rank 0) its grid, in the order after_step keeps
+    for every other step. A relaunch of a finished run ran no steps: its checkpoint is found
+    complete (ckpt.save) and its grid was written by the launch that ran it."""
+    final = save_checkpoint(tr)
+    if tr.ranks.is_main and tr.state.step > meter.start_step:
+        write_samples(tr)
+    return final
+
+
 # train.compile compiles lazily, in the first step of each launch (about 3.5 min on an H100 for the
 # paper's step, longer on CPU ranks), which train.stall_timeout_s was not meant to cover.
 COMPILE_ALLOWANCE_S = 1800.0
@@ -510,10 +561,7 @@ def compile_allowance_steps(cfg: Config) -> int:
 def run(tr: Trainer) -> dict:
     """Every rank: train to train.max_steps, checkpoint, and (rank 0) export; returns a summary."""
     cfg = tr.cfg
-    t0 = time.perf_counter()
-    next_batch = start_stream(tr)
-    meter = Meter(start_step=tr.state.step)
-    meter.wait = time.perf_counter() - t0
+    next_batch, meter = start_metered(tr)
     tr.say(f"training {cfg.train.max_steps - tr.state.step} steps on {tr.ranks.world} rank(s) ({tr.ranks.device_name}, "
            f"{tr.precision}{', compiled' if cfg.train.compile else ''}, ZeRO {tr.ds['zero_optimization']['stage']}), "
            f"batch {cfg.data.batch_size}x{tr.ranks.world}x{tr.eng_g.gradient_accumulation_steps()}, run dir {tr.run_dir}")
@@ -526,7 +574,7 @@ def run(tr: Trainer) -> dict:
                       until_step=tr.state.step + compile_allowance_steps(cfg))
     while tr.state.step < cfg.train.max_steps:
         after_step(tr, train_step(tr, next_batch, meter), meter)
-    final = save_checkpoint(tr)
+    final = finish_checkpoint(tr, meter)
     tr.watchdog.stop()
     summary = {"rank": tr.ranks.rank, "step": tr.state.step, "steps_run": tr.state.step - meter.start_step,
                "seconds": time.perf_counter() - meter.t_start, "checkpoint": str(final),
