@@ -5,7 +5,8 @@ register_run(run_dir, ...) does, in order:
      unless the caller passes that evaluation (the end of training has it already);
   2. log the metrics and the translator as a self-contained pyfunc model from code
      (launch/release/pyfunc_model.py; artifacts: translator.safetensors + translator.json; code:
-     SHIPPED_MODULES) to the training run named in RUN_DIR/tracking.json, with signature, input
+     SHIPPED_MODULES) to the training run named in RUN_DIR/tracking.json (a new run "-register"
+     when there is none, or --tracking-uri names a store without it), with signature, input
      example, requirements (what the shipped code imports, pinned) and tags;
   3. register it under `name` and point the alias `candidate` at the new version;
   4. point `champion` at it only when the gate passes, on the gate metric test/pixel_acc_a2b
@@ -143,15 +144,22 @@ def log_model(uri: str, run_id: str, **kwargs):
 
     # The logged model is filed under the fluent API's experiment: name the run's, or it lands in
     # experiment 0, whose artifact root on a SQLite store is ./mlruns in the working directory.
+    # MLFLOW_EXPERIMENT_NAME wins over the id in MLflow: one naming another experiment makes Model.log
+    # raise (id and name disagree), one naming no experiment creates it and files the model there.
     experiment = make_client(uri).get_run(run_id).info.experiment_id
-    with fluent_uri(uri), own_imports(), env_var("MLFLOW_EXPERIMENT_ID", experiment):
+    with fluent_uri(uri), own_imports(), env_var("MLFLOW_EXPERIMENT_ID", experiment), \
+            env_var("MLFLOW_EXPERIMENT_NAME", None):
         return Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, **kwargs)
 
 
 @contextlib.contextmanager
-def env_var(name: str, value: str):
+def env_var(name: str, value: str | None):
+    """Environment variable `name` set to `value` (None: unset) for the block, then put back."""
     saved = os.environ.get(name)
-    os.environ[name] = value
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
@@ -191,11 +199,14 @@ def signature():
 
 
 def input_example(test_dir, size: int | None) -> np.ndarray:
-    """One test image (or a gradient when there is no test split) as a [1, H, W, 3] batch."""
-    if test_dir:
-        files = imageio.image_files(test_dir)
-        if files:
-            return imageio.read_rgb(files[0], size=size)[None]
+    """The first test image that reads (or a gradient when none does, or there is no test split) as
+    a [1, H, W, 3] batch. An unusable file was left out of the evaluation with a warning already
+    (evaluate.warn_skipped); it must not fail the registration here."""
+    for path in imageio.image_files(test_dir) if test_dir else []:
+        try:
+            return imageio.read_rgb(path, size=size)[None]
+        except (ValueError, OSError):  # ImageRejected / NotAnImage are ValueErrors; a vanished file: OSError
+            continue
     s = size or 32
     ramp = np.linspace(0, 255, s, dtype=np.float32)
     img = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (s, 1)), np.tile(ramp[:, None], (1, s))], -1)
@@ -338,11 +349,9 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
 
     uri, info = run_tracking(run_dir, tracking_uri)
     client = make_client(uri)
-    run_id, own_run = info.get("run_id"), False
-    if not run_id:  # tracking was off or never reached the server: a run just for the model
-        run_id = open_run(client, run_dir, info.get("experiment") or "unit", run_name=f"{run_dir.name}-register")
-        own_run = True
-    tags = version_tags(run_dir, client.get_run(run_id), meta, metrics, digest)
+    run_id, run = model_run(client, run_dir, info, tracking_uri)
+    own_run = run_id != info.get("run_id")
+    tags = version_tags(run_dir, run, meta, metrics, digest)
     rec = metrics_record(metrics, int(meta.get("step") or 0))
     if rec:
         send(client, run_id, rec)
@@ -363,6 +372,27 @@ def register_run(run_dir, name: str = "unit-translator", test_a=None, truth_b=No
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "tracking_uri": redact(uri), "aliases": aliases, "promoted": promoted, "reason": reason,
             "metrics": metrics, "gate_metric": key, "champion_before": champion_before, "evaluation": res}
+
+
+def model_run(client, run_dir: Path, info: dict, tracking_uri: str | None):
+    """(run id, run) the model is logged to: the training run tracking.json names, else a new run just
+    for the model (tracking was off or never reached the server; or --tracking-uri names another
+    store than the one the run was tracked in, which does not have that run)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, record = info.get("run_id"), True
+    if run_id:
+        try:
+            return run_id, client.get_run(run_id)
+        except MlflowException as e:
+            if not tracking_uri or e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # the recorded store lost the run, or gave no answer: not ours to paper over
+            print(f"warning: run {run_id} (RUN_DIR/tracking.json) is not in {redact(tracking_uri)}: the model is "
+                  "logged to a new run there", file=sys.stderr, flush=True)
+            record = False  # tracking.json keeps naming the training run and its store
+    run_id = open_run(client, run_dir, info.get("experiment") or "unit", run_name=f"{run_dir.name}-register",
+                      record=record)
+    return run_id, client.get_run(run_id)
 
 
 def with_baselines(run_dir: Path, export_dir: Path, opts: "ev.EvalOptions") -> "ev.EvalOptions":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.storage import redact_text
+from pipeline.storage import redact, redact_text
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 SECRET_WORDS = ("key", "token", "secret", "password", "credential", "auth")  # in a key name, any case
@@ -38,10 +38,22 @@ def mask_secrets(v, secret: bool = False):
     return MASK if secret else v
 
 
+def without_pipe_args(v):
+    """`v` with every "pipe:" command string in it (lists included) cut to its program name
+    (storage.redact): a shard spec's command carries its own credentials (curl -u user:pass,
+    a header with a token) that no URL pattern finds."""
+    if isinstance(v, str):
+        return redact(v) if v.startswith("pipe:") else v
+    if isinstance(v, (list, tuple)):
+        return [without_pipe_args(x) for x in v]
+    return v
+
+
 def param_value(v) -> str:
     """A value as an MLflow param: strings as they are, anything else as JSON; cut to MAX_PARAM_LEN.
-    URLs in it lose what may hold a credential (user:password@, a signed URL's query): a config's
-    tracking.uri or shard URLs are logged as params."""
+    URLs in it lose what may hold a credential (user:password@, a signed URL's query), a pipe:
+    command its arguments: a config's tracking.uri or shard specs are logged as params."""
+    v = without_pipe_args(v)
     s = redact_text(v if isinstance(v, str) else json.dumps(v, default=str))
     return s if len(s) <= MAX_PARAM_LEN else s[:MAX_PARAM_LEN - 3] + "..."
 

@@ -93,15 +93,26 @@ def recorded_run(run_dir, uri: str) -> str | None:
 
 
 def without_password(uri: str) -> str:
-    """`uri` with the password of a user:password@ left out, and nothing else changed: the user, a
-    database URI's options (postgresql://mlflow@db/runs?sslmode=require) are what reconnecting needs;
-    the password comes back from the caller, MLFLOW_TRACKING_URI or MLflow's credential variables."""
+    """`uri` with the password of a user:password@ and the query parameters whose names say secret
+    (params.names_secret: ?password=, ?token=, ?api_key=) left out, and nothing else changed: the
+    user, a database URI's other options (postgresql://mlflow@db/runs?sslmode=require) are what
+    reconnecting needs; the secrets come back from the caller, MLFLOW_TRACKING_URI or MLflow's
+    credential variables."""
+    from launch.runstore.params import names_secret
+
+    uri, q, query = uri.partition("?")
+    if q:
+        query, h, fragment = query.partition("#")
+        # raw items, not parse_qsl + urlencode: what is kept stays byte for byte as it was written
+        kept = [item for item in query.split("&") if not names_secret(urllib.parse.unquote_plus(item.partition("=")[0]))]
+        q = "?" if kept else ""
+        query = "&".join(kept) + h + fragment
     scheme, sep, rest = uri.partition("://")
     netloc, slash, path = rest.partition("/")
     userinfo, at, host = netloc.rpartition("@")
-    if not (sep and at and ":" in userinfo):
-        return uri
-    return f"{scheme}://{userinfo.partition(':')[0]}@{host}{slash}{path}"
+    if sep and at and ":" in userinfo:
+        uri = f"{scheme}://{userinfo.partition(':')[0]}@{host}{slash}{path}"
+    return uri + q + query
 
 
 def make_client(uri: str):
@@ -153,10 +164,31 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, (ValueError, TypeError, KeyError, LookupError, FileNotFoundError))
 
 
-def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_name: str | None = None) -> str:
+def experiment_id(client, run_dir: Path, experiment: str) -> str:
+    """The id of `experiment`, created when missing. Two launches starting together on a fresh server
+    both find none; the one whose create is refused (RESOURCE_ALREADY_EXISTS) takes the other's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    loc = embedded_artifacts(run_dir) if client.tracking_uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(experiment, artifact_location=loc)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:  # refused for another reason, or removed for good meanwhile
+            raise
+        return exp.experiment_id
+
+
+def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_name: str | None = None,
+             record: bool = True) -> str:
     """Resume `run_id` (set it RUNNING) or create a run in `experiment` (created when missing);
-    writes RUN_DIR/tracking.json and returns the run's id. A run the server does not know is
-    replaced by a new one (with a warning); no answer raises."""
+    writes RUN_DIR/tracking.json (unless not `record`) and returns the run's id. A run the server
+    does not know is replaced by a new one (with a warning); no answer raises."""
     from mlflow.exceptions import MlflowException
 
     run_dir, uri = Path(run_dir), client.tracking_uri
@@ -170,14 +202,11 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
                         redact_text(str(e)))
             run_id = None
     if not run_id:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            loc = embedded_artifacts(run_dir) if uri.startswith("sqlite:") else None
-            exp_id = client.create_experiment(experiment, artifact_location=loc)
-        else:
-            exp_id = exp.experiment_id
-        run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags={"run_dir": str(run_dir.resolve())})
+        run = client.create_run(experiment_id(client, run_dir, experiment), run_name=run_name or run_dir.name,
+                                tags={"run_dir": str(run_dir.resolve())})
         run_id = run.info.run_id
+    if not record:
+        return run_id
     # tracking.json is world-readable and copied with the run: the URI goes in without its password
     marker = read_run_marker(run_dir) or {}
     write_json(run_dir / TRACKING_JSON, {"tracking_uri": without_password(uri), "experiment": experiment,
