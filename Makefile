@@ -117,10 +117,12 @@ ablation: $(STAMP)
 
 # A team tracking server on PostgreSQL with proxied artifacts, e.g.
 #   MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow make mlflow-server
+# mlflow server reads MLFLOW_BACKEND_STORE_URI itself (the envvar of --backend-store-uri), so the
+# URI, and any password in it, stays out of the command line (ps, /proc/<pid>/cmdline).
 MLFLOW_PORT ?= 5000
 mlflow-server: $(STAMP)
+	@: "$${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://user@host:5432/db}"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
-		--backend-store-uri "$${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://user@host:5432/db}" \
 		--artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-$(CURDIR)/mlartifacts}" --serve-artifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

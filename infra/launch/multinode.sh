@@ -18,7 +18,7 @@ HOSTFILE=${HOSTFILE:-infra/hostfile}
 CONFIG=${CONFIG:-configs/demo.yaml}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-preflight_launch
+preflight_launch pdsh
 
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_port "$MASTER_PORT")
 [[ -n ${MASTER_ADDR:-} ]] && cmd+=(--master_addr "$MASTER_ADDR")

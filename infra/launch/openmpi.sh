@@ -16,6 +16,9 @@
 # that name does not resolve on every host); TRAIN_SCRIPT (default launch/train.py);
 # MPI_ARGS extra mpirun arguments (default "--mca btl_tcp_if_include eth0"; name your
 # interface); DRY_RUN=1 prints the command.
+# Forwarded values (MLFLOW*, PYTHON*, NCCL*, UCX*, MV2* and .deepspeed_env lines) may hold only
+# letters, digits and _@%+=:,./-: DeepSpeed double-quotes any other value and mpirun -x hands
+# the quotes to the ranks (see common.sh); the recipe refuses such a value before it starts.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -26,7 +29,7 @@ TRAIN_SCRIPT=${TRAIN_SCRIPT:-launch/train.py}
 MASTER_PORT=${MASTER_PORT:-29500}
 MPI_ARGS=${MPI_ARGS:---mca btl_tcp_if_include eth0}
 
-preflight_launch
+preflight_launch openmpi
 [[ $MASTER_PORT =~ ^[0-9]+$ ]] || die "MASTER_PORT must be an integer, got '$MASTER_PORT'"
 MASTER_ADDR=${MASTER_ADDR:-$(hostfile_first_host "$HOSTFILE")}
 export MASTER_ADDR MASTER_PORT
