@@ -73,6 +73,9 @@ class AugmentConfig:
         if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
                                         or self.resize < 1):
             raise ValueError(f"augment.resize: {self.resize!r} is not a positive int or null")
+        for key in ("train", "flip"):  # "false" or 0.0 would be truthy or falsy by accident, not by choice
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"augment.{key}: {getattr(self, key)!r} must be true or false")
         if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"augment.interpolation: {self.interpolation!r} not in {sorted(_INTERPOLATIONS)}")
         self.color_jitter = _fraction("color_jitter", self.color_jitter)
@@ -246,7 +249,20 @@ class Augmenter:
             self.colour.set_random_state(self._np, self._py)
 
     def __call__(self, data: bytes, u: np.ndarray, seed: int) -> np.ndarray:
-        img = decode_image(data, self.resize, self.max_pixels)
+        img = self.geometry(decode_image(data, self.resize, self.max_pixels), u, self.interpolation)
+        if self.jitter:  # colour maths needs RGB; geometry does not care
+            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2RGB)
+            self._py.seed(seed)
+            self._np_state["state"]["state"] = seed
+            self._np.bit_generator.state = self._np_state
+            img = self.colour(image=img)["image"]
+        return img
+
+    def geometry(self, img: np.ndarray, u, interpolation: int) -> np.ndarray:
+        """A decoded image resized (shortest side to `resize`, by the cv2 `interpolation`), cropped
+        and flipped as the config says. Apart from __call__'s, the palette's statistics call it with
+        cv2.INTER_NEAREST (pipeline.colour_stats.StatsViews): a resize that blends neighbours makes
+        colours no image holds."""
         h, w = img.shape[:2]
         if min(h, w) != self.resize:  # SmallestMaxSize
             f = self.resize / min(h, w)
@@ -256,7 +272,7 @@ class Augmenter:
                                     f"{size[0] * size[1]} pixels > the loader's max_pixels {self.max_pixels}")
             # cv2.resize as albumentations' resize calls it for 3 channels, without its wrappers
             # (5 us an image: 8 % of a 64 px source's work at a 128 crop)
-            img = cv2.resize(img, size, interpolation=self.interpolation)
+            img = cv2.resize(img, size, interpolation=interpolation)
         if img.shape[0] < self.size or img.shape[1] < self.size:
             raise ValueError(f"image {img.shape[1]}x{img.shape[0]} is smaller than the crop {self.size}")
         crop = (self.size, self.size)
@@ -266,10 +282,4 @@ class Augmenter:
             img = FC.crop(img, *coords)
         if self.cfg.train and self.cfg.flip and u[2] < 0.5:
             img = img[:, ::-1]  # a view: the batch copy that follows does the work
-        if self.jitter:  # colour maths needs RGB; geometry does not care
-            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2RGB)
-            self._py.seed(seed)
-            self._np_state["state"]["state"] = seed
-            self._np.bit_generator.state = self._np_state
-            img = self.colour(image=img)["image"]
         return img

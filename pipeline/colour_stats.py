@@ -5,7 +5,8 @@ also the exact count of every colour, a 256**3 grid of 64 MB, for the best const
 enough for what reads them: the trivial baselines every evaluation shows
 (launch/release/baselines.py: the best constant colour, per-channel histogram matching) and, for
 domains drawn in a few flat colours such as maps, the palette a generator's PaletteHead paints
-with (`model.palette_b: auto`).
+with (`model.palette_b: auto`), counted on its own view of the images, resized by nearest neighbour
+(stats_from_shards's `palette`), since the training resize blends edges into colours no map holds.
 """
 from __future__ import annotations
 
@@ -33,22 +34,32 @@ class DomainStats:
     constant: np.ndarray | None = None  # uint8 [3]: the best constant as saved (statistics read back)
     constant_tolerance: int = TOLERANCE  # the tolerance `constant` was searched at
     found: dict = field(default_factory=dict, repr=False, compare=False)  # tolerance -> best constant (a cache)
+    # The palette's own colour bins, counted on views not blended by resizing (add's palette_images);
+    # None: the same as bin_counts and bin_sums (images added as they are, nothing resized)
+    palette_counts: np.ndarray | None = None
+    palette_sums: np.ndarray | None = None
 
     @classmethod
     def empty(cls) -> "DomainStats":
         nb = (256 // BIN) ** 3
         return cls(np.zeros((3, 256), np.int64), np.zeros(nb, np.int64), np.zeros((nb, 3), np.float64))
 
-    def add(self, images: np.ndarray) -> "DomainStats":
-        """Count uint8 [N, H, W, 3] images in."""
-        x = check_images(images).reshape(-1, 3)
+    def add(self, images: np.ndarray, palette_images: np.ndarray | None = None) -> "DomainStats":
+        """Count uint8 [N, H, W, 3] images in. `palette_images`: the same images, same shape, with
+        no colour made by resizing (stats_from_shards's nearest-neighbour view), counted for
+        palette() only; None: `images` serve both."""
+        x = check_images(images)
+        view = None if palette_images is None else check_images(palette_images)
+        if view is not None and view.shape != x.shape:
+            raise ValueError(f"palette_images {list(view.shape)}: expected the shape of the images, {list(x.shape)}")
+        if view is not None and self.palette_counts is None:  # images added before without a view count alike
+            self.palette_counts, self.palette_sums = self.bin_counts.copy(), self.bin_sums.copy()
+        x = x.reshape(-1, 3)
         for c in range(3):
             self.hist[c] += np.bincount(x[:, c], minlength=256)
-        q = (x // BIN).astype(np.int64)
-        k = (q[:, 0] * (256 // BIN) + q[:, 1]) * (256 // BIN) + q[:, 2]
-        self.bin_counts += np.bincount(k, minlength=len(self.bin_counts))
-        for c in range(3):
-            self.bin_sums[:, c] += np.bincount(k, weights=x[:, c], minlength=len(self.bin_counts))
+        _count_bins(x, self.bin_counts, self.bin_sums)
+        if self.palette_counts is not None:
+            _count_bins(x if view is None else view.reshape(-1, 3), self.palette_counts, self.palette_sums)
         if self.fine is None:
             self.fine = np.zeros(256 ** 3, np.uint32)  # calloc: pages only where colours occur
         if self.fine.dtype == np.uint32 and self.hist[0].sum() >= 2 ** 32:  # one colour could overflow
@@ -61,7 +72,7 @@ class DomainStats:
         return self
 
     def _bin_colour(self, k: int) -> np.ndarray:
-        return np.round(self.bin_sums[k] / self.bin_counts[k]).astype(np.uint8)
+        return _bin_mean(self.bin_counts, self.bin_sums, k)
 
     def mode_colour(self) -> np.ndarray:
         """uint8 [3]: mean colour of the most populated bin."""
@@ -96,19 +107,37 @@ class DomainStats:
     def palette(self, min_share: float = 0.002, most: int = 32) -> tuple[np.ndarray, float]:
         """The domain's flat colours: the mean colours of the colour bins holding at least
         `min_share` of its pixels (at most `most`, most frequent first), as uint8 [K, 3], and the
-        share of all pixels those bins hold (near 1 for a map, small for photographs)."""
-        total = int(self.bin_counts.sum())
+        share of all pixels those bins hold (near 1 for a map, small for photographs). Counted on
+        the palette's own bins where add() had a view unblended by resizing: a resize that averages
+        neighbours makes each edge a run of in-between colours, and at a few pixels per edge those
+        fill bins over `min_share`, crowd true colours out of the `most` kept and inflate the share."""
+        counts, sums = ((self.bin_counts, self.bin_sums) if self.palette_counts is None
+                        else (self.palette_counts, self.palette_sums))
+        total = int(counts.sum())
         if not total:
             raise ValueError("no pixels counted for this domain")
-        order = np.argsort(-self.bin_counts, kind="stable")[:most]
-        keep = [int(k) for k in order if self.bin_counts[k] >= min_share * total]
-        colours = np.stack([self._bin_colour(k) for k in keep]) if keep else np.zeros((0, 3), np.uint8)
-        return colours, float(self.bin_counts[keep].sum()) / total
+        order = np.argsort(-counts, kind="stable")[:most]
+        keep = [int(k) for k in order if counts[k] >= min_share * total]
+        colours = np.stack([_bin_mean(counts, sums, k) for k in keep]) if keep else np.zeros((0, 3), np.uint8)
+        return colours, float(counts[keep].sum()) / total
 
     def cdf(self) -> np.ndarray:
         """float64 [3, 256] per-channel cumulative distribution."""
         c = self.hist.cumsum(axis=1).astype(np.float64)
         return c / np.maximum(c[:, -1:], 1)
+
+
+def _count_bins(x: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> None:
+    """Count pixels x (uint8 [M, 3]) into colour bins: `counts` [(256/BIN)**3] and `sums` [.., 3]."""
+    q = (x // BIN).astype(np.int64)
+    k = (q[:, 0] * (256 // BIN) + q[:, 1]) * (256 // BIN) + q[:, 2]
+    counts += np.bincount(k, minlength=len(counts))
+    for c in range(3):
+        sums[:, c] += np.bincount(k, weights=x[:, c], minlength=len(counts))
+
+
+def _bin_mean(counts: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:
+    return np.round(sums[k] / counts[k]).astype(np.uint8)
 
 
 def check_images(images) -> np.ndarray:
@@ -179,7 +208,7 @@ def _towards(grid: np.ndarray, colour: np.ndarray, mode: np.ndarray, t: int) -> 
 
 
 def stats_from_shards(shards_a, shards_b=None, image_size: int = 64, max_images: int = 1000,
-                      seed: int = 0) -> dict[str, DomainStats]:
+                      seed: int = 0, palette: bool = False) -> dict[str, DomainStats]:
     """Per-domain statistics of up to `max_images` training images per domain, each image at most
     once, spread as evenly over the domain's shards as their sizes allow (even_quotas), read as
     training reads them but without randomness (shortest side resized to `image_size`, centre
@@ -188,7 +217,9 @@ def stats_from_shards(shards_a, shards_b=None, image_size: int = 64, max_images:
     count their images (a remote one is fetched twice). Unreadable shards and images are skipped,
     counted in a warning; ValueError when a domain has none. Until review 6 they came from the
     training loader's stream: whole shards drawn with replacement, so 1000 images could all be
-    one shard's, or the same images twice."""
+    one shard's, or the same images twice. `palette`: also count each image's palette view
+    (StatsViews), what DomainStats.palette() then reads; off for the baselines, which never read
+    it, since it can decode a large JPEG a second time at full size."""
     from pipeline.loader import resolve_shards
 
     if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1:
@@ -197,7 +228,8 @@ def stats_from_shards(shards_a, shards_b=None, image_size: int = 64, max_images:
         raise ValueError(f"image_size {image_size!r}: expected an int >= 1")
     shards_b = shards_a if shards_b is None else shards_b
     listed = {"a": resolve_shards(shards_a, "a"), "b": resolve_shards(shards_b, "b")}  # both checked first
-    return {d: _domain_stats(shards, d, int(image_size), int(max_images), seed) for d, shards in listed.items()}
+    views = StatsViews(int(image_size), bool(palette))
+    return {d: _domain_stats(shards, d, views, int(max_images), seed) for d, shards in listed.items()}
 
 
 def even_quotas(counts, total: int, rng: np.random.Generator) -> list[int]:
@@ -216,17 +248,15 @@ def even_quotas(counts, total: int, rng: np.random.Generator) -> list[int]:
     return quotas.tolist()
 
 
-def _domain_stats(shards, domain: str, image_size: int, max_images: int, seed) -> DomainStats:
+def _domain_stats(shards, domain: str, views: "StatsViews", max_images: int, seed) -> DomainStats:
     """One domain's statistics (stats_from_shards): shards read in their listed order, each one's
     quota drawn without replacement; a shard that gives less passes the rest on to the next."""
-    from pipeline.augment import AugmentConfig, Augmenter
     from pipeline.layout import DOMAINS
     from pipeline.loader import Counters, ShardError, ShardReader, decode_sample, read_at
     from pipeline.storage import redact
 
     rng = np.random.default_rng([int(seed), DOMAINS.index(domain) + 1])
     reader, counters = ShardReader(verify=False, cache=None), Counters()
-    augmenter = Augmenter(AugmentConfig(train=False, flip=False), image_size)  # the loader's resize and crop
     counts = [s.nsamples if s.nsamples is not None else _count(reader, s, counters) for s in shards]
     out, batch, owed = DomainStats.empty(), [], 0
     for shard, quota, count in zip(shards, even_quotas(counts, max_images, rng), counts):
@@ -247,22 +277,64 @@ def _domain_stats(shards, domain: str, image_size: int, max_images: int, seed) -
                 if got == want:
                     break
                 # no randomness: train=False (the crop draws are unused, the seed only feeds the jitter)
-                img = decode_sample(read, index.samples[i], shard.url, augmenter, (0.5, 0.5, 1.0), 0, counters)
-                if img is not None:
-                    batch.append(np.ascontiguousarray(img[..., ::-1] if augmenter.bgr else img))  # RGB
+                pair = decode_sample(read, index.samples[i], shard.url, views, (0.5, 0.5, 1.0), 0, counters)
+                if pair is not None:
+                    batch.append(pair)
                     got += 1
                 if len(batch) == STATS_BATCH:
-                    out.add(np.stack(batch))
-                    batch = []
+                    batch = _count_in(out, batch)
         owed = quota + owed - got
     if batch:
-        out.add(np.stack(batch))
+        _count_in(out, batch)
     if counters.skipped:
         log.warning("colour statistics of domain %r: skipped %s", domain, dict(counters.skipped))
     if not out.images:
         raise ValueError(f"domain {domain!r}: no readable image in {len(shards)} shards "
                          f"(first: {redact(shards[0].url)}); see the warnings")
     return out
+
+
+class StatsViews:
+    """decode_sample's augmenter for the statistics, without randomness (train=False): an image as
+    (its training view: shortest side resized by the training interpolation, centre crop, for the
+    histograms and baselines; its palette view or None: the same geometry by nearest neighbour
+    from every stored pixel, for the palette), both RGB. Where no resize happens (a source at the
+    training size) the two are the same pixels, so the palette is what it was before review 7."""
+
+    def __init__(self, image_size: int, palette: bool):
+        from pipeline.augment import AugmentConfig, Augmenter
+
+        self.augmenter = Augmenter(AugmentConfig(train=False, flip=False), image_size)  # the loader's resize and crop
+        self.palette = palette
+
+    def __call__(self, data: bytes, u, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        import cv2
+
+        from pipeline.augment import TooManyPixels, decode_image, jpeg_size
+
+        a = self.augmenter
+        img = decode_image(data, a.resize, a.max_pixels)
+        seen = a.geometry(img, u, a.interpolation)  # what Augmenter.__call__ returns at train=False
+        if not self.palette:
+            return _rgb(seen, a.bgr), None
+        size = jpeg_size(data)
+        if size is not None and img.shape[:2] != size[::-1]:  # decoded at 1/2..1/8: DCT scaling averages too
+            try:
+                img = decode_image(data, 1 << 30, a.max_pixels)  # a min_side no scaling reaches: every pixel
+            except TooManyPixels:
+                pass  # over the decode cap at full size: the reduced decode, blended edges and all
+        return _rgb(seen, a.bgr), _rgb(a.geometry(img, u, cv2.INTER_NEAREST), a.bgr)
+
+
+def _rgb(img: np.ndarray, bgr: bool) -> np.ndarray:
+    return np.ascontiguousarray(img[..., ::-1] if bgr else img)
+
+
+def _count_in(out: DomainStats, batch: list) -> list:
+    """Count a batch of StatsViews pairs into `out`; the empty list that follows."""
+    views = [p for _, p in batch]
+    out.add(np.stack([img for img, _ in batch]), None if views[0] is None else np.stack(views))
+    return []
 
 
 def _count(reader, shard, counters) -> int:

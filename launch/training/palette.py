@@ -4,8 +4,12 @@ A map, a label image or a flat illustration is drawn in a few colours. A generat
 only those (model.networks.PaletteHead) is exactly right wherever it picks the right colour,
 where a tanh head settles on blurry in-between shades (README, "Translation quality"). The
 palette is the mean colours of the most populated colour bins of up to eval.baseline_images
-training images, read as training reads them; a domain whose frequent colours cover less than
-MIN_COVERAGE of its pixels (photographs) is refused with the figures, before any step.
+training images, cropped as training crops them but resized by nearest neighbour (since review 7:
+the training resize, INTER_AREA, blends each edge into in-between colours that filled up to 25 of
+the 32 palette places of the demo maps at data.scale 40 and passed MIN_COVERAGE on them; at a
+source's own size nothing is resized and the palette is the same as before). A domain whose
+frequent colours cover less than MIN_COVERAGE of its pixels (photographs) is refused with the
+figures, before any step.
 
 The colours are part of the weights (PaletteHead's `colours` buffer): a run that resumes, or one
 that starts from an init_from translator, takes them from there instead of measuring again, since
@@ -30,7 +34,8 @@ MIN_COVERAGE = 0.8   # share of a domain's pixels its palette colours must hold
 def measure(shards_a: str, shards_b: str, image_size: int, max_images: int, seed: int) -> dict:
     """{domain: (colours as nested tuples, their share of the pixels, images read)}. Cached: a rank
     validates its config (launch.config.check) and then builds the model from the same shards."""
-    stats = stats_from_shards(shards_a, shards_b, image_size=image_size, max_images=max_images, seed=seed)
+    stats = stats_from_shards(shards_a, shards_b, image_size=image_size, max_images=max_images, seed=seed,
+                              palette=True)  # colours as stored: a blending resize makes in-between ones
     out = {}
     for d, s in stats.items():
         colours, share = s.palette()
