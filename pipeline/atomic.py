@@ -30,6 +30,20 @@ from pipeline import storage
 MODE = 0o644  # read by other users and servers (mkstemp would leave 0600)
 # `.<name>.<random>.tmp`: what a write left behind if it was killed before the rename.
 TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
+# The name part of a temporary is cut to this many bytes: a file system takes names of at most 255
+# bytes (NAME_MAX), and the temporary adds 14 to the final name (".", ".<8 random>", ".tmp"), so a
+# final name of 242-255 bytes (80 CJK characters and .png) could not be written otherwise. Names up
+# to this long keep their whole name, which remove_temps's `.<name>.*.tmp` glob relies on.
+TEMP_STEM_BYTES = 200
+
+
+def temp_prefix(name: str) -> str:
+    """mkstemp's prefix for a temporary of the file `name`: `.<name>.`, the name cut (at a
+    character, never inside one) to TEMP_STEM_BYTES bytes."""
+    cut = name[:TEMP_STEM_BYTES]
+    while len(os.fsencode(cut)) > TEMP_STEM_BYTES:
+        cut = cut[:-1]
+    return f".{cut}."
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,7 +100,7 @@ def _uploading(url: str) -> Iterator[Path]:
     private_dir(folder.parent)  # checked first: whoever owns it could swap the folder below
     private_dir(folder)
     name = posixpath.basename(storage.split_url(url).path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(name), suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -108,7 +122,7 @@ def replacing(path: str | os.PathLike, mode: int = MODE, durable: bool = True) -
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -18,7 +18,8 @@ which needs no PIL (the registered model ships it).
 """
 from __future__ import annotations
 
-import warnings
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,43 @@ def image_suffixes() -> set[str]:
     return set(Image.registered_extensions())
 
 
+# PIL's bomb guard is one global (Image.MAX_IMAGE_PIXELS): blocks in several threads switch it off
+# together and the last one out puts it back, so no block restores it under another one.
+_PIL_LIMIT = {"users": 0, "saved": None}
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pil_limit_off():
+    """PIL's own decompression-bomb guard off for the block (no DecompressionBombWarning, no
+    DecompressionBombError at 2 x 89M pixels, at open or at a TIFF's load): the caller's cap
+    (check_size on the header, before decoding: --max-pixels, 0 for none) is the one that holds,
+    as in make shards (pipeline.images)."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        if _PIL_LIMIT["users"] == 0:
+            _PIL_LIMIT["saved"] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _PIL_LIMIT["users"] += 1
+    try:
+        yield
+    finally:
+        with _PIL_LIMIT_LOCK:
+            _PIL_LIMIT["users"] -= 1
+            if _PIL_LIMIT["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = _PIL_LIMIT["saved"]
+
+
 def _open(path):
-    """PIL image with only the header read; raises NotAnImage / ImageRejected."""
+    """PIL image with only the header read; raises NotAnImage / ImageRejected. PIL's bomb guard is
+    off while the header is read (pil_limit_off): the callers check their own cap."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        return Image.open(path)
-    except Image.DecompressionBombError as e:  # PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
-        raise ImageRejected(path, f"too large to decode ({e})") from None
+        with pil_limit_off():
+            return Image.open(path)
     except UnidentifiedImageError:
         if path.suffix.lower() in image_suffixes():
             raise ImageRejected(path, f"not a readable image (the name says {path.suffix}, "
@@ -105,9 +134,7 @@ def read_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
     """
     from PIL import Image, ImageOps
 
-    with warnings.catch_warnings():
-        # The cap below replaces PIL's DecompressionBombWarning (which only warns up to 2x).
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with pil_limit_off():  # the cap below replaces PIL's (a TIFF checks PIL's again when it decodes)
         with _open(path) as src:
             check_size(path, *_oriented_size(src), max_pixels=max_pixels, min_side=min_side)
             try:

@@ -140,7 +140,10 @@ def test_missing_onnx_packages_exit_2_naming_the_extra(export_dir, tmp_path, cap
 
 
 def test_unsupported_opset_is_one_line_not_a_graph_dump(export_dir, tmp_path, capfd):
-    assert main(["--onnx", str(tmp_path / "o"), "--model", str(export_dir), "--opset", "99"]) == 1
+    # an opset no installed package knows is a bad argument (exit 2), refused before any export
+    assert main(["--onnx", str(tmp_path / "o"), "--model", str(export_dir), "--opset", "99"]) == 2
     captured = capfd.readouterr()
-    assert captured.out == "" and captured.err.strip().splitlines() == [
-        "error: torch.onnx.export (torchscript, opset 99) failed: Unsupported onnx_opset_version: 99"]
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1
+    assert lines[0].startswith("error: --opset 99: newer than the installed onnx") and "choose a lower one" in lines[0]
+    assert not (tmp_path / "o" / "translator-a2b.onnx").exists()

@@ -65,7 +65,6 @@ import stat
 import sys
 import tarfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -75,7 +74,7 @@ from launch.release.translate import WINDOW_MB, Limits, encode_image, translate_
 from pipeline import storage
 from pipeline.atomic import TEMP_NAME, write_json
 from pipeline.hashing import sha256_bytes, sha256_json
-from pipeline.imageio import ImageRejected, check_size, upright_rgb
+from pipeline.imageio import ImageRejected, check_size, pil_limit_off, upright_rgb
 from pipeline.index import Totals, finalize
 from pipeline.layout import (DOMAINS, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, MANIFEST_NAME, QUARANTINE_NAME,
                              RECORDS_DIR, LockedError, ShardsError, record_path, remove_temps, shard_name)
@@ -376,12 +375,9 @@ def decode_rgb(data: bytes, name: str, limits: Limits, size: int | None = None) 
     (unless `size`: then the shortest side is resized to it and the centre cropped). ImageRejected."""
     from PIL import Image, ImageOps
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with pil_limit_off():  # --max-pixels (check_size below) is the cap, not PIL's global one
         try:
             im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise ImageRejected(name, f"too large to decode ({e})") from None
         except Exception as e:  # noqa: BLE001 - unidentified or broken header: the data's fault
             raise ImageRejected(name, f"not a readable image ({type(e).__name__}: {e})") from None
         with im:

@@ -55,6 +55,9 @@ MIN_OPSET = 13
 # Max abs difference allowed against PyTorch (outputs in [-1, 1]). Measured: ~5e-6 for the tiny
 # preset, 4.3e-5 for the paper preset at 256; a wrong graph is off by 1e-2 or more.
 TOLERANCE = 1e-3
+# The TorchScript exporter's error for an opset above the newest it knows (torch 2.13: 24 and up).
+# torch publishes no bound (only the private torch.onnx._constants), so the export tells.
+UNSUPPORTED_OPSET = "Unsupported onnx_opset_version"
 JSON_NAME = "onnx.json"
 EXPORTERS = ("torchscript", "dynamo")
 MISSING = ("ONNX export needs the onnx and onnxruntime packages ({}): pip install 'unit-translate[onnx]' "
@@ -97,6 +100,8 @@ def check_shapes(meta: dict, size: int | None) -> tuple[int, int, list[tuple[int
     """(export size, smallest valid side, the (height, width) pairs to check) for this model."""
     m = size_multiple(meta)
     min_side = -(-min_input_side(meta) // m) * m
+    if size is not None and size <= 0:  # 0 is a wrong size, not "the export's" (None)
+        raise ValueError(f"--size {size}: must be a positive multiple of 2**n_down = {m}")
     size = int(size or meta.get("image_size") or meta["model"].get("image_size") or 0)
     if size <= 0:
         raise ValueError("no image size recorded in the export: pass --size N")
@@ -145,6 +150,9 @@ def _export_bytes(module: torch.nn.Module, example: torch.Tensor, opset: int, ex
                                       external_data=False, dynamic_shapes={INPUT_NAME: dims}, **names)
         except Exception as e:  # the exporters raise assorted types; one line names what failed
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if UNSUPPORTED_OPSET in first:  # torch.onnx's own bound, which it does not publish
+                raise ValueError(f"--opset {opset}: the installed torch {torch.__version__} cannot export it "
+                                 f"({first}); choose a lower one (default {DEFAULT_OPSET})") from None
             raise ONNXExportError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {first}") from e
         return path.read_bytes()
 
@@ -196,17 +204,22 @@ def export_onnx(export_dir, out_dir, size: int | None = None, opset: int | None 
                 tolerance: float = TOLERANCE, exporter: str = "torchscript") -> dict:
     """Write OUT_DIR/translator-{a2b,b2a}.onnx and OUT_DIR/onnx.json; returns onnx.json's content.
 
-    Raises ImportError (onnx/onnxruntime missing), FileNotFoundError/ValueError (bad export dir,
+    Raises ImportError (onnx/onnxruntime missing), FileNotFoundError/ValueError (bad export dir, --onnx,
     size or opset), ONNXExportError (the exporter failed, or a graph is beyond `tolerance`: its
     .onnx file stays for inspection, onnx.json is not written).
     """
     opset = _check_opset(opset, exporter)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--onnx {out_dir}: exists and is not a folder; name a folder (new or existing)")
     onnx, ort = require_onnx(exporter)
+    if opset > onnx.defs.onnx_opset_version():  # the installed onnx package's newest opset (public)
+        raise ValueError(f"--opset {opset}: newer than the installed onnx {onnx.__version__} knows "
+                         f"({onnx.defs.onnx_opset_version()}); choose a lower one (default {DEFAULT_OPSET})")
     gen, meta = load_translator(export_dir, device="cpu")
     size, min_side, sides = check_shapes(meta, size)
     channels = int(meta["model"].get("channels", 3))
     shapes = [(2, channels, h, w) for h, w in sides]
-    out = Path(out_dir)
     (out / JSON_NAME).unlink(missing_ok=True)  # present = these files passed the check
     props = {"source_weights_sha256": str(meta.get("weights_sha256", "")), "value_range": "[-1, 1]",
              "size_multiple": str(size_multiple(meta)), "min_side": str(min_side)}
@@ -256,14 +269,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Exit 0 when both directions are exported and within tolerance; 1 when export or check fails;
-    2 for a bad export dir, size or opset, or missing onnx packages (one line on stderr)."""
+    2 for a bad export dir, --onnx folder (a file, not writable), size or opset (below MIN_OPSET or
+    above what the installed onnx or torch.onnx exports), or missing onnx packages (one line on stderr)."""
     a = parse_args(argv)
     try:
         info = export_onnx(a.model, a.onnx, a.size, a.opset, a.tolerance, a.exporter)
     except ONNXExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ImportError, FileNotFoundError, ValueError) as e:
+    except (ImportError, OSError, ValueError) as e:  # OSError: --onnx cannot be made or written
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = ", ".join("x".join(map(str, s)) for s in info["checked_shapes"])

@@ -31,7 +31,10 @@ back to the palette where the target domain's decoder paints from one).
 A --model that does not exist (export dir, registered model, alias, version) or a tracking store
 that is unset or unreachable is one line naming what was asked and what exists, exit status 2,
 and nothing is created in the working directory.
-Exit status: 0 all images translated, 2 nothing done (bad arguments, model), 3 some skipped.
+--out must be a local folder (a file or a URL is refused: URLs are for shards), and --report is
+checked before anything is translated (not a folder, not inside --in, not an image name in --out).
+Exit status: 0 all images translated, 1 translated but --report could not be written, 2 nothing
+done (bad arguments, model), 3 some skipped.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.atomic import replacing, write_json
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageRejected, is_image_file, read_rgb
 from pipeline.storage import redact_uncaught
 
 EXIT_SKIPPED = 3
+EXIT_REPORT = 1  # the images are translated but --report could not be written
 EXTS = ("jpg", "png", "webp")  # what --ext may name (the formats a shard may hold)
 WINDOW = 4  # images held for grouping by shape: WINDOW x --batch-size at most
 WINDOW_MB = 512  # and at most this many MiB of decoded pixels (--window-mb): 8000 x 8000 photos are 192 MB each
@@ -200,11 +205,18 @@ def save_image(arr: np.ndarray, path: Path) -> None:
         tmp.write_bytes(encode_image(arr, KEPT_SUFFIXES.get(path.suffix.lower(), "PNG")))
 
 
-def check_folders(in_dir: Path, out_dir: Path) -> None:
+def check_folders(in_dir, out_dir) -> None:
     """--out inside --in would be translated again by the next run (and --in inside --out can
-    be overwritten): refuse both, on resolved paths (symlinks followed)."""
+    be overwritten): refuse both, on resolved paths (symlinks followed). Refuse an --out that is a
+    URL (folder mode writes a local folder; shards go to a URL) or an existing file."""
+    if storage.is_url(os.fspath(out_dir)):  # before Path(), which would make s3://b/x the local s3:/b/x
+        raise ValueError(f"--out {out_dir}: folder mode writes to a local folder, not a URL (a URL --out "
+                         "takes shards: translate a make shards OUT, its index.json or tar URLs)")
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FileNotFoundError(f"--in {in_dir}: not a directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder; name a folder (new or existing)")
     src, dst = in_dir.resolve(), out_dir.resolve()
     if dst == src:
         raise ValueError(f"--out {out_dir}: must differ from --in (it would overwrite the inputs)")
@@ -214,6 +226,32 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
     if src.is_relative_to(dst):
         raise ValueError(f"--in {in_dir} is inside --out {out_dir}: outputs could overwrite inputs; "
                          "choose an output folder that does not contain the input folder")
+
+
+# Suffixes an output image may have (output_name: a kept suffix, .png appended, or --ext's).
+OUTPUT_SUFFIXES = set(KEPT_SUFFIXES) | {f".{e}" for e in EXTS}
+
+
+def check_report(report, in_dir, out_dir) -> None:
+    """Refuse a --report path before anything is translated: an existing folder, a path inside --in
+    (it would overwrite an input, or be read as one by the next run), or inside --out with an
+    image suffix (an output image could be written there, or the report over it)."""
+    if report is None:
+        return
+    if storage.is_url(os.fspath(report)):
+        raise ValueError(f"--report {report}: write the report to a local file, not a URL")
+    path = Path(report)
+    if path.is_dir():
+        raise ValueError(f"--report {report}: is a folder; name a file, e.g. {path / 'report.json'}")
+    where = path.resolve()
+    if Path(out_dir).resolve().is_relative_to(where):  # a file there would stop --out's folder being made
+        raise ValueError(f"--report {report}: --out {out_dir} is (inside) it; name a file beside the outputs")
+    if where.is_relative_to(Path(in_dir).resolve()):
+        raise ValueError(f"--report {report} is inside --in {in_dir}: it could overwrite an input and the next "
+                         "run would read it; write it outside the input folder")
+    if where.is_relative_to(Path(out_dir).resolve()) and where.suffix.lower() in OUTPUT_SUFFIXES:
+        raise ValueError(f"--report {report} is inside --out {out_dir} with an image suffix: it could overwrite "
+                         "or be overwritten by an output image; name it .json")
 
 
 @dataclass
@@ -278,8 +316,8 @@ def translate_folder(model, direction: str, in_dir, out_dir, batch_size: int = 1
     from launch.release.evaluate import as_translate_fn
 
     limits = limits or Limits()
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_folders(in_dir, out_dir)
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
     images, others = find_images(in_dir)
     res = Outcome(not_images=[str(p) for p in others])
     t0 = time.perf_counter()
@@ -312,7 +350,13 @@ def model_meta(model, info: dict) -> dict | None:
 
 
 def write_report(path: Path, res: dict) -> None:
-    write_json(path, {k: res[k] for k in ("translated", "tiled", "rejected", "skipped", "out")})
+    """The run's counts and skipped files as JSON; ValueError (one line naming it) when it cannot
+    be written. check_report refuses the paths known to be wrong before the run."""
+    try:
+        write_json(path, {k: res[k] for k in ("translated", "tiled", "rejected", "skipped", "out")})
+    except OSError as e:
+        raise ValueError(f"--report {path}: cannot write it ({e.strerror or type(e).__name__}); "
+                         f"the {res['translated']} translation(s) in {res['out']} are written") from None
 
 
 def summary(res: dict, direction: str, model: str) -> str:
@@ -437,16 +481,21 @@ def main(argv=None) -> int:
             raise ValueError(f"--in: one folder, or shards (an OUT folder, an index.json, tar URLs); got {a.inputs}")
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ValueError("folder mode runs on one rank; write shards (make shards) to translate on several")
-        check_folders(Path(a.inputs[0]), Path(a.out_dir))  # before loading the model: fail fast
+        check_folders(a.inputs[0], a.out_dir)  # before loading the model: fail fast
+        check_report(a.report, a.inputs[0], a.out_dir)
         fn, _, _, limits = load(a)
         res = translate_folder(fn, a.direction, a.inputs[0], a.out_dir, a.batch_size, progress=not a.no_progress,
                                limits=limits, ext=a.ext, size=a.size, window_bytes=(a.window_mb << 20) or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.report:
-        write_report(Path(a.report), res)
     print(summary(res, a.direction, a.model))
+    if a.report:
+        try:
+            write_report(Path(a.report), res)
+        except ValueError as e:  # the translations are written; only the report is missing
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_REPORT
     return EXIT_SKIPPED if res["rejected"] else 0
 
 
