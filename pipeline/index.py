@@ -88,15 +88,25 @@ def index_entry_url(index_file: str, entry) -> str:
 
 def _entry_under_url(index_url: str, rel: str, refuse) -> str:
     """A relative entry of an index at a URL, as a URL under the index's folder (query kept, as
-    storage.join keeps it). Checked as written and percent-decoded: a server decodes %2e%2e as .."""
+    storage.join keeps it). Checked as written and percent-decoded: a server decodes %2e%2e as ..
+    In a web URL `?` and `#` end the path, so '..?x=1' would name the folder above: refused there
+    (an object store's key holds them as characters: storage.KEY_SCHEMES)."""
     parts = storage.split_url(index_url)
+    if parts.scheme.lower() not in storage.KEY_SCHEMES and any(c in rel for c in "?#"):
+        raise refuse("'?' or '#' in a relative entry of an index at a web URL (it would end the path there; "
+                     "write them as %3F and %23)")
     folder = posixpath.dirname(parts.path)
+    inside = folder.rstrip("/") + "/"
     for form in (rel, urllib.parse.unquote(rel)):
         target = posixpath.normpath(posixpath.join(folder or "/", form.replace("\\", "/")))
-        if not target.startswith(folder.rstrip("/") + "/"):
+        if not target.startswith(inside):
             raise refuse(f"resolves to {target}, outside the index's URL folder {folder or '/'} (through '..')")
     target = posixpath.normpath(posixpath.join(folder or "/", rel))
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, parts.query, ""))
+    url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, parts.query, ""))
+    # the URL as it will be read again (split_url) must still name a path under the folder
+    if not storage.split_url(url).path.startswith(inside):
+        raise refuse(f"the URL it makes, {storage.redact(url)}, is not under the index's URL folder {folder or '/'}")
+    return url
 
 
 SHARD_SUFFIX = ".tar"  # what a single shard's name ends with; a URL ending otherwise names a folder
@@ -131,7 +141,7 @@ def read_index(index_file: str) -> tuple[dict, bytes]:
                          f"OUT folder of `make shards`? a single shard's name ends in {SHARD_SUFFIX})") from None
     except Exception as e:  # noqa: BLE001 - each backend has its own errors; retries are spent
         raise ValueError(f"{storage.redact(index_file)}: cannot read ({type(e).__name__}: "
-                         f"{storage.redact_text(str(e))})") from None
+                         f"{storage.error_text(e, index_file)})") from None
     try:
         index = json.loads(data)
     except ValueError as e:

@@ -140,10 +140,10 @@ def _check_paths(args: RunArgs) -> None:
         storage.remove(probe)
     except OSError as e:
         raise ShardsError(f"cannot write to OUT {storage.redact(args.out)}: "
-                          f"{e.strerror or storage.redact_text(str(e))}") from None
+                          f"{e.strerror or storage.error_text(e, args.out)}") from None
     except Exception as e:  # noqa: BLE001 - a store's client raises its own types (no endpoint, no bucket)
         raise ShardsError(f"cannot write to OUT {storage.redact(args.out)}: "
-                          f"{type(e).__name__}: {storage.redact_text(str(e))}") from None
+                          f"{type(e).__name__}: {storage.error_text(e, args.out)}") from None
     for d in DOMAINS:
         if folder_inside(args.src[d], args.out) or _url_inside(args.src[d], args.out):
             raise ShardsError(f"source {d.upper()} {storage.redact(args.src[d])} is OUT {storage.redact(args.out)} "
@@ -165,7 +165,8 @@ def _url_inside(source: str, out: str) -> bool:
     source's listing cannot leave OUT out as a folder walk does, so both directions are refused."""
     if not (storage.is_url(source) and storage.is_url(out)):
         return False
-    a, b = (storage.redact(u).rstrip("/") + "/" for u in (source, out))
+    # canonical, not redact: s3a://b/x and s3://b/x (gcs:// and gs://) are one location
+    a, b = (storage.canonical(u).rstrip("/") + "/" for u in (source, out))
     return a.startswith(b) or b.startswith(a)
 
 

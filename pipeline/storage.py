@@ -10,7 +10,7 @@ network may fail transiently, and keeps credentials out of every message.
     retrying(fn, what)          fn() again after a transient error, with exponential backoff
     redact(url)                 the URL without user:password@, query string or fragment
     scrub(text, url)            a message without the user:password or query of `url`, wherever it quotes them
-    error_text(e, url)          a backend's error about `url`: redact_text, then scrub
+    error_text(e, url)          a backend's error about `url`: redact_text, then scrub, in one line
     redact_text(text)           an error message with every URL in it redacted
     redact_uncaught()           the same for this process's log records (tracebacks included), printed
                                 warnings and uncaught traceback
@@ -130,17 +130,31 @@ def parent(url: str) -> str:
 _HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]@]*)(:\d*)?")
 
 
-def _strip_bad_userinfo(url: str) -> str:
-    """`url` without a user:password@ whose password holds an unencoded `/`, `?` or `#` (an AWS
+def _bad_userinfo(url: str) -> str | None:
+    """The user:password of `url` when its password holds an unencoded `/`, `?` or `#` (an AWS
     secret key often has a `/`): urllib ends the authority there and reads the credentials as a
-    path. Recognised where what precedes that character is not host[:port] and an `@` follows."""
+    path. None when there is none (a plain host[:port], or the `@` already ends the authority)."""
     head, sep, rest = url.partition("://")
-    if not sep:
-        return url
     end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    if ":" not in rest[:end] or _HOST_PORT.fullmatch(rest[:end]) or "@" not in rest[end:]:
+    if not sep or ":" not in rest[:end] or "@" in rest[:end] or "@" not in rest[end:]:
+        return None
+    # An object store's bucket never has a port, so there `x:7/...@` is always credentials; a web
+    # URL's `host:8080/path/a@b.jpg` is a port and a key, unless the `@` comes before the next `/`
+    # (`user:2024/secret@host`): redact errs towards hiding, its text is only shown and compared.
+    # A [v6] address is never a user name.
+    if scheme(url) in KEY_SCHEMES or not _HOST_PORT.fullmatch(rest[:end]):
+        return rest[:rest.index("@", end)]
+    segment = rest[end + 1:].split("/", 1)[0]
+    return rest[:end + 1 + segment.index("@")] if "@" in segment and not rest.startswith("[") else None
+
+
+def _strip_bad_userinfo(url: str) -> str:
+    """`url` without the user:password@ that _bad_userinfo finds."""
+    userinfo = _bad_userinfo(url)
+    if userinfo is None:
         return url
-    return f"{head}://{rest[rest.index('@', end) + 1:]}"
+    head, _, rest = url.partition("://")
+    return f"{head}://{rest[len(userinfo) + 1:]}"
 
 
 def redact(url: str) -> str:
@@ -213,15 +227,31 @@ def _redacted_excepthook(exc_type, exc, tb) -> None:
 
 def error_text(e: BaseException, url: str) -> str:
     """A backend's error about `url`, fit for a log or a report: every URL in it redacted, and what
-    of `url` may be a credential removed even where it is quoted without a scheme (scrub)."""
-    return scrub(redact_text(str(e)), url)
+    of `url` may be a credential removed even where it is quoted without a scheme (scrub); one
+    line (botocore's validation errors span several), so a report or a log record stays one."""
+    text = scrub(redact_text(str(e)), url)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _secrets(url: str) -> list[tuple[str, str, str]]:
+    """(secret, delimiter before, delimiter after) for what in `url` may hold a credential: its
+    user:password (also when a `/`, `?` or `#` in the password made urllib read it as host and
+    path: a backend then quotes its pieces, e.g. "user:first-half" as a bucket name; each piece
+    is a secret of its own), its query and its fragment."""
+    parts = split_url(url)
+    found = [(parts.netloc.rpartition("@")[0], "", "@"), (parts.query, "?", ""), (parts.fragment, "#", "")]
+    userinfo = _bad_userinfo(url)
+    if userinfo is not None:
+        # a piece is quoted with no delimiter around it: only a long one (scrub's rule for those)
+        found += [(userinfo, "", "@")] + [(p, "", "") for p in re.split(r"[/?#]", userinfo) if len(p) >= 8]
+    return found
 
 
 def scrub(text: str, url: str) -> str:
     """`text` (a message that may quote `url` or pieces of it, as backends' errors do, e.g. a
-    bucket name "user:password@bucket") without what in `url` may hold a credential: its
-    user:password and its query string, as written and percent-decoded; for a pipe: command, its
-    words after the program name (redact's rule), which a failed command's error quotes whole."""
+    bucket name "user:password@bucket") without what in `url` may hold a credential (_secrets),
+    as written and percent-decoded; for a pipe: command, its words after the program name
+    (redact's rule), which a failed command's error quotes whole."""
     if url.startswith("pipe:"):
         words = url[len("pipe:"):].split()
         if len(words) > 1:
@@ -230,17 +260,14 @@ def scrub(text: str, url: str) -> str:
         return text
     if not is_url(url):
         return text
-    parts = split_url(url)
-    for secret, before, after in ((parts.netloc.rpartition("@")[0], "", "@"), (parts.query, "?", ""),
-                                  (parts.fragment, "#", "")):
-        for form in {secret, urllib.parse.unquote(secret)}:
-            if not form:
-                continue
-            text = text.replace(before + form + after, before + "***" + after)
-            # quoted without its delimiter too, but only a long one: a short one ("a") would garble
-            # every word it is part of, and a secret that short guards nothing
-            if len(form) >= 8:
-                text = text.replace(form, "***")
+    forms = {(form, before, after) for secret, before, after in _secrets(url)
+             for form in (secret, urllib.parse.unquote(secret)) if form}
+    for form, before, after in sorted(forms, key=lambda f: (-len(f[0]), f)):  # longest first: a piece is part of the whole
+        text = text.replace(before + form + after, before + "***" + after)
+        # quoted without its delimiter too, but only a long one: a short one ("a") would garble
+        # every word it is part of, and a secret that short guards nothing
+        if len(form) >= 8:
+            text = text.replace(form, "***")
     return text
 
 
@@ -261,7 +288,13 @@ def filesystem(url: str):
 
 
 def transient(e: BaseException) -> bool:
-    """Whether a failed request may succeed if tried again (a timeout, a reset connection, a 5xx)."""
+    """Whether a failed request may succeed if tried again (a timeout, a reset connection, a 5xx).
+    An HTTP client's error for a 4xx response (aiohttp's ClientResponseError, which fsspec's http
+    backend raises for 400, 401, 403, 410: read by its `status`, with no import of aiohttp) is the
+    request's fault and stays so, but for 408 (request timeout) and 429 (too many requests)."""
+    status = getattr(e, "status", None)
+    if type(status) is int and 400 <= status < 500 and status not in (408, 429):
+        return False
     return (isinstance(e, Exception) and not isinstance(e, _PERMANENT)
             and not any(c.__name__ in _PERMANENT_NAMES for c in type(e).__mro__))
 
