@@ -106,7 +106,10 @@ def resume_then_freeze_node_1(nodes, cfg: Path, run_dir: Path, tmp_path: Path, k
     assert resumed_step(out) == last_marked
     assert "no training step finished in" in out and "train.stall_timeout_s=10" in out, out[-3000:]
     assert took < 60, f"node 0 took {took:.0f} s to give up on the frozen node"
-    resumed = [m["step"] for m in metrics(run_dir)[logged:]]
+    steps = [m["step"] for m in metrics(run_dir)]
+    # the resume dropped the killed launch's lines after its checkpoint: each step once, in order
+    assert logged >= last_marked and steps == sorted(set(steps)) and last_marked in steps, steps
+    resumed = [s for s in steps if s > last_marked]
     assert resumed == list(range(last_marked + 1, last_marked + 1 + len(resumed))), resumed  # numbering continues
     return marked(run_dir)[-1]
 
