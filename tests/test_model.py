@@ -704,13 +704,19 @@ def test_hue_axes_rg_ignores_the_yellow_blue_axis():
     assert losses.hue_corr(x, blue).item() > 0.1
 
 
-def test_w_hue_adds_its_terms_only_when_asked_for():
+def tiny_losses():
+    """A tiny model's forward pass and its generator loss at the preset's weights, D frozen."""
     x_a, x_b = images(2, 32)
     unit = tiny()
     unit.dis.requires_grad_(False)
     torch.manual_seed(1)
     out = unit.gen(x_a, x_b)
     base, terms = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    return unit, x_a, x_b, out, base, terms
+
+
+def test_w_hue_adds_its_terms_only_when_asked_for():
+    unit, x_a, x_b, out, base, terms = tiny_losses()
     assert "hue_a" not in terms and "hue_b" not in terms
     hue = UNITConfig(**{**unit.config(), "w_hue": 3.0})
     loss, terms = generator_loss(out, x_a, x_b, unit.dis, hue)
@@ -774,12 +780,7 @@ def test_fused_upsampling_compiles_with_inductor_forward_and_backward():
 
 
 def test_w_cyc_b_weighs_the_b_cycle_apart_from_the_a_cycle():
-    x_a, x_b = images(2, 32)
-    unit = tiny()
-    unit.dis.requires_grad_(False)
-    torch.manual_seed(1)
-    out = unit.gen(x_a, x_b)
-    base, terms = generator_loss(out, x_a, x_b, unit.dis, unit.cfg)
+    unit, x_a, x_b, out, base, terms = tiny_losses()
     assert unit.cfg.w_cyc_b is None and unit.cfg.w_cyc == 100.0
     heavy = UNITConfig(**{**unit.config(), "w_cyc_b": 300})
     assert heavy.w_cyc_b == 300.0 and isinstance(heavy.w_cyc_b, float)

@@ -3,38 +3,23 @@ trainer's --deepspeed_config) taken as the path typed rather than as YAML, flags
 numbers named as such, and missing inputs no longer counted as hashed on every rerun."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from launch.config import ConfigError, load_config, parse_override
 from pipeline.records import inputs_unchanged
 from pipeline.shards import main as shards_main
 from pipeline.sources import Input
+from test_shards_review6 import make_domain, png
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"data": {"shards": "data/shards"}}
 DEMO = str(ROOT / "configs" / "demo.yaml")
-
-
-def png(seed: int, side: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_domain(folder, n: int, seed: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        with open(os.path.join(folder, f"{i:02d}.png"), "wb") as f:
-            f.write(png(seed + i))
 
 
 def shard_args(root, *extra, src_a=None) -> list[str]:
