@@ -67,9 +67,38 @@ def read_buffer(path: Path) -> list[dict]:
 
 
 def append_buffer(path: Path, records: list[dict]) -> None:
-    """Add records at the end (a crash mid-line leaves a torn line that read_buffer skips)."""
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+    """Add records at the end (a crash mid-line leaves a torn line that read_buffer skips). After a
+    torn line (a crash, a full disk) a newline comes first: glued to it the new record would be
+    skipped with it."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    with open(path, "ab+") as f:
+        if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+            text = "\n" + text
+        f.write(text.encode())
+
+
+def retarget(records: list[dict], old: str | None, new: str | None) -> list[dict]:
+    """`records`, those naming run `old` naming `new` instead: the server did not know `old` and a
+    new run was opened for them (store.open_run), where they belong rather than refused."""
+    if not old or not new or old == new:
+        return records
+    return [{**r, "run": new} if r.get("run") == old else r for r in records]
+
+
+def without_sent(now: list[dict], sent: list[dict]) -> list[dict]:
+    """The records of `now` (a buffer file read again) less one of each of `sent`: what another
+    process appended meanwhile stays."""
+    from collections import Counter
+
+    gone = Counter(json.dumps(r, sort_keys=True) for r in sent)
+    out = []
+    for rec in now:
+        key = json.dumps(rec, sort_keys=True)
+        if gone[key] > 0:
+            gone[key] -= 1
+        else:
+            out.append(rec)
+    return out
 
 
 def write_buffer(path: Path, records: list[dict]) -> None:

@@ -155,13 +155,32 @@ def connect_error(uri: str, timeout: float = 2.0) -> OSError | None:
     return None
 
 
+# Refusals that say nothing about the record: credentials that expired mid-run (or a token being
+# renewed), a server shedding load. Sent again later they are taken, so they are kept, never dropped.
+AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+RETRY_CODES = (*AUTH_CODES, "RESOURCE_EXHAUSTED")
+# What the server says of a run id it does not have: only these mean "open a new run instead".
+NO_RUN_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when the error means 'no answer now' rather than 'the request was refused'."""
+    """True when the error means 'no answer now' rather than 'the request was refused'; 401, 403
+    and 429 count as 'no answer now' (RETRY_CODES)."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        return not 400 <= exc.get_http_status_code() < 500  # 4xx: retrying would never succeed
+        if exc.error_code in RETRY_CODES or exc.get_http_status_code() in (401, 403, 429):
+            return True
+        return not 400 <= exc.get_http_status_code() < 500  # other 4xx: retrying would never succeed
     return not isinstance(exc, (ValueError, TypeError, KeyError, LookupError, FileNotFoundError))
+
+
+def refuses_credentials(exc: BaseException) -> bool:
+    """Whether the server answered 401/403: it is there, but does not take these credentials."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and (exc.error_code in AUTH_CODES
+                                                 or exc.get_http_status_code() in (401, 403))
 
 
 def experiment_id(client, run_dir: Path, experiment: str) -> str:
@@ -188,7 +207,9 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
              record: bool = True) -> str:
     """Resume `run_id` (set it RUNNING) or create a run in `experiment` (created when missing);
     writes RUN_DIR/tracking.json (unless not `record`) and returns the run's id. A run the server
-    does not know is replaced by a new one (with a warning); no answer raises."""
+    does not know (NO_RUN_CODES: no such id, or a deleted run) is replaced by a new one (with a
+    warning); every other error raises: no answer, and refused credentials too (a 401 says nothing
+    about the run, and a new one would split the training in two)."""
     from mlflow.exceptions import MlflowException
 
     run_dir, uri = Path(run_dir), client.tracking_uri
@@ -196,7 +217,7 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
         try:
             client.update_run(run_id, status="RUNNING")
         except MlflowException as e:
-            if is_transient(e):
+            if e.error_code not in NO_RUN_CODES:   # no answer, bad credentials, ...: not "no such run"
                 raise
             log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri),
                         redact_text(str(e)))

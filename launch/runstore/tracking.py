@@ -21,9 +21,17 @@ Nothing bounds the buffer but the outage: one line (and one entry in memory) per
 100 bytes plus 40 a metric, so a day away at one log_metrics call a second with 20 metrics is about
 80 MB; no record is dropped to keep it smaller. While away the file is appended to, and rewritten
 (to leave out what the server confirmed after all) at most once per call into the Tracker.
-What is still unsent when the process ends can be sent later with
+Answers that refuse the credentials or the pace (401, 403, 429: a token that expired mid-run) count as
+the server being away, with a warning that says so: records are kept, not dropped. A buffer file the
+disk refuses (full, a file size limit) costs one warning; the records stay in memory and the file is
+written whole again when it can be. A process that ends without end() records its run FAILED (an
+"end" record in the file when the server is away). What is still unsent when the process ends can be
+sent later with
 
     python -m launch.runstore.tracking upload --run-dir RUN_DIR [--tracking-uri URI]
+
+(refused while a trainer still holds RUN_DIR; a run that had ended keeps its status when the file holds
+no "end" record).
 
 With no tracking URI (argument or MLFLOW_TRACKING_URI) the store is embedded: SQLite at
 RUN_DIR/mlflow/mlflow.db with artifacts in RUN_DIR/mlflow/artifacts, nothing to start.
@@ -43,9 +51,11 @@ from pathlib import Path
 
 from launch.runstore.params import as_params
 from launch.runstore.records import (BATCH_OPS, BUFFER_NAME, append_buffer, batch, first_line, groups,
-                                     metrics_record, now_ms, read_buffer, send, send_group, write_buffer)
+                                     metrics_record, now_ms, read_buffer, retarget, send, send_group,
+                                     without_sent, write_buffer)
+from launch.runstore.rundir import run_lock_holder
 from launch.runstore.store import (connect_error, fluent_uri, is_transient, make_client, open_run, recorded_run,
-                                   resolve_uri, run_tracking, without_password)
+                                   refuses_credentials, resolve_uri, run_tracking, without_password)
 from pipeline.atomic import replacing
 from pipeline.storage import redact, redact_uncaught
 
@@ -85,7 +95,9 @@ class Tracker:
         self._last_step = 0
         self._fluent_run = False             # the run MLflow samples system metrics for
         self._ending = False                 # end() began: system metrics never start again
-        self._dirty = False                  # the buffer file lists records confirmed since
+        self._dirty = False                  # the buffer file lists records confirmed since, or lacks some
+        self._write_failed = False           # the last write of the buffer file failed (warned once)
+        self._next_write = 0.0               # after a failed write, rewrite no sooner than this
 
     @property
     def enabled(self) -> bool:
@@ -115,6 +127,10 @@ class Tracker:
                 os.environ.setdefault(k, v)
         self._client = make_client(self.uri)
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="mlflow-tracker")
+        # A process that ends without end() (an exception, Ctrl-C) records its run FAILED, with or
+        # without system metrics. mlflow registered its own exit hook on import (make_client): ours
+        # runs first (last in, first out), ends the fluent run against our URI and leaves it nothing.
+        atexit.register(self._at_exit)
         # What an earlier process of this run could not send; this process opens and ends the run.
         left = [r for r in read_buffer(self.buffer_path) if r["op"] not in ("open", "end")]
         self._buffered = self.buffer_path.exists()
@@ -128,6 +144,7 @@ class Tracker:
             self._run_id = open_run(self._client, self.run_dir, self.experiment, run_id, self.run_name)
         except Exception as e:
             if not is_transient(e):
+                atexit.unregister(self._at_exit)
                 raise
             # the server it was set up for, without a password: `tracking upload` sends it there later
             opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name,
@@ -138,7 +155,7 @@ class Tracker:
             return self._run_id
         self._opened = True
         self._start_system_metrics()
-        for rec in left:
+        for rec in retarget(left, run_id, self._run_id):  # a new run replaced the one they name
             self._submit(rec)
         return self._run_id
 
@@ -164,7 +181,11 @@ class Tracker:
         if not self.enabled:
             return
         if not isinstance(image, (str, os.PathLike)):
-            image = self._save_image(image, step, key)
+            try:
+                image = self._save_image(image, step, key)
+            except OSError as e:  # a full disk: the image is lost, training goes on
+                log.warning("MLflow: image %s of step %d not saved (%s); not logged", key, step, first_line(e))
+                return
         path = Path(image).resolve()
         rec = {"op": "image", "path": str(path), "key": key, "step": int(step), "ts": now_ms()}
         if path.is_relative_to(self.run_dir.resolve()):  # upload finds it there after the folder moved
@@ -216,13 +237,15 @@ class Tracker:
             return True
         self._ending = True  # the server answering during the flush below must not restart them
         self._stop_system_metrics(status)
+        self._waiter.submit(self._stop_worker_metrics, status)  # one restarted after an outage runs there
         self._log({"op": "end", "status": status, "ts": now_ms()})
         ok = self.flush(timeout)
+        atexit.unregister(self._at_exit)
         with self._lock:
             self._closed = True
             left = list(self._unconfirmed.values()) + self._kept
             if left:
-                write_buffer(self.buffer_path, left)
+                self._write(write_buffer, left)
         if left:
             log.warning("MLflow: %d record(s) not sent; they are in %s. Upload them with "
                         "`python -m launch.runstore.tracking upload --run-dir %s`", len(left), self.buffer_path,
@@ -250,8 +273,9 @@ class Tracker:
         with self._lock:
             if self._offline:
                 self._kept.append(rec)
-                append_buffer(self.buffer_path, [rec])
                 self._buffered = True
+                if not self._write(append_buffer, [rec]):
+                    self._dirty = True  # kept in memory; the next save writes the file whole
                 return
         self._submit(rec)
 
@@ -276,7 +300,7 @@ class Tracker:
         """Resume sending once a probe got an answer; while away, ask the server every RETRY_SECONDS
         and rewrite the buffer file (at most once a tick) when records were confirmed meanwhile."""
         with self._lock:
-            if self._dirty and self._offline:
+            if self._dirty and self._offline and time.monotonic() >= self._next_write:
                 self._save()
         if self._back:
             self._resume()
@@ -289,9 +313,8 @@ class Tracker:
             self._back = self._offline = False
             kept, self._kept = self._kept, []
         log.warning("MLflow at %s answers again; sending the %d record(s) kept meanwhile", redact(self.uri), len(kept))
-        if self._fluent_run:  # MLflow's sampler stops when the server does not answer: start it again
-            self._stop_system_metrics("RUNNING")
-        self._start_system_metrics()
+        if self.system_metrics:  # the worker starts it again: that waits for the server
+            self._waiter.submit(self._restart_system_metrics)
         for rec in kept:
             self._submit(rec)
         with self._lock:
@@ -310,12 +333,52 @@ class Tracker:
             self._fluent_run = True
         except Exception as e:
             log.warning("MLflow system metrics not started: %s", first_line(e))
+
+    def _restart_system_metrics(self) -> None:
+        """(worker) MLflow's sampler stops for good when the server does not answer: a new one once
+        it answers again, started here since that waits for the server. MLflow keeps a fluent run
+        per thread: end() ends the caller's, and with it the sampler it keeps per run id (this one)."""
+        if self._ending:
             return
-        # A process that exits without end() (an exception, Ctrl-C) would have MLflow's own exit
-        # hook end the fluent run as FINISHED with the process-wide URI (or create ./mlflow.db);
-        # ours runs first (atexit is last in, first out; mlflow registered its hook on import) and
-        # ends it as FAILED against our URI, which leaves MLflow's hook nothing to do.
-        atexit.register(self._stop_system_metrics, "FAILED")
+        import mlflow
+
+        try:
+            with fluent_uri(self.uri):
+                mlflow.end_run("RUNNING")   # this thread's run of an earlier restart, if any
+                mlflow.start_run(run_id=self._run_id, log_system_metrics=True)
+            self._fluent_run = True
+        except Exception as e:
+            log.warning("MLflow system metrics not started again: %s", first_line(e))
+
+    def _stop_worker_metrics(self, status: str) -> None:
+        """(worker) End the fluent run _restart_system_metrics started in this thread, if any."""
+        import mlflow
+
+        if mlflow.active_run() is None:   # MLflow's active run is this thread's
+            return
+        try:
+            with fluent_uri(self.uri):
+                mlflow.end_run(status)
+        except Exception as e:  # the server is away: the "end" record closes the run later
+            log.debug("mlflow.end_run: %s", first_line(e))
+
+    def _at_exit(self) -> None:
+        """atexit: the process ends without end() (an exception, Ctrl-C); the run is recorded FAILED
+        here and now (Python has stopped the worker by then), or, with the server away or records
+        unsent, by an "end" record in the buffer file for `tracking upload`."""
+        if not self.enabled or self._ending:
+            return
+        self._ending = self._closed = True
+        self._stop_system_metrics("FAILED")
+        rec = {"op": "end", "status": "FAILED", "ts": now_ms(), "run": self._run_id if self._opened else None}
+        with self._lock:
+            left = list(self._unconfirmed.values()) + self._kept
+        if self._opened and not self._offline and not left:
+            try:
+                return send(self._client, self._run_id, rec)
+            except Exception as e:  # noqa: BLE001 - the process is ending; the file keeps the record
+                log.warning("MLflow: run %s not ended as FAILED (%s)", self._run_id, first_line(e))
+        self._write(write_buffer, left + [rec])
 
     def _stop_system_metrics(self, status: str) -> None:
         if not self._fluent_run:
@@ -323,7 +386,6 @@ class Tracker:
         import mlflow
 
         self._fluent_run = False
-        atexit.unregister(self._stop_system_metrics)
         try:
             with fluent_uri(self.uri):
                 mlflow.end_run(status)
@@ -358,7 +420,10 @@ class Tracker:
             with self._lock:
                 opening = any(r["op"] == "open" for r in self._kept)
             if opening:
-                self._run_id = open_run(self._client, self.run_dir, self.experiment, self._run_id, self.run_name)
+                asked = self._run_id
+                self._run_id = open_run(self._client, self.run_dir, self.experiment, asked, self.run_name)
+                with self._lock:  # a new run replaced the one the earlier process's records name
+                    self._kept = retarget(self._kept, asked, self._run_id)
                 self._opened = True
             else:
                 self._client.get_run(self._run_id)
@@ -378,9 +443,11 @@ class Tracker:
             return
         self._offline = True
         self.warnings += 1
-        log.warning("MLflow at %s is unreachable (%s); training goes on, records are kept in %s and sent "
+        why = ("refuses the credentials (check MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
+               if refuses_credentials(exc) else "is unreachable")
+        log.warning("MLflow at %s %s (%s); training goes on, records are kept in %s and sent "
                     "when it answers again (or: python -m launch.runstore.tracking upload --run-dir %s)",
-                    redact(self.uri), first_line(exc), self.buffer_path, self.run_dir)
+                    redact(self.uri), why, first_line(exc), self.buffer_path, self.run_dir)
         self._save()
 
     def _settled(self) -> None:
@@ -395,8 +462,24 @@ class Tracker:
             self._buffered = False
 
     def _save(self) -> None:
-        write_buffer(self.buffer_path, list(self._unconfirmed.values()) + self._kept)
-        self._buffered, self._dirty = True, False
+        ok = self._write(write_buffer, list(self._unconfirmed.values()) + self._kept)
+        self._buffered, self._dirty = True, not ok
+
+    def _write(self, write, records: list[dict]) -> bool:
+        """write(buffer path, records) (append_buffer or write_buffer); False when the file system
+        refused (a full disk, a file size limit): warned once, the records stay in memory and the
+        file is written whole again RETRY_SECONDS later (_tick), not once per call."""
+        try:
+            write(self.buffer_path, records)
+        except OSError as e:
+            self._next_write = time.monotonic() + RETRY_SECONDS
+            if not self._write_failed:
+                log.warning("MLflow: %s not written (%s); training goes on, records are kept in memory and "
+                            "written when it can be", self.buffer_path, first_line(e))
+            self._write_failed = True
+            return False
+        self._write_failed = False
+        return True
 
 
 def answered(ops) -> bool:
@@ -446,16 +529,15 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
         return {"records": 0, "sent": 0, "dropped": 0, "run_id": info.get("run_id"), "tracking_uri": uri}
     client = make_client(uri)
     asked = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
+    was = ended(client, asked)
     run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", asked,
                       opening.get("run_name"))
-    # a run the server does not know was replaced by a new one: its records go there, not refused
-    renamed = {asked: run_id} if asked and asked != run_id else {}
     sent = dropped = done = 0
     try:
-        for group in groups([moved_image(run_dir, r) for r in records]):
-            target = group[0].get("run")
+        # a run the server does not know was replaced by a new one: its records go there, not refused
+        for group in groups([moved_image(run_dir, r) for r in retarget(records, asked, run_id)]):
             try:
-                send_group(client, renamed.get(target, target) or run_id, group)  # None: the run opened here
+                send_group(client, group[0].get("run") or run_id, group)  # None: the run opened here
                 sent += len(group)
             except Exception as e:
                 if is_transient(e):
@@ -464,8 +546,26 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
                 log.warning("MLflow refused a %s record (%s); left out", group[0]["op"], first_line(e))
             done += len(group)
     finally:
-        write_buffer(path, records[done:])
+        # read again: a trainer may have appended meanwhile; only what was sent (or refused) goes
+        write_buffer(path, without_sent(read_buffer(path), records[:done]))
+        if was and run_id == asked and not any(r["op"] == "end" for r in records[:done]):
+            client.set_terminated(run_id, status=was[0], end_time=was[1])  # open_run set it RUNNING
     return {"records": len(records), "sent": sent, "dropped": dropped, "run_id": run_id, "tracking_uri": uri}
+
+
+def ended(client, run_id: str | None) -> tuple[str, int] | None:
+    """(status, end time) of a run that has ended, else None (running, unknown to the server)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException as e:
+        if is_transient(e):
+            raise
+        return None
+    return (info.status, info.end_time) if info.status in ("FINISHED", "FAILED", "KILLED") else None
 
 
 def main(argv=None) -> int:
@@ -478,6 +578,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         print(f"error: --run-dir {args.run_dir}: not a directory", file=sys.stderr)
+        return 2
+    busy = run_lock_holder(args.run_dir)   # its trainer still appends to the buffer and sends it itself
+    if busy:
+        print(f"error: --run-dir {args.run_dir}: still training ({busy}); the trainer sends the buffer "
+              "when the server answers; upload what is left after it ends", file=sys.stderr)
         return 2
     try:
         res = upload(args.run_dir, args.tracking_uri)
