@@ -116,6 +116,9 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+
+
 def _png_bit_depth(data: bytes) -> int:
     """Bits per sample from a PNG's IHDR (PIL decodes 16-bit RGB as mode "RGB" and hides it)."""
     return data[24] if data[12:16] == b"IHDR" and len(data) > 24 else 8
@@ -128,7 +131,9 @@ def _keep_original(im: Image.Image, data: bytes) -> bool:
         return False
     if "transparency" in im.info or _orientation(im) != 1:
         return False
-    return im.format != "PNG" or _png_bit_depth(data) == 8
+    # A PNG cut after its pixels but before its IEND chunk decodes whole, yet the file is not a
+    # valid PNG (other readers refuse it): store the decoded pixels re-encoded instead.
+    return im.format != "PNG" or (_png_bit_depth(data) == 8 and data.endswith(PNG_END))
 
 
 def check_image(data: bytes, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> Checked:

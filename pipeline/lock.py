@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Iterator
 
 from pipeline import storage
 from pipeline.atomic import private_dir
-from pipeline.layout import LOCK_NAME, LockedError, ShardsError, part_dir
+from pipeline.layout import LOCK_NAME, PARTS_DIR, LockedError, ShardsError, part_dir
 
 
 def _holder(fd: int) -> str:
@@ -96,6 +97,47 @@ def out_locks(out: str, part: tuple[int, int], what: str = "make shards") -> Ite
             yield
         return
     what = f"{what} --part {i}/{n}"
+    # The parts of one job share OUT, but parts of jobs with another N write the same shard
+    # numbers (--part 0/2 and --part 0/3 both write shard 0): each part run holds its N's lock
+    # shared, then refuses when a run of another N holds its own.
     with (writer_lock(storage.join(out, LOCK_NAME), what, shared=True),
+          writer_lock(count_lock(out, n), what, shared=True),
           writer_lock(storage.join(part_dir(out, i, n), LOCK_NAME), what)):
+        _refuse_other_counts(out, n)
         yield
+
+
+def count_lock(out: str, n: int) -> str:
+    """The local file that `--part i/n` runs of OUT hold shared: OUT/parts/.lock-N<n>, or for a URL
+    a file in this user's lock folder named by a hash of OUT/parts (lock_file's folder)."""
+    if not storage.is_url(out):
+        return os.path.join(storage.local_path(storage.join(out, PARTS_DIR)), f".lock-N{n}")
+    parts = lock_file(storage.join(out, PARTS_DIR))
+    private_dir(os.path.dirname(parts))  # ours alone, or refused (as writer_lock does for URLs)
+    return f"{parts[:-len('.lock')]}-N{n}.lock"
+
+
+def _refuse_other_counts(out: str, n: int) -> None:
+    """Raise LockedError when a part run with a count other than `n` holds its count lock: a
+    non-blocking exclusive probe of each other count's lock file, released at once. Two runs
+    starting together each hold their own lock before probing, so at least one is refused."""
+    mine = count_lock(out, n)
+    stem = mine[:mine.rindex("-N") + 2]
+    for other in sorted(glob.glob(glob.escape(stem) + "*")):
+        if other == mine or not other[len(stem):].removesuffix(".lock").isdigit():
+            continue
+        try:
+            fd = os.open(other, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, or not ours to open: nobody can hold it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            m = other[len(stem):].removesuffix(".lock")
+            raise LockedError(f"{storage.redact(out)} is being written by --part runs of {m} parts ({_holder(fd)}); "
+                              f"a --part run of {n} parts would write the same shards: wait for them to finish "
+                              f"or stop them, or run --part i/{m} (lock: {other})") from None
+        except OSError:  # a filesystem without locks: writer_lock has warned already
+            pass
+        finally:
+            os.close(fd)

@@ -18,7 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import stat
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -70,6 +72,8 @@ def run(args: RunArgs) -> tuple[int, str]:
     with out_locks(args.out, args.part):
         where = args.out if nparts == 1 else part_dir(args.out, part, nparts)
         _check_out_files(args.out, where)  # before anything in OUT is removed or replaced
+        if nparts > 1:
+            _remove_other_jobs(args.out, nparts)
         done = _write_shards(args)
         if nparts == 1:
             _remove_stale(args.out, done.counts)
@@ -96,6 +100,25 @@ def merge(out: str) -> tuple[int, str]:
         return _summarise(totals, time.time() - t0, _Written(), out, 1)
 
 
+def _remove_other_jobs(out: str, nparts: int) -> None:
+    """Remove OUT/parts/<i>-of-<M> for every M other than this job's `nparts`: this job rewrites
+    their shards, and left in place they would stop every later merge ("different N"). Safe
+    under out_locks, which refused this run if a part run of another M holds OUT. Said on stderr."""
+    mine = f"-of-{nparts}"
+    folders = sorted({storage.parent(p) for p in storage.glob(out, PARTS_DIR, "*-of-*", "*")}
+                     | set(storage.glob(out, PARTS_DIR, "*-of-*")))
+    stale = [f for f in folders if not f.rstrip("/").rsplit("/", 1)[-1].endswith(mine)]
+    for folder in stale:
+        if storage.is_url(folder):
+            for path in storage.glob(folder, "**"):
+                storage.remove(path)
+        else:
+            shutil.rmtree(storage.local_path(folder), ignore_errors=True)
+    if stale:
+        print(f"note: removed {len(stale)} parts folder(s) of an earlier job with another part count: "
+              f"{', '.join(storage.redact(f) for f in stale)}", file=sys.stderr)
+
+
 def _finished_parts(out: str) -> dict[str, int]:
     """Groups per domain of the job whose parts all finished with the same listing."""
     found = {}
@@ -105,7 +128,9 @@ def _finished_parts(out: str) -> dict[str, int]:
     if not found:
         raise ShardsError(f"{storage.redact(out)}: no finished part (no {PARTS_DIR}/<i>-of-<N>/index.json)")
     if len(found) > 1:
-        raise ShardsError(f"{storage.redact(out)}: parts from runs with different N: {sorted(found)}")
+        folders = sorted({storage.redact(storage.parent(p)) for p in storage.glob(out, PARTS_DIR, "*-of-*", INDEX_NAME)})
+        raise ShardsError(f"{storage.redact(out)}: parts from runs with different N: {sorted(found)}; delete the "
+                          f"folders of the job not to merge: {', '.join(folders)}")
     (nparts, parts), = found.items()
     missing = sorted(set(range(nparts)) - set(parts))
     if missing:

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.atomic import replacing
 from pipeline.hashing import sha256_bytes
 from pipeline.images import Checked, Rejected, check_image
-from pipeline.layout import FORMAT_VERSION, ShardsError, sample_key, shard_name, valid_text
+from pipeline.layout import FORMAT_VERSION, ShardsError, record_path, sample_key, shard_name, valid_text
 from pipeline.records import save_record
 from pipeline.sources import read_source
 
@@ -169,12 +169,16 @@ def rewrite_shard(record: dict, out: str, remove: set[str]) -> dict:
                 if m.name.split(".", 1)[0] not in remove:
                     yield m.name, tar.extractfile(m).read()
 
-    # Build the new shard fully (under its temporary name) before replacing either file;
-    # a crash between the two renames leaves a record/file mismatch, which the next run
-    # repairs by rewriting that shard from its inputs.
+    # Build the new shard fully (under its temporary name) before replacing either file.
     kept = [s for s in record["samples"] if s["key"] not in remove]
     dropped = [s for s in record["samples"] if s["key"] in remove]
-    nbytes, sha = write_tar(path, list(members()))
+    new_members = list(members())
+    # The old record goes before the new tar replaces the old one: the tar is padded to 10 KiB,
+    # so the old record could still match its size (record_is_current compares only that) and a
+    # kill between the two writes would leave it "done" listing a sample the tar lacks. With no
+    # record, the next run writes this shard again from its inputs.
+    storage.remove(record_path(out, record["domain"], record["number"]))
+    nbytes, sha = write_tar(path, new_members)
     # The duplicates in input order: a merge drops a shard's duplicates in two passes (its part's
     # finalize, then the merge), a single run in one, and the quarantine must list them alike
     position = {shown_source(p): i for i, (p, *_) in reversed(list(enumerate(record["inputs"])))}

@@ -31,8 +31,8 @@ def verify(out: str) -> tuple[list[str], str]:
     """Re-read every shard; return (problems, summary). Each problem names its shard."""
     out = out_root(out)
     index_file = storage.join(out, INDEX_NAME)
-    index, entries, by_shard = _read_outputs(out, index_file)
-    problems = _unlisted(out, index, entries, by_shard)
+    index, entries, by_shard, repeated = _read_outputs(out, index_file)
+    problems = _unlisted(out, index, entries, by_shard) + repeated
     nsamples = nbytes = 0
     for entry in entries:
         try:
@@ -58,7 +58,12 @@ def _check_totals(index: dict, entries: list[dict]) -> list[str]:
     whole_run = "translation" not in index and "part" not in index
     for d in DOMAINS:
         tot = index.get("totals", {}).get(d, {})
-        n = sum(e.get("nsamples", 0) for e in entries if e.get("domain") == d)
+        mine = [e for e in entries if e.get("domain") == d]
+        n = sum(e.get("nsamples", 0) for e in mine)
+        # bytes and shards are checked where the index has them (every index make shards writes)
+        for what, value in (("bytes", sum(e.get("bytes", 0) for e in mine)), ("shards", len(mine))):
+            if what in tot and tot[what] != value:
+                problems.append(f"index.json totals for {d}: {tot[what]} {what}, shards add up to {value}")
         if tot.get("samples") != n:
             problems.append(f"index.json totals for {d}: {tot.get('samples')} samples, shards add up to {n}")
         elif whole_run and n == 0:
@@ -78,8 +83,8 @@ def _repair_hint(index: dict) -> str:
             "every shard whose bytes differ from its record.")
 
 
-def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str, dict[str, dict]]]:
-    """(index, its object entries, manifest rows by shard url and key)."""
+def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str, dict[str, dict]], list[str]]:
+    """(index, its object entries, manifest rows by shard url and key, the manifest's repeated rows)."""
     import pyarrow.parquet as pq
 
     manifest_file = storage.join(out, MANIFEST_NAME)
@@ -97,9 +102,13 @@ def _read_outputs(out: str, index_file: str) -> tuple[dict, list[dict], dict[str
         raise ShardsError(f"{storage.redact(out)}: cannot read index.json / manifest.parquet: "
                           f"{type(e).__name__}: {storage.redact_text(str(e))}") from None
     by_shard: dict[str, dict[str, dict]] = {}
+    repeated = []
     for row in manifest:
-        by_shard.setdefault(row["shard"], {})[row["key"]] = row
-    return index, entries, by_shard
+        rows = by_shard.setdefault(row["shard"], {})
+        if row["key"] in rows:  # kept as one row below: a reader counting rows would count it twice
+            repeated.append(f"{row['shard']}: sample {row['key']} is in manifest.parquet more than once")
+        rows[row["key"]] = row
+    return index, entries, by_shard, repeated
 
 
 def _unlisted(out: str, index: dict, entries: list[dict], by_shard: dict) -> list[str]:
@@ -162,7 +171,25 @@ def _check_shard(entry: dict, data: bytes, rows: dict) -> tuple[list[str], int]:
         if sha != meta.get("sha256") or (key in rows and sha != rows[key]["sha256"]):
             bad.append(f"sample {key}: image sha256 differs from its json/manifest")
             break
+    for key, (img, meta) in samples.items():
+        wrong = _row_differs(img, meta, rows.get(key))
+        if wrong:
+            bad.append(f"sample {key}: manifest.parquet {wrong}")
+            break
     return bad, len(samples)
+
+
+def _row_differs(img: bytes, meta: dict, row: dict | None) -> str | None:
+    """What a manifest row says about its sample that the shard contradicts: its bytes against the
+    image's length, its width and height against the sample's json (where the json has them)."""
+    if row is None:  # the keys check above reports it
+        return None
+    if row.get("bytes") != len(img):
+        return f"says {row.get('bytes')} bytes, the image has {len(img)}"
+    for side in ("width", "height"):
+        if side in meta and row.get(side) != meta[side]:
+            return f"says {side} {row.get(side)}, the sample's json says {meta[side]}"
+    return None
 
 
 def _read_samples(data: bytes) -> dict[str, tuple[bytes, dict]]:
