@@ -21,18 +21,7 @@ import pipeline.shardwriter as sw
 from pipeline.layout import LockedError
 from pipeline.lock import out_locks
 from pipeline.shards import main, verify
-
-
-def png(seed: int, side: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_domain(folder, n: int, seed: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        (folder / f"{i:02d}.png").write_bytes(png(seed + i))
+from test_shards_review6 import make_domain, png
 
 
 def args(root, *extra) -> list[str]:
@@ -153,20 +142,15 @@ def test_verify_reports_a_manifest_row_the_shard_contradicts(shards, field, valu
 
 
 def test_a_png_cut_before_its_iend_chunk_is_stored_re_encoded_whole():
-    import io as _io
-
-    import numpy as _np
-    from PIL import Image as _Image
-
     from pipeline.images import PNG_END, check_image
 
-    arr = _np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=_np.uint8)
-    buf = _io.BytesIO()
-    _Image.fromarray(arr).save(buf, format="PNG")
+    arr = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
     whole = buf.getvalue()
     assert whole.endswith(PNG_END)
     kept = check_image(whole)
     assert not kept.converted and kept.data == whole          # a complete 8-bit PNG is kept as it is
     cut = check_image(whole[:-len(PNG_END)])
     assert cut.converted and cut.data.endswith(PNG_END)       # re-encoded: a valid file
-    assert _np.array_equal(_np.asarray(_Image.open(_io.BytesIO(cut.data)).convert("RGB")), arr)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(cut.data)).convert("RGB")), arr)
