@@ -157,19 +157,18 @@ def connect_error(uri: str, timeout: float = 2.0) -> OSError | None:
 
 # Refusals that say nothing about the record: credentials that expired mid-run (or a token being
 # renewed), a server shedding load. Sent again later they are taken, so they are kept, never dropped.
-AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
-RETRY_CODES = (*AUTH_CODES, "RESOURCE_EXHAUSTED")
+AUTH_CODES, AUTH_STATUS = ("UNAUTHENTICATED", "PERMISSION_DENIED"), (401, 403)
 # What the server says of a run id it does not have: only these mean "open a new run instead".
 NO_RUN_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when the error means 'no answer now' rather than 'the request was refused'; 401, 403
-    and 429 count as 'no answer now' (RETRY_CODES)."""
+    and 429 count as 'no answer now' (refuses_credentials, or a server shedding load)."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        if exc.error_code in RETRY_CODES or exc.get_http_status_code() in (401, 403, 429):
+        if refuses_credentials(exc) or exc.error_code == "RESOURCE_EXHAUSTED" or exc.get_http_status_code() == 429:
             return True
         return not 400 <= exc.get_http_status_code() < 500  # other 4xx: retrying would never succeed
     return not isinstance(exc, (ValueError, TypeError, KeyError, LookupError, FileNotFoundError))
@@ -180,7 +179,7 @@ def refuses_credentials(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(exc, MlflowException) and (exc.error_code in AUTH_CODES
-                                                 or exc.get_http_status_code() in (401, 403))
+                                                 or exc.get_http_status_code() in AUTH_STATUS)
 
 
 def experiment_id(client, run_dir: Path, experiment: str) -> str:
