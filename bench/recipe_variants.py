@@ -1,5 +1,5 @@
 """Experimental variants for bench/recipe.py that are not (yet) part of model/: each patches a
-freshly built UNIT in place. Kept so that the README's rows for them can be rerun.
+freshly built UNIT in place. Kept so that docs/quality.md's rows for them can be rerun.
 
   pixel-dis    a per-pixel discriminator (1x1 convolutions, width 32) added to both multi-scale
                discriminators as an extra "scale" on the full-resolution image: it judges each
@@ -33,7 +33,7 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
   skip-a-none, skip-a-norm, skip-a-highpass  with model.skip=image: only the map decoder sees the
                source image as it is; the aerial decoder sees nothing (none), the source with each
                channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
-               The hypothesis tested (not borne out, README): reconstructing a photo, the aerial
+               The hypothesis tested (not borne out, docs/quality.md): reconstructing a photo, the aerial
                decoder learns to copy its source's colours, and in b2a that source is a map
   skip-b-none, skip-b-norm, skip-b-highpass  the same for the map decoder (the aerial one keeps
                the full image): reconstructing a map, the map decoder can copy its source through
@@ -54,7 +54,7 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                texture drawn anew each step (per-pixel Gaussian noise scaled by a learned map of
                x_ba, then a 3x3 convolution: zero mean); reconstructions, the cycle and eval use x_ba
                itself. The aerial decoder can leave the invented texture to T and paint the
-               expected photo under a map, which is what pixel accuracy rewards (README, Ceilings)
+               expected photo under a map, which is what pixel accuracy rewards (docs/quality.md, Ceilings)
   texture-a-hi the same with the noise scale starting 14x higher (softplus(0) against softplus(-3))
   dis-a-plain  with model.dis_colour_octaves: the photo discriminator without the colour features
                (the map one keeps them): photos are textured, their exact pixel colours say little
@@ -69,7 +69,7 @@ freshly built UNIT in place. Kept so that the README's rows for them can be reru
                patch) is told apart by the missing variety within a packet
   cyc-a-hi     the photos' cycle (a -> b -> a) at 3x the paper's weight, the maps' at 1x: a field
                painted as land in x_ab cannot come back as a field, so only that cycle pays for it
-               (model.w_cyc=300, both cycles, collapses: README)
+               (model.w_cyc=300, both cycles, collapses: docs/quality.md)
   joint        a third discriminator on (photo, map) pairs stacked on the channels: (x_a, x_ab)
                against (x_ba, x_b), both generators trained to swap its verdicts (joint-distribution
                matching as in ALI / ALICE, Dumoulin et al. 2017, Li et al. 2017). D_a and D_b match

@@ -401,7 +401,7 @@ class PaletteHead(nn.Module):
             # nearest to the mixture: where two far colours split the probability (land and a
             # building's outline at its edge) their mixture is nearest a third one. On the demo's
             # map translator the largest logit scored 0.004-0.015 a2b more at every checkpoint of
-            # a 2,000-step run (README "Translation quality")
+            # a 2,000-step run (docs/quality.md)
             return self.most_probable(logits)
         return self._as_image(self.paint(logits.softmax(1)))
 
@@ -448,7 +448,7 @@ class ColourFeatures(nn.Module):
     off. On the demo maps it stays at chance for 300 steps against maps with their land painted
     white (0.1 away in [-1, 1]) or 10 levels darker, so it never tells a generator that its land
     is the wrong shade. With these features an exact colour is a linear function of the input and
-    the same network separates both in under 50 steps (README "Translation quality").
+    the same network separates both in under 50 steps (docs/quality.md).
     """
 
     def __init__(self, octaves: int):

@@ -295,7 +295,7 @@ class UNITGenerator(nn.Module):
         Why: the GAN decoder paints a realistic sample, with texture (noise, shadows, stripes)
         that the source does not determine, so it loses pixels to a flat guess; the L1-optimal
         image under a source is the per-pixel median over the images that source could come from,
-        which pixel accuracy rewards (README "Translation quality"). Unpaired data has no such
+        which pixel accuracy rewards (docs/quality.md). Unpaired data has no such
         pairs, but the other direction makes them. Everything upstream is detached: the expected
         decoder learns from the GAN model and never changes it.
         """
@@ -330,7 +330,7 @@ class UNITGenerator(nn.Module):
         result flipped back, averaged: a palette domain's colour probabilities (then its most probable
         colour per pixel), another domain's images. Why: the translator's errors differ between the
         views of a scene more than its right answers do, so averaging removes some; on the demo's map
-        translator the four flips scored a2b +0.009 and b2a +0.019 (README "Translation quality")."""
+        translator the four flips scored a2b +0.009 and b2a +0.019 (docs/quality.md)."""
         n = self.tta_views
         views = torch.cat([flip_view(x, k) for k in range(n)])
         h = self._part(kind, dst)[:-1](self.dec_shared(self.encode(views, src)))

@@ -2,7 +2,7 @@
 
 A map, a label image or a flat illustration is drawn in a few colours. A generator that paints
 only those (model.networks.PaletteHead) is exactly right wherever it picks the right colour,
-where a tanh head settles on blurry in-between shades (README, "Translation quality"). The
+where a tanh head settles on blurry in-between shades (docs/quality.md). The
 palette is the mean colours of the most populated colour bins of up to eval.baseline_images
 training images, cropped as training crops them but resized by nearest neighbour (since review 7:
 the training resize, INTER_AREA, blends each edge into in-between colours that filled up to 25 of
