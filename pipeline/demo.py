@@ -206,6 +206,7 @@ def write_corpus(out: str, n_train: int, n_test: int, size: int = 64, seed: int 
         raise ValueError(f"counts must be >= 0, got n_train={n_train} n_test={n_test}")
     for sub in ("trainA", "trainB", "testA", "testB"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
+    _remove_extra(out, n_train, n_test)
     jobs = [("trainA", i) for i in range(n_train)] + [("trainB", i) for i in range(n_train)]
     jobs += [("test", i) for i in range(n_test)]
     nbytes = 0
@@ -222,6 +223,24 @@ def write_corpus(out: str, n_train: int, n_test: int, size: int = 64, seed: int 
             write_bytes(os.path.join(out, "testB" if split == "test" else "trainB", name + ".png"), data, durable=False)
             nbytes += len(data)
     return {"trainA": n_train, "trainB": n_train, "testA": n_test, "testB": n_test, "bytes": nbytes}
+
+
+# the names write_corpus gives its files, per folder: only these are ever removed
+_OWN_NAMES = {"trainA": ".jpg", "trainB": ".png", "testA": ".jpg", "testB": ".png"}
+
+
+def _remove_extra(out: str, n_train: int, n_test: int) -> None:
+    """Remove this generator's files numbered at or above the new counts (an earlier, larger run's,
+    of maybe another seed), so a seed always gives the same corpus. Files of other names are left."""
+    for sub, ext in _OWN_NAMES.items():
+        count = n_train if sub.startswith("train") else n_test
+        folder = os.path.join(out, sub)
+        for name in os.listdir(folder):
+            stem = name[:-len(ext)] if name.endswith(ext) else ""
+            if len(stem) >= 6 and stem.isascii() and stem.isdigit() and int(stem) >= count:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    os.remove(path)
 
 
 def main(argv=None) -> int:

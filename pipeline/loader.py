@@ -45,6 +45,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.atomic import TEMP_NAME, write_bytes
+from pipeline.atomic import write_bytes
 from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels, to_chw_uint8
 from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.images import MAX_PIXELS
@@ -163,6 +164,10 @@ def _fetch_bytes(url: str, on_retry=None) -> bytes:
 
 
 STALE_TEMP_S = 600  # a cache file still under its temporary name after this long was abandoned
+CACHE_SUBDIR = "unit-shard-cache"  # under data.cache_dir: the only folder ShardCache writes or trims
+# ShardCache.path's names (`<16 hex>-<basename>`) and atomic.write_bytes's temporaries of them
+COPY_NAME = re.compile(r"^[0-9a-f]{16}-.+$")
+COPY_TEMP_NAME = re.compile(r"^\.[0-9a-f]{16}-.+\.[A-Za-z0-9_]{6,}\.tmp$")
 
 
 class ShardCache:
@@ -176,9 +181,11 @@ class ShardCache:
     def __init__(self, cache_dir: str, max_bytes: int):
         if max_bytes < 1:
             raise ValueError(f"cache_bytes={max_bytes} must be >= 1")
-        self.dir = cache_dir
+        # Copies live in a subfolder this class owns: data.cache_dir may be a disk's root holding
+        # other data (/local/nvme, lost+found), and trimming must never remove a file it did not write.
+        self.dir = os.path.join(cache_dir, CACHE_SUBDIR)
         self.max_bytes = int(max_bytes)
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(self.dir, exist_ok=True)
 
     def path(self, url: str, sha256: str | None = None) -> str:
         # the hash names the copy; the shard's name (cut short: a key may be longer than a file
@@ -193,11 +200,15 @@ class ShardCache:
         dest = self.path(url, sha256)
         try:
             f = open(dest, "rb")
-            st = os.fstat(f.fileno())
-            os.utime(dest, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
-            return f
         except FileNotFoundError:  # not cached, or trimmed by another worker meanwhile
-            pass
+            f = None
+        if f is not None:
+            try:  # recently used; best effort: another user's copy, or a read-only mount, refuses
+                st = os.fstat(f.fileno())  # it, and the copy is as readable as it was
+                os.utime(dest, ns=(time.time_ns(), st.st_mtime_ns))
+            except OSError as e:
+                log.debug("shard cache %s: cannot mark %s used (%s)", self.dir, dest, e)
+            return f
         data = fetch()
         if len(data) <= self.max_bytes:
             try:
@@ -218,31 +229,44 @@ class ShardCache:
             pass
 
     def _trim(self, keep: str) -> None:
+        """Remove least recently used copies until the folder is within max_bytes. Only regular
+        files named like a copy (or a copy's temporary) are counted or removed; anything else
+        (a folder, a link, another program's file) is left alone, and one file that cannot be
+        removed does not stop the trimming of the others."""
         files, now = [], time.time()
         for name in os.listdir(self.dir):
             p = os.path.join(self.dir, name)
             try:
-                st = os.stat(p)
-                if TEMP_NAME.match(name):
-                    # a copy is written from bytes already in memory, in seconds: one this old was
-                    # left by a worker killed while writing it, and would hold its space for ever
-                    if now - st.st_mtime > STALE_TEMP_S:
-                        os.remove(p)
-                    continue  # else another worker's copy in flight: not ours to remove
+                st = os.lstat(p)  # lstat: a link is not followed, so never removed through
             except FileNotFoundError:
                 continue  # removed by another process
-            files.append((st.st_atime_ns, st.st_size, p))
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if COPY_TEMP_NAME.match(name):
+                # a copy is written from bytes already in memory, in seconds: one this old was
+                # left by a worker killed while writing it, and would hold its space for ever
+                if now - st.st_mtime > STALE_TEMP_S:
+                    self._remove(p)
+                continue  # else another worker's copy in flight: not ours to remove
+            if COPY_NAME.match(name):
+                files.append((st.st_atime_ns, st.st_size, p))
         total = sum(s for _, s, _ in files)
         for _, size, p in sorted(files):
             if total <= self.max_bytes:
                 break
-            if p == keep:
-                continue
-            try:
-                os.remove(p)  # a worker reading it keeps its open file
-            except FileNotFoundError:
-                pass
-            total -= size
+            if p != keep and self._remove(p):  # a worker reading it keeps its open file
+                total -= size
+
+    def _remove(self, path: str) -> bool:
+        """Remove one cached file; False (with a warning) when it cannot be removed."""
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass  # removed by another worker: its space is free all the same
+        except OSError as e:
+            log.warning("shard cache %s: cannot remove %s (%s)", self.dir, path, e)
+            return False
+        return True
 
 
 class ShardReader:

@@ -14,6 +14,8 @@ OUT may be a URL (pipeline.storage): records are then objects, uploaded after th
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 from pipeline import storage
 from pipeline.atomic import write_json
@@ -22,8 +24,26 @@ from pipeline.layout import FORMAT_VERSION, record_path, shard_name
 from pipeline.sources import Input, source_digest
 
 
+RECORD_MODE = 0o600  # a record names its inputs, and an input URL may carry user:password@ or a signature
+RECORDS_DIR_MODE = 0o700
+
+
 def save_record(out: str, record: dict) -> None:
-    write_json(record_path(out, record["domain"], record["number"]), record, indent=None)
+    """Write a shard's record, readable by this user only (shards and index.json stay 0644: they
+    name inputs redacted, while a record keeps the full source a rerun compares against)."""
+    path = record_path(out, record["domain"], record["number"])
+    if not storage.is_url(path):
+        _private_folders(os.path.dirname(os.path.dirname(path)), os.path.dirname(path))
+    write_json(path, record, indent=None, mode=RECORD_MODE)
+
+
+def _private_folders(*folders: str) -> None:
+    """Make each folder (0700), and set an existing one of ours (an older run's, 0755) to 0700."""
+    for folder in folders:
+        os.makedirs(folder, RECORDS_DIR_MODE, exist_ok=True)
+        st = os.stat(folder)
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != RECORDS_DIR_MODE:
+            os.chmod(folder, RECORDS_DIR_MODE)
 
 
 def load_record(out: str, domain: str, number: int) -> dict | None:

@@ -31,7 +31,9 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import stat
+import urllib.parse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -156,8 +158,10 @@ def _walk_local(root: str, seen: set) -> Iterator[Input]:
 def _text_paths(path: str, opener) -> Iterator[str]:
     try:
         with opener(path, "rb") as f:
-            for raw in f:
-                line = raw.decode("utf-8").rstrip("\r\n")
+            for n, raw in enumerate(f):
+                # utf-8-sig on the first line: a list saved by Notepad or Excel starts with a
+                # byte-order mark, which would otherwise become part of the first path
+                line = raw.decode("utf-8-sig" if n == 0 else "utf-8").rstrip("\r\n")
                 if line.strip() and not line.lstrip().startswith("#"):
                     yield line.strip()
     except UnicodeDecodeError:
@@ -221,7 +225,6 @@ def _list_url(source: str) -> Iterator[Input]:
         raise
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own error types
         raise SourceError(f"{source}: cannot list: {e}") from None
-    base = source.rsplit("/", 1)[0]
     opener = lambda p, mode: fsspec.open(source, mode)  # noqa: E731
     paths = _parquet_paths(source, opener) if source.endswith(".parquet") else _text_paths(source, opener)
     for p in paths:
@@ -230,7 +233,20 @@ def _list_url(source: str) -> Iterator[Input]:
         elif os.path.isabs(p):
             yield from _from_paths(iter([p]), "/")
         else:
-            yield Input(f"{base}/{p}", UNKNOWN_SIZE)
+            yield Input(_beside(source, p), UNKNOWN_SIZE)
+
+
+def _beside(list_url: str, entry: str) -> str:
+    """The URL of a list's relative `entry`, resolved against the list's folder and normalised
+    ("./x.jpg", "../images/x.png"), as a local list's entries are: an object store has no "."
+    or ".." keys. An entry climbing above the bucket (or host) root is refused."""
+    u = storage.split_url(list_url)
+    # normalised without the leading "/": posixpath would silently drop ".." at the root
+    rel = posixpath.normpath(posixpath.join(posixpath.dirname(u.path).lstrip("/"), entry))
+    if rel == ".." or rel.startswith("../"):
+        raise SourceError(f"{storage.redact(list_url)}: entry {entry!r} climbs above the root of "
+                          f"{u.scheme}://{u.hostname or ''}")
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + rel, "", ""))
 
 
 # ----------------------------------------------------------------------------- reading

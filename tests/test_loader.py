@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.loader import UnpairedLoader, resolve_shards
+from pipeline.loader import CACHE_SUBDIR, UnpairedLoader, resolve_shards
 
 SIZE = 32  # crop size; stored images are 40x48 so resize and crop really happen
 BLUE = {"a": 60, "b": 200}
@@ -236,7 +236,7 @@ def test_remote_urls_cached_with_size_limit(out, tmp_path):
         limit = int(2.5 * shard_bytes)
         got = take(UnpairedLoader(urls, out, cache_dir=str(cache), cache_bytes=limit, **kw), 12)
         assert same(got, ref)
-        files = list(cache.iterdir())
+        files = list((cache / CACHE_SUBDIR).iterdir())  # copies live in the cache's own subfolder
         assert 1 <= len(files) <= 2 and sum(f.stat().st_size for f in files) <= limit
     # without a cache the bytes are read into memory each time
     assert same(take(UnpairedLoader([f"pipe:cat {p}" for p in local], out, **kw), 12), ref)
@@ -289,7 +289,7 @@ def test_shard_larger_than_the_cache_is_not_cached(out, tmp_path):
     small = UnpairedLoader([f"file://{p}" for p in local], out, cache_dir=str(cache),
                            cache_bytes=os.path.getsize(local[0]) - 1, **kw)
     assert same(take(small, 6), ref)
-    assert not list(cache.iterdir())  # read into memory, never stored: the bound holds
+    assert not list((cache / CACHE_SUBDIR).iterdir())  # read into memory, never stored: the bound holds
     state = small.state_dict()
     assert state["stats"]["retries"] == 0 and small.stats["retries"] == 0
     with pytest.raises(ValueError, match="cache_bytes"):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.augment import AugmentConfig, Augmenter, TooManyPixels
-from pipeline.loader import STALE_TEMP_S, Counters, Shard, ShardCache, ShardError, ShardReader, UnpairedLoader, \
-    reshaped_state
+from pipeline.loader import CACHE_SUBDIR, STALE_TEMP_S, Counters, Shard, ShardCache, ShardError, ShardReader, \
+    UnpairedLoader, reshaped_state
 from test_loader import SIZE, out, take  # noqa: F401  (the module's shards fixture)
 
 
@@ -36,17 +36,19 @@ def test_an_unreadable_shard_is_named_without_its_credentials(url, caplog):
 
 def test_a_cache_file_abandoned_mid_write_is_removed_once_stale(tmp_path):
     cache = ShardCache(str(tmp_path / "cache"), 1_000_000)
-    stale, fresh = tmp_path / "cache" / ".killed.tar.abc123.tmp", tmp_path / "cache" / ".writing.tar.def456.tmp"
+    folder = tmp_path / "cache" / CACHE_SUBDIR  # temporaries named as the cache names its own
+    stale = folder / ".0123456789abcdef-killed.tar.abc123.tmp"
+    fresh = folder / ".0123456789abcdef-writing.tar.def456.tmp"
     for p in (stale, fresh):
         p.write_bytes(b"x" * 450_000)
     old = time.time() - STALE_TEMP_S - 60
     os.utime(stale, (old, old))
     for i in range(3):
         cache.open(f"s3://b/ok{i}.tar", lambda: b"y" * 400_000)
-    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    names = sorted(p.name for p in folder.iterdir())
     assert stale.name not in names          # a killed writer's leftover no longer holds its space
     assert fresh.name in names              # another worker's copy in flight is left alone
-    kept = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    kept = sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
     assert kept <= 1_000_000
 
 

@@ -26,7 +26,7 @@ from conftest import S3_SECRET
 from pipeline import storage
 from pipeline.index import IndexEntryError, index_entry_url
 from pipeline.lineage import shard_datasets
-from pipeline.loader import UnpairedLoader, resolve_shards
+from pipeline.loader import CACHE_SUBDIR, UnpairedLoader, resolve_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = dict(batch_size=4, image_size=32, seed=3)
@@ -114,7 +114,7 @@ def test_s3_and_http_out_yield_the_local_batches(s3_server, http_server, corpus,
     bound = int(2.5 * shard_bytes)
     cached = UnpairedLoader(s3, s3, num_workers=0, cache_dir=str(tmp_path / "cache"), cache_bytes=bound, **KW)
     assert same(take(cached, 8), ref)
-    files = list((tmp_path / "cache").iterdir())
+    files = list((tmp_path / "cache" / CACHE_SUBDIR).iterdir())
     assert files and sum(f.stat().st_size for f in files) <= bound
 
 
@@ -165,7 +165,7 @@ def test_http_changed_shard_is_refused_with_verify_shards(http_server, corpus, t
     assert checked.stats["skipped"]["checksum_mismatch"] >= 1
     # A copy that failed the check is not kept: the cache holds only bytes the index vouches for.
     good = {e["sha256"] for e in index["shards"]}
-    assert all(hashlib.sha256(p.read_bytes()).hexdigest() in good for p in cache.iterdir())
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() in good for p in (cache / CACHE_SUBDIR).iterdir())
 
 
 class _Flaky(http.server.SimpleHTTPRequestHandler):
@@ -308,7 +308,7 @@ def test_training_launch_from_s3_logs_lineage_and_no_secret(server_up, s3_server
         assert run.data.tags[f"dataset.{domain}.source"] == f"{s3}/{domain}"
     assert run.data.params["config.data.shards"] == s3
     assert run.data.metrics["loader/skipped/unreadable_shard"] == 0
-    cache = list((tmp_path / "cache").iterdir())
+    cache = list((tmp_path / "cache" / CACHE_SUBDIR).iterdir())
     assert cache and sum(p.stat().st_size for p in cache) <= 200_000
     # The secret key is nowhere: output, run directory, params, tags, dataset inputs.
     assert S3_SECRET not in _strings([run.data.params, run.data.tags, [d.to_dictionary() for d in inputs.values()]])
