@@ -277,6 +277,16 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _warmup_within_run(self):
+        # a warmup that ends at or after the last step never reaches optim.lr_g / lr_d
+        warmup, steps = self.optim.warmup_steps, self.train.max_steps
+        if self.optim.schedule != "constant" and warmup >= steps:
+            raise ValueError(f"optim.warmup_steps = {warmup} with train.max_steps = {steps}: the warmup must end "
+                             f"before the run does, or the learning rate never reaches optim.lr_g / lr_d; lower "
+                             f"optim.warmup_steps below {steps} or raise train.max_steps")
+        return self
+
+    @model_validator(mode="after")
     def _sizes(self):
         """The crop size is data.image_size; the model's discriminators follow it (model.image_size)."""
         size, n_down = self.data.image_size, self.model.n_down
@@ -400,7 +410,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = out
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # a section whose keys are all commented out reads as null
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
             node = child
@@ -822,10 +834,49 @@ def resume_point(cfg: Config, ds_path: str | None = None) -> Path | None:
                           "resume from another checkpoint") from None
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
     diff = resume_differences(saved, cfg) + ds_resume_differences(path, meta, cfg, ds_json)
+    diff += precision_differences(meta, cfg)
     if diff:
         raise ConfigError(f"checkpoint {path} holds a run whose config differs in ways that break resuming:\n  "
                           + "\n  ".join(diff) + "\nuse a new run_dir (or change the settings back)")
+    check_resume_step(path, meta, cfg)
     return path
+
+
+def check_resume_step(path: Path, meta: dict, cfg: Config) -> None:
+    """train.max_steps may change on resume, but not to below the checkpoint's step: the run would
+    train a negative number of steps and export the checkpoint's weights as if it had finished."""
+    step = meta.get("step")
+    if isinstance(step, int) and cfg.train.max_steps < step:
+        raise ConfigError(f"config key train.max_steps = {cfg.train.max_steps}: below step {step} of the checkpoint "
+                          f"{path} this run resumes from; set train.max_steps >= {step}, or resume an earlier "
+                          "checkpoint (resume=PATH) or start a new run_dir")
+
+
+def checkpoint_precision(meta: dict) -> str | None:
+    """The resolved precision (fp32, bf16, fp16) the checkpoint was trained in: its meta.json's record,
+    else its config's explicit train.precision; None for an "auto" of a checkpoint without the record
+    (written before 7 December: what auto resolved to on its machine is not known)."""
+    if meta.get("precision") in ("fp32", "bf16", "fp16"):
+        return meta["precision"]
+    saved = meta.get("config", {}).get("train", {}).get("precision", "auto")
+    return saved if saved in ("fp32", "bf16", "fp16") else None
+
+
+def precision_differences(meta: dict, cfg: Config) -> list[str]:
+    """A switch into or out of fp16 between the checkpoint and what train.precision resolves to here:
+    DeepSpeed's fp16 engines keep half weights and a loss scaler, which the fp32 engines of fp32 and
+    bf16 (autocast over fp32 weights) neither save nor load, so the resumed engines would fail on the
+    ranks. Compared as resolved, not as the word: "auto" is bf16 on one GPU and fp16 on another."""
+    import torch
+
+    old = checkpoint_precision(meta)
+    new = resolve_precision(cfg.train.precision, torch.cuda.is_available(), native_bf16())
+    if old is None or old == new or "fp16" not in (old, new):
+        return []
+    saved = meta.get("config", {}).get("train", {}).get("precision", "auto")
+    return [f"train.precision: checkpoint trained in {old} (train.precision {saved!r}), config has "
+            f"{cfg.train.precision!r}, which is {new} here; DeepSpeed's fp16 state does not resume into fp32/bf16 "
+            "engines or back"]
 
 
 def check_shard_index(cfg: Config) -> None:
@@ -884,18 +935,24 @@ def check(cfg: Config, ds_path: str | None = None, world: int | None = None) -> 
     """Everything that can be checked before ranks start; returns the G-engine DeepSpeed config.
     `world`: the number of ranks where known (on the ranks), else None (before launch)."""
     ds_json = load_ds_json(ds_path or cfg.deepspeed_config)
-    resume_point(cfg, ds_path)
+    resume_from = resume_point(cfg, ds_path)
     for key in ("test_a", "test_b"):
         v = getattr(cfg.data, key)
         if v is not None and not Path(v).is_dir():
             raise ConfigError(f"config key data.{key} = {v!r}: not a directory")
     check_shard_index(cfg)
-    check_init_from(cfg)
+    if resume_from is None:  # init_from is read only by a run that starts at step 0 (trainer.claim)
+        check_init_from(cfg)
     if cfg.eval.fid_features is not None and not Path(cfg.eval.fid_features).is_file():
         raise ConfigError(f"config key eval.fid_features = {cfg.eval.fid_features!r}: no such file "
                           "(a TorchScript feature extractor; leave it unset to skip FID/KID)")
-    from launch.training.palette import model_with_palettes
-    model_with_palettes(cfg, say=lambda *a: None)  # a palette "auto" on a photographic domain fails here
+    from launch.training.palette import model_with_palettes, saved_palettes
+    # A palette "auto" on a photographic domain fails here, measured only where build() measures: a
+    # resumed run (or one from a local init_from export) takes the colours its weights carry, since
+    # data.shards and eval.baseline_images may have changed (resumable changes).
+    init_dir = (Path(cfg.init_from) if resume_from is None and cfg.init_from
+                and not cfg.init_from.startswith("models:/") else None)
+    model_with_palettes(cfg, say=lambda *a: None, saved=saved_palettes(resume_from, init_dir))
     import torch
     return deepspeed_config(cfg, ds_json, lr=cfg.optim.lr_g, on_gpu=torch.cuda.is_available(), bf16_ok=native_bf16(),
                             world=world)

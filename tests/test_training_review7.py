@@ -116,7 +116,7 @@ def test_another_runs_checkpoint_stops_every_rank(tmp_path, monkeypatch):
 
 def folder_conflict_through_the_trainer(tmp_path, monkeypatch) -> BaseException:
     cfg = load_config(None, base={"data": {"shards": "unused"}, "run_dir": str(tmp_path)})
-    tr = NS(cfg=cfg, state=ck.TrainState(step=200, run_uid="U"), ranks=NS(is_main=False, rank=0, world=1),
+    tr = NS(cfg=cfg, state=ck.TrainState(step=200, run_uid="U"), ranks=NS(is_main=False, rank=0, world=1), precision="fp32",
             loader=NS(state_dict=lambda: {}), ema=NS(state_dict=lambda: None), ds={"zero_optimization": {"stage": 0}},
             unit=NS(cfg=NS(palette_a=None, palette_b=None)), run_dir=tmp_path, eng_g=Engine(), eng_d=Engine())
     d = ck.step_dir(tmp_path, 200)

@@ -70,10 +70,22 @@ class TrainState:
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def is_own(self, meta: dict) -> bool:
+        """Whether checkpoint meta `meta` was written by this run directory's run."""
+        return meta.get("run_uid") == self.run_uid
+
+    @staticmethod
+    def source_run_id(meta: dict) -> str | None:
+        """The MLflow run id a checkpoint was logged under (its own run's or another's)."""
+        return meta.get("run_id")
+
     def load_state_dict(self, meta: dict) -> None:
-        """From a checkpoint's meta.json; the run_uid stays the run directory's."""
+        """From a checkpoint's meta.json; the run_uid stays the run directory's. The MLflow run id only
+        from the run's own checkpoint: one of another run directory (resume=PATH with
+        trust_resume_path) names that run's MLflow run, which this run must not log into; the
+        tracker then opens a new one (source_run_id says where the weights came from)."""
         self.step = int(meta["step"])
-        self.run_id = meta.get("run_id")
+        self.run_id = meta.get("run_id") if self.is_own(meta) else None
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
         self.nonfinite_run = int(meta.get("nonfinite_run", 0))  # absent in checkpoints of earlier versions
 

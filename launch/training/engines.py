@@ -74,20 +74,35 @@ class StepFactorLR(torch.optim.lr_scheduler.LambdaLR):
         super().load_state_dict(state_dict)
 
 
-def sync_lr(engine) -> None:
-    """After a resume: each optimizer rate from the schedule at the step the run resumed at. The rate
-    the checkpoint restores is the old schedule's, and a LambdaLR does not recompute it on load, so
-    with train.max_steps changed on resume (warmup_decay's total) the first step ran at the old rate."""
+def set_step_lr(engine, step: int) -> None:
+    """Each optimizer rate at the schedule's for optimizer step `step` (1-based, the trainer's count),
+    computed as the LambdaLR computes it after step - 1 steps (base * factor(step - 1)), so where
+    the engine stepped its scheduler every step (fp32, bf16) the rates are bitwise those it set.
+    Under fp16 DeepSpeed steps the scheduler only on applied steps (not after a loss-scale
+    overflow), so G's and D's schedulers fall behind the trainer's step, each by its own overflows;
+    this puts both back on the trainer's step. Engines without a LambdaLR ("constant") are left."""
     sched = getattr(engine, "lr_scheduler", None)
     if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
         for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
+            group["lr"] = base * factor(step - 1)
+
+
+def sync_lr(engine) -> None:
+    """After a resume: each optimizer rate from the schedule at the step the run resumed at. The rate
+    the checkpoint restores is the old schedule's, and a LambdaLR does not recompute it on load, so
+    with train.max_steps changed on resume (warmup_decay's total) the first step ran at the old rate.
+    (gan_step sets the rate again before each step, from the trainer's step: set_step_lr.)"""
+    sched = getattr(engine, "lr_scheduler", None)
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        set_step_lr(engine, sched.last_epoch + 1)
 
 
 def lr_scheduler(schedule: str, warmup: int, total: int):
     """What deepspeed.initialize takes as `lr_scheduler` for optim.schedule: None for "constant",
     else a function that wraps the engine's optimizer in a LambdaLR of lr_factor. DeepSpeed steps
-    it after each optimizer step and keeps its state in the engine's checkpoints."""
+    it after each applied optimizer step (under fp16 not after an overflowed one) and keeps its
+    state in the engine's checkpoints; gan_step sets the rate of each step from the trainer's step
+    (set_step_lr), so the rates follow the trainer's step whatever overflowed."""
     if schedule == "constant":
         return None
 
@@ -148,6 +163,9 @@ def gan_step(eng_g, eng_d, x_a, x_b, ucfg, device, *, autocast: torch.dtype | No
     loss_d, terms_d = _discriminator_loss(eng_d, x_a, x_b, out, ucfg, step, amp)
     if not all_finite([loss_g, loss_d], device):
         return None
+    # Both rates from the trainer's step, not each engine's scheduler count (fp16 overflows: set_step_lr)
+    set_step_lr(eng_g, step)
+    set_step_lr(eng_d, step)
     # loss_g's graph was recorded with the discriminators frozen, so no gradient reaches them here
     eng_g.backward(loss_g)
     eng_g.step()

@@ -103,6 +103,7 @@ class Trainer:
     ds: dict                                  # the generator engine's DeepSpeed config (logged)
     precision: str = "fp32"                   # resolved train.precision: fp32, bf16 or fp16
     rng_to_restore: dict | None = None        # set after start-up, which draws from the RNG
+    resumed_run_id: str | None = None         # the MLflow run of another run dir's checkpoint resumed (a tag)
     samples: tuple | None = None              # held-out (x_a, x_b) for the sample grids (rank 0)
     nan_steps: set = field(default_factory=set)
 
@@ -296,6 +297,8 @@ def restore(tr: Trainer, path: Path) -> None:
     for engine in (tr.eng_g, tr.eng_d):  # the schedule's rate at this step (max_steps may have changed)
         sync_lr(engine)
     tr.state.load_state_dict(meta)
+    if not tr.state.is_own(meta):  # another run directory's checkpoint: its MLflow run is its own
+        tr.resumed_run_id = tr.state.source_run_id(meta)
     if tr.ranks.is_main:
         trim_metrics(tr.run_dir / rundir.METRICS_NAME, tr.state.step)
     if rank_state is not None and int(meta.get("world_size", tr.ranks.world)) == tr.ranks.world:
@@ -333,17 +336,13 @@ def trim_metrics(path: Path, step: int) -> None:
 def start_tracking(tr: Trainer) -> None:
     """Rank 0: open (or reopen) the MLflow run, log what a run starts with, fix the sample images."""
     cfg = tr.cfg
-    tr.state.run_id = tr.tracker.start(tr.run_dir, run_id=tr.state.run_id)
-    if tr.state.step == 0:
-        tr.tracker.log_params({"config": cfg.model_dump(mode="json"), "deepspeed": tr.ds, "world_size": tr.ranks.world,
-                               "git_commit": git_commit(), "config_hash": config_hash(cfg),
-                               "model_params_gen": sum(p.numel() for p in tr.unit.gen.parameters()),
-                               "model_params_dis": sum(p.numel() for p in tr.unit.dis.parameters())})
-        spec_a, spec_b = cfg.data.sources()  # the lineage of exactly what the loader reads
-        tr.tracker.log_datasets(shards_a=spec_a, shards_b=spec_b)
-        origin = rundir.read_json(tr.run_dir / INIT_DIR / ORIGIN_NAME) if cfg.init_from else None
-        if origin:
-            tr.tracker.set_tags({f"init_from.{k}" if k != "init_from" else k: str(v) for k, v in origin.items()})
+    given = tr.state.run_id
+    tr.state.run_id = tr.tracker.start(tr.run_dir, run_id=given)
+    # A new MLflow run (step 0, or a resume whose run the tracker could not reopen: tracking.uri
+    # changed, the embedded store was removed, another run dir's checkpoint) has none of the run's
+    # params and lineage yet; a reopened one has them already.
+    if tr.state.step == 0 or (tr.state.run_id is not None and tr.state.run_id != given):
+        log_run_start(tr)
     shards_a, shards_b = cfg.data.sources()
 
     def side_stream():
@@ -353,6 +352,23 @@ def start_tracking(tr: Trainer) -> None:
     x_a, x_b = held_out_batch(cfg.data.test_a, cfg.data.test_b, cfg.data.scale(), cfg.train.sample_count,
                               side_stream)
     tr.samples = (x_a.to(tr.ranks.device, tr.dtype), x_b.to(tr.ranks.device, tr.dtype))
+
+
+def log_run_start(tr: Trainer) -> None:
+    """Rank 0, into a run the tracker just opened: params, config hash, git commit, dataset lineage,
+    the init_from origin and (a resume of another run dir's checkpoint) the MLflow run it came from."""
+    cfg = tr.cfg
+    tr.tracker.log_params({"config": cfg.model_dump(mode="json"), "deepspeed": tr.ds, "world_size": tr.ranks.world,
+                           "git_commit": git_commit(), "config_hash": config_hash(cfg),
+                           "model_params_gen": sum(p.numel() for p in tr.unit.gen.parameters()),
+                           "model_params_dis": sum(p.numel() for p in tr.unit.dis.parameters())})
+    spec_a, spec_b = cfg.data.sources()  # the lineage of exactly what the loader reads
+    tr.tracker.log_datasets(shards_a=spec_a, shards_b=spec_b)
+    origin = rundir.read_json(tr.run_dir / INIT_DIR / ORIGIN_NAME) if cfg.init_from else None
+    if origin:
+        tr.tracker.set_tags({f"init_from.{k}" if k != "init_from" else k: str(v) for k, v in origin.items()})
+    if tr.resumed_run_id:
+        tr.tracker.set_tags({"resumed_from.run_id": tr.resumed_run_id, "resumed_from.step": str(tr.state.step)})
 
 
 # ---------------------------------------------------------------- one step
@@ -482,6 +498,8 @@ def save_checkpoint(tr: Trainer) -> Path:
     rank_state = {"step": step, "loader": tr.loader.state_dict(), "rng": ckpt.rng_state(), "world_size": tr.ranks.world}
     meta = {**tr.state.state_dict(), "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
             "world_size": tr.ranks.world, "deepspeed": ds_resume_record(tr.ds),  # resume compares these
+            # as resolved ("auto" is bf16 on one GPU, fp16 on another): launch.config.checkpoint_precision
+            "precision": tr.precision,
             # the palettes a resume builds the model with (launch.training.palette.saved_palettes)
             "palettes": {k: getattr(tr.unit.cfg, k) for k in ("palette_a", "palette_b")}}
     try:
