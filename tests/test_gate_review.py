@@ -211,5 +211,6 @@ def test_evaluate_cli_pins_the_version_the_alias_named(tmp_path, split, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert ev.main(["--model", "models:/moving@champion", "--test-a", str(split["a"]), "--truth-b", str(split["b"]),
                     "--c2st-steps", "0"]) == 0
-    hist = c.get_metric_history(r1["run_id"], "test/pixel_acc_a2b")
-    assert len(hist) == 2 and all(m.value == 1.0 for m in hist)   # version 1 scored, logged to its run
+    hist = c.get_metric_history(r1["run_id"], "eval/pixel_acc_a2b")  # evaluate's own names (review 8)
+    assert len(hist) == 1 and hist[0].value == 1.0   # version 1 scored, logged to its run
+    assert c.get_run(r1["run_id"]).data.tags["eval/model_uri"] == f"models:/moving/{r1['version']}"

@@ -140,8 +140,9 @@ def test_embedded_sqlite_register_and_load(tmp_path, split, monkeypatch):
     from launch.release.evaluate import main as evaluate_main
     assert evaluate_main(["--model", "models:/local-translator@champion", "--test-a", str(split["a"]),
                           "--truth-b", str(split["b"])]) == 0
-    hist = c.get_metric_history(res["run_id"], "test/pixel_acc_a2b")
-    assert len(hist) == 2 and all(m.value == 1.0 for m in hist)
+    hist = c.get_metric_history(res["run_id"], "eval/pixel_acc_a2b")  # not the gate's test/ (review 8)
+    assert len(hist) == 1 and hist[0].value == 1.0
+    assert len(c.get_metric_history(res["run_id"], "test/pixel_acc_a2b")) == 1  # registration's only
 
     # The "pull it" command the end of a run prints runs as pasted, from another directory.
     (cmd,) = [line for line in describe(res).splitlines() if "python -c" in line]

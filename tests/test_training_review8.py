@@ -196,6 +196,20 @@ def test_a_checkpoint_records_the_resolved_precision(tmp_path, monkeypatch):
     assert saved["precision"] == "fp16"
 
 
+def test_a_checkpoint_keeps_no_url_password(tmp_path, monkeypatch):
+    """meta.json is copied with the run as config.yaml is: the tracking URI's password is cut there too."""
+    saved = {}
+    monkeypatch.setattr(ck, "save", lambda *a, meta, **k: saved.update(meta))
+    cfg = config(tmp_path, "tracking.uri=https://alice:s3cr3t-pw@mlflow.example.com")
+    tr = NS(cfg=cfg, state=ck.TrainState(step=3, run_uid="u"), ranks=NS(is_main=False, rank=0, world=1),
+            loader=NS(state_dict=lambda: {}), ds={}, unit=NS(cfg=tiny().cfg), ema=NS(state_dict=lambda: None),
+            run_dir=Path(cfg.run_dir), precision="fp32", tracker=None, eng_g=None, eng_d=None)
+    trainer.save_checkpoint(tr)
+    assert "s3cr3t-pw" not in json.dumps(saved)
+    assert saved["config"]["tracking"]["uri"].startswith("https://alice")  # the user and host stay
+    assert saved["config_hash"] == C.config_hash(cfg)
+
+
 # ---------------------------------------------------------------- 7: fp16 overflows and the schedule
 
 class OverflowEngine(PlainEngine):

@@ -70,6 +70,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from launch.release.evaluate import printable
 from launch.release.translate import WINDOW_MB, Limits, encode_image, translate_window, windows
 from pipeline import storage
 from pipeline.atomic import TEMP_NAME, write_json
@@ -465,12 +466,25 @@ def _decoded(job: CorpusJob, shard: Shard, found: _Found, tick) -> Iterator[_Sam
             yield sample
 
 
+def _is_utf8(key: str) -> bool:
+    """Whether `key` is text: a tar member name that is not UTF-8 reaches us as lone surrogates,
+    which no output member name, manifest or report can hold."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _decode_sample(job: CorpusJob, key: str, source: str, members: dict, found: _Found) -> _Sample | None:
     """The sample's image, decoded, or None with the reason noted in `found`."""
     if key in found.keys:
         found.reject(source, "duplicate key: the shard holds this key twice")
         return None
     found.keys.add(key)
+    if not _is_utf8(key):  # before anything encodes it: a latin-1 tar member name must not stop the job
+        found.reject(printable(source), "key is not UTF-8: the member name's bytes are no UTF-8 text")
+        return None
     if len(f"{key}.json".encode()) > MAX_MEMBER_NAME - 1:
         found.reject(source, f"key too long: tar member names hold at most {MAX_MEMBER_NAME} bytes")
         return None

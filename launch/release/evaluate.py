@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import dataclasses
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pipeline.storage import redact, redact_text, redact_uncaught
 
 THRESHOLD = TOLERANCE  # pixel accuracy: every channel within 16 of the truth
 GATE_METRIC = "test/pixel_acc_a2b"
+EVAL_PREFIX = "eval/"  # what the evaluate CLI logs to a version's run: never the gate's test/ names
 MIN_SIDE = 5  # smallest side of the default networks (n_down 2): load_folder's default without a model
 UNPAIRED = "no partner"  # the reason given for a test or truth file whose stem the other folder lacks
 NAMED = 5  # unpaired files named on stderr per folder, then a count
@@ -142,7 +144,9 @@ def split_digest(pairs: dict, size: int | None, threshold: int) -> str:
     for direction in sorted(pairs):
         for d in pairs[direction]:
             for p in image_files(d):
-                h.update(f"{direction}\t{p.name}\t".encode())
+                # the name's own bytes: a file name that is not UTF-8 (unzipped from a latin-1 archive)
+                # is held as lone surrogates, which str.encode refuses; UTF-8 names hash as before
+                h.update(direction.encode() + b"\t" + os.fsencode(p.name) + b"\t")
                 h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:16]
 
@@ -297,12 +301,22 @@ def evaluate_export(export_dir, test_a=None, truth_b=None, test_b=None, truth_a=
                                rejected=rejected, min_side=min_input_side(meta))
 
 
+def printable(text: str) -> str:
+    """`text` fit for a strict UTF-8 stdout: a file name that is not UTF-8 reaches Python as lone
+    surrogates, which printing refuses (after the work is done, losing the exit status and the
+    report); its bytes are shown as \\xNN escapes instead. Other text is returned unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (not from a file name)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def warn_skipped(rejected: list[str], shown: int = NAMED) -> None:
     """One warning naming the test files left out of the evaluation (unusable, or without a partner)."""
     if rejected:
         more = f" and {len(rejected) - shown} more" if len(rejected) > shown else ""
-        print(f"warning: {len(rejected)} test file(s) left out of the evaluation: "
-              + "; ".join(redact_text(r) for r in rejected[:shown]) + more, flush=True)
+        print(printable(f"warning: {len(rejected)} test file(s) left out of the evaluation: "
+                        + "; ".join(redact_text(r) for r in rejected[:shown]) + more), flush=True)
 
 
 def flat_metrics(res: dict, prefix: str = "test/") -> dict:
@@ -597,17 +611,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_skipped(rejected)
-    print(f"model: {a.model}")
+    print(printable(f"model: {a.model}"))
     if opts.baselines is None:
         print("baselines: identity only (no baselines.json with the model; pass --shards OUT or --baselines FILE)")
     print(format_table(res))
     if info.get("run_id") and not a.no_log:
-        from launch.runstore.store import make_client
-
-        client = make_client(info["tracking_uri"])
-        for k, v in flat_metrics(res).items():
-            client.log_metric(info["run_id"], k, v)
-        print(f"logged to run {info['run_id']} ({info['name']} version {info['version']})")
+        log_evaluation(info, res, a)
     if rejected:
         lone = sum(is_unpaired(r) for r in rejected)
         print("; ".join(part for part in (
@@ -616,6 +625,33 @@ def main(argv=None) -> int:
             if part) + " (listed above)", file=sys.stderr)
         return 3
     return 0
+
+
+def log_evaluation(info: dict, res: dict, a: argparse.Namespace) -> None:
+    """Log the scores to the registered version's run under EVAL_PREFIX, with the split they were
+    measured on as run tags (eval/test_split: its digest; eval/size, eval/threshold, eval/model_uri). Not under
+    the gate's test/ names: registration logs those for its own split at the export's step, and
+    any folders, size or threshold may be evaluated here. A failure (a deleted run, a read-only
+    token) is one warning: the evaluation above stands and keeps its exit status."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    from launch.runstore.store import make_client
+
+    pairs = {d: [s, t] for d, s, t in (("a2b", a.test_a, a.truth_b), ("b2a", a.test_b, a.truth_a)) if s and t}
+    now = int(time.time() * 1000)
+    try:
+        tags = {"eval/test_split": split_digest(pairs, a.size, a.threshold), "eval/size": str(a.size or "native"),
+                "eval/threshold": str(a.threshold), "eval/model_uri": info.get("model_uri", a.model)}
+        metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(res, EVAL_PREFIX).items()]
+        make_client(info["tracking_uri"]).log_batch(info["run_id"], metrics=metrics,
+                                                    tags=[RunTag(k, v) for k, v in tags.items()])
+    except Exception as e:  # noqa: BLE001 - MlflowException, the HTTP stack's, an unreadable test file
+        print(f"warning: the scores were not logged to run {info['run_id']} ({type(e).__name__}: "
+              f"{_one_line(e)}); the evaluation above stands", file=sys.stderr)
+        return
+    print(f"logged to run {info['run_id']} ({info['name']} version {info['version']}) as {EVAL_PREFIX}*")
 
 
 def is_unpaired(entry: str) -> bool:

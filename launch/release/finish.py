@@ -10,6 +10,7 @@ trainer's own objects.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from launch.config import Config
@@ -65,7 +66,7 @@ def finish_run(cfg: Config, export_dir: str | Path) -> dict:
                                        evaluation=res)
     except Exception as e:  # the weights are exported; registering again is one command
         print(f"warning: registering the model failed ({type(e).__name__}: {redact_text(str(e))}); retry with "
-              f"`python -m launch.release.register --run-dir {run_dir}`", flush=True)
+              f"`python -m launch.release.register --run-dir {shlex.quote(str(run_dir))}`", flush=True)
     return out
 
 
@@ -73,14 +74,16 @@ def retry_command(cfg: Config, export_dir: Path) -> str:
     """The command that does what finish_run could not: registering evaluates on the config's test
     split and estimates missing baselines itself; else the evaluation (with the shards for the baselines
     when they were not saved)."""
+    q = shlex.quote  # every substituted path shell-quoted: the command is pasted as it is
     if cfg.tracking.enable and cfg.registry.enable:
-        return f"python -m launch.release.register --run-dir {cfg.run_dir}"
+        return f"python -m launch.release.register --run-dir {q(str(cfg.run_dir))}"
     split = cfg.data.test_split()
-    pairs = (f"--test-a {split['test_a']} --truth-b {split['truth_b']} --test-b {split['test_b']} "
-             f"--truth-a {split['truth_a']}") if split else "--test-a DIR --truth-b DIR"
-    cmd = f"python -m launch.release.evaluate --model {export_dir} {pairs} --size {cfg.data.scale()}"
+    flags = ("test_a", "truth_b", "test_b", "truth_a")
+    pairs = (" ".join(f"--{k.replace('_', '-')} {q(str(split[k]))}" for k in flags) if split
+             else "--test-a DIR --truth-b DIR")
+    cmd = f"python -m launch.release.evaluate --model {q(str(export_dir))} {pairs} --size {cfg.data.scale()}"
     if not (export_dir / baselines.FILE_NAME).is_file():
-        cmd += f" --shards {cfg.data.shards or 'OUT'}"
+        cmd += f" --shards {q(str(cfg.data.shards)) if cfg.data.shards else 'OUT'}"
     return cmd
 
 

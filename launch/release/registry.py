@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -235,6 +236,10 @@ def gate_metric(metrics: dict) -> str | None:
     return None
 
 
+class ChampionUnscorable(ValueError):
+    """The champion cannot be measured on the candidate's split (a --size below its smallest side)."""
+
+
 def _champion_score(client, name: str, version: str, metric: str, digest: str, pairs: dict,
                     size: int | None, threshold: int) -> float:
     """The champion's `metric` on this test split (`digest`: folders, size and threshold): its tag when
@@ -250,6 +255,10 @@ def _champion_score(client, name: str, version: str, metric: str, digest: str, p
         if not found:
             raise FileNotFoundError(f"{name} version {version}: no translator.json in its artifacts")
         gen, meta = load_translator(found[0].parent)
+    need = min_input_side(meta)
+    if size is not None and size < need:  # the candidate's --size fits it, not the champion: say so
+        raise ChampionUnscorable(f"champion version {version} cannot be scored at --size {size}: it needs at "
+                                 f"least {need} pixels per side")
     direction = metric.rsplit("_", 1)[-1]
     src, truth = pairs[direction]
     kw = {"test_a": src, "truth_b": truth} if direction == "a2b" else {"test_b": src, "truth_a": truth}
@@ -312,7 +321,11 @@ def decide(client, name: str, key: str | None, metrics: dict, evaluation: dict |
     cur = _current_champion(client, name)
     if cur is None:
         return True, f"baseline rule: {key} {value:.4f} {beat}; no champion yet", None
-    score = _champion_score(client, name, cur, key, digest, pairs, size, threshold)
+    try:
+        score = _champion_score(client, name, cur, key, digest, pairs, size, threshold)
+    except ChampionUnscorable as e:  # not the candidate's fault: it stays candidate, the reason names the champion
+        reason = f"champion rule: {e}, so {key} {value:.4f} cannot be compared with it ({beat})"
+        return False, reason, {"version": cur, "metric": None}
     before = {"version": cur, "metric": score}
     # at the precision the champion's tag keeps (6 decimals): the same model registered again ties
     if round(value, 6) > round(score, 6):
@@ -505,10 +518,14 @@ def pull_lines(tracking_uri: str, name: str, aliases: list[str]) -> list[str]:
     user:password@ (credentials stay in the consumer's environment: MLFLOW_TRACKING_USERNAME/PASSWORD
     or MLFLOW_TRACKING_TOKEN)."""
     uri, alias = redact(tracking_uri), CHAMPION if CHAMPION in aliases else CANDIDATE
-    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/{name}@{alias}'); "
-            "print(m.predict(np.zeros((1, 32, 32, 3), np.uint8), params={'direction': 'a2b'}).shape)")
-    return [f"  MLFLOW_TRACKING_URI={uri} python -c \"{code}\"",
-            f"  MLFLOW_TRACKING_URI={uri} python -m launch.release.translate --model models:/{name}@{alias} "
+    model = f"models:/{name}@{alias}"
+    # every substituted value shell-quoted (a store under "maps v2/" must not split the line), the
+    # model URI a Python string literal (json's escapes are Python's) inside the quoted -c program
+    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model({json.dumps(model)}); "
+            'print(m.predict(np.zeros((1, 32, 32, 3), np.uint8), params={"direction": "a2b"}).shape)')
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(uri)}"
+    return [f"  {env} python -c {shlex.quote(code)}",
+            f"  {env} python -m launch.release.translate --model {shlex.quote(model)} "
             "--direction a2b --in DIR --out DIR"]
 
 

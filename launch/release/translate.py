@@ -360,15 +360,19 @@ def write_report(path: Path, res: dict) -> None:
 
 
 def summary(res: dict, direction: str, model: str) -> str:
+    """One line saying what was translated; paths that are not UTF-8 shown escaped (printable)."""
+    from launch.release.evaluate import printable
+
     rate = res["translated"] / res["seconds"] if res["seconds"] > 0 else 0.0
     rej = res["rejected"]
-    return (f"Translated {res['translated']} image(s) {direction} with {model} in {res['seconds']:.1f} s "
-            f"({rate:.1f} img/s) into {res['out']}, file names kept"
-            + (f", {res['tiled']} of them in tiles" if res["tiled"] else "") + "; "
-            + f"{len(res['skipped'])} file(s) skipped as not images"
-            + (f" (first: {res['skipped'][0]})" if res["skipped"] else "") + "; "
-            + f"{len(rej)} image(s) skipped as unusable"
-            + (f" (first: {rej[0]['path']}: {rej[0]['reason']})" if rej else "") + ".")
+    return printable(
+        f"Translated {res['translated']} image(s) {direction} with {model} in {res['seconds']:.1f} s "
+        f"({rate:.1f} img/s) into {res['out']}, file names kept"
+        + (f", {res['tiled']} of them in tiles" if res["tiled"] else "") + "; "
+        + f"{len(res['skipped'])} file(s) skipped as not images"
+        + (f" (first: {res['skipped'][0]})" if res["skipped"] else "") + "; "
+        + f"{len(rej)} image(s) skipped as unusable"
+        + (f" (first: {rej[0]['path']}: {rej[0]['reason']})" if rej else "") + ".")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,8 +118,34 @@ def check_run_dir(root: Path) -> dict | None:
 
 
 def write_config(run_dir: str | Path, text: str) -> Path:
-    """RUN_DIR/config.yaml: the resolved config the run was started with."""
+    """RUN_DIR/config.yaml: the resolved config the run was started with (YAML `text`), its URLs
+    without a password. The file is 0644 and copied with the run, as tracking.json is, so every
+    URL value (tracking.uri, shard URLs) is cut as tracking.json's URI is (store.without_password:
+    the user:password@'s password and the query parameters that name a secret): registering and
+    resuming get the secrets from the environment again. Resuming compares the checkpoint's own
+    config (meta.json), not this file; the keys registering reads (config_hash's) hold no URL."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError:  # not ours to judge: written as given
+        cfg = None
+    if isinstance(cfg, dict):
+        cleaned = config_without_passwords(cfg)
+        if cleaned != cfg:
+            text = yaml.safe_dump(cleaned, sort_keys=False)
     return write_text(Path(run_dir) / CONFIG_NAME, text)
+
+
+def config_without_passwords(v):
+    """`v` (a loaded config) with every string that is a URL passed through store.without_password."""
+    from launch.runstore.store import without_password
+
+    if isinstance(v, dict):
+        return {k: config_without_passwords(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [config_without_passwords(x) for x in v]
+    return without_password(v) if isinstance(v, str) and "://" in v else v
 
 
 def hold_run_lock(run_dir: str | Path, what: str = "training") -> None:

@@ -496,7 +496,10 @@ def save_checkpoint(tr: Trainer) -> Path:
     if tr.ranks.is_main:  # the tracker's id: with the server down at start the run is created later
         tr.state.run_id = tr.tracker.run_id or tr.state.run_id
     rank_state = {"step": step, "loader": tr.loader.state_dict(), "rng": ckpt.rng_state(), "world_size": tr.ranks.world}
-    meta = {**tr.state.state_dict(), "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
+    # the config without URL passwords: meta.json is copied with the run as config.yaml is (resume
+    # compares it, and every key that holds a URL may change on resume)
+    meta = {**tr.state.state_dict(), "config": rundir.config_without_passwords(cfg.model_dump(mode="json")),
+            "config_hash": config_hash(cfg),
             "world_size": tr.ranks.world, "deepspeed": ds_resume_record(tr.ds),  # resume compares these
             # as resolved ("auto" is bf16 on one GPU, fp16 on another): launch.config.checkpoint_precision
             "precision": tr.precision,
