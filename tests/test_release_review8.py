@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -28,20 +27,12 @@ from PIL import Image
 from launch.release import baselines, evaluate, finish, registry, translate
 from launch.release.export import min_input_side
 from launch.runstore import rundir
-from launch.runstore.artifacts import save_translator
-from model.unit import UNIT
 from pipeline.imageio import image_files
+from test_translate_review7 import export  # noqa: F401  (the tiny-preset export fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+
 LATIN1 = b"caf\xe9"  # "café" in latin-1: no UTF-8 text, so Python holds it as a lone surrogate
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    unit = UNIT.from_config({"preset": "tiny"})
-    return save_translator(tmp_path_factory.mktemp("export"), unit.gen, unit.config(), image_size=32,
-                           step=1, ema=False)
 
 
 def save_png(path, seed: int = 0, side: int = 32) -> None:
