@@ -178,8 +178,11 @@ class Conv2d(nn.Conv2d):
         k, s = self.kernel_size, self.stride
         if (use_fast(self.fast, x) and k[0] == k[1] > 1 and s[0] == s[1] and self.groups == 1
                 and self.dilation == (1, 1) and self.padding == (0, 0) and self.padding_mode == "zeros"):
-            out = (max(x.shape[-2:]) - k[0]) // s[0] + 1  # output positions per side (at most)
-            if out >= 1 and (out <= 2 or (out <= 4 and self.in_channels * k[0] * k[1] >= 4096)):  # < 1: stock's error
+            out_h, out_w = ((side - k[0]) // s[0] + 1 for side in x.shape[-2:])  # output positions per side
+            if min(out_h, out_w) < 1:  # a side shorter than the kernel: the stock error names it
+                return super().forward(x)
+            out = max(out_h, out_w)
+            if out <= 2 or (out <= 4 and self.in_channels * k[0] * k[1] >= 4096):
                 return patch_conv(x, self.weight, self.bias, s[0])
             if self.out_channels < 16 and s[0] == 1:
                 return phase_conv(x, self.weight, self.bias, 2)

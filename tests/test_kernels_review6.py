@@ -34,9 +34,10 @@ def test_replicate_padding_leaves_the_incoming_gradient_alone(shape):
     assert torch.allclose(dx, want)
 
 
-def test_a_conv_on_an_input_smaller_than_its_kernel_raises_the_stock_error():
+@pytest.mark.parametrize("hw", [(3, 3), (3, 6), (2, 5), (6, 3)])  # one side shorter is enough (review 8)
+def test_a_conv_on_an_input_smaller_than_its_kernel_raises_the_stock_error(hw):
     conv = Conv2d(64, 8, 4, 2)
-    x = torch.randn(1, 64, 3, 3, requires_grad=True)
+    x = torch.randn(1, 64, *hw, requires_grad=True)
     with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input"):
         conv(x)
 
