@@ -964,13 +964,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.config",
                                  description="Validate a training config and print it resolved.")
     ap.add_argument("config", help="YAML config")
-    ap.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON to check against the YAML")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,  # both spellings, as launch/train.py
+                    help="DeepSpeed JSON to check against the YAML")
     ap.add_argument("--resume", default=None, help="auto | never | a checkpoint directory (as launch/train.py takes it)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = ap.parse_intermixed_args(argv)  # overrides on both sides of --deepspeed_config
     try:
-        cfg = load_config(args.config, args.overrides, flags={"resume": args.resume})
-        check(cfg, args.deepspeed_config)
+        # as launch/train.py resolves it: the flags win over the overrides, so the printed config is the run's
+        cfg = load_config(args.config, args.overrides,
+                          flags={"resume": args.resume, "deepspeed_config": args.deepspeed_config})
+        check(cfg)
         # Here, not in check(): the ranks run check() too, beside their own rank 0 holding the lock.
         from launch.runstore.rundir import run_lock_holder
 

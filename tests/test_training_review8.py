@@ -12,6 +12,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
+import yaml
 
 import launch.config as C
 import launch.training.palette as P
@@ -235,3 +236,19 @@ def test_both_engines_rates_follow_the_trainers_step_whatever_overflowed():
         assert gan_step(eng_g, eng_d, *images(step), unit.cfg, torch.device("cpu"), step=step) is not None
     expected = [1e-3 * lr_factor("warmup", 4, 10, s) for s in range(1, 7)]
     assert eng_g.rates == pytest.approx(expected) and eng_d.rates == pytest.approx(expected)  # before: each lagged
+
+
+# ---------------------------------------------------------------- the config check's flags (docs review 8)
+
+@pytest.mark.parametrize("flag", ["--deepspeed_config", "--deepspeed-config"])
+def test_the_config_check_takes_and_prints_the_deepspeed_json_as_the_trainer_does(tmp_path, monkeypatch, capsys, flag):
+    """make train passes ARGS to `python -m launch.config` and to launch/train.py: both spellings the
+    trainer takes must pass the check, and the printed config is the run's (the JSON in it)."""
+    monkeypatch.setattr(C, "check_shard_index", lambda cfg: None)
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{shards: {tmp_path / 'shards'}, image_size: 32}}\n"
+                   "model: {preset: tiny}\n")
+    ds = str(Path(C.__file__).resolve().parents[1] / "configs" / "ds" / "zero0.json")
+    assert C.main([str(yml), "train.zero_stage=0", flag, ds, "seed=1"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["deepspeed_config"] == ds and out["seed"] == 1
