@@ -27,9 +27,21 @@ and float input (whole numbers in 0..255) therefore run only for callers of the 
 a signature.
 Model config (`mlflow.pyfunc.load_model(uri, model_config={"device": ...})`, for a version logged
 with a model_config holding "device"): `device`, auto (cuda when there is one), cpu, cuda, cuda:N.
+
+One code version per process: the shipped packages are top-level `launch`, `pipeline` and `model`,
+and Python keeps one module per name. `load_context` refuses (ImportError naming the module and
+where it came from) a process where a module of those names is already loaded from anywhere but
+this model's code/ with different contents: a consumer's own model.py, or another model version
+whose shipped code differs (see check_runtime).
 """
 
 from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import sys
+import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -41,10 +53,16 @@ from mlflow.pyfunc import PythonModel
 
 ARTIFACT_KEY = "translator"   # artifacts={"translator": <dir with translator.json + .safetensors>}
 MAX_PIXELS = 64_000_000       # per image, as translate's --max-pixels default (pipeline/ is not shipped)
+# The project code this model ships (registry.log_translator's code_paths), beside this file in the
+# model's folder. Absent when this file runs as launch.release.pyfunc_model of the repository, or
+# from a model saved without code: then the project on sys.path is the runtime, nothing to check.
+CODE_DIR = Path(__file__).resolve().parent / "code"
+PACKAGES = ("launch", "pipeline", "model")   # the shipped top-level packages
 
 
 class TranslatorModel(PythonModel):
     def load_context(self, context):
+        check_runtime(CODE_DIR)   # before anything of the project is imported
         from launch.release.export import load_translator, min_input_side
 
         device = pick_device((context.model_config or {}).get("device"))
@@ -59,7 +77,7 @@ class TranslatorModel(PythonModel):
         if direction not in DIRECTIONS:
             raise ValueError(f"params.direction: expected one of {DIRECTIONS}, got {direction!r}")
         batch_size = positive_int(params, "batch_size", 16)
-        tile, overlap = tile_params(params)
+        tile, overlap = tile_params(params, self.min_side)
         images = as_images(model_input)
         if len(images) == 0:
             return images
@@ -73,6 +91,102 @@ class TranslatorModel(PythonModel):
         # Tiles keep the network's memory bounded, as translate does; the palette snaps the blends.
         palette = target_palette(self.meta, direction)
         return np.stack([translate_tiled(fn, im, direction, tile, overlap, palette) for im in images])
+
+
+def shipped_modules(code_dir: Path) -> dict[str, Path]:
+    """{module name: its file in code_dir} for each module the model ships (packages by __init__.py)."""
+    out = {}
+    for f in sorted(code_dir.rglob("*.py")):
+        parts = f.relative_to(code_dir).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _digest(path) -> bytes | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except (OSError, TypeError):
+        return None
+
+
+def _source(name: str) -> tuple[str | None, str]:
+    """(the file module `name` comes from in this process, how to say where) without importing it:
+    the loaded module's file, else (its parent package being loaded) the file the import would find
+    through the parent's __path__; (None, ...) when no parent of it is loaded (then the import looks
+    on sys.path, where MLflow put code/ first)."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        f = getattr(mod, "__file__", None)
+        paths = list(getattr(mod, "__path__", []) or [])
+        return f, f or (f"namespace package {paths}" if paths else repr(mod))
+    parent, _, _ = name.rpartition(".")
+    if not parent or parent not in sys.modules:
+        return None, ""
+    search = list(getattr(sys.modules[parent], "__path__", []) or [])
+    spec = importlib.machinery.PathFinder.find_spec(name, search) if search else None
+    origin = spec.origin if spec is not None and spec.has_location else None
+    return origin, origin or f"nowhere under the loaded {parent} ({search or sys.modules[parent]!r})"
+
+
+def check_runtime(code_dir: Path) -> None:
+    """Refuse to run with project modules that are not this model's shipped ones.
+
+    MLflow puts the model's code/ first on sys.path, but a module already in sys.modules is not
+    imported again: a consumer's own `model.py` (or launch/pipeline), or the shipped code of another
+    model version loaded earlier in the process, would be what this model runs. Each shipped module
+    (and the one the import would find under an already loaded parent package) is accepted when it
+    comes from code_dir itself, or from a file with the same contents (sha256): byte-identical code
+    runs identically, which covers the same model loaded twice, two versions shipping the same code,
+    and the repository's own checkout at the code the model shipped (tests, the translate CLI).
+
+    The one exception to identical contents: the repository itself, recognised by the loaded
+    `launch` package holding release/registry.py and release/pyfunc_model.py (files that are never
+    shipped, so no model's code/ and no consumer's model.py looks like it) with `pipeline` and
+    `model` from the same folder. The project reads exports of its own earlier versions (its
+    translate --export does), so its CLI keeps loading an older champion; it runs the repository's
+    code, and a warning names the files that differ. Anything else is an ImportError naming the
+    module, where it came from and what to do.
+    """
+    if not code_dir.is_dir():
+        return
+    code_dir = code_dir.resolve()
+    differ = []
+    for name, shipped in shipped_modules(code_dir).items():
+        where, said = _source(name)
+        if where is None and not said:
+            continue   # not loaded, nor any parent: imported from code/, first on sys.path
+        if where is not None and Path(where).resolve().is_relative_to(code_dir):
+            continue
+        if where is not None and _digest(where) == _digest(shipped):
+            continue
+        differ.append((name, said, shipped))
+    if not differ:
+        return
+    if _is_repository():
+        warnings.warn("this translator runs the project's code loaded in this process (the repository at "
+                      f"{Path(sys.modules['launch'].__file__).parents[1]}), which differs from the code the "
+                      f"model ships in {code_dir}: {', '.join(d[0] for d in differ)}", stacklevel=2)
+        return
+    name, said, shipped = differ[0]
+    raise ImportError(
+        f"cannot load this translator: module {name!r} in this process comes from {said}, not from the "
+        f"model's own code ({shipped}), and differs from it. The model's code "
+        f"is the top-level packages {', '.join(PACKAGES)}, one version per process: load the model in a "
+        "process with no other top-level modules of those names (rename the application's own), and each "
+        "model version whose code differs in its own process (a subprocess, or `mlflow models serve`)"
+        + (f"; also differing: {', '.join(d[0] for d in differ[1:])}" if len(differ) > 1 else ""),
+        name=name)
+
+
+def _is_repository() -> bool:
+    """Whether the loaded launch, pipeline and model packages are the project's repository (see check_runtime)."""
+    files = [getattr(sys.modules.get(p), "__file__", None) for p in PACKAGES]
+    if files[0] is None:
+        return False
+    root = Path(files[0]).resolve().parents[1]
+    if not all((root / "launch" / "release" / f).is_file() for f in ("registry.py", "pyfunc_model.py")):
+        return False
+    return all(f is None or Path(f).resolve() == root / p / "__init__.py" for p, f in zip(PACKAGES, files))
 
 
 def pick_device(spec: str | None) -> str:
@@ -100,15 +214,19 @@ def positive_int(params: dict, name: str, default: int, minimum: int = 1) -> int
     return int(value)
 
 
-def tile_params(params: dict) -> tuple[int, int]:
+def tile_params(params: dict, min_side: int = 32) -> tuple[int, int]:
     """(tile, tile_overlap) of the request, as translate's --tile and --tile-overlap: tile 0 (never
-    tile) or at least 32, the overlap within [0, tile/2]; ValueError naming the param otherwise."""
+    tile) or at least max(32, min_side) (each tile goes through the network, so a tile below the
+    model's minimum side would fail inside it), the overlap within [0, tile/2]; ValueError naming
+    the param otherwise."""
     from launch.release.export import TILE, TILE_OVERLAP
 
     tile = positive_int(params, "tile", TILE, minimum=0)
     overlap = positive_int(params, "tile_overlap", TILE_OVERLAP, minimum=0)
-    if tile and tile < 32:
-        raise ValueError(f"params.tile: expected 0 (never tile) or at least 32, got {tile}")
+    least = max(32, min_side)
+    if tile and tile < least:
+        why = "" if least == 32 else f" (this model's minimum image side is {min_side})"
+        raise ValueError(f"params.tile: expected 0 (never tile) or at least {least}{why}, got {tile}")
     if tile and overlap > tile // 2:
         raise ValueError(f"params.tile_overlap: expected 0..{tile // 2} (half the tile), got {overlap}")
     return tile, overlap
