@@ -203,8 +203,10 @@ def experiment_id(client, run_dir: Path, experiment: str) -> str:
 
 
 def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_name: str | None = None,
-             record: bool = True) -> str:
-    """Resume `run_id` (set it RUNNING) or create a run in `experiment` (created when missing);
+             record: bool = True, keep_status: bool = False) -> str:
+    """Resume `run_id` (set it RUNNING; with `keep_status` its status is left as it is: records
+    logged to an ended run are taken, and `tracking upload` must not leave a finished run RUNNING
+    when it is stopped midway) or create a run in `experiment` (created when missing);
     writes RUN_DIR/tracking.json (unless not `record`) and returns the run's id. A run the server
     does not know (NO_RUN_CODES: no such id, or a deleted run) is replaced by a new one (with a
     warning); every other error raises: no answer, and refused credentials too (a 401 says nothing
@@ -214,12 +216,18 @@ def open_run(client, run_dir, experiment: str, run_id: str | None = None, run_na
     run_dir, uri = Path(run_dir), client.tracking_uri
     if run_id:
         try:
-            client.update_run(run_id, status="RUNNING")
+            if keep_status and client.get_run(run_id).info.lifecycle_stage == "deleted":
+                why = "deleted"   # what update_run would refuse (INVALID_PARAMETER_VALUE)
+            else:
+                why = None
+                if not keep_status:
+                    client.update_run(run_id, status="RUNNING")
         except MlflowException as e:
             if e.error_code not in NO_RUN_CODES:   # no answer, bad credentials, ...: not "no such run"
                 raise
-            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri),
-                        redact_text(str(e)))
+            why = redact_text(str(e))
+        if why:
+            log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, redact(uri), why)
             run_id = None
     if not run_id:
         run = client.create_run(experiment_id(client, run_dir, experiment), run_name=run_name or run_dir.name,

@@ -25,7 +25,9 @@ Answers that refuse the credentials or the pace (401, 403, 429: a token that exp
 the server being away, with a warning that says so: records are kept, not dropped. A buffer file the
 disk refuses (full, a file size limit) costs one warning; the records stay in memory and the file is
 written whole again when it can be. A process that ends without end() records its run FAILED (an
-"end" record in the file when the server is away). What is still unsent when the process ends can be
+"end" record in the file when the server is away), a process stopped by SIGTERM too (the launcher
+stopping the job, preemption, docker stop: start() sets a handler when SIGTERM has none, which then
+ends the process as SIGTERM would have). What is still unsent when the process ends can be
 sent later with
 
     python -m launch.runstore.tracking upload --run-dir RUN_DIR [--tracking-uri URI]
@@ -43,6 +45,7 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0    # between attempts to reach a server that went away
 FLUSH_SECONDS = 30.0   # how long flush()/end() wait by default for records to be confirmed
+SIGTERM_FLUSH_SECONDS = 5.0   # on SIGTERM, how long records in MLflow's hands may take before the file keeps them
 
 # Short HTTP timeouts while training: MLflow's defaults (7 retries with exponential backoff, 120 s
 # timeout) would hold a request for minutes when the server is gone. Set only where the user has
@@ -86,7 +90,8 @@ class Tracker:
         self._opened = False                 # the run exists on the server
         self._client = None
         self._waiter: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        # reentrant: the SIGTERM handler runs in the main thread, maybe while it holds the lock
+        self._lock = threading.RLock()
         self._unconfirmed: dict[int, dict] = {}   # handed to MLflow, no answer yet
         self._kept: list[dict] = []               # waiting for the server to answer again
         self._seq = 0
@@ -98,6 +103,9 @@ class Tracker:
         self._dirty = False                  # the buffer file lists records confirmed since, or lacks some
         self._write_failed = False           # the last write of the buffer file failed (warned once)
         self._next_write = 0.0               # after a failed write, rewrite no sooner than this
+        self._final = False                  # _at_exit wrote the last buffer file: nothing rewrites it
+        self._sigterm = None                 # the SIGTERM handler start() set, if any
+        self._terminating = False            # that handler is running
 
     @property
     def enabled(self) -> bool:
@@ -131,6 +139,7 @@ class Tracker:
         # without system metrics. mlflow registered its own exit hook on import (make_client): ours
         # runs first (last in, first out), ends the fluent run against our URI and leaves it nothing.
         atexit.register(self._at_exit)
+        self._handle_sigterm()
         # What an earlier process of this run could not send; this process opens and ends the run.
         left = [r for r in read_buffer(self.buffer_path) if r["op"] not in ("open", "end")]
         self._buffered = self.buffer_path.exists()
@@ -145,6 +154,7 @@ class Tracker:
         except Exception as e:
             if not is_transient(e):
                 atexit.unregister(self._at_exit)
+                self._release_sigterm()
                 raise
             # the server it was set up for, without a password: `tracking upload` sends it there later
             opening = {"op": "open", "run": run_id, "experiment": self.experiment, "run_name": self.run_name,
@@ -241,6 +251,7 @@ class Tracker:
         self._log({"op": "end", "status": status, "ts": now_ms()})
         ok = self.flush(timeout)
         atexit.unregister(self._at_exit)
+        self._release_sigterm()
         with self._lock:
             self._closed = True
             left = list(self._unconfirmed.values()) + self._kept
@@ -362,6 +373,58 @@ class Tracker:
         except Exception as e:  # the server is away: the "end" record closes the run later
             log.debug("mlflow.end_run: %s", first_line(e))
 
+    def _handle_sigterm(self) -> None:
+        """Python's default SIGTERM action ends the process without atexit, so without end() and
+        _at_exit the run would stay RUNNING. Set only in the main thread (the only one that may) and
+        only where SIGTERM has its default action: a handler someone else set is theirs."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return
+            self._sigterm = self._on_sigterm
+            signal.signal(signal.SIGTERM, self._sigterm)
+        except (ValueError, OSError) as e:  # an embedded interpreter without signals
+            self._sigterm = None
+            log.debug("SIGTERM handler not set: %s", e)
+
+    def _release_sigterm(self) -> None:
+        """Put SIGTERM's default action back, if the handler is still ours (end(), a failed start)."""
+        mine, self._sigterm = self._sigterm, None
+        if mine is None or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) == mine:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """SIGTERM: the run ends FAILED as on any exit without end() (records MLflow holds get a few
+        seconds first), then the process ends by SIGTERM as it would have without this handler, so
+        the launcher sees the status it expects. Killed during end(): what end() has not sent yet,
+        its own "end" record with it, goes to the buffer file for `tracking upload`. A second SIGTERM
+        while this runs (the handler is called again, nested) ends the process at once."""
+        again, self._terminating = self._terminating, True
+        try:
+            if not again and self.enable and self.run_dir is not None and not self._closed:
+                if self._ending:
+                    with self._lock:
+                        self._final = True
+                        left = list(self._unconfirmed.values()) + self._kept
+                        if left:
+                            self._write(write_buffer, left)
+                else:
+                    if self._opened and not self._offline:
+                        self.flush(SIGTERM_FLUSH_SECONDS)
+                    self._at_exit()
+        except BaseException as e:  # noqa: BLE001 - the process ends by SIGTERM whatever happened here
+            log.warning("MLflow: run %s not ended on SIGTERM (%s)", self._run_id, first_line(e))
+        finally:
+            atexit.unregister(self._at_exit)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def _at_exit(self) -> None:
         """atexit: the process ends without end() (an exception, Ctrl-C); the run is recorded FAILED
         here and now (Python has stopped the worker by then), or, with the server away or records
@@ -372,6 +435,7 @@ class Tracker:
         self._stop_system_metrics("FAILED")
         rec = {"op": "end", "status": "FAILED", "ts": now_ms(), "run": self._run_id if self._opened else None}
         with self._lock:
+            self._final = True   # the worker (still there on SIGTERM) must not rewrite or remove the file
             left = list(self._unconfirmed.values()) + self._kept
         if self._opened and not self._offline and not left:
             try:
@@ -453,7 +517,7 @@ class Tracker:
     def _settled(self) -> None:
         """(lock held) Keep the buffer file true: while away it lists what is unconfirmed (rewritten
         by the next _tick, not once per record: that was quadratic); once all is confirmed it goes."""
-        if not self._buffered:
+        if not self._buffered or self._final:
             return
         if self._offline:
             self._dirty = True
@@ -462,6 +526,8 @@ class Tracker:
             self._buffered = False
 
     def _save(self) -> None:
+        if self._final:
+            return
         ok = self._write(write_buffer, list(self._unconfirmed.values()) + self._kept)
         self._buffered, self._dirty = True, not ok
 
@@ -529,9 +595,11 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
         return {"records": 0, "sent": 0, "dropped": 0, "run_id": info.get("run_id"), "tracking_uri": uri}
     client = make_client(uri)
     asked = next((r["run"] for r in records if r.get("run")), None) or info.get("run_id")
+    # A run that has ended takes the records as it is (MLflow logs to a finished run): set RUNNING
+    # here, an upload stopped midway (killed, the server gone) would leave it RUNNING for good.
     was = ended(client, asked)
     run_id = open_run(client, run_dir, opening.get("experiment") or info.get("experiment") or "unit", asked,
-                      opening.get("run_name"))
+                      opening.get("run_name"), keep_status=bool(was))
     sent = dropped = done = 0
     try:
         # a run the server does not know was replaced by a new one: its records go there, not refused
@@ -548,8 +616,6 @@ def upload(run_dir, tracking_uri: str | None = None) -> dict:
     finally:
         # read again: a trainer may have appended meanwhile; only what was sent (or refused) goes
         write_buffer(path, without_sent(read_buffer(path), records[:done]))
-        if was and run_id == asked and not any(r["op"] == "end" for r in records[:done]):
-            client.set_terminated(run_id, status=was[0], end_time=was[1])  # open_run set it RUNNING
     return {"records": len(records), "sent": sent, "dropped": dropped, "run_id": run_id, "tracking_uri": uri}
 
 
