@@ -107,18 +107,23 @@ def test_a_sigterm_handler_someone_else_set_is_kept(tmp_path):
     assert run_id.info.status == "FAILED"   # their handler exits normally: atexit records it
 
 
+ENDED = """
+import signal, sys
+from launch.runstore.tracking import Tracker
+signal.signal(signal.SIGTERM, signal.SIG_DFL)   # whatever the parent left: the default, as in a rank
+t = Tracker(uri=sys.argv[2], system_metrics=False)
+t.start(sys.argv[1])
+during = signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+ended = t.end()
+print(during, ended, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
 def test_end_puts_the_default_sigterm_action_back(tmp_path):
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        pytest.skip("this test process has its own SIGTERM handler")
-    t = Tracker(uri=f"sqlite:///{tmp_path / 'store.db'}", system_metrics=False)
-    try:
-        t.start(tmp_path / "run")
-        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        assert t.end() is True
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    finally:
-        t._release_sigterm()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """In a child process of its own: a test worker (pytest-xdist's) has its own SIGTERM handler."""
+    r = subprocess.run([sys.executable, "-c", ENDED, str(tmp_path / "run"), f"sqlite:///{tmp_path / 'store.db'}"],
+                       cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert r.stdout.split() == ["True", "True", "True"], (r.stdout, r.stderr[-2000:])
 
 
 # 2. upload into an ended run
