@@ -32,6 +32,7 @@ import numpy as np
 from pipeline import imageio
 from pipeline.colour_stats import TOLERANCE
 from pipeline.imageio import image_files
+from pipeline.layout import valid_text
 from pipeline.storage import redact, redact_text, redact_uncaught
 
 THRESHOLD = TOLERANCE  # pixel accuracy: every channel within 16 of the truth
@@ -306,7 +307,7 @@ def printable(text: str) -> str:
     surrogates, which printing refuses (after the work is done, losing the exit status and the
     report); its bytes are shown as \\xNN escapes instead. Other text is returned unchanged."""
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return valid_text(text)  # the escaping make shards gives source names in its manifest
     except UnicodeEncodeError:  # a surrogate that is no escaped byte (not from a file name)
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
