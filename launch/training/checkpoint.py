@@ -74,16 +74,11 @@ class TrainState:
         """Whether checkpoint meta `meta` was written by this run directory's run."""
         return meta.get("run_uid") == self.run_uid
 
-    @staticmethod
-    def source_run_id(meta: dict) -> str | None:
-        """The MLflow run id a checkpoint was logged under (its own run's or another's)."""
-        return meta.get("run_id")
-
     def load_state_dict(self, meta: dict) -> None:
         """From a checkpoint's meta.json; the run_uid stays the run directory's. The MLflow run id only
         from the run's own checkpoint: one of another run directory (resume=PATH with
         trust_resume_path) names that run's MLflow run, which this run must not log into; the
-        tracker then opens a new one (source_run_id says where the weights came from)."""
+        tracker then opens a new one (tagged with the run the weights came from: trainer.restore)."""
         self.step = int(meta["step"])
         self.run_id = meta.get("run_id") if self.is_own(meta) else None
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))

@@ -298,7 +298,7 @@ def restore(tr: Trainer, path: Path) -> None:
         sync_lr(engine)
     tr.state.load_state_dict(meta)
     if not tr.state.is_own(meta):  # another run directory's checkpoint: its MLflow run is its own
-        tr.resumed_run_id = tr.state.source_run_id(meta)
+        tr.resumed_run_id = meta.get("run_id")
     if tr.ranks.is_main:
         trim_metrics(tr.run_dir / rundir.METRICS_NAME, tr.state.step)
     if rank_state is not None and int(meta.get("world_size", tr.ranks.world)) == tr.ranks.world:
