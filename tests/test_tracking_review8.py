@@ -103,8 +103,9 @@ def test_a_sigterm_handler_someone_else_set_is_kept(tmp_path):
                        env=child_env(), capture_output=True, text=True, timeout=180)
     assert r.stdout.split() == ["kept", "their", "handler"], (r.stdout, r.stderr[-2000:])
     assert r.returncode == 3
-    run_id = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("unit").experiment_id])[0]
-    assert run_id.info.status == "FAILED"   # their handler exits normally: atexit records it
+    c = MlflowClient(store)
+    (run,) = c.search_runs([c.get_experiment_by_name("unit").experiment_id])
+    assert run.info.status == "FAILED"   # their handler exits normally: atexit records it
 
 
 ENDED = """

@@ -103,6 +103,8 @@ def shipped_modules(code_dir: Path) -> dict[str, Path]:
 
 
 def _digest(path) -> bytes | None:
+    # hashlib, not pipeline.hashing.sha256_file: check_runtime runs before any project module is
+    # imported, since importing `pipeline` here would load the very package it is checking
     try:
         return hashlib.sha256(Path(path).read_bytes()).digest()
     except (OSError, TypeError):
