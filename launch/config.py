@@ -988,4 +988,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.shutdown import end
+
+    end(main())

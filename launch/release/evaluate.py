@@ -679,4 +679,6 @@ def print_skipped(rejected: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.shutdown import end
+
+    end(main())

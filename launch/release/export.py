@@ -199,4 +199,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from launch.shutdown import end
+
+    end(main())
