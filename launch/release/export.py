@@ -199,6 +199,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from launch.shutdown import end
-
-    end(main())
+    raise SystemExit(main())
