@@ -118,7 +118,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     from launch.training.checkpoint import CheckpointWriteError
+    from launch.training.ops import use_this_environment
     from launch.training.trainer import train
+
+    use_this_environment()  # DeepSpeed's CPU op: the build `make setup` made, however this was launched
 
     try:
         summary = train(cfg, ds_json)

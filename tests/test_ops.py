@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.training.ops import deepspeed_arch_list, fix_cuda_arch_list
+from launch.training.ops import deepspeed_arch_list, fix_cuda_arch_list, use_this_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +59,24 @@ def test_help_prints_help_and_builds_nothing(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         ops.main(["--help"])
     assert e.value.code == 0 and "TORCH_EXTENSIONS_DIR" in capsys.readouterr().out
+
+
+BIN = str(Path(sys.executable).parent)  # the suite runs in the project's virtualenv
+
+
+@pytest.mark.parametrize("extensions", [None, ""])
+def test_use_this_environment_points_a_bare_launch_at_the_virtualenvs_build(extensions):
+    assert sys.prefix != sys.base_prefix and (Path(BIN) / "ninja").is_file()
+    env = {"PATH": "/usr/local/bin:/usr/bin", **({} if extensions is None else {"TORCH_EXTENSIONS_DIR": extensions})}
+    assert use_this_environment(env) == ["TORCH_EXTENSIONS_DIR", "PATH"]
+    assert env == {"PATH": f"{BIN}:/usr/local/bin:/usr/bin",
+                   "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+    assert use_this_environment(env) == [] and env["PATH"].count(BIN) == 1  # once is enough
+
+
+def test_use_this_environment_keeps_what_the_caller_chose():
+    env = {"PATH": f"{BIN}:/usr/bin", "TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    assert use_this_environment(env) == [] and env == {"PATH": f"{BIN}:/usr/bin", "TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    env = {}  # no PATH at all: the virtualenv's bin becomes the whole of it
+    use_this_environment(env)
+    assert env["PATH"] == BIN

@@ -116,7 +116,13 @@ def background_launches(corpus: Path, mkdir) -> dict[str, tuple]:
     runs["bad_config"] = (d, lambda cfg=cfg: launch_cmd(cfg, "train.max_stepz=3"), None)
     d = mkdir("nonfinite")
     cfg = write_config(d / "c.yaml", corpus, d / "run", max_steps=4, max_nonfinite=2)
-    runs["nan_skip"] = (d, lambda cfg=cfg: launch_cmd(cfg), {"UNIT_FAULT_NAN_STEPS": "2"})
+    # ... launched as by hand, outside `make`: another ninja first on PATH (it leaves a note if run)
+    # and no TORCH_EXTENSIONS_DIR; the ranks still load the virtualenv's build (ops.use_this_environment)
+    (d / "bin").mkdir()
+    (d / "bin" / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {d / 'other-ninja-ran'}\nexit 1\n")
+    (d / "bin" / "ninja").chmod(0o755)
+    by_hand = {"PATH": f"{d / 'bin'}:{os.environ['PATH']}", "TORCH_EXTENSIONS_DIR": ""}
+    runs["nan_skip"] = (d, lambda cfg=cfg: launch_cmd(cfg), {"UNIT_FAULT_NAN_STEPS": "2", **by_hand})
     cfg = write_config(d / "c2.yaml", corpus, d / "run2", max_steps=6, max_nonfinite=2)
     runs["nan_stop"] = (d, lambda cfg=cfg: launch_cmd(cfg), {"UNIT_FAULT_NAN_STEPS": "2,3"})
     d = mkdir("ds-reference")
@@ -322,6 +328,7 @@ def test_nonfinite_losses_skip_steps_then_stop(background):
     # max_steps=4, max_nonfinite=2, a NaN loss at step 2 (UNIT_FAULT_NAN_STEPS=2)
     r = ok(background.result("nan_skip"))
     assert "step 2: non-finite loss" in r.stdout
+    assert not (background.dirs["nan_skip"] / "other-ninja-ran").exists()  # launched by hand, the same build
     assert [m["step"] for m in metrics(run_dir)] == [1, 3, 4]
     assert metrics(run_dir)[-1]["nonfinite_total"] == 1
 

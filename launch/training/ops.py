@@ -4,6 +4,8 @@ On CPU ranks DeepSpeed compiles a shared-memory all-reduce op the first time a p
 starts (about a minute on 2 cores), and caches it under TORCH_EXTENSIONS_DIR. `make setup` runs
 this module so that cost is paid once, at setup, and not by the first `make demo` or test launch;
 the Makefile points TORCH_EXTENSIONS_DIR into the virtualenv, whose paths the build names.
+A launch by hand (`.venv/bin/deepspeed launch/train.py ...`, the venv not activated) finds the
+same build: `use_this_environment` does in each rank what the Makefile does for `make train`.
 
 On GPU ranks DeepSpeed JIT-builds its fused Adam at the first launch. Its builder (0.19) parses
 TORCH_CUDA_ARCH_LIST as plain numbers and fails on the architecture-specific suffixes CUDA images
@@ -18,6 +20,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 # "9.0", "9.0a", "10.0f", "9.0a+PTX": major.minor, an optional family/arch-specific letter, +PTX
 _ARCH = re.compile(r"^(\d+)\.(\d+)[a-z]?(\+PTX)?$", re.IGNORECASE)
@@ -49,6 +52,28 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
             "cannot parse architecture suffixes)")
 
 
+def use_this_environment(environ=os.environ) -> list[str]:
+    """Point DeepSpeed's op build at this virtualenv, as the Makefile does, whoever started the
+    process: TORCH_EXTENSIONS_DIR into the virtualenv (kept where set and not empty), and its bin
+    folder first on PATH where it holds a ninja. Without them a launch by hand used torch's shared
+    ~/.cache/torch_extensions, where another checkout's build names other paths, and the system's
+    ninja, which does not read the pip ninja's build log: either rebuilt the op, about 30 s of
+    each rank's start on 2 cores (measured here), at every switch between such launches and
+    `make`'s. Outside a virtualenv nothing changes. Returns the names of the variables it set."""
+    changed = []
+    if sys.prefix == sys.base_prefix:
+        return changed
+    if not environ.get("TORCH_EXTENSIONS_DIR"):
+        environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+        changed.append("TORCH_EXTENSIONS_DIR")
+    bin_dir = str(Path(sys.executable).parent)
+    path = environ.get("PATH", "")
+    if (Path(bin_dir) / "ninja").is_file() and path.split(os.pathsep)[0] != bin_dir:
+        environ["PATH"] = os.pathsep.join([bin_dir, *filter(None, [path])])
+        changed.append("PATH")
+    return changed
+
+
 def prebuild() -> str:
     """Build (or load from the cache) the op DeepSpeed's CPU ranks load; a line saying what happened.
     Nothing to do on other accelerators, or where DeepSpeed finds the op incompatible (the ranks
@@ -74,6 +99,7 @@ def main(argv=None) -> int:
     argparse.ArgumentParser(prog="python -m launch.training.ops",
                             description="Build DeepSpeed's CPU shared-memory all-reduce op into TORCH_EXTENSIONS_DIR "
                                         "(make setup runs this; about a minute on 2 cores, once).").parse_args(argv)
+    use_this_environment()
     try:
         print(prebuild(), flush=True)
     except Exception as e:  # a missing compiler: the first launch tries again and says why
