@@ -33,9 +33,7 @@ if steps:
     opt = torch.optim.Adam(unit.parameters(), lr=1e-4)
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     for _ in range(steps):
-        out = unit.gen(x, x)
-        loss = sum(v.float().mean() for v in (out.values() if isinstance(out, dict) else out)
-                   if torch.is_tensor(v) and v.requires_grad)
+        loss = sum(v.float().mean() for v in unit.gen(x, x).values() if v.requires_grad)
         opt.zero_grad()
         loss.backward()
         opt.step()
