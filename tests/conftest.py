@@ -30,10 +30,11 @@ PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 #   ~/.cache/torch_extensions rebuilt it for each other: each virtualenv has its own folder, inside
 #   it, where `make setup` builds the op (launch/training/ops.py) and the Makefile points
 #   TORCH_EXTENSIONS_DIR (kept when set already).
-_BIN = str(Path(sys.executable).parent)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
-    os.environ["PATH"] = os.pathsep.join([_BIN, *filter(None, [os.environ.get("PATH")])])
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# The ranks do the same themselves (launch.training.ops.use_this_environment); here it covers every
+# process the suite starts.
+from launch.training.ops import use_this_environment  # noqa: E402  (the standard library only, at import)
+
+use_this_environment()
 
 from trainutil import free_port, remove_deepspeed_shm  # noqa: E402  (after PATH; tests import it from here too)
 

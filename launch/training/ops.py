@@ -55,7 +55,7 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
 def use_this_environment(environ=os.environ) -> list[str]:
     """Point DeepSpeed's op build at this virtualenv, as the Makefile does, whoever started the
     process: TORCH_EXTENSIONS_DIR into the virtualenv (kept where set and not empty), and its bin
-    folder first on PATH where it holds a ninja. Without them a launch by hand used torch's shared
+    folder (the pip ninja, and the other tools of the virtualenv) first on PATH. Without them a launch by hand used torch's shared
     ~/.cache/torch_extensions, where another checkout's build names other paths, and the system's
     ninja, which does not read the pip ninja's build log: either rebuilt the op, about 30 s of
     each rank's start on 2 cores (measured here), at every switch between such launches and
@@ -68,7 +68,7 @@ def use_this_environment(environ=os.environ) -> list[str]:
         changed.append("TORCH_EXTENSIONS_DIR")
     bin_dir = str(Path(sys.executable).parent)
     path = environ.get("PATH", "")
-    if (Path(bin_dir) / "ninja").is_file() and path.split(os.pathsep)[0] != bin_dir:
+    if path.split(os.pathsep)[0] != bin_dir:
         environ["PATH"] = os.pathsep.join([bin_dir, *filter(None, [path])])
         changed.append("PATH")
     return changed
