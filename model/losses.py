@@ -35,7 +35,8 @@ def _opponent(x: torch.Tensor) -> torch.Tensor:
     return o - o.mean(-1, keepdim=True)
 
 
-def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4, axes: str = "both") -> torch.Tensor:
+def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4, axes: str = "both",
+             pool: int = 1) -> torch.Tensor:
     """1 - the Pearson correlation, over each image's pixels, between the opponent colours of a
     source and of its translation (RGB, [B, 3, H, W]; per axis, averaged over axes and images):
     0 when the translation's hue changes where and as its source's does, 2 when opposite.
@@ -49,9 +50,13 @@ def hue_corr(src: torch.Tensor, dst: torch.Tensor, eps: float = 1e-4, axes: str 
     between the domains where the right colours lie: the photos' dark parks are less yellow than
     their olive land, the maps' light green parks more yellow than the maps' white land; grey
     major roads become orange. Red-green keeps its sign for parks, water and major roads.
+
+    pool > 1 correlates the mean colours of pool x pool blocks instead of pixels.
     """
     if axes not in HUE_AXES:
         raise ValueError(f"hue axes {axes!r} is not one of {HUE_AXES}")
+    if pool > 1:
+        src, dst = F.avg_pool2d(src.float(), pool), F.avg_pool2d(dst.float(), pool)
     s, d = _opponent(src), _opponent(dst)
     if axes == "rg":
         s, d = s[:, :1], d[:, :1]

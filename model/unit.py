@@ -71,13 +71,15 @@ class UNITConfig:
     cycle_detach: bool = False  # the cycle half sees the translations detached: back-translation (UNITGenerator.forward)
     w_hue: float = 0.0         # translations keep their source's hue where it changes (losses.hue_corr)
     hue_axes: str = "both"     # the opponent axes w_hue compares: both, or "rg" (red-green) only
+    hue_pool: int = 1          # w_hue correlates the mean colours of hue_pool x hue_pool blocks
+    hue_into: str = "ab"       # the domains whose translations w_hue shapes ("a": x_ba, "b": x_ab)
     tta: str = "none"          # eval-mode translate() averages over flips of the input: none, hflip, flips (h, v, both)
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"UNIT config: {name}={getattr(self, name)!r} {why}")
 
-        for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales", "r1_every"):
+        for name in ("channels", "dim", "n_res", "dis_dim", "dis_layers", "dis_scales", "r1_every", "hue_pool"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("n_down", "n_shared", "dis_min_size", "dis_colour_octaves", "image_size"):
@@ -104,6 +106,8 @@ class UNITConfig:
         if not isinstance(self.expected, str) or len(set(self.expected)) != len(self.expected) \
                 or not set(self.expected) <= {"a", "b"}:
             bad("expected", 'must be "", "a", "b" or "ab"')
+        if self.hue_into not in ("a", "b", "ab"):
+            bad("hue_into", 'must be "a", "b" or "ab"')
         for name in ("fused_upsample", "cycle_detach"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
@@ -416,7 +420,7 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
     which is already in L_VAE; like the official code it is not counted twice).
     """
     gt = cfg.gan_type
-    hue = functools.partial(losses.hue_corr, axes=cfg.hue_axes)
+    hue = functools.partial(losses.hue_corr, axes=cfg.hue_axes, pool=cfg.hue_pool)
     specs = {
         "recon_a": (cfg.w_recon, losses.l1, out["x_aa"], x_a),
         "recon_b": (cfg.w_recon, losses.l1, out["x_bb"], x_b),
@@ -435,8 +439,8 @@ def generator_loss(out: dict, x_a: torch.Tensor, x_b: torch.Tensor, dis: UNITDis
         **{f"exp_{d}": (cfg.w_recon, losses.l1, out[f"exp_{d}"], x) for d, x in (("a", x_a), ("b", x_b))
            if d in cfg.expected},
         # hue_a: the translation into a (x_ba) against its source x_b; only where asked for
-        **({"hue_a": (cfg.w_hue, hue, x_b, out["x_ba"]),
-            "hue_b": (cfg.w_hue, hue, x_a, out["x_ab"])} if cfg.w_hue else {}),
+        **{f"hue_{d}": (cfg.w_hue, hue, src, out[key]) for d, src, key in (("a", x_b, "x_ba"), ("b", x_a, "x_ab"))
+           if cfg.w_hue and d in cfg.hue_into},
     }
     terms, total = {}, None
     for name, (w, fn, *args) in specs.items():

@@ -704,6 +704,27 @@ def test_hue_axes_rg_ignores_the_yellow_blue_axis():
     assert losses.hue_corr(x, blue).item() > 0.1
 
 
+def test_hue_pool_correlates_block_means_so_a_lone_speck_counts_less():
+    x, _ = images(2, 16)
+    y = images(2, 16, seed=2)[0]
+    pooled = torch.nn.functional.avg_pool2d(x, 4), torch.nn.functional.avg_pool2d(y, 4)
+    assert losses.hue_corr(x, y, pool=4).item() == pytest.approx(losses.hue_corr(*pooled).item(), abs=1e-6)
+    assert losses.hue_corr(x, y, pool=1).item() == pytest.approx(losses.hue_corr(x, y).item(), abs=1e-6)
+    # a smooth source (red left half, blue right) and a translation that agrees but for one
+    # 1-pixel speck of the other half's colour in each 4x4 block: pooled, the blocks' means still
+    # change as the source's do (the specks cost nothing); per pixel they do
+    src = torch.zeros(1, 3, 16, 16)
+    src[:, 0, :, :8] = 1
+    src[:, 2, :, 8:] = 1
+    dst = src.clone()
+    dst[:, :, ::4, ::4] = 1 - dst[:, :, ::4, ::4]
+    dst[:, 1] = 0
+    assert losses.hue_corr(src, dst, pool=4).item() == pytest.approx(0, abs=1e-4)
+    assert losses.hue_corr(src, dst).item() > 0.1
+    with pytest.raises(ValueError, match="hue_pool"):
+        UNITConfig(hue_pool=0)
+
+
 def tiny_losses():
     """A tiny model's forward pass and its generator loss at the preset's weights, D frozen."""
     x_a, x_b = images(2, 32)
@@ -727,6 +748,16 @@ def test_w_hue_adds_its_terms_only_when_asked_for():
     _, terms = generator_loss(out, x_a, x_b, unit.dis, rg)
     assert terms["hue_b"].item() == pytest.approx(losses.hue_corr(x_a, out["x_ab"], axes="rg").item())
     assert terms["hue_b"].item() != pytest.approx(want[1].item())
+    # hue_into: only the named domain's translations get the prior, and only its term is added
+    into_b = UNITConfig(**{**unit.config(), "w_hue": 3.0, "hue_into": "b"})
+    loss, terms = generator_loss(out, x_a, x_b, unit.dis, into_b)
+    assert "hue_a" not in terms and terms["hue_b"].item() == pytest.approx(want[1].item())
+    assert loss.item() == pytest.approx(base.item() + 3.0 * want[1].item(), rel=1e-5)
+    pooled = UNITConfig(**{**unit.config(), "w_hue": 3.0, "hue_pool": 2})
+    _, terms = generator_loss(out, x_a, x_b, unit.dis, pooled)
+    assert terms["hue_a"].item() == pytest.approx(losses.hue_corr(x_b, out["x_ba"], pool=2).item())
+    with pytest.raises(ValueError, match="hue_into"):
+        UNITConfig(hue_into="ba")
     for bad in (-1, "x", True):
         with pytest.raises(ValueError, match="w_hue"):
             UNITConfig(w_hue=bad)
