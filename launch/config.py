@@ -301,6 +301,9 @@ class Config(_Strict):
             raise ValueError(f"data.augment.resize = {resize}: must be >= data.image_size ({size})")
         if resize is not None:
             check_scale(resize, size, n_down)
+        if self.model.hue_pool > size:
+            raise ValueError(f"model.hue_pool = {self.model.hue_pool}: the hue prior's blocks must fit in one "
+                             f"data.image_size ({size}) crop")
         self.model.image_size = size  # a dataclass field: set without re-running the validators
         try:  # the model's own check, which UNIT() would otherwise raise on every rank
             dis_scales_for(self.model, size)

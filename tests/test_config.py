@@ -184,6 +184,14 @@ def test_integers_still_parse_from_yaml():
     assert cfg.train.max_steps == 7 and cfg.optim.lr_g == 1.0 and cfg.data.augment.flip is False
 
 
+def test_hue_pool_must_fit_in_a_crop():
+    assert load_config(None, ["data.image_size=32", "model.hue_pool=32"], base=BASE).model.hue_pool == 32
+    with pytest.raises(ConfigError, match=r"model.hue_pool = 64: .*data.image_size \(32\)"):
+        load_config(None, ["data.image_size=32", "model.hue_pool=64"], base=BASE)
+    with pytest.raises(ConfigError, match="hue_pool=0"):
+        load_config(None, ["model.hue_pool=0"], base=BASE)
+
+
 def test_eval_section_and_the_retired_realism_key(tmp_path):
     cfg = load_config(None, ["eval.c2st_steps=0", "eval.baseline_images=50"], base=BASE)
     assert cfg.eval.c2st_steps == 0 and cfg.eval.baseline_images == 50 and cfg.eval.fid_features is None
