@@ -55,11 +55,12 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
 def use_this_environment(environ=os.environ) -> list[str]:
     """Point DeepSpeed's op build at this virtualenv, as the Makefile does, whoever started the
     process: TORCH_EXTENSIONS_DIR into the virtualenv (kept where set and not empty), and its bin
-    folder (the pip ninja, and the other tools of the virtualenv) first on PATH. Without them a launch by hand used torch's shared
-    ~/.cache/torch_extensions, where another checkout's build names other paths, and the system's
-    ninja, which does not read the pip ninja's build log: either rebuilt the op, about 30 s of
-    each rank's start on 2 cores (measured here), at every switch between such launches and
-    `make`'s. Outside a virtualenv nothing changes. Returns the names of the variables it set."""
+    folder (the pip ninja, and the other tools of the virtualenv) first on PATH. Without them a
+    launch by hand used torch's shared ~/.cache/torch_extensions, where another checkout's build
+    names other paths, and the system's ninja, which does not read the pip ninja's build log:
+    either rebuilt the op, about 30 s of each rank's start on 2 cores (measured here), at every
+    switch between such launches and `make`'s. Outside a virtualenv nothing changes. Returns the
+    names of the variables it set."""
     changed = []
     if sys.prefix == sys.base_prefix:
         return changed
