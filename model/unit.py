@@ -227,8 +227,7 @@ class UNITGenerator(nn.Module):
 
     def head(self, domain: str) -> nn.Module:
         """The last layer that paints `domain`'s images (a PaletteHead, or the tanh RGB head)."""
-        last = self._part("dec", domain)[-1]
-        return last.out if self.skip else last
+        return self._head_of("dec", domain)
 
     def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         """mu of q(z | x) for an image of `domain`."""
@@ -319,12 +318,7 @@ class UNITGenerator(nn.Module):
         where the model has one (cfg.expected). No noise, so deterministic in eval mode; there, with
         cfg.tta, the mean over flips of the input (_translate_views). `decoder="gan"` uses the GAN
         decoder (the one the discriminator trains) even then."""
-        if direction not in ("a2b", "b2a"):
-            raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
-        if decoder not in ("auto", "gan"):
-            raise ValueError(f"decoder {decoder!r} is not 'auto' or 'gan'")
-        src, dst = direction[0], direction[-1]
-        kind = "exp" if dst in self.expected and decoder == "auto" else "dec"
+        src, dst, kind = self._route(direction, decoder)
         if self.training or self.tta_views == 1:
             return self._back(dst, self.dec_shared(self.encode(x, src)), x, kind)
         return self._translate_views(x, src, dst, kind)
@@ -335,15 +329,44 @@ class UNITGenerator(nn.Module):
         colour per pixel), another domain's images. Why: the translator's errors differ between the
         views of a scene more than its right answers do, so averaging removes some; on the demo's map
         translator the four flips scored a2b +0.009 and b2a +0.019 (docs/quality.md)."""
+        if isinstance(self._head_of(kind, dst), PaletteHead):
+            return self._head_of(kind, dst).most_probable(self._probabilities(x, src, dst, kind))
         n = self.tta_views
+        views = torch.cat([flip_view(x, k) for k in range(n)])
+        return mean_of_views(self._back(dst, self.dec_shared(self.encode(views, src)), views, kind), n)
+
+    def colour_probabilities(self, x: torch.Tensor, direction: str, decoder: str = "auto") -> torch.Tensor:
+        """[B, K, H, W]: the probability of each of the target palette's K colours per pixel, the
+        scores eval mode's translate() paints the most probable colour of (over cfg.tta's views, in
+        eval mode). ValueError where the target domain has no palette. Why: what a translator
+        leaves out shows here before it shows in the painted colours; a colour whose probability is
+        near 0 everywhere is one the generator has stopped painting (bench/classes.py)."""
+        src, dst, kind = self._route(direction, decoder)
+        if not isinstance(self._head_of(kind, dst), PaletteHead):
+            raise ValueError(f"{direction}: domain {dst} has no palette (model.palette_{dst}), so no colour probabilities")
+        return self._probabilities(x, src, dst, kind)
+
+    def _route(self, direction: str, decoder: str) -> tuple[str, str, str]:
+        """(source domain, target domain, "exp" or "dec"): the decoder `direction` paints with."""
+        if direction not in ("a2b", "b2a"):
+            raise ValueError(f"direction {direction!r} is not 'a2b' or 'b2a'")
+        if decoder not in ("auto", "gan"):
+            raise ValueError(f"decoder {decoder!r} is not 'auto' or 'gan'")
+        dst = direction[-1]
+        return direction[0], dst, "exp" if dst in self.expected and decoder == "auto" else "dec"
+
+    def _head_of(self, kind: str, domain: str) -> nn.Module:
+        last = self._part(kind, domain)[-1]
+        return last.out if self.skip else last
+
+    def _probabilities(self, x: torch.Tensor, src: str, dst: str, kind: str) -> torch.Tensor:
+        n = 1 if self.training else self.tta_views
         views = torch.cat([flip_view(x, k) for k in range(n)])
         h = self._part(kind, dst)[:-1](self.dec_shared(self.encode(views, src)))
         last = self._part(kind, dst)[-1]
         if self.skip:
             h, last = last.features(h, views), last.out
-        if isinstance(last, PaletteHead):
-            return last.most_probable(mean_of_views(last.logits(h).softmax(1), n))
-        return mean_of_views(last(h), n)
+        return mean_of_views(last.logits(h).softmax(1), n)
 
     def domain_param_count(self, domain: str) -> int:
         """Parameters of E_domain + G_domain (shared ones included), the official VAEGen's count."""

@@ -80,3 +80,27 @@ def test_tta_may_change_on_resume_but_a_generator_field_may_not():
     assert saved["model"]["tta"] == "flips"  # make demo's setting
     assert resume_differences(saved, load_config(demo, ["model.tta=none"])) == []
     assert resume_differences(saved, load_config(demo, ["model.dim=8"])) != []
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_colour_probabilities_are_what_eval_paints_the_most_probable_colour_of(x, tta):
+    gen = tiny(tta)
+    p = gen.colour_probabilities(x, "a2b")
+    assert p.shape == (3, len(PALETTE), 16, 24)
+    assert torch.allclose(p.sum(1), torch.ones(3, 16, 24), atol=1e-5) and (p >= 0).all()
+    colours = torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1
+    assert torch.equal(gen.translate(x, "a2b"), colours[p.argmax(1)].permute(0, 3, 1, 2))
+    # with flips they are the views' mean, which no single view gives
+    one = tiny("none").colour_probabilities(x, "a2b")
+    assert torch.allclose(p, one) == (tta == "none")
+
+
+@torch.no_grad()
+def test_colour_probabilities_follow_the_decoder_and_refuse_a_domain_without_a_palette(x):
+    gen = tiny("none", expected="b")
+    assert not torch.allclose(gen.colour_probabilities(x, "a2b"), gen.colour_probabilities(x, "a2b", decoder="gan"))
+    with pytest.raises(ValueError, match="domain a has no palette"):
+        gen.colour_probabilities(x, "b2a")
+    with pytest.raises(ValueError, match="direction 'a2a'"):
+        gen.colour_probabilities(x, "a2a")
