@@ -4,8 +4,9 @@ Translates a paired test split's photos with one or more exported translators (a
 `export/` folder) and prints, per map colour of the truth, the share of pixels it holds and each
 translator's accuracy there, with the demo corpus's class names; then, for the first
 translator, which classes it paints there (each painted pixel read as the nearest map colour),
-each class's share of the truth and of the painted pixels, and the mean photo colour its b2a
-decoders paint on each map class beside the real photos'.
+each class's share of the truth and of the painted pixels, the mean photo colour its b2a
+decoders paint on each map class beside the real photos', and (for a palette translator) its mean
+colour probabilities on each map class with the mixture they paint in training.
 Reading: a class's share times what it misses is what it costs the overall figure.
 
     .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from launch.release.evaluate import load_pairs, pixel_correct  # noqa: E402
 from launch.release.export import load_translator, translate_uint8  # noqa: E402
+from model.networks import PaletteHead  # noqa: E402
 from pipeline.demo import (BUILDING, EDGE, FIELD, LAND, MAJOR_ROAD, MAP_COLOURS, PARK, ROAD,  # noqa: E402
                            WATER)
 
@@ -117,6 +119,35 @@ def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8) -> str:
     return photo_colours(y, photos, top)
 
 
+@torch.no_grad()
+def probabilities(gen, x: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """[N, H, W, K]: the a2b colour probabilities of uint8 photos `x` [N, H, W, 3] (as the
+    translator's eval mode sees them, over its test-time views); sides a multiple of 2 ** n_down."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.cat([gen.colour_probabilities(c, "a2b") for c in t.split(batch_size)]).permute(0, 2, 3, 1).numpy()
+
+
+def probability_table(probs: np.ndarray, colours, truth: np.ndarray, top: int = 8) -> str:
+    """Per truth class (most pixels first): the mean probability of each palette colour of
+    `colours` ([K] RGB, the translator's palette, named by their nearest map colour) on its pixels,
+    and the mean of the mixture those probabilities paint (what the discriminator sees in training,
+    without the latent noise). A colour near 0 in every row is one the translator stopped painting.
+    The mixture is a mean over the class's pixels: near a colour on average, it may be near it at
+    few of them."""
+    true = nearest_class(truth)
+    share = class_shares(true)
+    colours = np.asarray(colours, np.float64)
+    named = [PALETTE_NAMES[nearest_class(c.round().astype(np.uint8))[0]] for c in colours]
+    flat = probs.reshape(-1, probs.shape[-1]).astype(np.float64)
+    lines = ["| class | " + " | ".join(named) + " | mixture |", "| --- | " + " | ".join("---" for _ in named) + " | --- |"]
+    for k in np.argsort(-share)[:top]:
+        if share[k] > 0:
+            mean = flat[true == k].mean(0)
+            lines.append(f"| {PALETTE_NAMES[k]} | " + " | ".join(f"{v:.3f}" for v in mean)
+                         + " | (%d, %d, %d) |" % tuple((mean @ colours).round()))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("exports", nargs="+", help="exported translators (a run's export/ folder)")
@@ -135,6 +166,10 @@ def main(argv=None) -> int:
     print(f"\nthe mean photo colour {first} paints b2a on each map class (with back-translation, a2b "
           "trains on these photos paired with the maps they came from):\n")
     print(b2a_table(gens[first], x, y, args.top))
+    head = gens[first].head("b")
+    if isinstance(head, PaletteHead):  # its probabilities show what it stopped painting
+        print(f"\nthe mean a2b colour probabilities of {first} on each map class, and the mixture they paint:\n")
+        print(probability_table(probabilities(gens[first], x), (head.colours.numpy() + 1) * 127.5, y, args.top))
     return 0
 
 

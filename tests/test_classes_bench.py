@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from classes import GanDecoder, b2a_table, class_table, confusion, photo_colours  # noqa: E402
+from classes import (GanDecoder, b2a_table, class_table, confusion, photo_colours, probabilities,  # noqa: E402
+                     probability_table)
 from model.unit import UNIT  # noqa: E402
 from pipeline.demo import MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
 
@@ -74,3 +75,28 @@ def test_b2a_table_shows_the_gan_decoder_beside_the_expected_one():
     assert header == "| map class | real photo | GAN decoder | expected decoder |"
     plain = UNIT.from_config({**cfg, "expected": ""}).gen.eval()
     assert b2a_table(plain, photos, y).splitlines()[0] == "| map class | real photo | GAN decoder |"
+
+
+def test_probability_table_averages_each_colours_probability_and_the_mixture_per_class():
+    y = maps()  # 12 land, 3 major-road, 1 white-road pixels
+    colours = np.array([MAP_COLOURS[LAND], MAP_COLOURS[MAJOR_ROAD]], np.float64)
+    probs = np.zeros((1, 4, 4, 2))
+    probs[..., 0] = 1.0                     # land pixels: all land
+    probs[0, 0, :3] = (0.5, 0.5)            # major roads: an even blend
+    probs[0, 3, 3] = (0.25, 0.75)           # the white road: mostly orange
+    rows = {r.split(" | ")[0].strip("| "): r for r in probability_table(probs, colours, y).splitlines()}
+    assert rows["class"] == "| class | land | major roads | mixture |"  # the palette named by nearest map colour
+    assert rows["land"] == "| land | 1.000 | 0.000 | (242, 239, 233) |"
+    assert rows["major roads"] == "| major roads | 0.500 | 0.500 | (244, 214, 164) |"  # (242+246)/2, (239+190)/2, ...
+    assert rows["white roads"] == "| white roads | 0.250 | 0.750 | (245, 202, 130) |"
+
+
+def test_probabilities_are_the_translators_and_sum_to_one():
+    torch.manual_seed(0)
+    gen = UNIT.from_config({"preset": "tiny", "palette_b": [MAP_COLOURS[LAND], MAP_COLOURS[ROAD]]}).gen.eval()
+    x = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    p = probabilities(gen, x, batch_size=2)  # two batches, joined in order
+    assert p.shape == (3, 16, 16, 2) and np.allclose(p.sum(-1), 1, atol=1e-5)
+    with torch.no_grad():
+        want = gen.colour_probabilities(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, "a2b")
+    assert np.allclose(p, want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
