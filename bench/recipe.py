@@ -11,7 +11,7 @@ what it paints there on average) next to the constant baseline.
 
     .venv/bin/python bench/recipe.py [--size 64] [--steps 600] [--batch 8] [--lr 2e-4] [--lr-d 2e-4]
         [--schedule constant|warmup_decay [--warmup N]]
-        [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--no-flip] [--variant NAME (bench/recipe_variants.py)]
+        [--beta2 0.999] [--d-steps 1] [--ema 0.995] [--noise 1.0] [--threads 1] [--no-flip] [--variant NAME (bench/recipe_variants.py)]
         [--swd W [--swd-proj 16] [--swd-dirs a2b,b2a]] [--palette-freq W] [--r1 W] [model.key=value ...]
 """
 from __future__ import annotations
@@ -58,6 +58,7 @@ def parse_args(argv=None):
                     help="both learning rates as optim.schedule sets them in the trainer: warmup_decay rises "
                          "linearly over --warmup steps, then falls linearly to 0 at the last step")
     ap.add_argument("--warmup", type=int, default=0, help="warm-up steps of --schedule warmup_decay")
+    ap.add_argument("--beta2", type=float, default=0.999, help="both Adams' beta2 (beta1 is 0.5; configs/demo.yaml: 0.95)")
     ap.add_argument("--d-steps", type=int, default=1, help="discriminator updates per generator update "
                                                           "(on the same iteration's fakes)")
     ap.add_argument("--ema", type=float, default=0.995)
@@ -257,8 +258,9 @@ def build(args, stats: dict[str, DomainStats], data: dict) -> Sweep:
     for name in args.variant:
         VARIANTS[name](unit, data)
     with_noise(unit.gen, args.noise)
-    opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
-    opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=(0.5, 0.999), weight_decay=1e-4)
+    betas = (0.5, args.beta2)
+    opt_g = torch.optim.Adam(unit.gen.parameters(), lr=args.lr, betas=betas, weight_decay=1e-4)
+    opt_d = torch.optim.Adam(unit.dis.parameters(), lr=args.lr_d or args.lr, betas=betas, weight_decay=1e-4)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(args, i)) for o in (opt_g, opt_d)]
     return Sweep(model, unit, opt_g, opt_d, scheds, EMA(unit.gen, args.ema), copy.deepcopy(unit.gen))
 

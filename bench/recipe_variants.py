@@ -526,6 +526,65 @@ def dis_snap_b(unit, data=None) -> None:
     unit.gen.forward = forward
 
 
+
+def _recording_forward(head, x):
+    """PaletteHead.forward that also keeps, in training, each mixture it paints with its probabilities."""
+    logits = head.logits(x)
+    if not head.training:
+        return head.most_probable(logits)
+    probs = logits.softmax(1)
+    y = head.paint(probs).permute(0, 3, 1, 2).contiguous()
+    head.painted.append((y, probs))
+    return y
+
+
+def _embedded_forward(dis, head, x):
+    """MultiScaleDiscriminator.forward on each pixel's colour features (ColourFeatures), pooled for
+    the coarser scales; rows of `x` that are the map translation just painted (dis.fake, by value)
+    get the features of its palette colours weighted by their probabilities instead of the features
+    of their mixture."""
+    feats = dis.colour(x)
+    if dis.fake is not None:
+        y, probs = dis.fake
+        n = y.shape[0]
+        if n <= x.shape[0] and torch.equal(x[-n:].detach(), y):
+            table = dis.colour(head.colours.view(-1, x.shape[1], 1, 1)).flatten(1)  # [K, F]
+            p = probs if x.requires_grad else probs.detach()
+            feats = torch.cat([feats[:-n], torch.einsum("bkhw,kf->bfhw", p, table)])
+    outs = []
+    for i in range(dis.scales_for(min(x.shape[-2:]))):
+        outs.append(dis.nets[i](feats))
+        feats = dis.downsample(feats)
+    return outs
+
+
+def dis_embed_b(unit, data=None) -> None:
+    """The map discriminator sees each translated pixel as its palette colours' Fourier features
+    weighted by their probabilities, not as the features of the colours' mixture: a blend of land,
+    outline and orange (what make demo's translator paints on buildings, on average within 15 of
+    the building colour) can no longer pass for the building colour, which it never paints. Real
+    maps are single palette colours, so for them the two are the same. Every scale pools the
+    features, reals and fakes alike (the model pools the colours). Needs model.dis_colour_octaves."""
+    head = _palette_head(unit, "dis-embed-b")
+    dis = unit.dis.dis_b
+    if not unit.cfg.dis_colour_octaves:
+        raise SystemExit("--variant dis-embed-b needs model.dis_colour_octaves > 0")
+    head.painted, dis.fake = [], None
+    head.forward = types.MethodType(_recording_forward, head)
+    dis.forward = types.MethodType(lambda self, x: _embedded_forward(self, head, x), dis)
+    inner = unit.gen.forward
+
+    def forward(x_a, x_b):
+        head.painted.clear()
+        out = inner(x_a, x_b)
+        n = x_a.shape[0]
+        ptr = out["x_ab"].data_ptr()
+        probs = next(p for y, p in head.painted if y.data_ptr() == ptr)[:n]
+        dis.fake = (out["x_ab"].detach(), probs)
+        head.painted.clear()
+        return out
+    unit.gen.forward = forward
+
 class MinibatchStd(nn.Module):
     """ProGAN's minibatch standard deviation (Karras et al. 2018): one more channel holding, for each
     group of `group` consecutive images, the std of every feature across the group, averaged to one
@@ -622,7 +681,7 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "texture-a": texture_a(-3.0), "texture-a-hi": texture_a(0.0), "dis-a-plain": dis_a_plain,
             "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
             "cyc-a-hi": cycle_a_extra(200.0),
-            "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b,
+            "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b, "dis-embed-b": dis_embed_b,
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
