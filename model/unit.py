@@ -329,8 +329,9 @@ class UNITGenerator(nn.Module):
         colour per pixel), another domain's images. Why: the translator's errors differ between the
         views of a scene more than its right answers do, so averaging removes some; on the demo's map
         translator the four flips scored a2b +0.009 and b2a +0.019 (docs/quality.md)."""
-        if isinstance(self._head_of(kind, dst), PaletteHead):
-            return self._head_of(kind, dst).most_probable(self._probabilities(x, src, dst, kind))
+        head = self._head_of(kind, dst)
+        if isinstance(head, PaletteHead):
+            return head.most_probable(self._probabilities(x, src, dst, kind))
         n = self.tta_views
         views = torch.cat([flip_view(x, k) for k in range(n)])
         return mean_of_views(self._back(dst, self.dec_shared(self.encode(views, src)), views, kind), n)
