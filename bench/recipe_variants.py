@@ -526,7 +526,6 @@ def dis_snap_b(unit, data=None) -> None:
     unit.gen.forward = forward
 
 
-
 def _recording_forward(head, x):
     """PaletteHead.forward that also keeps, in training, each mixture it paints with its probabilities."""
     logits = head.logits(x)
@@ -542,15 +541,16 @@ def _embedded_forward(dis, head, x):
     """MultiScaleDiscriminator.forward on each pixel's colour features (ColourFeatures), pooled for
     the coarser scales; rows of `x` that are the map translation just painted (dis.fake, by value)
     get the features of its palette colours weighted by their probabilities instead of the features
-    of their mixture."""
+    of their mixture. Before the variant's start (dis.fake None) the model's own forward."""
+    if dis.fake is None:
+        return type(dis).forward(dis, x)
     feats = dis.colour(x)
-    if dis.fake is not None:
-        y, probs = dis.fake
-        n = y.shape[0]
-        if n <= x.shape[0] and torch.equal(x[-n:].detach(), y):
-            table = dis.colour(head.colours.view(-1, x.shape[1], 1, 1)).flatten(1)  # [K, F]
-            p = probs if x.requires_grad else probs.detach()
-            feats = torch.cat([feats[:-n], torch.einsum("bkhw,kf->bfhw", p, table)])
+    y, probs = dis.fake
+    n = y.shape[0]
+    if n <= x.shape[0] and torch.equal(x[-n:].detach(), y):
+        table = dis.colour(head.colours.view(-1, x.shape[1], 1, 1)).flatten(1)  # [K, F]
+        p = probs if x.requires_grad else probs.detach()
+        feats = torch.cat([feats[:-n], torch.einsum("bkhw,kf->bfhw", p, table)])
     outs = []
     for i in range(dis.scales_for(min(x.shape[-2:]))):
         outs.append(dis.nets[i](feats))
@@ -558,8 +558,8 @@ def _embedded_forward(dis, head, x):
     return outs
 
 
-def dis_embed_b(unit, data=None) -> None:
-    """The map discriminator sees each translated pixel as its palette colours' Fourier features
+def dis_embed_b(unit, data=None, start: int = 0) -> None:
+    """From G step `start` + 1 on, the map discriminator sees each translated pixel as its palette colours' Fourier features
     weighted by their probabilities, not as the features of the colours' mixture: a blend of land,
     outline and orange (what make demo's translator paints on buildings, on average within 15 of
     the building colour) can no longer pass for the building colour, which it never paints. Real
@@ -572,11 +572,15 @@ def dis_embed_b(unit, data=None) -> None:
     head.painted, dis.fake = [], None
     head.forward = types.MethodType(_recording_forward, head)
     dis.forward = types.MethodType(lambda self, x: _embedded_forward(self, head, x), dis)
-    inner = unit.gen.forward
+    inner, steps = unit.gen.forward, [0]
 
     def forward(x_a, x_b):
         head.painted.clear()
         out = inner(x_a, x_b)
+        steps[0] += 1
+        if steps[0] <= start:
+            head.painted.clear()
+            return out
         n = x_a.shape[0]
         ptr = out["x_ab"].data_ptr()
         probs = next(p for y, p in head.painted if y.data_ptr() == ptr)[:n]
@@ -584,6 +588,7 @@ def dis_embed_b(unit, data=None) -> None:
         head.painted.clear()
         return out
     unit.gen.forward = forward
+
 
 class MinibatchStd(nn.Module):
     """ProGAN's minibatch standard deviation (Karras et al. 2018): one more channel holding, for each
@@ -682,6 +687,7 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "pack-b": pack_dis("b"), "pack": pack_dis("ab"), "joint": joint_dis(1.0),
             "cyc-a-hi": cycle_a_extra(200.0),
             "exp-cycle": expected_cycle(10.0), "dis-snap-b": dis_snap_b, "dis-embed-b": dis_embed_b,
+            "dis-embed-b-late": lambda u, d=None: dis_embed_b(u, d, start=600),
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),

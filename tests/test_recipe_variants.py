@@ -46,3 +46,15 @@ def test_dis_embed_b_needs_colour_features_and_a_palette():
         rv.dis_embed_b(UNIT.from_config({**CFG, "dis_colour_octaves": 0}))
     with pytest.raises(SystemExit, match="palette_b=auto"):
         rv.dis_embed_b(UNIT.from_config({**CFG, "palette_b": []}))
+
+
+def test_dis_embed_b_late_judges_as_the_model_until_its_start():
+    torch.manual_seed(0)
+    unit = UNIT.from_config(CFG)
+    x_a, x_b = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    plain = type(unit.dis.dis_b).forward
+    rv.dis_embed_b(unit, start=1)
+    out = unit.gen(x_a, x_b)  # G step 1: before the start
+    assert all(torch.equal(j, m) for j, m in zip(unit.dis.dis_b(out["x_ab"]), plain(unit.dis.dis_b, out["x_ab"])))
+    out = unit.gen(x_a, x_b)  # G step 2: judged by the probabilities
+    assert not torch.allclose(unit.dis.dis_b(out["x_ab"])[0], plain(unit.dis.dis_b, out["x_ab"])[0], atol=1e-4)
