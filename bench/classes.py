@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from launch.release.evaluate import load_pairs, pixel_correct  # noqa: E402
 from launch.release.export import load_translator, translate_uint8  # noqa: E402
 from model.networks import PaletteHead  # noqa: E402
+from pipeline.tensors import to_tensor  # noqa: E402
 from pipeline.demo import (BUILDING, EDGE, FIELD, LAND, MAJOR_ROAD, MAP_COLOURS, PARK, ROAD,  # noqa: E402
                            WATER)
 
@@ -123,8 +124,8 @@ def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8) -> str:
 def probabilities(gen, x: np.ndarray, batch_size: int = 50) -> np.ndarray:
     """[N, H, W, K]: the a2b colour probabilities of uint8 photos `x` [N, H, W, 3] (as the
     translator's eval mode sees them, over its test-time views); sides a multiple of 2 ** n_down."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return torch.cat([gen.colour_probabilities(c, "a2b") for c in t.split(batch_size)]).permute(0, 2, 3, 1).numpy()
+    return torch.cat([gen.colour_probabilities(to_tensor(x[i:i + batch_size]), "a2b")
+                      for i in range(0, len(x), batch_size)]).permute(0, 2, 3, 1).numpy()
 
 
 def probability_table(probs: np.ndarray, colours, truth: np.ndarray, top: int = 8) -> str:
