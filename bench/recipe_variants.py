@@ -532,7 +532,7 @@ def _recording_forward(head, x):
     if not head.training:
         return head.most_probable(logits)
     probs = logits.softmax(1)
-    y = head.paint(probs).permute(0, 3, 1, 2).contiguous()
+    y = head._as_image(head.paint(probs))  # the class's own training path, probabilities kept
     head.painted.append((y, probs))
     return y
 
@@ -575,17 +575,13 @@ def dis_embed_b(unit, data=None, start: int = 0) -> None:
     inner, steps = unit.gen.forward, [0]
 
     def forward(x_a, x_b):
-        head.painted.clear()
         out = inner(x_a, x_b)
-        steps[0] += 1
-        if steps[0] <= start:
-            head.painted.clear()
-            return out
-        n = x_a.shape[0]
-        ptr = out["x_ab"].data_ptr()
-        probs = next(p for y, p in head.painted if y.data_ptr() == ptr)[:n]
-        dis.fake = (out["x_ab"].detach(), probs)
+        painted, steps[0] = list(head.painted), steps[0] + 1
         head.painted.clear()
+        if steps[0] > start:  # x_ab is the first half of the map head's batch [z_a, z_b]
+            ptr = out["x_ab"].data_ptr()
+            probs = next(p for y, p in painted if y.data_ptr() == ptr)[:x_a.shape[0]]
+            dis.fake = (out["x_ab"].detach(), probs)
         return out
     unit.gen.forward = forward
 
