@@ -30,6 +30,9 @@ freshly built UNIT in place. Kept so that docs/quality.md's rows for them can be
   cycle-noise-hi  the same with std 0.1 (13 levels)
   detach-ba, detach-ab  the cycle half sees the photo translations (x_ba) or the map translations
                (x_ab) detached: model.cycle_detach (both) on one side only
+  cycle-chroma-a  back-translation (both sides detached) with the photo translations x_ba read back
+               in 4:2:0 chroma (chroma_420), as JPEG stores the real photos: at 32 px that chroma
+               blurs every colour edge over 2 px, and a2b learns from (x_ba, x_b) pseudo-pairs
   skip-a-none, skip-a-norm, skip-a-highpass  with model.skip=image: only the map decoder sees the
                source image as it is; the aerial decoder sees nothing (none), the source with each
                channel's mean and std removed (norm) or its detail above a 5x5 box blur (highpass).
@@ -250,9 +253,12 @@ def _cycle_forward(g, x_a, x_b):
     mu2 = g.enc_shared(torch.cat([g.enc_a(c_ba), g.enc_b(c_ab)]))
     s_ba, s_ab = g.dec_shared(g.sample(mu2, n)).split(n)
     (mu_a, mu_b), (mu_ba, mu_ab) = mu.split(n), mu2.split(n)
-    return {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-            "x_aba": g._back("a", s_ab, c_ab), "x_bab": g._back("b", s_ba, c_ba),
-            "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+    out = {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
+           "x_aba": g._back("a", s_ab, c_ab), "x_bab": g._back("b", s_ba, c_ba),
+           "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
+    for d in g.expected:
+        out[f"exp_{d}"] = g._expected(d, out)
+    return out
 
 
 def _noise(std):
@@ -273,6 +279,27 @@ def cycle_detach(domains):
         unit.gen.corrupt = lambda x, domain: x.detach() if domain in domains else x
         unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
     return apply
+
+
+def chroma_420(x):
+    """RGB images in [-1, 1] with their chroma halved in resolution as a 4:2:0 JPEG stores it: YCbCr
+    (JFIF), Cb and Cr averaged over 2 x 2 blocks and upsampled bilinearly, back to RGB."""
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb, cr = (b - y) / 1.772, (r - y) / 1.402
+    c = torch.nn.functional.avg_pool2d(torch.stack([cb, cr], 1), 2)
+    cb, cr = torch.nn.functional.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False).unbind(1)
+    r, b = y + 1.402 * cr, y + 1.772 * cb
+    g = (y - 0.299 * r - 0.114 * b) / 0.587
+    return torch.stack([r, g, b], 1).clamp(-1, 1)
+
+
+def cycle_chroma(unit, data=None) -> None:
+    """Back-translation (both cycles detached) with the photo translations x_ba read back in 4:2:0
+    chroma, as the real photos (JPEG) are: the pseudo-pairs (x_ba, x_b) a2b learns from then show
+    the blurred colour edges of its real inputs."""
+    unit.gen.corrupt = lambda x, domain: chroma_420(x.detach()) if domain == "a" else x.detach()
+    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
 
 
 def _snap_through(head, x):
@@ -687,6 +714,6 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
-            "detach-ba": cycle_detach("a"), "detach-ab": cycle_detach("b"),
+            "detach-ba": cycle_detach("a"), "cycle-chroma-a": cycle_chroma, "detach-ab": cycle_detach("b"),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}

@@ -1,5 +1,7 @@
-"""bench/recipe_variants.py's dis-embed-b: the map discriminator judges a translation by its palette
-colours' features weighted by their probabilities, in both steps; real maps as before at full size."""
+"""bench/recipe_variants.py: dis-embed-b (the map discriminator judges a translation by its palette
+colours' features weighted by their probabilities, in both steps; real maps as before at full size)
+and cycle-chroma-a (back-translation reading the photo translations in 4:2:0 chroma, as JPEG stores
+the real photos)."""
 from __future__ import annotations
 
 import sys
@@ -58,3 +60,62 @@ def test_dis_embed_b_late_judges_as_the_model_until_its_start():
     assert all(torch.equal(j, m) for j, m in zip(unit.dis.dis_b(out["x_ab"]), plain(unit.dis.dis_b, out["x_ab"])))
     out = unit.gen(x_a, x_b)  # G step 2: judged by the probabilities
     assert not torch.allclose(unit.dis.dis_b(out["x_ab"])[0], plain(unit.dis.dis_b, out["x_ab"])[0], atol=1e-4)
+
+
+def _rgb(x: torch.Tensor):
+    """([B, H, W] luma, [B, 2, H, W] chroma) of RGB images in [-1, 1] (JFIF YCbCr, unscaled)."""
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return y, torch.stack([(b - y) / 1.772, (r - y) / 1.402], 1)
+
+
+def test_chroma_420_keeps_the_luma_and_halves_the_chroma_resolution():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 0.5 - 0.25  # no channel near the clamp
+    y, c = _rgb(x)
+    y2, c2 = _rgb(rv.chroma_420(x))
+    assert torch.allclose(y2, y, atol=1e-5)
+    assert not torch.allclose(c2, c, atol=1e-2)
+    # the chroma left is that of the 2 x 2 block means: an image whose chroma is flat in every block
+    # keeps it, up to the bilinear upsampling between blocks, which a flat image does not see
+    flat = torch.full((1, 3, 8, 8), 0.1) + torch.tensor([0.2, -0.1, 0.0]).view(1, 3, 1, 1)
+    assert torch.allclose(rv.chroma_420(flat), flat, atol=1e-5)
+
+
+def test_chroma_420_brings_a_rendered_photo_nearer_its_jpeg():
+    """Against PIL's own 4:2:0 JPEG (quality 90, as pipeline.demo stores photos) of demo scenes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.demo import render_scene, scene_seed
+
+    raw = np.stack([render_scene(scene_seed(0, "test", i), 32)[0] for i in range(6)])
+
+    def jpeg(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=90)
+        return np.asarray(Image.open(buf).convert("RGB"), np.float64)
+    stored = np.stack([jpeg(a) for a in raw])
+    t = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 127.5 - 1
+    c = ((rv.chroma_420(t) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert np.abs(c - stored).mean() < 0.8 * np.abs(raw - stored).mean()
+
+
+def test_cycle_chroma_a_reads_back_detached_photo_translations_and_keeps_the_expected_decoder():
+    cfg = {**CFG, "expected": "a"}
+    torch.manual_seed(0)
+    plain, unit = UNIT.from_config(cfg), UNIT.from_config(cfg)
+    unit.load_state_dict(plain.state_dict())
+    x_a, x_b = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    rv.cycle_chroma(unit)
+    torch.manual_seed(1)
+    ref = plain.gen(x_a, x_b)
+    torch.manual_seed(1)
+    out = unit.gen(x_a, x_b)
+    assert set(out) == set(ref)  # exp_a, the expected decoder's output, included
+    assert torch.equal(out["x_ba"], ref["x_ba"]) and torch.equal(out["exp_a"], ref["exp_a"])
+    assert not torch.allclose(out["x_bab"], ref["x_bab"], atol=1e-5)  # read back from other colours
+    out["x_bab"].sum().backward()  # back-translation: nothing reaches the decoder that painted x_ba
+    assert all(p.grad is None for p in unit.gen.dec_a.parameters())
