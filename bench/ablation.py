@@ -12,7 +12,7 @@ each for several seeds, evaluates each export with launch.release.evaluate on th
 (a2b = aerial -> map, the paper's direction) and prints mean ± std pixel accuracy and C2ST
 (launch.release.c2st: held-out accuracy of a classifier telling real target images from translations,
 0.5 = indistinguishable) next to the paper's table and the trivial baselines every model must
-beat: identity, the most frequent target colour, per-channel histogram matching (estimated by
+beat: identity, the best constant colour of the target domain, per-channel histogram matching (estimated by
 the trainer from the training shards into export/baselines.json). Every finished run leaves
 OUT/results/<run>.json; a rerun skips those (same steps), so an interrupted ablation continues
 where it stopped.
@@ -160,7 +160,7 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-BASELINES = {"identity": "identity (input as output)", "constant": "constant (most frequent target colour)",
+BASELINES = {"identity": "identity (input as output)", "constant": "constant (the best constant target colour)",
              "histmatch": "histmatch (per-channel histogram matching)"}
 
 

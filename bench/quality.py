@@ -11,7 +11,7 @@ for the same wall time:
                encode/decode pass, then a G update)
 
 Both translators are scored on the paired test split beside the trivial baselines (identity,
-most frequent target colour, per-channel histogram matching, estimated from the training
+the best constant target colour, per-channel histogram matching, estimated from the training
 shards) with launch.release.evaluate. Tasks:
 
     demo    the embedded aerial -> map corpus (pipeline/demo.py)
