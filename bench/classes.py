@@ -4,9 +4,10 @@ Translates a paired test split's photos with one or more exported translators (a
 `export/` folder) and prints, per map colour of the truth, the share of pixels it holds and each
 translator's accuracy there, with the demo corpus's class names; then, for the first
 translator, which classes it paints there (each painted pixel read as the nearest map colour),
-each class's share of the truth and of the painted pixels, the mean photo colour its b2a
-decoders paint on each map class beside the real photos', and (for a palette translator) its mean
-colour probabilities on each map class with the mixture they paint in training.
+each class's share of the truth and of the painted pixels, its outline pixels split into road
+casings and building outlines, the mean photo colour its b2a decoders paint on each map class
+beside the real photos', and (for a palette translator) its mean colour probabilities on each map
+class with the mixture they paint in training.
 Reading: a class's share times what it misses is what it costs the overall figure.
 
     .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
@@ -82,6 +83,37 @@ def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3)
         got = np.bincount(painted[true == k], minlength=len(PALETTE)) / max(1, (true == k).sum())
         lines.append(f"| {names[k]} | {true_share[k]:.3f} | {painted_share[k]:.3f} | "
                      + ", ".join(f"{names[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown]) + " |")
+    return "\n".join(lines)
+
+
+def beside(mask: np.ndarray) -> np.ndarray:
+    """[N, H, W] bool: pixels with a 4-neighbour in `mask` (outside the image counts as outside it)."""
+    pad = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    return pad[:, :-2, 1:-1] | pad[:, 2:, 1:-1] | pad[:, 1:-1, :-2] | pad[:, 1:-1, 2:]
+
+
+def outline_kinds(pred: np.ndarray, truth: np.ndarray, shown: int = 3) -> str:
+    """The truth's outline pixels (the map's one dark line colour) split by what lies beside them: road
+    casings (beside a white or major road), building outlines (beside a building fill), both, and
+    neither (at 32 px mostly buildings too small to have a fill); per kind its share of all pixels,
+    the accuracy there and what is painted there (nearest map colour)."""
+    def of(k):
+        return (truth == np.array(MAP_COLOURS[k], np.uint8)).all(-1)
+    edge, road, fill = of(EDGE), beside(of(ROAD) | of(MAJOR_ROAD)), beside(of(BUILDING))
+    kinds = {"road casings (beside a road)": edge & road & ~fill,
+             "building outlines (beside a fill)": edge & fill & ~road,
+             "beside a road and a fill": edge & road & fill,
+             "beside neither (buildings without a fill)": edge & ~road & ~fill}
+    ok = pixel_correct(pred, truth)
+    painted = nearest_class(pred).reshape(truth.shape[:-1])
+    lines = ["| outline pixels | share of pixels | accuracy there | painted as (share of its pixels) |",
+             "| --- | --- | --- | --- |"]
+    for name, m in kinds.items():
+        if m.any():
+            got = np.bincount(painted[m], minlength=len(PALETTE)) / m.sum()
+            lines.append(f"| {name} | {m.mean():.3f} | {ok[m].mean():.3f} | "
+                         + ", ".join(f"{PALETTE_NAMES[j]} {got[j]:.2f}" for j in np.argsort(-got)[:shown] if got[j])
+                         + " |")
     return "\n".join(lines)
 
 
@@ -164,6 +196,8 @@ def main(argv=None) -> int:
     first = next(iter(preds))
     print(f"\nwhat {first} paints there:\n")
     print(confusion(preds[first], y, args.top))
+    print(f"\n{first}'s outlines, by what lies beside them:\n")
+    print(outline_kinds(preds[first], y))
     print(f"\nthe mean photo colour {first} paints b2a on each map class (with back-translation, a2b "
           "trains on these photos paired with the maps they came from):\n")
     print(b2a_table(gens[first], x, y, args.top))

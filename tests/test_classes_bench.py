@@ -9,10 +9,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from classes import (GanDecoder, b2a_table, class_table, confusion, photo_colours, probabilities,  # noqa: E402
-                     probability_table)
+from classes import (GanDecoder, b2a_table, beside, class_table, confusion, outline_kinds, photo_colours,  # noqa: E402
+                     probabilities, probability_table)
 from model.unit import UNIT  # noqa: E402
-from pipeline.demo import MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
+from pipeline.demo import BUILDING, EDGE, MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
 
 
 def maps():
@@ -100,3 +100,34 @@ def test_probabilities_are_the_translators_and_sum_to_one():
     with torch.no_grad():
         want = gen.colour_probabilities(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, "a2b")
     assert np.allclose(p, want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_beside_marks_the_four_neighbours_only():
+    m = np.zeros((1, 3, 3), bool)
+    m[0, 1, 1] = True
+    want = np.zeros((1, 3, 3), bool)
+    want[0, 0, 1] = want[0, 2, 1] = want[0, 1, 0] = want[0, 1, 2] = True
+    assert np.array_equal(beside(m), want)
+
+
+def test_outline_kinds_tells_road_casings_from_building_outlines():
+    """One 5 x 6 map: a white road (row 0) with its casing (row 1); a 3 x 3 building (rows 2-4,
+    columns 0-2) with one fill pixel; a lone outline pixel (row 4, column 5)."""
+    y = np.empty((1, 5, 6, 3), np.uint8)
+    y[:] = MAP_COLOURS[LAND]
+    y[0, 0, :] = MAP_COLOURS[ROAD]
+    y[0, 1, :] = MAP_COLOURS[EDGE]
+    y[0, 2:5, 0:3] = MAP_COLOURS[EDGE]
+    y[0, 3, 1] = MAP_COLOURS[BUILDING]
+    y[0, 4, 5] = MAP_COLOURS[EDGE]
+    pred = y.copy()
+    pred[0, 2:5, 0:3] = MAP_COLOURS[LAND]  # the building painted as land
+    rows = {r.split(" | ")[0].strip("| "): r for r in outline_kinds(pred, y).splitlines()[2:]}
+    # the 6 casing pixels touch the road; the ring's top row, below them, touches no road
+    assert rows["road casings (beside a road)"] == "| road casings (beside a road) | 0.200 | 1.000 | outlines 1.00 |"
+    # the fill's 4-neighbours in the ring: (2, 1), (4, 1), (3, 0), (3, 2), all painted land
+    assert rows["building outlines (beside a fill)"] == "| building outlines (beside a fill) | 0.133 | 0.000 | land 1.00 |"
+    # the ring's 4 corners and the lone pixel: 1 of 5 right
+    assert rows["beside neither (buildings without a fill)"].startswith(
+        "| beside neither (buildings without a fill) | 0.167 | 0.200 | land 0.80, outlines 0.20")
+    assert "beside a road and a fill" not in rows  # no such pixel: no row
