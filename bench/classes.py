@@ -86,6 +86,11 @@ def confusion(pred: np.ndarray, truth: np.ndarray, top: int = 8, shown: int = 3)
     return "\n".join(lines)
 
 
+def class_mask(maps: np.ndarray, k: int) -> np.ndarray:
+    """[..., H, W] bool: the pixels of uint8 maps [..., H, W, 3] in map colour k (pipeline.demo's ids)."""
+    return (maps == np.array(MAP_COLOURS[k], np.uint8)).all(-1)
+
+
 def beside(mask: np.ndarray) -> np.ndarray:
     """[N, H, W] bool: pixels with a 4-neighbour in `mask` (outside the image counts as outside it)."""
     pad = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
@@ -98,7 +103,7 @@ def outline_kinds(pred: np.ndarray, truth: np.ndarray, shown: int = 3) -> str:
     neither (at 32 px mostly buildings too small to have a fill); per kind its share of all pixels,
     the accuracy there and what is painted there (nearest map colour)."""
     def of(k):
-        return (truth == np.array(MAP_COLOURS[k], np.uint8)).all(-1)
+        return class_mask(truth, k)
     edge, road, fill = of(EDGE), beside(of(ROAD) | of(MAJOR_ROAD)), beside(of(BUILDING))
     kinds = {"road casings (beside a road)": edge & road & ~fill,
              "building outlines (beside a fill)": edge & fill & ~road,

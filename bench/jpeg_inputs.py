@@ -23,10 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from classes import beside, class_mask  # noqa: E402
 from launch.release.evaluate import load_pairs, pixel_correct  # noqa: E402
-from pipeline.demo import MAP_COLOURS, PARK, WATER, render_scene, scene_seed  # noqa: E402
-
-QUALITY = 90  # pipeline.demo.encode_aerial's
+from pipeline.demo import PARK, WATER, encode_aerial, render_scene, scene_seed  # noqa: E402
 
 
 def rerender(stems: list[str], truth: np.ndarray, seed: int) -> np.ndarray:
@@ -46,28 +45,21 @@ def rerender(stems: list[str], truth: np.ndarray, seed: int) -> np.ndarray:
 
 
 def jpeg(photos: np.ndarray, subsampling: int) -> np.ndarray:
-    """`photos` through Pillow's JPEG at QUALITY and back (subsampling 0: 4:4:4, 2: 4:2:0)."""
+    """`photos` through the demo's own JPEG encoding (pipeline.demo.encode_aerial) and back;
+    subsampling 0: full chroma (4:4:4), -1: Pillow's default, 4:2:0, as the corpus stores them."""
     from PIL import Image
 
-    out = []
-    for p in photos:
-        buf = io.BytesIO()
-        Image.fromarray(p).save(buf, format="JPEG", quality=QUALITY, subsampling=subsampling)
-        out.append(np.asarray(Image.open(buf).convert("RGB")))
-    return np.stack(out)
+    return np.stack([np.asarray(Image.open(io.BytesIO(encode_aerial(p, subsampling))).convert("RGB")) for p in photos])
 
 
 def region_edges(truth: np.ndarray) -> np.ndarray:
-    """[N, H, W] bool: park and water pixels with a 4-neighbour of another colour in the truth maps."""
-    area = np.zeros(truth.shape[:3], bool)
+    """[N, H, W] bool: park and water pixels with a 4-neighbour of another colour in the truth maps
+    (the image's border is no colour)."""
+    edges = np.zeros(truth.shape[:3], bool)
     for k in (PARK, WATER):
-        area |= (truth == np.array(MAP_COLOURS[k], np.uint8)).all(-1)
-    pad = np.pad(truth, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    h, w = truth.shape[1:3]
-    differs = np.zeros_like(area)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        differs |= (pad[:, dy:dy + h, dx:dx + w] != truth).any(-1)
-    return area & differs
+        m = class_mask(truth, k)
+        edges |= m & beside(~m)
+    return edges
 
 
 def table(translate, views: dict[str, np.ndarray], truth: np.ndarray) -> str:

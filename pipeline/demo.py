@@ -186,9 +186,13 @@ def _texture(aerial: np.ndarray, label: np.ndarray, rng) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def encode_aerial(rgb: np.ndarray) -> bytes:
+AERIAL_QUALITY = 90  # JPEG quality of the photos; Pillow's default chroma subsampling (4:2:0)
+
+
+def encode_aerial(rgb: np.ndarray, subsampling: int = -1) -> bytes:
+    """JPEG bytes of a photo (subsampling as Pillow's: -1 its default, 4:2:0; 0 full chroma, 4:4:4)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=AERIAL_QUALITY, subsampling=subsampling)
     return buf.getvalue()
 
 

@@ -83,21 +83,16 @@ def test_chroma_420_keeps_the_luma_and_halves_the_chroma_resolution():
 
 
 def test_chroma_420_brings_a_rendered_photo_nearer_its_jpeg():
-    """Against PIL's own 4:2:0 JPEG (quality 90, as pipeline.demo stores photos) of demo scenes."""
+    """Against the demo corpus's own JPEG of its photos (pipeline.demo.encode_aerial: 4:2:0)."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from pipeline.demo import render_scene, scene_seed
+    from pipeline.demo import encode_aerial, render_scene, scene_seed
 
     raw = np.stack([render_scene(scene_seed(0, "test", i), 32)[0] for i in range(6)])
-
-    def jpeg(a):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="JPEG", quality=90)
-        return np.asarray(Image.open(buf).convert("RGB"), np.float64)
-    stored = np.stack([jpeg(a) for a in raw])
+    stored = np.stack([np.asarray(Image.open(io.BytesIO(encode_aerial(a))).convert("RGB"), np.float64) for a in raw])
     t = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 127.5 - 1
     c = ((rv.chroma_420(t) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     assert np.abs(c - stored).mean() < 0.8 * np.abs(raw - stored).mean()
