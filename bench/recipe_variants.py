@@ -241,24 +241,10 @@ def palette_st(unit, data=None) -> None:
     head.forward = types.MethodType(_hard_forward, head)
 
 
-def _cycle_forward(g, x_a, x_b):
-    """UNITGenerator.forward with g.corrupt applied to both translations before the cycle."""
-    n = x_a.shape[0]
-    mu = g.enc_shared(torch.cat([g.enc_a(x_a), g.enc_b(x_b)]))
-    s = g.dec_shared(g.sample(mu, n))
-    src = torch.cat([x_a, x_b]) if g.skip else None
-    x_aa, x_ba = g._back("a", s, src).split(n)
-    x_ab, x_bb = g._back("b", s, src).split(n)
-    c_ba, c_ab = g.corrupt(x_ba, "a"), g.corrupt(x_ab, "b")
-    mu2 = g.enc_shared(torch.cat([g.enc_a(c_ba), g.enc_b(c_ab)]))
-    s_ba, s_ab = g.dec_shared(g.sample(mu2, n)).split(n)
-    (mu_a, mu_b), (mu_ba, mu_ab) = mu.split(n), mu2.split(n)
-    out = {"x_aa": x_aa, "x_bb": x_bb, "x_ab": x_ab, "x_ba": x_ba,
-           "x_aba": g._back("a", s_ab, c_ab), "x_bab": g._back("b", s_ba, c_ba),
-           "mu_a": mu_a, "mu_b": mu_b, "mu_ab": mu_ab, "mu_ba": mu_ba}
-    for d in g.expected:
-        out[f"exp_{d}"] = g._expected(d, out)
-    return out
+def _read_back(unit, corrupt) -> None:
+    """The cycle half of the generator's pass re-encodes corrupt(x_ba, "a") and corrupt(x_ab, "b")
+    (UNITGenerator.cycle_sources), in place of model.cycle_detach's choice."""
+    unit.gen.cycle_sources = lambda x_ba, x_ab: (corrupt(x_ba, "a"), corrupt(x_ab, "b"))
 
 
 def _noise(std):
@@ -268,16 +254,14 @@ def _noise(std):
 
 
 def cycle_noise(unit, data=None, std=0.05) -> None:
-    unit.gen.corrupt = _noise(std)
-    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+    _read_back(unit, _noise(std))
 
 
 def cycle_detach(domains):
     """model.cycle_detach (back-translation) for the listed domains' translations only (x_ba for
     "a", x_ab for "b")."""
     def apply(unit, data=None) -> None:
-        unit.gen.corrupt = lambda x, domain: x.detach() if domain in domains else x
-        unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+        _read_back(unit, lambda x, domain: x.detach() if domain in domains else x)
     return apply
 
 
@@ -298,8 +282,7 @@ def cycle_chroma(unit, data=None) -> None:
     """Back-translation (both cycles detached) with the photo translations x_ba read back in 4:2:0
     chroma, as the real photos (JPEG) are: the pseudo-pairs (x_ba, x_b) a2b learns from then show
     the blurred colour edges of its real inputs."""
-    unit.gen.corrupt = lambda x, domain: chroma_420(x.detach()) if domain == "a" else x.detach()
-    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+    _read_back(unit, lambda x, domain: chroma_420(x.detach()) if domain == "a" else x.detach())
 
 
 def _snap_through(head, x):
@@ -312,8 +295,7 @@ def cycle_hard(unit, data=None) -> None:
 
     def corrupt(x, domain):
         return _snap_through(head, x) if domain == "b" else x
-    unit.gen.corrupt = corrupt
-    unit.gen.forward = types.MethodType(_cycle_forward, unit.gen)
+    _read_back(unit, corrupt)
 
 
 def _source(kind, domain):

@@ -273,10 +273,7 @@ class UNITGenerator(nn.Module):
         src = torch.cat([x_a, x_b]) if self.skip else None  # the image each z came from
         x_aa, x_ba = self._back("a", s, src).split(n)
         x_ab, x_bb = self._back("b", s, src).split(n)
-        # Back-translation (cycle_detach): the cycle then trains the generator that translates
-        # back on pseudo-pairs (x_ba, x_b) and (x_ab, x_a) and gives the one that translated no
-        # gradient, so that one cannot bend its translations to be easy to read back
-        c_ba, c_ab = (x_ba.detach(), x_ab.detach()) if self.cycle_detach else (x_ba, x_ab)
+        c_ba, c_ab = self.cycle_sources(x_ba, x_ab)
         # re-encode the translations: x_ba is an "a" image, x_ab a "b" image
         mu2 = self.enc_shared(torch.cat([self.enc_a(c_ba), self.enc_b(c_ab)]))
         s2 = self.dec_shared(self.sample(mu2, n))
@@ -289,6 +286,14 @@ class UNITGenerator(nn.Module):
         for d in self.expected:
             out[f"exp_{d}"] = self._expected(d, out)
         return out
+
+    def cycle_sources(self, x_ba: torch.Tensor, x_ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The translations the cycle half of forward() re-encodes and translates back.
+
+        Back-translation (cycle_detach): detached, so that the cycle trains the generator that
+        translates back on pseudo-pairs (x_ba, x_b) and (x_ab, x_a) and gives the one that
+        translated no gradient; that one cannot bend its translations to be easy to read back."""
+        return (x_ba.detach(), x_ab.detach()) if self.cycle_detach else (x_ba, x_ab)
 
     def _expected(self, domain: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The expected decoder of `domain` on a pseudo-pair: it repaints the real image x_d from its
