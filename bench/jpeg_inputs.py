@@ -6,8 +6,9 @@ over 2 px, while the maps are exact PNGs. This bench renders the paired test sce
 their seeds (pipeline.demo.render_scene; the maps must equal the stored truth, or it stops) and
 scores an exported translator on three versions of the same photos: as stored, JPEG with full
 chroma (4:4:4, the same quality) and not compressed. Beside the overall a2b accuracy it prints the
-accuracy on the edge pixels of parks and water (those with a neighbour of another class), where a
-translator that reads a blurred colour edge as a road casing paints an outline.
+accuracy on the edge pixels of parks and water (those with a neighbour of another class) and the
+share of them painted in the outline colour: a translator that reads a blurred colour edge as a
+road casing paints an outline there.
 
     .venv/bin/python bench/jpeg_inputs.py EXPORT [--test-a data/demo/testA] [--test-b data/demo/testB] [--seed 0]
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from classes import beside, class_mask  # noqa: E402
 from launch.release.evaluate import load_pairs, pixel_correct  # noqa: E402
-from pipeline.demo import PARK, WATER, encode_aerial, render_scene, scene_seed  # noqa: E402
+from pipeline.demo import EDGE, PARK, WATER, encode_aerial, render_scene, scene_seed  # noqa: E402
 
 
 def rerender(stems: list[str], truth: np.ndarray, seed: int) -> np.ndarray:
@@ -63,12 +64,15 @@ def region_edges(truth: np.ndarray) -> np.ndarray:
 
 
 def table(translate, views: dict[str, np.ndarray], truth: np.ndarray) -> str:
-    """One row per version of the photos: a2b accuracy overall and on region_edges."""
+    """One row per version of the photos: a2b accuracy overall and on region_edges, and the share of
+    region_edges painted in the outline colour."""
     edges = region_edges(truth)
-    lines = ["| test photos | a2b pixel acc | parks and water, edge pixels |", "| --- | --- | --- |"]
+    lines = ["| test photos | a2b pixel acc | parks and water, edge pixels: right | painted as outline |",
+             "| --- | --- | --- | --- |"]
     for name, x in views.items():
-        ok = pixel_correct(translate(x), truth)
-        lines.append(f"| {name} | {ok.mean():.4f} | {ok[edges].mean():.3f} |")
+        pred = translate(x)
+        ok = pixel_correct(pred, truth)
+        lines.append(f"| {name} | {ok.mean():.4f} | {ok[edges].mean():.3f} | {class_mask(pred, EDGE)[edges].mean():.3f} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from jpeg_inputs import jpeg, region_edges, rerender, table  # noqa: E402
 from launch.release.evaluate import load_pairs  # noqa: E402
-from pipeline.demo import LAND, MAP_COLOURS, PARK, write_corpus  # noqa: E402
+from pipeline.demo import EDGE, LAND, MAP_COLOURS, PARK, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,10 @@ def test_table_scores_each_version_overall_and_on_the_edges():
     y[0, :3, :3] = MAP_COLOURS[PARK]
     land = np.full_like(y, 0)
     land[:] = MAP_COLOURS[LAND]
-    views = {"right": np.zeros_like(y), "all land": np.ones_like(y)}
-    rows = table(lambda x: y if x.max() == 0 else land, views, y).splitlines()
-    assert rows[2] == "| right | 1.0000 | 1.000 |"
-    assert rows[3] == "| all land | 0.4375 | 0.000 |"  # 7 land pixels of 16; no park edge right
+    ringed = y.copy()
+    ringed[0, 2, :3] = MAP_COLOURS[EDGE]  # 3 of the park's 5 edge pixels painted as outline
+    views = {"right": np.zeros_like(y), "all land": np.ones_like(y), "ringed": np.full_like(y, 2)}
+    rows = table(lambda x: {0: y, 1: land, 2: ringed}[int(x.max())], views, y).splitlines()
+    assert rows[2] == "| right | 1.0000 | 1.000 | 0.000 |"
+    assert rows[3] == "| all land | 0.4375 | 0.000 | 0.000 |"  # 7 land pixels of 16; no park edge right
+    assert rows[4] == "| ringed | 0.8125 | 0.400 | 0.600 |"
