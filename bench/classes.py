@@ -6,8 +6,9 @@ translator's accuracy there, with the demo corpus's class names; then, for the f
 translator, which classes it paints there (each painted pixel read as the nearest map colour),
 each class's share of the truth and of the painted pixels, its outline pixels split into road
 casings and building outlines, the mean photo colour its b2a decoders paint on each map class
-beside the real photos', and (for a palette translator) its mean colour probabilities on each map
-class with the mixture they paint in training.
+beside the real photos', its a2b accuracy on real photos beside that on its own photo
+translations of the truth maps, and (for a palette translator) its mean colour probabilities on
+each map class with the mixture they paint in training.
 Reading: a class's share times what it misses is what it costs the overall figure.
 
     .venv/bin/python bench/classes.py EXPORT [EXPORT ...] --test-a DIR --test-b DIR [--top 8]
@@ -186,6 +187,19 @@ def probability_table(probs: np.ndarray, colours, truth: np.ndarray, top: int = 
     return "\n".join(lines)
 
 
+def read_back_table(gen, x: np.ndarray, y: np.ndarray) -> str:
+    """a2b's accuracy on the real photos `x` beside its accuracy on the photos its own decoders paint
+    from the truth maps `y` (the GAN decoder's are what back-translation trains a2b on): a gap says
+    a2b reads its decoders' photos, not real ones."""
+    photos = {"the real photos": x, "the GAN decoder's photos of the truth maps": translate_uint8(GanDecoder(gen), y, "b2a")}
+    if "a" in getattr(gen, "expected", ""):
+        photos["the expected decoder's photos of the truth maps"] = translate_uint8(gen, y, "b2a")
+    lines = ["| a2b translates | pixel acc |", "| --- | --- |"]
+    for name, p in photos.items():
+        lines.append(f"| {name} | {pixel_correct(translate_uint8(gen, p, 'a2b'), y).mean():.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("exports", nargs="+", help="exported translators (a run's export/ folder)")
@@ -206,6 +220,8 @@ def main(argv=None) -> int:
     print(f"\nthe mean photo colour {first} paints b2a on each map class (with back-translation, a2b "
           "trains on these photos paired with the maps they came from):\n")
     print(b2a_table(gens[first], x, y, args.top))
+    print(f"\n{first}'s a2b on real photos and on its own photo translations of the same maps:\n")
+    print(read_back_table(gens[first], x, y))
     head = gens[first].head("b")
     if isinstance(head, PaletteHead):  # its probabilities show what it stopped painting
         print(f"\nthe mean a2b colour probabilities of {first} on each map class, and the mixture they paint:\n")

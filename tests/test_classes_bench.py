@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from classes import (GanDecoder, b2a_table, beside, class_table, confusion, outline_kinds, photo_colours,  # noqa: E402
-                     probabilities, probability_table)
+                     probabilities, probability_table, read_back_table)
 from model.unit import UNIT  # noqa: E402
 from pipeline.demo import BUILDING, EDGE, MAJOR_ROAD, LAND, MAP_COLOURS, ROAD  # noqa: E402
 
@@ -131,3 +131,36 @@ def test_outline_kinds_tells_road_casings_from_building_outlines():
     assert rows["beside neither (buildings without a fill)"].startswith(
         "| beside neither (buildings without a fill) | 0.167 | 0.200 | land 0.80, outlines 0.20")
     assert "beside a road and a fill" not in rows  # no such pixel: no row
+
+
+class MarkedDecoders(torch.nn.Module):
+    """A translator whose b2a photos are flat marks (-1 from the GAN decoder, 0 from the expected
+    one) and whose a2b paints the map `truth` from the GAN decoder's mark, land from the expected
+    decoder's, white from anything else (the real photos)."""
+
+    expected = "a"
+
+    def __init__(self, truth: np.ndarray):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.truth = torch.from_numpy(truth).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def translate(self, x, direction, decoder="auto"):
+        if direction == "b2a":
+            return torch.full_like(x, -1.0 if decoder == "gan" else 0.0)
+        if (x == -1).all():
+            return self.truth[:len(x)]
+        land = torch.tensor(MAP_COLOURS[LAND]).float().view(1, 3, 1, 1) / 127.5 - 1
+        return land.expand_as(x).clone() if (x.abs() < 0.01).all() else torch.ones_like(x)  # 0 after uint8
+
+
+def test_read_back_table_scores_a2b_on_real_photos_and_on_the_decoders_photos_of_the_truth():
+    y = maps()  # 12 land pixels of 16
+    rows = read_back_table(MarkedDecoders(y), np.full_like(y, 90), y).splitlines()
+    assert rows[0] == "| a2b translates | pixel acc |"
+    assert rows[2] == "| the real photos | 0.0625 |"  # all white: right on the one white-road pixel
+    assert rows[3] == "| the GAN decoder's photos of the truth maps | 1.0000 |"
+    assert rows[4] == "| the expected decoder's photos of the truth maps | 0.7500 |"
+    plain = MarkedDecoders(y)
+    plain.expected = ""
+    assert len(read_back_table(plain, np.full_like(y, 90), y).splitlines()) == 4  # no expected decoder: no row
