@@ -35,7 +35,9 @@ SHARD_ARGS  ?=
 # make train
 CONFIG      ?= configs/demo.yaml
 NGPUS       ?= 2
-DS_ARGS     ?= --num_gpus $(NGPUS) --log_level warning
+# the launcher's rendezvous port; two trainings at once on one host need two ports
+MASTER_PORT ?= 29500
+DS_ARGS     ?= --num_gpus $(NGPUS) --master_port $(MASTER_PORT) --log_level warning
 ARGS        ?=
 
 # make test: pytest-xdist workers, each running one test file at a time. A launch is mostly
@@ -79,7 +81,7 @@ verify: $(STAMP)
 
 # Validate the config before any rank starts, then hand over to the DeepSpeed launcher.
 train: $(STAMP)
-	$(PY) -m launch.config "$(CONFIG)" $(ARGS) > /dev/null
+	$(PY) -m launch.config "$(CONFIG)" --master-port $(MASTER_PORT) $(ARGS) > /dev/null
 	$(VENV_PATH) $(VENV)/bin/deepspeed $(DS_ARGS) launch/train.py --config "$(CONFIG)" $(ARGS)
 
 demo: $(STAMP)

@@ -961,6 +961,21 @@ def check(cfg: Config, ds_path: str | None = None, world: int | None = None) -> 
                             world=world)
 
 
+def port_in_use(port: int) -> str:
+    """"" when this host can listen on TCP `port` (all interfaces, as the launcher's rendezvous store
+    does, address reuse allowed as it allows it), else why not."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+            s.listen(1)
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -970,6 +985,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,  # both spellings, as launch/train.py
                     help="DeepSpeed JSON to check against the YAML")
     ap.add_argument("--resume", default=None, help="auto | never | a checkpoint directory (as launch/train.py takes it)")
+    ap.add_argument("--master-port", type=int, default=None,
+                    help="also check that this host can listen on this port, the launcher's --master_port "
+                         "(make train passes MASTER_PORT): a second training on the same port fails in every rank")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = ap.parse_intermixed_args(argv)  # overrides on both sides of --deepspeed_config
     try:
@@ -983,6 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
         busy = run_lock_holder(cfg.run_dir)
         if busy:
             raise ConfigError(busy)
+        why = port_in_use(args.master_port) if args.master_port is not None else ""
+        if why:
+            raise ConfigError(f"port {args.master_port} ({why}): another training on this host holds it? "
+                              "Launch on a free port: make train MASTER_PORT=N, or deepspeed --master_port N")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,28 @@ def test_cli_checks_deepspeed_json(tmp_path):
     assert r.returncode == 2 and "eval.fid_features" in r.stderr and "no such file" in r.stderr
 
 
+def test_cli_refuses_a_master_port_another_process_listens_on(tmp_path):
+    """make train passes MASTER_PORT: a second training on a busy port is refused before any rank
+    starts, where each rank would fail on its own with EADDRINUSE."""
+    import socket
+
+    good = tmp_path / "c.yaml"
+    good.write_text(f"data: {{shards: {tmp_path}, image_size: 32, batch_size: 4}}\n")
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [
+        {"url": f"{d}/{d}-000000.tar", "domain": d, "nsamples": 1} for d in ("a", "b")]}))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "launch.config", str(good), "--master-port", str(port)],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and f"port {port}" in r.stderr and "MASTER_PORT" in r.stderr, r.stderr
+    # the same port once it is let go
+    r = subprocess.run([sys.executable, "-m", "launch.config", str(good), "--master-port", str(port)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("override, named, allowed", [
     ("train.max_steps=true", "train.max_steps = True", "must be an integer >= 1, not true/false"),
     ("train.ckpt_every=false", "train.ckpt_every = False", "must be an integer >= 1"),
