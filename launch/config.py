@@ -962,8 +962,8 @@ def check(cfg: Config, ds_path: str | None = None, world: int | None = None) -> 
 
 
 def port_in_use(port: int) -> str:
-    """"" when this host can listen on TCP `port` (all interfaces, as the launcher's rendezvous store
-    does, address reuse allowed as it allows it), else why not."""
+    """Why this host cannot listen on TCP `port` (all interfaces, as the launcher's rendezvous store
+    does, address reuse allowed as it allows it); an empty string when it can."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
