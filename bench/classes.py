@@ -148,14 +148,20 @@ class GanDecoder(torch.nn.Module):
         return self.gen.translate(x, direction, decoder="gan")
 
 
-def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8) -> str:
-    """What the photo decoders paint for each map class of the paired maps `y`, beside the real
-    photos `x`: the GAN decoder (the one training pits against D_a) and, where the model has one,
-    the expected decoder that b2a translations come from."""
-    photos = {"real photo": x, "GAN decoder": translate_uint8(GanDecoder(gen), y, "b2a")}
+def decoder_photos(gen, y: np.ndarray) -> dict[str, np.ndarray]:
+    """The photos `gen`'s decoders paint from the maps `y`: the GAN decoder's (the one training
+    pits against D_a, and back-translation's pseudo-photos) and, where the model has one, the
+    expected decoder's, which b2a translations come from."""
+    photos = {"GAN decoder": translate_uint8(GanDecoder(gen), y, "b2a")}
     if "a" in getattr(gen, "expected", ""):
         photos["expected decoder"] = translate_uint8(gen, y, "b2a")
-    return photo_colours(y, photos, top)
+    return photos
+
+
+def b2a_table(gen, x: np.ndarray, y: np.ndarray, top: int = 8, painted: dict | None = None) -> str:
+    """What the photo decoders paint for each map class of the paired maps `y` (decoder_photos, or
+    `painted` when already made), beside the real photos `x`."""
+    return photo_colours(y, {"real photo": x, **(painted or decoder_photos(gen, y))}, top)
 
 
 @torch.no_grad()
@@ -187,13 +193,12 @@ def probability_table(probs: np.ndarray, colours, truth: np.ndarray, top: int = 
     return "\n".join(lines)
 
 
-def read_back_table(gen, x: np.ndarray, y: np.ndarray) -> str:
+def read_back_table(gen, x: np.ndarray, y: np.ndarray, painted: dict | None = None) -> str:
     """a2b's accuracy on the real photos `x` beside its accuracy on the photos its own decoders paint
-    from the truth maps `y` (the GAN decoder's are what back-translation trains a2b on): a gap says
-    a2b reads its decoders' photos, not real ones."""
-    photos = {"the real photos": x, "the GAN decoder's photos of the truth maps": translate_uint8(GanDecoder(gen), y, "b2a")}
-    if "a" in getattr(gen, "expected", ""):
-        photos["the expected decoder's photos of the truth maps"] = translate_uint8(gen, y, "b2a")
+    from the truth maps `y` (decoder_photos, or `painted` when already made; the GAN decoder's are
+    what back-translation trains a2b on): a gap says a2b reads its decoders' photos, not real ones."""
+    photos = {"the real photos": x, **{f"the {name}'s photos of the truth maps": p
+                                       for name, p in (painted or decoder_photos(gen, y)).items()}}
     lines = ["| a2b translates | pixel acc |", "| --- | --- |"]
     for name, p in photos.items():
         lines.append(f"| {name} | {pixel_correct(translate_uint8(gen, p, 'a2b'), y).mean():.4f} |")
@@ -219,9 +224,10 @@ def main(argv=None) -> int:
     print(outline_kinds(preds[first], y))
     print(f"\nthe mean photo colour {first} paints b2a on each map class (with back-translation, a2b "
           "trains on these photos paired with the maps they came from):\n")
-    print(b2a_table(gens[first], x, y, args.top))
+    painted = decoder_photos(gens[first], y)  # both tables read the same translations
+    print(b2a_table(gens[first], x, y, args.top, painted))
     print(f"\n{first}'s a2b on real photos and on its own photo translations of the same maps:\n")
-    print(read_back_table(gens[first], x, y))
+    print(read_back_table(gens[first], x, y, painted))
     head = gens[first].head("b")
     if isinstance(head, PaletteHead):  # its probabilities show what it stopped painting
         print(f"\nthe mean a2b colour probabilities of {first} on each map class, and the mixture they paint:\n")
