@@ -51,6 +51,29 @@ freshly built UNIT in place. Kept so that docs/quality.md's rows for them can be
                weight 100, 0 until step 300, then rising to 100 at step 600
   tanh-snap    without model.palette_b: the tanh map head in training, the nearest of the maps'
                frequent colours at eval (no softmax whose unused colours stop getting gradient)
+  bt-exp-a, bt-exp-a-half  with model.expected=a and back-translation: from step 300, a2b's
+               pseudo-pairs take the photo the expected decoder paints from the real map (all of
+               the batch; half: its first half, the rest the GAN decoder's photos), not the GAN
+               decoder's photo: the expected decoder learns to repaint real photos, so its photos
+               are nearer a2b's real inputs (the GAN decoder's are told from them at C2ST 0.99)
+  bt-recolour-a, bt-recolour-a-hi  with model.palette_b and back-translation: the photo
+               translations a2b's pseudo-pairs read are recoloured per map class (each class of the
+               real map x_b, each image, its own random RGB offset, std 0.1, hi: 0.2, of [-1, 1]):
+               a2b must read a class from its shape and surroundings, not from the one colour the
+               GAN decoder paints it (domain randomisation against the decoder's dialect);
+               bt-recolour-a-lo: std 0.05; bt-recolour-a-building: std 0.25, on the demo maps'
+               building fill only (a diagnosis: real roofs come in five colours, the GAN decoder
+               paints one dark one)
+  bt-ce-b, bt-ce-b-hi  with model.palette_b and back-translation: an extra generator loss, 1 (hi:
+               10) x the cross-entropy of the map head's logits for x_bab against each real map
+               pixel's palette colour: the b cycle's L1 on the mixture cannot tell a building
+               (214, 200, 190) from 2/3 land + 1/3 outline (about (214, 208, 201)); a classifier's
+               loss can
+  self-train, self-train-hi  with model.palette_b: from step 300 an extra generator loss, 30
+               (hi: 100) x L1 between the map translation of each real photo and a teacher's map of
+               it (the generator's own EMA, decay 0.995, in eval mode: the most probable colours
+               over model.tta's views): mean-teacher self-training on the real photos, which a2b
+               otherwise learns from only through the GAN decoder's photos (back-translation)
   cycle-hard   with model.palette_b: the cycle half sees the map translation in its nearest
                palette colours (straight-through gradient); the losses on x_ab itself see the mixture
   texture-a    the photo translations the aerial discriminator sees in training are x_ba + T, T a
@@ -90,6 +113,7 @@ freshly built UNIT in place. Kept so that docs/quality.md's rows for them can be
 """
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -283,6 +307,105 @@ def cycle_chroma(unit, data=None) -> None:
     chroma, as the real photos (JPEG) are: the pseudo-pairs (x_ba, x_b) a2b learns from then show
     the blurred colour edges of its real inputs."""
     _read_back(unit, lambda x, domain: chroma_420(x.detach()) if domain == "a" else x.detach())
+
+
+def expected_back_translation(share: float, start: int = 300):
+    """Back-translation whose photos for a2b come, for the first `share` of each batch, from the
+    expected decoder painting the real map x_b (no noise, no gradient), from step `start + 1`."""
+    def apply(unit, data=None) -> None:
+        gen = unit.gen
+        if "a" not in gen.expected or not gen.skip:
+            raise SystemExit("--variant bt-exp-a needs model.expected=a and model.skip=image")
+        seen, step, forward = {}, [0], gen.forward
+
+        def remember(x_a, x_b):
+            seen["x_b"] = x_b
+            step[0] += 1
+            return forward(x_a, x_b)
+
+        def corrupt(x, domain):
+            x = x.detach()
+            if domain != "a" or step[0] <= start:
+                return x
+            k = round(share * len(x))
+            x_b = seen["x_b"][:k]
+            with torch.no_grad():
+                y = gen._back("a", gen.dec_shared(gen.encode(x_b, "b")), x_b, "exp")
+            return torch.cat([y.contiguous(), x[k:].contiguous()])
+        gen.forward = remember
+        _read_back(unit, corrupt)
+    return apply
+
+
+def recoloured_back_translation(std: float, only=None):
+    """Back-translation whose photos for a2b get a random colour offset per image and map class
+    (`only`: that map colour's class alone)."""
+    def apply(unit, data=None) -> None:
+        gen, head = unit.gen, _palette_head(unit, "bt-recolour-a")
+        keep = torch.ones(len(head.colours), 1)
+        if only is not None:
+            keep = (torch.cdist(torch.tensor([only], dtype=torch.float32) / 127.5 - 1, head.colours)[0] < 1e-3).float()[:, None]
+        seen, forward = {}, gen.forward
+
+        def remember(x_a, x_b):
+            seen["x_b"] = x_b
+            return forward(x_a, x_b)
+
+        def corrupt(x, domain):
+            x = x.detach()
+            if domain != "a":
+                return x
+            cls = torch.cdist(seen["x_b"].permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
+            offsets = std * torch.randn(len(x), len(head.colours), x.shape[1]) * keep  # [B, K, C]
+            shift = torch.gather(offsets, 1, cls.unsqueeze(-1).expand(-1, -1, x.shape[1]))  # [B, HW, C]
+            return (x + shift.transpose(1, 2).reshape(x.shape)).clamp(-1, 1)
+        gen.forward = remember
+        _read_back(unit, corrupt)
+    return apply
+
+
+def cycle_cross_entropy(weight: float):
+    """weight x CE(map head logits of x_bab, the palette index of each pixel of x_b)."""
+    def apply(unit, data=None) -> None:
+        gen, head = unit.gen, _palette_head(unit, "bt-ce-b")
+        seen, forward = [], gen.forward
+
+        def remember(x_a, x_b):
+            seen.clear()
+            return forward(x_a, x_b)
+        head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+
+        def extra_loss(out, x_a, x_b):
+            logits = head.logits(seen[-1])  # the last map painted in the pass: x_bab
+            target = torch.cdist(x_b.permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
+            return weight * nn.functional.cross_entropy(logits.flatten(2), target)
+        gen.forward = remember
+        gen.extra_loss = extra_loss
+    return apply
+
+
+def self_training(weight: float, start: int = 300, decay: float = 0.995):
+    """A teacher (an EMA of the generator, updated here each step) paints the real photos' maps
+    in eval mode; the student's map translation x_ab is pulled to them by L1 from step `start + 1`."""
+    def apply(unit, data=None) -> None:
+        gen = unit.gen
+        _palette_head(unit, "self-train")
+        teacher = copy.deepcopy(gen).eval().requires_grad_(False)
+        step = [0]
+
+        def extra_loss(out, x_a, x_b):
+            step[0] += 1
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), gen.parameters()):
+                    t.lerp_(s, 1 - decay)
+                for t, s in zip(teacher.buffers(), gen.buffers()):
+                    t.copy_(s)
+                if step[0] <= start:
+                    return out["x_ab"].new_zeros(())
+                target = teacher.translate(x_a, "a2b")
+            return weight * (out["x_ab"] - target).abs().mean()
+        gen.extra_loss = extra_loss
+    return apply
 
 
 def _snap_through(head, x):
@@ -696,6 +819,12 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
-            "detach-ba": cycle_detach("a"), "cycle-chroma-a": cycle_chroma, "detach-ab": cycle_detach("b"),
+            "detach-ba": cycle_detach("a"), "cycle-chroma-a": cycle_chroma,
+            "bt-exp-a": expected_back_translation(1.0), "bt-exp-a-half": expected_back_translation(0.5),
+            "self-train": self_training(30.0),
+            "bt-recolour-a": recoloured_back_translation(0.1), "bt-recolour-a-hi": recoloured_back_translation(0.2),
+            "bt-recolour-a-lo": recoloured_back_translation(0.05),
+            "bt-ce-b": cycle_cross_entropy(1.0), "bt-ce-b-hi": cycle_cross_entropy(10.0),
+            "bt-recolour-a-building": recoloured_back_translation(0.25, only=(214, 200, 190)), "self-train-hi": self_training(100.0), "detach-ab": cycle_detach("b"),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}

@@ -1,7 +1,7 @@
 """bench/recipe_variants.py: dis-embed-b (the map discriminator judges a translation by its palette
-colours' features weighted by their probabilities, in both steps; real maps as before at full size)
-and cycle-chroma-a (back-translation reading the photo translations in 4:2:0 chroma, as JPEG stores
-the real photos)."""
+colours' features weighted by their probabilities, in both steps; real maps as before at full size),
+cycle-chroma-a (back-translation reading the photo translations in 4:2:0 chroma, as JPEG stores
+the real photos), and the back-translation variants bt-ce-b, bt-recolour-a, bt-exp-a, self-train."""
 from __future__ import annotations
 
 import sys
@@ -114,3 +114,86 @@ def test_cycle_chroma_a_reads_back_detached_photo_translations_and_keeps_the_exp
     assert not torch.allclose(out["x_bab"], ref["x_bab"], atol=1e-5)  # read back from other colours
     out["x_bab"].sum().backward()  # back-translation: nothing reaches the decoder that painted x_ba
     assert all(p.grad is None for p in unit.gen.dec_a.parameters())
+
+
+def _maps(n: int, seed: int = 2) -> torch.Tensor:
+    """n random 32 px maps painted in CFG's palette colours, in [-1, 1]."""
+    pal = torch.tensor(CFG["palette_b"], dtype=torch.float32) / 127.5 - 1
+    g = torch.Generator().manual_seed(seed)
+    return pal[torch.randint(0, len(pal), (n, 32, 32), generator=g)].permute(0, 3, 1, 2).contiguous()
+
+
+def test_bt_ce_b_is_the_cross_entropy_of_the_cycle_maps_logits_against_the_real_maps_colours():
+    torch.manual_seed(0)
+    unit = UNIT.from_config(CFG)
+    x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, _maps(2)
+    rv.cycle_cross_entropy(10.0)(unit)
+    head, seen = unit.gen.head("b"), []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = unit.gen(x_a, x_b)
+    # the variant's loss reads the last map of the pass, x_bab: its logits paint x_bab exactly
+    logits = head.logits(seen[-1])
+    assert torch.allclose(head.paint(logits.softmax(1)).permute(0, 3, 1, 2), out["x_bab"], atol=1e-6)
+    index = torch.cdist(x_b.permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1).view(2, 32, 32)
+    want = 10.0 * torch.nn.functional.cross_entropy(logits, index)
+    assert torch.allclose(unit.gen.extra_loss(out, x_a, x_b), want)
+    other = _maps(2, seed=3)  # against other maps the loss differs: it reads x_b's colours
+    assert not torch.allclose(unit.gen.extra_loss(out, x_a, other), want)
+
+
+@pytest.mark.parametrize("only", [None, (160, 146, 136)])
+def test_bt_recolour_a_shifts_each_map_class_of_the_photo_translations_by_one_offset(only):
+    torch.manual_seed(0)
+    unit = UNIT.from_config(CFG)
+    x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, _maps(2)
+    rv.recoloured_back_translation(0.2, only)(unit)
+    out = unit.gen(x_a, x_b)
+    x_ba = torch.zeros_like(out["x_ba"])  # mid-grey photos: no offset is clamped away
+    c_ba, c_ab = unit.gen.cycle_sources(x_ba, out["x_ab"])
+    assert torch.equal(c_ab, out["x_ab"].detach()) and not c_ba.requires_grad
+    colours = torch.tensor(CFG["palette_b"], dtype=torch.float32) / 127.5 - 1
+    for k, colour in enumerate(colours):
+        mask = (x_b - colour[:, None, None]).abs().amax(1) < 1e-4  # [2, 32, 32]
+        for i in range(2):
+            shift = c_ba[i][:, mask[i]]
+            assert mask[i].any() and torch.allclose(shift, shift[:, :1].expand_as(shift))  # one offset a class
+            moved = shift.abs().max() > 1e-3
+            assert bool(moved) == (only is None or tuple(CFG["palette_b"][k]) == only)
+
+
+def test_bt_exp_a_reads_back_the_expected_decoders_photos_of_the_real_maps_after_its_start():
+    cfg = {**CFG, "expected": "a"}
+    torch.manual_seed(0)
+    unit = UNIT.from_config(cfg)
+    x_a, x_b = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    rv.expected_back_translation(0.5, start=1)(unit)
+    gen = unit.gen
+    first = gen(x_a, x_b)  # step 1: the GAN decoder's photos, as the config reads back
+    c_ba, _ = gen.cycle_sources(first["x_ba"], first["x_ab"])
+    assert torch.equal(c_ba, first["x_ba"].detach())
+    out = gen(x_a, x_b)  # step 2: the first half of the batch from the expected decoder
+    c_ba, _ = gen.cycle_sources(out["x_ba"], out["x_ab"])
+    with torch.no_grad():
+        painted = gen._back("a", gen.dec_shared(gen.encode(x_b[:2], "b")), x_b[:2], "exp")
+    assert torch.allclose(c_ba[:2], painted, atol=1e-6) and torch.equal(c_ba[2:], out["x_ba"][2:].detach())
+
+
+def test_self_train_pulls_the_map_translations_to_an_ema_teachers_maps_after_its_start():
+    torch.manual_seed(0)
+    unit = UNIT.from_config({**CFG, "tta": "hflip"})
+    x_a, x_b = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    rv.self_training(30.0, start=1, decay=0.5)(unit)
+    out = unit.gen(x_a, x_b)
+    assert float(unit.gen.extra_loss(out, x_a, x_b)) == 0.0  # step 1: before the start
+    with torch.no_grad():
+        for p in unit.gen.parameters():
+            p.add_(0.01)
+    loss = unit.gen.extra_loss(out, x_a, x_b)
+    assert loss.requires_grad and float(loss) > 0
+    shifted = UNIT.from_config({**CFG, "tta": "hflip"})
+    shifted.gen.load_state_dict(unit.gen.state_dict())
+    with torch.no_grad():
+        for p in shifted.gen.parameters():
+            p.sub_(0.005)  # the teacher, half way from the initial weights to the student's (decay 0.5)
+    target = shifted.gen.eval().translate(x_a, "a2b")
+    assert torch.allclose(loss, 30.0 * (out["x_ab"] - target).abs().mean(), atol=1e-5)
