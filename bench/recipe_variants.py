@@ -309,6 +309,23 @@ def cycle_chroma(unit, data=None) -> None:
     _read_back(unit, lambda x, domain: chroma_420(x.detach()) if domain == "a" else x.detach())
 
 
+def _watch_passes(gen) -> dict:
+    """gen.forward wrapped to keep each pass's real maps: {"x_b": the last pass's, "step": passes so far}."""
+    seen, forward = {"step": 0}, gen.forward
+
+    def remember(x_a, x_b):
+        seen["x_b"] = x_b
+        seen["step"] += 1
+        return forward(x_a, x_b)
+    gen.forward = remember
+    return seen
+
+
+def _palette_index(head, maps):
+    """[B, H*W]: the index of the palette colour nearest to each pixel of `maps` ([B, C, H, W])."""
+    return torch.cdist(maps.permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
+
+
 def expected_back_translation(share: float, start: int = 300):
     """Back-translation whose photos for a2b come, for the first `share` of each batch, from the
     expected decoder painting the real map x_b (no noise, no gradient), from step `start + 1`."""
@@ -316,23 +333,17 @@ def expected_back_translation(share: float, start: int = 300):
         gen = unit.gen
         if "a" not in gen.expected or not gen.skip:
             raise SystemExit("--variant bt-exp-a needs model.expected=a and model.skip=image")
-        seen, step, forward = {}, [0], gen.forward
-
-        def remember(x_a, x_b):
-            seen["x_b"] = x_b
-            step[0] += 1
-            return forward(x_a, x_b)
+        seen = _watch_passes(gen)
 
         def corrupt(x, domain):
             x = x.detach()
-            if domain != "a" or step[0] <= start:
+            if domain != "a" or seen["step"] <= start:
                 return x
             k = round(share * len(x))
             x_b = seen["x_b"][:k]
             with torch.no_grad():
                 y = gen._back("a", gen.dec_shared(gen.encode(x_b, "b")), x_b, "exp")
             return torch.cat([y.contiguous(), x[k:].contiguous()])
-        gen.forward = remember
         _read_back(unit, corrupt)
     return apply
 
@@ -344,22 +355,18 @@ def recoloured_back_translation(std: float, only=None):
         gen, head = unit.gen, _palette_head(unit, "bt-recolour-a")
         keep = torch.ones(len(head.colours), 1)
         if only is not None:
-            keep = (torch.cdist(torch.tensor([only], dtype=torch.float32) / 127.5 - 1, head.colours)[0] < 1e-3).float()[:, None]
-        seen, forward = {}, gen.forward
-
-        def remember(x_a, x_b):
-            seen["x_b"] = x_b
-            return forward(x_a, x_b)
+            colour = torch.tensor([only], dtype=torch.float32) / 127.5 - 1
+            keep = (torch.cdist(colour, head.colours)[0] < 1e-3).float()[:, None]
+        seen = _watch_passes(gen)
 
         def corrupt(x, domain):
             x = x.detach()
             if domain != "a":
                 return x
-            cls = torch.cdist(seen["x_b"].permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
+            cls = _palette_index(head, seen["x_b"])
             offsets = std * torch.randn(len(x), len(head.colours), x.shape[1]) * keep  # [B, K, C]
             shift = torch.gather(offsets, 1, cls.unsqueeze(-1).expand(-1, -1, x.shape[1]))  # [B, HW, C]
             return (x + shift.transpose(1, 2).reshape(x.shape)).clamp(-1, 1)
-        gen.forward = remember
         _read_back(unit, corrupt)
     return apply
 
@@ -368,18 +375,12 @@ def cycle_cross_entropy(weight: float):
     """weight x CE(map head logits of x_bab, the palette index of each pixel of x_b)."""
     def apply(unit, data=None) -> None:
         gen, head = unit.gen, _palette_head(unit, "bt-ce-b")
-        seen, forward = [], gen.forward
-
-        def remember(x_a, x_b):
-            seen.clear()
-            return forward(x_a, x_b)
-        head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        last = {}
+        head.register_forward_pre_hook(lambda module, args: last.update(features=args[0]))
 
         def extra_loss(out, x_a, x_b):
-            logits = head.logits(seen[-1])  # the last map painted in the pass: x_bab
-            target = torch.cdist(x_b.permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
-            return weight * nn.functional.cross_entropy(logits.flatten(2), target)
-        gen.forward = remember
+            logits = head.logits(last["features"])  # the last map painted in the pass: x_bab
+            return weight * nn.functional.cross_entropy(logits.flatten(2), _palette_index(head, x_b))
         gen.extra_loss = extra_loss
     return apply
 
@@ -819,12 +820,12 @@ VARIANTS = {"skip-b-dropout": skip_b_dropout, "tanh-snap": tanh_snap, "palette-g
             "mbstd-b": minibatch_std("b"), "mbstd": minibatch_std("ab"), "exp-cycle-hi": expected_cycle(30.0),
             **{f"skip-{d}-{k}": skip_source(k, d) for d in "ab" for k in ("none", "norm", "highpass")},
             "cycle-noise": cycle_noise, "cycle-noise-hi": lambda u, d=None: cycle_noise(u, d, 0.1),
-            "detach-ba": cycle_detach("a"), "cycle-chroma-a": cycle_chroma,
+            "detach-ba": cycle_detach("a"), "cycle-chroma-a": cycle_chroma, "detach-ab": cycle_detach("b"),
             "bt-exp-a": expected_back_translation(1.0), "bt-exp-a-half": expected_back_translation(0.5),
-            "self-train": self_training(30.0),
             "bt-recolour-a": recoloured_back_translation(0.1), "bt-recolour-a-hi": recoloured_back_translation(0.2),
             "bt-recolour-a-lo": recoloured_back_translation(0.05),
+            "bt-recolour-a-building": recoloured_back_translation(0.25, only=(214, 200, 190)),
             "bt-ce-b": cycle_cross_entropy(1.0), "bt-ce-b-hi": cycle_cross_entropy(10.0),
-            "bt-recolour-a-building": recoloured_back_translation(0.25, only=(214, 200, 190)), "self-train-hi": self_training(100.0), "detach-ab": cycle_detach("b"),
+            "self-train": self_training(30.0), "self-train-hi": self_training(100.0),
             "cycle-hard": cycle_hard, "palette-st": palette_st, "palette-gumbel": palette_gumbel, "palette-prior": palette_prior, "palette-torch-init": palette_torch_init, "pixel-dis": pixel_dis, "pixel-path": pixel_path, "norm-skip": norm_skip,
             "residual-skip": residual_skip}
