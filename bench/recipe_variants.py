@@ -119,7 +119,8 @@ import types
 import torch
 from torch import nn
 
-from model.networks import PaletteHead, nearest_colour  # bench/recipe.py puts the project root on sys.path
+# bench/recipe.py puts the project root on sys.path
+from model.networks import PaletteHead, nearest_colour, nearest_index
 from model.unit import UNITGenerator
 
 WIDTH = 32
@@ -321,11 +322,6 @@ def _watch_passes(gen) -> dict:
     return seen
 
 
-def _palette_index(head, maps):
-    """[B, H*W]: the index of the palette colour nearest to each pixel of `maps` ([B, C, H, W])."""
-    return torch.cdist(maps.permute(0, 2, 3, 1).flatten(1, 2), head.colours.unsqueeze(0)).argmin(-1)
-
-
 def expected_back_translation(share: float, start: int = 300):
     """Back-translation whose photos for a2b come, for the first `share` of each batch, from the
     expected decoder painting the real map x_b (no noise, no gradient), from step `start + 1`."""
@@ -363,7 +359,7 @@ def recoloured_back_translation(std: float, only=None):
             x = x.detach()
             if domain != "a":
                 return x
-            cls = _palette_index(head, seen["x_b"])
+            cls = nearest_index(seen["x_b"].permute(0, 2, 3, 1), head.colours)
             offsets = std * torch.randn(len(x), len(head.colours), x.shape[1]) * keep  # [B, K, C]
             shift = torch.gather(offsets, 1, cls.unsqueeze(-1).expand(-1, -1, x.shape[1]))  # [B, HW, C]
             return (x + shift.transpose(1, 2).reshape(x.shape)).clamp(-1, 1)
@@ -380,7 +376,8 @@ def cycle_cross_entropy(weight: float):
 
         def extra_loss(out, x_a, x_b):
             logits = head.logits(last["features"])  # the last map painted in the pass: x_bab
-            return weight * nn.functional.cross_entropy(logits.flatten(2), _palette_index(head, x_b))
+            target = nearest_index(x_b.permute(0, 2, 3, 1), head.colours)  # [B, H * W]
+            return weight * nn.functional.cross_entropy(logits.flatten(2), target)
         gen.extra_loss = extra_loss
     return apply
 

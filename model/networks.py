@@ -353,12 +353,17 @@ def image_head(dim: int, channels: int, pad_type: str, palette=None) -> nn.Modul
     return ConvBlock(dim, channels, 7, 1, 3, "none", "tanh", pad_type)
 
 
+def nearest_index(x: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """[B, H * W]: for each pixel of channels-last `x` [B, H, W, C], the index of the nearest row of
+    `colours` [K, C]. Distances in fp32: under DeepSpeed's fp16 the image is half and the colours, a
+    buffer, stay fp32 (cdist takes one dtype)."""
+    return torch.cdist(x.flatten(1, 2).float(), colours.float().unsqueeze(0)).argmin(-1)
+
+
 def nearest_colour(x: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """[B, H, W, C]: each pixel of channels-last `x` replaced by the nearest row of `colours` [K, C],
-    in x's dtype. Distances in fp32: under DeepSpeed's fp16 the image is half and the colours, a
-    buffer, stay fp32 (cdist takes one dtype)."""
-    nearest = torch.cdist(x.flatten(1, 2).float(), colours.float().unsqueeze(0)).argmin(-1)
-    return colours[nearest].view_as(x).to(x.dtype)
+    in x's dtype (nearest_index)."""
+    return colours[nearest_index(x, colours)].view_as(x).to(x.dtype)
 
 
 class PaletteHead(nn.Module):
